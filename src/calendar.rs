@@ -1,0 +1,445 @@
+//! The billing calendar (R2–R4): the free window and its monthly packs.
+//!
+//! Every calendar cut (start of a month, end of a day) is made in the
+//! [`BillingZone`]; every instant is a [`Ts`], microseconds since the Unix
+//! epoch in UTC. Month *n* is always computed as `anchor + n months` from the
+//! activation month, never by adding one month repeatedly, so month ends and
+//! 29 February come out right.
+
+use std::{fmt, str::FromStr};
+
+use chrono::{
+    DateTime, Datelike, FixedOffset, LocalResult, Months, NaiveDate, NaiveDateTime, NaiveTime,
+    TimeZone, Utc,
+};
+
+/// An instant: microseconds since 1970-01-01T00:00:00Z.
+pub type Ts = i64;
+
+/// Microseconds in one second.
+pub const SECOND: Ts = 1_000_000;
+/// Microseconds in one hour.
+pub const HOUR: Ts = 3_600 * SECOND;
+
+/// Converts a [`Ts`] to a chrono UTC instant. Out-of-range values clamp to
+/// chrono's limits rather than panic.
+pub fn to_datetime(ts: Ts) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(ts).unwrap_or(if ts < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+/// Converts a chrono instant to a [`Ts`].
+pub fn from_datetime<Tz: TimeZone>(dt: &DateTime<Tz>) -> Ts {
+    dt.timestamp_micros()
+}
+
+/// The server clock. Only the edges (gRPC handlers, the flusher) read it;
+/// the domain takes time as a parameter.
+pub fn now_ts() -> Ts {
+    from_datetime(&Utc::now())
+}
+
+/// Start of the UTC hour holding `ts`. Settlement rows (R12) are keyed by it.
+pub fn hour_start(ts: Ts) -> Ts {
+    ts.div_euclid(HOUR) * HOUR
+}
+
+/// The zone in which months and days are cut: a fixed offset or an IANA zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BillingZone {
+    Fixed(FixedOffset),
+    Named(chrono_tz::Tz),
+}
+
+/// Why a zone string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{0}` is neither a UTC offset like +08:00 nor an IANA zone name like Asia/Shanghai")]
+pub struct InvalidZone(pub String);
+
+impl Default for BillingZone {
+    /// UTC+08:00, the provider's own zone.
+    fn default() -> Self {
+        BillingZone::Fixed(FixedOffset::east_opt(8 * 3600).expect("+08:00 is a valid offset"))
+    }
+}
+
+impl FromStr for BillingZone {
+    type Err = InvalidZone;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("z") {
+            return Ok(BillingZone::Fixed(FixedOffset::east_opt(0).expect("0 is valid")));
+        }
+        if let Some(sign) = t.chars().next().filter(|c| *c == '+' || *c == '-') {
+            return parse_offset(&t[1..], sign == '-')
+                .map(BillingZone::Fixed)
+                .ok_or_else(|| InvalidZone(s.to_string()));
+        }
+        t.parse::<chrono_tz::Tz>()
+            .map(BillingZone::Named)
+            .map_err(|_| InvalidZone(s.to_string()))
+    }
+}
+
+/// Parses `HH:MM`, `HHMM` or `HH` (after the sign) into an offset within ±18h.
+fn parse_offset(rest: &str, negative: bool) -> Option<FixedOffset> {
+    let (h, m) = match rest.len() {
+        2 => (rest, "00"),
+        4 => (&rest[..2], &rest[2..]),
+        5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
+        _ => return None,
+    };
+    if !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if m >= 60 {
+        return None;
+    }
+    let secs = (h * 3600 + m * 60) * if negative { -1 } else { 1 };
+    FixedOffset::east_opt(secs)
+}
+
+impl fmt::Display for BillingZone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BillingZone::Fixed(o) => write!(f, "{o}"),
+            BillingZone::Named(tz) => write!(f, "{}", tz.name()),
+        }
+    }
+}
+
+impl BillingZone {
+    /// The local calendar date of `ts` in this zone.
+    pub fn local_date(&self, ts: Ts) -> NaiveDate {
+        let dt = to_datetime(ts);
+        match self {
+            BillingZone::Fixed(o) => dt.with_timezone(o).date_naive(),
+            BillingZone::Named(tz) => dt.with_timezone(tz).date_naive(),
+        }
+    }
+
+    /// The first instant of local date `d`. Where midnight falls in a DST gap
+    /// (some zones have changed clocks at 00:00), the day starts at the first
+    /// local time that exists.
+    pub fn start_of_day(&self, d: NaiveDate) -> Ts {
+        let midnight = d.and_time(NaiveTime::MIN);
+        match self {
+            BillingZone::Fixed(o) => first_valid(o, midnight),
+            BillingZone::Named(tz) => first_valid(tz, midnight),
+        }
+    }
+
+    /// The start of the calendar month holding `ts`.
+    pub fn month_start(&self, ts: Ts) -> Ts {
+        let d = self.local_date(ts);
+        self.start_of_day(first_of_month(d))
+    }
+
+    /// The start of the calendar month after the one holding `ts`: when the
+    /// free-tier counters reset (R4).
+    pub fn next_month_start(&self, ts: Ts) -> Ts {
+        let d = first_of_month(self.local_date(ts));
+        self.start_of_day(add_months(d, 1))
+    }
+}
+
+fn first_valid<Tz: TimeZone>(tz: &Tz, local: NaiveDateTime) -> Ts {
+    // A DST gap lasts at most a few hours; step through it a quarter hour at a time.
+    let mut t = local;
+    for _ in 0..=96 {
+        match tz.from_local_datetime(&t) {
+            LocalResult::Single(dt) => return from_datetime(&dt),
+            LocalResult::Ambiguous(early, _) => return from_datetime(&early),
+            LocalResult::None => t += chrono::Duration::minutes(15),
+        }
+    }
+    // Unreachable for real zones; fall back to reading the local time as UTC.
+    from_datetime(&local.and_utc())
+}
+
+fn first_of_month(d: NaiveDate) -> NaiveDate {
+    d.with_day(1).expect("day 1 exists in every month")
+}
+
+/// `d + n` calendar months, clamping to the month's last day (29 Feb + 12 = 28 Feb).
+/// Saturates at chrono's maximum date instead of panicking.
+fn add_months(d: NaiveDate, n: u32) -> NaiveDate {
+    d.checked_add_months(Months::new(n)).unwrap_or(NaiveDate::MAX)
+}
+
+/// The free tier as a plan fixes it (R8): items, capacities and months.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeTierPlan {
+    /// Length of the free window in calendar months (12).
+    pub months: u32,
+    /// Calls per monthly pack (1,000,000).
+    pub calls: u64,
+    /// Egress bytes per monthly pack (1 GiB = 2^30).
+    pub egress_bytes: u64,
+}
+
+impl Default for FreeTierPlan {
+    fn default() -> Self {
+        FreeTierPlan {
+            months: 12,
+            calls: 1_000_000,
+            egress_bytes: 1 << 30,
+        }
+    }
+}
+
+/// One month's free-tier validity: `[valid_from, valid_until)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeMonth {
+    /// 0 for the activation month, 1 for the next, and so on.
+    pub index: u32,
+    /// Calendar year and month of the pack, in the billing zone.
+    pub year: i32,
+    pub month: u32,
+    pub valid_from: Ts,
+    pub valid_until: Ts,
+}
+
+impl FreeMonth {
+    pub fn contains(&self, ts: Ts) -> bool {
+        self.valid_from <= ts && ts < self.valid_until
+    }
+}
+
+/// The free window of an account activated at `activated_at` (R2): from the
+/// activation instant to 00:00 of the day after `date(A) + months`, exclusive.
+pub fn free_window(activated_at: Ts, plan: &FreeTierPlan, zone: &BillingZone) -> (Ts, Ts) {
+    let anniversary = add_months(zone.local_date(activated_at), plan.months);
+    let end_day = anniversary.succ_opt().unwrap_or(NaiveDate::MAX);
+    (activated_at, zone.start_of_day(end_day))
+}
+
+/// Month `index` of the free window, if it overlaps the window (R3).
+pub fn free_month(
+    activated_at: Ts,
+    index: u32,
+    plan: &FreeTierPlan,
+    zone: &BillingZone,
+) -> Option<FreeMonth> {
+    let (start, end) = free_window(activated_at, plan, zone);
+    let anchor = first_of_month(zone.local_date(activated_at));
+    let first = add_months(anchor, index);
+    let month_from = zone.start_of_day(first);
+    if month_from >= end {
+        return None;
+    }
+    let month_until = zone.start_of_day(add_months(anchor, index.checked_add(1)?));
+    let valid_from = month_from.max(start);
+    let valid_until = month_until.min(end);
+    (valid_from < valid_until).then_some(FreeMonth {
+        index,
+        year: first.year(),
+        month: first.month(),
+        valid_from,
+        valid_until,
+    })
+}
+
+/// Every monthly free-tier pack of the account, in order (R3). The seed's
+/// example (activation 2019-11-10) yields 13.
+pub fn free_months(activated_at: Ts, plan: &FreeTierPlan, zone: &BillingZone) -> Vec<FreeMonth> {
+    (0..=plan.months)
+        .map_while(|i| free_month(activated_at, i, plan, zone))
+        .collect()
+}
+
+/// The free-tier month valid at `ts`, if `ts` lies in the free window.
+pub fn free_month_at(
+    activated_at: Ts,
+    ts: Ts,
+    plan: &FreeTierPlan,
+    zone: &BillingZone,
+) -> Option<FreeMonth> {
+    if ts < activated_at {
+        return None;
+    }
+    let a = first_of_month(zone.local_date(activated_at));
+    let t = first_of_month(zone.local_date(ts));
+    let diff = (t.year() - a.year()) * 12 + t.month() as i32 - a.month() as i32;
+    let month = free_month(activated_at, u32::try_from(diff).ok()?, plan, zone)?;
+    month.contains(ts).then_some(month)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn zone(s: &str) -> BillingZone {
+        s.parse().unwrap()
+    }
+
+    fn at(s: &str) -> Ts {
+        from_datetime(&DateTime::parse_from_rfc3339(s).unwrap())
+    }
+
+    #[test]
+    fn parses_offsets_and_iana_names() {
+        assert_eq!(zone("+08:00"), BillingZone::default());
+        assert_eq!(zone("+0800"), BillingZone::default());
+        assert_eq!(zone("+08"), BillingZone::default());
+        assert_eq!(zone("-05:30").to_string(), "-05:30");
+        assert_eq!(zone("Z").to_string(), "+00:00");
+        assert_eq!(zone("Europe/Berlin").to_string(), "Europe/Berlin");
+        for bad in ["", "+8", "+08:60", "+25:00", "Mars/Olympus", "08:00", "+0a:00"] {
+            assert!(bad.parse::<BillingZone>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn seed_example_window_ends_at_midnight_after_the_anniversary() {
+        let a = at("2019-11-10T17:13:14+08:00");
+        let (from, until) = free_window(a, &FreeTierPlan::default(), &BillingZone::default());
+        assert_eq!(from, a);
+        assert_eq!(until, at("2020-11-11T00:00:00+08:00"));
+    }
+
+    #[test]
+    fn seed_example_yields_thirteen_packs() {
+        let a = at("2019-11-10T17:13:14+08:00");
+        let months = free_months(a, &FreeTierPlan::default(), &BillingZone::default());
+        assert_eq!(months.len(), 13);
+        assert_eq!(months[0].valid_from, a);
+        assert_eq!(months[0].valid_until, at("2019-12-01T00:00:00+08:00"));
+        assert_eq!(months[1].valid_from, at("2019-12-01T00:00:00+08:00"));
+        assert_eq!(months[3].valid_from, at("2020-02-01T00:00:00+08:00"));
+        assert_eq!(months[3].valid_until, at("2020-03-01T00:00:00+08:00"));
+        assert_eq!((months[12].year, months[12].month), (2020, 11));
+        assert_eq!(months[12].valid_from, at("2020-11-01T00:00:00+08:00"));
+        assert_eq!(months[12].valid_until, at("2020-11-11T00:00:00+08:00"));
+    }
+
+    #[test]
+    fn resets_at_midnight_on_the_first_in_billing_zone() {
+        let a = at("2019-11-10T17:13:14+08:00");
+        let (p, z) = (FreeTierPlan::default(), BillingZone::default());
+        let last = free_month_at(a, at("2019-11-30T23:59:59+08:00"), &p, &z).unwrap();
+        let first = free_month_at(a, at("2019-12-01T00:00:00+08:00"), &p, &z).unwrap();
+        assert_eq!((last.index, first.index), (0, 1));
+        // 1 December 00:00 +08:00 is still 30 November in UTC: the cut is local.
+        assert_eq!(
+            z.next_month_start(at("2019-11-30T16:30:00Z")),
+            at("2019-12-01T00:00:00+08:00")
+        );
+    }
+
+    #[test]
+    fn last_second_of_the_window_is_covered_and_the_next_is_not() {
+        let a = at("2019-11-10T17:13:14+08:00");
+        let (p, z) = (FreeTierPlan::default(), BillingZone::default());
+        assert!(free_month_at(a, at("2020-11-10T23:59:59+08:00"), &p, &z).is_some());
+        assert!(free_month_at(a, at("2020-11-11T00:00:00+08:00"), &p, &z).is_none());
+        assert!(free_month_at(a, a - 1, &p, &z).is_none());
+    }
+
+    #[test]
+    fn leap_day_anniversary_clamps_to_february_28() {
+        let a = at("2020-02-29T12:00:00+08:00");
+        let (_, until) = free_window(a, &FreeTierPlan::default(), &BillingZone::default());
+        assert_eq!(until, at("2021-03-01T00:00:00+08:00"));
+        let months = free_months(a, &FreeTierPlan::default(), &BillingZone::default());
+        let last = months.last().unwrap();
+        assert_eq!((last.year, last.month), (2021, 2));
+        assert_eq!(last.valid_until, at("2021-03-01T00:00:00+08:00"));
+    }
+
+    #[test]
+    fn activation_on_the_31st_keeps_later_month_ends_right() {
+        let a = at("2021-01-31T08:00:00+08:00");
+        let months = free_months(a, &FreeTierPlan::default(), &BillingZone::default());
+        assert_eq!(months.len(), 13);
+        // February is the whole of February, not 28 Feb .. 28 Mar.
+        assert_eq!(months[1].valid_from, at("2021-02-01T00:00:00+08:00"));
+        assert_eq!(months[1].valid_until, at("2021-03-01T00:00:00+08:00"));
+        assert_eq!(months[12].valid_until, at("2022-02-01T00:00:00+08:00"));
+    }
+
+    #[test]
+    fn a_dst_gap_at_midnight_starts_the_day_at_the_first_real_instant() {
+        // Santiago skipped 2022-09-11 00:00–01:00 local time.
+        let z = zone("America/Santiago");
+        let d = NaiveDate::from_ymd_opt(2022, 9, 11).unwrap();
+        assert_eq!(z.start_of_day(d), at("2022-09-11T01:00:00-03:00"));
+    }
+
+    fn any_zone() -> impl Strategy<Value = BillingZone> {
+        prop_oneof![
+            (-14 * 4..=14 * 4i32).prop_map(|q| BillingZone::Fixed(
+                FixedOffset::east_opt(q * 900).unwrap()
+            )),
+            prop::sample::select(vec![
+                "Asia/Shanghai",
+                "Europe/Berlin",
+                "America/New_York",
+                "America/Santiago",
+                "Australia/Lord_Howe",
+                "Asia/Kolkata",
+                "Pacific/Apia",
+                "UTC",
+            ])
+            .prop_map(|n| BillingZone::Named(n.parse().unwrap())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn months_tile_the_free_window_without_gaps_or_overlaps(
+            secs in 0i64..4_000_000_000,
+            z in any_zone(),
+        ) {
+            let a = secs * SECOND;
+            let p = FreeTierPlan::default();
+            let (start, end) = free_window(a, &p, &z);
+            let months = free_months(a, &p, &z);
+            prop_assert_eq!(months.len(), 13);
+            prop_assert_eq!(months[0].valid_from, start);
+            prop_assert_eq!(months.last().unwrap().valid_until, end);
+            for w in months.windows(2) {
+                prop_assert_eq!(w[0].valid_until, w[1].valid_from);
+                prop_assert_eq!(w[0].index + 1, w[1].index);
+            }
+            for m in &months {
+                prop_assert!(m.valid_from < m.valid_until);
+                // Every pack but the first starts on the 1st, at local midnight.
+                if m.index > 0 {
+                    prop_assert_eq!(z.local_date(m.valid_from).day(), 1);
+                    prop_assert_eq!(z.month_start(m.valid_from), m.valid_from);
+                }
+            }
+            // The window ends at the first instant of the day after the anniversary.
+            let end_day = z.local_date(end);
+            let anniversary = add_months(z.local_date(a), 12);
+            prop_assert_eq!(end_day, anniversary.succ_opt().unwrap());
+            prop_assert!(z.local_date(end - 1) <= anniversary);
+        }
+
+        #[test]
+        fn the_month_found_for_an_instant_contains_it(
+            secs in 0i64..4_000_000_000,
+            offset in 0i64..(400 * 86_400),
+            z in any_zone(),
+        ) {
+            let a = secs * SECOND;
+            let t = a + offset * SECOND;
+            let p = FreeTierPlan::default();
+            let (_, end) = free_window(a, &p, &z);
+            match free_month_at(a, t, &p, &z) {
+                Some(m) => {
+                    prop_assert!(m.contains(t));
+                    prop_assert_eq!(free_months(a, &p, &z)[m.index as usize], m);
+                }
+                None => prop_assert!(t >= end),
+            }
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! `serve`'s configuration: flags, `PACKMETER_*` variables and an optional
+//! TOML file, parsed and validated into a typed [`Config`] before any socket
+//! is bound.
+//!
+//! Precedence: flag, then environment variable (clap reads both), then the
+//! file, then the default. Every error names the field it is about; `main`
+//! turns it into exit code 64 (`EX_USAGE`).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{
+    calendar::{BillingZone, FreeTierPlan, Ts},
+    meter::{MeterConfig, UnknownAccounts},
+};
+
+/// `packmeter serve` flags. Each is optional here so that the TOML file can
+/// fill what the command line and environment leave out.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys are the flag names with `_`).
+    #[arg(long, env = "PACKMETER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "PACKMETER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin HTTP listen address: /livez, /readyz, /metrics, /packs [default: 127.0.0.1:9090].
+    #[arg(long, env = "PACKMETER_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Store URL: sqlite://PATH [default: a SQLite file under $XDG_DATA_HOME/packmeter].
+    #[arg(long, env = "PACKMETER_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// How often usage is flushed to the store [default: 1s].
+    #[arg(long, env = "PACKMETER_FLUSH_INTERVAL", value_name = "DURATION")]
+    pub flush_interval: Option<String>,
+    /// How long after an hour ends late events are still accepted (R9) [default: 1h].
+    #[arg(long, env = "PACKMETER_LATE_GRACE", value_name = "DURATION")]
+    pub late_grace: Option<String>,
+    /// How long a request_id is remembered (R10); at least --late-grace [default: --late-grace].
+    #[arg(long, env = "PACKMETER_DEDUP_WINDOW", value_name = "DURATION")]
+    pub dedup_window: Option<String>,
+    /// Billing time zone: a UTC offset like +08:00 or an IANA name [default: +08:00].
+    #[arg(long, env = "PACKMETER_TIMEZONE", value_name = "TZ")]
+    pub timezone: Option<String>,
+    /// How far ahead of the server clock `at` may be [default: 5m].
+    #[arg(long, env = "PACKMETER_MAX_FUTURE_SKEW", value_name = "DURATION")]
+    pub max_future_skew: Option<String>,
+    /// What to do with unknown accounts: activate or reject [default: activate].
+    #[arg(long, env = "PACKMETER_UNKNOWN_ACCOUNTS", value_name = "MODE")]
+    pub unknown_accounts: Option<String>,
+    /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
+    #[arg(long, env = "PACKMETER_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Log format: text or json [default: text]. The level comes from RUST_LOG.
+    #[arg(long, env = "PACKMETER_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Most calls one deduction may carry [default: 1000000000].
+    #[arg(long, env = "PACKMETER_MAX_CALLS", value_name = "N")]
+    pub max_calls: Option<String>,
+    /// Most egress bytes one deduction may carry [default: 1099511627776, 1 TiB].
+    #[arg(long, env = "PACKMETER_MAX_EGRESS_BYTES", value_name = "N")]
+    pub max_egress_bytes: Option<String>,
+    /// Most deductions in one DeductBatch [default: 10000].
+    #[arg(long, env = "PACKMETER_MAX_BATCH", value_name = "N")]
+    pub max_batch: Option<String>,
+    /// Free-tier calls per month [default: 1000000].
+    #[arg(long, env = "PACKMETER_FREE_CALLS", value_name = "N")]
+    pub free_calls: Option<String>,
+    /// Free-tier egress bytes per month [default: 1073741824, 1 GiB].
+    #[arg(long, env = "PACKMETER_FREE_EGRESS_BYTES", value_name = "N")]
+    pub free_egress_bytes: Option<String>,
+    /// Length of the free window in calendar months [default: 12].
+    #[arg(long, env = "PACKMETER_FREE_MONTHS", value_name = "N")]
+    pub free_months: Option<String>,
+    /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
+    #[arg(long, env = "PACKMETER_IDLE_EVICT", value_name = "DURATION")]
+    pub idle_evict: Option<String>,
+}
+
+/// The TOML file: the same keys as the flags, with `_` for `-`. Unknown keys
+/// are refused, so a typo is an error rather than a silent default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    store: Option<String>,
+    flush_interval: Option<String>,
+    late_grace: Option<String>,
+    dedup_window: Option<String>,
+    timezone: Option<String>,
+    max_future_skew: Option<String>,
+    unknown_accounts: Option<String>,
+    shutdown_grace: Option<String>,
+    log_format: Option<String>,
+    max_calls: Option<u64>,
+    max_egress_bytes: Option<u64>,
+    max_batch: Option<u64>,
+    free_calls: Option<u64>,
+    free_egress_bytes: Option<u64>,
+    free_months: Option<u64>,
+    idle_evict: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub store: String,
+    pub flush_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub idle_evict: Duration,
+    pub log_format: LogFormat,
+    pub max_batch: usize,
+    pub meter: MeterConfig,
+}
+
+/// An invalid setting, named.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn err(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Where the SQLite file goes when no `--store` is given:
+/// `$XDG_DATA_HOME/packmeter/packmeter.db`, else
+/// `$HOME/.local/share/packmeter/packmeter.db`, else `./packmeter.db`.
+pub fn default_store_url() -> String {
+    let dir = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .map(|d| d.join("packmeter"))
+        .unwrap_or_else(|| PathBuf::from("."));
+    format!("sqlite://{}", dir.join("packmeter.db").display())
+}
+
+fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim())
+        .map_err(|e| err(field, format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})")))
+}
+
+fn micros(d: Duration) -> Ts {
+    Ts::try_from(d.as_micros()).unwrap_or(Ts::MAX)
+}
+
+fn number(field: &'static str, v: &str) -> Result<u64, ConfigError> {
+    v.trim()
+        .replace('_', "")
+        .parse()
+        .map_err(|_| err(field, format!("`{v}` is not a whole number")))
+}
+
+fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| err(field, format!("`{v}` is not a socket address like 127.0.0.1:50051")))
+}
+
+impl Config {
+    /// Merges flags, environment and the TOML file, then validates.
+    pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| err("config", format!("{}: {}", path.display(), e.message())))?
+            }
+            None => FileConfig::default(),
+        };
+        // A flag or variable wins over the file; file numbers arrive typed.
+        let pick = |flag: &Option<String>, file: &Option<String>| flag.clone().or(file.clone());
+        let pick_n = |flag: &Option<String>, file: Option<u64>| {
+            flag.clone().or(file.map(|n| n.to_string()))
+        };
+
+        let listen = addr(
+            "listen",
+            &pick(&args.listen, &file.listen).unwrap_or(DEFAULT_LISTEN.into()),
+        )?;
+        let admin_listen = addr(
+            "admin_listen",
+            &pick(&args.admin_listen, &file.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
+        )?;
+        let store = pick(&args.store, &file.store).unwrap_or_else(default_store_url);
+        if !store.starts_with("sqlite://") {
+            return Err(err(
+                "store",
+                format!("`{store}` is not a supported store URL; use sqlite://PATH"),
+            ));
+        }
+        if store == "sqlite://" {
+            return Err(err("store", "sqlite:// needs a file path, e.g. sqlite://./packmeter.db"));
+        }
+
+        let flush_interval = pick(&args.flush_interval, &file.flush_interval)
+            .map(|v| duration("flush_interval", &v))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(1));
+        if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
+            return Err(err("flush_interval", "must be more than 0 and at most 1h"));
+        }
+        let late_grace = pick(&args.late_grace, &file.late_grace)
+            .map(|v| duration("late_grace", &v))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(3600));
+        let dedup_window = pick(&args.dedup_window, &file.dedup_window)
+            .map(|v| duration("dedup_window", &v))
+            .transpose()?
+            .unwrap_or(late_grace);
+        if dedup_window < late_grace {
+            return Err(err(
+                "dedup_window",
+                format!(
+                    "{} is shorter than late_grace ({}); a late retry could be counted twice",
+                    humantime::format_duration(dedup_window),
+                    humantime::format_duration(late_grace)
+                ),
+            ));
+        }
+        let max_future_skew = pick(&args.max_future_skew, &file.max_future_skew)
+            .map(|v| duration("max_future_skew", &v))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(300));
+        let zone: BillingZone = match pick(&args.timezone, &file.timezone) {
+            Some(v) => v.parse().map_err(|e: crate::calendar::InvalidZone| err("timezone", e.to_string()))?,
+            None => BillingZone::default(),
+        };
+        let unknown_accounts = match pick(&args.unknown_accounts, &file.unknown_accounts)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("activate") => UnknownAccounts::Activate,
+            Some("reject") => UnknownAccounts::Reject,
+            Some(other) => {
+                return Err(err(
+                    "unknown_accounts",
+                    format!("`{other}` is not activate or reject"),
+                ))
+            }
+        };
+        let shutdown_grace = pick(&args.shutdown_grace, &file.shutdown_grace)
+            .map(|v| duration("shutdown_grace", &v))
+            .transpose()?
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        if shutdown_grace < Duration::from_secs(1) {
+            return Err(err("shutdown_grace", "must be at least 1s to drain and flush"));
+        }
+        let idle_evict = pick(&args.idle_evict, &file.idle_evict)
+            .map(|v| duration("idle_evict", &v))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(900));
+        if idle_evict < flush_interval {
+            return Err(err("idle_evict", "must be at least flush_interval"));
+        }
+        let log_format = match pick(&args.log_format, &file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(err("log_format", format!("`{other}` is not text or json"))),
+        };
+        let positive = |field, flag: &Option<String>, file, default: u64| -> Result<u64, ConfigError> {
+            let n = pick_n(flag, file).map(|v| number(field, &v)).transpose()?.unwrap_or(default);
+            if n == 0 {
+                return Err(err(field, "must be at least 1"));
+            }
+            Ok(n)
+        };
+        let max_calls = positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?;
+        let max_egress_bytes = positive(
+            "max_egress_bytes",
+            &args.max_egress_bytes,
+            file.max_egress_bytes,
+            1 << 40,
+        )?;
+        let max_batch = positive("max_batch", &args.max_batch, file.max_batch, 10_000)?;
+        let plan = FreeTierPlan {
+            calls: pick_n(&args.free_calls, file.free_calls)
+                .map(|v| number("free_calls", &v))
+                .transpose()?
+                .unwrap_or(1_000_000),
+            egress_bytes: pick_n(&args.free_egress_bytes, file.free_egress_bytes)
+                .map(|v| number("free_egress_bytes", &v))
+                .transpose()?
+                .unwrap_or(1 << 30),
+            months: {
+                let m = pick_n(&args.free_months, file.free_months)
+                    .map(|v| number("free_months", &v))
+                    .transpose()?
+                    .unwrap_or(12);
+                u32::try_from(m)
+                    .ok()
+                    .filter(|m| *m <= 1200)
+                    .ok_or_else(|| err("free_months", "must be at most 1200"))?
+            },
+        };
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            store,
+            flush_interval,
+            shutdown_grace,
+            idle_evict,
+            log_format,
+            max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
+            meter: MeterConfig {
+                zone,
+                plan,
+                late_grace: micros(late_grace),
+                dedup_window: micros(dedup_window),
+                max_future_skew: micros(max_future_skew),
+                unknown_accounts,
+                max_calls,
+                max_egress_bytes,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.meter.late_grace, 3_600_000_000);
+        assert_eq!(c.meter.dedup_window, c.meter.late_grace);
+        assert_eq!(c.meter.zone, BillingZone::default());
+        assert!(c.store.starts_with("sqlite://") && c.store.ends_with("packmeter.db"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (ServeArgs { flush_interval: Some("soon".into()), ..Default::default() }, "flush_interval"),
+            (ServeArgs { listen: Some("nope".into()), ..Default::default() }, "listen"),
+            (ServeArgs { timezone: Some("Mars/Base".into()), ..Default::default() }, "timezone"),
+            (
+                ServeArgs {
+                    late_grace: Some("2h".into()),
+                    dedup_window: Some("1h".into()),
+                    ..Default::default()
+                },
+                "dedup_window",
+            ),
+            (ServeArgs { store: Some("redis://x".into()), ..Default::default() }, "store"),
+            (ServeArgs { unknown_accounts: Some("maybe".into()), ..Default::default() }, "unknown_accounts"),
+            (ServeArgs { max_calls: Some("0".into()), ..Default::default() }, "max_calls"),
+        ];
+        for (args, field) in cases {
+            assert_eq!(Config::resolve(&args).unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        std::fs::write(&path, "flush_interval = \"250ms\"\nlate_grace = \"2h\"\ntimezone = \"UTC\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            late_grace: Some("30m".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.flush_interval, Duration::from_millis(250));
+        assert_eq!(c.meter.late_grace, 30 * 60 * 1_000_000);
+        assert_eq!(c.meter.zone.to_string(), "UTC");
+
+        std::fs::write(&path, "flush_intervall = \"1s\"\n").unwrap();
+        let e = Config::resolve(&ServeArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert_eq!(e.field, "config");
+        assert!(e.message.contains("flush_intervall"), "{}", e.message);
+    }
+}

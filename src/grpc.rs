@@ -1,0 +1,46 @@
+//! The gRPC edge: converts proto types to domain types and back, and maps
+//! domain errors to status codes in one place.
+
+pub mod admin;
+pub mod convert;
+pub mod meter;
+
+use tonic::Status;
+
+use crate::meter::MeterError;
+
+/// Code generated from `proto/packmeter/v1/packmeter.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("packmeter.v1");
+
+    /// The encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("packmeter_descriptor");
+}
+
+/// Every status the server returns for a domain error comes from here.
+impl From<MeterError> for Status {
+    fn from(e: MeterError) -> Status {
+        let msg = e.to_string();
+        match e {
+            // The request itself is malformed: retrying it cannot help.
+            MeterError::InvalidAccountId(_)
+            | MeterError::InvalidRequestId(_)
+            | MeterError::AmountTooLarge { .. }
+            | MeterError::TooFarInFuture { .. }
+            | MeterError::InvalidPack(_) => Status::invalid_argument(msg),
+            // Well-formed, but the system is not in a state to take it: the
+            // hour is settled, or the account must be created first.
+            MeterError::HourClosed { .. } | MeterError::UnknownAccount(_) => {
+                Status::failed_precondition(msg)
+            }
+            MeterError::NotFound(_) => Status::not_found(msg),
+            MeterError::PackConflict(_) => Status::already_exists(msg),
+            // UNAVAILABLE rather than INTERNAL or UNKNOWN: the store is
+            // outside this process and may come back, and gateways (Envoy's
+            // failure_mode_deny among them) treat UNAVAILABLE as retryable.
+            MeterError::Store(_) => Status::unavailable(msg),
+        }
+    }
+}

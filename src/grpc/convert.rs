@@ -1,0 +1,123 @@
+//! Proto ⇄ domain conversions. Malformed input becomes INVALID_ARGUMENT with
+//! the field's name.
+
+use prost_types::Timestamp;
+use tonic::Status;
+
+use super::proto;
+use crate::{
+    calendar::{Ts, SECOND},
+    ledger::{AccountRecord, UsageRow},
+    meter::{DeductOutcome, Decision, ItemOutcome, PackView},
+    packs::{Item, PackSource},
+};
+
+/// Reads a timestamp field; `None` when unset.
+pub fn ts(field: &str, t: Option<&Timestamp>) -> Result<Option<Ts>, Status> {
+    let Some(t) = t else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: nanos {} is outside 0..1e9",
+            t.nanos
+        )));
+    }
+    // Years 0001–9999, as google.protobuf.Timestamp defines.
+    if !(-62_135_596_800..=253_402_300_799).contains(&t.seconds) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: seconds {} is outside years 0001–9999",
+            t.seconds
+        )));
+    }
+    Ok(Some(t.seconds * SECOND + i64::from(t.nanos) / 1000))
+}
+
+pub fn timestamp(ts: Ts) -> Timestamp {
+    Timestamp {
+        seconds: ts.div_euclid(SECOND),
+        nanos: i32::try_from(ts.rem_euclid(SECOND) * 1000).unwrap_or(0),
+    }
+}
+
+pub fn item(field: &str, v: i32) -> Result<Item, Status> {
+    match proto::Item::try_from(v) {
+        Ok(proto::Item::Calls) => Ok(Item::Calls),
+        Ok(proto::Item::EgressBytes) => Ok(Item::EgressBytes),
+        Ok(proto::Item::Unspecified) => Err(Status::invalid_argument(format!(
+            "{field}: is ITEM_UNSPECIFIED; use CALLS or EGRESS_BYTES"
+        ))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "{field}: unknown value {v}; use CALLS (1) or EGRESS_BYTES (2)"
+        ))),
+    }
+}
+
+pub fn item_to_proto(i: Item) -> proto::Item {
+    match i {
+        Item::Calls => proto::Item::Calls,
+        Item::EgressBytes => proto::Item::EgressBytes,
+    }
+}
+
+pub fn source_to_proto(s: Option<PackSource>) -> proto::PackSource {
+    match s {
+        Some(PackSource::FreeTier) => proto::PackSource::FreeTier,
+        Some(PackSource::Purchased) => proto::PackSource::Purchased,
+        None => proto::PackSource::Unspecified,
+    }
+}
+
+fn outcome(o: &ItemOutcome) -> proto::Outcome {
+    proto::Outcome {
+        covered: o.covered,
+        overage: o.overage,
+        remaining: o.remaining,
+    }
+}
+
+pub fn deduct_response(o: &DeductOutcome) -> proto::DeductResponse {
+    let (decision, reason) = match o.decision {
+        Decision::Allow => (proto::Decision::Allow, ""),
+        Decision::Deny(r) => (proto::Decision::Deny, r.as_str()),
+    };
+    proto::DeductResponse {
+        decision: decision as i32,
+        calls: Some(outcome(&o.calls)),
+        egress_bytes: Some(outcome(&o.egress_bytes)),
+        duplicate: o.duplicate,
+        deny_reason: reason.to_string(),
+    }
+}
+
+pub fn pack(v: &PackView) -> proto::Pack {
+    proto::Pack {
+        pack_id: v.spec.pack_id.to_string(),
+        account_id: v.account_id.clone(),
+        source: source_to_proto(Some(v.spec.source)) as i32,
+        item: item_to_proto(v.spec.item) as i32,
+        capacity: v.spec.capacity,
+        used: v.used,
+        valid_from: Some(timestamp(v.spec.valid_from)),
+        valid_until: Some(timestamp(v.spec.valid_until)),
+        priority: v.spec.priority,
+    }
+}
+
+pub fn account(r: &AccountRecord) -> proto::Account {
+    proto::Account {
+        account_id: r.account_id.clone(),
+        activated_at: r.activated_at.map(timestamp),
+        suspended: r.suspended,
+        deny_on_exhausted: r.deny_on_exhausted,
+    }
+}
+
+pub fn usage_row(r: &UsageRow) -> proto::UsageRow {
+    proto::UsageRow {
+        account_id: r.account_id.clone(),
+        hour: Some(timestamp(r.hour)),
+        item: item_to_proto(r.item) as i32,
+        pack_id: r.pack_id.clone(),
+        source: source_to_proto(r.source) as i32,
+        amount: r.amount,
+    }
+}

@@ -1,0 +1,234 @@
+//! Unflushed usage: per (account, hour, item, pack) deltas and new
+//! idempotency keys, waiting for the next flush (R12).
+//!
+//! Each account keeps one [`Pending`]; the flusher takes it whole and, if the
+//! store refuses the batch, [`merge`](Pending::merge)s it back, so a failed
+//! flush loses nothing. Memory is bounded by the number of distinct
+//! (hour, item, pack) keys an account touches between flushes, not by the
+//! number of requests.
+
+use std::sync::Arc;
+
+use crate::{
+    calendar::Ts,
+    packs::{Item, PackCounter, PackSpec},
+};
+
+/// Usage not yet in the store, for one (hour, item, pack) of an account.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    /// Start of the UTC hour.
+    pub hour: Ts,
+    pub item: Item,
+    /// The pack that covered the amount, or `None` for overage.
+    pub pack: Option<Arc<PackCounter>>,
+    pub amount: u64,
+}
+
+impl Delta {
+    fn same_key(&self, hour: Ts, item: Item, pack: Option<&Arc<PackCounter>>) -> bool {
+        self.hour == hour
+            && self.item == item
+            && match (&self.pack, pack) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.spec.pack_id == b.spec.pack_id,
+                _ => false,
+            }
+    }
+}
+
+/// A remembered request id (R10), with what its deduction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DedupRecord {
+    pub request_id: Box<str>,
+    pub expires_at: Ts,
+    pub calls_covered: u64,
+    pub calls_overage: u64,
+    pub egress_covered: u64,
+    pub egress_overage: u64,
+}
+
+/// An account's unflushed changes.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub deltas: Vec<Delta>,
+    pub dedup: Vec<DedupRecord>,
+    /// The account row must be written (it was auto-activated).
+    pub account_dirty: bool,
+    /// Wall-clock time of the oldest change in here, for the
+    /// oldest-unflushed-delta metric.
+    pub since: Option<Ts>,
+    /// Whether the account sits in the meter's dirty queue.
+    pub queued: bool,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty() && self.dedup.is_empty() && !self.account_dirty
+    }
+
+    pub fn add(
+        &mut self,
+        hour: Ts,
+        item: Item,
+        pack: Option<&Arc<PackCounter>>,
+        amount: u64,
+        now: Ts,
+    ) {
+        if amount == 0 {
+            return;
+        }
+        self.since.get_or_insert(now);
+        // Linear scan: an account rarely has more than a handful of keys
+        // between two flushes, and this avoids a map per account.
+        match self
+            .deltas
+            .iter_mut()
+            .find(|d| d.same_key(hour, item, pack))
+        {
+            Some(d) => d.amount += amount,
+            None => self.deltas.push(Delta {
+                hour,
+                item,
+                pack: pack.cloned(),
+                amount,
+            }),
+        }
+    }
+
+    /// Takes everything out, leaving `queued` as it was.
+    pub fn take(&mut self) -> Pending {
+        let queued = self.queued;
+        let mut taken = std::mem::take(self);
+        self.queued = queued;
+        taken.queued = false;
+        taken
+    }
+
+    /// Puts back changes from a failed flush.
+    pub fn merge(&mut self, failed: Pending) {
+        for d in failed.deltas {
+            self.add(
+                d.hour,
+                d.item,
+                d.pack.as_ref(),
+                d.amount,
+                failed.since.unwrap_or(0),
+            );
+        }
+        self.dedup.extend(failed.dedup);
+        self.account_dirty |= failed.account_dirty;
+        self.since = match (self.since, failed.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// The earliest hour with unflushed usage.
+    pub fn oldest_hour(&self) -> Option<Ts> {
+        self.deltas.iter().map(|d| d.hour).min()
+    }
+}
+
+/// One delta as the store sees it.
+#[derive(Clone, Debug)]
+pub struct DeltaRow {
+    pub hour: Ts,
+    pub item: Item,
+    /// `None` for overage.
+    pub pack: Option<PackSpec>,
+    pub amount: u64,
+}
+
+/// An account row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub account_id: String,
+    pub activated_at: Option<Ts>,
+    pub suspended: bool,
+    pub deny_on_exhausted: bool,
+}
+
+/// One account's part of a flush.
+#[derive(Clone, Debug)]
+pub struct AccountFlush {
+    pub account_id: Arc<str>,
+    /// Written (activation filled in if the stored row lacks it) when set.
+    pub account: Option<AccountRecord>,
+    pub deltas: Vec<DeltaRow>,
+    pub dedup: Vec<DedupRecord>,
+}
+
+/// What the store commits in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct FlushBatch {
+    pub accounts: Vec<AccountFlush>,
+    /// Idempotency keys that expired before this instant may be deleted.
+    pub now: Ts,
+}
+
+/// A settled hourly row (R12).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    pub account_id: String,
+    pub hour: Ts,
+    pub item: Item,
+    /// Empty for overage.
+    pub pack_id: String,
+    pub source: Option<crate::packs::PackSource>,
+    pub amount: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packs::PackSource;
+
+    fn pack(id: &str) -> Arc<PackCounter> {
+        Arc::new(PackCounter::new(
+            PackSpec {
+                pack_id: id.into(),
+                source: PackSource::Purchased,
+                item: Item::Calls,
+                capacity: 10,
+                valid_from: 0,
+                valid_until: 10,
+                priority: 0,
+                created_at: 0,
+            },
+            0,
+        ))
+    }
+
+    #[test]
+    fn merges_deltas_by_hour_item_and_pack() {
+        let (a, b) = (pack("a"), pack("b"));
+        let mut p = Pending::default();
+        p.add(0, Item::Calls, Some(&a), 1, 5);
+        p.add(0, Item::Calls, Some(&a), 2, 6);
+        p.add(0, Item::Calls, Some(&b), 3, 7);
+        p.add(0, Item::Calls, None, 4, 8);
+        p.add(3600, Item::Calls, None, 5, 9);
+        p.add(3600, Item::EgressBytes, None, 0, 9);
+        assert_eq!(p.deltas.len(), 4);
+        assert_eq!(p.deltas[0].amount, 3);
+        assert_eq!(p.since, Some(5));
+    }
+
+    #[test]
+    fn a_failed_flush_merged_back_loses_nothing() {
+        let a = pack("a");
+        let mut p = Pending {
+            queued: true,
+            ..Pending::default()
+        };
+        p.add(0, Item::Calls, Some(&a), 7, 1);
+        let taken = p.take();
+        assert!(p.is_empty() && p.queued);
+        p.add(0, Item::Calls, Some(&a), 1, 2);
+        p.merge(taken);
+        assert_eq!(p.deltas.len(), 1);
+        assert_eq!(p.deltas[0].amount, 8);
+        assert_eq!(p.since, Some(1));
+    }
+}

@@ -1,0 +1,40 @@
+//! packmeter: a gRPC sidecar that meters API-gateway calls and egress bytes
+//! against per-account resource packs.
+//!
+//! A gateway calls [`Meter`](grpc::proto::meter_server::Meter) for every
+//! request. packmeter deducts the call and its egress from the account's
+//! free-tier and purchased packs in microseconds, from in-memory atomic
+//! counters, and flushes the usage to a durable store in the background.
+//! The billing rules R1–R12 are in `DESIGN.md`.
+//!
+//! # Layout
+//!
+//! The domain knows nothing of tonic, SQL or clap:
+//! - [`calendar`]: the billing zone, the free window and its monthly packs (R2–R4).
+//! - [`packs`]: pack counters and the deduction order (R6).
+//! - [`meter`]: the hot path: resident accounts, deduction, deny, idempotency (R1, R5–R7, R9, R10).
+//! - [`ledger`]: unflushed per-hour deltas and the rows a flush writes (R12).
+//!
+//! Around it:
+//! - [`flush`]: the background flusher, with put-back and backoff on failure.
+//! - [`store`]: the store trait and [`store::sqlite`].
+//! - [`grpc`]: the `Meter` and `Admin` services; proto ⇄ domain conversion and status codes.
+//! - [`admin_http`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
+//! - [`server`]: start-up and the shutdown sequence.
+//! - [`cli`]: the `packmeter` command line, including the client commands.
+#![forbid(unsafe_code)]
+
+pub mod admin_http;
+pub mod calendar;
+pub mod cli;
+pub mod config;
+pub mod flush;
+pub mod grpc;
+pub mod ledger;
+pub mod meter;
+pub mod metrics;
+pub mod packs;
+pub mod server;
+pub mod store;

@@ -1,0 +1,207 @@
+//! Prometheus metrics, served on the admin port at `/metrics`.
+//!
+//! No metric is labelled by account: label values are drawn from small fixed
+//! sets (decision, item, method), so cardinality stays bounded. Hot-path
+//! counters are resolved once at start-up, so recording one is a single
+//! atomic add.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    flush::{FlushObserver, FlushReport},
+    meter::{Decision, DeductOutcome},
+    store::StoreError,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ItemLabel {
+    item: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    allow: Counter,
+    deny: Counter,
+    duplicate: Counter,
+    covered_calls: Counter,
+    covered_egress: Counter,
+    overage_calls: Counter,
+    overage_egress: Counter,
+    rpc_duration: Family<MethodLabel, Histogram>,
+    flush_duration: Histogram,
+    flush_accounts: Histogram,
+    flush_failures: Counter,
+    oldest_unflushed: Gauge<f64, AtomicU64>,
+    store_up: Gauge,
+    resident_accounts: Gauge,
+    dirty_accounts: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("packmeter");
+        let deductions = Family::<DecisionLabel, Counter>::default();
+        registry.register(
+            "deductions",
+            "Deductions answered, by decision (allow, deny, duplicate)",
+            deductions.clone(),
+        );
+        let covered = Family::<ItemLabel, Counter>::default();
+        registry.register("covered", "Amount covered by packs, by item", covered.clone());
+        let overage = Family::<ItemLabel, Counter>::default();
+        registry.register("overage", "Amount billed as overage, by item", overage.clone());
+        let rpc_duration = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+                0.025, 0.05, 0.1, 0.25, 1.0,
+            ])
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC request latency, by method",
+            rpc_duration.clone(),
+        );
+        let flush_duration = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "flush_duration_seconds",
+            "Time to write one flush to the store",
+            flush_duration.clone(),
+        );
+        let flush_accounts = Histogram::new([
+            1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0,
+        ]);
+        registry.register(
+            "flush_batch_accounts",
+            "Accounts written per flush",
+            flush_accounts.clone(),
+        );
+        let flush_failures = Counter::default();
+        registry.register(
+            "flush_failures",
+            "Flushes the store refused (their usage was kept and retried)",
+            flush_failures.clone(),
+        );
+        let oldest_unflushed = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_unflushed_seconds",
+            "Age of the oldest usage not yet durable in the store",
+            oldest_unflushed.clone(),
+        );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 if the store answered its last check or flush, else 0",
+            store_up.clone(),
+        );
+        let resident_accounts = Gauge::default();
+        registry.register(
+            "resident_accounts",
+            "Accounts held in memory",
+            resident_accounts.clone(),
+        );
+        let dirty_accounts = Gauge::default();
+        registry.register(
+            "dirty_accounts",
+            "Accounts with usage waiting for a flush",
+            dirty_accounts.clone(),
+        );
+        let d = |v| deductions.get_or_create(&DecisionLabel { decision: v }).clone();
+        let c = |v| covered.get_or_create(&ItemLabel { item: v }).clone();
+        let o = |v| overage.get_or_create(&ItemLabel { item: v }).clone();
+        Metrics {
+            allow: d("allow"),
+            deny: d("deny"),
+            duplicate: d("duplicate"),
+            covered_calls: c("calls"),
+            covered_egress: c("egress_bytes"),
+            overage_calls: o("calls"),
+            overage_egress: o("egress_bytes"),
+            registry,
+            rpc_duration,
+            flush_duration,
+            flush_accounts,
+            flush_failures,
+            oldest_unflushed,
+            store_up,
+            resident_accounts,
+            dirty_accounts,
+        }
+    }
+
+    pub fn record_deduction(&self, o: &DeductOutcome) {
+        if o.duplicate {
+            self.duplicate.inc();
+            return;
+        }
+        match o.decision {
+            Decision::Allow => self.allow.inc(),
+            Decision::Deny(_) => self.deny.inc(),
+        };
+        self.covered_calls.inc_by(o.calls.covered);
+        self.overage_calls.inc_by(o.calls.overage);
+        self.covered_egress.inc_by(o.egress_bytes.covered);
+        self.overage_egress.inc_by(o.egress_bytes.overage);
+    }
+
+    pub fn observe_rpc(&self, method: &str, seconds: f64) {
+        self.rpc_duration
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    /// Renders the registry after setting the gauges read at scrape time.
+    pub fn render(&self, oldest_unflushed_s: f64, resident: usize, dirty: usize) -> String {
+        self.oldest_unflushed.set(oldest_unflushed_s);
+        self.resident_accounts.set(i64::try_from(resident).unwrap_or(i64::MAX));
+        self.dirty_accounts.set(i64::try_from(dirty).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl FlushObserver for Metrics {
+    fn flushed(&self, r: &FlushReport) {
+        self.store_up.set(1);
+        if r.accounts > 0 {
+            self.flush_duration.observe(r.elapsed.as_secs_f64());
+            self.flush_accounts.observe(r.accounts as f64);
+        }
+    }
+
+    fn failed(&self, _: &StoreError) {
+        self.store_up.set(0);
+        self.flush_failures.inc();
+    }
+}

@@ -1,0 +1,363 @@
+//! Resource packs and the deduction order (R6).
+//!
+//! A [`PackCounter`] is one pack's capacity and an atomic `used` counter.
+//! [`take`](PackCounter::take) is a compare-and-swap loop that never lets
+//! `used` exceed the capacity, so any number of threads can deduct from the
+//! same pack at once and the pack is never over-used.
+
+use std::{
+    cmp::Ordering,
+    fmt,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+};
+
+use crate::calendar::{FreeMonth, Ts};
+
+/// A billable item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Item {
+    Calls,
+    EgressBytes,
+}
+
+impl Item {
+    pub const ALL: [Item; 2] = [Item::Calls, Item::EgressBytes];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Item::Calls => "calls",
+            Item::EgressBytes => "egress_bytes",
+        }
+    }
+
+    /// Stable small integer used by the stores.
+    pub fn code(self) -> i64 {
+        match self {
+            Item::Calls => 1,
+            Item::EgressBytes => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Item> {
+        match code {
+            1 => Some(Item::Calls),
+            2 => Some(Item::EgressBytes),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Item {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "calls" => Ok(Item::Calls),
+            "egress_bytes" | "egress" => Ok(Item::EgressBytes),
+            other => Err(format!("unknown item `{other}`: use calls or egress_bytes")),
+        }
+    }
+}
+
+/// Where a pack came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PackSource {
+    FreeTier,
+    Purchased,
+}
+
+impl PackSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackSource::FreeTier => "free_tier",
+            PackSource::Purchased => "purchased",
+        }
+    }
+
+    pub fn code(self) -> i64 {
+        match self {
+            PackSource::FreeTier => 1,
+            PackSource::Purchased => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<PackSource> {
+        match code {
+            1 => Some(PackSource::FreeTier),
+            2 => Some(PackSource::Purchased),
+            _ => None,
+        }
+    }
+}
+
+/// What a pack is, without its usage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackSpec {
+    pub pack_id: Arc<str>,
+    pub source: PackSource,
+    pub item: Item,
+    pub capacity: u64,
+    pub valid_from: Ts,
+    /// Exclusive.
+    pub valid_until: Ts,
+    /// Higher priorities are deducted first (among purchased packs).
+    pub priority: u32,
+    pub created_at: Ts,
+}
+
+impl PackSpec {
+    /// The free-tier pack of `item` for one month of the window. Its id names
+    /// the month, so it is the same on every node and across restarts.
+    pub fn free_tier(month: &FreeMonth, item: Item, capacity: u64) -> PackSpec {
+        PackSpec {
+            pack_id: format!("free-{:04}-{:02}-{}", month.year, month.month, item.as_str()).into(),
+            source: PackSource::FreeTier,
+            item,
+            capacity,
+            valid_from: month.valid_from,
+            valid_until: month.valid_until,
+            priority: 0,
+            created_at: month.valid_from,
+        }
+    }
+
+    pub fn valid_at(&self, ts: Ts) -> bool {
+        self.valid_from <= ts && ts < self.valid_until
+    }
+}
+
+/// The R6 order: free tier first; then purchased packs by priority (higher
+/// first), then earliest expiry, then earliest creation, then id.
+pub fn deduction_order(a: &PackSpec, b: &PackSpec) -> Ordering {
+    let free_first = |p: &PackSpec| p.source != PackSource::FreeTier;
+    free_first(a)
+        .cmp(&free_first(b))
+        .then(b.priority.cmp(&a.priority))
+        .then(a.valid_until.cmp(&b.valid_until))
+        .then(a.created_at.cmp(&b.created_at))
+        .then(a.pack_id.cmp(&b.pack_id))
+}
+
+/// A pack with its live usage.
+#[derive(Debug)]
+pub struct PackCounter {
+    pub spec: PackSpec,
+    used: AtomicU64,
+}
+
+impl PackCounter {
+    pub fn new(spec: PackSpec, used: u64) -> PackCounter {
+        // A store may hold more than the capacity after a plan shrank it;
+        // clamp so `remaining` never underflows.
+        let used = used.min(spec.capacity);
+        PackCounter {
+            spec,
+            used: AtomicU64::new(used),
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.spec.capacity.saturating_sub(self.used())
+    }
+
+    /// Takes up to `want` from the pack and returns how much it took. The
+    /// compare-and-swap loop keeps `used <= capacity` under any interleaving.
+    pub fn take(&self, want: u64) -> u64 {
+        let mut used = self.used.load(Relaxed);
+        loop {
+            let take = self.spec.capacity.saturating_sub(used).min(want);
+            if take == 0 {
+                return 0;
+            }
+            // Relaxed suffices: the counter is the only state the CAS guards;
+            // the ledger is published under its own lock.
+            match self
+                .used
+                .compare_exchange_weak(used, used + take, Relaxed, Relaxed)
+            {
+                Ok(_) => return take,
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    /// Returns an amount taken by [`take`](Self::take) that a denied
+    /// deduction must not keep.
+    pub fn give_back(&self, amount: u64) {
+        self.used.fetch_sub(amount, Relaxed);
+    }
+}
+
+/// How one item of a deduction was split: per pack, then overage.
+#[derive(Debug, Default)]
+pub struct Split {
+    /// (pack, amount) in deduction order; inline for the common case of one or two packs.
+    pub takes: smallvec::SmallVec<[(Arc<PackCounter>, u64); 2]>,
+    pub covered: u64,
+    pub overage: u64,
+}
+
+impl Split {
+    /// Deducts `want` of `item` at `ts` from `packs` (already in R6 order);
+    /// what no pack covers is overage.
+    pub fn deduct(packs: &[Arc<PackCounter>], item: Item, ts: Ts, want: u64) -> Split {
+        let mut split = Split::default();
+        let mut left = want;
+        for pack in packs {
+            if left == 0 {
+                break;
+            }
+            if pack.spec.item != item || !pack.spec.valid_at(ts) {
+                continue;
+            }
+            let took = pack.take(left);
+            if took > 0 {
+                split.takes.push((pack.clone(), took));
+                left -= took;
+            }
+        }
+        split.covered = want - left;
+        split.overage = left;
+        split
+    }
+
+    /// Undoes the deduction (a denial changes nothing).
+    pub fn undo(self) {
+        for (pack, amount) in self.takes {
+            pack.give_back(amount);
+        }
+    }
+}
+
+/// What `packs` still hold for `item` at `ts`.
+pub fn remaining(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> u64 {
+    packs
+        .iter()
+        .filter(|p| p.spec.item == item && p.spec.valid_at(ts))
+        .fold(0u64, |acc, p| acc.saturating_add(p.remaining()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn purchased(id: &str, cap: u64, priority: u32, until: Ts, created: Ts) -> PackSpec {
+        PackSpec {
+            pack_id: id.into(),
+            source: PackSource::Purchased,
+            item: Item::Calls,
+            capacity: cap,
+            valid_from: 0,
+            valid_until: until,
+            priority,
+            created_at: created,
+        }
+    }
+
+    #[test]
+    fn orders_free_tier_then_priority_expiry_creation_id() {
+        let free = PackSpec {
+            source: PackSource::FreeTier,
+            ..purchased("free", 1, 0, 10, 0)
+        };
+        let mut v = [
+            purchased("e", 1, 0, 50, 1),
+            purchased("d", 1, 0, 50, 0),
+            purchased("c", 1, 0, 40, 9),
+            purchased("b", 1, 5, 90, 9),
+            free.clone(),
+            purchased("a", 1, 0, 50, 0),
+        ];
+        v.sort_by(deduction_order);
+        let ids: Vec<_> = v.iter().map(|p| &*p.pack_id).collect();
+        assert_eq!(ids, ["free", "b", "c", "a", "d", "e"]);
+    }
+
+    #[test]
+    fn splits_across_packs_then_overage() {
+        let packs: Vec<_> = [("a", 3), ("b", 4)]
+            .iter()
+            .map(|(id, cap)| Arc::new(PackCounter::new(purchased(id, *cap, 0, 100, 0), 0)))
+            .collect();
+        let s = Split::deduct(&packs, Item::Calls, 5, 10);
+        assert_eq!((s.covered, s.overage), (7, 3));
+        assert_eq!(s.takes.len(), 2);
+        assert_eq!(remaining(&packs, Item::Calls, 5), 0);
+        s.undo();
+        assert_eq!(remaining(&packs, Item::Calls, 5), 7);
+    }
+
+    #[test]
+    fn skips_packs_of_other_items_and_outside_validity() {
+        let mut egress = purchased("e", 10, 0, 100, 0);
+        egress.item = Item::EgressBytes;
+        let packs = vec![
+            Arc::new(PackCounter::new(egress, 0)),
+            Arc::new(PackCounter::new(purchased("late", 10, 0, 100, 0), 0)),
+        ];
+        // At ts = 100 the calls pack has expired (valid_until is exclusive).
+        let s = Split::deduct(&packs, Item::Calls, 100, 4);
+        assert_eq!((s.covered, s.overage), (0, 4));
+        let s = Split::deduct(&packs, Item::Calls, 99, 4);
+        assert_eq!((s.covered, s.overage), (4, 0));
+        assert_eq!(packs[0].used(), 0);
+    }
+
+    proptest! {
+        /// Conservation: under any interleaving of threads, each deduction's
+        /// covered + overage equals what it asked, the sum of covered equals
+        /// the packs' used, and no pack goes over its capacity.
+        #[test]
+        fn concurrent_deductions_conserve_and_never_overfill(
+            caps in prop::collection::vec(0u64..5_000, 1..5),
+            asks in prop::collection::vec(prop::collection::vec(0u64..700, 1..60), 2..5),
+        ) {
+            let packs: Vec<_> = caps
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Arc::new(PackCounter::new(purchased(&i.to_string(), *c, 0, 10, 0), 0)))
+                .collect();
+            let covered: u64 = std::thread::scope(|s| {
+                let handles: Vec<_> = asks
+                    .iter()
+                    .map(|thread_asks| {
+                        let packs = &packs;
+                        s.spawn(move || {
+                            let mut covered = 0;
+                            for want in thread_asks {
+                                let split = Split::deduct(packs, Item::Calls, 1, *want);
+                                assert_eq!(split.covered + split.overage, *want);
+                                assert_eq!(split.takes.iter().map(|t| t.1).sum::<u64>(), split.covered);
+                                covered += split.covered;
+                            }
+                            covered
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            let used: u64 = packs.iter().map(|p| p.used()).sum();
+            prop_assert_eq!(covered, used);
+            for p in &packs {
+                prop_assert!(p.used() <= p.spec.capacity);
+            }
+            let asked: u64 = asks.iter().flatten().sum();
+            let cap: u64 = caps.iter().sum();
+            prop_assert_eq!(used, asked.min(cap));
+        }
+    }
+}

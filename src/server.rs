@@ -1,0 +1,276 @@
+//! `packmeter serve`: wires the meter, the flusher, the gRPC services and
+//! the admin port together, and owns the shutdown sequence:
+//!
+//! 1. SIGTERM or SIGINT arrives;
+//! 2. health reports NOT_SERVING and `/readyz` 503;
+//! 3. the gRPC server drains requests in flight (bounded by half the grace);
+//! 4. a final flush runs, bounded by the rest of the grace;
+//! 5. the process exits 0.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::ServingStatus;
+
+use crate::{
+    admin_http::{self, AdminState},
+    calendar::now_ts,
+    config::Config,
+    flush::Flusher,
+    grpc::{admin::AdminService, meter::MeterService, proto},
+    meter::Meter,
+    metrics::Metrics,
+    store,
+};
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("final flush failed, usage since the last flush is lost: {0}")]
+    FinalFlush(crate::store::StoreError),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Runs the server until `shutdown` resolves, then drains and flushes.
+///
+/// Prints one line to stdout once both ports are bound:
+/// `packmeter listening grpc=ADDR admin=ADDR`.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = store::open(&config.store)?;
+    let meter = Arc::new(Meter::new(config.meter.clone(), store));
+    let metrics = Arc::new(Metrics::new());
+    let flusher = Arc::new(Flusher::new(meter.clone(), 5_000, metrics.clone()));
+
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })
+    };
+    let grpc_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.admin_listen,
+        source,
+    })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let services = ["", "packmeter.v1.Meter", "packmeter.v1.Admin"];
+    for s in services {
+        health.set_service_status(s, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let tasks = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    tasks.spawn(flusher.clone().run(config.flush_interval, stop_background.clone()));
+    tasks.spawn(evict_loop(meter.clone(), config.idle_evict, stop_background.clone()));
+
+    let admin_state = Arc::new(AdminState {
+        meter: meter.clone(),
+        flusher: flusher.clone(),
+        metrics: metrics.clone(),
+        ready: true.into(),
+    });
+    let stop_admin = CancellationToken::new();
+    let admin = {
+        let stop = stop_admin.clone();
+        let router = admin_http::router(admin_state.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(admin_listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        })
+    };
+
+    // The shutdown sequence starts here: flip health and readiness first,
+    // then let tonic drain.
+    let draining = CancellationToken::new();
+    {
+        let (draining, health, admin_state) = (draining.clone(), health.clone(), admin_state.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            admin_state.ready.store(false, Ordering::Release);
+            for s in services {
+                health.set_service_status(s, ServingStatus::NotServing).await;
+            }
+            draining.cancel();
+        });
+    }
+
+    println!("packmeter listening grpc={grpc_addr} admin={admin_addr}");
+    tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
+
+    let grpc = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn({
+            let metrics = metrics.clone();
+            move |inner| Timed {
+                inner,
+                metrics: metrics.clone(),
+            }
+        }))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(proto::meter_server::MeterServer::new(MeterService::new(
+            meter.clone(),
+            metrics.clone(),
+            config.max_batch,
+        )))
+        .add_service(proto::admin_server::AdminServer::new(AdminService::new(
+            meter.clone(),
+            flusher.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), {
+            let d = draining.clone();
+            async move { d.cancelled().await }
+        });
+
+    // Drain, but not forever: a client holding a DeductStream open must not
+    // keep the process from flushing within its grace period.
+    let grace = config.shutdown_grace;
+    let served = {
+        tokio::pin!(grpc);
+        tokio::select! {
+            r = &mut grpc => r,
+            _ = async { draining.cancelled().await; tokio::time::sleep(grace / 2).await } => {
+                tracing::warn!("drain took longer than half the grace period; closing connections");
+                Ok(())
+            }
+        }
+    };
+    let started = Instant::now();
+    stop_background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let left = grace.saturating_sub(grace / 2).max(Duration::from_secs(1));
+    let flushed = flusher.final_flush(left).await;
+    stop_admin.cancel();
+    let _ = admin.await;
+    served?;
+    let report = flushed.map_err(ServeError::FinalFlush)?;
+    tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
+    Ok(())
+}
+
+/// Evicts idle accounts once a minute (or every `idle / 4`, if shorter).
+async fn evict_loop(meter: Arc<Meter>, idle: Duration, stop: CancellationToken) {
+    let every = (idle / 4).min(Duration::from_secs(60)).max(Duration::from_millis(100));
+    let idle_us = i64::try_from(idle.as_micros()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let evicted = meter.evict_idle(now_ts().saturating_sub(idle_us));
+        if evicted > 0 {
+            tracing::debug!(evicted, resident = meter.resident(), "evicted idle accounts");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+// === impl Timed ===
+
+/// A tower layer recording each RPC's latency by method.
+#[derive(Clone)]
+struct Timed<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// The method label: known RPC names only, so a client cannot inflate the
+/// metric's cardinality with made-up paths.
+fn method_label(path: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "Deduct",
+        "DeductBatch",
+        "DeductStream",
+        "GetUsage",
+        "PutAccount",
+        "GetAccount",
+        "GrantPack",
+        "ListPacks",
+        "Flush",
+        "ExportUsage",
+        "ShouldRateLimit",
+        "Check",
+        "Watch",
+    ];
+    let name = path.rsplit('/').next().unwrap_or("");
+    KNOWN.iter().find(|k| **k == name).copied().unwrap_or("other")
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Timed<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_label(req.uri().path());
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            metrics.observe_rpc(method, started.elapsed().as_secs_f64());
+            r
+        })
+    }
+}

@@ -1,0 +1,112 @@
+//! Durable storage behind one trait, chosen by URL.
+//!
+//! - `sqlite://PATH`: the embedded default, for one node ([`sqlite`]).
+//!
+//! Stores are tested against real files, never mocks.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{
+    calendar::Ts,
+    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageRow},
+    packs::PackSpec,
+};
+
+/// A store failure. `transient` errors (the database is busy, locked or
+/// briefly unreachable) are retried by the flusher; the rest are reported.
+#[derive(Debug, thiserror::Error)]
+#[error("store error: {message}")]
+pub struct StoreError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl StoreError {
+    pub fn permanent(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+/// A pack as stored, with the usage flushed so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPack {
+    pub spec: PackSpec,
+    pub used: u64,
+}
+
+/// Everything needed to serve an account, read in one go on first touch.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedAccount {
+    pub account: Option<AccountRecord>,
+    /// Packs still valid after the `since` given to [`Store::load_account`].
+    pub packs: Vec<StoredPack>,
+    /// Idempotency keys not yet expired.
+    pub dedup: Vec<DedupRecord>,
+}
+
+impl LoadedAccount {
+    /// Whether the store knows nothing of the account.
+    pub fn is_unknown(&self) -> bool {
+        self.account.is_none() && self.packs.is_empty()
+    }
+}
+
+/// How a grant went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Granted {
+    /// The pack was created.
+    New(StoredPack),
+    /// A pack with this id already existed; here it is, unchanged.
+    Existing(StoredPack),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Loads an account, its packs valid after `since`, and its idempotency
+    /// keys unexpired at `now`.
+    async fn load_account(&self, id: &str, since: Ts, now: Ts)
+        -> Result<LoadedAccount, StoreError>;
+
+    /// Creates or replaces an account row.
+    async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
+
+    /// Inserts a purchased pack unless one with the same id exists.
+    async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError>;
+
+    /// Every pack row of the account: purchased ones, and free-tier ones
+    /// that have recorded usage.
+    async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError>;
+
+    /// Applies a flush in one transaction: all of it or nothing.
+    async fn write_batch(&self, batch: &FlushBatch) -> Result<(), StoreError>;
+
+    /// Hourly rows with `from <= hour < to`, optionally for one account.
+    async fn usage_rows(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Cheap reachability check for readiness and metrics.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names.
+pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        return Ok(Arc::new(sqlite::SqliteStore::open(path)?));
+    }
+    Err(StoreError::permanent(format!(
+        "unsupported store URL `{url}`: use sqlite://PATH"
+    )))
+}

@@ -1,0 +1,485 @@
+//! The embedded SQLite store: one file in WAL mode.
+//!
+//! One connection behind a mutex, used from `spawn_blocking`: SQLite allows
+//! one writer at a time anyway, and a flush is one transaction per batch.
+//! `synchronous = FULL` makes a committed flush survive power loss, which is
+//! what `Admin.Flush` promises.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use super::{Granted, LoadedAccount, Store, StoreError, StoredPack};
+use crate::{
+    calendar::Ts,
+    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageRow},
+    packs::{Item, PackSource, PackSpec},
+};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id        TEXT PRIMARY KEY,
+    activated_at      INTEGER,            -- µs since epoch, UTC; NULL until activated
+    suspended         INTEGER NOT NULL DEFAULT 0,
+    deny_on_exhausted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS packs (
+    account_id  TEXT    NOT NULL,
+    pack_id     TEXT    NOT NULL,
+    source      INTEGER NOT NULL,         -- 1 free tier, 2 purchased
+    item        INTEGER NOT NULL,         -- 1 calls, 2 egress bytes
+    capacity    INTEGER NOT NULL,
+    valid_from  INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL,         -- exclusive
+    priority    INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    used        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account_id, pack_id)
+);
+CREATE TABLE IF NOT EXISTS usage_hourly (
+    account_id TEXT    NOT NULL,
+    hour       INTEGER NOT NULL,          -- start of the UTC hour, µs
+    item       INTEGER NOT NULL,
+    pack_id    TEXT    NOT NULL,          -- '' for overage
+    source     INTEGER NOT NULL,          -- 0 for overage
+    amount     INTEGER NOT NULL,
+    PRIMARY KEY (account_id, hour, item, pack_id)
+);
+CREATE INDEX IF NOT EXISTS usage_hourly_by_hour ON usage_hourly (hour);
+CREATE TABLE IF NOT EXISTS dedup (
+    account_id     TEXT    NOT NULL,
+    request_id     TEXT    NOT NULL,
+    expires_at     INTEGER NOT NULL,
+    calls_covered  INTEGER NOT NULL,
+    calls_overage  INTEGER NOT NULL,
+    egress_covered INTEGER NOT NULL,
+    egress_overage INTEGER NOT NULL,
+    PRIMARY KEY (account_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup (expires_at);
+"#;
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        let transient = matches!(
+            e.sqlite_error_code(),
+            Some(
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::DiskFull
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::OutOfMemory
+            )
+        );
+        StoreError {
+            message: format!("sqlite: {e}"),
+            transient,
+        }
+    }
+}
+
+/// SQLite integers are i64; amounts are u64 but stay far below 2^63 in
+/// practice. Refuse rather than wrap if one ever does not.
+fn to_sql(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::permanent(format!("amount {v} exceeds 2^63")))
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    pub fn open(path: &str) -> Result<SqliteStore, StoreError> {
+        if path.is_empty() {
+            return Err(StoreError::permanent(
+                "sqlite:// needs a file path, e.g. sqlite:///var/lib/packmeter/packmeter.db",
+            ));
+        }
+        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::permanent(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection in the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave SQLite itself
+            // inconsistent (the transaction rolls back), so a poisoned lock is
+            // still usable.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::permanent(format!("store task failed: {e}")))?
+    }
+}
+
+fn read_pack(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPack> {
+    let id: String = row.get("pack_id")?;
+    Ok(StoredPack {
+        spec: PackSpec {
+            pack_id: id.into(),
+            source: PackSource::from_code(row.get("source")?).unwrap_or(PackSource::Purchased),
+            item: Item::from_code(row.get("item")?).unwrap_or(Item::Calls),
+            capacity: from_sql(row.get("capacity")?),
+            valid_from: row.get("valid_from")?,
+            valid_until: row.get("valid_until")?,
+            priority: u32::try_from(row.get::<_, i64>("priority")?).unwrap_or(0),
+            created_at: row.get("created_at")?,
+        },
+        used: from_sql(row.get("used")?),
+    })
+}
+
+fn read_account(row: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRecord> {
+    Ok(AccountRecord {
+        account_id: row.get("account_id")?,
+        activated_at: row.get("activated_at")?,
+        suspended: row.get("suspended")?,
+        deny_on_exhausted: row.get("deny_on_exhausted")?,
+    })
+}
+
+const PACK_COLUMNS: &str =
+    "pack_id, source, item, capacity, valid_from, valid_until, priority, created_at, used";
+
+fn get_account(conn: &Connection, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT account_id, activated_at, suspended, deny_on_exhausted \
+             FROM accounts WHERE account_id = ?1",
+        )?
+        .query_row([id], read_account)
+        .optional()?)
+}
+
+fn get_pack(conn: &Connection, account: &str, pack: &str) -> Result<Option<StoredPack>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 AND pack_id = ?2"
+        ))?
+        .query_row([account, pack], read_pack)
+        .optional()?)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load_account(
+        &self,
+        id: &str,
+        since: Ts,
+        now: Ts,
+    ) -> Result<LoadedAccount, StoreError> {
+        let id = id.to_string();
+        self.with(move |conn| {
+            let account = get_account(conn, &id)?;
+            let packs = conn
+                .prepare_cached(&format!(
+                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 AND valid_until > ?2"
+                ))?
+                .query_map(params![id, since], read_pack)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let dedup = conn
+                .prepare_cached(
+                    "SELECT request_id, expires_at, calls_covered, calls_overage, \
+                     egress_covered, egress_overage FROM dedup \
+                     WHERE account_id = ?1 AND expires_at > ?2",
+                )?
+                .query_map(params![id, now], |r| {
+                    Ok(DedupRecord {
+                        request_id: r.get::<_, String>(0)?.into(),
+                        expires_at: r.get(1)?,
+                        calls_covered: from_sql(r.get(2)?),
+                        calls_overage: from_sql(r.get(3)?),
+                        egress_covered: from_sql(r.get(4)?),
+                        egress_overage: from_sql(r.get(5)?),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(LoadedAccount {
+                account,
+                packs,
+                dedup,
+            })
+        })
+        .await
+    }
+
+    async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
+        let a = account.clone();
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO accounts (account_id, activated_at, suspended, deny_on_exhausted) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account_id) DO UPDATE SET \
+                 activated_at = excluded.activated_at, suspended = excluded.suspended, \
+                 deny_on_exhausted = excluded.deny_on_exhausted",
+            )?
+            .execute(params![
+                a.account_id,
+                a.activated_at,
+                a.suspended,
+                a.deny_on_exhausted
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let id = id.to_string();
+        self.with(move |conn| get_account(conn, &id)).await
+    }
+
+    async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
+        let (account, p) = (account_id.to_string(), pack.clone());
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            if let Some(existing) = get_pack(&tx, &account, &p.pack_id)? {
+                return Ok(Granted::Existing(existing));
+            }
+            tx.prepare_cached(&format!(
+                "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0)"
+            ))?
+            .execute(params![
+                account,
+                &*p.pack_id,
+                p.source.code(),
+                p.item.code(),
+                to_sql(p.capacity)?,
+                p.valid_from,
+                p.valid_until,
+                p.priority,
+                p.created_at
+            ])?;
+            tx.commit()?;
+            Ok(Granted::New(StoredPack { spec: p, used: 0 }))
+        })
+        .await
+    }
+
+    async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError> {
+        let id = account_id.to_string();
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 ORDER BY valid_from, pack_id"
+                ))?
+                .query_map([id], read_pack)?
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn write_batch(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        let batch = batch.clone();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut account = tx.prepare_cached(
+                    "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
+                     ON CONFLICT (account_id) DO UPDATE SET \
+                     activated_at = COALESCE(accounts.activated_at, excluded.activated_at)",
+                )?;
+                let mut usage = tx.prepare_cached(
+                    "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (account_id, hour, item, pack_id) \
+                     DO UPDATE SET amount = amount + excluded.amount",
+                )?;
+                let mut pack = tx.prepare_cached(&format!(
+                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                     ON CONFLICT (account_id, pack_id) DO UPDATE SET used = used + excluded.used"
+                ))?;
+                let mut dedup = tx.prepare_cached(
+                    "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
+                     calls_overage, egress_covered, egress_overage) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (account_id, request_id) DO UPDATE SET expires_at = excluded.expires_at",
+                )?;
+                for a in &batch.accounts {
+                    let id = &*a.account_id;
+                    if let Some(rec) = &a.account {
+                        account.execute(params![id, rec.activated_at])?;
+                    }
+                    for d in &a.deltas {
+                        let amount = to_sql(d.amount)?;
+                        let (pack_id, source) = match &d.pack {
+                            Some(p) => (&*p.pack_id, p.source.code()),
+                            None => ("", 0),
+                        };
+                        usage.execute(params![id, d.hour, d.item.code(), pack_id, source, amount])?;
+                        if let Some(p) = &d.pack {
+                            pack.execute(params![
+                                id,
+                                &*p.pack_id,
+                                p.source.code(),
+                                p.item.code(),
+                                to_sql(p.capacity)?,
+                                p.valid_from,
+                                p.valid_until,
+                                p.priority,
+                                p.created_at,
+                                amount
+                            ])?;
+                        }
+                    }
+                    for r in &a.dedup {
+                        dedup.execute(params![
+                            id,
+                            &*r.request_id,
+                            r.expires_at,
+                            to_sql(r.calls_covered)?,
+                            to_sql(r.calls_overage)?,
+                            to_sql(r.egress_covered)?,
+                            to_sql(r.egress_overage)?
+                        ])?;
+                    }
+                }
+                tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
+                    .execute([batch.now])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage_rows(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let account = account_id.map(str::to_string);
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT account_id, hour, item, pack_id, source, amount FROM usage_hourly \
+                 WHERE hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR account_id = ?3) \
+                 ORDER BY hour, account_id, item, source, pack_id",
+            )?;
+            let rows = stmt
+                .query_map(params![from, to, account], |r| {
+                    Ok(UsageRow {
+                        account_id: r.get(0)?,
+                        hour: r.get(1)?,
+                        item: Item::from_code(r.get(2)?).unwrap_or(Item::Calls),
+                        pack_id: r.get(3)?,
+                        source: PackSource::from_code(r.get(4)?),
+                        amount: from_sql(r.get(5)?),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{AccountFlush, DeltaRow};
+
+    fn spec(id: &str) -> PackSpec {
+        PackSpec {
+            pack_id: id.into(),
+            source: PackSource::Purchased,
+            item: Item::Calls,
+            capacity: 100,
+            valid_from: 0,
+            valid_until: 1_000,
+            priority: 1,
+            created_at: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flushed_batch_is_read_back_after_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/pm.db");
+        let url_path = path.to_str().unwrap().to_string();
+        {
+            let store = SqliteStore::open(&url_path).unwrap();
+            assert!(matches!(
+                store.grant_pack("acct", &spec("p1")).await.unwrap(),
+                Granted::New(_)
+            ));
+            let batch = FlushBatch {
+                now: 10,
+                accounts: vec![AccountFlush {
+                    account_id: "acct".into(),
+                    account: Some(AccountRecord {
+                        account_id: "acct".into(),
+                        activated_at: Some(7),
+                        suspended: false,
+                        deny_on_exhausted: false,
+                    }),
+                    deltas: vec![
+                        DeltaRow { hour: 0, item: Item::Calls, pack: Some(spec("p1")), amount: 30 },
+                        DeltaRow { hour: 0, item: Item::Calls, pack: None, amount: 4 },
+                    ],
+                    dedup: vec![DedupRecord {
+                        request_id: "r1".into(),
+                        expires_at: 500,
+                        calls_covered: 30,
+                        calls_overage: 4,
+                        egress_covered: 0,
+                        egress_overage: 0,
+                    }],
+                }],
+            };
+            store.write_batch(&batch).await.unwrap();
+            store.write_batch(&batch).await.unwrap();
+        }
+        let store = SqliteStore::open(&url_path).unwrap();
+        let loaded = store.load_account("acct", 0, 100).await.unwrap();
+        assert_eq!(loaded.account.unwrap().activated_at, Some(7));
+        assert_eq!(loaded.packs.len(), 1);
+        assert_eq!(loaded.packs[0].used, 60);
+        assert_eq!(loaded.dedup.len(), 1);
+        let rows = store.usage_rows(0, 1, Some("acct")).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 68);
+        // Granting the same id again returns the stored pack untouched.
+        match store.grant_pack("acct", &spec("p1")).await.unwrap() {
+            Granted::Existing(p) => assert_eq!(p.used, 60),
+            other => panic!("expected Existing, got {other:?}"),
+        }
+        // Expired keys are not loaded.
+        assert!(store.load_account("acct", 0, 500).await.unwrap().dedup.is_empty());
+    }
+}
