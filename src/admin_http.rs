@@ -49,7 +49,9 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         .flusher
         .oldest_unflushed_age(now_ts())
         .map_or(0.0, |d| d.as_secs_f64());
-    let body = s.metrics.render(age, s.meter.resident(), s.meter.dirty_len());
+    let body = s
+        .metrics
+        .render(age, s.meter.resident(), s.meter.dirty_len());
     (
         [(
             axum::http::header::CONTENT_TYPE,

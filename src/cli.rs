@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar: gRPC on --listen, admin HTTP on --admin-listen.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Deduct calls and egress bytes from an account (calls 0 and egress 0 only checks).
     Deduct(DeductCmd),
     /// Show the packs valid now (or --at) and their balances.
@@ -59,7 +59,12 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// The server's gRPC address.
-    #[arg(long, env = "PACKMETER_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "PACKMETER_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub server: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -177,7 +182,11 @@ struct Failure {
 
 impl From<Status> for Failure {
     fn from(s: Status) -> Failure {
-        let code = if s.code() == Code::Unavailable { EX_UNAVAILABLE } else { 1 };
+        let code = if s.code() == Code::Unavailable {
+            EX_UNAVAILABLE
+        } else {
+            1
+        };
         Failure {
             code,
             message: format!("{:?}: {}", s.code(), s.message()),
@@ -208,7 +217,10 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         cmd => {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("packmeter: cannot start the runtime: {e}");
@@ -235,14 +247,20 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("packmeter: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(crate::server::serve(config, crate::server::shutdown_signal())) {
+    match rt.block_on(crate::server::serve(
+        config,
+        crate::server::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "packmeter stopped");
@@ -267,8 +285,12 @@ fn init_tracing(format: LogFormat) {
 // === client commands ===
 
 async fn connect(opts: &ClientOpts) -> Result<Channel, Failure> {
-    let endpoint = Channel::from_shared(opts.server.clone())
-        .map_err(|e| usage(format!("--server `{}` is not a URL like http://127.0.0.1:50051: {e}", opts.server)))?;
+    let endpoint = Channel::from_shared(opts.server.clone()).map_err(|e| {
+        usage(format!(
+            "--server `{}` is not a URL like http://127.0.0.1:50051: {e}",
+            opts.server
+        ))
+    })?;
     endpoint.connect().await.map_err(|e| Failure {
         code: EX_UNAVAILABLE,
         message: format!(
@@ -370,7 +392,16 @@ fn print_packs(packs: &[proto::Pack], json_out: bool) {
         })
         .collect();
     print_table(
-        &["PACK", "SOURCE", "ITEM", "CAPACITY", "USED", "REMAINING", "VALID FROM", "VALID UNTIL"],
+        &[
+            "PACK",
+            "SOURCE",
+            "ITEM",
+            "CAPACITY",
+            "USED",
+            "REMAINING",
+            "VALID FROM",
+            "VALID UNTIL",
+        ],
         &rows,
     );
 }
@@ -416,7 +447,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             let decision = enum_name(r.decision, |d: proto::Decision| d.as_str_name());
-            let outcome = |o: &Option<proto::Outcome>| o.clone().unwrap_or_default();
+            let outcome = |o: &Option<proto::Outcome>| o.unwrap_or_default();
             let (calls, egress) = (outcome(&r.calls), outcome(&r.egress_bytes));
             if c.client.json {
                 let o = |o: &proto::Outcome| json!({"covered": o.covered, "overage": o.overage, "remaining": o.remaining});
@@ -437,7 +468,12 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 }
                 println!("{head}");
                 let row = |name: &str, o: &proto::Outcome| {
-                    vec![name.to_string(), o.covered.to_string(), o.overage.to_string(), o.remaining.to_string()]
+                    vec![
+                        name.to_string(),
+                        o.covered.to_string(),
+                        o.overage.to_string(),
+                        o.remaining.to_string(),
+                    ]
                 };
                 print_table(
                     &["ITEM", "COVERED", "OVERAGE", "REMAINING"],
@@ -457,7 +493,9 @@ async fn client(cmd: Command) -> Result<(), Failure> {
         }
         Command::Account(AccountCmd::Get { account, client }) => {
             let a = AdminClient::new(connect(&client).await?)
-                .get_account(proto::GetAccountRequest { account_id: account })
+                .get_account(proto::GetAccountRequest {
+                    account_id: account,
+                })
                 .await?
                 .into_inner();
             print_account(&a, client.json);
@@ -472,7 +510,9 @@ async fn client(cmd: Command) -> Result<(), Failure> {
             let activated_at = opt_time("--activated-at", &activated_at)?;
             let mut admin = AdminClient::new(connect(&client).await?);
             let current = match admin
-                .get_account(proto::GetAccountRequest { account_id: account.clone() })
+                .get_account(proto::GetAccountRequest {
+                    account_id: account.clone(),
+                })
                 .await
             {
                 Ok(a) => Some(a.into_inner()),
@@ -495,7 +535,9 @@ async fn client(cmd: Command) -> Result<(), Failure> {
         }
         Command::Packs(c) => {
             let r = AdminClient::new(connect(&c.client).await?)
-                .list_packs(proto::ListPacksRequest { account_id: c.account })
+                .list_packs(proto::ListPacksRequest {
+                    account_id: c.account,
+                })
                 .await?
                 .into_inner();
             print_packs(&r.packs, c.client.json);
@@ -504,18 +546,31 @@ async fn client(cmd: Command) -> Result<(), Failure> {
             let item = match c.item.as_str() {
                 "calls" => proto::Item::Calls,
                 "egress_bytes" | "egress" => proto::Item::EgressBytes,
-                other => return Err(usage(format!("--item: `{other}` is not calls or egress_bytes"))),
+                other => {
+                    return Err(usage(format!(
+                        "--item: `{other}` is not calls or egress_bytes"
+                    )))
+                }
             };
-            let from = c.valid_from.as_deref().map(|v| parse_time("--valid-from", v)).transpose()?;
+            let from = c
+                .valid_from
+                .as_deref()
+                .map(|v| parse_time("--valid-from", v))
+                .transpose()?;
             let until = match (&c.valid_until, &c.valid_for) {
                 (Some(u), _) => parse_time("--valid-until", u)?,
                 (None, Some(d)) => {
-                    let d = humantime::parse_duration(d)
-                        .map_err(|e| usage(format!("--valid-for: `{d}` is not a duration like 30d ({e})")))?;
+                    let d = humantime::parse_duration(d).map_err(|e| {
+                        usage(format!(
+                            "--valid-for: `{d}` is not a duration like 30d ({e})"
+                        ))
+                    })?;
                     from.unwrap_or_else(calendar::now_ts)
                         .saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
                 }
-                (None, None) => return Err(usage("grant needs --valid-until or --valid-for".into())),
+                (None, None) => {
+                    return Err(usage("grant needs --valid-until or --valid-for".into()))
+                }
             };
             let p = AdminClient::new(connect(&c.client).await?)
                 .grant_pack(proto::GrantPackRequest {
@@ -559,7 +614,10 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 .into_inner();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let io = |e: std::io::Error| Failure { code: 1, message: format!("cannot write: {e}") };
+            let io = |e: std::io::Error| Failure {
+                code: 1,
+                message: format!("cannot write: {e}"),
+            };
             if c.format == "csv" {
                 writeln!(out, "account_id,hour,item,pack_id,source,amount").map_err(io)?;
             }

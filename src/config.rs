@@ -160,8 +160,12 @@ pub fn default_store_url() -> String {
 }
 
 fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| err(field, format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})")))
+    humantime::parse_duration(v.trim()).map_err(|e| {
+        err(
+            field,
+            format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"),
+        )
+    })
 }
 
 fn micros(d: Duration) -> Ts {
@@ -176,8 +180,12 @@ fn number(field: &'static str, v: &str) -> Result<u64, ConfigError> {
 }
 
 fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse()
-        .map_err(|_| err(field, format!("`{v}` is not a socket address like 127.0.0.1:50051")))
+    v.parse().map_err(|_| {
+        err(
+            field,
+            format!("`{v}` is not a socket address like 127.0.0.1:50051"),
+        )
+    })
 }
 
 impl Config {
@@ -194,9 +202,8 @@ impl Config {
         };
         // A flag or variable wins over the file; file numbers arrive typed.
         let pick = |flag: &Option<String>, file: &Option<String>| flag.clone().or(file.clone());
-        let pick_n = |flag: &Option<String>, file: Option<u64>| {
-            flag.clone().or(file.map(|n| n.to_string()))
-        };
+        let pick_n =
+            |flag: &Option<String>, file: Option<u64>| flag.clone().or(file.map(|n| n.to_string()));
 
         let listen = addr(
             "listen",
@@ -214,7 +221,10 @@ impl Config {
             ));
         }
         if store == "sqlite://" {
-            return Err(err("store", "sqlite:// needs a file path, e.g. sqlite://./packmeter.db"));
+            return Err(err(
+                "store",
+                "sqlite:// needs a file path, e.g. sqlite://./packmeter.db",
+            ));
         }
 
         let flush_interval = pick(&args.flush_interval, &file.flush_interval)
@@ -247,7 +257,9 @@ impl Config {
             .transpose()?
             .unwrap_or(Duration::from_secs(300));
         let zone: BillingZone = match pick(&args.timezone, &file.timezone) {
-            Some(v) => v.parse().map_err(|e: crate::calendar::InvalidZone| err("timezone", e.to_string()))?,
+            Some(v) => v
+                .parse()
+                .map_err(|e: crate::calendar::InvalidZone| err("timezone", e.to_string()))?,
             None => BillingZone::default(),
         };
         let unknown_accounts = match pick(&args.unknown_accounts, &file.unknown_accounts)
@@ -268,7 +280,10 @@ impl Config {
             .transpose()?
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         if shutdown_grace < Duration::from_secs(1) {
-            return Err(err("shutdown_grace", "must be at least 1s to drain and flush"));
+            return Err(err(
+                "shutdown_grace",
+                "must be at least 1s to drain and flush",
+            ));
         }
         let idle_evict = pick(&args.idle_evict, &file.idle_evict)
             .map(|v| duration("idle_evict", &v))
@@ -282,13 +297,17 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(err("log_format", format!("`{other}` is not text or json"))),
         };
-        let positive = |field, flag: &Option<String>, file, default: u64| -> Result<u64, ConfigError> {
-            let n = pick_n(flag, file).map(|v| number(field, &v)).transpose()?.unwrap_or(default);
-            if n == 0 {
-                return Err(err(field, "must be at least 1"));
-            }
-            Ok(n)
-        };
+        let positive =
+            |field, flag: &Option<String>, file, default: u64| -> Result<u64, ConfigError> {
+                let n = pick_n(flag, file)
+                    .map(|v| number(field, &v))
+                    .transpose()?
+                    .unwrap_or(default);
+                if n == 0 {
+                    return Err(err(field, "must be at least 1"));
+                }
+                Ok(n)
+            };
         let max_calls = positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?;
         let max_egress_bytes = positive(
             "max_egress_bytes",
@@ -360,9 +379,27 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (ServeArgs { flush_interval: Some("soon".into()), ..Default::default() }, "flush_interval"),
-            (ServeArgs { listen: Some("nope".into()), ..Default::default() }, "listen"),
-            (ServeArgs { timezone: Some("Mars/Base".into()), ..Default::default() }, "timezone"),
+            (
+                ServeArgs {
+                    flush_interval: Some("soon".into()),
+                    ..Default::default()
+                },
+                "flush_interval",
+            ),
+            (
+                ServeArgs {
+                    listen: Some("nope".into()),
+                    ..Default::default()
+                },
+                "listen",
+            ),
+            (
+                ServeArgs {
+                    timezone: Some("Mars/Base".into()),
+                    ..Default::default()
+                },
+                "timezone",
+            ),
             (
                 ServeArgs {
                     late_grace: Some("2h".into()),
@@ -371,9 +408,27 @@ mod tests {
                 },
                 "dedup_window",
             ),
-            (ServeArgs { store: Some("redis://x".into()), ..Default::default() }, "store"),
-            (ServeArgs { unknown_accounts: Some("maybe".into()), ..Default::default() }, "unknown_accounts"),
-            (ServeArgs { max_calls: Some("0".into()), ..Default::default() }, "max_calls"),
+            (
+                ServeArgs {
+                    store: Some("redis://x".into()),
+                    ..Default::default()
+                },
+                "store",
+            ),
+            (
+                ServeArgs {
+                    unknown_accounts: Some("maybe".into()),
+                    ..Default::default()
+                },
+                "unknown_accounts",
+            ),
+            (
+                ServeArgs {
+                    max_calls: Some("0".into()),
+                    ..Default::default()
+                },
+                "max_calls",
+            ),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
@@ -384,7 +439,11 @@ mod tests {
     fn the_file_fills_what_flags_leave_out_and_refuses_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pm.toml");
-        std::fs::write(&path, "flush_interval = \"250ms\"\nlate_grace = \"2h\"\ntimezone = \"UTC\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "flush_interval = \"250ms\"\nlate_grace = \"2h\"\ntimezone = \"UTC\"\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             config: Some(path.clone()),
             late_grace: Some("30m".into()),
@@ -396,7 +455,11 @@ mod tests {
         assert_eq!(c.meter.zone.to_string(), "UTC");
 
         std::fs::write(&path, "flush_intervall = \"1s\"\n").unwrap();
-        let e = Config::resolve(&ServeArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        let e = Config::resolve(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert_eq!(e.field, "config");
         assert!(e.message.contains("flush_intervall"), "{}", e.message);
     }

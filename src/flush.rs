@@ -156,7 +156,10 @@ impl Flusher {
     }
 
     /// The final flush at shutdown: retries until it succeeds or `deadline`.
-    pub async fn final_flush(self: &Arc<Self>, deadline: Duration) -> Result<FlushReport, StoreError> {
+    pub async fn final_flush(
+        self: &Arc<Self>,
+        deadline: Duration,
+    ) -> Result<FlushReport, StoreError> {
         let attempt = async {
             let mut delay = MIN_BACKOFF;
             loop {
@@ -170,11 +173,13 @@ impl Flusher {
                 }
             }
         };
-        tokio::time::timeout(deadline, attempt).await.unwrap_or_else(|_| {
-            Err(StoreError::permanent(format!(
-                "final flush did not finish within {deadline:?}"
-            )))
-        })
+        tokio::time::timeout(deadline, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::permanent(format!(
+                    "final flush did not finish within {deadline:?}"
+                )))
+            })
     }
 
     /// Wall-clock age of the oldest unflushed change, at `now`.

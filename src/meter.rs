@@ -103,7 +103,9 @@ pub enum MeterError {
         closed_at: String,
         grace_s: i64,
     },
-    #[error("account `{0}` is unknown and unknown_accounts = reject; create it with Admin.PutAccount")]
+    #[error(
+        "account `{0}` is unknown and unknown_accounts = reject; create it with Admin.PutAccount"
+    )]
     UnknownAccount(String),
     #[error("account `{0}` is unknown")]
     NotFound(String),
@@ -356,6 +358,9 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
 
 // === impl Meter ===
 
+/// A first load in progress; `None` once done means the store does not know the account.
+type LoadCell = OnceCell<Option<Arc<AccountState>>>;
+
 /// All resident accounts, and how to load the others.
 pub struct Meter {
     cfg: MeterConfig,
@@ -363,7 +368,7 @@ pub struct Meter {
     accounts: DashMap<Arc<str>, Arc<AccountState>>,
     /// First loads in progress, shared by concurrent first requests. The
     /// cell holds `None` when the store does not know the account.
-    loading: DashMap<Arc<str>, Arc<OnceCell<Option<Arc<AccountState>>>>>,
+    loading: DashMap<Arc<str>, Arc<LoadCell>>,
     /// Accounts with unflushed changes, in the order they became dirty.
     dirty: Mutex<Vec<Arc<AccountState>>>,
     /// Wakes the flusher early once `flush_threshold` accounts are dirty.
@@ -497,8 +502,7 @@ impl Meter {
             .get_or_try_init(|| self.load(key.clone(), now))
             .await
             .cloned();
-        self.loading
-            .remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+        self.loading.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
         match loaded? {
             Some(a) => Ok(Some(a)),
             None if !create => Ok(None),
@@ -591,7 +595,12 @@ impl Meter {
         {
             let mut dedup = state.dedup.lock();
             for r in loaded.dedup {
-                let result = [r.calls_covered, r.calls_overage, r.egress_covered, r.egress_overage];
+                let result = [
+                    r.calls_covered,
+                    r.calls_overage,
+                    r.egress_covered,
+                    r.egress_overage,
+                ];
                 dedup.entries.insert(
                     r.request_id,
                     DedupEntry {
@@ -714,7 +723,14 @@ impl Meter {
                 e.result = Some(result);
             }
         }
-        self.outcome(acct, &packs, at, Decision::Allow, Some(&calls), Some(&egress))
+        self.outcome(
+            acct,
+            &packs,
+            at,
+            Decision::Allow,
+            Some(&calls),
+            Some(&egress),
+        )
     }
 
     /// Returns the duplicate's outcome if `request_id` was seen within the
@@ -761,12 +777,13 @@ impl Meter {
         self.ensure_free_month(acct, at, now);
         let packs = acct.packs.load();
         let mut o = self.outcome(acct, &packs, at, Decision::Allow, None, None);
-        if acct.activated_at().is_none() && self.cfg.unknown_accounts == UnknownAccounts::Activate
-        {
+        if acct.activated_at().is_none() && self.cfg.unknown_accounts == UnknownAccounts::Activate {
             // The first deduction would activate the account at `at`.
             o.calls.remaining = o.calls.remaining.saturating_add(self.cfg.plan.calls);
-            o.egress_bytes.remaining =
-                o.egress_bytes.remaining.saturating_add(self.cfg.plan.egress_bytes);
+            o.egress_bytes.remaining = o
+                .egress_bytes
+                .remaining
+                .saturating_add(self.cfg.plan.egress_bytes);
         }
         if acct.suspended.load(Relaxed) {
             o.decision = Decision::Deny(DenyReason::Suspended);
@@ -804,7 +821,8 @@ impl Meter {
     /// caller has written them to the store first.
     pub fn apply_account(&self, acct: &AccountState, record: &AccountRecord, now: Ts) {
         acct.suspended.store(record.suspended, Relaxed);
-        acct.deny_on_exhausted.store(record.deny_on_exhausted, Relaxed);
+        acct.deny_on_exhausted
+            .store(record.deny_on_exhausted, Relaxed);
         let new = record.activated_at.unwrap_or(NOT_ACTIVATED);
         if acct.activated_at.swap(new, Relaxed) == new {
             return;
@@ -826,7 +844,10 @@ impl Meter {
                 .filter(|p| p.spec.source != PackSource::FreeTier)
                 .cloned()
                 .collect();
-            for m in months.iter().filter(|m| m.valid_until > keep_after && m.valid_from <= now) {
+            for m in months
+                .iter()
+                .filter(|m| m.valid_until > keep_after && m.valid_from <= now)
+            {
                 for spec in self.free_specs(m) {
                     let u = old_used.get(&*spec.pack_id).copied().unwrap_or(0);
                     next.push(Arc::new(PackCounter::new(spec, u)));
@@ -870,7 +891,10 @@ impl Meter {
                 }
             }
         }
-        for s in stored.into_iter().filter(|s| s.spec.source == PackSource::Purchased) {
+        for s in stored
+            .into_iter()
+            .filter(|s| s.spec.source == PackSource::Purchased)
+        {
             let used = live(&s.spec, s.used);
             views.push(PackView {
                 account_id: acct.id.to_string(),
@@ -897,7 +921,9 @@ impl Meter {
         self.accounts.retain(|_, a| {
             a.last_touch.load(Relaxed) >= idle_before
                 || Arc::strong_count(a) > 1
-                || a.pending.try_lock().is_none_or(|p| !p.is_empty() || p.queued)
+                || a.pending
+                    .try_lock()
+                    .is_none_or(|p| !p.is_empty() || p.queued)
         });
         before - self.accounts.len()
     }

@@ -69,9 +69,17 @@ impl Metrics {
             deductions.clone(),
         );
         let covered = Family::<ItemLabel, Counter>::default();
-        registry.register("covered", "Amount covered by packs, by item", covered.clone());
+        registry.register(
+            "covered",
+            "Amount covered by packs, by item",
+            covered.clone(),
+        );
         let overage = Family::<ItemLabel, Counter>::default();
-        registry.register("overage", "Amount billed as overage, by item", overage.clone());
+        registry.register(
+            "overage",
+            "Amount billed as overage, by item",
+            overage.clone(),
+        );
         let rpc_duration = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
@@ -91,9 +99,8 @@ impl Metrics {
             "Time to write one flush to the store",
             flush_duration.clone(),
         );
-        let flush_accounts = Histogram::new([
-            1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0,
-        ]);
+        let flush_accounts =
+            Histogram::new([1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0]);
         registry.register(
             "flush_batch_accounts",
             "Accounts written per flush",
@@ -129,7 +136,11 @@ impl Metrics {
             "Accounts with usage waiting for a flush",
             dirty_accounts.clone(),
         );
-        let d = |v| deductions.get_or_create(&DecisionLabel { decision: v }).clone();
+        let d = |v| {
+            deductions
+                .get_or_create(&DecisionLabel { decision: v })
+                .clone()
+        };
         let c = |v| covered.get_or_create(&ItemLabel { item: v }).clone();
         let o = |v| overage.get_or_create(&ItemLabel { item: v }).clone();
         Metrics {
@@ -182,8 +193,10 @@ impl Metrics {
     /// Renders the registry after setting the gauges read at scrape time.
     pub fn render(&self, oldest_unflushed_s: f64, resident: usize, dirty: usize) -> String {
         self.oldest_unflushed.set(oldest_unflushed_s);
-        self.resident_accounts.set(i64::try_from(resident).unwrap_or(i64::MAX));
-        self.dirty_accounts.set(i64::try_from(dirty).unwrap_or(i64::MAX));
+        self.resident_accounts
+            .set(i64::try_from(resident).unwrap_or(i64::MAX));
+        self.dirty_accounts
+            .set(i64::try_from(dirty).unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -119,7 +119,13 @@ impl PackSpec {
     /// the month, so it is the same on every node and across restarts.
     pub fn free_tier(month: &FreeMonth, item: Item, capacity: u64) -> PackSpec {
         PackSpec {
-            pack_id: format!("free-{:04}-{:02}-{}", month.year, month.month, item.as_str()).into(),
+            pack_id: format!(
+                "free-{:04}-{:02}-{}",
+                month.year,
+                month.month,
+                item.as_str()
+            )
+            .into(),
             source: PackSource::FreeTier,
             item,
             capacity,

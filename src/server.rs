@@ -69,14 +69,18 @@ pub async fn serve(
     };
     let grpc_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.admin_listen,
-        source,
-    })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = ["", "packmeter.v1.Meter", "packmeter.v1.Admin"];
@@ -90,8 +94,16 @@ pub async fn serve(
 
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
-    tasks.spawn(flusher.clone().run(config.flush_interval, stop_background.clone()));
-    tasks.spawn(evict_loop(meter.clone(), config.idle_evict, stop_background.clone()));
+    tasks.spawn(
+        flusher
+            .clone()
+            .run(config.flush_interval, stop_background.clone()),
+    );
+    tasks.spawn(evict_loop(
+        meter.clone(),
+        config.idle_evict,
+        stop_background.clone(),
+    ));
 
     let admin_state = Arc::new(AdminState {
         meter: meter.clone(),
@@ -117,13 +129,16 @@ pub async fn serve(
     // then let tonic drain.
     let draining = CancellationToken::new();
     {
-        let (draining, health, admin_state) = (draining.clone(), health.clone(), admin_state.clone());
+        let (draining, health, admin_state) =
+            (draining.clone(), health.clone(), admin_state.clone());
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutdown requested: draining");
             admin_state.ready.store(false, Ordering::Release);
             for s in services {
-                health.set_service_status(s, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(s, ServingStatus::NotServing)
+                    .await;
             }
             draining.cancel();
         });
@@ -185,7 +200,9 @@ pub async fn serve(
 
 /// Evicts idle accounts once a minute (or every `idle / 4`, if shorter).
 async fn evict_loop(meter: Arc<Meter>, idle: Duration, stop: CancellationToken) {
-    let every = (idle / 4).min(Duration::from_secs(60)).max(Duration::from_millis(100));
+    let every = (idle / 4)
+        .min(Duration::from_secs(60))
+        .max(Duration::from_millis(100));
     let idle_us = i64::try_from(idle.as_micros()).unwrap_or(i64::MAX);
     loop {
         tokio::select! {
@@ -194,7 +211,11 @@ async fn evict_loop(meter: Arc<Meter>, idle: Duration, stop: CancellationToken) 
         }
         let evicted = meter.evict_idle(now_ts().saturating_sub(idle_us));
         if evicted > 0 {
-            tracing::debug!(evicted, resident = meter.resident(), "evicted idle accounts");
+            tracing::debug!(
+                evicted,
+                resident = meter.resident(),
+                "evicted idle accounts"
+            );
         }
     }
 }
@@ -246,7 +267,11 @@ fn method_label(path: &str) -> &'static str {
         "Watch",
     ];
     let name = path.rsplit('/').next().unwrap_or("");
-    KNOWN.iter().find(|k| **k == name).copied().unwrap_or("other")
+    KNOWN
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Timed<S>

@@ -49,10 +49,14 @@ impl AdminService {
 
 fn validate_pack_id(id: &str) -> Result<(), Status> {
     if id.len() > MAX_ACCOUNT_ID_BYTES {
-        return Err(Status::invalid_argument("pack_id: is longer than 128 bytes"));
+        return Err(Status::invalid_argument(
+            "pack_id: is longer than 128 bytes",
+        ));
     }
     if id.chars().any(char::is_control) {
-        return Err(Status::invalid_argument("pack_id: contains a control character"));
+        return Err(Status::invalid_argument(
+            "pack_id: contains a control character",
+        ));
     }
     if id.starts_with("free-") {
         return Err(Status::invalid_argument(
@@ -169,7 +173,9 @@ impl proto::admin_server::Admin for AdminService {
                 p
             }
             Granted::Existing(p) if same_terms(&p.spec, &spec) => p,
-            Granted::Existing(p) => return Err(MeterError::PackConflict(p.spec.pack_id.to_string()).into()),
+            Granted::Existing(p) => {
+                return Err(MeterError::PackConflict(p.spec.pack_id.to_string()).into())
+            }
         };
         let view = self
             .meter

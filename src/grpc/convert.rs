@@ -8,7 +8,7 @@ use super::proto;
 use crate::{
     calendar::{Ts, SECOND},
     ledger::{AccountRecord, UsageRow},
-    meter::{DeductOutcome, Decision, ItemOutcome, PackView},
+    meter::{Decision, DeductOutcome, ItemOutcome, PackView},
     packs::{Item, PackSource},
 };
 

@@ -104,7 +104,10 @@ impl SqliteStore {
                 "sqlite:// needs a file path, e.g. sqlite:///var/lib/packmeter/packmeter.db",
             ));
         }
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::permanent(format!("cannot create {}: {e}", dir.display()))
             })?;
@@ -177,7 +180,11 @@ fn get_account(conn: &Connection, id: &str) -> Result<Option<AccountRecord>, Sto
         .optional()?)
 }
 
-fn get_pack(conn: &Connection, account: &str, pack: &str) -> Result<Option<StoredPack>, StoreError> {
+fn get_pack(
+    conn: &Connection,
+    account: &str,
+    pack: &str,
+) -> Result<Option<StoredPack>, StoreError> {
     Ok(conn
         .prepare_cached(&format!(
             "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 AND pack_id = ?2"
@@ -449,8 +456,18 @@ mod tests {
                         deny_on_exhausted: false,
                     }),
                     deltas: vec![
-                        DeltaRow { hour: 0, item: Item::Calls, pack: Some(spec("p1")), amount: 30 },
-                        DeltaRow { hour: 0, item: Item::Calls, pack: None, amount: 4 },
+                        DeltaRow {
+                            hour: 0,
+                            item: Item::Calls,
+                            pack: Some(spec("p1")),
+                            amount: 30,
+                        },
+                        DeltaRow {
+                            hour: 0,
+                            item: Item::Calls,
+                            pack: None,
+                            amount: 4,
+                        },
                     ],
                     dedup: vec![DedupRecord {
                         request_id: "r1".into(),
@@ -480,6 +497,11 @@ mod tests {
             other => panic!("expected Existing, got {other:?}"),
         }
         // Expired keys are not loaded.
-        assert!(store.load_account("acct", 0, 500).await.unwrap().dedup.is_empty());
+        assert!(store
+            .load_account("acct", 0, 500)
+            .await
+            .unwrap()
+            .dedup
+            .is_empty());
     }
 }
