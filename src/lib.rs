@@ -22,7 +22,7 @@
 //! - [`admin_http`]: `/livez`, `/readyz`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
-//! - [`server`]: start-up and the shutdown sequence.
+//! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight.
 //! - [`cli`]: the `packmeter` command line, including the client commands.
 #![forbid(unsafe_code)]
 
@@ -30,6 +30,7 @@ pub mod admin_http;
 pub mod calendar;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod flush;
 pub mod grpc;
 pub mod ledger;

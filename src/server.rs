@@ -3,7 +3,9 @@
 //!
 //! 1. SIGTERM or SIGINT arrives;
 //! 2. health reports NOT_SERVING and `/readyz` 503;
-//! 3. the gRPC server drains requests in flight (bounded by half the grace);
+//! 3. the gRPC server stops accepting connections and waits for the
+//!    requests in flight (bounded by half the grace), then closes idle
+//!    connections;
 //! 4. a final flush runs, bounded by the rest of the grace;
 //! 5. the process exits 0.
 
@@ -24,6 +26,7 @@ use crate::{
     admin_http::{self, AdminState},
     calendar::now_ts,
     config::Config,
+    drain::Drain,
     flush::Flusher,
     grpc::{admin::AdminService, meter::MeterService, proto},
     meter::Meter,
@@ -87,11 +90,16 @@ pub async fn serve(
     for s in services {
         health.set_service_status(s, ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and older tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let drain = Arc::new(Drain::default());
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     tasks.spawn(
@@ -150,17 +158,21 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn({
             let metrics = metrics.clone();
+            let drain = drain.clone();
             move |inner| Timed {
                 inner,
                 metrics: metrics.clone(),
+                drain: drain.clone(),
             }
         }))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(proto::meter_server::MeterServer::new(MeterService::new(
             meter.clone(),
             metrics.clone(),
             config.max_batch,
+            drain.clone(),
         )))
         .add_service(proto::admin_server::AdminServer::new(AdminService::new(
             meter.clone(),
@@ -171,15 +183,20 @@ pub async fn serve(
             async move { d.cancelled().await }
         });
 
-    // Drain, but not forever: a client holding a DeductStream open must not
-    // keep the process from flushing within its grace period.
+    // Once draining, wait for the requests in flight, not for clients to
+    // hang up; and not forever: a client holding a DeductStream open must
+    // not keep the process from flushing within its grace period.
     let grace = config.shutdown_grace;
     let served = {
         tokio::pin!(grpc);
         tokio::select! {
             r = &mut grpc => r,
+            _ = async { draining.cancelled().await; drain.idle().await } => {
+                tracing::info!("requests in flight drained; closing connections");
+                Ok(())
+            }
             _ = async { draining.cancelled().await; tokio::time::sleep(grace / 2).await } => {
-                tracing::warn!("drain took longer than half the grace period; closing connections");
+                tracing::warn!(in_flight = drain.in_flight(), "drain took longer than half the grace period; closing connections");
                 Ok(())
             }
         }
@@ -241,11 +258,13 @@ pub async fn shutdown_signal() {
 
 // === impl Timed ===
 
-/// A tower layer recording each RPC's latency by method.
+/// A tower layer recording each RPC's latency by method, and counting it
+/// in flight until its response is ready.
 #[derive(Clone)]
 struct Timed<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    drain: Arc<Drain>,
 }
 
 /// The method label: known RPC names only, so a client cannot inflate the
@@ -265,6 +284,7 @@ fn method_label(path: &str) -> &'static str {
         "ShouldRateLimit",
         "Check",
         "Watch",
+        "ServerReflectionInfo",
     ];
     let name = path.rsplit('/').next().unwrap_or("");
     KNOWN
@@ -292,8 +312,10 @@ where
         let started = Instant::now();
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
+        let in_flight = self.drain.enter();
         Box::pin(async move {
             let r = fut.await;
+            drop(in_flight);
             metrics.observe_rpc(method, started.elapsed().as_secs_f64());
             r
         })

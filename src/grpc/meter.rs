@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{convert, proto};
 use crate::{
     calendar::{now_ts, Ts},
+    drain::Drain,
     meter::{DeductOutcome, Deduction, Meter},
     metrics::Metrics,
 };
@@ -16,14 +17,18 @@ pub struct MeterService {
     meter: Arc<Meter>,
     metrics: Arc<Metrics>,
     max_batch: usize,
+    /// A DeductStream counts as in flight until it ends, so shutdown lets
+    /// it finish (within the grace period).
+    drain: Arc<Drain>,
 }
 
 impl MeterService {
-    pub fn new(meter: Arc<Meter>, metrics: Arc<Metrics>, max_batch: usize) -> Self {
+    pub fn new(meter: Arc<Meter>, metrics: Arc<Metrics>, max_batch: usize, drain: Arc<Drain>) -> Self {
         MeterService {
             meter,
             metrics,
             max_batch,
+            drain,
         }
     }
 }
@@ -126,6 +131,7 @@ impl proto::meter_server::Meter for MeterService {
         req: Request<Streaming<proto::DeductRequest>>,
     ) -> Result<Response<Self::DeductStreamStream>, Status> {
         let (meter, metrics) = (self.meter.clone(), self.metrics.clone());
+        let in_flight = self.drain.enter();
         let out = req
             .into_inner()
             .enumerate()
@@ -140,7 +146,9 @@ impl proto::meter_server::Meter for MeterService {
                 }
             })
             // Stop after the first error, which tonic sends as the trailer.
-            .scan(false, |failed, r| {
+            .scan(false, move |failed, r| {
+                // Owned by the stream: dropped when the stream ends.
+                let _held = &in_flight;
                 let stop = *failed;
                 *failed = r.is_err();
                 futures_util::future::ready((!stop).then_some(r))

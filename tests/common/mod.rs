@@ -1,0 +1,214 @@
+//! Starts the real `packmeter` binary on 127.0.0.1:0 with a temporary SQLite
+//! file, and connects the generated tonic clients to it.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use packmeter::grpc::proto::{
+    self, admin_client::AdminClient, meter_client::MeterClient,
+};
+use prost_types::Timestamp;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_packmeter");
+
+pub struct Server {
+    child: Child,
+    pub grpc: String,
+    pub admin: String,
+    pub db: PathBuf,
+    /// Keeps stderr flowing so the server never blocks on a full pipe.
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Server {
+    /// Starts a server on a fresh SQLite file in `dir`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_on(&dir.join("packmeter.db"), extra)
+    }
+
+    /// Starts a server on the given SQLite file (for restarts).
+    pub fn start_on(db: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--store")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(extra)
+            .env_remove("PACKMETER_CONFIG")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn packmeter");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        // The server prints one line once both ports are bound.
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let mut grpc = None;
+        let mut admin = None;
+        for part in line.split_whitespace() {
+            if let Some(a) = part.strip_prefix("grpc=") {
+                grpc = Some(a.to_string());
+            }
+            if let Some(a) = part.strip_prefix("admin=") {
+                admin = Some(a.to_string());
+            }
+        }
+        let (Some(grpc), Some(admin)) = (grpc, admin) else {
+            let _ = child.kill();
+            let err = stderr.join().unwrap_or_default();
+            panic!("server did not start: stdout {line:?}\nstderr:\n{err}");
+        };
+        Server {
+            child,
+            grpc,
+            admin,
+            db: db.to_path_buf(),
+            stderr: Some(stderr),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to packmeter")
+    }
+
+    pub async fn meter(&self) -> MeterClient<Channel> {
+        MeterClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and stderr.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal("-TERM");
+        self.wait()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_term(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().expect("wait for packmeter");
+        let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        (status, err.unwrap_or_default())
+    }
+
+    /// SIGKILL: no drain, no final flush.
+    pub fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An RFC 3339 instant as a protobuf timestamp.
+pub fn ts(s: &str) -> Timestamp {
+    let d = chrono::DateTime::parse_from_rfc3339(s).expect("valid RFC 3339");
+    Timestamp {
+        seconds: d.timestamp(),
+        nanos: d.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn deduct(account: &str, calls: u64, egress: u64, at: Option<&str>) -> proto::DeductRequest {
+    proto::DeductRequest {
+        account_id: account.into(),
+        calls,
+        egress_bytes: egress,
+        at: at.map(ts),
+        request_id: String::new(),
+    }
+}
+
+/// (covered, overage, remaining) of an outcome.
+pub fn split(o: &Option<proto::Outcome>) -> (u64, u64, u64) {
+    let o = o.unwrap_or_default();
+    (o.covered, o.overage, o.remaining)
+}
+
+/// Total used of the packs of `item` in a listing.
+pub fn used(packs: &[proto::Pack], item: proto::Item) -> u64 {
+    packs.iter().filter(|p| p.item == item as i32).map(|p| p.used).sum()
+}
+
+/// Whether tests that need an outside tool must run (CI) or may skip.
+pub fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Finds a tool on PATH; outside CI a missing tool skips the test loudly.
+pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(!required(), "{name} is required under CI=true: {install}");
+        eprintln!("SKIPPED: {name} not found on PATH ({install}); set CI=true to make this a failure");
+    }
+    found
+}
+
+/// Polls `f` until it returns true; panics after `limit`. For waiting on
+/// an observable state, never as a stand-in for synchronization.
+pub async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
