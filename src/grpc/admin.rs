@@ -66,10 +66,13 @@ fn validate_pack_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Whether a stored pack has the terms a repeated grant asks for.
-fn same_terms(a: &PackSpec, b: &PackSpec) -> bool {
-    (a.item, a.capacity, a.valid_from, a.valid_until, a.priority)
-        == (b.item, b.capacity, b.valid_from, b.valid_until, b.priority)
+/// Whether a stored pack has the terms a repeated grant asks for. A retry
+/// that left `valid_from` unset ("from now") matches whatever instant the
+/// first grant resolved it to.
+fn same_terms(stored: &PackSpec, asked: &PackSpec, from_given: bool) -> bool {
+    (stored.item, stored.capacity, stored.valid_until, stored.priority)
+        == (asked.item, asked.capacity, asked.valid_until, asked.priority)
+        && (!from_given || stored.valid_from == asked.valid_from)
 }
 
 type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Send>>;
@@ -137,6 +140,7 @@ impl proto::admin_server::Admin for AdminService {
             return Err(Status::invalid_argument("capacity: must be below 2^63"));
         }
         validate_pack_id(&r.pack_id)?;
+        let from_given = r.valid_from.is_some();
         let valid_from = convert::ts("valid_from", r.valid_from.as_ref())?.unwrap_or(now);
         let valid_until = convert::ts("valid_until", r.valid_until.as_ref())?
             .ok_or_else(|| Status::invalid_argument("valid_until: is required"))?;
@@ -172,7 +176,7 @@ impl proto::admin_server::Admin for AdminService {
                 self.meter.add_pack(&acct, &p, now);
                 p
             }
-            Granted::Existing(p) if same_terms(&p.spec, &spec) => p,
+            Granted::Existing(p) if same_terms(&p.spec, &spec, from_given) => p,
             Granted::Existing(p) => {
                 return Err(MeterError::PackConflict(p.spec.pack_id.to_string()).into())
             }
