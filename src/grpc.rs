@@ -2,6 +2,7 @@
 //! domain errors to status codes in one place.
 
 pub mod admin;
+pub mod codec;
 pub mod convert;
 pub mod meter;
 

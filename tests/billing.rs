@@ -16,7 +16,14 @@ fn hours_from_now(h: i64) -> prost_types::Timestamp {
     }
 }
 
-fn grant(account: &str, id: &str, item: Item, capacity: u64, priority: u32, hours: i64) -> proto::GrantPackRequest {
+fn grant(
+    account: &str,
+    id: &str,
+    item: Item,
+    capacity: u64,
+    priority: u32,
+    hours: i64,
+) -> proto::GrantPackRequest {
     proto::GrantPackRequest {
         account_id: account.into(),
         item: item as i32,
@@ -32,7 +39,9 @@ async fn list(server: &Server, account: &str) -> Vec<proto::Pack> {
     server
         .admin()
         .await
-        .list_packs(proto::ListPacksRequest { account_id: account.into() })
+        .list_packs(proto::ListPacksRequest {
+            account_id: account.into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -45,9 +54,16 @@ async fn purchased_packs_follow_the_free_tier_by_priority_then_expiry() {
     let server = Server::start(dir.path(), &["--free-calls", "10"]);
     let (mut meter, mut admin) = (server.meter().await, server.admin().await);
 
-    let low_late = admin.grant_pack(grant("acme", "low-late", Item::Calls, 5, 0, 48)).await.unwrap().into_inner();
+    let low_late = admin
+        .grant_pack(grant("acme", "low-late", Item::Calls, 5, 0, 48))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(low_late.source, PackSource::Purchased as i32);
-    admin.grant_pack(grant("acme", "low-soon", Item::Calls, 5, 0, 24)).await.unwrap();
+    admin
+        .grant_pack(grant("acme", "low-soon", Item::Calls, 5, 0, 24))
+        .await
+        .unwrap();
     let high = grant("acme", "high", Item::Calls, 5, 7, 72);
     let granted = admin.grant_pack(high.clone()).await.unwrap().into_inner();
     // A repeated pack_id with the same terms is idempotent ...
@@ -55,17 +71,32 @@ async fn purchased_packs_follow_the_free_tier_by_priority_then_expiry() {
     assert_eq!(granted, again);
     // ... and with other terms it is refused.
     let conflict = admin
-        .grant_pack(proto::GrantPackRequest { capacity: 6, ..high })
+        .grant_pack(proto::GrantPackRequest {
+            capacity: 6,
+            ..high
+        })
         .await
         .unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists);
 
     // 10 free + 5 high + 5 low-soon + 2 of low-late; then overage.
-    let r = meter.deduct(deduct("acme", 22, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("acme", 22, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls), (22, 0, 3));
-    let r = meter.deduct(deduct("acme", 5, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("acme", 5, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls), (3, 2, 0));
-    assert_eq!(r.decision, Decision::Allow as i32, "overage is allowed by default");
+    assert_eq!(
+        r.decision,
+        Decision::Allow as i32,
+        "overage is allowed by default"
+    );
 
     let packs = list(&server, "acme").await;
     let used = |id: &str| packs.iter().find(|p| p.pack_id == id).map(|p| p.used);
@@ -88,13 +119,23 @@ async fn repeated_grant_with_same_terms_returns_the_existing_pack() {
     let first = admin.grant_pack(req.clone()).await.unwrap().into_inner();
     let second = admin.grant_pack(req).await.unwrap().into_inner();
     assert_eq!(first, second);
-    assert_eq!(list(&server, "acme").await.iter().filter(|p| p.pack_id == "p-1").count(), 1);
+    assert_eq!(
+        list(&server, "acme")
+            .await
+            .iter()
+            .filter(|p| p.pack_id == "p-1")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn deny_on_exhausted_and_suspended_accounts() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--free-calls", "3", "--free-egress-bytes", "100"]);
+    let server = Server::start(
+        dir.path(),
+        &["--free-calls", "3", "--free-egress-bytes", "100"],
+    );
     let (mut meter, mut admin) = (server.meter().await, server.admin().await);
     let put = |id: &str, suspended: bool, deny: bool| proto::PutAccountRequest {
         account: Some(proto::Account {
@@ -104,42 +145,95 @@ async fn deny_on_exhausted_and_suspended_accounts() {
             deny_on_exhausted: deny,
         }),
     };
-    let acct = admin.put_account(put("strict", false, true)).await.unwrap().into_inner();
+    let acct = admin
+        .put_account(put("strict", false, true))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(acct.activated_at.is_some() && acct.deny_on_exhausted);
 
-    let r = meter.deduct(deduct("strict", 2, 0, None)).await.unwrap().into_inner();
-    assert_eq!((r.decision, split(&r.calls)), (Decision::Allow as i32, (2, 0, 1)));
+    let r = meter
+        .deduct(deduct("strict", 2, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, split(&r.calls)),
+        (Decision::Allow as i32, (2, 0, 1))
+    );
     // 2 calls with 1 left: denied, nothing deducted, nothing recorded.
-    let r = meter.deduct(deduct("strict", 2, 40, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("strict", 2, 40, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.decision, Decision::Deny as i32);
     assert!(r.deny_reason.contains("on_exhausted"), "{}", r.deny_reason);
     assert_eq!(split(&r.calls), (0, 0, 1));
     assert_eq!(split(&r.egress_bytes), (0, 0, 100));
     // Egress alone is never denied, even past the pack.
-    let r = meter.deduct(deduct("strict", 0, 150, None)).await.unwrap().into_inner();
-    assert_eq!((r.decision, split(&r.egress_bytes)), (Decision::Allow as i32, (100, 50, 0)));
-    let r = meter.deduct(deduct("strict", 1, 0, None)).await.unwrap().into_inner();
-    assert_eq!((r.decision, split(&r.calls)), (Decision::Allow as i32, (1, 0, 0)));
+    let r = meter
+        .deduct(deduct("strict", 0, 150, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, split(&r.egress_bytes)),
+        (Decision::Allow as i32, (100, 50, 0))
+    );
+    let r = meter
+        .deduct(deduct("strict", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, split(&r.calls)),
+        (Decision::Allow as i32, (1, 0, 0))
+    );
     // A check (0, 0) tells the gateway the next call would be denied.
-    let r = meter.deduct(deduct("strict", 0, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("strict", 0, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.decision, Decision::Deny as i32);
     let packs = list(&server, "strict").await;
     assert_eq!(common::used(&packs, Item::Calls), 3);
     assert_eq!(common::used(&packs, Item::EgressBytes), 100);
 
     admin.put_account(put("late", true, false)).await.unwrap();
-    let r = meter.deduct(deduct("late", 1, 10, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("late", 1, 10, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.decision, Decision::Deny as i32);
     assert!(r.deny_reason.contains("suspended"));
-    let r = meter.deduct(deduct("late", 0, 10, None)).await.unwrap().into_inner();
-    assert_eq!(r.decision, Decision::Allow as i32, "egress alone is recorded even when suspended");
+    let r = meter
+        .deduct(deduct("late", 0, 10, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.decision,
+        Decision::Allow as i32,
+        "egress alone is recorded even when suspended"
+    );
     let packs = list(&server, "late").await;
     assert_eq!(common::used(&packs, Item::Calls), 0);
     assert_eq!(common::used(&packs, Item::EgressBytes), 10);
     // Lifting the suspension lets calls through again, keeping the activation.
-    let back = admin.put_account(put("late", false, false)).await.unwrap().into_inner();
+    let back = admin
+        .put_account(put("late", false, false))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(back.activated_at, acct_activation(&mut admin, "late").await);
-    let r = meter.deduct(deduct("late", 1, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("late", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.decision, Decision::Allow as i32);
 }
 
@@ -148,7 +242,9 @@ async fn acct_activation(
     id: &str,
 ) -> Option<prost_types::Timestamp> {
     admin
-        .get_account(proto::GetAccountRequest { account_id: id.into() })
+        .get_account(proto::GetAccountRequest {
+            account_id: id.into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -167,10 +263,17 @@ async fn a_request_id_is_deducted_once_even_across_a_restart() {
     let first = meter.deduct(req.clone()).await.unwrap().into_inner();
     let second = meter.deduct(req.clone()).await.unwrap().into_inner();
     assert!(!first.duplicate && second.duplicate);
-    assert_eq!(split(&second.calls).0, 7, "the duplicate reports the original deduction");
+    assert_eq!(
+        split(&second.calls).0,
+        7,
+        "the duplicate reports the original deduction"
+    );
     // The same id on another account is another request.
     let other = meter
-        .deduct(proto::DeductRequest { account_id: "other".into(), ..req.clone() })
+        .deduct(proto::DeductRequest {
+            account_id: "other".into(),
+            ..req.clone()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -194,20 +297,33 @@ async fn unknown_accounts_can_be_rejected() {
     let (mut meter, mut admin) = (server.meter().await, server.admin().await);
     let e = meter.deduct(deduct("newco", 1, 0, None)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("newco") && e.message().contains("PutAccount"), "{}", e.message());
+    assert!(
+        e.message().contains("newco") && e.message().contains("PutAccount"),
+        "{}",
+        e.message()
+    );
     let e = admin
-        .get_account(proto::GetAccountRequest { account_id: "newco".into() })
+        .get_account(proto::GetAccountRequest {
+            account_id: "newco".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // An operator creates it; then it is served.
     admin
         .put_account(proto::PutAccountRequest {
-            account: Some(proto::Account { account_id: "newco".into(), ..Default::default() }),
+            account: Some(proto::Account {
+                account_id: "newco".into(),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
-    let r = meter.deduct(deduct("newco", 1, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("newco", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls), (1, 0, 999_999));
 }
 
@@ -221,33 +337,70 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
     meter.deduct(deduct("acme", 1, 1, None)).await.unwrap();
 
     let now = chrono::Utc::now();
-    let stamp = |t: chrono::DateTime<chrono::Utc>| Some(prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 });
+    let stamp = |t: chrono::DateTime<chrono::Utc>| {
+        Some(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        })
+    };
     let cases: Vec<(proto::DeductRequest, Code, &str)> = vec![
-        (deduct("", 1, 0, None), Code::InvalidArgument, "account_id is empty"),
-        (deduct(&"a".repeat(129), 1, 0, None), Code::InvalidArgument, "longer than 128 bytes"),
-        (deduct("ac\nme", 1, 0, None), Code::InvalidArgument, "control character"),
-        (deduct("acme", 1_000_000_001, 0, None), Code::InvalidArgument, "calls = 1000000001 is over the per-deduction maximum"),
-        (deduct("acme", 0, (1 << 40) + 1, None), Code::InvalidArgument, "egress_bytes"),
         (
-            proto::DeductRequest { at: stamp(now + chrono::Duration::minutes(6)), ..deduct("acme", 1, 0, None) },
+            deduct("", 1, 0, None),
+            Code::InvalidArgument,
+            "account_id is empty",
+        ),
+        (
+            deduct(&"a".repeat(129), 1, 0, None),
+            Code::InvalidArgument,
+            "longer than 128 bytes",
+        ),
+        (
+            deduct("ac\nme", 1, 0, None),
+            Code::InvalidArgument,
+            "control character",
+        ),
+        (
+            deduct("acme", 1_000_000_001, 0, None),
+            Code::InvalidArgument,
+            "calls = 1000000001 is over the per-deduction maximum",
+        ),
+        (
+            deduct("acme", 0, (1 << 40) + 1, None),
+            Code::InvalidArgument,
+            "egress_bytes",
+        ),
+        (
+            proto::DeductRequest {
+                at: stamp(now + chrono::Duration::minutes(6)),
+                ..deduct("acme", 1, 0, None)
+            },
             Code::InvalidArgument,
             "ahead of the server clock",
         ),
         (
-            proto::DeductRequest { at: stamp(now - chrono::Duration::hours(3)), ..deduct("acme", 1, 0, None) },
+            proto::DeductRequest {
+                at: stamp(now - chrono::Duration::hours(3)),
+                ..deduct("acme", 1, 0, None)
+            },
             Code::FailedPrecondition,
             "closed",
         ),
         (
             proto::DeductRequest {
-                at: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }),
+                at: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }),
                 ..deduct("acme", 1, 0, None)
             },
             Code::InvalidArgument,
             "at: nanos",
         ),
         (
-            proto::DeductRequest { request_id: "x".repeat(300), ..deduct("acme", 1, 0, None) },
+            proto::DeductRequest {
+                request_id: "x".repeat(300),
+                ..deduct("acme", 1, 0, None)
+            },
             Code::InvalidArgument,
             "request_id",
         ),
@@ -255,7 +408,11 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
     for (req, code, needle) in cases {
         let e = meter.deduct(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {}", e.message());
-        assert!(e.message().contains(needle), "{:?} should mention {needle:?}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{:?} should mention {needle:?}",
+            e.message()
+        );
     }
     // One bad element rejects the whole batch, naming its position.
     let batch = proto::DeductBatchRequest {
@@ -263,22 +420,39 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
     };
     let e = meter.deduct_batch(batch).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("deductions[1]: account_id"), "{}", e.message());
+    assert!(
+        e.message().starts_with("deductions[1]: account_id"),
+        "{}",
+        e.message()
+    );
 
     // Unknown enum values and missing fields on the admin side.
     let e = admin
-        .grant_pack(proto::GrantPackRequest { item: 9, ..grant("acme", "p", Item::Calls, 1, 0, 1) })
+        .grant_pack(proto::GrantPackRequest {
+            item: 9,
+            ..grant("acme", "p", Item::Calls, 1, 0, 1)
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("item: unknown value 9"), "{}", e.message());
+    assert!(
+        e.message().contains("item: unknown value 9"),
+        "{}",
+        e.message()
+    );
     let e = admin
-        .grant_pack(proto::GrantPackRequest { item: 0, ..grant("acme", "p", Item::Calls, 1, 0, 1) })
+        .grant_pack(proto::GrantPackRequest {
+            item: 0,
+            ..grant("acme", "p", Item::Calls, 1, 0, 1)
+        })
         .await
         .unwrap_err();
     assert!(e.message().contains("ITEM_UNSPECIFIED"), "{}", e.message());
     let e = admin
-        .grant_pack(proto::GrantPackRequest { valid_until: None, ..grant("acme", "p", Item::Calls, 1, 0, 1) })
+        .grant_pack(proto::GrantPackRequest {
+            valid_until: None,
+            ..grant("acme", "p", Item::Calls, 1, 0, 1)
+        })
         .await
         .unwrap_err();
     assert!(e.message().starts_with("valid_until"), "{}", e.message());
@@ -287,14 +461,22 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
         .await
         .unwrap_err();
     assert!(e.message().contains("reserved"), "{}", e.message());
-    let e = admin.put_account(proto::PutAccountRequest { account: None }).await.unwrap_err();
-    assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "account: is required"));
+    let e = admin
+        .put_account(proto::PutAccountRequest { account: None })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "account: is required")
+    );
 
     // Nothing above changed the account.
     let packs = list(&server, "acme").await;
     assert_eq!(common::used(&packs, Item::Calls), 1);
     assert_eq!(common::used(&packs, Item::EgressBytes), 1);
-    assert!(packs.iter().all(|p| p.source == PackSource::FreeTier as i32));
+    assert!(packs
+        .iter()
+        .all(|p| p.source == PackSource::FreeTier as i32));
 }
 
 #[tokio::test]
@@ -307,52 +489,23 @@ async fn malformed_protobuf_is_refused_without_harm() {
     let path = http::uri::PathAndQuery::from_static("/packmeter.v1.Meter/Deduct");
     let garbage = vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01];
     let e = client
-        .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(garbage), path, RawCodec)
+        .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(garbage), path, common::RawCodec)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().starts_with("malformed DeductRequest"),
+        "{}",
+        e.message()
+    );
     // The server still serves.
     let mut meter = server.meter().await;
-    let r = meter.deduct(deduct("acme", 1, 0, None)).await.unwrap().into_inner();
+    let r = meter
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls).0, 1);
-}
-
-/// Sends and receives raw bytes, to put malformed messages on the wire.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Self::Error> {
-        use tokio_util::bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Self::Error> {
-        use tokio_util::bytes::Buf;
-        let mut v = vec![0; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
 }
 
 #[tokio::test]
@@ -362,10 +515,15 @@ async fn health_reports_serving() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     for service in ["", "packmeter.v1.Meter", "packmeter.v1.Admin"] {
         let r = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
 }

@@ -35,28 +35,72 @@ fn json(server: &Server, args: &[&str]) -> serde_json::Value {
 #[test]
 fn client_commands_print_tables_and_json() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--late-grace", "3650d", "--dedup-window", "3650d"]);
+    let server = Server::start(
+        dir.path(),
+        &["--late-grace", "3650d", "--dedup-window", "3650d"],
+    );
 
     let put = json(
         &server,
-        &["account", "put", "acme", "--activated-at", "2019-11-10T17:13:14+08:00", "--deny-on-exhausted", "false"],
+        &[
+            "account",
+            "put",
+            "acme",
+            "--activated-at",
+            "2019-11-10T17:13:14+08:00",
+            "--deny-on-exhausted",
+            "false",
+        ],
     );
     assert_eq!(put["activated_at"], "2019-11-10T09:13:14Z");
     assert_eq!(put["suspended"], false);
 
-    let table = ok(&server, &["deduct", "acme", "--calls", "5", "--egress-bytes", "1024", "--at", "2019-11-11T10:00:00+08:00"]);
+    let table = ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "5",
+            "--egress-bytes",
+            "1024",
+            "--at",
+            "2019-11-11T10:00:00+08:00",
+        ],
+    );
     assert!(table.starts_with("decision: ALLOW"), "{table}");
-    assert!(table.contains("calls         5        0        999995"), "{table}");
+    assert!(
+        table.contains("calls         5        0        999995"),
+        "{table}"
+    );
 
     let d = json(
         &server,
-        &["deduct", "acme", "--calls", "2", "--at", "2019-11-11T10:00:00+08:00", "--request-id", "r-1"],
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "2",
+            "--at",
+            "2019-11-11T10:00:00+08:00",
+            "--request-id",
+            "r-1",
+        ],
     );
     assert_eq!(d["calls"]["covered"], 2);
     assert_eq!(d["duplicate"], false);
     let d = json(
         &server,
-        &["deduct", "acme", "--calls", "2", "--at", "2019-11-11T10:00:00+08:00", "--request-id", "r-1"],
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "2",
+            "--at",
+            "2019-11-11T10:00:00+08:00",
+            "--request-id",
+            "r-1",
+        ],
     );
     assert_eq!(d["duplicate"], true);
 
@@ -70,12 +114,28 @@ fn client_commands_print_tables_and_json() {
     assert!(table.lines().next().unwrap().starts_with("PACK"), "{table}");
     assert_eq!(table.lines().count(), 27);
 
-    let usage = json(&server, &["usage", "acme", "--at", "2019-11-20T00:00:00+08:00"]);
+    let usage = json(
+        &server,
+        &["usage", "acme", "--at", "2019-11-20T00:00:00+08:00"],
+    );
     assert_eq!(usage.as_array().unwrap().len(), 2);
 
     let g = json(
         &server,
-        &["grant", "acme", "--item", "calls", "--capacity", "500", "--valid-from", "2019-11-01T00:00:00+08:00", "--valid-for", "30d", "--pack-id", "promo"],
+        &[
+            "grant",
+            "acme",
+            "--item",
+            "calls",
+            "--capacity",
+            "500",
+            "--valid-from",
+            "2019-11-01T00:00:00+08:00",
+            "--valid-for",
+            "30d",
+            "--pack-id",
+            "promo",
+        ],
     );
     assert_eq!(g["pack_id"], "promo");
     assert_eq!(g["source"], "PURCHASED");
@@ -92,23 +152,85 @@ fn export_writes_settled_rows_as_csv_and_jsonl() {
     let dir = tempfile::tempdir().unwrap();
     let replay = ["--late-grace", "3650d", "--dedup-window", "3650d"];
     let server = Server::start(dir.path(), &replay);
-    ok(&server, &["deduct", "acme", "--calls", "3", "--at", "2020-01-05T10:30:00+08:00"]);
-    ok(&server, &["deduct", "acme", "--calls", "4", "--at", "2020-01-05T11:30:00+08:00"]);
+    ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "3",
+            "--at",
+            "2020-01-05T10:30:00+08:00",
+        ],
+    );
+    ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "4",
+            "--at",
+            "2020-01-05T11:30:00+08:00",
+        ],
+    );
     // With a 10-year grace nothing of 2020 has closed: nothing is settled yet.
-    let csv = ok(&server, &["export", "--from", "2020-01-01T00:00:00Z", "--to", "2020-02-01T00:00:00Z"]);
+    let csv = ok(
+        &server,
+        &[
+            "export",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+        ],
+    );
     assert_eq!(csv.lines().count(), 1, "header only: {csv}");
     let (status, _) = server.terminate();
     assert!(status.success());
 
     let server = Server::start_on(&dir.path().join("packmeter.db"), &[]);
-    let csv = ok(&server, &["export", "--from", "2020-01-01T00:00:00Z", "--to", "2020-02-01T00:00:00Z", "--format", "csv"]);
+    let csv = ok(
+        &server,
+        &[
+            "export",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+            "--format",
+            "csv",
+        ],
+    );
     let lines: Vec<_> = csv.lines().collect();
     assert_eq!(lines[0], "account_id,hour,item,pack_id,source,amount");
-    assert_eq!(lines[1], "acme,2020-01-05T02:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,3");
-    assert_eq!(lines[2], "acme,2020-01-05T03:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,4");
+    assert_eq!(
+        lines[1],
+        "acme,2020-01-05T02:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,3"
+    );
+    assert_eq!(
+        lines[2],
+        "acme,2020-01-05T03:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,4"
+    );
     assert_eq!(lines.len(), 3);
-    let jsonl = ok(&server, &["export", "--from", "2020-01-05T03:00:00Z", "--to", "2020-02-01T00:00:00Z", "--format", "jsonl", "--account", "acme"]);
-    let rows: Vec<serde_json::Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let jsonl = ok(
+        &server,
+        &[
+            "export",
+            "--from",
+            "2020-01-05T03:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+            "--format",
+            "jsonl",
+            "--account",
+            "acme",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["amount"], 4);
 }
@@ -122,8 +244,13 @@ fn client_errors_say_how_to_fix_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument: account_id is empty"));
     let out = run(&server, &["deduct", "acme", "--at", "yesterday"]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--at: `yesterday` is not an RFC 3339 time"));
-    let out = run(&server, &["grant", "acme", "--item", "calls", "--capacity", "5"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--at: `yesterday` is not an RFC 3339 time")
+    );
+    let out = run(
+        &server,
+        &["grant", "acme", "--item", "calls", "--capacity", "5"],
+    );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--valid-until or --valid-for"));
     let out = run(&server, &["packs", "nobody"]);
@@ -144,17 +271,43 @@ fn an_invalid_config_exits_64_naming_the_field_before_binding() {
     let toml = dir.path().join("pm.toml");
     std::fs::write(&toml, "flush_interval = \"fast\"\n").unwrap();
     let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
-        (vec!["--flush-interval".into(), "soon".into()], vec![], "flush_interval"),
-        (vec!["--timezone".into(), "Mars/Olympus".into()], vec![], "timezone"),
-        (vec![], vec![("PACKMETER_LATE_GRACE", "2h"), ("PACKMETER_DEDUP_WINDOW", "1h")], "dedup_window"),
-        (vec!["--config".into(), toml.display().to_string()], vec![], "flush_interval"),
-        (vec!["--listen".into(), "localhost".into()], vec![], "listen"),
+        (
+            vec!["--flush-interval".into(), "soon".into()],
+            vec![],
+            "flush_interval",
+        ),
+        (
+            vec!["--timezone".into(), "Mars/Olympus".into()],
+            vec![],
+            "timezone",
+        ),
+        (
+            vec![],
+            vec![
+                ("PACKMETER_LATE_GRACE", "2h"),
+                ("PACKMETER_DEDUP_WINDOW", "1h"),
+            ],
+            "dedup_window",
+        ),
+        (
+            vec!["--config".into(), toml.display().to_string()],
+            vec![],
+            "flush_interval",
+        ),
+        (
+            vec!["--listen".into(), "localhost".into()],
+            vec![],
+            "listen",
+        ),
         (vec!["--no-such-flag".into()], vec![], "--no-such-flag"),
     ];
     for (args, env, field) in cases {
         let out = Command::new(BIN)
             .arg("serve")
-            .args(["--store", &format!("sqlite://{}/x.db", dir.path().display())])
+            .args([
+                "--store",
+                &format!("sqlite://{}/x.db", dir.path().display()),
+            ])
             .args(&args)
             .envs(env)
             .output()
@@ -162,9 +315,16 @@ fn an_invalid_config_exits_64_naming_the_field_before_binding() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(stderr.contains(field), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "nothing was bound: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "nothing was bound: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
-    assert!(!dir.path().join("x.db").exists(), "a refused config creates no store");
+    assert!(
+        !dir.path().join("x.db").exists(),
+        "a refused config creates no store"
+    );
 }
 
 #[test]
@@ -177,5 +337,11 @@ fn settings_come_from_flags_env_and_the_toml_file() {
     assert_eq!(d["calls"]["remaining"], 6, "free_calls from the file");
     let packs = json(&server, &["packs", "acme"]);
     // In UTC, months start at 00:00Z.
-    assert!(packs[2]["valid_from"].as_str().unwrap().ends_with("-01T00:00:00Z"), "{packs}");
+    assert!(
+        packs[2]["valid_from"]
+            .as_str()
+            .unwrap()
+            .ends_with("-01T00:00:00Z"),
+        "{packs}"
+    );
 }

@@ -20,8 +20,10 @@ fn ledger(db: &Path, account: &str, item: Item) -> (u64, u64) {
              WHERE account_id = ?1 AND item = ?2 AND pack_id {} ''",
             if overage { "=" } else { "<>" }
         );
-        conn.query_row(&sql, rusqlite::params![account, item as i64], |r| r.get::<_, i64>(0))
-            .unwrap() as u64
+        conn.query_row(&sql, rusqlite::params![account, item as i64], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as u64
     };
     (sum(false), sum(true))
 }
@@ -30,12 +32,17 @@ async fn used(server: &Server, account: &str, item: Item) -> u64 {
     let packs = server
         .admin()
         .await
-        .list_packs(proto::ListPacksRequest { account_id: account.into() })
+        .list_packs(proto::ListPacksRequest {
+            account_id: account.into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .packs;
-    assert!(packs.iter().all(|p| p.used <= p.capacity), "a pack is over capacity");
+    assert!(
+        packs.iter().all(|p| p.used <= p.capacity),
+        "a pack is over capacity"
+    );
     common::used(&packs, item)
 }
 
@@ -49,10 +56,23 @@ async fn traffic(server: &Server, account: &str) -> (u64, u64) {
         overage += ov;
     };
     for _ in 0..20 {
-        add(&meter.deduct(deduct(account, 3, 10, None)).await.unwrap().into_inner().calls);
+        add(&meter
+            .deduct(deduct(account, 3, 10, None))
+            .await
+            .unwrap()
+            .into_inner()
+            .calls);
     }
-    let batch = proto::DeductBatchRequest { deductions: vec![deduct(account, 5, 0, None); 10] };
-    for r in meter.deduct_batch(batch).await.unwrap().into_inner().results {
+    let batch = proto::DeductBatchRequest {
+        deductions: vec![deduct(account, 5, 0, None); 10],
+    };
+    for r in meter
+        .deduct_batch(batch)
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+    {
         add(&r.calls);
     }
     let outbound = tokio_stream::iter(vec![deduct(account, 2, 0, None); 15]);
@@ -73,7 +93,11 @@ async fn a_restart_after_sigterm_keeps_all_usage() {
     assert_eq!(covered + overage, 20 * 3 + 10 * 5 + 15 * 2);
     assert_eq!((covered, overage), (100, 40));
     let db = server.db.clone();
-    assert_eq!(ledger(&db, "acme", Item::Calls), (0, 0), "nothing flushed before SIGTERM");
+    assert_eq!(
+        ledger(&db, "acme", Item::Calls),
+        (0, 0),
+        "nothing flushed before SIGTERM"
+    );
 
     let (status, stderr) = server.terminate();
     assert!(status.success(), "exit {status:?}\n{stderr}");
@@ -83,7 +107,13 @@ async fn a_restart_after_sigterm_keeps_all_usage() {
     let server = Server::start_on(&db, &flags);
     assert_eq!(used(&server, "acme", Item::Calls).await, 100);
     // The restarted server continues from the stored counters.
-    let r = server.meter().await.deduct(deduct("acme", 1, 0, None)).await.unwrap().into_inner();
+    let r = server
+        .meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls), (0, 1, 0));
 }
 
@@ -93,10 +123,21 @@ async fn kill_9_after_flush_keeps_the_flushed_usage() {
     let flags = ["--flush-interval", "1h"];
     let server = Server::start(dir.path(), &flags);
     let (covered, _) = traffic(&server, "acme").await;
-    let r = server.admin().await.flush(proto::FlushRequest {}).await.unwrap().into_inner();
+    let r = server
+        .admin()
+        .await
+        .flush(proto::FlushRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.accounts_flushed, 1);
     // Acknowledged but not flushed: default durability may lose this on SIGKILL.
-    server.meter().await.deduct(deduct("acme", 1_000, 0, None)).await.unwrap();
+    server
+        .meter()
+        .await
+        .deduct(deduct("acme", 1_000, 0, None))
+        .await
+        .unwrap();
     let db = server.db.clone();
     server.kill9();
 
@@ -118,7 +159,13 @@ async fn a_refused_flush_loses_nothing_and_is_retried() {
     let e = admin.flush(proto::FlushRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     // Serving goes on meanwhile, from memory.
-    let r = server.meter().await.deduct(deduct("acme", 1, 0, None)).await.unwrap().into_inner();
+    let r = server
+        .meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(split(&r.calls).0, 1);
     blocker.execute_batch("ROLLBACK").unwrap();
 
@@ -130,7 +177,10 @@ async fn a_refused_flush_loses_nothing_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_deductions_have_exact_totals() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--free-calls", "1000", "--flush-interval", "50ms"]);
+    let server = Server::start(
+        dir.path(),
+        &["--free-calls", "1000", "--flush-interval", "50ms"],
+    );
     let accounts = ["a", "b", "c"];
     let mut tasks = Vec::new();
     for t in 0..8u64 {
@@ -139,7 +189,11 @@ async fn concurrent_deductions_have_exact_totals() {
             let mut sums = std::collections::HashMap::<&str, (u64, u64)>::new();
             for i in 0..150u64 {
                 let account = accounts[((t + i) % 3) as usize];
-                let r = meter.deduct(deduct(account, 1 + (i % 7), 0, None)).await.unwrap().into_inner();
+                let r = meter
+                    .deduct(deduct(account, 1 + (i % 7), 0, None))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 let (c, o, _) = split(&r.calls);
                 let e = sums.entry(account).or_default();
                 e.0 += c;
@@ -156,15 +210,26 @@ async fn concurrent_deductions_have_exact_totals() {
             e.1 += o;
         }
     }
-    server.admin().await.flush(proto::FlushRequest {}).await.unwrap();
+    server
+        .admin()
+        .await
+        .flush(proto::FlushRequest {})
+        .await
+        .unwrap();
     let mut asked = 0;
     for a in accounts {
         let (c, o) = totals[a];
         asked += c + o;
-        assert_eq!(c, 1000.min(c + o), "account {a}: packs fill before any overage");
+        assert_eq!(
+            c,
+            1000.min(c + o),
+            "account {a}: packs fill before any overage"
+        );
         assert_eq!(ledger(&server.db, a, Item::Calls), (c, o), "account {a}");
         assert_eq!(used(&server, a, Item::Calls).await, c);
     }
-    let expected: u64 = (0..8u64).map(|_| (0..150u64).map(|i| 1 + i % 7).sum::<u64>()).sum();
+    let expected: u64 = (0..8u64)
+        .map(|_| (0..150u64).map(|i| 1 + i % 7).sum::<u64>())
+        .sum();
     assert_eq!(asked, expected);
 }

@@ -32,7 +32,9 @@ async fn seed_example_end_to_end() {
     assert_eq!(split(&r.calls), (1_000_000, 0, 0));
     assert_eq!(split(&r.egress_bytes), (1 << 30, 0, 0));
     let account = admin
-        .get_account(proto::GetAccountRequest { account_id: "acme".into() })
+        .get_account(proto::GetAccountRequest {
+            account_id: "acme".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -40,15 +42,22 @@ async fn seed_example_end_to_end() {
 
     // R3: 13 monthly packs per item.
     let packs = admin
-        .list_packs(proto::ListPacksRequest { account_id: "acme".into() })
+        .list_packs(proto::ListPacksRequest {
+            account_id: "acme".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .packs;
-    let calls: Vec<_> = packs.iter().filter(|p| p.item == Item::Calls as i32).collect();
+    let calls: Vec<_> = packs
+        .iter()
+        .filter(|p| p.item == Item::Calls as i32)
+        .collect();
     assert_eq!(calls.len(), 13);
     assert_eq!(packs.len(), 26);
-    assert!(packs.iter().all(|p| p.source == PackSource::FreeTier as i32));
+    assert!(packs
+        .iter()
+        .all(|p| p.source == PackSource::FreeTier as i32));
     assert_eq!(calls[0].valid_from, Some(ts(ACTIVATION)));
     assert_eq!(calls[0].valid_until, Some(ts("2019-12-01T00:00:00+08:00")));
     assert_eq!(calls[0].used, 1_000_000);
@@ -106,7 +115,9 @@ async fn seed_example_end_to_end() {
     let server = Server::start_on(&dir.path().join("packmeter.db"), &[]);
     let mut admin = server.admin().await;
     let packs = admin
-        .list_packs(proto::ListPacksRequest { account_id: "acme".into() })
+        .list_packs(proto::ListPacksRequest {
+            account_id: "acme".into(),
+        })
         .await
         .unwrap()
         .into_inner()

@@ -70,9 +70,17 @@ fn validate_pack_id(id: &str) -> Result<(), Status> {
 /// that left `valid_from` unset ("from now") matches whatever instant the
 /// first grant resolved it to.
 fn same_terms(stored: &PackSpec, asked: &PackSpec, from_given: bool) -> bool {
-    (stored.item, stored.capacity, stored.valid_until, stored.priority)
-        == (asked.item, asked.capacity, asked.valid_until, asked.priority)
-        && (!from_given || stored.valid_from == asked.valid_from)
+    (
+        stored.item,
+        stored.capacity,
+        stored.valid_until,
+        stored.priority,
+    ) == (
+        asked.item,
+        asked.capacity,
+        asked.valid_until,
+        asked.priority,
+    ) && (!from_given || stored.valid_from == asked.valid_from)
 }
 
 type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Send>>;

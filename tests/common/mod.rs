@@ -9,9 +9,7 @@ use std::{
     time::Duration,
 };
 
-use packmeter::grpc::proto::{
-    self, admin_client::AdminClient, meter_client::MeterClient,
-};
+use packmeter::grpc::proto::{self, admin_client::AdminClient, meter_client::MeterClient};
 use prost_types::Timestamp;
 use tonic::transport::Channel;
 
@@ -181,7 +179,11 @@ pub fn split(o: &Option<proto::Outcome>) -> (u64, u64, u64) {
 
 /// Total used of the packs of `item` in a listing.
 pub fn used(packs: &[proto::Pack], item: proto::Item) -> u64 {
-    packs.iter().filter(|p| p.item == item as i32).map(|p| p.used).sum()
+    packs
+        .iter()
+        .filter(|p| p.item == item as i32)
+        .map(|p| p.used)
+        .sum()
 }
 
 /// Whether tests that need an outside tool must run (CI) or may skip.
@@ -198,7 +200,9 @@ pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
     });
     if found.is_none() {
         assert!(!required(), "{name} is required under CI=true: {install}");
-        eprintln!("SKIPPED: {name} not found on PATH ({install}); set CI=true to make this a failure");
+        eprintln!(
+            "SKIPPED: {name} not found on PATH ({install}); set CI=true to make this a failure"
+        );
     }
     found
 }
@@ -208,7 +212,55 @@ pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
 pub async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) {
     let deadline = std::time::Instant::now() + limit;
     while !f().await {
-        assert!(std::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends and receives raw bytes, to put malformed messages on the wire.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        use tokio_util::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, Self::Error> {
+        use tokio_util::bytes::Buf;
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
     }
 }
