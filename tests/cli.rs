@@ -345,3 +345,35 @@ fn settings_come_from_flags_env_and_the_toml_file() {
         "{packs}"
     );
 }
+
+#[test]
+fn a_bare_serve_keeps_its_sqlite_file_in_the_data_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("XDG_DATA_HOME", data.path())
+        .env_remove("PACKMETER_STORE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("packmeter listening grpc="), "{line}");
+    assert!(data.path().join("packmeter/packmeter.db").is_file());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -233,3 +233,98 @@ async fn concurrent_deductions_have_exact_totals() {
         .sum();
     assert_eq!(asked, expected);
 }
+
+/// One HTTP/1.1 GET on the admin port; returns the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn resident(admin: &str) -> u64 {
+    let metrics = http_get(admin, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("packmeter_resident_accounts "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("packmeter_resident_accounts in /metrics")
+}
+
+#[tokio::test]
+async fn accounts_load_lazily_on_first_touch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut meter = server.meter().await;
+    for i in 0..50 {
+        meter
+            .deduct(deduct(&format!("acct-{i}"), 1, 0, None))
+            .await
+            .unwrap();
+    }
+    let db = server.db.clone();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let mode: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+
+    let server = Server::start_on(&db, &[]);
+    assert_eq!(resident(&server.admin), 0, "nothing is loaded at start-up");
+    let r = server
+        .meter()
+        .await
+        .deduct(deduct("acct-7", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls),
+        (1, 0, 999_998),
+        "loaded with its stored usage"
+    );
+    assert_eq!(resident(&server.admin), 1);
+}
+
+#[tokio::test]
+async fn idle_accounts_leave_memory_once_flushed_and_come_back_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--idle-evict", "300ms", "--flush-interval", "50ms"],
+    );
+    let mut meter = server.meter().await;
+    for i in 0..20 {
+        meter
+            .deduct(deduct(&format!("acct-{i}"), 5, 0, None))
+            .await
+            .unwrap();
+    }
+    assert_eq!(resident(&server.admin), 20);
+    let admin = server.admin.clone();
+    common::until(std::time::Duration::from_secs(10), async || {
+        resident(&admin) == 0
+    })
+    .await;
+    let r = meter
+        .deduct(deduct("acct-3", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls),
+        (1, 0, 999_994),
+        "reloaded with its flushed usage"
+    );
+    assert_eq!(resident(&server.admin), 1);
+}
