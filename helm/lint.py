@@ -7,6 +7,7 @@ Helm comes from the PyPI package helm-sdkpy, which embeds the Helm Go library
     pip install --ignore-requires-python helm-sdkpy pyyaml
     python3 helm/lint.py                   # every check below
     python3 helm/lint.py --print-defaults  # JSON the Rust tests compare with the binary
+    python3 helm/lint.py --print-default-toml  # the default packmeter.toml, for the binary to parse
 
 For the chart defaults and for every `helm/packmeter/ci/*-values.yaml`:
 
@@ -160,6 +161,34 @@ def print_defaults(yaml) -> int:
         "app_version": chart["appVersion"],
     }
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def print_default_toml(yaml) -> int:
+    """The packmeter.toml that templates/configmap.yaml renders from the
+    defaults (sqlite store), without Helm, so the Rust tests can feed it to
+    the binary's config parser. The full run checks the real rendering key by
+    key against the same values, so the two cannot drift apart unnoticed."""
+    v = yaml.safe_load((CHART / "values.yaml").read_text())
+    c = v["config"]
+    q = json.dumps  # TOML basic strings accept what toJson prints
+    lines = [
+        "listen = " + q(f"{c['listenHost']}:{c['grpcPort']}"),
+        "admin_listen = " + q(f"{c['listenHost']}:{c['adminPort']}"),
+        "store = " + q("sqlite://" + v["store"]["sqlite"]["path"]),
+    ]
+    for key, val in (("flush_interval", c["flushInterval"]), ("late_grace", c["lateGrace"]),
+                     ("dedup_window", c["dedupWindow"]), ("timezone", c["timezone"]),
+                     ("max_future_skew", c["maxFutureSkew"]),
+                     ("unknown_accounts", c["unknownAccounts"])):
+        if val not in (None, ""):
+            lines.append(f"{key} = {q(str(val))}")
+    lines.append(f"shutdown_grace = {q(str(int(c['shutdownGraceSeconds'])) + 's')}")
+    if c["logFormat"] not in (None, ""):
+        lines.append(f"log_format = {q(str(c['logFormat']))}")
+    if c["extraToml"]:
+        lines.append(str(c["extraToml"]).rstrip("\n"))
+    print("\n".join(lines))
     return 0
 
 
@@ -620,11 +649,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--print-defaults", action="store_true",
                     help="print the chart defaults the binary must match, as JSON, and exit")
+    ap.add_argument("--print-default-toml", action="store_true",
+                    help="print the packmeter.toml the chart renders from its defaults, and exit")
     args = ap.parse_args()
 
     yaml = load_yaml_module()
     if args.print_defaults:
         return print_defaults(yaml)
+    if args.print_default_toml:
+        return print_default_toml(yaml)
 
     try:
         import tomllib  # Python >= 3.11

@@ -1,4 +1,5 @@
-//! The admin HTTP port: `/livez`, `/readyz` and `/metrics`.
+//! The admin HTTP port: `/livez`, `/readyz`, `/metrics`, and the pack page
+//! (R11): `/` to look an account up, `/packs?account=ID` to list its packs.
 
 use std::{
     sync::{
@@ -8,9 +9,21 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::{rejection::QueryRejection, Query, State},
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Redirect, Response},
+    routing::get,
+    Router,
+};
 
-use crate::{calendar::now_ts, flush::Flusher, meter::Meter, metrics::Metrics};
+use crate::{
+    calendar::now_ts,
+    flush::Flusher,
+    meter::{Meter, MeterError, PackView},
+    metrics::Metrics,
+    pack_page,
+};
 
 /// What the admin routes read.
 pub struct AdminState {
@@ -27,6 +40,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .route("/packs", get(packs))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -59,4 +75,111 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+// === the pack page ===
+
+/// The pages allow nothing but their own inline style and forms posting back
+/// here: no scripts, no frames, no outside requests.
+const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'";
+
+/// An HTML response with the headers every page carries.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // Usage is live: never show a cached page.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn error_page(status: StatusCode, title: &str, message: &str, account: &str) -> Response {
+    html(status, pack_page::render_error(title, message, account))
+}
+
+async fn index() -> Response {
+    html(StatusCode::OK, pack_page::render_index())
+}
+
+async fn not_found() -> Response {
+    error_page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "There is no such page. The admin port serves /, /packs?account=ID, /metrics, /livez and /readyz.",
+        "",
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct PacksQuery {
+    account: Option<String>,
+}
+
+/// `/packs?account=ID`: the account's packs, read exactly as the gRPC
+/// `ListPacks` handler reads them.
+async fn packs(
+    State(s): State<Arc<AdminState>>,
+    query: Result<Query<PacksQuery>, QueryRejection>,
+) -> Response {
+    let account = match query {
+        Ok(Query(q)) => q.account,
+        Err(e) => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                &format!("The query string cannot be read: {e}"),
+                "",
+            )
+        }
+    };
+    // No account at all is someone arriving without the form: send them to it.
+    let Some(id) = account else {
+        return Redirect::to("/").into_response();
+    };
+    let now = now_ts();
+    match list_packs(&s.meter, &id, now).await {
+        Ok(views) => html(
+            StatusCode::OK,
+            pack_page::render(&id, &views, &s.meter.config().zone, now),
+        ),
+        Err(e) => {
+            let (status, title) = match &e {
+                MeterError::InvalidAccountId(_) => (StatusCode::BAD_REQUEST, "Invalid account ID"),
+                MeterError::NotFound(_) => (StatusCode::NOT_FOUND, "Unknown account"),
+                // As over gRPC: the store is outside this process and may come back.
+                MeterError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "Store unavailable"),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "Cannot list packs"),
+            };
+            if status.is_server_error() {
+                tracing::warn!(error = %e, "pack page failed");
+            }
+            error_page(status, title, &e.to_string(), &id)
+        }
+    }
+}
+
+async fn list_packs(
+    meter: &Meter,
+    id: &str,
+    now: crate::calendar::Ts,
+) -> Result<Vec<PackView>, MeterError> {
+    let acct = meter.known_account(id, now).await?;
+    let stored = meter.store().list_packs(id).await?;
+    Ok(meter.pack_views(&acct, stored))
 }

@@ -54,6 +54,8 @@ pub enum Command {
     Flush(ClientOpts),
     /// Export settled hourly usage (closed, flushed hours) as CSV or JSON lines.
     Export(ExportCmd),
+    /// Closed-loop load generator: throughput, latency percentiles and server CPU per operation.
+    Loadgen(Box<crate::loadgen::LoadgenArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -216,6 +218,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Loadgen(args) => crate::loadgen::main(&args),
         cmd => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -257,10 +260,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(crate::server::serve(
-        config,
-        crate::server::shutdown_signal(),
-    )) {
+    let served = rt.block_on(async {
+        // Before anything is bound, so an early SIGTERM still drains.
+        let signal = crate::server::shutdown_signal().map_err(crate::server::ServeError::Signal)?;
+        crate::server::serve(config, signal).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "packmeter stopped");
@@ -436,6 +441,7 @@ fn print_account(a: &proto::Account, json_out: bool) {
 async fn client(cmd: Command) -> Result<(), Failure> {
     match cmd {
         Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Loadgen(_) => unreachable!("loadgen is handled by main"),
         Command::Deduct(c) => {
             let req = proto::DeductRequest {
                 account_id: c.account,

@@ -76,6 +76,22 @@ pub struct ServeArgs {
     /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
     #[arg(long, env = "PACKMETER_IDLE_EVICT", value_name = "DURATION")]
     pub idle_evict: Option<String>,
+    /// Envoy rate-limit requests must name this domain [default: any domain].
+    #[arg(long, env = "PACKMETER_RLS_DOMAIN", value_name = "DOMAIN")]
+    pub rls_domain: Option<String>,
+    /// Envoy descriptor entry key that names the account [default: account].
+    #[arg(long, env = "PACKMETER_RLS_ACCOUNT_KEY", value_name = "KEY")]
+    pub rls_account_key: Option<String>,
+    /// Envoy descriptor entry key that names the item, calls or egress_bytes;
+    /// calls when the entry is absent [default: item].
+    #[arg(long, env = "PACKMETER_RLS_ITEM_KEY", value_name = "KEY")]
+    pub rls_item_key: Option<String>,
+    /// Benchmark baseline: answer every Meter and Envoy rate-limit RPC with a
+    /// fixed response, without touching the meter. Never for production.
+    // Deliberately not a TOML key: a baseline switch left in a config file
+    // would silently stop metering.
+    #[arg(long, env = "PACKMETER_NOOP")]
+    pub noop: bool,
 }
 
 /// The TOML file: the same keys as the flags, with `_` for `-`. Unknown keys
@@ -101,6 +117,9 @@ struct FileConfig {
     free_egress_bytes: Option<u64>,
     free_months: Option<u64>,
     idle_evict: Option<String>,
+    rls_domain: Option<String>,
+    rls_account_key: Option<String>,
+    rls_item_key: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +140,30 @@ pub struct Config {
     pub log_format: LogFormat,
     pub max_batch: usize,
     pub meter: MeterConfig,
+    pub rls: RlsConfig,
+    /// `--noop`: serve fixed responses, for benchmark baselines.
+    pub noop: bool,
+}
+
+/// How Envoy rate-limit descriptors map to accounts and items.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RlsConfig {
+    /// The only domain accepted; `None` accepts any.
+    pub domain: Option<String>,
+    /// The entry key whose value is the account id.
+    pub account_key: String,
+    /// The entry key whose value is the item (calls when absent).
+    pub item_key: String,
+}
+
+impl Default for RlsConfig {
+    fn default() -> Self {
+        RlsConfig {
+            domain: None,
+            account_key: "account".into(),
+            item_key: "item".into(),
+        }
+    }
 }
 
 /// An invalid setting, named.
@@ -338,6 +381,42 @@ impl Config {
             },
         };
 
+        // Envoy sends descriptor keys and the domain verbatim; an empty or
+        // control-character key could never match, so refuse it up front.
+        let rls_text = |field: &'static str, v: String| -> Result<String, ConfigError> {
+            if v.is_empty() {
+                return Err(err(field, "must not be empty"));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(err(field, "must not contain control characters"));
+            }
+            Ok(v)
+        };
+        let rls_defaults = RlsConfig::default();
+        let rls = RlsConfig {
+            domain: pick(&args.rls_domain, &file.rls_domain)
+                .map(|v| rls_text("rls_domain", v))
+                .transpose()?,
+            account_key: rls_text(
+                "rls_account_key",
+                pick(&args.rls_account_key, &file.rls_account_key)
+                    .unwrap_or(rls_defaults.account_key),
+            )?,
+            item_key: rls_text(
+                "rls_item_key",
+                pick(&args.rls_item_key, &file.rls_item_key).unwrap_or(rls_defaults.item_key),
+            )?,
+        };
+        if rls.account_key == rls.item_key {
+            return Err(err(
+                "rls_item_key",
+                format!(
+                    "`{}` is also rls_account_key; the two keys must differ",
+                    rls.item_key
+                ),
+            ));
+        }
+
         Ok(Config {
             listen,
             admin_listen,
@@ -357,6 +436,8 @@ impl Config {
                 max_calls,
                 max_egress_bytes,
             },
+            rls,
+            noop: args.noop,
         })
     }
 }
@@ -375,6 +456,70 @@ mod tests {
         assert_eq!(c.meter.dedup_window, c.meter.late_grace);
         assert_eq!(c.meter.zone, BillingZone::default());
         assert!(c.store.starts_with("sqlite://") && c.store.ends_with("packmeter.db"));
+        assert_eq!(c.rls, RlsConfig::default());
+        assert_eq!(c.rls.account_key, "account");
+        assert_eq!(c.rls.item_key, "item");
+        assert!(c.rls.domain.is_none() && !c.noop);
+    }
+
+    #[test]
+    fn rls_mapping_comes_from_flags_or_file_and_bad_keys_name_their_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        std::fs::write(
+            &path,
+            "rls_domain = \"edge\"\nrls_account_key = \"tenant\"\nrls_item_key = \"kind\"\n",
+        )
+        .unwrap();
+        let from_file = Config::resolve(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            from_file.rls,
+            RlsConfig {
+                domain: Some("edge".into()),
+                account_key: "tenant".into(),
+                item_key: "kind".into(),
+            }
+        );
+        // A flag wins over the file.
+        let flagged = Config::resolve(&ServeArgs {
+            config: Some(path),
+            rls_domain: Some("gateway".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(flagged.rls.domain.as_deref(), Some("gateway"));
+        assert_eq!(flagged.rls.account_key, "tenant");
+
+        let cases = [
+            (
+                ServeArgs {
+                    rls_domain: Some(String::new()),
+                    ..Default::default()
+                },
+                "rls_domain",
+            ),
+            (
+                ServeArgs {
+                    rls_account_key: Some("acc\tount".into()),
+                    ..Default::default()
+                },
+                "rls_account_key",
+            ),
+            (
+                ServeArgs {
+                    rls_item_key: Some("account".into()),
+                    ..Default::default()
+                },
+                "rls_item_key",
+            ),
+        ];
+        for (args, field) in cases {
+            assert_eq!(Config::resolve(&args).unwrap_err().field, field);
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 pub mod admin;
 pub mod codec;
 pub mod convert;
+pub mod envoy_rls;
 pub mod meter;
+pub mod noop;
 
 use tonic::Status;
 

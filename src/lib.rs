@@ -18,12 +18,15 @@
 //! Around it:
 //! - [`flush`]: the background flusher, with put-back and backoff on failure.
 //! - [`store`]: the store trait and [`store::sqlite`].
-//! - [`grpc`]: the `Meter` and `Admin` services; proto ⇄ domain conversion and status codes.
+//! - [`grpc`]: the `Meter` and `Admin` services, Envoy's rate-limit service ([`grpc::envoy_rls`]),
+//!   the `serve --noop` baseline; proto ⇄ domain conversion and status codes.
 //! - [`admin_http`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`pack_page`]: the HTML pack list (R11) that `admin_http` serves at `/packs?account=ID`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
 //! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight.
 //! - [`cli`]: the `packmeter` command line, including the client commands.
+//! - [`loadgen`]: `packmeter loadgen`, the closed-loop load generator for the hot-path RPCs.
 #![forbid(unsafe_code)]
 
 pub mod admin_http;
@@ -34,8 +37,10 @@ pub mod drain;
 pub mod flush;
 pub mod grpc;
 pub mod ledger;
+pub mod loadgen;
 pub mod meter;
 pub mod metrics;
+pub mod pack_page;
 pub mod packs;
 pub mod server;
 pub mod store;

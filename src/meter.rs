@@ -237,7 +237,10 @@ pub struct AccountState {
     packs: ArcSwap<Vec<Arc<PackCounter>>>,
     /// Unflushed usage. A short, synchronous critical section.
     pending: Mutex<Pending>,
-    dedup: Mutex<DedupTable>,
+    /// Request ids seen (R10). Boxed and created on the first request id:
+    /// most accounts never send one, and an empty table would still cost
+    /// 56 bytes in every resident account.
+    dedup: Mutex<Option<Box<DedupTable>>>,
     /// Server time of the last request, for idle eviction.
     last_touch: AtomicI64,
 }
@@ -253,7 +256,7 @@ impl AccountState {
             deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
             packs: ArcSwap::from_pointee(Vec::new()),
             pending: Mutex::new(Pending::default()),
-            dedup: Mutex::new(DedupTable::default()),
+            dedup: Mutex::new(None),
             last_touch: AtomicI64::new(now),
         }
     }
@@ -295,6 +298,8 @@ impl AccountState {
                 }
             }
             next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
+            // Replaced rarely, read on every deduction: no spare capacity.
+            next.shrink_to_fit();
             next
         });
     }
@@ -374,6 +379,9 @@ pub struct Meter {
     /// Wakes the flusher early once `flush_threshold` accounts are dirty.
     flush_wanted: tokio::sync::Notify,
     flush_threshold: usize,
+    /// Interned free-tier pack ids (two per calendar month ever seen).
+    /// Locked only when a month's packs are built, never per deduction.
+    free_pack_ids: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Meter {
@@ -386,6 +394,7 @@ impl Meter {
             dirty: Mutex::new(Vec::new()),
             flush_wanted: tokio::sync::Notify::new(),
             flush_threshold: 50_000,
+            free_pack_ids: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -595,6 +604,7 @@ impl Meter {
         {
             let mut dedup = state.dedup.lock();
             for r in loaded.dedup {
+                let dedup = dedup.get_or_insert_with(Box::default);
                 let result = [
                     r.calls_covered,
                     r.calls_overage,
@@ -619,11 +629,39 @@ impl Meter {
             PackSpec::free_tier(m, Item::Calls, self.cfg.plan.calls),
             PackSpec::free_tier(m, Item::EgressBytes, self.cfg.plan.egress_bytes),
         ]
+        .map(|mut spec| {
+            spec.pack_id = self.shared_pack_id(&spec.pack_id);
+            spec
+        })
+    }
+
+    /// One shared copy of a free-tier pack id. The id names only the month
+    /// and the item, so every account active in a month would otherwise
+    /// hold its own two copies (96 bytes with the allocator's overhead).
+    fn shared_pack_id(&self, id: &Arc<str>) -> Arc<str> {
+        let mut ids = self.free_pack_ids.lock();
+        if let Some(shared) = ids.get(id) {
+            return shared.clone();
+        }
+        ids.insert(id.clone());
+        id.clone()
     }
 
     /// Makes sure the free-tier packs of the month holding `at` are resident.
     fn ensure_free_month(&self, acct: &AccountState, at: Ts, now: Ts) {
         let Some(a) = acct.activated_at() else { return };
+        // Fast path, and the common case: a resident free-tier pack is valid
+        // at `at`. Free-tier months do not overlap, so it belongs to the
+        // month `free_month_at` would compute, and that month's packs are
+        // resident. This skips the calendar arithmetic (about 160 ns).
+        if acct
+            .packs
+            .load()
+            .iter()
+            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_at(at))
+        {
+            return;
+        }
         let Some(m) = calendar::free_month_at(a, at, &self.cfg.plan, &self.cfg.zone) else {
             return;
         };
@@ -659,10 +697,13 @@ impl Meter {
                 return dup;
             }
         }
-        if acct
-            .activated_at
-            .compare_exchange(NOT_ACTIVATED, at, Relaxed, Relaxed)
-            .is_ok()
+        // Load first: after the first deduction the CAS would always fail,
+        // and a failed CAS still takes the cache line exclusively.
+        if acct.activated_at.load(Relaxed) == NOT_ACTIVATED
+            && acct
+                .activated_at
+                .compare_exchange(NOT_ACTIVATED, at, Relaxed, Relaxed)
+                .is_ok()
         {
             let mut p = acct.pending.lock();
             p.account_dirty = true;
@@ -673,7 +714,9 @@ impl Meter {
         let packs = acct.packs.load();
         let denied = |reason| {
             if !d.request_id.is_empty() {
-                acct.dedup.lock().entries.remove(d.request_id);
+                if let Some(table) = acct.dedup.lock().as_mut() {
+                    table.entries.remove(d.request_id);
+                }
             }
             self.outcome(acct, &packs, at, Decision::Deny(reason), None, None)
         };
@@ -719,7 +762,8 @@ impl Meter {
             }
         }
         if !d.request_id.is_empty() {
-            if let Some(e) = acct.dedup.lock().entries.get_mut(d.request_id) {
+            let mut dedup = acct.dedup.lock();
+            if let Some(e) = dedup.as_mut().and_then(|t| t.entries.get_mut(d.request_id)) {
                 e.result = Some(result);
             }
         }
@@ -742,7 +786,8 @@ impl Meter {
         at: Ts,
         now: Ts,
     ) -> Option<DeductOutcome> {
-        let mut table = acct.dedup.lock();
+        let mut guard = acct.dedup.lock();
+        let table = guard.get_or_insert_with(Box::default);
         if now >= table.next_prune {
             table.entries.retain(|_, e| e.expires_at > now);
             table.next_prune = now.saturating_add((self.cfg.dedup_window / 8).max(SECOND));
@@ -750,7 +795,7 @@ impl Meter {
         match table.entries.get(request_id) {
             Some(e) if e.expires_at > now => {
                 let r = e.result.unwrap_or_default();
-                drop(table);
+                drop(guard);
                 let packs = acct.packs.load();
                 let mut o = self.outcome(acct, &packs, at, Decision::Allow, None, None);
                 o.duplicate = true;
@@ -868,11 +913,13 @@ impl Meter {
     /// future, with live usage (R11). `stored` is what the store holds.
     pub fn pack_views(&self, acct: &AccountState, stored: Vec<StoredPack>) -> Vec<PackView> {
         let resident = acct.packs.load();
+        // A stored total can exceed a capacity a newer plan shrank; show
+        // it clamped, as the counters hold it.
         let live = |spec: &PackSpec, stored_used: u64| {
             resident
                 .iter()
                 .find(|p| p.spec.pack_id == spec.pack_id)
-                .map_or(stored_used, |p| p.used())
+                .map_or(stored_used.min(spec.capacity), |p| p.used())
         };
         let mut views: Vec<PackView> = Vec::new();
         if let Some(a) = acct.activated_at() {

@@ -17,9 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -28,7 +29,9 @@ use crate::{
     config::Config,
     drain::Drain,
     flush::Flusher,
-    grpc::{admin::AdminService, meter::MeterService, proto},
+    grpc::{
+        admin::AdminService, envoy_rls::RlsService, meter::MeterService, noop::NoopService, proto,
+    },
     meter::Meter,
     metrics::Metrics,
     store,
@@ -48,6 +51,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("final flush failed, usage since the last flush is lost: {0}")]
     FinalFlush(crate::store::StoreError),
+    #[error("cannot listen for SIGTERM/SIGINT: {0}")]
+    Signal(std::io::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -86,7 +91,12 @@ pub async fn serve(
         })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let services = ["", "packmeter.v1.Meter", "packmeter.v1.Admin"];
+    let services = [
+        "",
+        "packmeter.v1.Meter",
+        "packmeter.v1.Admin",
+        "envoy.service.ratelimit.v3.RateLimitService",
+    ];
     for s in services {
         health.set_service_status(s, ServingStatus::Serving).await;
     }
@@ -155,7 +165,7 @@ pub async fn serve(
     println!("packmeter listening grpc={grpc_addr} admin={admin_addr}");
     tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
 
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn({
             let metrics = metrics.clone();
             let drain = drain.clone();
@@ -167,21 +177,42 @@ pub async fn serve(
         }))
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(proto::meter_server::MeterServer::new(MeterService::new(
-            meter.clone(),
-            metrics.clone(),
-            config.max_batch,
-            drain.clone(),
-        )))
-        .add_service(proto::admin_server::AdminServer::new(AdminService::new(
-            meter.clone(),
-            flusher.clone(),
-        )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), {
-            let d = draining.clone();
-            async move { d.cancelled().await }
-        });
+        .add_service(reflection_v1alpha);
+    let router = if config.noop {
+        // The benchmark baseline: same builder and layers, fixed answers.
+        tracing::warn!(
+            "--noop: answering Meter and ShouldRateLimit with fixed responses; nothing is metered"
+        );
+        let noop = Arc::new(NoopService::default());
+        router
+            .add_service(proto::meter_server::MeterServer::from_arc(noop.clone()))
+            .add_service(RateLimitServiceServer::from_arc(noop))
+    } else {
+        router
+            .add_service(proto::meter_server::MeterServer::new(MeterService::new(
+                meter.clone(),
+                metrics.clone(),
+                config.max_batch,
+                drain.clone(),
+            )))
+            .add_service(proto::admin_server::AdminServer::new(AdminService::new(
+                meter.clone(),
+                flusher.clone(),
+            )))
+            .add_service(RateLimitServiceServer::new(RlsService::new(
+                meter.clone(),
+                metrics.clone(),
+                config.rls.clone(),
+            )))
+    };
+    // TCP_NODELAY on every accepted connection. tonic sets it only on the
+    // listeners it binds itself; without it, Nagle holds a response's last
+    // frame (the trailers) until the client's delayed ACK, up to 40 ms.
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc = router.serve_with_incoming_shutdown(incoming, {
+        let d = draining.clone();
+        async move { d.cancelled().await }
+    });
 
     // Once draining, wait for the requests in flight, not for clients to
     // hang up; and not forever: a client holding a DeductStream open must
@@ -237,23 +268,22 @@ async fn evict_loop(meter: Arc<Meter>, idle: Duration, stop: CancellationToken) 
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
+/// Registers for SIGTERM and SIGINT at once, and returns a future that
+/// resolves on the first of them.
+///
+/// Registration happens here, not on first poll: a SIGTERM that arrives
+/// between start-up and the first poll must start the drain, not kill the
+/// process with the default action. Call it before binding.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    })
 }
 
 // === impl Timed ===

@@ -265,12 +265,15 @@ fn client_errors_say_how_to_fix_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `packmeter serve` running?"));
 }
 
+/// Flags, environment, and the field the error must name.
+type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+
 #[test]
 fn an_invalid_config_exits_64_naming_the_field_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let toml = dir.path().join("pm.toml");
     std::fs::write(&toml, "flush_interval = \"fast\"\n").unwrap();
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec!["--flush-interval".into(), "soon".into()],
             vec![],

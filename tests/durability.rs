@@ -328,3 +328,16 @@ async fn idle_accounts_leave_memory_once_flushed_and_come_back_intact() {
     );
     assert_eq!(resident(&server.admin), 1);
 }
+
+#[test]
+fn sigterm_right_after_start_still_exits_cleanly() {
+    // The handler is registered before the listening line is printed, so
+    // even an immediate SIGTERM drains and flushes instead of killing.
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..10 {
+        let server = Server::start(dir.path(), &[]);
+        let (status, stderr) = server.terminate();
+        assert!(status.success(), "{status:?}\n{stderr}");
+        assert!(stderr.contains("final flush done"), "{stderr}");
+    }
+}

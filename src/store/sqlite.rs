@@ -1,7 +1,10 @@
 //! The embedded SQLite store: one file in WAL mode.
 //!
-//! One connection behind a mutex, used from `spawn_blocking`: SQLite allows
-//! one writer at a time anyway, and a flush is one transaction per batch.
+//! Two connections, each behind a mutex and used from `spawn_blocking`: one
+//! writes (SQLite allows one writer at a time anyway, and a flush is one
+//! transaction per batch), the other reads. In WAL mode readers never wait
+//! for a writer, so an account's first load and the health check do not
+//! queue behind a large flush.
 //! `synchronous = FULL` makes a committed flush survive power loss, which is
 //! what `Admin.Flush` promises.
 
@@ -64,7 +67,8 @@ CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup (expires_at);
 "#;
 
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -112,23 +116,43 @@ impl SqliteStore {
                 StoreError::permanent(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        let writer = Connection::open(path)?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = Connection::open(path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "query_only", true)?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
-    /// Runs `f` on the connection in the blocking pool.
+    /// Runs `f` on the writing connection in the blocking pool.
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        Self::run(self.writer.clone(), f).await
+    }
+
+    /// Runs `f` on the reading connection in the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        Self::run(self.reader.clone(), f).await
+    }
+
+    async fn run<T, F>(conn: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock cannot leave SQLite itself
             // inconsistent (the transaction rolls back), so a poisoned lock is
@@ -202,8 +226,10 @@ impl Store for SqliteStore {
         now: Ts,
     ) -> Result<LoadedAccount, StoreError> {
         let id = id.to_string();
-        self.with(move |conn| {
-            let account = get_account(conn, &id)?;
+        self.read(move |conn| {
+            // One snapshot for the three reads.
+            let conn = conn.transaction()?;
+            let account = get_account(&conn, &id)?;
             let packs = conn
                 .prepare_cached(&format!(
                     "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 AND valid_until > ?2"
@@ -227,6 +253,7 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
+            conn.finish()?;
             Ok(LoadedAccount {
                 account,
                 packs,
@@ -258,7 +285,7 @@ impl Store for SqliteStore {
 
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
         let id = id.to_string();
-        self.with(move |conn| get_account(conn, &id)).await
+        self.read(move |conn| get_account(conn, &id)).await
     }
 
     async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
@@ -291,7 +318,7 @@ impl Store for SqliteStore {
 
     async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError> {
         let id = account_id.to_string();
-        self.with(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .prepare_cached(&format!(
                     "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1 ORDER BY valid_from, pack_id"
@@ -384,7 +411,7 @@ impl Store for SqliteStore {
         account_id: Option<&str>,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let account = account_id.map(str::to_string);
-        self.with(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT account_id, hour, item, pack_id, source, amount FROM usage_hourly \
                  WHERE hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR account_id = ?3) \
@@ -408,8 +435,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        // Reads the schema page, so a damaged or vanished file shows up.
+        self.read(|conn| {
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
             Ok(())
         })
         .await
