@@ -23,7 +23,12 @@ pub struct MeterService {
 }
 
 impl MeterService {
-    pub fn new(meter: Arc<Meter>, metrics: Arc<Metrics>, max_batch: usize, drain: Arc<Drain>) -> Self {
+    pub fn new(
+        meter: Arc<Meter>,
+        metrics: Arc<Metrics>,
+        max_batch: usize,
+        drain: Arc<Drain>,
+    ) -> Self {
         MeterService {
             meter,
             metrics,

@@ -437,7 +437,9 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         // Reads the schema page, so a damaged or vanished file shows up.
         self.read(|conn| {
-            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
             Ok(())
         })
         .await
