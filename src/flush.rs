@@ -8,7 +8,10 @@
 //! serving: a failed flush loses nothing.
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -49,6 +52,9 @@ pub struct Flusher {
     /// Held across the store's await, which is why it is tokio's mutex.
     running: tokio::sync::Mutex<()>,
     observer: Arc<dyn FlushObserver>,
+    /// Oldest change in the batch being written (`Ts::MAX` when none), so
+    /// the oldest-unflushed metric still sees it while it is out of the queue.
+    in_flight_since: AtomicI64,
 }
 
 /// First retry delay after a failed flush; it doubles up to `MAX_BACKOFF`.
@@ -62,6 +68,7 @@ impl Flusher {
             batch_accounts: batch_accounts.max(1),
             running: tokio::sync::Mutex::new(()),
             observer,
+            in_flight_since: AtomicI64::new(Ts::MAX),
         }
     }
 
@@ -95,6 +102,12 @@ impl Flusher {
                 (a, p)
             })
             .collect();
+        let oldest = rest.iter().filter_map(|(_, p)| p.since).min();
+        self.in_flight_since
+            .store(oldest.unwrap_or(Ts::MAX), Ordering::Relaxed);
+        // In key order, each transaction's upserts walk the tables' B-trees
+        // forwards instead of jumping around them.
+        rest.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
         let mut report = FlushReport::default();
         while !rest.is_empty() {
             let n = rest.len().min(self.batch_accounts);
@@ -114,7 +127,8 @@ impl Flusher {
                     a.restore_pending(p);
                     back.push(a);
                 }
-                self.meter.requeue(back);
+                self.meter.requeue_front(back);
+                self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
                 self.observer.failed(&e);
                 return Err(e);
             }
@@ -128,6 +142,7 @@ impl Flusher {
                 .collect();
             self.meter.requeue(again);
         }
+        self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
         report.elapsed = started.elapsed();
         self.observer.flushed(&report);
         Ok(report)
@@ -182,9 +197,15 @@ impl Flusher {
             })
     }
 
-    /// Wall-clock age of the oldest unflushed change, at `now`.
+    /// Wall-clock age of the oldest unflushed change, at `now`: in the
+    /// batch being written, or at the head of the queue.
     pub fn oldest_unflushed_age(&self, now: Ts) -> Option<Duration> {
-        let (_, since) = self.meter.pending_watermarks();
+        let in_flight =
+            Some(self.in_flight_since.load(Ordering::Relaxed)).filter(|s| *s != Ts::MAX);
+        let since = match (in_flight, self.meter.oldest_dirty_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         since.map(|s| Duration::from_micros(u64::try_from(now.saturating_sub(s)).unwrap_or(0)))
     }
 }

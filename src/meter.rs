@@ -433,8 +433,26 @@ impl Meter {
         self.dirty.lock().extend(accounts);
     }
 
+    /// Puts accounts whose flush failed back at the head of the queue: their
+    /// changes are older than anything queued since, and the head is what
+    /// [`oldest_dirty_since`](Self::oldest_dirty_since) reads.
+    pub fn requeue_front(&self, accounts: Vec<Arc<AccountState>>) {
+        let mut dirty = self.dirty.lock();
+        let newer = std::mem::replace(&mut *dirty, accounts);
+        dirty.extend(newer);
+    }
+
+    /// Wall-clock time of the oldest change waiting in the queue. The queue
+    /// is in the order accounts became dirty, so this reads only its head:
+    /// cheap enough for every metrics scrape, however many accounts wait.
+    pub fn oldest_dirty_since(&self) -> Option<Ts> {
+        let head = self.dirty.lock().first().cloned();
+        head.and_then(|a| a.pending_summary().1)
+    }
+
     /// The earliest hour with unflushed usage, and the wall-clock time of
-    /// the oldest unflushed change, across all accounts.
+    /// the oldest unflushed change, across all accounts. Visits every dirty
+    /// account: for settled exports, not for metrics.
     pub fn pending_watermarks(&self) -> (Option<Ts>, Option<Ts>) {
         let dirty = self.dirty.lock().clone();
         dirty

@@ -30,8 +30,38 @@ struct ItemLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabel {
-    pub method: String,
+struct MethodLabel {
+    method: &'static str,
+}
+
+/// The RPC names the latency histogram is labelled with; any other path
+/// counts as `other`, so a client cannot inflate the metric's cardinality
+/// with made-up paths.
+const RPC_METHODS: &[&str] = &[
+    "Deduct",
+    "DeductBatch",
+    "DeductStream",
+    "GetUsage",
+    "PutAccount",
+    "GetAccount",
+    "GrantPack",
+    "ListPacks",
+    "Flush",
+    "ExportUsage",
+    "ShouldRateLimit",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+    "other",
+];
+
+/// Which histogram a request path goes to, for [`Metrics::observe_rpc`].
+pub fn rpc_method(path: &str) -> usize {
+    let name = path.rsplit('/').next().unwrap_or("");
+    RPC_METHODS
+        .iter()
+        .position(|k| *k == name)
+        .unwrap_or(RPC_METHODS.len() - 1)
 }
 
 pub struct Metrics {
@@ -43,12 +73,16 @@ pub struct Metrics {
     covered_egress: Counter,
     overage_calls: Counter,
     overage_egress: Counter,
-    rpc_duration: Family<MethodLabel, Histogram>,
+    /// One histogram per entry of `RPC_METHODS`, resolved at start-up so an
+    /// observation takes no lock and allocates nothing.
+    rpc_duration: Vec<Histogram>,
     flush_duration: Histogram,
     flush_accounts: Histogram,
     flush_failures: Counter,
     oldest_unflushed: Gauge<f64, AtomicU64>,
     store_up: Gauge,
+    /// Whether the last flush the store was asked to take succeeded.
+    last_flush_ok: std::sync::atomic::AtomicBool,
     resident_accounts: Gauge,
     dirty_accounts: Gauge,
 }
@@ -80,7 +114,7 @@ impl Metrics {
             "Amount billed as overage, by item",
             overage.clone(),
         );
-        let rpc_duration = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+        let rpc_family = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
                 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -89,8 +123,12 @@ impl Metrics {
         registry.register(
             "rpc_duration_seconds",
             "gRPC request latency, by method",
-            rpc_duration.clone(),
+            rpc_family.clone(),
         );
+        let rpc_duration = RPC_METHODS
+            .iter()
+            .map(|m| rpc_family.get_or_create(&MethodLabel { method: m }).clone())
+            .collect();
         let flush_duration = Histogram::new([
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -121,7 +159,7 @@ impl Metrics {
         let store_up = Gauge::default();
         registry.register(
             "store_up",
-            "1 if the store answered its last check or flush, else 0",
+            "1 if the store answered the scrape's check and took the last flush, else 0",
             store_up.clone(),
         );
         let resident_accounts = Gauge::default();
@@ -158,6 +196,7 @@ impl Metrics {
             flush_failures,
             oldest_unflushed,
             store_up,
+            last_flush_ok: true.into(),
             resident_accounts,
             dirty_accounts,
         }
@@ -178,16 +217,20 @@ impl Metrics {
         self.overage_egress.inc_by(o.egress_bytes.overage);
     }
 
-    pub fn observe_rpc(&self, method: &str, seconds: f64) {
-        self.rpc_duration
-            .get_or_create(&MethodLabel {
-                method: method.to_string(),
-            })
-            .observe(seconds);
+    /// Records one RPC's latency; `method` comes from [`rpc_method`].
+    pub fn observe_rpc(&self, method: usize, seconds: f64) {
+        if let Some(h) = self.rpc_duration.get(method) {
+            h.observe(seconds);
+        }
     }
 
-    pub fn set_store_up(&self, up: bool) {
-        self.store_up.set(i64::from(up));
+    /// Sets `store_up` from the scrape's check and the last flush: a store
+    /// that answers reads but refuses writes is not up.
+    pub fn set_store_up(&self, answered: bool) {
+        let flushed = self
+            .last_flush_ok
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.store_up.set(i64::from(answered && flushed));
     }
 
     /// Renders the registry after setting the gauges read at scrape time.
@@ -206,6 +249,8 @@ impl Metrics {
 
 impl FlushObserver for Metrics {
     fn flushed(&self, r: &FlushReport) {
+        self.last_flush_ok
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.store_up.set(1);
         if r.accounts > 0 {
             self.flush_duration.observe(r.elapsed.as_secs_f64());
@@ -214,6 +259,8 @@ impl FlushObserver for Metrics {
     }
 
     fn failed(&self, _: &StoreError) {
+        self.last_flush_ok
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.store_up.set(0);
         self.flush_failures.inc();
     }

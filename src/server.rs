@@ -297,33 +297,6 @@ struct Timed<S> {
     drain: Arc<Drain>,
 }
 
-/// The method label: known RPC names only, so a client cannot inflate the
-/// metric's cardinality with made-up paths.
-fn method_label(path: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "Deduct",
-        "DeductBatch",
-        "DeductStream",
-        "GetUsage",
-        "PutAccount",
-        "GetAccount",
-        "GrantPack",
-        "ListPacks",
-        "Flush",
-        "ExportUsage",
-        "ShouldRateLimit",
-        "Check",
-        "Watch",
-        "ServerReflectionInfo",
-    ];
-    let name = path.rsplit('/').next().unwrap_or("");
-    KNOWN
-        .iter()
-        .find(|k| **k == name)
-        .copied()
-        .unwrap_or("other")
-}
-
 impl<S, B> tower::Service<http::Request<B>> for Timed<S>
 where
     S: tower::Service<http::Request<B>>,
@@ -338,7 +311,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.uri().path());
+        let method = crate::metrics::rpc_method(req.uri().path());
         let started = Instant::now();
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();

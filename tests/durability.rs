@@ -167,9 +167,18 @@ async fn a_refused_flush_loses_nothing_and_is_retried() {
         .unwrap()
         .into_inner();
     assert_eq!(split(&r.calls).0, 1);
+    // The metrics show the refused flush and the usage waiting.
+    assert_eq!(metric(&server.admin, "packmeter_store_up"), 0.0);
+    assert!(metric(&server.admin, "packmeter_oldest_unflushed_seconds") > 0.0);
+    assert!(metric(&server.admin, "packmeter_flush_failures_total") >= 1.0);
     blocker.execute_batch("ROLLBACK").unwrap();
 
     admin.flush(proto::FlushRequest {}).await.unwrap();
+    assert_eq!(metric(&server.admin, "packmeter_store_up"), 1.0);
+    assert_eq!(
+        metric(&server.admin, "packmeter_oldest_unflushed_seconds"),
+        0.0
+    );
     assert_eq!(ledger(&server.db, "acme", Item::Calls), (covered + 1, 0));
     assert_eq!(used(&server, "acme", Item::Calls).await, covered + 1);
 }
@@ -250,13 +259,18 @@ fn http_get(addr: &str, path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn resident(admin: &str) -> u64 {
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(admin: &str, name: &str) -> f64 {
     let metrics = http_get(admin, "/metrics");
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("packmeter_resident_accounts "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .expect("packmeter_resident_accounts in /metrics")
+        .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+}
+
+fn resident(admin: &str) -> u64 {
+    metric(admin, "packmeter_resident_accounts") as u64
 }
 
 #[tokio::test]
