@@ -5,6 +5,20 @@
 //! epoch in UTC. Month *n* is always computed as `anchor + n months` from the
 //! activation month, never by adding one month repeatedly, so month ends and
 //! 29 February come out right.
+//!
+//! The seed document's example: activation at 2019-11-10 17:13:14 +08:00
+//! gives 13 monthly packs, the last one ending at 00:00 on 11 November 2020.
+//!
+//! ```
+//! use packmeter::calendar::{free_months, from_datetime, BillingZone, FreeTierPlan};
+//!
+//! let at = |s| from_datetime(&chrono::DateTime::parse_from_rfc3339(s).unwrap());
+//! let activation = at("2019-11-10T17:13:14+08:00");
+//! let months = free_months(activation, &FreeTierPlan::default(), &BillingZone::default());
+//! assert_eq!(months.len(), 13);
+//! assert_eq!(months[1].valid_from, at("2019-12-01T00:00:00+08:00"));
+//! assert_eq!(months[12].valid_until, at("2020-11-11T00:00:00+08:00"));
+//! ```
 
 use std::{fmt, str::FromStr};
 
