@@ -2,86 +2,14 @@
 //! readiness during a drain), the Prometheus metrics after real traffic, the
 //! pack page (R11), and JSON logs.
 //!
-//! HTTP goes through a small HTTP/1.1 client below rather than an HTTP
-//! client crate: the tests need GET, the status, the headers and the body.
+//! HTTP goes through the small HTTP/1.1 client in `common::http`.
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use common::{deduct, Server};
+use common::{deduct, get, sample, Server};
 use packmeter::grpc::proto::{self, Item};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-// === a tiny HTTP client ===
-
-struct Reply {
-    status: u16,
-    /// Header names lowercased.
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map_or("", String::as_str)
-    }
-}
-
-/// `GET path` on `addr`, one request per connection.
-async fn get(addr: &str, path: &str) -> Reply {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the admin port");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8(raw[..split].to_vec()).expect("ASCII head");
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    if headers
-        .get("transfer-encoding")
-        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
-    {
-        body = dechunk(&body);
-    }
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(body).expect("UTF-8 body"),
-    }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("chunk size line");
-        let size_text = std::str::from_utf8(&raw[..eol]).unwrap();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
-        raw = &raw[eol + 2 + size + 2..];
-    }
-}
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
 fn url_encode(s: &str) -> String {
@@ -93,28 +21,6 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// The value of the sample `series` (name and labels exactly as exposed).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
-}
-
-async fn list_packs(server: &Server, account: &str) -> Vec<proto::Pack> {
-    server
-        .admin()
-        .await
-        .list_packs(proto::ListPacksRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packs
 }
 
 const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'";
@@ -195,7 +101,7 @@ async fn readyz_is_503_while_draining_and_the_stream_in_flight_is_kept() {
     );
 
     let server = Server::start_on(&server.db, &[]);
-    let packs = list_packs(&server, "drainer").await;
+    let packs = server.packs("drainer").await;
     assert_eq!(common::used(&packs, Item::Calls), 4);
     assert_eq!(common::used(&packs, Item::EgressBytes), 40);
 }
@@ -326,7 +232,7 @@ async fn the_pack_page_lists_the_accounts_packs_and_escapes_everything() {
     assert_eq!(page.header("x-content-type-options"), "nosniff");
 
     // The rows agree with ListPacks: the free-tier packs valid now hold the usage.
-    let packs = list_packs(&server, "acme").await;
+    let packs = server.packs("acme").await;
     assert_eq!(packs.len(), 26, "13 monthly free-tier packs per item");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -35,19 +35,6 @@ fn grant(
     }
 }
 
-async fn list(server: &Server, account: &str) -> Vec<proto::Pack> {
-    server
-        .admin()
-        .await
-        .list_packs(proto::ListPacksRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packs
-}
-
 #[tokio::test]
 async fn purchased_packs_follow_the_free_tier_by_priority_then_expiry() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +85,7 @@ async fn purchased_packs_follow_the_free_tier_by_priority_then_expiry() {
         "overage is allowed by default"
     );
 
-    let packs = list(&server, "acme").await;
+    let packs = server.packs("acme").await;
     let used = |id: &str| packs.iter().find(|p| p.pack_id == id).map(|p| p.used);
     assert_eq!(used("high"), Some(5));
     assert_eq!(used("low-soon"), Some(5));
@@ -120,7 +107,8 @@ async fn repeated_grant_with_same_terms_returns_the_existing_pack() {
     let second = admin.grant_pack(req).await.unwrap().into_inner();
     assert_eq!(first, second);
     assert_eq!(
-        list(&server, "acme")
+        server
+            .packs("acme")
             .await
             .iter()
             .filter(|p| p.pack_id == "p-1")
@@ -197,7 +185,7 @@ async fn deny_on_exhausted_and_suspended_accounts() {
         .unwrap()
         .into_inner();
     assert_eq!(r.decision, Decision::Deny as i32);
-    let packs = list(&server, "strict").await;
+    let packs = server.packs("strict").await;
     assert_eq!(common::used(&packs, Item::Calls), 3);
     assert_eq!(common::used(&packs, Item::EgressBytes), 100);
 
@@ -219,7 +207,7 @@ async fn deny_on_exhausted_and_suspended_accounts() {
         Decision::Allow as i32,
         "egress alone is recorded even when suspended"
     );
-    let packs = list(&server, "late").await;
+    let packs = server.packs("late").await;
     assert_eq!(common::used(&packs, Item::Calls), 0);
     assert_eq!(common::used(&packs, Item::EgressBytes), 10);
     // Lifting the suspension lets calls through again, keeping the activation.
@@ -285,7 +273,7 @@ async fn a_request_id_is_deducted_once_even_across_a_restart() {
     let mut meter = server.meter().await;
     let third = meter.deduct(req).await.unwrap().into_inner();
     assert!(third.duplicate, "the dedup window survives a restart");
-    let packs = list(&server, "acme").await;
+    let packs = server.packs("acme").await;
     assert_eq!(common::used(&packs, Item::Calls), 7);
     assert_eq!(common::used(&packs, Item::EgressBytes), 100);
 }
@@ -471,7 +459,7 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
     );
 
     // Nothing above changed the account.
-    let packs = list(&server, "acme").await;
+    let packs = server.packs("acme").await;
     assert_eq!(common::used(&packs, Item::Calls), 1);
     assert_eq!(common::used(&packs, Item::EgressBytes), 1);
     assert!(packs

@@ -29,16 +29,7 @@ fn ledger(db: &Path, account: &str, item: Item) -> (u64, u64) {
 }
 
 async fn used(server: &Server, account: &str, item: Item) -> u64 {
-    let packs = server
-        .admin()
-        .await
-        .list_packs(proto::ListPacksRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packs;
+    let packs = server.packs(account).await;
     assert!(
         packs.iter().all(|p| p.used <= p.capacity),
         "a pack is over capacity"
@@ -168,15 +159,15 @@ async fn a_refused_flush_loses_nothing_and_is_retried() {
         .into_inner();
     assert_eq!(split(&r.calls).0, 1);
     // The metrics show the refused flush and the usage waiting.
-    assert_eq!(metric(&server.admin, "packmeter_store_up"), 0.0);
-    assert!(metric(&server.admin, "packmeter_oldest_unflushed_seconds") > 0.0);
-    assert!(metric(&server.admin, "packmeter_flush_failures_total") >= 1.0);
+    assert_eq!(server.metric("packmeter_store_up").await, 0.0);
+    assert!(server.metric("packmeter_oldest_unflushed_seconds").await > 0.0);
+    assert!(server.metric("packmeter_flush_failures_total").await >= 1.0);
     blocker.execute_batch("ROLLBACK").unwrap();
 
     admin.flush(proto::FlushRequest {}).await.unwrap();
-    assert_eq!(metric(&server.admin, "packmeter_store_up"), 1.0);
+    assert_eq!(server.metric("packmeter_store_up").await, 1.0);
     assert_eq!(
-        metric(&server.admin, "packmeter_oldest_unflushed_seconds"),
+        server.metric("packmeter_oldest_unflushed_seconds").await,
         0.0
     );
     assert_eq!(ledger(&server.db, "acme", Item::Calls), (covered + 1, 0));
@@ -243,34 +234,8 @@ async fn concurrent_deductions_have_exact_totals() {
     assert_eq!(asked, expected);
 }
 
-/// One HTTP/1.1 GET on the admin port; returns the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-/// The value of an unlabelled metric in `/metrics`.
-fn metric(admin: &str, name: &str) -> f64 {
-    let metrics = http_get(admin, "/metrics");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
-}
-
-fn resident(admin: &str) -> u64 {
-    metric(admin, "packmeter_resident_accounts") as u64
+async fn resident(server: &Server) -> u64 {
+    server.metric("packmeter_resident_accounts").await as u64
 }
 
 #[tokio::test]
@@ -294,7 +259,7 @@ async fn accounts_load_lazily_on_first_touch() {
     assert_eq!(mode, "wal");
 
     let server = Server::start_on(&db, &[]);
-    assert_eq!(resident(&server.admin), 0, "nothing is loaded at start-up");
+    assert_eq!(resident(&server).await, 0, "nothing is loaded at start-up");
     let r = server
         .meter()
         .await
@@ -307,7 +272,7 @@ async fn accounts_load_lazily_on_first_touch() {
         (1, 0, 999_998),
         "loaded with its stored usage"
     );
-    assert_eq!(resident(&server.admin), 1);
+    assert_eq!(resident(&server).await, 1);
 }
 
 #[tokio::test]
@@ -324,10 +289,9 @@ async fn idle_accounts_leave_memory_once_flushed_and_come_back_intact() {
             .await
             .unwrap();
     }
-    assert_eq!(resident(&server.admin), 20);
-    let admin = server.admin.clone();
+    assert_eq!(resident(&server).await, 20);
     common::until(std::time::Duration::from_secs(10), async || {
-        resident(&admin) == 0
+        resident(&server).await == 0
     })
     .await;
     let r = meter
@@ -340,7 +304,7 @@ async fn idle_accounts_leave_memory_once_flushed_and_come_back_intact() {
         (1, 0, 999_994),
         "reloaded with its flushed usage"
     );
-    assert_eq!(resident(&server.admin), 1);
+    assert_eq!(resident(&server).await, 1);
 }
 
 #[test]

@@ -63,19 +63,6 @@ fn summary(r: &RateLimitResponse) -> Vec<(i32, u32, u32)> {
         .collect()
 }
 
-async fn list(server: &Server, account: &str) -> Vec<proto::Pack> {
-    server
-        .admin()
-        .await
-        .list_packs(proto::ListPacksRequest {
-            account_id: account.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .packs
-}
-
 /// Nothing was ever deducted for the account: the server does not know it.
 async fn assert_unknown(server: &Server, account: &str) {
     let e = server
@@ -148,7 +135,7 @@ async fn descriptor_hits_addend_wins_over_the_request_and_zero_means_one() {
     // ... and 0 at the request level means 1, as in Envoy.
     let r = ask(&mut client, request("gw", vec![acme()], 0)).await;
     assert_eq!(summary(&r), [(OK, 100, 84)]);
-    assert_eq!(used(&list(&server, "acme").await, Item::Calls), 16);
+    assert_eq!(used(&server.packs("acme").await, Item::Calls), 16);
 }
 
 #[tokio::test]
@@ -165,7 +152,7 @@ async fn the_item_entry_deducts_egress_and_unknown_items_are_invalid() {
         r.statuses[0].current_limit.as_ref().unwrap().name,
         "egress_bytes"
     );
-    let packs = list(&server, "acme").await;
+    let packs = server.packs("acme").await;
     assert_eq!(used(&packs, Item::EgressBytes), 300);
     assert_eq!(used(&packs, Item::Calls), 0);
 
@@ -212,7 +199,7 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
     let reason = &r.response_headers_to_add[0];
     assert_eq!(reason.key, "x-packmeter-deny-reason");
     assert!(reason.value.contains("on_exhausted"), "{}", reason.value);
-    assert_eq!(used(&list(&server, "strict").await, Item::Calls), 4);
+    assert_eq!(used(&server.packs("strict").await, Item::Calls), 4);
 
     // Running out without `deny` is overage, billed, and OK.
     let r = ask(
@@ -239,8 +226,8 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
     .await;
     assert_eq!(r.overall_code, OVER);
     assert_eq!(summary(&r), [(OVER, 5, 1), (OK, 5, 5)]);
-    assert_eq!(used(&list(&server, "strict").await, Item::Calls), 4);
-    assert_eq!(used(&list(&server, "bystander").await, Item::Calls), 0);
+    assert_eq!(used(&server.packs("strict").await, Item::Calls), 4);
+    assert_eq!(used(&server.packs("bystander").await, Item::Calls), 0);
 }
 
 #[tokio::test]
@@ -324,7 +311,7 @@ async fn custom_keys_map_accounts_and_items_and_usage_shows_in_list_packs() {
     .await;
     assert_eq!(r.overall_code, OK);
     assert_eq!(r.statuses.len(), 2);
-    let packs = list(&server, "t1").await;
+    let packs = server.packs("t1").await;
     assert_eq!(used(&packs, Item::Calls), 3);
     assert_eq!(used(&packs, Item::EgressBytes), 2048);
     // The same usage through Meter.GetUsage, i.e. the same counters.

@@ -2,6 +2,9 @@
 //! file, and connects the generated tonic clients to it.
 #![allow(dead_code)]
 
+mod http;
+pub use http::{get, sample};
+
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -102,6 +105,24 @@ impl Server {
 
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel().await)
+    }
+
+    /// Every pack of `account`, through `Admin.ListPacks`.
+    pub async fn packs(&self, account: &str) -> Vec<proto::Pack> {
+        self.admin()
+            .await
+            .list_packs(proto::ListPacksRequest {
+                account_id: account.into(),
+            })
+            .await
+            .expect("ListPacks")
+            .into_inner()
+            .packs
+    }
+
+    /// The value of an unlabelled series in `/metrics`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        sample(&get(&self.admin, "/metrics").await.body, series)
     }
 
     pub fn pid(&self) -> u32 {
