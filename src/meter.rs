@@ -736,7 +736,7 @@ impl Meter {
                     table.entries.remove(d.request_id);
                 }
             }
-            self.outcome(acct, &packs, at, Decision::Deny(reason), None, None)
+            self.outcome(&packs, at, Decision::Deny(reason), None, None)
         };
         if d.calls > 0 && acct.suspended.load(Relaxed) {
             return denied(DenyReason::Suspended);
@@ -785,14 +785,7 @@ impl Meter {
                 e.result = Some(result);
             }
         }
-        self.outcome(
-            acct,
-            &packs,
-            at,
-            Decision::Allow,
-            Some(&calls),
-            Some(&egress),
-        )
+        self.outcome(&packs, at, Decision::Allow, Some(&calls), Some(&egress))
     }
 
     /// Returns the duplicate's outcome if `request_id` was seen within the
@@ -815,7 +808,7 @@ impl Meter {
                 let r = e.result.unwrap_or_default();
                 drop(guard);
                 let packs = acct.packs.load();
-                let mut o = self.outcome(acct, &packs, at, Decision::Allow, None, None);
+                let mut o = self.outcome(&packs, at, Decision::Allow, None, None);
                 o.duplicate = true;
                 (o.calls.covered, o.calls.overage) = (r[0], r[1]);
                 (o.egress_bytes.covered, o.egress_bytes.overage) = (r[2], r[3]);
@@ -839,7 +832,7 @@ impl Meter {
     fn check(&self, acct: &AccountState, at: Ts, now: Ts) -> DeductOutcome {
         self.ensure_free_month(acct, at, now);
         let packs = acct.packs.load();
-        let mut o = self.outcome(acct, &packs, at, Decision::Allow, None, None);
+        let mut o = self.outcome(&packs, at, Decision::Allow, None, None);
         if acct.activated_at().is_none() && self.cfg.unknown_accounts == UnknownAccounts::Activate {
             // The first deduction would activate the account at `at`.
             o.calls.remaining = o.calls.remaining.saturating_add(self.cfg.plan.calls);
@@ -858,7 +851,6 @@ impl Meter {
 
     fn outcome(
         &self,
-        _acct: &AccountState,
         packs: &[Arc<PackCounter>],
         at: Ts,
         decision: Decision,
