@@ -202,10 +202,10 @@ impl Flusher {
     pub fn oldest_unflushed_age(&self, now: Ts) -> Option<Duration> {
         let in_flight =
             Some(self.in_flight_since.load(Ordering::Relaxed)).filter(|s| *s != Ts::MAX);
-        let since = match (in_flight, self.meter.oldest_dirty_since()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let since = in_flight
+            .into_iter()
+            .chain(self.meter.oldest_dirty_since())
+            .min();
         since.map(|s| Duration::from_micros(u64::try_from(now.saturating_sub(s)).unwrap_or(0)))
     }
 }

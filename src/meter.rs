@@ -450,17 +450,11 @@ impl Meter {
         head.and_then(|a| a.pending_summary().1)
     }
 
-    /// The earliest hour with unflushed usage, and the wall-clock time of
-    /// the oldest unflushed change, across all accounts. Visits every dirty
-    /// account: for settled exports, not for metrics.
-    pub fn pending_watermarks(&self) -> (Option<Ts>, Option<Ts>) {
+    /// The earliest hour with unflushed usage, across all accounts. Visits
+    /// every dirty account: for settled exports, not for metrics.
+    pub fn oldest_pending_hour(&self) -> Option<Ts> {
         let dirty = self.dirty.lock().clone();
-        dirty
-            .iter()
-            .map(|a| a.pending_summary())
-            .fold((None, None), |(h, s), (ah, as_)| {
-                (min_opt(h, ah), min_opt(s, as_))
-            })
+        dirty.iter().filter_map(|a| a.pending_summary().0).min()
     }
 
     /// Validates a deduction against the configured limits and R9, and
@@ -983,13 +977,6 @@ impl Meter {
                     .is_none_or(|p| !p.is_empty() || p.queued)
         });
         before - self.accounts.len()
-    }
-}
-
-fn min_opt(a: Option<Ts>, b: Option<Ts>) -> Option<Ts> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
     }
 }
 

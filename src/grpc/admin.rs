@@ -261,7 +261,7 @@ impl proto::admin_server::Admin for AdminService {
                 // Hours before this have closed ...
                 let mut settled = hour_start(now.saturating_sub(meter.config().late_grace));
                 // ... and are settled once nothing of theirs waits for a flush.
-                if let (Some(h), _) = meter.pending_watermarks() {
+                if let Some(h) = meter.oldest_pending_hour() {
                     settled = settled.min(h);
                 }
                 meter
