@@ -62,8 +62,48 @@ pub struct Pending {
     /// Wall-clock time of the oldest change in here, for the
     /// oldest-unflushed-delta metric.
     pub since: Option<Ts>,
+}
+
+/// Where an account keeps its [`Pending`] changes: boxed while there are
+/// any, so an account with nothing unflushed (most of them, most of the
+/// time) holds two words instead of the whole ledger (about 110 bytes).
+#[derive(Debug, Default)]
+pub struct PendingSlot {
+    changes: Option<Box<Pending>>,
     /// Whether the account sits in the meter's dirty queue.
     pub queued: bool,
+}
+
+impl PendingSlot {
+    /// The changes, created empty on first use.
+    pub fn changes(&mut self) -> &mut Pending {
+        self.changes.get_or_insert_with(Box::default)
+    }
+
+    pub fn get(&self) -> Option<&Pending> {
+        self.changes.as_deref()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.as_ref().is_none_or(|p| p.is_empty())
+    }
+
+    /// Takes everything out for a flush, leaving `queued` as it was.
+    pub fn take(&mut self) -> Pending {
+        self.changes.take().map(|b| *b).unwrap_or_default()
+    }
+
+    /// Puts back changes from a failed flush.
+    pub fn merge(&mut self, failed: Pending) {
+        self.changes().merge(failed);
+    }
+
+    /// Frees an emptied box.
+    pub fn shrink(&mut self) {
+        if self.changes.as_ref().is_some_and(|p| p.is_empty()) {
+            self.changes = None;
+        }
+    }
 }
 
 impl Pending {
@@ -98,15 +138,6 @@ impl Pending {
                 amount,
             }),
         }
-    }
-
-    /// Takes everything out, leaving `queued` as it was.
-    pub fn take(&mut self) -> Pending {
-        let queued = self.queued;
-        let mut taken = std::mem::take(self);
-        self.queued = queued;
-        taken.queued = false;
-        taken
     }
 
     /// Puts back changes from a failed flush.
@@ -222,15 +253,16 @@ mod tests {
     #[test]
     fn a_failed_flush_merged_back_loses_nothing() {
         let a = pack("a");
-        let mut p = Pending {
+        let mut slot = PendingSlot {
             queued: true,
-            ..Pending::default()
+            ..PendingSlot::default()
         };
-        p.add(0, Item::Calls, Some(&a), 7, 1);
-        let taken = p.take();
-        assert!(p.is_empty() && p.queued);
-        p.add(0, Item::Calls, Some(&a), 1, 2);
-        p.merge(taken);
+        slot.changes().add(0, Item::Calls, Some(&a), 7, 1);
+        let taken = slot.take();
+        assert!(slot.is_empty() && slot.get().is_none() && slot.queued);
+        slot.changes().add(0, Item::Calls, Some(&a), 1, 2);
+        slot.merge(taken);
+        let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);
         assert_eq!(p.deltas[0].amount, 8);
         assert_eq!(p.since, Some(1));

@@ -26,7 +26,7 @@ use tokio::sync::OnceCell;
 
 use crate::{
     calendar::{self, hour_start, BillingZone, FreeTierPlan, Ts, HOUR, SECOND},
-    ledger::{AccountFlush, AccountRecord, DedupRecord, DeltaRow, Pending},
+    ledger::{AccountFlush, AccountRecord, DedupRecord, DeltaRow, Pending, PendingSlot},
     packs::{self, deduction_order, Item, PackCounter, PackSource, PackSpec, Split},
     store::{Store, StoreError, StoredPack},
 };
@@ -236,7 +236,7 @@ pub struct AccountState {
     /// granted; the counters inside are shared between versions.
     packs: ArcSwap<Vec<Arc<PackCounter>>>,
     /// Unflushed usage. A short, synchronous critical section.
-    pending: Mutex<Pending>,
+    pending: Mutex<PendingSlot>,
     /// Request ids seen (R10). Boxed and created on the first request id:
     /// most accounts never send one, and an empty table would still cost
     /// 56 bytes in every resident account.
@@ -255,7 +255,7 @@ impl AccountState {
             suspended: AtomicBool::new(record.is_some_and(|r| r.suspended)),
             deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
             packs: ArcSwap::from_pointee(Vec::new()),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(PendingSlot::default()),
             dedup: Mutex::new(None),
             last_touch: AtomicI64::new(now),
         }
@@ -326,9 +326,10 @@ impl AccountState {
     /// arrived meanwhile, returns true so the flusher queues it again. (The
     /// mark stays set during a flush, so those changes did not queue it.)
     pub fn finish_flush(&self) -> bool {
-        let mut p = self.pending.lock();
-        if p.is_empty() {
-            p.queued = false;
+        let mut slot = self.pending.lock();
+        if slot.is_empty() {
+            slot.shrink();
+            slot.queued = false;
             false
         } else {
             true
@@ -337,8 +338,9 @@ impl AccountState {
 
     /// Earliest hour and wall-clock age of unflushed changes.
     pub fn pending_summary(&self) -> (Option<Ts>, Option<Ts>) {
-        let p = self.pending.lock();
-        (p.oldest_hour(), p.since)
+        let slot = self.pending.lock();
+        slot.get()
+            .map_or((None, None), |p| (p.oldest_hour(), p.since))
     }
 }
 
@@ -717,7 +719,8 @@ impl Meter {
                 .compare_exchange(NOT_ACTIVATED, at, Relaxed, Relaxed)
                 .is_ok()
         {
-            let mut p = acct.pending.lock();
+            let mut slot = acct.pending.lock();
+            let p = slot.changes();
             p.account_dirty = true;
             p.since.get_or_insert(now);
         }
@@ -747,7 +750,8 @@ impl Meter {
         let hour = hour_start(at);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
         let queue = {
-            let mut p = acct.pending.lock();
+            let mut slot = acct.pending.lock();
+            let p = slot.changes();
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
                 for (pack, amount) in &split.takes {
                     p.add(hour, item, Some(pack), *amount, now);
@@ -764,7 +768,7 @@ impl Meter {
                     egress_overage: result[3],
                 });
             }
-            !std::mem::replace(&mut p.queued, true)
+            !std::mem::replace(&mut slot.queued, true)
         };
         if queue {
             let mut dirty = self.dirty.lock();
@@ -974,7 +978,7 @@ impl Meter {
                 || Arc::strong_count(a) > 1
                 || a.pending
                     .try_lock()
-                    .is_none_or(|p| !p.is_empty() || p.queued)
+                    .is_none_or(|slot| !slot.is_empty() || slot.queued)
         });
         before - self.accounts.len()
     }

@@ -67,7 +67,7 @@ fn first_deduction_activates_at_its_event_time() {
     assert_eq!(o.decision, Decision::Allow);
     assert_eq!(a.activated_at(), Some(t));
     assert_eq!((o.calls.covered, o.calls.remaining), (1, 999_999));
-    assert!(a.pending.lock().account_dirty);
+    assert!(a.pending.lock().get().unwrap().account_dirty);
 }
 
 #[test]
@@ -139,7 +139,8 @@ fn deducts_free_tier_then_purchased_by_priority_then_overage() {
         (4, 3, 0)
     );
     // The ledger holds each pack's part and the overage for this hour.
-    let p = a.pending.lock();
+    let mut slot = a.pending.lock();
+    let p = slot.changes();
     let overage: u64 = p
         .deltas
         .iter()
@@ -179,13 +180,12 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
     );
     let o = m.deduct(&a, &calls(8, now), now);
     assert_eq!(o.decision, Decision::Allow);
-    let before = a
-        .pending
-        .lock()
-        .deltas
-        .iter()
-        .map(|d| d.amount)
-        .sum::<u64>();
+    let recorded = |a: &AccountState| -> u64 {
+        let slot = a.pending.lock();
+        slot.get()
+            .map_or(0, |p| p.deltas.iter().map(|d| d.amount).sum())
+    };
+    let before = recorded(&a);
     // 3 calls, only 2 left: denied whole; nothing deducted, nothing recorded.
     let d = Deduction {
         calls: 3,
@@ -199,15 +199,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
         (o.calls.covered, o.calls.remaining, o.egress_bytes.remaining),
         (0, 2, 100)
     );
-    assert_eq!(
-        a.pending
-            .lock()
-            .deltas
-            .iter()
-            .map(|d| d.amount)
-            .sum::<u64>(),
-        before
-    );
+    assert_eq!(recorded(&a), before);
     // A denied request id is not remembered: the retry is evaluated afresh.
     let d = Deduction {
         calls: 2,
@@ -270,7 +262,7 @@ fn suspended_accounts_are_denied_calls_but_egress_is_recorded() {
         now,
     );
     assert_eq!(o.decision, Decision::Deny(DenyReason::Suspended));
-    assert!(a.pending.lock().deltas.is_empty());
+    assert!(a.pending.lock().is_empty());
     let o = m.deduct(
         &a,
         &Deduction {
@@ -403,7 +395,8 @@ proptest! {
         for p in a.packs().iter() {
             prop_assert!(p.used() <= p.spec.capacity);
         }
-        let pending = a.pending.lock();
+        let mut slot = a.pending.lock();
+        let pending = slot.changes();
         let ledger_covered: u64 = pending.deltas.iter().filter(|d| d.pack.is_some()).map(|d| d.amount).sum();
         let ledger_overage: u64 = pending.deltas.iter().filter(|d| d.pack.is_none()).map(|d| d.amount).sum();
         prop_assert_eq!((ledger_covered, ledger_overage), (covered, overage));
