@@ -247,6 +247,21 @@ impl Config {
         let pick = |flag: &Option<String>, file: &Option<String>| flag.clone().or(file.clone());
         let pick_n =
             |flag: &Option<String>, file: Option<u64>| flag.clone().or(file.map(|n| n.to_string()));
+        // A duration or whole-number setting: flag or variable, else file, else default.
+        let duration_of = |field: &'static str,
+                           flag: &Option<String>,
+                           file: &Option<String>,
+                           default: Duration|
+         -> Result<Duration, ConfigError> {
+            pick(flag, file).map_or(Ok(default), |v| duration(field, &v))
+        };
+        let number_of = |field: &'static str,
+                         flag: &Option<String>,
+                         file: Option<u64>,
+                         default: u64|
+         -> Result<u64, ConfigError> {
+            pick_n(flag, file).map_or(Ok(default), |v| number(field, &v))
+        };
 
         let listen = addr(
             "listen",
@@ -270,21 +285,27 @@ impl Config {
             ));
         }
 
-        let flush_interval = pick(&args.flush_interval, &file.flush_interval)
-            .map(|v| duration("flush_interval", &v))
-            .transpose()?
-            .unwrap_or(Duration::from_secs(1));
+        let flush_interval = duration_of(
+            "flush_interval",
+            &args.flush_interval,
+            &file.flush_interval,
+            Duration::from_secs(1),
+        )?;
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
-        let late_grace = pick(&args.late_grace, &file.late_grace)
-            .map(|v| duration("late_grace", &v))
-            .transpose()?
-            .unwrap_or(Duration::from_secs(3600));
-        let dedup_window = pick(&args.dedup_window, &file.dedup_window)
-            .map(|v| duration("dedup_window", &v))
-            .transpose()?
-            .unwrap_or(late_grace);
+        let late_grace = duration_of(
+            "late_grace",
+            &args.late_grace,
+            &file.late_grace,
+            Duration::from_secs(3600),
+        )?;
+        let dedup_window = duration_of(
+            "dedup_window",
+            &args.dedup_window,
+            &file.dedup_window,
+            late_grace,
+        )?;
         if dedup_window < late_grace {
             return Err(err(
                 "dedup_window",
@@ -295,10 +316,12 @@ impl Config {
                 ),
             ));
         }
-        let max_future_skew = pick(&args.max_future_skew, &file.max_future_skew)
-            .map(|v| duration("max_future_skew", &v))
-            .transpose()?
-            .unwrap_or(Duration::from_secs(300));
+        let max_future_skew = duration_of(
+            "max_future_skew",
+            &args.max_future_skew,
+            &file.max_future_skew,
+            Duration::from_secs(300),
+        )?;
         let zone: BillingZone = match pick(&args.timezone, &file.timezone) {
             Some(v) => v
                 .parse()
@@ -318,20 +341,24 @@ impl Config {
                 ))
             }
         };
-        let shutdown_grace = pick(&args.shutdown_grace, &file.shutdown_grace)
-            .map(|v| duration("shutdown_grace", &v))
-            .transpose()?
-            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let shutdown_grace = duration_of(
+            "shutdown_grace",
+            &args.shutdown_grace,
+            &file.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+        )?;
         if shutdown_grace < Duration::from_secs(1) {
             return Err(err(
                 "shutdown_grace",
                 "must be at least 1s to drain and flush",
             ));
         }
-        let idle_evict = pick(&args.idle_evict, &file.idle_evict)
-            .map(|v| duration("idle_evict", &v))
-            .transpose()?
-            .unwrap_or(Duration::from_secs(900));
+        let idle_evict = duration_of(
+            "idle_evict",
+            &args.idle_evict,
+            &file.idle_evict,
+            Duration::from_secs(900),
+        )?;
         // Eviction never drops unflushed usage, so any positive value is safe.
         if idle_evict.is_zero() {
             return Err(err("idle_evict", "must be more than 0"));
@@ -343,10 +370,7 @@ impl Config {
         };
         let positive =
             |field, flag: &Option<String>, file, default: u64| -> Result<u64, ConfigError> {
-                let n = pick_n(flag, file)
-                    .map(|v| number(field, &v))
-                    .transpose()?
-                    .unwrap_or(default);
+                let n = number_of(field, flag, file, default)?;
                 if n == 0 {
                     return Err(err(field, "must be at least 1"));
                 }
@@ -361,19 +385,15 @@ impl Config {
         )?;
         let max_batch = positive("max_batch", &args.max_batch, file.max_batch, 10_000)?;
         let plan = FreeTierPlan {
-            calls: pick_n(&args.free_calls, file.free_calls)
-                .map(|v| number("free_calls", &v))
-                .transpose()?
-                .unwrap_or(1_000_000),
-            egress_bytes: pick_n(&args.free_egress_bytes, file.free_egress_bytes)
-                .map(|v| number("free_egress_bytes", &v))
-                .transpose()?
-                .unwrap_or(1 << 30),
+            calls: number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
+            egress_bytes: number_of(
+                "free_egress_bytes",
+                &args.free_egress_bytes,
+                file.free_egress_bytes,
+                1 << 30,
+            )?,
             months: {
-                let m = pick_n(&args.free_months, file.free_months)
-                    .map(|v| number("free_months", &v))
-                    .transpose()?
-                    .unwrap_or(12);
+                let m = number_of("free_months", &args.free_months, file.free_months, 12)?;
                 u32::try_from(m)
                     .ok()
                     .filter(|m| *m <= 1200)
