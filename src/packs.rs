@@ -257,11 +257,12 @@ pub fn remaining(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn purchased(id: &str, cap: u64, priority: u32, until: Ts, created: Ts) -> PackSpec {
+    /// A purchased calls pack valid from 0 until `until`, for tests.
+    pub(crate) fn purchased(id: &str, cap: u64, priority: u32, until: Ts, created: Ts) -> PackSpec {
         PackSpec {
             pack_id: id.into(),
             source: PackSource::Purchased,

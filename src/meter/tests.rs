@@ -43,16 +43,7 @@ fn calls(n: u64, t: Ts) -> Deduction<'static> {
 
 /// Grants a purchased calls pack valid until `until`.
 fn grant(m: &Meter, acct: &AccountState, id: &str, cap: u64, prio: u32, until: Ts, now: Ts) {
-    let spec = PackSpec {
-        pack_id: id.into(),
-        source: PackSource::Purchased,
-        item: Item::Calls,
-        capacity: cap,
-        valid_from: 0,
-        valid_until: until,
-        priority: prio,
-        created_at: 0,
-    };
+    let spec = crate::packs::tests::purchased(id, cap, prio, until, 0);
     m.add_pack(acct, &StoredPack { spec, used: 0 }, now);
 }
 
