@@ -34,8 +34,11 @@ fn flush(c: &mut Criterion) {
             MeterConfig::default(),
             store::open(&url).expect("open the store"),
         ));
-        // The default flusher's batch size, as `serve` uses it.
-        let flusher = Arc::new(Flusher::new(meter.clone(), 5_000, Arc::new(())));
+        let flusher = Arc::new(Flusher::new(
+            meter.clone(),
+            packmeter::flush::BATCH_ACCOUNTS,
+            Arc::new(()),
+        ));
         let d = Deduction {
             calls: 1,
             egress_bytes: egress,

@@ -40,7 +40,11 @@ fn main() {
         MeterConfig::default(),
         store::open(&url).expect("open the store"),
     ));
-    let flusher = Arc::new(Flusher::new(meter.clone(), 5_000, Arc::new(())));
+    let flusher = Arc::new(Flusher::new(
+        meter.clone(),
+        packmeter::flush::BATCH_ACCOUNTS,
+        Arc::new(()),
+    ));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

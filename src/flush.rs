@@ -57,6 +57,10 @@ pub struct Flusher {
     in_flight_since: AtomicI64,
 }
 
+/// Accounts per flush transaction in `serve`. Larger batches measured no
+/// faster at 1 M accounts and stretched the p999 (BENCHMARKS.md).
+pub const BATCH_ACCOUNTS: usize = 5_000;
+
 /// First retry delay after a failed flush; it doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -68,7 +68,11 @@ pub async fn serve(
     let store = store::open(&config.store)?;
     let meter = Arc::new(Meter::new(config.meter.clone(), store));
     let metrics = Arc::new(Metrics::new());
-    let flusher = Arc::new(Flusher::new(meter.clone(), 5_000, metrics.clone()));
+    let flusher = Arc::new(Flusher::new(
+        meter.clone(),
+        crate::flush::BATCH_ACCOUNTS,
+        metrics.clone(),
+    ));
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
