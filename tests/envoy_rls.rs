@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{Datelike, FixedOffset, TimeZone, Utc};
-use common::{used, Server};
+use common::{used, RawCodec, Server};
 use envoy_types::pb::{
     envoy::{
         extensions::common::ratelimit::v3::{rate_limit_descriptor::Entry, RateLimitDescriptor},
@@ -17,6 +17,7 @@ use envoy_types::pb::{
     google::protobuf::UInt64Value,
 };
 use packmeter::grpc::proto::{self, Item};
+use prost::Message;
 use tonic::transport::Channel;
 
 async fn rls(server: &Server) -> RateLimitServiceClient<Channel> {
@@ -326,4 +327,76 @@ async fn custom_keys_map_accounts_and_items_and_usage_shows_in_list_packs() {
         .unwrap()
         .into_inner();
     assert_eq!(used(&usage.packs, Item::Calls), 3);
+}
+
+/// Bodies that are not a `RateLimitRequest`. Each starts with a valid
+/// request for `acme`, so a server that acted on what it could read would
+/// deduct from it.
+fn malformed_bodies() -> Vec<Vec<u8>> {
+    let valid = request("gw", vec![descriptor(&[("account", "acme")], None)], 0).encode_to_vec();
+    let with = |tail: &[u8]| [valid.as_slice(), tail].concat();
+    vec![
+        // Field 1 (domain), length 5, one byte: truncated.
+        with(&[0x0a, 0x05, b'x']),
+        // Field 1 with wire type 7, which does not exist.
+        with(&[0x0f, 0x00]),
+        // A length varint that never ends.
+        with(&[
+            0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]),
+    ]
+}
+
+/// Sends each malformed body to ShouldRateLimit and checks the status.
+async fn assert_malformed_is_invalid_argument(server: &Server) {
+    let mut raw = tonic::client::Grpc::new(server.channel().await);
+    for body in malformed_bodies() {
+        raw.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+        );
+        let e = raw
+            .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body.clone()), path, RawCodec)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{body:x?}: {e:?}");
+        assert!(
+            e.message().starts_with("malformed RateLimitRequest"),
+            "{body:x?}: {}",
+            e.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_invalid_argument_and_deducts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "100"]);
+    assert_malformed_is_invalid_argument(&server).await;
+    assert_unknown(&server, "acme").await;
+
+    // The server still answers, and the bodies' account was never touched.
+    let mut client = rls(&server).await;
+    let r = ask(
+        &mut client,
+        request("gw", vec![descriptor(&[("account", "steady")], None)], 0),
+    )
+    .await;
+    assert_eq!((r.overall_code, summary(&r)), (OK, vec![(OK, 100, 99)]));
+    assert_eq!(used(&server.packs("steady").await, Item::Calls), 1);
+    assert_unknown(&server, "acme").await;
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_invalid_argument_under_noop_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--noop"]);
+    assert_malformed_is_invalid_argument(&server).await;
+    let r = ask(
+        &mut rls(&server).await,
+        request("gw", vec![descriptor(&[("account", "steady")], None)], 0),
+    )
+    .await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses.len(), 1);
 }
