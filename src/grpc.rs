@@ -7,6 +7,7 @@ pub mod convert;
 pub mod envoy_rls;
 pub mod meter;
 pub mod noop;
+pub mod rls_server;
 
 use tonic::Status;
 

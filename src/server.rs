@@ -17,12 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::grpc::rls_server::rate_limit_service_server::RateLimitServiceServer;
 use crate::{
     admin_http::{self, AdminState},
     calendar::now_ts,

@@ -29,7 +29,6 @@ use envoy_types::pb::{
             rate_limit_response::{
                 rate_limit::Unit, Code, DescriptorStatus, RateLimit as CurrentLimit,
             },
-            rate_limit_service_server::RateLimitService,
             RateLimitRequest, RateLimitResponse,
         },
     },
@@ -37,6 +36,7 @@ use envoy_types::pb::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::grpc::rls_server::rate_limit_service_server::RateLimitService;
 use crate::{
     calendar::{now_ts, Ts, SECOND},
     config::RlsConfig,

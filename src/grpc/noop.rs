@@ -12,7 +12,6 @@ use std::pin::Pin;
 use envoy_types::pb::{
     envoy::service::ratelimit::v3::{
         rate_limit_response::{rate_limit::Unit, Code, DescriptorStatus, RateLimit},
-        rate_limit_service_server::RateLimitService,
         RateLimitRequest, RateLimitResponse,
     },
     google::protobuf::Duration,
@@ -21,6 +20,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto;
+use super::rls_server::rate_limit_service_server::RateLimitService;
 
 /// The fixed answers, built once.
 pub struct NoopService {
