@@ -66,7 +66,7 @@ fn meter_with(n: usize) -> (tempfile::TempDir, Arc<Meter>, Accounts) {
                 .await
                 .expect("load the account");
             // Activate it and make its month's packs resident.
-            meter.deduct(&a, &ONE_CALL, now);
+            meter.deduct(&a, &ONE_CALL, now).expect("deduct");
             v.push((id, a));
         }
         v
@@ -93,7 +93,8 @@ fn hot_account(c: &mut Criterion) {
                                 start.wait();
                                 let t = Instant::now();
                                 for _ in 0..iters {
-                                    black_box(meter.deduct(&acct, black_box(&ONE_CALL), now));
+                                    let _ =
+                                        black_box(meter.deduct(&acct, black_box(&ONE_CALL), now));
                                 }
                                 t.elapsed()
                             })

@@ -30,12 +30,11 @@ fn flush(c: &mut Criterion) {
     for (name, egress) in [("calls", 0u64), ("calls_and_egress", 1_500)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let meter = Arc::new(Meter::new(
-            MeterConfig::default(),
-            store::open(&url).expect("open the store"),
-        ));
+        let store = store::open(&url).expect("open the store");
+        let meter = Arc::new(Meter::new(MeterConfig::default(), store.clone()));
         let flusher = Arc::new(Flusher::new(
             meter.clone(),
+            store,
             packmeter::flush::BATCH_ACCOUNTS,
             Arc::new(()),
         ));
@@ -59,7 +58,7 @@ fn flush(c: &mut Criterion) {
         let dirty_all = || {
             let now = now_ts();
             for a in &accounts {
-                meter.deduct(a, &d, now);
+                meter.deduct(a, &d, now).expect("deduct");
             }
         };
         // The first flush inserts the account rows; measure the steady state.

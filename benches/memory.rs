@@ -36,12 +36,11 @@ fn main() {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let meter = Arc::new(Meter::new(
-        MeterConfig::default(),
-        store::open(&url).expect("open the store"),
-    ));
+    let store = store::open(&url).expect("open the store");
+    let meter = Arc::new(Meter::new(MeterConfig::default(), store.clone()));
     let flusher = Arc::new(Flusher::new(
         meter.clone(),
+        store,
         packmeter::flush::BATCH_ACCOUNTS,
         Arc::new(()),
     ));
@@ -61,7 +60,7 @@ fn main() {
         let now = now_ts();
         for id in &ids {
             let a = meter.account_for_deduction(id, now).await.expect("load");
-            meter.deduct(&a, &d, now);
+            meter.deduct(&a, &d, now).expect("deduct");
         }
     });
     let dirty = rss_bytes();

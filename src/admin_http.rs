@@ -1,12 +1,9 @@
 //! The admin HTTP port: `/livez`, `/readyz`, `/metrics`, and the pack page
 //! (R11): `/` to look an account up, `/packs?account=ID` to list its packs.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
 };
 
 use axum::{
@@ -17,19 +14,11 @@ use axum::{
     Router,
 };
 
-use crate::{
-    calendar::now_ts,
-    flush::Flusher,
-    meter::{Meter, MeterError, PackView},
-    metrics::Metrics,
-    pack_page,
-};
+use crate::{app::App, meter::MeterError, pack_page};
 
 /// What the admin routes read.
 pub struct AdminState {
-    pub meter: Arc<Meter>,
-    pub flusher: Arc<Flusher>,
-    pub metrics: Arc<Metrics>,
+    pub app: Arc<App>,
     /// Readiness latch: set once serving starts, cleared when shutdown
     /// begins, never set again.
     pub ready: AtomicBool,
@@ -56,18 +45,19 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     // The store's reachability, checked at scrape time with a short bound.
-    let up = matches!(
-        tokio::time::timeout(Duration::from_secs(1), s.meter.store().ping()).await,
-        Ok(Ok(()))
-    );
-    s.metrics.set_store_up(up);
-    let age = s
-        .flusher
-        .oldest_unflushed_age(now_ts())
+    let app = &s.app;
+    app.metrics().set_store_up(app.store_up().await);
+    let age = app
+        .flusher()
+        .oldest_unflushed_age(app.now())
         .map_or(0.0, |d| d.as_secs_f64());
-    let body = s
-        .metrics
-        .render(age, s.meter.resident(), s.meter.dirty_len());
+    let meter = app.meter();
+    let body = app.metrics().render(
+        age,
+        meter.resident(),
+        meter.dirty_len(),
+        meter.set_aside_accounts().len(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -152,11 +142,10 @@ async fn packs(
     let Some(id) = account else {
         return Redirect::to("/").into_response();
     };
-    let now = now_ts();
-    match list_packs(&s.meter, &id, now).await {
+    match s.app.list_packs(&id).await {
         Ok(views) => html(
             StatusCode::OK,
-            pack_page::render(&id, &views, &s.meter.config().zone, now),
+            pack_page::render(&id, &views, &s.app.config().zone, s.app.now()),
         ),
         Err(e) => {
             let (status, title) = match &e {
@@ -172,14 +161,4 @@ async fn packs(
             error_page(status, title, &e.to_string(), &id)
         }
     }
-}
-
-async fn list_packs(
-    meter: &Meter,
-    id: &str,
-    now: crate::calendar::Ts,
-) -> Result<Vec<PackView>, MeterError> {
-    let acct = meter.known_account(id, now).await?;
-    let stored = meter.store().list_packs(id).await?;
-    Ok(meter.pack_views(&acct, stored))
 }

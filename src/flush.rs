@@ -1,15 +1,31 @@
 //! The background flusher: moves unflushed usage from the meter to the store.
 //!
 //! Every `flush_interval`, or sooner once many accounts are dirty, it takes
-//! the dirty accounts' [`Pending`](crate::ledger::Pending) changes and writes
-//! them in transactions of at most `batch_accounts` accounts. A batch the
-//! store refuses is merged back into its accounts, which are queued again,
-//! and the flusher retries with exponential backoff while the hot path keeps
-//! serving: a failed flush loses nothing.
+//! the dirty accounts' [`Pending`] changes, a chunk of at most
+//! `batch_accounts` accounts at a time, and writes each chunk as one
+//! [`FlushBatch`] in one transaction.
+//!
+//! - A **transient** failure (the store is busy or unreachable) puts the
+//!   chunk's changes back into its accounts, at the head of the queue, and
+//!   the flusher retries with exponential backoff while the hot path keeps
+//!   serving: nothing is lost.
+//! - A **permanent** failure (the store refuses the data itself, such as an
+//!   amount it cannot hold) is narrowed down by splitting the chunk in
+//!   halves until the accounts that cause it are found. Those are set aside
+//!   (logged, counted in `packmeter_flush_set_aside_accounts`, kept in
+//!   memory and written to the spill file at shutdown); everything else
+//!   keeps flowing.
+//!
+//! Every batch carries a unique id that the store records, so a batch that
+//! is written again (from the spill file, after a flush whose outcome was
+//! unknown) is applied once. What is not yet durable is always in exactly
+//! one of three places: an account's ledger, the batch being written, or
+//! the store; [`Flusher::spill`] collects the first two.
 
 use std::{
+    hash::{BuildHasher, Hasher},
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -19,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     calendar::{now_ts, Ts},
-    ledger::FlushBatch,
+    ledger::{FlushBatch, Pending},
     meter::{to_flush, AccountState, Meter},
-    store::StoreError,
+    store::{Store, StoreError},
 };
 
 /// What one flush did.
@@ -30,6 +46,8 @@ pub struct FlushReport {
     pub accounts: usize,
     pub deltas: usize,
     pub batches: usize,
+    /// Accounts this flush set aside after a permanent store error.
+    pub set_aside: usize,
     pub elapsed: Duration,
 }
 
@@ -37,6 +55,8 @@ pub struct FlushReport {
 pub trait FlushObserver: Send + Sync + 'static {
     fn flushed(&self, report: &FlushReport);
     fn failed(&self, error: &StoreError);
+    /// An account's changes were refused for good and set aside.
+    fn set_aside(&self, _account: &str, _error: &StoreError) {}
 }
 
 impl FlushObserver for () {
@@ -44,8 +64,21 @@ impl FlushObserver for () {
     fn failed(&self, _: &StoreError) {}
 }
 
+/// An account and the changes taken from it for a batch.
+type Work = Vec<(Arc<AccountState>, Pending)>;
+
+/// Batches whose changes are out of their accounts and not yet known to be
+/// in the store.
+#[derive(Default)]
+struct InFlight {
+    batches: Vec<Arc<FlushBatch>>,
+    /// Set by [`Flusher::spill`]: nothing more is taken from the accounts.
+    halted: bool,
+}
+
 pub struct Flusher {
     meter: Arc<Meter>,
+    store: Arc<dyn Store>,
     /// Accounts per transaction.
     batch_accounts: usize,
     /// One flush at a time: the background loop and `Admin.Flush` share it.
@@ -55,6 +88,12 @@ pub struct Flusher {
     /// Oldest change in the batch being written (`Ts::MAX` when none), so
     /// the oldest-unflushed metric still sees it while it is out of the queue.
     in_flight_since: AtomicI64,
+    /// A short, synchronous critical section around every move of changes
+    /// between accounts and batches.
+    in_flight: parking_lot::Mutex<InFlight>,
+    /// This process's batch ids: a random node part and a sequence.
+    node: u64,
+    seq: AtomicU64,
 }
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
@@ -65,18 +104,58 @@ pub const BATCH_ACCOUNTS: usize = 5_000;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A random 64-bit number from the standard library's per-process keys.
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 impl Flusher {
-    pub fn new(meter: Arc<Meter>, batch_accounts: usize, observer: Arc<dyn FlushObserver>) -> Self {
+    pub fn new(
+        meter: Arc<Meter>,
+        store: Arc<dyn Store>,
+        batch_accounts: usize,
+        observer: Arc<dyn FlushObserver>,
+    ) -> Self {
         Flusher {
             meter,
+            store,
             batch_accounts: batch_accounts.max(1),
             running: tokio::sync::Mutex::new(()),
             observer,
             in_flight_since: AtomicI64::new(Ts::MAX),
+            in_flight: parking_lot::Mutex::new(InFlight::default()),
+            node: random_u64(),
+            seq: AtomicU64::new(0),
         }
     }
 
-    /// Flushes everything acknowledged so far and returns once it is durable.
+    /// A batch id no other batch has: this process's node part and a sequence.
+    pub fn next_batch_id(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-{n}", self.node)
+    }
+
+    fn batch(&self, work: &[(Arc<AccountState>, Pending)]) -> Arc<FlushBatch> {
+        Arc::new(FlushBatch {
+            batch_id: self.next_batch_id(),
+            now: now_ts(),
+            accounts: work
+                .iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(a, p)| to_flush(a, p))
+                .collect(),
+        })
+    }
+
+    /// Flushes everything acknowledged so far and returns once it is durable
+    /// (or set aside, which the report counts).
     ///
     /// The work runs in its own task: if the caller goes away (a cancelled
     /// `Admin.Flush`), the flush still finishes and re-queues correctly.
@@ -88,7 +167,7 @@ impl Flusher {
     }
 
     /// Runs `f` while no flush is in progress, so no changes are in flight
-    /// between the meter and the store (used for settled exports).
+    /// between the meter and the store (used for settlement).
     pub async fn quiesced<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let _guard = self.running.lock().await;
         f.await
@@ -97,59 +176,133 @@ impl Flusher {
     async fn flush_inner(&self) -> Result<FlushReport, StoreError> {
         let _guard = self.running.lock().await;
         let started = Instant::now();
-        let mut rest: Vec<(Arc<AccountState>, _)> = self
+        let mut report = FlushReport::default();
+        // The accounts queued now; those queued during this flush wait for
+        // the next one, so a flush under load still ends.
+        let mut left = self.meter.dirty_len();
+        while left > 0 {
+            let Some((work, batch)) = self.take_chunk(left.min(self.batch_accounts)) else {
+                break;
+            };
+            left = left.saturating_sub(work.len().max(1));
+            self.write(work, batch, &mut report).await?;
+        }
+        self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
+        report.elapsed = started.elapsed();
+        self.observer.flushed(&report);
+        Ok(report)
+    }
+
+    /// Takes up to `n` accounts' changes out of the meter as one batch,
+    /// published as in flight in the same critical section.
+    fn take_chunk(&self, n: usize) -> Option<(Work, Arc<FlushBatch>)> {
+        let mut state = self.in_flight.lock();
+        if state.halted {
+            return None;
+        }
+        let mut work: Work = self
             .meter
-            .take_dirty()
+            .take_dirty(n)
             .into_iter()
             .map(|a| {
                 let p = a.take_pending();
                 (a, p)
             })
             .collect();
-        let oldest = rest.iter().filter_map(|(_, p)| p.since).min();
-        self.in_flight_since
-            .store(oldest.unwrap_or(Ts::MAX), Ordering::Relaxed);
+        if work.is_empty() {
+            return None;
+        }
         // In key order, each transaction's upserts walk the tables' B-trees
         // forwards instead of jumping around them.
-        rest.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
-        let mut report = FlushReport::default();
-        while !rest.is_empty() {
-            let n = rest.len().min(self.batch_accounts);
-            let chunk: Vec<_> = rest.drain(..n).collect();
-            let batch = FlushBatch {
-                now: now_ts(),
-                accounts: chunk
-                    .iter()
-                    .filter(|(_, p)| !p.is_empty())
-                    .map(|(a, p)| to_flush(a, p))
-                    .collect(),
-            };
-            if let Err(e) = self.meter.store().write_batch(&batch).await {
-                let failed = chunk.into_iter().chain(rest);
-                let mut back = Vec::new();
-                for (a, p) in failed {
-                    a.restore_pending(p);
-                    back.push(a);
-                }
-                self.meter.requeue_front(back);
-                self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
-                self.observer.failed(&e);
-                return Err(e);
-            }
-            report.batches += 1;
-            report.accounts += batch.accounts.len();
-            report.deltas += batch.accounts.iter().map(|a| a.deltas.len()).sum::<usize>();
-            let again: Vec<_> = chunk
-                .into_iter()
-                .filter(|(a, _)| a.finish_flush())
-                .map(|(a, _)| a)
-                .collect();
-            self.meter.requeue(again);
+        work.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
+        if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since).min() {
+            self.in_flight_since.store(oldest, Ordering::Relaxed);
         }
-        self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
-        report.elapsed = started.elapsed();
-        self.observer.flushed(&report);
-        Ok(report)
+        let batch = self.batch(&work);
+        state.batches.push(batch.clone());
+        Some((work, batch))
+    }
+
+    /// Writes one chunk; on a permanent error, narrows it down by halves.
+    async fn write(
+        &self,
+        work: Work,
+        batch: Arc<FlushBatch>,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        let mut parts = vec![(work, batch)];
+        while let Some((work, batch)) = parts.pop() {
+            match self.store.write_batch(&batch).await {
+                Ok(_) => {
+                    let again: Vec<_> = {
+                        let mut state = self.in_flight.lock();
+                        state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
+                        work.into_iter()
+                            .filter(|(a, _)| a.finish_flush())
+                            .map(|(a, _)| a)
+                            .collect()
+                    };
+                    self.meter.requeue(again);
+                    report.batches += 1;
+                    report.accounts += batch.accounts.len();
+                    report.deltas += batch.accounts.iter().map(|a| a.deltas.len()).sum::<usize>();
+                }
+                Err(e) if e.transient => {
+                    // Everything not yet written goes back, oldest first.
+                    let mut back = Vec::new();
+                    {
+                        let mut state = self.in_flight.lock();
+                        let halted = state.halted;
+                        state.batches.clear();
+                        for (a, p) in parts.into_iter().map(|p| p.0).chain([work]).flatten() {
+                            // Once spilled, the changes are in the spill file.
+                            if !halted {
+                                a.restore_pending(p);
+                            }
+                            back.push(a);
+                        }
+                    }
+                    back.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+                    self.meter.requeue_front(back);
+                    self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
+                    self.observer.failed(&e);
+                    return Err(e);
+                }
+                Err(e) if work.len() > 1 => {
+                    // Permanent: one of these accounts holds what the store
+                    // refuses. Try each half on its own.
+                    let mut state = self.in_flight.lock();
+                    state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
+                    let mut first = work;
+                    let second = first.split_off(first.len() / 2);
+                    for half in [second, first] {
+                        let b = self.batch(&half);
+                        state.batches.push(b.clone());
+                        parts.push((half, b));
+                    }
+                    tracing::debug!(error = %e, "permanent flush error; narrowing the batch down");
+                }
+                Err(e) => {
+                    let mut state = self.in_flight.lock();
+                    state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
+                    for (a, p) in work {
+                        tracing::error!(
+                            account = %a.id(),
+                            error = %e,
+                            "the store refuses this account's usage; it is set aside, kept in \
+                             memory and written to the spill file at shutdown"
+                        );
+                        self.observer.set_aside(a.id(), &e);
+                        if !state.halted {
+                            a.restore_pending(p);
+                        }
+                        self.meter.set_aside(a);
+                        report.set_aside += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Flushes every `interval`, or when the meter asks for it, until
@@ -174,16 +327,28 @@ impl Flusher {
         }
     }
 
-    /// The final flush at shutdown: retries until it succeeds or `deadline`.
+    /// The final flush at shutdown: flushes until nothing is queued,
+    /// retrying transient failures with backoff, until `deadline`. Call it
+    /// once no deduction can be acknowledged any more (the gate is closed).
     pub async fn final_flush(
         self: &Arc<Self>,
-        deadline: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<FlushReport, StoreError> {
         let attempt = async {
+            let mut total = FlushReport::default();
             let mut delay = MIN_BACKOFF;
             loop {
                 match self.flush().await {
-                    Ok(r) => return Ok(r),
+                    Ok(r) => {
+                        total.accounts += r.accounts;
+                        total.deltas += r.deltas;
+                        total.batches += r.batches;
+                        total.set_aside += r.set_aside;
+                        total.elapsed += r.elapsed;
+                        if self.meter.dirty_len() == 0 {
+                            return Ok(total);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "final flush failed; retrying");
                         tokio::time::sleep(delay).await;
@@ -192,13 +357,37 @@ impl Flusher {
                 }
             }
         };
-        tokio::time::timeout(deadline, attempt)
+        tokio::time::timeout_at(deadline, attempt)
             .await
             .unwrap_or_else(|_| {
-                Err(StoreError::permanent(format!(
-                    "final flush did not finish within {deadline:?}"
-                )))
+                Err(StoreError::permanent(
+                    "the final flush did not finish within the shutdown grace period",
+                ))
             })
+    }
+
+    /// Stops all flushing and returns everything not yet known to be in the
+    /// store: the batch being written, if any, and every account's unflushed
+    /// changes (queued or set aside), as batches with fresh ids. The
+    /// accounts' ledgers are emptied. For the spill file at shutdown.
+    pub fn spill(&self) -> Vec<Arc<FlushBatch>> {
+        let mut state = self.in_flight.lock();
+        state.halted = true;
+        let mut out = std::mem::take(&mut state.batches);
+        let work: Work = self
+            .meter
+            .unflushed_accounts()
+            .into_iter()
+            .map(|a| {
+                let p = a.take_pending();
+                (a, p)
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        for chunk in work.chunks(self.batch_accounts) {
+            out.push(self.batch(chunk));
+        }
+        out
     }
 
     /// Wall-clock age of the oldest unflushed change, at `now`: in the
@@ -211,5 +400,9 @@ impl Flusher {
             .chain(self.meter.oldest_dirty_since())
             .min();
         since.map(|s| Duration::from_micros(u64::try_from(now.saturating_sub(s)).unwrap_or(0)))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 }

@@ -41,6 +41,10 @@ impl From<MeterError> for Status {
             }
             MeterError::NotFound(_) => Status::not_found(msg),
             MeterError::PackConflict(_) => Status::already_exists(msg),
+            // Retryable: the original request is about to finish.
+            MeterError::DuplicateInFlight(_) => Status::aborted(msg),
+            // The gateway should send the request to another node.
+            MeterError::ShuttingDown => Status::unavailable(msg),
             // UNAVAILABLE rather than INTERNAL or UNKNOWN: the store is
             // outside this process and may come back, and gateways (Envoy's
             // failure_mode_deny among them) treat UNAVAILABLE as retryable.

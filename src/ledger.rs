@@ -39,7 +39,7 @@ impl Delta {
 }
 
 /// A remembered request id (R10), with what its deduction did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DedupRecord {
     pub request_id: Box<str>,
     pub expires_at: Ts,
@@ -125,10 +125,13 @@ impl Pending {
         self.since.get_or_insert(now);
         // Linear scan: an account rarely has more than a handful of keys
         // between two flushes, and this avoids a map per account.
+        // A sum that would overflow starts a second delta for the key: the
+        // usage is kept, and the store refuses the row it cannot hold
+        // (the flusher then sets the account aside) rather than wrap.
         match self
             .deltas
             .iter_mut()
-            .find(|d| d.same_key(hour, item, pack))
+            .find(|d| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some())
         {
             Some(d) => d.amount += amount,
             None => self.deltas.push(Delta {
@@ -166,7 +169,7 @@ impl Pending {
 }
 
 /// One delta as the store sees it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeltaRow {
     pub hour: Ts,
     pub item: Item,
@@ -176,7 +179,7 @@ pub struct DeltaRow {
 }
 
 /// An account row.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccountRecord {
     pub account_id: String,
     pub activated_at: Option<Ts>,
@@ -185,7 +188,7 @@ pub struct AccountRecord {
 }
 
 /// One account's part of a flush.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccountFlush {
     pub account_id: Arc<str>,
     /// Written (activation filled in if the stored row lacks it) when set.
@@ -195,8 +198,12 @@ pub struct AccountFlush {
 }
 
 /// What the store commits in one transaction.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlushBatch {
+    /// Unique per batch: the store records the ids it applied and skips a
+    /// batch it has seen, so a batch replayed from the spill file after a
+    /// flush that did commit is never applied twice.
+    pub batch_id: String,
     pub accounts: Vec<AccountFlush>,
     /// Idempotency keys that expired before this instant may be deleted.
     pub now: Ts,

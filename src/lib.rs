@@ -5,7 +5,7 @@
 //! request. packmeter deducts the call and its egress from the account's
 //! free-tier and purchased packs in microseconds, from in-memory atomic
 //! counters, and flushes the usage to a durable store in the background.
-//! The billing rules R1–R12 are in `DESIGN.md`.
+//! The billing rules R1–R12 are in `docs/billing-rules.md`.
 //!
 //! # Layout
 //!
@@ -16,6 +16,10 @@
 //! - [`ledger`]: unflushed per-hour deltas and the rows a flush writes (R12).
 //!
 //! Around it:
+//! - [`app`]: the application layer every transport calls: the one
+//!   deduction path ([`app::App::deduct`]) and one function per admin change.
+//! - [`clock`]: the server clock, replaceable in tests.
+//! - [`spill`]: usage the final flush could not write, replayed at start.
 //! - [`flush`]: the background flusher, with put-back and backoff on failure.
 //! - [`store`]: the store trait and [`store::sqlite`].
 //! - [`grpc`]: the `Meter` and `Admin` services, Envoy's rate-limit service ([`grpc::envoy_rls`]),
@@ -30,8 +34,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_http;
+pub mod app;
 pub mod calendar;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod drain;
 pub mod flush;
@@ -43,4 +49,5 @@ pub mod metrics;
 pub mod pack_page;
 pub mod packs;
 pub mod server;
+pub mod spill;
 pub mod store;

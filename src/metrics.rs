@@ -85,6 +85,8 @@ pub struct Metrics {
     last_flush_ok: std::sync::atomic::AtomicBool,
     resident_accounts: Gauge,
     dirty_accounts: Gauge,
+    set_aside_accounts: Gauge,
+    set_aside_total: Counter,
 }
 
 impl Default for Metrics {
@@ -174,6 +176,19 @@ impl Metrics {
             "Accounts with usage waiting for a flush",
             dirty_accounts.clone(),
         );
+        let set_aside_accounts = Gauge::default();
+        registry.register(
+            "flush_set_aside_accounts",
+            "Accounts whose usage the store refuses for good: kept in memory, out of the flush \
+             queue, and written to the spill file at shutdown",
+            set_aside_accounts.clone(),
+        );
+        let set_aside_total = Counter::default();
+        registry.register(
+            "flush_set_aside",
+            "Accounts set aside after a permanent store error",
+            set_aside_total.clone(),
+        );
         let d = |v| {
             deductions
                 .get_or_create(&DecisionLabel { decision: v })
@@ -199,6 +214,8 @@ impl Metrics {
             last_flush_ok: true.into(),
             resident_accounts,
             dirty_accounts,
+            set_aside_accounts,
+            set_aside_total,
         }
     }
 
@@ -234,8 +251,16 @@ impl Metrics {
     }
 
     /// Renders the registry after setting the gauges read at scrape time.
-    pub fn render(&self, oldest_unflushed_s: f64, resident: usize, dirty: usize) -> String {
+    pub fn render(
+        &self,
+        oldest_unflushed_s: f64,
+        resident: usize,
+        dirty: usize,
+        set_aside: usize,
+    ) -> String {
         self.oldest_unflushed.set(oldest_unflushed_s);
+        self.set_aside_accounts
+            .set(i64::try_from(set_aside).unwrap_or(i64::MAX));
         self.resident_accounts
             .set(i64::try_from(resident).unwrap_or(i64::MAX));
         self.dirty_accounts
@@ -263,5 +288,9 @@ impl FlushObserver for Metrics {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         self.store_up.set(0);
         self.flush_failures.inc();
+    }
+
+    fn set_aside(&self, _account: &str, _error: &StoreError) {
+        self.set_aside_total.inc();
     }
 }

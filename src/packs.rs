@@ -18,7 +18,10 @@ use std::{
 use crate::calendar::{FreeMonth, Ts};
 
 /// A billable item.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Item {
     Calls,
     EgressBytes,
@@ -69,7 +72,8 @@ impl FromStr for Item {
 }
 
 /// Where a pack came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PackSource {
     FreeTier,
     Purchased,
@@ -100,7 +104,7 @@ impl PackSource {
 }
 
 /// What a pack is, without its usage.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PackSpec {
     pub pack_id: Arc<str>,
     pub source: PackSource,
@@ -246,6 +250,19 @@ impl Split {
             pack.give_back(amount);
         }
     }
+}
+
+/// What `packs` valid at `ts` hold for `item` in all, and what they still hold.
+pub fn totals(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> (u64, u64) {
+    packs
+        .iter()
+        .filter(|p| p.spec.item == item && p.spec.valid_at(ts))
+        .fold((0u64, 0u64), |(cap, left), p| {
+            (
+                cap.saturating_add(p.spec.capacity),
+                left.saturating_add(p.remaining()),
+            )
+        })
 }
 
 /// What `packs` still hold for `item` at `ts`.

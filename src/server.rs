@@ -1,13 +1,24 @@
-//! `packmeter serve`: wires the meter, the flusher, the gRPC services and
-//! the admin port together, and owns the shutdown sequence:
+//! `packmeter serve`: wires the application, the flusher, the gRPC services
+//! and the admin port together, and owns start-up and the shutdown
+//! sequence.
 //!
+//! Start-up replays the spill file a previous shutdown may have left (see
+//! [`crate::spill`]) before it binds any port.
+//!
+//! Shutdown, all within `--shutdown-grace` from the signal:
 //! 1. SIGTERM or SIGINT arrives;
-//! 2. health reports NOT_SERVING and `/readyz` 503;
+//! 2. health reports NOT_SERVING and `/readyz` 503; the gate closes, so
+//!    every new deduction gets UNAVAILABLE and open `DeductStream`s answer
+//!    what they took and end with UNAVAILABLE; once `close` returns, no
+//!    deduction is in progress;
 //! 3. the gRPC server stops accepting connections and waits for the
-//!    requests in flight (bounded by half the grace), then closes idle
-//!    connections;
-//! 4. a final flush runs, bounded by the rest of the grace;
-//! 5. the process exits 0.
+//!    requests in flight (bounded by half the grace), then closes them;
+//! 4. the background flusher stops (a flush already running finishes, or
+//!    the deadline passes);
+//! 5. the final flush runs, and repeats until nothing is unflushed;
+//! 6. the process exits 0; or, if the store refused the final flush or the
+//!    deadline passed, it writes what is unflushed to the spill file beside
+//!    the store and exits non-zero. Nothing acknowledged is lost either way.
 
 use std::{
     future::Future,
@@ -25,16 +36,16 @@ use tonic_health::ServingStatus;
 use crate::grpc::rls_server::rate_limit_service_server::RateLimitServiceServer;
 use crate::{
     admin_http::{self, AdminState},
-    calendar::now_ts,
+    app::App,
+    clock::SystemClock,
     config::Config,
     drain::Drain,
-    flush::Flusher,
     grpc::{
         admin::AdminService, envoy_rls::RlsService, meter::MeterService, noop::NoopService, proto,
     },
     meter::Meter,
     metrics::Metrics,
-    store,
+    spill, store,
 };
 
 /// Why `serve` stopped with an error.
@@ -49,8 +60,24 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
-    #[error("final flush failed, usage since the last flush is lost: {0}")]
-    FinalFlush(crate::store::StoreError),
+    #[error(
+        "the final flush failed ({error}); the unflushed usage is in {} and is replayed at \
+         the next start", path.display()
+    )]
+    FinalFlush {
+        error: crate::store::StoreError,
+        path: std::path::PathBuf,
+    },
+    #[error(
+        "the final flush failed ({error}) and the unflushed usage could not be written to the \
+         spill file either ({spill}); it is lost"
+    )]
+    SpillFailed {
+        error: crate::store::StoreError,
+        spill: spill::SpillError,
+    },
+    #[error("{0}")]
+    Replay(#[from] spill::SpillError),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
     #[error("reflection setup failed: {0}")]
@@ -66,13 +93,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let store = store::open(&config.store)?;
-    let meter = Arc::new(Meter::new(config.meter.clone(), store));
+    let spill_path = store::spill_path(&config.store);
+    let replayed = spill::replay(&*store, &spill_path).await?;
+    if replayed != spill::Replayed::default() {
+        tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
+    }
     let metrics = Arc::new(Metrics::new());
-    let flusher = Arc::new(Flusher::new(
-        meter.clone(),
-        crate::flush::BATCH_ACCOUNTS,
+    let app = Arc::new(App::new(
+        config.meter.clone(),
+        store,
         metrics.clone(),
+        Arc::new(SystemClock),
+        crate::flush::BATCH_ACCOUNTS,
     ));
+    let meter: Arc<Meter> = app.meter().clone();
+    let flusher = app.flusher().clone();
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -128,9 +163,7 @@ pub async fn serve(
     ));
 
     let admin_state = Arc::new(AdminState {
-        meter: meter.clone(),
-        flusher: flusher.clone(),
-        metrics: metrics.clone(),
+        app: app.clone(),
         ready: true.into(),
     });
     let stop_admin = CancellationToken::new();
@@ -147,16 +180,28 @@ pub async fn serve(
         })
     };
 
-    // The shutdown sequence starts here: flip health and readiness first,
-    // then let tonic drain.
+    // The shutdown sequence starts here: flip health and readiness, close
+    // the gate to deductions, then let tonic drain. The deadline counts
+    // from the signal.
     let draining = CancellationToken::new();
+    let grace = config.shutdown_grace;
+    let deadline = Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
     {
-        let (draining, health, admin_state) =
-            (draining.clone(), health.clone(), admin_state.clone());
+        let (draining, health, admin_state, app, deadline) = (
+            draining.clone(),
+            health.clone(),
+            admin_state.clone(),
+            app.clone(),
+            deadline.clone(),
+        );
         tokio::spawn(async move {
             shutdown.await;
-            tracing::info!("shutdown requested: draining");
+            let _ = deadline.set(tokio::time::Instant::now() + grace);
+            tracing::info!("shutdown requested: refusing new deductions and draining");
             admin_state.ready.store(false, Ordering::Release);
+            // Waits (microseconds) for deductions between their checks and
+            // their ledger entry; every later one is refused.
+            app.close();
             for s in services {
                 health
                     .set_service_status(s, ServingStatus::NotServing)
@@ -194,18 +239,15 @@ pub async fn serve(
     } else {
         router
             .add_service(proto::meter_server::MeterServer::new(MeterService::new(
-                meter.clone(),
-                metrics.clone(),
+                app.clone(),
                 config.max_batch,
                 drain.clone(),
             )))
             .add_service(proto::admin_server::AdminServer::new(AdminService::new(
-                meter.clone(),
-                flusher.clone(),
+                app.clone(),
             )))
             .add_service(RateLimitServiceServer::new(RlsService::new(
-                meter.clone(),
-                metrics.clone(),
+                app.clone(),
                 config.rls.clone(),
             )))
     };
@@ -221,7 +263,6 @@ pub async fn serve(
     // Once draining, wait for the requests in flight, not for clients to
     // hang up; and not forever: a client holding a DeductStream open must
     // not keep the process from flushing within its grace period.
-    let grace = config.shutdown_grace;
     let served = {
         tokio::pin!(grpc);
         tokio::select! {
@@ -236,18 +277,51 @@ pub async fn serve(
             }
         }
     };
+    // Normally set by the signal; the server can also stop on its own.
+    let deadline = *deadline.get_or_init(|| tokio::time::Instant::now() + grace);
+    // Nothing is acknowledged any more once the gate is closed (it already
+    // is after a signal).
+    app.close();
     let started = Instant::now();
     stop_background.cancel();
     tasks.close();
-    tasks.wait().await;
-    let left = grace.saturating_sub(grace / 2).max(Duration::from_secs(1));
-    let flushed = flusher.final_flush(left).await;
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the running flush did not finish before the deadline");
+    }
+    let flushed = flusher.final_flush(deadline).await;
+    let set_aside = meter.set_aside_accounts().len();
+    let outcome = match flushed {
+        Ok(report) if set_aside == 0 => {
+            tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
+            Ok(())
+        }
+        other => {
+            let error = other.err().unwrap_or_else(|| {
+                crate::store::StoreError::permanent(format!(
+                    "the store refuses the usage of {set_aside} account(s)"
+                ))
+            });
+            let batches = flusher.spill();
+            let accounts: usize = batches.iter().map(|b| b.accounts.len()).sum();
+            match spill::append(&spill_path, &batches) {
+                Ok(()) => {
+                    tracing::error!(%error, accounts, path = %spill_path.display(), "final flush failed; unflushed usage written to the spill file");
+                    Err(ServeError::FinalFlush {
+                        error,
+                        path: spill_path.clone(),
+                    })
+                }
+                Err(spill) => Err(ServeError::SpillFailed { error, spill }),
+            }
+        }
+    };
     stop_admin.cancel();
     let _ = admin.await;
     served?;
-    let report = flushed.map_err(ServeError::FinalFlush)?;
-    tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
-    Ok(())
+    outcome
 }
 
 /// Evicts idle accounts once a minute (or every `idle / 4`, if shorter).
@@ -261,7 +335,7 @@ async fn evict_loop(meter: Arc<Meter>, idle: Duration, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let evicted = meter.evict_idle(now_ts().saturating_sub(idle_us));
+        let evicted = meter.evict_idle(crate::calendar::now_ts().saturating_sub(idle_us));
         if evicted > 0 {
             tracing::debug!(
                 evicted,

@@ -86,8 +86,10 @@ pub trait Store: Send + Sync + 'static {
     /// that have recorded usage.
     async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError>;
 
-    /// Applies a flush in one transaction: all of it or nothing.
-    async fn write_batch(&self, batch: &FlushBatch) -> Result<(), StoreError>;
+    /// Applies a flush in one transaction: all of it or nothing. Returns
+    /// false, changing nothing, if a batch with the same id was applied
+    /// before.
+    async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError>;
 
     /// Hourly rows with `from <= hour < to`, optionally for one account.
     async fn usage_rows(
@@ -109,4 +111,11 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Err(StoreError::permanent(format!(
         "unsupported store URL `{url}`: use sqlite://PATH"
     )))
+}
+
+/// Where shutdown writes usage it could not flush (see [`crate::spill`]):
+/// beside the SQLite file, as `PATH.unflushed`.
+pub fn spill_path(url: &str) -> std::path::PathBuf {
+    let base = url.strip_prefix("sqlite://").unwrap_or("packmeter.db");
+    std::path::PathBuf::from(format!("{base}.unflushed"))
 }

@@ -46,11 +46,12 @@ async fn livez_and_readyz_answer_200_while_serving() {
     assert!(status.success(), "{status:?}\n{stderr}");
 }
 
-/// SIGTERM flips readiness to 503 while a DeductStream is still in flight;
-/// the stream may still deduct, and once it closes the process flushes and
-/// exits 0 with every deduction durable.
+/// SIGTERM flips readiness to 503 while a DeductStream is open; the stream
+/// has answered what it took, ends with UNAVAILABLE (so the gateway moves
+/// to another node), and the process flushes and exits 0 with every
+/// acknowledged deduction durable.
 #[tokio::test]
-async fn readyz_is_503_while_draining_and_the_stream_in_flight_is_kept() {
+async fn readyz_is_503_while_draining_and_the_open_stream_ends_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[]);
     let mut meter = server.meter().await;
@@ -79,19 +80,15 @@ async fn readyz_is_503_while_draining_and_the_stream_in_flight_is_kept() {
     // Liveness is not readiness: the draining process is alive.
     assert_eq!(get(&server.admin, "/livez").await.status, 200);
 
-    // The stream opened before SIGTERM still deducts.
-    tx.send(deduct("drainer", 1, 10, None)).await.unwrap();
-    let r = replies
+    // The stream opened before SIGTERM takes no more deductions: it ends
+    // with UNAVAILABLE, whether or not the client sends more.
+    let _ = tx.send(deduct("drainer", 1, 10, None)).await;
+    let end = replies
         .message()
         .await
-        .unwrap()
-        .expect("a reply while draining");
-    assert_eq!(r.decision, proto::Decision::Allow as i32);
+        .expect_err("the stream ends with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     drop(tx);
-    assert!(
-        replies.message().await.unwrap().is_none(),
-        "the stream ends cleanly"
-    );
 
     let (status, stderr) = server.wait();
     assert!(status.success(), "exit {status:?}\n{stderr}");
@@ -102,8 +99,8 @@ async fn readyz_is_503_while_draining_and_the_stream_in_flight_is_kept() {
 
     let server = Server::start_on(&server.db, &[]);
     let packs = server.packs("drainer").await;
-    assert_eq!(common::used(&packs, Item::Calls), 4);
-    assert_eq!(common::used(&packs, Item::EgressBytes), 40);
+    assert_eq!(common::used(&packs, Item::Calls), 3);
+    assert_eq!(common::used(&packs, Item::EgressBytes), 30);
 }
 
 // === metrics ===

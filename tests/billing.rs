@@ -159,6 +159,15 @@ async fn deny_on_exhausted_and_suspended_accounts() {
     assert!(r.deny_reason.contains("on_exhausted"), "{}", r.deny_reason);
     assert_eq!(split(&r.calls), (0, 0, 1));
     assert_eq!(split(&r.egress_bytes), (0, 0, 100));
+    let r = meter
+        .deduct(deduct("strict", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, split(&r.calls)),
+        (Decision::Allow as i32, (1, 0, 0))
+    );
     // Egress alone is never denied, even past the pack.
     let r = meter
         .deduct(deduct("strict", 0, 150, None))
@@ -168,15 +177,6 @@ async fn deny_on_exhausted_and_suspended_accounts() {
     assert_eq!(
         (r.decision, split(&r.egress_bytes)),
         (Decision::Allow as i32, (100, 50, 0))
-    );
-    let r = meter
-        .deduct(deduct("strict", 1, 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (r.decision, split(&r.calls)),
-        (Decision::Allow as i32, (1, 0, 0))
     );
     // A check (0, 0) tells the gateway the next call would be denied.
     let r = meter
@@ -190,6 +190,7 @@ async fn deny_on_exhausted_and_suspended_accounts() {
     assert_eq!(common::used(&packs, Item::EgressBytes), 100);
 
     admin.put_account(put("late", true, false)).await.unwrap();
+
     let r = meter
         .deduct(deduct("late", 1, 10, None))
         .await
@@ -223,6 +224,57 @@ async fn deny_on_exhausted_and_suspended_accounts() {
         .unwrap()
         .into_inner();
     assert_eq!(r.decision, Decision::Allow as i32);
+}
+
+/// R7: an account with `on_exhausted = deny` whose egress packs are
+/// exhausted has its next calls denied, even while its calls packs still
+/// cover them; egress alone is still recorded. (Issue 7, defect 3.)
+#[tokio::test]
+async fn a_deny_account_whose_egress_is_exhausted_is_denied_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--free-calls", "100", "--free-egress-bytes", "1000"],
+    );
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+    admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "strict".into(),
+                activated_at: None,
+                suspended: false,
+                deny_on_exhausted: true,
+            }),
+        })
+        .await
+        .unwrap();
+    let mut deduct_now = async |calls, egress| {
+        meter
+            .deduct(deduct("strict", calls, egress, None))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // A call and more egress than the pack holds: the call is covered, the
+    // egress is reported after the fact and billed as overage.
+    let r = deduct_now(1, 1_500).await;
+    assert_eq!(r.decision, Decision::Allow as i32);
+    assert_eq!(split(&r.egress_bytes), (1_000, 500, 0));
+    // The next call is denied: egress is exhausted. Nothing is deducted.
+    let r = deduct_now(1, 10).await;
+    assert_eq!(r.decision, Decision::Deny as i32, "{r:?}");
+    assert!(r.deny_reason.contains("egress"), "{}", r.deny_reason);
+    assert_eq!(split(&r.calls), (0, 0, 99));
+    // A check says the same; egress alone is still recorded.
+    assert_eq!(deduct_now(0, 0).await.decision, Decision::Deny as i32);
+    let r = deduct_now(0, 10).await;
+    assert_eq!(
+        (r.decision, split(&r.egress_bytes)),
+        (Decision::Allow as i32, (0, 10, 0))
+    );
+    let packs = server.packs("strict").await;
+    assert_eq!(common::used(&packs, Item::Calls), 1);
+    assert_eq!(common::used(&packs, Item::EgressBytes), 1_000);
 }
 
 async fn acct_activation(

@@ -1,8 +1,8 @@
 //! `envoy.service.ratelimit.v3.RateLimitService`: Envoy's global rate-limit
 //! protocol, answered from the account's packs.
 //!
-//! Each descriptor is one deduction through the same path as `Meter.Deduct`
-//! (validate, load the account, [`Meter::deduct`], record the metrics):
+//! A request's descriptors are one all-or-nothing group through
+//! [`App::deduct`], the path every deduction takes:
 //!
 //! - the entry whose key is `rls_account_key` (default `account`) names the
 //!   account; a descriptor without it is INVALID_ARGUMENT;
@@ -16,7 +16,9 @@
 //!   is a descriptor's `limit` override: the packs are the limit.
 //!
 //! The answer is OVER_LIMIT only where R7 denies (`Decision::Deny`). Running
-//! out of packs is otherwise overage, billed, and OK. A store failure is
+//! out of packs is otherwise overage, billed, and OK. Envoy refuses the
+//! whole request when one descriptor is over the limit, so then no
+//! descriptor of it is deducted. A store failure or shutdown is
 //! UNAVAILABLE, so Envoy's `failure_mode_deny` decides.
 
 use std::sync::Arc;
@@ -38,10 +40,10 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::rls_server::rate_limit_service_server::RateLimitService;
 use crate::{
-    calendar::{now_ts, Ts, SECOND},
+    app::{App, DeductRequest, Refused},
+    calendar::{Ts, SECOND},
     config::RlsConfig,
-    meter::{AccountState, Decision, DeductOutcome, Deduction, Meter},
-    metrics::Metrics,
+    meter::{Atomicity, Decision, DeductOutcome, Deduction},
     packs::Item,
 };
 
@@ -49,18 +51,13 @@ use crate::{
 const DENY_REASON_HEADER: &str = "x-packmeter-deny-reason";
 
 pub struct RlsService {
-    meter: Arc<Meter>,
-    metrics: Arc<Metrics>,
+    app: Arc<App>,
     mapping: RlsConfig,
 }
 
 impl RlsService {
-    pub fn new(meter: Arc<Meter>, metrics: Arc<Metrics>, mapping: RlsConfig) -> Self {
-        RlsService {
-            meter,
-            metrics,
-            mapping,
-        }
+    pub fn new(app: Arc<App>, mapping: RlsConfig) -> Self {
+        RlsService { app, mapping }
     }
 }
 
@@ -144,28 +141,11 @@ fn map_descriptor<'a>(
     })
 }
 
-/// What the account's packs for `item` hold in all, counting those valid at `at`.
-fn capacity(acct: &AccountState, item: Item, at: Ts) -> u64 {
-    acct.packs()
-        .iter()
-        .filter(|p| p.spec.item == item && p.spec.valid_at(at))
-        .fold(0u64, |sum, p| sum.saturating_add(p.spec.capacity))
-}
-
-fn status(
-    acct: &AccountState,
-    item: Item,
-    o: &DeductOutcome,
-    now: Ts,
-    until_reset: &PbDuration,
-) -> DescriptorStatus {
+fn status(item: Item, o: &DeductOutcome, until_reset: &PbDuration) -> DescriptorStatus {
     let item_outcome = match item {
         Item::Calls => &o.calls,
         Item::EgressBytes => &o.egress_bytes,
     };
-    // A check on an account not yet activated reports the packs its first
-    // deduction would get, which are not resident yet.
-    let limit = capacity(acct, item, now).max(item_outcome.remaining);
     let code = match o.decision {
         Decision::Allow => Code::Ok,
         Decision::Deny(_) => Code::OverLimit,
@@ -174,7 +154,7 @@ fn status(
         code: code as i32,
         current_limit: Some(CurrentLimit {
             name: item.as_str().to_string(),
-            requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX),
+            requests_per_unit: u32::try_from(item_outcome.limit).unwrap_or(u32::MAX),
             unit: Unit::Month as i32,
         }),
         limit_remaining: u32::try_from(item_outcome.remaining).unwrap_or(u32::MAX),
@@ -185,14 +165,10 @@ fn status(
 
 #[tonic::async_trait]
 impl RateLimitService for RlsService {
-    /// All descriptors are mapped, validated and their accounts loaded
-    /// before the first is deducted, so a bad one changes nothing.
-    ///
-    /// Deductions then run in descriptor order. Once one is denied, Envoy
-    /// will refuse the request, so the descriptors after it only check and
-    /// deduct nothing. Those before it stay deducted: like Envoy's own
-    /// rate-limit service, packmeter does not take back a hit another
-    /// request may already have seen.
+    /// All descriptors are mapped and validated, and their accounts
+    /// loaded, before anything is deducted, so a bad one changes nothing.
+    /// If R7 denies one descriptor, none is deducted: Envoy refuses the
+    /// whole request, so charging the others would bill refused traffic.
     // Debug, not info: an enabled span costs about 1.3 µs per request
     // (10% of a unary RPC on loopback), measured with `packmeter loadgen`.
     #[tracing::instrument(level = "debug", skip_all, fields(n = req.get_ref().descriptors.len()))]
@@ -214,50 +190,49 @@ impl RateLimitService for RlsService {
                 "descriptors: is empty; send at least one",
             ));
         }
-        let now = now_ts();
         let mut wanted = Vec::with_capacity(r.descriptors.len());
         for (i, d) in r.descriptors.iter().enumerate() {
-            let w = map_descriptor(&self.mapping, d, r.hits_addend).map_err(|s| at_index(i, s))?;
-            self.meter
-                .validate(w.account_id, &w.deduction, now)
-                .map_err(|e| at_index(i, e.into()))?;
-            wanted.push(w);
+            wanted
+                .push(map_descriptor(&self.mapping, d, r.hits_addend).map_err(|s| at_index(i, s))?);
         }
-        let mut accounts = Vec::with_capacity(wanted.len());
-        for (i, w) in wanted.iter().enumerate() {
-            let acct = self
-                .meter
-                .account_for_deduction(w.account_id, now)
-                .await
-                .map_err(|e| at_index(i, e.into()))?;
-            accounts.push(acct);
-        }
+        let group: Vec<DeductRequest<'_>> = wanted
+            .iter()
+            .map(|w| DeductRequest {
+                account_id: w.account_id,
+                deduction: w.deduction,
+            })
+            .collect();
+        let outcomes = self
+            .app
+            .deduct(&group, Atomicity::AllOrNothing)
+            .await
+            .map_err(|Refused { index, error }| at_index(index, error.into()))?;
 
-        let reset = self.meter.config().zone.next_month_start(now);
+        let now = self.app.now();
+        let reset = self.app.config().zone.next_month_start(now);
         let until_reset = duration(reset.saturating_sub(now));
-        let mut overall = Code::Ok;
-        let mut response_headers_to_add = Vec::new();
-        let mut statuses = Vec::with_capacity(wanted.len());
-        for (w, acct) in wanted.iter().zip(&accounts) {
-            let d = if overall == Code::OverLimit {
-                Deduction::default()
-            } else {
-                w.deduction
-            };
-            let o = self.meter.deduct(acct, &d, now);
-            self.metrics.record_deduction(&o);
-            if let Decision::Deny(reason) = o.decision {
-                if overall == Code::Ok {
-                    response_headers_to_add.push(HeaderValue {
-                        key: DENY_REASON_HEADER.into(),
-                        value: reason.as_str().into(),
-                        raw_value: Vec::new(),
-                    });
-                }
-                overall = Code::OverLimit;
-            }
-            statuses.push(status(acct, w.item, &o, now, &until_reset));
-        }
+        let denied = outcomes.iter().find_map(|o| match o.decision {
+            Decision::Deny(reason) => Some(reason),
+            Decision::Allow => None,
+        });
+        let response_headers_to_add = denied
+            .map(|reason| HeaderValue {
+                key: DENY_REASON_HEADER.into(),
+                value: reason.as_str().into(),
+                raw_value: Vec::new(),
+            })
+            .into_iter()
+            .collect();
+        let overall = if denied.is_some() {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        let statuses = wanted
+            .iter()
+            .zip(&outcomes)
+            .map(|(w, o)| status(w.item, o, &until_reset))
+            .collect();
         Ok(Response::new(RateLimitResponse {
             overall_code: overall as i32,
             statuses,

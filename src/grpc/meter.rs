@@ -1,4 +1,5 @@
-//! `packmeter.v1.Meter`: the hot path over gRPC.
+//! `packmeter.v1.Meter`: the hot path over gRPC. Converts and calls
+//! [`App`]; every deduction goes through [`App::deduct`].
 
 use std::{pin::Pin, sync::Arc};
 
@@ -7,15 +8,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, proto};
 use crate::{
-    calendar::{now_ts, Ts},
+    app::{App, DeductRequest, Refused},
     drain::Drain,
-    meter::{DeductOutcome, Deduction, Meter},
-    metrics::Metrics,
+    meter::{Atomicity, Deduction, MeterError},
 };
 
 pub struct MeterService {
-    meter: Arc<Meter>,
-    metrics: Arc<Metrics>,
+    app: Arc<App>,
     max_batch: usize,
     /// A DeductStream counts as in flight until it ends, so shutdown lets
     /// it finish (within the grace period).
@@ -23,28 +22,25 @@ pub struct MeterService {
 }
 
 impl MeterService {
-    pub fn new(
-        meter: Arc<Meter>,
-        metrics: Arc<Metrics>,
-        max_batch: usize,
-        drain: Arc<Drain>,
-    ) -> Self {
+    pub fn new(app: Arc<App>, max_batch: usize, drain: Arc<Drain>) -> Self {
         MeterService {
-            meter,
-            metrics,
+            app,
             max_batch,
             drain,
         }
     }
 }
 
-/// Converts and validates one request; changes nothing.
-fn deduction(r: &proto::DeductRequest) -> Result<Deduction<'_>, Status> {
-    Ok(Deduction {
-        calls: r.calls,
-        egress_bytes: r.egress_bytes,
-        at: convert::ts("at", r.at.as_ref())?,
-        request_id: &r.request_id,
+/// Converts one request; changes nothing.
+fn request(r: &proto::DeductRequest) -> Result<DeductRequest<'_>, Status> {
+    Ok(DeductRequest {
+        account_id: &r.account_id,
+        deduction: Deduction {
+            calls: r.calls,
+            egress_bytes: r.egress_bytes,
+            at: convert::ts("at", r.at.as_ref())?,
+            request_id: &r.request_id,
+        },
     })
 }
 
@@ -53,19 +49,14 @@ fn at_index(i: usize, s: Status) -> Status {
     Status::new(s.code(), format!("deductions[{i}]: {}", s.message()))
 }
 
-/// One deduction, end to end. Shared by the unary, batch and stream RPCs.
-pub(crate) async fn deduct_one(
-    meter: &Meter,
-    metrics: &Metrics,
-    r: &proto::DeductRequest,
-    now: Ts,
-) -> Result<DeductOutcome, Status> {
-    let d = deduction(r)?;
-    meter.validate(&r.account_id, &d, now)?;
-    let acct = meter.account_for_deduction(&r.account_id, now).await?;
-    let o = meter.deduct(&acct, &d, now);
-    metrics.record_deduction(&o);
-    Ok(o)
+/// One deduction, end to end: a unary call or one stream message.
+async fn deduct_one(app: &App, r: &proto::DeductRequest) -> Result<proto::DeductResponse, Status> {
+    let req = request(r)?;
+    let outcomes = app
+        .deduct(&[req], Atomicity::Each)
+        .await
+        .map_err(|e| Status::from(e.error))?;
+    Ok(convert::deduct_response(&outcomes[0]))
 }
 
 type DeductStream = Pin<Box<dyn Stream<Item = Result<proto::DeductResponse, Status>> + Send>>;
@@ -79,8 +70,7 @@ impl proto::meter_server::Meter for MeterService {
         &self,
         req: Request<proto::DeductRequest>,
     ) -> Result<Response<proto::DeductResponse>, Status> {
-        let o = deduct_one(&self.meter, &self.metrics, req.get_ref(), now_ts()).await?;
-        Ok(Response::new(convert::deduct_response(&o)))
+        Ok(Response::new(deduct_one(&self.app, req.get_ref()).await?))
     }
 
     /// All elements are validated and their accounts loaded before the first
@@ -98,68 +88,68 @@ impl proto::meter_server::Meter for MeterService {
                 self.max_batch
             )));
         }
-        let now = now_ts();
-        let mut work = Vec::with_capacity(reqs.len());
+        let mut batch = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
-            let d = deduction(r).map_err(|s| at_index(i, s))?;
-            self.meter
-                .validate(&r.account_id, &d, now)
-                .map_err(|e| at_index(i, e.into()))?;
-            work.push(d);
+            batch.push(request(r).map_err(|s| at_index(i, s))?);
         }
-        let mut accounts = Vec::with_capacity(reqs.len());
-        for (i, r) in reqs.iter().enumerate() {
-            let acct = self
-                .meter
-                .account_for_deduction(&r.account_id, now)
-                .await
-                .map_err(|e| at_index(i, e.into()))?;
-            accounts.push(acct);
-        }
-        let results = work
-            .iter()
-            .zip(&accounts)
-            .map(|(d, acct)| {
-                let o = self.meter.deduct(acct, d, now);
-                self.metrics.record_deduction(&o);
-                convert::deduct_response(&o)
-            })
-            .collect();
+        let outcomes = self
+            .app
+            .deduct(&batch, Atomicity::Each)
+            .await
+            .map_err(|Refused { index, error }| at_index(index, error.into()))?;
+        let results = outcomes.iter().map(convert::deduct_response).collect();
         Ok(Response::new(proto::DeductBatchResponse { results }))
     }
 
     type DeductStreamStream = DeductStream;
 
     /// Replies in order. A bad message ends the stream with its status;
-    /// the deductions before it stand.
+    /// the deductions before it stand. At shutdown the stream answers what
+    /// it has taken and then ends with UNAVAILABLE.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn deduct_stream(
         &self,
         req: Request<Streaming<proto::DeductRequest>>,
     ) -> Result<Response<Self::DeductStreamStream>, Status> {
-        let (meter, metrics) = (self.meter.clone(), self.metrics.clone());
-        let in_flight = self.drain.enter();
-        let out = req
-            .into_inner()
-            .enumerate()
-            .then(move |(i, r)| {
-                let (meter, metrics) = (meter.clone(), metrics.clone());
-                async move {
-                    let r = r?;
-                    deduct_one(&meter, &metrics, &r, now_ts())
-                        .await
-                        .map(|o| convert::deduct_response(&o))
-                        .map_err(|s| at_index(i, s))
+        struct State {
+            inbound: Streaming<proto::DeductRequest>,
+            app: Arc<App>,
+            next: usize,
+            done: bool,
+            // Owned by the stream: dropped when the stream ends.
+            _in_flight: crate::drain::InFlight,
+        }
+        let state = State {
+            inbound: req.into_inner(),
+            app: self.app.clone(),
+            next: 0,
+            done: false,
+            _in_flight: self.drain.enter(),
+        };
+        let out = futures_util::stream::unfold(state, |mut s| async move {
+            if s.done {
+                return None;
+            }
+            let closing = s.app.closing();
+            let msg = tokio::select! {
+                biased;
+                _ = closing.cancelled() => {
+                    s.done = true;
+                    return Some((Err(MeterError::ShuttingDown.into()), s));
                 }
-            })
+                msg = s.inbound.next() => msg,
+            };
+            let reply = match msg? {
+                Err(status) => Err(status),
+                Ok(r) => deduct_one(&s.app, &r)
+                    .await
+                    .map_err(|st| at_index(s.next, st)),
+            };
+            s.next += 1;
             // Stop after the first error, which tonic sends as the trailer.
-            .scan(false, move |failed, r| {
-                // Owned by the stream: dropped when the stream ends.
-                let _held = &in_flight;
-                let stop = *failed;
-                *failed = r.is_err();
-                futures_util::future::ready((!stop).then_some(r))
-            });
+            s.done = reply.is_err();
+            Some((reply, s))
+        });
         Ok(Response::new(Box::pin(out)))
     }
 
@@ -168,21 +158,13 @@ impl proto::meter_server::Meter for MeterService {
         &self,
         req: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let now = now_ts();
         let r = req.get_ref();
-        let at = convert::ts("at", r.at.as_ref())?.unwrap_or(now);
-        let acct = self.meter.known_account(&r.account_id, now).await?;
-        let stored = self
-            .meter
-            .store()
-            .list_packs(&r.account_id)
-            .await
-            .map_err(crate::meter::MeterError::from)?;
+        let at = convert::ts("at", r.at.as_ref())?;
         let packs = self
-            .meter
-            .pack_views(&acct, stored)
+            .app
+            .usage(&r.account_id, at)
+            .await?
             .iter()
-            .filter(|v| v.spec.valid_at(at))
             .map(convert::pack)
             .collect();
         Ok(Response::new(proto::GetUsageResponse { packs }))

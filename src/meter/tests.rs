@@ -3,6 +3,7 @@ use crate::{
     calendar::{from_datetime, SECOND},
     store::sqlite::SqliteStore,
 };
+use crate::{ledger::AccountRecord, packs::Item, store::StoredPack};
 use proptest::prelude::*;
 
 fn at(s: &str) -> Ts {
@@ -54,7 +55,7 @@ fn first_deduction_activates_at_its_event_time() {
     let a = new_account(&m, "acme", now);
     assert_eq!(a.activated_at(), None);
     let t = at("2019-11-10T17:13:14+08:00");
-    let o = m.deduct(&a, &calls(1, t), now);
+    let o = m.deduct(&a, &calls(1, t), now).unwrap();
     assert_eq!(o.decision, Decision::Allow);
     assert_eq!(a.activated_at(), Some(t));
     assert_eq!((o.calls.covered, o.calls.remaining), (1, 999_999));
@@ -67,22 +68,30 @@ fn seed_example_covers_resets_and_ends() {
     let now = at("2021-01-01T00:00:00Z");
     let a = new_account(&m, "acme", now);
     let t0 = at("2019-11-10T17:13:14+08:00");
-    let o = m.deduct(&a, &calls(1_000_000, t0), now);
+    let o = m.deduct(&a, &calls(1_000_000, t0), now).unwrap();
     assert_eq!(
         (o.calls.covered, o.calls.overage, o.calls.remaining),
         (1_000_000, 0, 0)
     );
-    let o = m.deduct(&a, &calls(1, at("2019-11-30T23:59:59+08:00")), now);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-11-30T23:59:59+08:00")), now)
+        .unwrap();
     assert_eq!((o.calls.covered, o.calls.overage), (0, 1));
     // Reset at 00:00 on 1 December, billing zone.
-    let o = m.deduct(&a, &calls(1, at("2019-12-01T00:00:00+08:00")), now);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-12-01T00:00:00+08:00")), now)
+        .unwrap();
     assert_eq!(
         (o.calls.covered, o.calls.overage, o.calls.remaining),
         (1, 0, 999_999)
     );
-    let o = m.deduct(&a, &calls(1, at("2020-11-10T23:59:59+08:00")), now);
+    let o = m
+        .deduct(&a, &calls(1, at("2020-11-10T23:59:59+08:00")), now)
+        .unwrap();
     assert_eq!((o.calls.covered, o.calls.overage), (1, 0));
-    let o = m.deduct(&a, &calls(1, at("2020-11-11T00:00:00+08:00")), now);
+    let o = m
+        .deduct(&a, &calls(1, at("2020-11-11T00:00:00+08:00")), now)
+        .unwrap();
     assert_eq!(
         (o.calls.covered, o.calls.overage, o.calls.remaining),
         (0, 1, 0)
@@ -100,11 +109,11 @@ fn deducts_free_tier_then_purchased_by_priority_then_overage() {
     });
     let now = at("2024-05-10T00:00:00Z");
     let a = new_account(&m, "acme", now);
-    m.deduct(&a, &calls(1, now), now); // activates
+    m.deduct(&a, &calls(1, now), now).unwrap(); // activates
     grant(&m, &a, "late-low", 5, 0, now + 100 * HOUR, now);
     grant(&m, &a, "soon-low", 5, 0, now + 10 * HOUR, now);
     grant(&m, &a, "high", 5, 9, now + 900 * HOUR, now);
-    let o = m.deduct(&a, &calls(20, now), now);
+    let o = m.deduct(&a, &calls(20, now), now).unwrap();
     assert_eq!(
         (o.calls.covered, o.calls.overage, o.calls.remaining),
         (20, 0, 4)
@@ -124,7 +133,7 @@ fn deducts_free_tier_then_purchased_by_priority_then_overage() {
             ("late-low".to_string(), 1),
         ]
     );
-    let o = m.deduct(&a, &calls(7, now), now);
+    let o = m.deduct(&a, &calls(7, now), now).unwrap();
     assert_eq!(
         (o.calls.covered, o.calls.overage, o.calls.remaining),
         (4, 3, 0)
@@ -169,7 +178,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
         },
         now,
     );
-    let o = m.deduct(&a, &calls(8, now), now);
+    let o = m.deduct(&a, &calls(8, now), now).unwrap();
     assert_eq!(o.decision, Decision::Allow);
     let recorded = |a: &AccountState| -> u64 {
         let slot = a.pending.lock();
@@ -184,7 +193,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
         at: Some(now),
         request_id: "r1",
     };
-    let o = m.deduct(&a, &d, now);
+    let o = m.deduct(&a, &d, now).unwrap();
     assert_eq!(o.decision, Decision::Deny(DenyReason::CallsExhausted));
     assert_eq!(
         (o.calls.covered, o.calls.remaining, o.egress_bytes.remaining),
@@ -198,33 +207,38 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
         at: Some(now),
         request_id: "r1",
     };
-    let o = m.deduct(&a, &d, now);
+    let o = m.deduct(&a, &d, now).unwrap();
     assert_eq!(
         (o.decision, o.duplicate, o.calls.covered),
         (Decision::Allow, false, 2)
     );
     // Egress alone is never denied, even past its pack.
-    let o = m.deduct(
-        &a,
-        &Deduction {
-            egress_bytes: 150,
-            at: Some(now),
-            ..Deduction::default()
-        },
-        now,
-    );
+    let o = m
+        .deduct(
+            &a,
+            &Deduction {
+                egress_bytes: 150,
+                at: Some(now),
+                ..Deduction::default()
+            },
+            now,
+        )
+        .unwrap();
     assert_eq!(o.decision, Decision::Allow);
     assert_eq!((o.egress_bytes.covered, o.egress_bytes.overage), (100, 50));
-    // A check now reports the denial the next call would get.
-    let o = m.deduct(
-        &a,
-        &Deduction {
-            at: Some(now),
-            ..Deduction::default()
-        },
-        now,
-    );
-    assert_eq!(o.decision, Decision::Deny(DenyReason::CallsExhausted));
+    // The egress packs are exhausted now: a check reports the denial the
+    // next call would get (R7).
+    let o = m
+        .deduct(
+            &a,
+            &Deduction {
+                at: Some(now),
+                ..Deduction::default()
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(o.decision, Decision::Deny(DenyReason::EgressExhausted));
 }
 
 #[test]
@@ -242,27 +256,31 @@ fn suspended_accounts_are_denied_calls_but_egress_is_recorded() {
         },
         now,
     );
-    let o = m.deduct(
-        &a,
-        &Deduction {
-            calls: 1,
-            egress_bytes: 10,
-            at: Some(now),
-            request_id: "",
-        },
-        now,
-    );
+    let o = m
+        .deduct(
+            &a,
+            &Deduction {
+                calls: 1,
+                egress_bytes: 10,
+                at: Some(now),
+                request_id: "",
+            },
+            now,
+        )
+        .unwrap();
     assert_eq!(o.decision, Decision::Deny(DenyReason::Suspended));
     assert!(a.pending.lock().is_empty());
-    let o = m.deduct(
-        &a,
-        &Deduction {
-            egress_bytes: 10,
-            at: Some(now),
-            ..Deduction::default()
-        },
-        now,
-    );
+    let o = m
+        .deduct(
+            &a,
+            &Deduction {
+                egress_bytes: 10,
+                at: Some(now),
+                ..Deduction::default()
+            },
+            now,
+        )
+        .unwrap();
     assert_eq!((o.decision, o.egress_bytes.covered), (Decision::Allow, 10));
 }
 
@@ -280,20 +298,23 @@ fn a_repeated_request_id_deducts_once_within_the_window() {
         at: None,
         request_id: "req-1",
     };
-    let first = m.deduct(&a, &d, now);
-    let again = m.deduct(&a, &d, now + 59 * 60 * SECOND);
+    let first = m.deduct(&a, &d, now).unwrap();
+    let again = m.deduct(&a, &d, now + 59 * 60 * SECOND).unwrap();
     assert!(!first.duplicate && again.duplicate);
     assert_eq!(again.calls.covered, 5);
     assert_eq!(again.calls.remaining, 1_000_000 - 5);
-    // Past the window the id is forgotten.
-    let later = m.deduct(
-        &a,
-        &Deduction {
-            at: Some(now + HOUR),
-            ..d
-        },
-        now + HOUR,
-    );
+    // Past the window and past the close of its event's hour (01:00 plus
+    // the 1 h grace), the id is forgotten.
+    let later = m
+        .deduct(
+            &a,
+            &Deduction {
+                at: Some(now + 2 * HOUR),
+                ..d
+            },
+            now + 2 * HOUR,
+        )
+        .unwrap();
     assert!(!later.duplicate);
     assert_eq!(later.calls.remaining, 1_000_000 - 10);
 }
@@ -334,7 +355,7 @@ fn evicts_only_idle_accounts_with_nothing_unflushed() {
     let (m, _d) = meter(MeterConfig::default());
     let now = at("2024-05-10T12:30:00Z");
     let busy = new_account(&m, "busy", now);
-    m.deduct(&busy, &calls(1, now), now);
+    m.deduct(&busy, &calls(1, now), now).unwrap();
     drop(busy);
     let _idle = new_account(&m, "idle", now - HOUR);
     drop(_idle);
@@ -369,7 +390,7 @@ proptest! {
                 s.spawn(move || {
                     let (mut c, mut o) = (0, 0);
                     for want in mine {
-                        let r = m.deduct(a, &calls(*want, now), now);
+                        let r = m.deduct(a, &calls(*want, now), now).unwrap();
                         assert_eq!(r.calls.covered + r.calls.overage, *want);
                         c += r.calls.covered;
                         o += r.calls.overage;

@@ -67,7 +67,15 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (account_id, request_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS flush_batches (
+    batch_id   TEXT    PRIMARY KEY,       -- FlushBatch::batch_id
+    applied_at INTEGER NOT NULL           -- µs; rows older than BATCH_ID_RETENTION are pruned
+) WITHOUT ROWID;
 "#;
+
+/// How long applied batch ids are kept: far longer than any spill file
+/// waits for its replay.
+const BATCH_ID_RETENTION: Ts = 30 * 24 * crate::calendar::HOUR;
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
@@ -335,10 +343,20 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn write_batch(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+    async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError> {
         let batch = batch.clone();
         self.with(move |conn| {
             let tx = conn.transaction()?;
+            let fresh = tx
+                .prepare_cached(
+                    "INSERT INTO flush_batches (batch_id, applied_at) VALUES (?1, ?2) \
+                     ON CONFLICT (batch_id) DO NOTHING",
+                )?
+                .execute(params![batch.batch_id, batch.now])?;
+            if fresh == 0 {
+                // Applied before (a replayed spill of a flush that committed).
+                return Ok(false);
+            }
             {
                 let mut account = tx.prepare_cached(
                     "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
@@ -349,7 +367,8 @@ impl Store for SqliteStore {
                     "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                      ON CONFLICT (account_id, hour, item, pack_id) \
-                     DO UPDATE SET amount = amount + excluded.amount",
+                     DO UPDATE SET amount = amount + excluded.amount \
+                     WHERE amount <= 9223372036854775807 - excluded.amount",
                 )?;
                 let mut pack = tx.prepare_cached(&format!(
                     "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
@@ -373,7 +392,14 @@ impl Store for SqliteStore {
                             Some(p) => (&*p.pack_id, p.source.code()),
                             None => ("", 0),
                         };
-                        usage.execute(params![id, d.hour, d.item.code(), pack_id, source, amount])?;
+                        // SQLite would turn an overflowing sum into a float; the
+                        // upsert's WHERE refuses it instead, and nothing changes.
+                        if usage.execute(params![id, d.hour, d.item.code(), pack_id, source, amount])? == 0 {
+                            return Err(StoreError::permanent(format!(
+                                "account `{id}`: the usage of hour {} would exceed 2^63-1",
+                                d.hour
+                            )));
+                        }
                         if let Some(p) = &d.pack {
                             pack.execute(params![
                                 id,
@@ -403,9 +429,11 @@ impl Store for SqliteStore {
                 }
                 tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
                     .execute([batch.now])?;
+                tx.prepare_cached("DELETE FROM flush_batches WHERE applied_at < ?1")?
+                    .execute([batch.now.saturating_sub(BATCH_ID_RETENTION)])?;
             }
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -482,6 +510,7 @@ mod tests {
                 Granted::New(_)
             ));
             let batch = FlushBatch {
+                batch_id: "b1".into(),
                 now: 10,
                 accounts: vec![AccountFlush {
                     account_id: "acct".into(),
@@ -515,8 +544,14 @@ mod tests {
                     }],
                 }],
             };
-            store.write_batch(&batch).await.unwrap();
-            store.write_batch(&batch).await.unwrap();
+            assert!(store.write_batch(&batch).await.unwrap());
+            // The same batch again is recognised and skipped.
+            assert!(!store.write_batch(&batch).await.unwrap());
+            let again = FlushBatch {
+                batch_id: "b2".into(),
+                ..batch.clone()
+            };
+            assert!(store.write_batch(&again).await.unwrap());
         }
         let store = SqliteStore::open(&url_path).unwrap();
         let loaded = store.load_account("acct", 0, 100).await.unwrap();

@@ -1,0 +1,407 @@
+//! The application layer: every transport (gRPC unary, batch and stream,
+//! Envoy's rate-limit service, the admin HTTP port) calls these functions
+//! and only converts types.
+//!
+//! - [`App::deduct`] is the one path for deductions: validate everything,
+//!   load the accounts, read a fresh clock, then deduct under the meter's
+//!   gate. It is the one place a deduction is acknowledged.
+//! - One function per admin change: the store is written first, then
+//!   memory, one change at a time.
+//! - Flush, settlement and shutdown.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use crate::{
+    calendar::Ts,
+    clock::Clock,
+    flush::{FlushReport, Flusher},
+    ledger::AccountRecord,
+    meter::{
+        validate_account_id, Atomicity, Charge, DeductOutcome, Deduction, Meter, MeterConfig,
+        MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
+    },
+    metrics::Metrics,
+    packs::{Item, PackSource, PackSpec},
+    store::{Granted, Store},
+};
+
+/// One deduction for one account, as a transport hands it over.
+#[derive(Clone, Copy, Debug)]
+pub struct DeductRequest<'a> {
+    pub account_id: &'a str,
+    pub deduction: Deduction<'a>,
+}
+
+/// A request of a group was refused; nothing of the group was deducted.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Refused {
+    /// Which request of the group.
+    pub index: usize,
+    pub error: MeterError,
+}
+
+/// An operator's settings for an account (`Admin.PutAccount`).
+#[derive(Clone, Debug)]
+pub struct AccountChange {
+    pub account_id: String,
+    /// `None` keeps the current activation, or activates the account now.
+    pub activated_at: Option<Ts>,
+    pub suspended: bool,
+    pub deny_on_exhausted: bool,
+}
+
+/// A purchased pack to grant (`Admin.GrantPack`).
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub account_id: String,
+    /// Empty for a generated id.
+    pub pack_id: String,
+    pub item: Item,
+    pub capacity: u64,
+    /// `None` for "from now".
+    pub valid_from: Option<Ts>,
+    pub valid_until: Ts,
+    pub priority: u32,
+}
+
+/// How often a deduction whose request id is in flight elsewhere waits for
+/// the original before it is refused as retryable.
+const IN_FLIGHT_RETRIES: usize = 64;
+
+pub struct App {
+    meter: Arc<Meter>,
+    store: Arc<dyn Store>,
+    flusher: Arc<Flusher>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    /// Serializes operator writes, so the store and memory apply them in
+    /// the same order. Held across the store's await.
+    admin_writes: tokio::sync::Mutex<()>,
+    next_pack: AtomicU64,
+    /// Cancelled by [`close`](Self::close): open streams end on it.
+    closing: tokio_util::sync::CancellationToken,
+}
+
+impl App {
+    pub fn new(
+        cfg: MeterConfig,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        batch_accounts: usize,
+    ) -> App {
+        let meter = Arc::new(Meter::new(cfg, store.clone()));
+        let flusher = Arc::new(Flusher::new(
+            meter.clone(),
+            store.clone(),
+            batch_accounts,
+            metrics.clone(),
+        ));
+        App {
+            meter,
+            store,
+            flusher,
+            metrics,
+            clock,
+            admin_writes: tokio::sync::Mutex::new(()),
+            next_pack: AtomicU64::new(0),
+            closing: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    pub fn meter(&self) -> &Arc<Meter> {
+        &self.meter
+    }
+
+    pub fn flusher(&self) -> &Arc<Flusher> {
+        &self.flusher
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn now(&self) -> Ts {
+        self.clock.now()
+    }
+
+    pub fn config(&self) -> &MeterConfig {
+        self.meter.config()
+    }
+
+    // --- deductions ---
+
+    /// Deducts a group of requests: a unary `Deduct` or one stream message
+    /// is a group of one, a `DeductBatch` a group of its elements, an Envoy
+    /// request a group of its descriptors (all or nothing).
+    ///
+    /// Every request is validated and its account loaded before anything
+    /// is deducted, so a refused request changes nothing of the group.
+    pub async fn deduct(
+        &self,
+        reqs: &[DeductRequest<'_>],
+        atomicity: Atomicity,
+    ) -> Result<Vec<DeductOutcome>, Refused> {
+        let refused = |index, error| Refused { index, error };
+        if self.meter.gate().is_closed() {
+            return Err(refused(0, MeterError::ShuttingDown));
+        }
+        let now = self.clock.now();
+        for (i, r) in reqs.iter().enumerate() {
+            self.meter
+                .validate(r.account_id, &r.deduction, now)
+                .map_err(|e| refused(i, e))?;
+        }
+        let mut accounts = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            let acct = self
+                .meter
+                .account_for_deduction(r.account_id, self.clock.now())
+                .await
+                .map_err(|e| refused(i, e))?;
+            accounts.push(acct);
+        }
+        let charges: Vec<Charge<'_>> = reqs
+            .iter()
+            .zip(&accounts)
+            .map(|(r, account)| Charge {
+                account,
+                deduction: r.deduction,
+            })
+            .collect();
+        let mut attempt = 0;
+        loop {
+            // Fresh: the loads above may have taken long enough for an
+            // hour to close (R9).
+            let now = self.clock.now();
+            match self.meter.deduct_all(&charges, now, atomicity) {
+                Ok(outcomes) => {
+                    for o in &outcomes {
+                        self.metrics.record_deduction(o);
+                    }
+                    return Ok(outcomes);
+                }
+                // The original is a few instructions from done, unless its
+                // thread was preempted: let it finish, then ask again.
+                Err((_, MeterError::DuplicateInFlight(_))) if attempt < IN_FLIGHT_RETRIES => {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+                Err((index, error)) => return Err(refused(index, error)),
+            }
+        }
+    }
+
+    /// Packs valid at `at` (the server clock if `None`), with live usage.
+    pub async fn usage(
+        &self,
+        account_id: &str,
+        at: Option<Ts>,
+    ) -> Result<Vec<PackView>, MeterError> {
+        let at = at.unwrap_or_else(|| self.clock.now());
+        Ok(self
+            .list_packs(account_id)
+            .await?
+            .into_iter()
+            .filter(|v| v.spec.valid_at(at))
+            .collect())
+    }
+
+    // --- admin ---
+
+    /// Creates or replaces an account's settings: the store first, then
+    /// memory.
+    pub async fn put_account(&self, change: AccountChange) -> Result<AccountRecord, MeterError> {
+        validate_account_id(&change.account_id)?;
+        let _w = self.admin_writes.lock().await;
+        let now = self.clock.now();
+        let acct = self
+            .meter
+            .account_for_admin(&change.account_id, now)
+            .await?;
+        let record = AccountRecord {
+            account_id: change.account_id,
+            activated_at: change.activated_at.or(acct.activated_at()).or(Some(now)),
+            suspended: change.suspended,
+            deny_on_exhausted: change.deny_on_exhausted,
+        };
+        self.store.put_account(&record).await?;
+        self.meter.apply_account(&acct, &record, self.clock.now());
+        Ok(record)
+    }
+
+    pub async fn get_account(&self, account_id: &str) -> Result<AccountRecord, MeterError> {
+        let acct = self
+            .meter
+            .known_account(account_id, self.clock.now())
+            .await?;
+        Ok(acct.record())
+    }
+
+    /// Grants a purchased pack. A repeated `pack_id` with the same terms
+    /// returns the existing pack; with other terms it is a conflict.
+    pub async fn grant_pack(&self, g: Grant) -> Result<PackView, MeterError> {
+        validate_account_id(&g.account_id)?;
+        validate_pack_id(&g.pack_id)?;
+        if g.capacity == 0 {
+            return Err(MeterError::InvalidPack(
+                "capacity: must be at least 1".into(),
+            ));
+        }
+        if i64::try_from(g.capacity).is_err() {
+            return Err(MeterError::InvalidPack(
+                "capacity: must be below 2^63".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let valid_from = g.valid_from.unwrap_or(now);
+        if g.valid_until <= valid_from {
+            return Err(MeterError::InvalidPack(
+                "valid_until: must be after valid_from (valid_until is exclusive)".into(),
+            ));
+        }
+        let spec = PackSpec {
+            pack_id: if g.pack_id.is_empty() {
+                let n = self.next_pack.fetch_add(1, Ordering::Relaxed);
+                format!("pk-{now:x}-{n:x}").into()
+            } else {
+                g.pack_id.as_str().into()
+            },
+            source: PackSource::Purchased,
+            item: g.item,
+            capacity: g.capacity,
+            valid_from,
+            valid_until: g.valid_until,
+            priority: g.priority,
+            created_at: now,
+        };
+        let _w = self.admin_writes.lock().await;
+        let acct = self.meter.account_for_admin(&g.account_id, now).await?;
+        let stored = match self.store.grant_pack(&g.account_id, &spec).await? {
+            Granted::New(p) => {
+                self.meter.add_pack(&acct, &p, self.clock.now());
+                p
+            }
+            Granted::Existing(p) if same_terms(&p.spec, &spec, g.valid_from.is_some()) => p,
+            Granted::Existing(p) => {
+                return Err(MeterError::PackConflict(p.spec.pack_id.to_string()))
+            }
+        };
+        let id = stored.spec.pack_id.clone();
+        self.meter
+            .pack_views(&acct, vec![stored])
+            .into_iter()
+            .find(|v| v.spec.pack_id == id)
+            .ok_or_else(|| MeterError::InvalidPack(format!("granted pack `{id}` vanished")))
+    }
+
+    /// Every pack of the account, with live usage (R11).
+    pub async fn list_packs(&self, account_id: &str) -> Result<Vec<PackView>, MeterError> {
+        let acct = self
+            .meter
+            .known_account(account_id, self.clock.now())
+            .await?;
+        let stored = self.store.list_packs(account_id).await?;
+        Ok(self.meter.pack_views(&acct, stored))
+    }
+
+    // --- flush and settlement ---
+
+    /// Flushes everything acknowledged so far and returns once it is
+    /// durable. Accounts whose usage the store refuses for good are set
+    /// aside; while any are, this reports them as an error.
+    pub async fn flush(&self) -> Result<FlushReport, MeterError> {
+        let report = self.flusher.flush().await?;
+        let aside = self.meter.set_aside_accounts();
+        if let Some(first) = aside.first() {
+            return Err(MeterError::Store(crate::store::StoreError::permanent(
+                format!(
+                    "{} account(s) set aside because the store refuses their usage (first: `{}`); \
+                 their usage is kept in memory and written to the spill file at shutdown; \
+                 see the log and packmeter_flush_set_aside_accounts",
+                    aside.len(),
+                    first.id()
+                ),
+            )));
+        }
+        Ok(report)
+    }
+
+    /// Settles what can be settled and returns the bound below which hours
+    /// are settled: closed (R9), with nothing unflushed, and closed to any
+    /// further deduction by the gate's settled mark. Rows below it never
+    /// change again (R12).
+    pub async fn settled_before(&self) -> Ts {
+        self.flusher
+            .quiesced(async {
+                let closed = self.meter.closed_before(self.clock.now());
+                let mark = self.meter.gate().settle(closed);
+                match self.meter.oldest_pending_hour() {
+                    Some(h) => mark.min(h),
+                    None => mark,
+                }
+            })
+            .await
+    }
+
+    /// Whether the store answers, within a short bound.
+    pub async fn store_up(&self) -> bool {
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.store.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    // --- shutdown ---
+
+    /// Stops taking deductions. When this returns, no deduction is in
+    /// progress and every later one is refused with `ShuttingDown`.
+    pub fn close(&self) {
+        self.meter.gate().close();
+        self.closing.cancel();
+    }
+
+    /// Cancelled once [`close`](Self::close) has run.
+    pub fn closing(&self) -> tokio_util::sync::CancellationToken {
+        self.closing.clone()
+    }
+}
+
+fn validate_pack_id(id: &str) -> Result<(), MeterError> {
+    let bad = |m: &str| Err(MeterError::InvalidPack(format!("pack_id: {m}")));
+    if id.len() > MAX_ACCOUNT_ID_BYTES {
+        return bad("is longer than 128 bytes");
+    }
+    if id.chars().any(char::is_control) {
+        return bad("contains a control character");
+    }
+    if id.starts_with("free-") {
+        return bad("the prefix `free-` is reserved for free-tier packs");
+    }
+    Ok(())
+}
+
+/// Whether a stored pack has the terms a repeated grant asks for. A retry
+/// that left `valid_from` unset ("from now") matches whatever instant the
+/// first grant resolved it to.
+fn same_terms(stored: &PackSpec, asked: &PackSpec, from_given: bool) -> bool {
+    (
+        stored.item,
+        stored.capacity,
+        stored.valid_until,
+        stored.priority,
+    ) == (
+        asked.item,
+        asked.capacity,
+        asked.valid_until,
+        asked.priority,
+    ) && (!from_given || stored.valid_from == asked.valid_from)
+}

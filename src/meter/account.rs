@@ -1,0 +1,165 @@
+//! One resident account: its activation and flags, the counters of the
+//! packs that can still take deductions, its remembered request ids and its
+//! unflushed changes.
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicI64, Ordering::Relaxed},
+    Arc,
+};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use super::dedup::DedupTable;
+use crate::{
+    calendar::Ts,
+    ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
+    packs::{deduction_order, PackCounter, PackSource},
+};
+
+pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
+
+#[derive(Debug)]
+pub struct AccountState {
+    pub(super) id: Arc<str>,
+    /// Activation instant, or `NOT_ACTIVATED`. Set once by a compare-and-swap
+    /// at the first deduction (R1), or by an operator.
+    pub(super) activated_at: AtomicI64,
+    pub(super) suspended: AtomicBool,
+    pub(super) deny_on_exhausted: AtomicBool,
+    /// Packs that can still take deductions, in R6 order. Replaced whole
+    /// (copy-on-write) when a month's free-tier pack appears or a pack is
+    /// granted; the counters inside are shared between versions.
+    pub(super) packs: ArcSwap<Vec<Arc<PackCounter>>>,
+    /// Unflushed usage. A short, synchronous critical section.
+    pub(super) pending: Mutex<PendingSlot>,
+    /// Request ids seen (R10). Boxed and created on the first request id:
+    /// most accounts never send one, and an empty table would still cost
+    /// 56 bytes in every resident account.
+    pub(super) dedup: Mutex<Option<Box<DedupTable>>>,
+    /// Held by the calls deductions of a `deny` account between checking
+    /// that its packs cover the calls and taking them, so concurrent
+    /// deductions never see capacity that is only briefly taken (R7).
+    pub(super) deny_lock: Mutex<()>,
+    /// Server time of the last request, for idle eviction.
+    pub(super) last_touch: AtomicI64,
+}
+
+impl AccountState {
+    pub(super) fn new(id: Arc<str>, record: Option<&AccountRecord>, now: Ts) -> AccountState {
+        AccountState {
+            id,
+            activated_at: AtomicI64::new(
+                record.and_then(|r| r.activated_at).unwrap_or(NOT_ACTIVATED),
+            ),
+            suspended: AtomicBool::new(record.is_some_and(|r| r.suspended)),
+            deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
+            packs: ArcSwap::from_pointee(Vec::new()),
+            pending: Mutex::new(PendingSlot::default()),
+            dedup: Mutex::new(None),
+            deny_lock: Mutex::new(()),
+            last_touch: AtomicI64::new(now),
+        }
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub fn activated_at(&self) -> Option<Ts> {
+        Some(self.activated_at.load(Relaxed)).filter(|a| *a != NOT_ACTIVATED)
+    }
+
+    pub fn record(&self) -> AccountRecord {
+        AccountRecord {
+            account_id: self.id.to_string(),
+            activated_at: self.activated_at(),
+            suspended: self.suspended.load(Relaxed),
+            deny_on_exhausted: self.deny_on_exhausted.load(Relaxed),
+        }
+    }
+
+    /// The resident packs, in R6 order.
+    pub fn packs(&self) -> arc_swap::Guard<Arc<Vec<Arc<PackCounter>>>> {
+        self.packs.load()
+    }
+
+    /// Adds packs (by id, keeping existing counters), drops those that can
+    /// no longer take deductions, and keeps R6 order.
+    pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<Arc<PackCounter>>, keep_after: Ts) {
+        self.packs.rcu(|cur| {
+            let mut next: Vec<Arc<PackCounter>> = cur
+                .iter()
+                .filter(|p| p.spec.valid_until > keep_after)
+                .cloned()
+                .collect();
+            for p in add() {
+                if !next.iter().any(|q| q.spec.pack_id == p.spec.pack_id) {
+                    next.push(p);
+                }
+            }
+            next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
+            // Replaced rarely, read on every deduction: no spare capacity.
+            next.shrink_to_fit();
+            next
+        });
+    }
+
+    pub(super) fn free_pack_present(&self, valid_from: Ts) -> bool {
+        self.packs
+            .load()
+            .iter()
+            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_from == valid_from)
+    }
+
+    /// Takes this account's unflushed changes for a flush.
+    pub fn take_pending(&self) -> Pending {
+        self.pending.lock().take()
+    }
+
+    /// Gives a failed flush's changes back. The account stays marked queued:
+    /// the flusher puts it back in the queue.
+    pub fn restore_pending(&self, failed: Pending) {
+        self.pending.lock().merge(failed);
+    }
+
+    /// After a successful flush: clears the queued mark, or, if changes
+    /// arrived meanwhile, returns true so the flusher queues it again. (The
+    /// mark stays set during a flush, so those changes did not queue it.)
+    pub fn finish_flush(&self) -> bool {
+        let mut slot = self.pending.lock();
+        if slot.is_empty() {
+            slot.shrink();
+            slot.queued = false;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Earliest hour and wall-clock age of unflushed changes.
+    pub fn pending_summary(&self) -> (Option<Ts>, Option<Ts>) {
+        let slot = self.pending.lock();
+        slot.get()
+            .map_or((None, None), |p| (p.oldest_hour(), p.since))
+    }
+}
+
+/// Turns an account's taken changes into the rows a store writes.
+pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
+    AccountFlush {
+        account_id: account.id.clone(),
+        account: pending.account_dirty.then(|| account.record()),
+        deltas: pending
+            .deltas
+            .iter()
+            .map(|d| DeltaRow {
+                hour: d.hour,
+                item: d.item,
+                pack: d.pack.as_ref().map(|p| p.spec.clone()),
+                amount: d.amount,
+            })
+            .collect(),
+        dedup: pending.dedup.clone(),
+    }
+}

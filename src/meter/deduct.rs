@@ -1,0 +1,423 @@
+//! The deduction itself: R1 (activation), R6 (order), R7 (deny), R9 (event
+//! time, against the fresh clock and the settled mark) and R10 (request ids).
+//!
+//! [`Meter::deduct_all`] takes a group of charges whose accounts are
+//! already resident and deducts them under one [`Pass`](super::gate::Pass)
+//! of the gate, synchronously: no I/O, no `.await`.
+
+use std::sync::{atomic::Ordering::Relaxed, Arc};
+
+use parking_lot::MutexGuard;
+
+use super::{
+    account::NOT_ACTIVATED,
+    dedup::{Amounts, Claim},
+    AccountState, Decision, DeductOutcome, Deduction, DenyReason, ItemOutcome, Meter, MeterError,
+    UnknownAccounts,
+};
+use crate::{
+    calendar::{hour_start, Ts},
+    ledger::DedupRecord,
+    packs::{self, Item, PackCounter, Split},
+};
+
+/// One deduction of a group, with its resident account.
+#[derive(Clone, Copy)]
+pub struct Charge<'a> {
+    pub account: &'a Arc<AccountState>,
+    pub deduction: Deduction<'a>,
+}
+
+/// How a group's charges relate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Atomicity {
+    /// Each charge stands alone: `DeductBatch`, `DeductStream`, `Deduct`.
+    Each,
+    /// If any charge is denied, none is deducted: Envoy refuses the whole
+    /// request when one descriptor is over the limit.
+    AllOrNothing,
+}
+
+/// A charge's request id, as the claims found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Id {
+    /// No request id, or a check.
+    None,
+    /// Claimed for this charge.
+    Claimed,
+    /// Already processed: answer with these amounts.
+    Done(Amounts),
+    /// The same (account, request id) as an earlier charge of this group.
+    SameAs(usize),
+}
+
+impl Meter {
+    /// Deducts one charge. See [`deduct_all`](Self::deduct_all).
+    pub fn deduct(
+        &self,
+        account: &Arc<AccountState>,
+        deduction: &Deduction<'_>,
+        now: Ts,
+    ) -> Result<DeductOutcome, MeterError> {
+        let charge = Charge {
+            account,
+            deduction: *deduction,
+        };
+        self.deduct_all(&[charge], now, Atomicity::Each)
+            .map(|mut v| v.remove(0))
+            .map_err(|(_, e)| e)
+    }
+
+    /// Deducts a group of charges at `now`, the server clock read after the
+    /// accounts were loaded. This is the only place a deduction is
+    /// acknowledged.
+    ///
+    /// An error names the charge it is about and means nothing was
+    /// deducted: an event time that is no longer acceptable (R9), a request
+    /// id whose original is still in flight, or shutdown.
+    pub fn deduct_all(
+        &self,
+        charges: &[Charge<'_>],
+        now: Ts,
+        atomicity: Atomicity,
+    ) -> Result<Vec<DeductOutcome>, (usize, MeterError)> {
+        let pass = self
+            .gate
+            .enter()
+            .map_err(|_| (0, MeterError::ShuttingDown))?;
+        let mut ats = Vec::with_capacity(charges.len());
+        for (i, c) in charges.iter().enumerate() {
+            let at = c.deduction.at.unwrap_or(now);
+            self.validate_time(at, now, pass.settled_before)
+                .map_err(|e| (i, e))?;
+            ats.push(at);
+        }
+        let mut ids = self.claim_ids(charges, &ats, now)?;
+
+        let outcomes = match atomicity {
+            Atomicity::Each => {
+                let mut out: Vec<DeductOutcome> = Vec::with_capacity(charges.len());
+                for (i, c) in charges.iter().enumerate() {
+                    if let Id::SameAs(j) = ids[i] {
+                        // A repeat inside the group: the earlier charge's
+                        // result, or, if it was denied, a fresh evaluation.
+                        ids[i] = match out[j].decision {
+                            Decision::Allow => Id::Done(amounts(&out[j])),
+                            Decision::Deny(_) => self.claim_again(c, ats[i], now),
+                        };
+                    }
+                    let o = match ids[i] {
+                        Id::Done(r) => self.duplicate(c.account, ats[i], now, r),
+                        _ => {
+                            let locks = self.deny_locks(std::slice::from_ref(c));
+                            let o = match self.denial(std::slice::from_ref(c), &ats[i..=i], now) {
+                                Some((_, reason)) => self.deny(c, ats[i], now, ids[i], reason),
+                                None => self.take(c, ats[i], now, ids[i] == Id::Claimed),
+                            };
+                            drop(locks);
+                            o
+                        }
+                    };
+                    out.push(o);
+                }
+                out
+            }
+            Atomicity::AllOrNothing => {
+                let locks = self.deny_locks(charges);
+                let denied = self.denial(charges, &ats, now);
+                let out = charges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match (ids[i], denied) {
+                        (Id::Done(r), _) => self.duplicate(c.account, ats[i], now, r),
+                        (_, Some((j, reason))) if j == i => {
+                            self.deny(c, ats[i], now, ids[i], reason)
+                        }
+                        (id, Some(_)) => {
+                            // Another charge was denied: this one checks only.
+                            self.release(c, id);
+                            self.check(c.account, ats[i], now)
+                        }
+                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed),
+                    })
+                    .collect();
+                drop(locks);
+                out
+            }
+        };
+        drop(pass);
+        Ok(outcomes)
+    }
+
+    /// Claims every charge's request id before anything is deducted, so an
+    /// in-flight original refuses the group while it has changed nothing.
+    fn claim_ids(
+        &self,
+        charges: &[Charge<'_>],
+        ats: &[Ts],
+        now: Ts,
+    ) -> Result<Vec<Id>, (usize, MeterError)> {
+        let mut ids = vec![Id::None; charges.len()];
+        for (i, c) in charges.iter().enumerate() {
+            let d = &c.deduction;
+            if d.request_id.is_empty() || d.is_check() {
+                continue;
+            }
+            let earlier = (0..i).find(|&j| {
+                Arc::ptr_eq(charges[j].account, c.account)
+                    && charges[j].deduction.request_id == d.request_id
+                    && ids[j] != Id::None
+            });
+            ids[i] = match earlier {
+                Some(j) => match ids[j] {
+                    Id::Done(r) => Id::Done(r),
+                    _ => Id::SameAs(j),
+                },
+                None => match self.claim(c, ats[i], now) {
+                    Claim::Fresh => Id::Claimed,
+                    Claim::Duplicate(r) => Id::Done(r),
+                    Claim::InFlight => {
+                        for (k, claimed) in ids.iter().enumerate().take(i) {
+                            self.release(&charges[k], *claimed);
+                        }
+                        return Err((i, MeterError::DuplicateInFlight(d.request_id.into())));
+                    }
+                },
+            };
+        }
+        Ok(ids)
+    }
+
+    /// How long a request id processed at `now` for an event at `at` is
+    /// remembered (R10): the window, and at least until the event's hour
+    /// closes, since until then a retry of the event would be accepted.
+    fn dedup_expiry(&self, at: Ts, now: Ts) -> Ts {
+        now.saturating_add(self.cfg.dedup_window)
+            .max(self.hour_closes(at))
+    }
+
+    fn claim(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Claim {
+        let mut guard = c.account.dedup.lock();
+        guard.get_or_insert_with(Box::default).claim(
+            c.deduction.request_id,
+            now,
+            self.dedup_expiry(at, now),
+            self.cfg.dedup_window / 8,
+        )
+    }
+
+    fn claim_again(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Id {
+        match self.claim(c, at, now) {
+            Claim::Fresh => Id::Claimed,
+            Claim::Duplicate(r) => Id::Done(r),
+            // Only this group could hold it, and it released it.
+            Claim::InFlight => Id::None,
+        }
+    }
+
+    fn release(&self, c: &Charge<'_>, id: Id) {
+        if id == Id::Claimed {
+            if let Some(t) = c.account.dedup.lock().as_mut() {
+                t.release(c.deduction.request_id);
+            }
+        }
+    }
+
+    /// Locks the deny lock of every `deny` account that the group charges
+    /// calls to, in address order so that groups cannot deadlock.
+    fn deny_locks<'a>(&self, charges: &[Charge<'a>]) -> Vec<MutexGuard<'a, ()>> {
+        let mut accounts: Vec<&'a Arc<AccountState>> = charges
+            .iter()
+            .filter(|c| c.deduction.calls > 0 && c.account.deny_on_exhausted.load(Relaxed))
+            .map(|c| c.account)
+            .collect();
+        accounts.sort_by_key(|a| Arc::as_ptr(a) as usize);
+        accounts.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        accounts.into_iter().map(|a| a.deny_lock.lock()).collect()
+    }
+
+    /// The first charge R7 denies, counting what earlier charges of the
+    /// group take from the same account. Takes nothing. For `deny` accounts
+    /// the caller holds their deny locks, so what this sees stays there.
+    fn denial(&self, charges: &[Charge<'_>], ats: &[Ts], now: Ts) -> Option<(usize, DenyReason)> {
+        // Calls wanted so far per deny account, by address.
+        let mut wanted: Vec<(usize, u64)> = Vec::new();
+        for (i, c) in charges.iter().enumerate() {
+            let (a, d) = (c.account, &c.deduction);
+            if d.calls == 0 {
+                continue;
+            }
+            if a.suspended.load(Relaxed) {
+                return Some((i, DenyReason::Suspended));
+            }
+            if !a.deny_on_exhausted.load(Relaxed) {
+                continue;
+            }
+            // Operators create `deny` accounts with PutAccount, which
+            // activates them, so their packs can be made resident here.
+            let at = ats[i];
+            self.ensure_free_month(a, at, now);
+            let packs = a.packs.load();
+            if packs::remaining(&packs, Item::EgressBytes, at) == 0 {
+                return Some((i, DenyReason::EgressExhausted));
+            }
+            let key = Arc::as_ptr(a) as usize;
+            let before = wanted.iter().find(|w| w.0 == key).map_or(0, |w| w.1);
+            let want = before.saturating_add(d.calls);
+            if packs::remaining(&packs, Item::Calls, at) < want {
+                return Some((i, DenyReason::CallsExhausted));
+            }
+            match wanted.iter_mut().find(|w| w.0 == key) {
+                Some(w) => w.1 = want,
+                None => wanted.push((key, want)),
+            }
+        }
+        None
+    }
+
+    /// Activates an account at its first deduction (R1): at the event
+    /// time, but never later than the server clock.
+    fn activate(&self, acct: &Arc<AccountState>, at: Ts, now: Ts) {
+        // Load first: after the first deduction the CAS would always fail,
+        // and a failed CAS still takes the cache line exclusively.
+        if acct.activated_at.load(Relaxed) == NOT_ACTIVATED
+            && acct
+                .activated_at
+                .compare_exchange(NOT_ACTIVATED, at.min(now), Relaxed, Relaxed)
+                .is_ok()
+        {
+            let mut slot = acct.pending.lock();
+            let p = slot.changes();
+            p.account_dirty = true;
+            p.since.get_or_insert(now);
+            let queue = !std::mem::replace(&mut slot.queued, true);
+            drop(slot);
+            if queue {
+                self.enqueue(acct);
+            }
+        }
+    }
+
+    fn deny(&self, c: &Charge<'_>, at: Ts, now: Ts, id: Id, reason: DenyReason) -> DeductOutcome {
+        self.release(c, id);
+        let mut o = self.check(c.account, at, now);
+        o.decision = Decision::Deny(reason);
+        o
+    }
+
+    /// Takes the charge from the packs and records it in the ledger.
+    fn take(&self, c: &Charge<'_>, at: Ts, now: Ts, claimed: bool) -> DeductOutcome {
+        let (acct, d) = (c.account, &c.deduction);
+        if d.is_check() {
+            return self.check(acct, at, now);
+        }
+        self.activate(acct, at, now);
+        self.ensure_free_month(acct, at, now);
+        let packs = acct.packs.load();
+        let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
+        let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
+        let result = [calls.covered, calls.overage, egress.covered, egress.overage];
+        let hour = hour_start(at);
+        let queue = {
+            let mut slot = acct.pending.lock();
+            let p = slot.changes();
+            for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
+                for (pack, amount) in &split.takes {
+                    p.add(hour, item, Some(pack), *amount, now);
+                }
+                p.add(hour, item, None, split.overage, now);
+            }
+            if claimed {
+                p.dedup.push(DedupRecord {
+                    request_id: d.request_id.into(),
+                    expires_at: self.dedup_expiry(at, now),
+                    calls_covered: result[0],
+                    calls_overage: result[1],
+                    egress_covered: result[2],
+                    egress_overage: result[3],
+                });
+            }
+            !std::mem::replace(&mut slot.queued, true)
+        };
+        if queue {
+            self.enqueue(acct);
+        }
+        if claimed {
+            if let Some(t) = acct.dedup.lock().as_mut() {
+                t.complete(d.request_id, result);
+            }
+        }
+        outcome(&packs, at, Decision::Allow, Some(&calls), Some(&egress))
+    }
+
+    /// A repeat of a processed request id: nothing is deducted again.
+    fn duplicate(&self, acct: &AccountState, at: Ts, now: Ts, r: Amounts) -> DeductOutcome {
+        let mut o = self.check(acct, at, now);
+        o.decision = Decision::Allow;
+        o.duplicate = true;
+        (o.calls.covered, o.calls.overage) = (r[0], r[1]);
+        (o.egress_bytes.covered, o.egress_bytes.overage) = (r[2], r[3]);
+        o
+    }
+
+    /// `calls = 0, egress_bytes = 0`: the decision the next call would get,
+    /// and the balances. Deducts, activates and records nothing.
+    fn check(&self, acct: &AccountState, at: Ts, now: Ts) -> DeductOutcome {
+        self.ensure_free_month(acct, at, now);
+        let packs = acct.packs.load();
+        let mut o = outcome(&packs, at, Decision::Allow, None, None);
+        if acct.activated_at().is_none() && self.cfg.unknown_accounts == UnknownAccounts::Activate {
+            // The first deduction would activate the account at `at`.
+            for (o, plan) in [
+                (&mut o.calls, self.cfg.plan.calls),
+                (&mut o.egress_bytes, self.cfg.plan.egress_bytes),
+            ] {
+                o.remaining = o.remaining.saturating_add(plan);
+                o.limit = o.limit.saturating_add(plan);
+            }
+        }
+        if acct.suspended.load(Relaxed) {
+            o.decision = Decision::Deny(DenyReason::Suspended);
+        } else if acct.deny_on_exhausted.load(Relaxed) {
+            if o.egress_bytes.remaining == 0 {
+                o.decision = Decision::Deny(DenyReason::EgressExhausted);
+            } else if o.calls.remaining == 0 {
+                o.decision = Decision::Deny(DenyReason::CallsExhausted);
+            }
+        }
+        o
+    }
+}
+
+fn amounts(o: &DeductOutcome) -> Amounts {
+    [
+        o.calls.covered,
+        o.calls.overage,
+        o.egress_bytes.covered,
+        o.egress_bytes.overage,
+    ]
+}
+
+fn outcome(
+    packs: &[Arc<PackCounter>],
+    at: Ts,
+    decision: Decision,
+    calls: Option<&Split>,
+    egress: Option<&Split>,
+) -> DeductOutcome {
+    let item = |item, split: Option<&Split>| {
+        let (limit, remaining) = packs::totals(packs, item, at);
+        ItemOutcome {
+            covered: split.map_or(0, |s| s.covered),
+            overage: split.map_or(0, |s| s.overage),
+            remaining,
+            limit,
+        }
+    };
+    DeductOutcome {
+        decision,
+        calls: item(Item::Calls, calls),
+        egress_bytes: item(Item::EgressBytes, egress),
+        duplicate: false,
+    }
+}

@@ -1,0 +1,179 @@
+//! The packs a resident account holds: its free-tier months (R2–R4), built
+//! from its activation, and the purchased packs an operator grants.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
+
+use super::{account::NOT_ACTIVATED, AccountState, Meter, PackView};
+use crate::{
+    calendar::{self, FreeMonth, Ts},
+    ledger::AccountRecord,
+    packs::{deduction_order, Item, PackCounter, PackSource, PackSpec},
+    store::StoredPack,
+};
+
+impl Meter {
+    pub(super) fn free_specs(&self, m: &FreeMonth) -> [PackSpec; 2] {
+        [
+            PackSpec::free_tier(m, Item::Calls, self.cfg.plan.calls),
+            PackSpec::free_tier(m, Item::EgressBytes, self.cfg.plan.egress_bytes),
+        ]
+        .map(|mut spec| {
+            spec.pack_id = self.shared_pack_id(&spec.pack_id);
+            spec
+        })
+    }
+
+    /// One shared copy of a free-tier pack id. The id names only the month
+    /// and the item, so every account active in a month would otherwise
+    /// hold its own two copies (96 bytes with the allocator's overhead).
+    fn shared_pack_id(&self, id: &Arc<str>) -> Arc<str> {
+        let mut ids = self.free_pack_ids.lock();
+        if let Some(shared) = ids.get(id) {
+            return shared.clone();
+        }
+        ids.insert(id.clone());
+        id.clone()
+    }
+
+    /// Whether a free-tier month can take deductions at `now`: its end is
+    /// not yet closed, and it has started or starts within the future skew
+    /// (an event that far ahead is accepted, R9).
+    pub(super) fn month_is_live(&self, m: &FreeMonth, now: Ts) -> bool {
+        m.valid_until > self.keep_after(now)
+            && m.valid_from <= now.saturating_add(self.cfg.max_future_skew)
+    }
+
+    /// Makes sure the free-tier packs of the month holding `at` are resident.
+    pub(super) fn ensure_free_month(&self, acct: &AccountState, at: Ts, now: Ts) {
+        let Some(a) = acct.activated_at() else { return };
+        // Fast path, and the common case: a resident free-tier pack is valid
+        // at `at`. Free-tier months do not overlap, so it belongs to the
+        // month `free_month_at` would compute, and that month's packs are
+        // resident. This skips the calendar arithmetic (about 160 ns).
+        if acct
+            .packs
+            .load()
+            .iter()
+            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_at(at))
+        {
+            return;
+        }
+        let Some(m) = calendar::free_month_at(a, at, &self.cfg.plan, &self.cfg.zone) else {
+            return;
+        };
+        if acct.free_pack_present(m.valid_from) {
+            return;
+        }
+        // A month that appears while the account is resident has recorded
+        // nothing yet (its earlier usage would have loaded it), so it starts at 0.
+        let specs = self.free_specs(&m);
+        acct.merge_packs(
+            || {
+                specs
+                    .iter()
+                    .map(|s| Arc::new(PackCounter::new(s.clone(), 0)))
+                    .collect()
+            },
+            self.keep_after(now),
+        );
+    }
+
+    /// Applies an operator's account settings to a resident account. The
+    /// caller has written them to the store first.
+    pub fn apply_account(&self, acct: &AccountState, record: &AccountRecord, now: Ts) {
+        acct.suspended.store(record.suspended, Relaxed);
+        acct.deny_on_exhausted
+            .store(record.deny_on_exhausted, Relaxed);
+        let new = record.activated_at.unwrap_or(NOT_ACTIVATED);
+        if acct.activated_at.swap(new, Relaxed) == new {
+            return;
+        }
+        // The free months moved: rebuild every live one, carrying usage by
+        // pack id. "Live" includes a month that starts within the future
+        // skew: an early event may already have used it, and dropping it
+        // would re-create it later at zero.
+        let months = record
+            .activated_at
+            .map(|a| calendar::free_months(a, &self.cfg.plan, &self.cfg.zone))
+            .unwrap_or_default();
+        acct.packs.rcu(|cur| {
+            let old_used: HashMap<&str, u64> = cur
+                .iter()
+                .filter(|p| p.spec.source == PackSource::FreeTier)
+                .map(|p| (&*p.spec.pack_id, p.used()))
+                .collect();
+            let mut next: Vec<_> = cur
+                .iter()
+                .filter(|p| p.spec.source != PackSource::FreeTier)
+                .cloned()
+                .collect();
+            for m in months.iter().filter(|m| self.month_is_live(m, now)) {
+                for spec in self.free_specs(m) {
+                    let u = old_used.get(&*spec.pack_id).copied().unwrap_or(0);
+                    next.push(Arc::new(PackCounter::new(spec, u)));
+                }
+            }
+            next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
+            next
+        });
+    }
+
+    /// Makes a granted pack resident so deductions use it at once.
+    pub fn add_pack(&self, acct: &AccountState, pack: &StoredPack, now: Ts) {
+        let counter = Arc::new(PackCounter::new(pack.spec.clone(), pack.used));
+        acct.merge_packs(|| vec![counter.clone()], self.keep_after(now));
+    }
+
+    /// Every pack of the account, free tier and purchased, past, present and
+    /// future, with live usage (R11). `stored` is what the store holds.
+    pub fn pack_views(&self, acct: &AccountState, stored: Vec<StoredPack>) -> Vec<PackView> {
+        let resident = acct.packs.load();
+        // A stored total can exceed a capacity a newer plan shrank; show
+        // it clamped, as the counters hold it.
+        let live = |spec: &PackSpec, stored_used: u64| {
+            resident
+                .iter()
+                .find(|p| p.spec.pack_id == spec.pack_id)
+                .map_or(stored_used.min(spec.capacity), |p| p.used())
+        };
+        let mut views: Vec<PackView> = Vec::new();
+        if let Some(a) = acct.activated_at() {
+            for m in calendar::free_months(a, &self.cfg.plan, &self.cfg.zone) {
+                for spec in self.free_specs(&m) {
+                    let stored_used = stored
+                        .iter()
+                        .find(|s| s.spec.pack_id == spec.pack_id)
+                        .map_or(0, |s| s.used);
+                    let used = live(&spec, stored_used);
+                    views.push(PackView {
+                        account_id: acct.id.to_string(),
+                        spec,
+                        used,
+                    });
+                }
+            }
+        }
+        for s in stored
+            .into_iter()
+            .filter(|s| s.spec.source == PackSource::Purchased)
+        {
+            let used = live(&s.spec, s.used);
+            views.push(PackView {
+                account_id: acct.id.to_string(),
+                spec: s.spec,
+                used,
+            });
+        }
+        views.sort_by(|a, b| {
+            a.spec
+                .valid_from
+                .cmp(&b.spec.valid_from)
+                .then_with(|| deduction_order(&a.spec, &b.spec))
+                .then(a.spec.item.cmp(&b.spec.item))
+        });
+        views
+    }
+}

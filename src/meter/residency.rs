@@ -1,0 +1,234 @@
+//! Which accounts are in memory: lazy loading on first touch, the queue of
+//! accounts with unflushed changes, accounts set aside after a permanent
+//! store error, and idle eviction.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
+
+use super::{AccountState, Meter, MeterError, UnknownAccounts};
+use crate::{
+    calendar::{self, Ts},
+    packs::{PackCounter, PackSource},
+    store::StoredPack,
+};
+
+impl Meter {
+    /// Number of resident accounts.
+    pub fn resident(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Number of accounts waiting for a flush.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.lock().len()
+    }
+
+    /// Takes up to `n` accounts from the head of the flush queue.
+    pub fn take_dirty(&self, n: usize) -> Vec<Arc<AccountState>> {
+        let mut dirty = self.dirty.lock();
+        let n = n.min(dirty.len());
+        dirty.drain(..n).collect()
+    }
+
+    /// Queues an account that just became dirty, and wakes the flusher once
+    /// enough are waiting.
+    pub(super) fn enqueue(&self, acct: &Arc<AccountState>) {
+        let mut dirty = self.dirty.lock();
+        dirty.push_back(acct.clone());
+        if dirty.len() == self.flush_threshold {
+            self.flush_wanted.notify_one();
+        }
+    }
+
+    /// Queues accounts again (changes that arrived during their flush).
+    pub fn requeue(&self, accounts: impl IntoIterator<Item = Arc<AccountState>>) {
+        self.dirty.lock().extend(accounts);
+    }
+
+    /// Puts accounts whose flush failed back at the head of the queue: their
+    /// changes are older than anything queued since, and the head is what
+    /// [`oldest_dirty_since`](Self::oldest_dirty_since) reads.
+    pub fn requeue_front(&self, accounts: Vec<Arc<AccountState>>) {
+        let mut dirty = self.dirty.lock();
+        for a in accounts.into_iter().rev() {
+            dirty.push_front(a);
+        }
+    }
+
+    /// Sets an account aside after the store refused its changes for good.
+    /// It stays marked queued, so new changes pile up in its ledger without
+    /// entering the flush queue; shutdown writes them to the spill file.
+    pub fn set_aside(&self, acct: Arc<AccountState>) {
+        self.set_aside.lock().push(acct);
+    }
+
+    /// Accounts set aside after a permanent store error.
+    pub fn set_aside_accounts(&self) -> Vec<Arc<AccountState>> {
+        self.set_aside.lock().clone()
+    }
+
+    /// Every account with unflushed changes: queued and set aside.
+    pub fn unflushed_accounts(&self) -> Vec<Arc<AccountState>> {
+        let mut all: Vec<_> = self.dirty.lock().iter().cloned().collect();
+        all.extend(self.set_aside.lock().iter().cloned());
+        all
+    }
+
+    /// Wall-clock time of the oldest change waiting in the queue. The queue
+    /// is in the order accounts became dirty, so this reads only its head:
+    /// cheap enough for every metrics scrape, however many accounts wait.
+    pub fn oldest_dirty_since(&self) -> Option<Ts> {
+        let head = self.dirty.lock().front().cloned();
+        head.and_then(|a| a.pending_summary().1)
+    }
+
+    /// The earliest hour with unflushed usage, across all accounts. Visits
+    /// every dirty account: for settlement, not for metrics.
+    pub fn oldest_pending_hour(&self) -> Option<Ts> {
+        self.unflushed_accounts()
+            .iter()
+            .filter_map(|a| a.pending_summary().0)
+            .min()
+    }
+
+    // --- loading ---
+
+    /// The resident account, loading it on first touch. With `create`, an
+    /// account the store does not know is created (not yet activated) if
+    /// `unknown_accounts = activate`.
+    pub async fn account(
+        &self,
+        id: &str,
+        create: bool,
+        now: Ts,
+    ) -> Result<Option<Arc<AccountState>>, MeterError> {
+        if let Some(a) = self.accounts.get(id) {
+            a.last_touch.store(now, Relaxed);
+            return Ok(Some(a.clone()));
+        }
+        let key: Arc<str> = id.into();
+        let cell = self.loading.entry(key.clone()).or_default().clone();
+        let loaded = cell
+            .get_or_try_init(|| self.load(key.clone(), now))
+            .await
+            .cloned();
+        self.loading.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+        match loaded? {
+            Some(a) => Ok(Some(a)),
+            None if !create => Ok(None),
+            None if self.cfg.unknown_accounts == UnknownAccounts::Reject => {
+                Err(MeterError::UnknownAccount(id.to_string()))
+            }
+            None => Ok(Some(self.insert_new(key, now))),
+        }
+    }
+
+    /// The account a deduction goes to: loaded, or created if unknown and
+    /// `unknown_accounts = activate`.
+    pub async fn account_for_deduction(
+        &self,
+        id: &str,
+        now: Ts,
+    ) -> Result<Arc<AccountState>, MeterError> {
+        self.account(id, true, now)
+            .await?
+            .ok_or_else(|| MeterError::UnknownAccount(id.to_string()))
+    }
+
+    /// The account an operator addresses: loaded, or created whatever
+    /// `unknown_accounts` says (operators create accounts in reject mode).
+    pub async fn account_for_admin(
+        &self,
+        id: &str,
+        now: Ts,
+    ) -> Result<Arc<AccountState>, MeterError> {
+        super::validate_account_id(id)?;
+        if let Some(a) = self.account(id, false, now).await? {
+            return Ok(a);
+        }
+        Ok(self.insert_new(id.into(), now))
+    }
+
+    /// The resident account, or `NotFound`.
+    pub async fn known_account(&self, id: &str, now: Ts) -> Result<Arc<AccountState>, MeterError> {
+        super::validate_account_id(id)?;
+        self.account(id, false, now)
+            .await?
+            .ok_or_else(|| MeterError::NotFound(id.to_string()))
+    }
+
+    fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
+        self.accounts
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(AccountState::new(key, None, now)))
+            .clone()
+    }
+
+    async fn load(&self, id: Arc<str>, now: Ts) -> Result<Option<Arc<AccountState>>, MeterError> {
+        // Another load may have finished between our map miss and now.
+        if let Some(a) = self.accounts.get(&id) {
+            return Ok(Some(a.clone()));
+        }
+        let keep_after = self.keep_after(now);
+        let loaded = self.store.load_account(&id, keep_after, now).await?;
+        if loaded.is_unknown() {
+            return Ok(None);
+        }
+        let state = AccountState::new(id.clone(), loaded.account.as_ref(), now);
+        let mut used: HashMap<&str, u64> = HashMap::new();
+        let mut counters = Vec::new();
+        for StoredPack { spec, used: u } in &loaded.packs {
+            used.insert(&spec.pack_id, *u);
+            if spec.source == PackSource::Purchased {
+                counters.push(Arc::new(PackCounter::new(spec.clone(), *u)));
+            }
+        }
+        if let Some(a) = state.activated_at() {
+            // Free-tier months that can still take deductions, with what the
+            // store already recorded for them.
+            for m in calendar::free_months(a, &self.cfg.plan, &self.cfg.zone) {
+                if !self.month_is_live(&m, now) {
+                    continue;
+                }
+                for spec in self.free_specs(&m) {
+                    let u = used.get(&*spec.pack_id).copied().unwrap_or(0);
+                    counters.push(Arc::new(PackCounter::new(spec, u)));
+                }
+            }
+        }
+        state.merge_packs(|| counters.clone(), keep_after);
+        if !loaded.dedup.is_empty() {
+            let mut dedup = state.dedup.lock();
+            let table = dedup.get_or_insert_with(Box::default);
+            for r in loaded.dedup {
+                table.remember(r);
+            }
+        }
+        let state = Arc::new(state);
+        Ok(Some(self.accounts.entry(id).or_insert(state).clone()))
+    }
+
+    /// Drops accounts idle since `idle_before` that have nothing unflushed
+    /// and that no request holds; returns how many went.
+    pub fn evict_idle(&self, idle_before: Ts) -> usize {
+        let before = self.accounts.len();
+        // `retain` holds each shard's write lock, so no request can clone an
+        // account while we look at its reference count.
+        self.accounts.retain(|_, a| {
+            a.last_touch.load(Relaxed) >= idle_before
+                || Arc::strong_count(a) > 1
+                || a.pending
+                    .try_lock()
+                    .is_none_or(|slot| !slot.is_empty() || slot.queued)
+        });
+        before - self.accounts.len()
+    }
+
+    /// Drops every resident account that holds nothing unflushed, as a
+    /// restart would (for tests of eviction and reload).
+    pub fn evict_all_flushed(&self) -> usize {
+        self.evict_idle(Ts::MAX)
+    }
+}

@@ -1,0 +1,94 @@
+//! Checks that change nothing: ids, amounts and event time (R9).
+
+use super::{Deduction, Meter, MeterError};
+use crate::calendar::{self, hour_start, Ts, HOUR, SECOND};
+
+/// Longest account id accepted, in bytes.
+pub const MAX_ACCOUNT_ID_BYTES: usize = 128;
+/// Longest request id accepted, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// Checks an account id: 1–128 bytes, no control characters.
+pub fn validate_account_id(id: &str) -> Result<(), MeterError> {
+    if id.is_empty() {
+        return Err(MeterError::InvalidAccountId("is empty"));
+    }
+    if id.len() > MAX_ACCOUNT_ID_BYTES {
+        return Err(MeterError::InvalidAccountId("is longer than 128 bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(MeterError::InvalidAccountId("contains a control character"));
+    }
+    Ok(())
+}
+
+fn validate_request_id(id: &str) -> Result<(), MeterError> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(MeterError::InvalidRequestId("is longer than 256 bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(MeterError::InvalidRequestId("contains a control character"));
+    }
+    Ok(())
+}
+
+impl Meter {
+    /// Validates a deduction against the configured limits and R9 at `now`,
+    /// and returns its event time. Changes nothing.
+    pub fn validate(&self, account_id: &str, d: &Deduction<'_>, now: Ts) -> Result<Ts, MeterError> {
+        validate_account_id(account_id)?;
+        validate_request_id(d.request_id)?;
+        if d.calls > self.cfg.max_calls {
+            return Err(MeterError::AmountTooLarge {
+                field: "calls",
+                value: d.calls,
+                max: self.cfg.max_calls,
+            });
+        }
+        if d.egress_bytes > self.cfg.max_egress_bytes {
+            return Err(MeterError::AmountTooLarge {
+                field: "egress_bytes",
+                value: d.egress_bytes,
+                max: self.cfg.max_egress_bytes,
+            });
+        }
+        self.validate_time(d.at.unwrap_or(now), now, Ts::MIN)
+    }
+
+    /// R9 at `now`: `at` is not too far ahead, and its hour is neither
+    /// closed by the clock nor settled (before `settled_before`).
+    pub(super) fn validate_time(
+        &self,
+        at: Ts,
+        now: Ts,
+        settled_before: Ts,
+    ) -> Result<Ts, MeterError> {
+        if at.saturating_sub(now) > self.cfg.max_future_skew {
+            return Err(MeterError::TooFarInFuture {
+                ahead_ms: at.saturating_sub(now) / 1000,
+                max_ms: self.cfg.max_future_skew / 1000,
+            });
+        }
+        let closes = self.hour_closes(at);
+        if closes <= now || hour_start(at) < settled_before {
+            return Err(MeterError::HourClosed {
+                hour: calendar::to_datetime(hour_start(at)).to_rfc3339(),
+                closed_at: calendar::to_datetime(closes.min(now)).to_rfc3339(),
+                grace_s: self.cfg.late_grace / SECOND,
+            });
+        }
+        Ok(at)
+    }
+
+    /// When the hour holding `at` closes (R9): its end plus the late grace.
+    pub fn hour_closes(&self, at: Ts) -> Ts {
+        hour_start(at)
+            .saturating_add(HOUR)
+            .saturating_add(self.cfg.late_grace)
+    }
+
+    /// Hours that start before this have closed at `now` (R9).
+    pub fn closed_before(&self, now: Ts) -> Ts {
+        hour_start(now.saturating_sub(self.cfg.late_grace))
+    }
+}

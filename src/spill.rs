@@ -1,0 +1,258 @@
+//! The spill file: usage that shutdown could not flush, kept beside the
+//! store and replayed at the next start before the server reports ready.
+//!
+//! One [`FlushBatch`] per line, as JSON. Batches keep their ids, and the
+//! store records the ids it applied, so a batch that was being written when
+//! the process gave up (and may have committed after all) is applied once.
+//! The file is written to a temporary name, synced and renamed, so a crash
+//! while spilling leaves the previous file, never half of a new one.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    ledger::FlushBatch,
+    store::{Store, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpillError {
+    #[error("spill file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "spill file {path}, line {line}: {message}; nothing was replayed. \
+         Move the file aside to start without it (its usage is then not billed)"
+    )]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("replaying spill file {path}: {source}; the file is kept for the next start")]
+    Store { path: PathBuf, source: StoreError },
+}
+
+/// What a replay did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Batches written now.
+    pub applied: usize,
+    /// Batches the store had applied already.
+    pub skipped: usize,
+    /// Accounts the store refused for good: kept in the file.
+    pub kept: usize,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
+    move |source| SpillError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads every batch of a spill file; an empty list if there is none.
+pub fn read(path: &Path) -> Result<Vec<FlushBatch>, SpillError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| SpillError::Corrupt {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Writes `batches` after whatever the file already holds, atomically.
+pub fn append(path: &Path, batches: &[Arc<FlushBatch>]) -> Result<(), SpillError> {
+    let mut all: Vec<FlushBatch> = read(path)?;
+    all.extend(batches.iter().map(|b| (**b).clone()));
+    write_all(path, &all)
+}
+
+fn write_all(path: &Path, batches: &[FlushBatch]) -> Result<(), SpillError> {
+    if batches.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+            _ => Ok(()),
+        };
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        for b in batches {
+            let line = serde_json::to_string(b).map_err(|e| SpillError::Corrupt {
+                path: tmp.clone(),
+                line: 0,
+                message: e.to_string(),
+            })?;
+            writeln!(f, "{line}").map_err(io(&tmp))?;
+        }
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    // The rename is durable once the directory is synced.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Transient store errors at start are retried this many times.
+const ATTEMPTS: u32 = 6;
+
+/// Writes a batch, retrying transient errors with backoff.
+async fn write(store: &dyn Store, batch: &FlushBatch) -> Result<bool, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match store.write_batch(batch).await {
+            Err(e) if e.transient && attempt < ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "spill replay: store busy; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Replays a spill file into the store, then removes it. A batch the store
+/// refuses for good is split by account; the accounts it still refuses stay
+/// in the file (logged), and the rest is applied. Their split ids derive
+/// from the batch's, so a second replay is as idempotent as the first.
+pub async fn replay(store: &dyn Store, path: &Path) -> Result<Replayed, SpillError> {
+    let batches = read(path)?;
+    let mut done = Replayed::default();
+    if batches.is_empty() {
+        return Ok(done);
+    }
+    tracing::info!(path = %path.display(), batches = batches.len(), "replaying the spill file");
+    let failed = |source| SpillError::Store {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut kept = Vec::new();
+    for batch in batches {
+        match write(store, &batch).await {
+            Ok(true) => done.applied += 1,
+            Ok(false) => done.skipped += 1,
+            Err(e) if e.transient => return Err(failed(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, batch = %batch.batch_id, "spill replay: the store refuses a batch; replaying it account by account");
+                for a in &batch.accounts {
+                    let one = FlushBatch {
+                        batch_id: format!("{}#{}", batch.batch_id, a.account_id),
+                        accounts: vec![a.clone()],
+                        now: batch.now,
+                    };
+                    match write(store, &one).await {
+                        Ok(true) => done.applied += 1,
+                        Ok(false) => done.skipped += 1,
+                        Err(e) if e.transient => return Err(failed(e)),
+                        Err(e) => {
+                            tracing::error!(account = %a.account_id, error = %e, path = %path.display(),
+                                "spill replay: the store refuses this account's usage; it stays in the spill file");
+                            done.kept += 1;
+                            kept.push(one);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    write_all(path, &kept)?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ledger::{AccountFlush, DeltaRow},
+        packs::Item,
+        store::sqlite::SqliteStore,
+    };
+
+    fn batch(id: &str, account: &str, amount: u64) -> Arc<FlushBatch> {
+        Arc::new(FlushBatch {
+            batch_id: id.into(),
+            now: 1,
+            accounts: vec![AccountFlush {
+                account_id: account.into(),
+                account: None,
+                deltas: vec![DeltaRow {
+                    hour: 0,
+                    item: Item::Calls,
+                    pack: None,
+                    amount,
+                }],
+                dedup: vec![],
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_replay_applies_each_batch_once_and_keeps_what_the_store_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db").to_str().unwrap()).unwrap();
+        let path = dir.path().join("s.db.unflushed");
+        // b0 committed before the spill: it must not be applied again.
+        store.write_batch(&batch("b0", "a", 5)).await.unwrap();
+        append(&path, &[batch("b0", "a", 5), batch("b1", "a", 7)]).unwrap();
+        append(&path, &[batch("b2", "b", u64::MAX)]).unwrap();
+        assert_eq!(read(&path).unwrap().len(), 3);
+        let r = replay(&store, &path).await.unwrap();
+        assert_eq!((r.applied, r.skipped, r.kept), (1, 1, 1));
+        let rows = store.usage_rows(0, 1, Some("a")).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 12);
+        // The refused account stays in the file; replaying again changes nothing.
+        assert_eq!(read(&path).unwrap().len(), 1);
+        let r = replay(&store, &path).await.unwrap();
+        assert_eq!((r.applied, r.skipped, r.kept), (0, 0, 1));
+        assert_eq!(
+            store
+                .usage_rows(0, 1, Some("a"))
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.amount)
+                .sum::<u64>(),
+            12
+        );
+    }
+
+    #[test]
+    fn a_corrupt_line_is_named_and_nothing_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.unflushed");
+        std::fs::write(
+            &path,
+            "{\"batch_id\":\"b\",\"accounts\":[],\"now\":1}\n{torn",
+        )
+        .unwrap();
+        match read(&path) {
+            Err(SpillError::Corrupt { line, .. }) => assert_eq!(line, 2),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+}
