@@ -90,8 +90,10 @@ impl FromStr for BillingZone {
                 FixedOffset::east_opt(0).expect("0 is valid"),
             ));
         }
-        if let Some(sign) = t.chars().next().filter(|c| *c == '+' || *c == '-') {
-            return parse_offset(&t[1..], sign == '-')
+        let signed = (t.strip_prefix('+').map(|rest| (rest, false)))
+            .or_else(|| t.strip_prefix('-').map(|rest| (rest, true)));
+        if let Some((rest, negative)) = signed {
+            return parse_offset(rest, negative)
                 .map(BillingZone::Fixed)
                 .ok_or_else(|| InvalidZone(s.to_string()));
         }
@@ -101,18 +103,23 @@ impl FromStr for BillingZone {
     }
 }
 
-/// Parses `HH:MM`, `HHMM` or `HH` (after the sign) into an offset within ±18h.
+/// Parses `HH:MM`, `HHMM` or `HH` (after the sign) into an offset of less
+/// than 24 hours either way (chrono's range for a [`FixedOffset`]).
+///
+/// Matches on bytes, never slicing the `str`: `rest` is user input, and a
+/// byte index inside a multibyte character (`+0é0`) would panic. Non-ASCII
+/// bytes are simply not digits.
 fn parse_offset(rest: &str, negative: bool) -> Option<FixedOffset> {
-    let (h, m) = match rest.len() {
-        2 => (rest, "00"),
-        4 => (&rest[..2], &rest[2..]),
-        5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
+    let two_digits = |[tens, ones]: [u8; 2]| -> Option<i32> {
+        (tens.is_ascii_digit() && ones.is_ascii_digit())
+            .then(|| i32::from(tens - b'0') * 10 + i32::from(ones - b'0'))
+    };
+    let (h, m) = match *rest.as_bytes() {
+        [h1, h2] => ([h1, h2], [b'0', b'0']),
+        [h1, h2, m1, m2] | [h1, h2, b':', m1, m2] => ([h1, h2], [m1, m2]),
         _ => return None,
     };
-    if !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    let (h, m) = (two_digits(h)?, two_digits(m)?);
     if m >= 60 {
         return None;
     }

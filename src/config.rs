@@ -6,7 +6,12 @@
 //! file, then the default. Every error names the field it is about; `main`
 //! turns it into exit code 64 (`EX_USAGE`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{IntErrorKind, ParseIntError},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -202,16 +207,97 @@ pub fn default_store_url() -> String {
     format!("sqlite://{}", dir.join("packmeter.db").display())
 }
 
+/// The longest duration any setting accepts: what a [`Ts`] (signed 64-bit
+/// microseconds) can hold, about 292,000 years.
+pub const MAX_DURATION: Duration = Duration::from_micros(i64::MAX as u64);
+
 fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim()).map_err(|e| {
+    let too_long = || {
+        err(
+            field,
+            format!(
+                "`{v}` is longer than the {} packmeter can count in signed 64-bit microseconds; use a shorter duration",
+                humantime::format_duration(Duration::from_secs(MAX_DURATION.as_secs() / 86_400 * 86_400))
+            ),
+        )
+    };
+    // humantime panics ("overflow in Duration::new") when its running total
+    // reaches u64::MAX seconds and the nanoseconds carry exactly one second,
+    // e.g. "18446744073709551615s 1000000000ns". Below that bound it cannot.
+    if duration_bound_secs(v.trim()) >= u128::from(u64::MAX) {
+        return Err(too_long());
+    }
+    let d = humantime::parse_duration(v.trim()).map_err(|e| {
         err(
             field,
             format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"),
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+/// An upper bound, in seconds, of what `humantime::parse_duration(s)` can
+/// add up before it returns or fails. It reads `s` the way humantime does: a
+/// number (digits, with whitespace skipped and an optional `.` fraction)
+/// followed by a unit made of ASCII letters or `µ`. Each number counts as
+/// its integer part plus one (for the fraction and the nanosecond carry),
+/// times the unit's length in whole seconds, rounded up; an unknown unit
+/// counts as a year, the longest humantime knows.
+fn duration_bound_secs(s: &str) -> u128 {
+    let unit_secs = |unit: &str| -> u128 {
+        // One unit is far from any overflow, so humantime is safe here.
+        match humantime::parse_duration(&format!("1{unit}")) {
+            Ok(d) => u128::from(d.as_secs()) + u128::from(d.subsec_nanos() > 0),
+            Err(_) => 31_557_600,
+        }
+    };
+    let is_unit_char = |c: char| c.is_ascii_alphabetic() || c == 'µ';
+    let mut total: u128 = 0;
+    let mut chars = s.char_indices().peekable();
+    while let Some(&(_, c)) = chars.peek() {
+        if !(c.is_ascii_digit() || c == '.') {
+            // Whitespace, a stray unit or a character humantime refuses:
+            // none of them adds to the total.
+            chars.next();
+            continue;
+        }
+        let mut integer: u128 = 0;
+        let mut in_fraction = false;
+        while let Some(&(_, c)) = chars.peek() {
+            match c {
+                '0'..='9' if !in_fraction => {
+                    integer = integer
+                        .saturating_mul(10)
+                        .saturating_add(u128::from(c as u8 - b'0'));
+                }
+                '0'..='9' => {}
+                '.' => in_fraction = true,
+                c if c.is_whitespace() => {}
+                _ => break,
+            }
+            chars.next();
+        }
+        let start = chars.peek().map_or(s.len(), |&(i, _)| i);
+        let mut end = start;
+        while let Some(&(i, c)) = chars.peek().filter(|&&(_, c)| is_unit_char(c)) {
+            end = i + c.len_utf8();
+            chars.next();
+        }
+        let secs = if start == end {
+            31_557_600
+        } else {
+            unit_secs(&s[start..end]).max(1)
+        };
+        total = total.saturating_add(integer.saturating_add(1).saturating_mul(secs));
+    }
+    total
 }
 
 fn micros(d: Duration) -> Ts {
+    // `duration` caps every setting at MAX_DURATION, so this never clamps.
     Ts::try_from(d.as_micros()).unwrap_or(Ts::MAX)
 }
 
@@ -219,7 +305,34 @@ fn number(field: &'static str, v: &str) -> Result<u64, ConfigError> {
     v.trim()
         .replace('_', "")
         .parse()
-        .map_err(|_| err(field, format!("`{v}` is not a whole number")))
+        .map_err(|e: ParseIntError| {
+            let message = match e.kind() {
+                IntErrorKind::PosOverflow => {
+                    format!(
+                        "`{v}` is larger than {}, the largest number accepted",
+                        u64::MAX
+                    )
+                }
+                _ => format!("`{v}` is not a whole number"),
+            };
+            err(field, message)
+        })
+}
+
+/// The largest amount a store can keep: SQLite integers are signed 64-bit.
+pub const MAX_AMOUNT: u64 = i64::MAX as u64;
+
+/// An amount of calls or bytes that the stores must be able to write.
+fn amount(field: &'static str, n: u64) -> Result<u64, ConfigError> {
+    if n > MAX_AMOUNT {
+        return Err(err(
+            field,
+            format!(
+                "{n} is above {MAX_AMOUNT} (i64::MAX): the stores keep amounts as signed 64-bit integers; use at most {MAX_AMOUNT}"
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
@@ -272,18 +385,7 @@ impl Config {
             &pick(&args.admin_listen, &file.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
         )?;
         let store = pick(&args.store, &file.store).unwrap_or_else(default_store_url);
-        if !store.starts_with("sqlite://") {
-            return Err(err(
-                "store",
-                format!("`{store}` is not a supported store URL; use sqlite://PATH"),
-            ));
-        }
-        if store == "sqlite://" {
-            return Err(err(
-                "store",
-                "sqlite:// needs a file path, e.g. sqlite://./packmeter.db",
-            ));
-        }
+        crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
 
         let flush_interval = duration_of(
             "flush_interval",
@@ -376,21 +478,33 @@ impl Config {
                 }
                 Ok(n)
             };
-        let max_calls = positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?;
-        let max_egress_bytes = positive(
+        let max_calls = amount(
+            "max_calls",
+            positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?,
+        )?;
+        let max_egress_bytes = amount(
             "max_egress_bytes",
-            &args.max_egress_bytes,
-            file.max_egress_bytes,
-            1 << 40,
+            positive(
+                "max_egress_bytes",
+                &args.max_egress_bytes,
+                file.max_egress_bytes,
+                1 << 40,
+            )?,
         )?;
         let max_batch = positive("max_batch", &args.max_batch, file.max_batch, 10_000)?;
         let plan = FreeTierPlan {
-            calls: number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
-            egress_bytes: number_of(
+            calls: amount(
+                "free_calls",
+                number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
+            )?,
+            egress_bytes: amount(
                 "free_egress_bytes",
-                &args.free_egress_bytes,
-                file.free_egress_bytes,
-                1 << 30,
+                number_of(
+                    "free_egress_bytes",
+                    &args.free_egress_bytes,
+                    file.free_egress_bytes,
+                    1 << 30,
+                )?,
             )?,
             months: {
                 let m = number_of("free_months", &args.free_months, file.free_months, 12)?;
@@ -428,6 +542,18 @@ impl Config {
             )?,
         };
         if rls.account_key == rls.item_key {
+            // Name the key that was set: with only rls_account_key given,
+            // the clash is with rls_item_key's default.
+            let item_key_given = pick(&args.rls_item_key, &file.rls_item_key).is_some();
+            if !item_key_given {
+                return Err(err(
+                    "rls_account_key",
+                    format!(
+                        "`{}` is also rls_item_key (its default); the two keys must differ",
+                        rls.account_key
+                    ),
+                ));
+            }
             return Err(err(
                 "rls_item_key",
                 format!(
