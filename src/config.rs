@@ -216,8 +216,8 @@ fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
         err(
             field,
             format!(
-                "`{v}` is longer than the {} packmeter can count in signed 64-bit microseconds; use a shorter duration",
-                humantime::format_duration(Duration::from_secs(MAX_DURATION.as_secs() / 86_400 * 86_400))
+                "`{v}` is longer than the {} years packmeter can count in signed 64-bit microseconds; use a shorter duration",
+                MAX_DURATION.as_secs() / 31_557_600
             ),
         )
     };
