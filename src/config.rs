@@ -212,27 +212,29 @@ pub fn default_store_url() -> String {
 pub const MAX_DURATION: Duration = Duration::from_micros(i64::MAX as u64);
 
 fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    parse_duration(v).map_err(|message| err(field, message))
+}
+
+/// `humantime::parse_duration` without its panic, and capped at
+/// [`MAX_DURATION`]: for any duration a user types. The error says what was
+/// wrong and quotes the value.
+///
+/// humantime panics ("overflow in Duration::new") when its running total
+/// reaches u64::MAX seconds and the nanoseconds carry exactly one second,
+/// e.g. `18446744073709551615s 1000000000ns`; below that total it cannot, so
+/// a value whose `duration_bound_secs` reaches it is refused unread.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
     let too_long = || {
-        err(
-            field,
-            format!(
-                "`{v}` is longer than the {} years packmeter can count in signed 64-bit microseconds; use a shorter duration",
-                MAX_DURATION.as_secs() / 31_557_600
-            ),
+        format!(
+            "`{v}` is longer than the {} years packmeter can count in signed 64-bit microseconds; use a shorter duration",
+            MAX_DURATION.as_secs() / 31_557_600
         )
     };
-    // humantime panics ("overflow in Duration::new") when its running total
-    // reaches u64::MAX seconds and the nanoseconds carry exactly one second,
-    // e.g. "18446744073709551615s 1000000000ns". Below that bound it cannot.
     if duration_bound_secs(v.trim()) >= u128::from(u64::MAX) {
         return Err(too_long());
     }
-    let d = humantime::parse_duration(v.trim()).map_err(|e| {
-        err(
-            field,
-            format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"),
-        )
-    })?;
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"))?;
     if d > MAX_DURATION {
         return Err(too_long());
     }
