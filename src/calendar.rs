@@ -90,8 +90,10 @@ impl FromStr for BillingZone {
                 FixedOffset::east_opt(0).expect("0 is valid"),
             ));
         }
-        if let Some(sign) = t.chars().next().filter(|c| *c == '+' || *c == '-') {
-            return parse_offset(&t[1..], sign == '-')
+        let signed = (t.strip_prefix('+').map(|rest| (rest, false)))
+            .or_else(|| t.strip_prefix('-').map(|rest| (rest, true)));
+        if let Some((rest, negative)) = signed {
+            return parse_offset(rest, negative)
                 .map(BillingZone::Fixed)
                 .ok_or_else(|| InvalidZone(s.to_string()));
         }
@@ -101,18 +103,23 @@ impl FromStr for BillingZone {
     }
 }
 
-/// Parses `HH:MM`, `HHMM` or `HH` (after the sign) into an offset within ±18h.
+/// Parses `HH:MM`, `HHMM` or `HH` (after the sign) into an offset of less
+/// than 24 hours either way (chrono's range for a [`FixedOffset`]).
+///
+/// Matches on bytes, never slicing the `str`: `rest` is user input, and a
+/// byte index inside a multibyte character (`+0é0`) would panic. Non-ASCII
+/// bytes are simply not digits.
 fn parse_offset(rest: &str, negative: bool) -> Option<FixedOffset> {
-    let (h, m) = match rest.len() {
-        2 => (rest, "00"),
-        4 => (&rest[..2], &rest[2..]),
-        5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
+    let two_digits = |[tens, ones]: [u8; 2]| -> Option<i32> {
+        (tens.is_ascii_digit() && ones.is_ascii_digit())
+            .then(|| i32::from(tens - b'0') * 10 + i32::from(ones - b'0'))
+    };
+    let (h, m) = match *rest.as_bytes() {
+        [h1, h2] => ([h1, h2], [b'0', b'0']),
+        [h1, h2, m1, m2] | [h1, h2, b':', m1, m2] => ([h1, h2], [m1, m2]),
         _ => return None,
     };
-    if !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    let (h, m) = (two_digits(h)?, two_digits(m)?);
     if m >= 60 {
         return None;
     }
@@ -325,6 +332,27 @@ mod tests {
     }
 
     #[test]
+    fn multibyte_characters_in_an_offset_are_refused_not_a_panic() {
+        // Each of these once sliced the string inside a character and panicked.
+        for bad in [
+            "+0é0",
+            "+é",
+            "-é0",
+            "+é:00",
+            "+0\u{1F600}",
+            "-0\u{301}8",
+            "+\u{660}\u{668}",
+            "+08\u{FF1A}00",
+        ] {
+            assert_eq!(
+                bad.parse::<BillingZone>(),
+                Err(InvalidZone(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn seed_example_window_ends_at_midnight_after_the_anniversary() {
         let a = at("2019-11-10T17:13:14+08:00");
         let (from, until) = free_window(a, &FreeTierPlan::default(), &BillingZone::default());
@@ -467,6 +495,144 @@ mod tests {
                 }
                 None => prop_assert!(t >= end),
             }
+        }
+    }
+
+    /// The offset grammar, written independently of `parse_offset` and over
+    /// chars rather than bytes: a sign, two ASCII digits of hours, then
+    /// optionally two of minutes, with or without a colon; under 24 hours.
+    fn offset_model(s: &str) -> Option<i32> {
+        let c: Vec<char> = s.trim().chars().collect();
+        let sign = match c.first()? {
+            '+' => 1,
+            '-' => -1,
+            _ => return None,
+        };
+        let digits: Vec<char> = match c.len() {
+            3 => vec![c[1], c[2], '0', '0'],
+            5 => c[1..5].to_vec(),
+            6 if c[3] == ':' => vec![c[1], c[2], c[4], c[5]],
+            _ => return None,
+        };
+        let d = digits
+            .iter()
+            .map(|c| c.to_digit(10).filter(|_| c.is_ascii_digit()))
+            .collect::<Option<Vec<u32>>>()?;
+        let (h, m) = ((d[0] * 10 + d[1]) as i32, (d[2] * 10 + d[3]) as i32);
+        (h < 24 && m < 60).then_some(sign * (h * 3600 + m * 60))
+    }
+
+    /// Any string at all: arbitrary chars (controls, NUL, surrogate-free
+    /// Unicode of every plane) as well as proptest's printable strings.
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            prop::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter),
+        ]
+    }
+
+    /// Strings near the offset grammar: a sign, then digits, colons and
+    /// arbitrary characters, with optional whitespace around.
+    fn near_offset() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            4 => prop::char::range('0', '9'),
+            2 => Just(':'),
+            2 => any::<char>(),
+            1 => prop::sample::select(vec!['é', '\u{301}', '\u{660}', '\u{FF1A}', '\u{1F600}']),
+        ];
+        (
+            prop::sample::select(vec!["", " "]),
+            prop::sample::select(vec!['+', '-']),
+            prop::collection::vec(piece, 0..7),
+            prop::sample::select(vec!["", " ", "\t"]),
+        )
+            .prop_map(|(pre, sign, rest, post)| {
+                format!("{pre}{sign}{}{post}", String::from_iter(rest))
+            })
+    }
+
+    /// Valid IANA names with one character inserted, replaced or removed.
+    fn near_zone_name() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(chrono_tz::TZ_VARIANTS.to_vec()),
+            any::<prop::sample::Index>(),
+            any::<char>(),
+            0..3u8,
+        )
+            .prop_map(|(tz, at, c, edit)| {
+                let mut chars: Vec<char> = tz.name().chars().collect();
+                let i = at.index(chars.len() + 1);
+                match edit {
+                    0 => chars.insert(i, c),
+                    1 if i < chars.len() => chars[i] = c,
+                    _ if i < chars.len() => {
+                        chars.remove(i);
+                    }
+                    _ => {}
+                }
+                String::from_iter(chars)
+            })
+    }
+
+    /// A zone string gives a zone or an error carrying the input, never a panic.
+    fn check_zone(s: &str) -> Result<(), TestCaseError> {
+        match s.parse::<BillingZone>() {
+            Ok(BillingZone::Fixed(o)) => {
+                prop_assert!(o.local_minus_utc().abs() < 86_400);
+            }
+            Ok(BillingZone::Named(tz)) => prop_assert_eq!(tz.name(), s.trim()),
+            Err(e) => {
+                prop_assert_eq!(&e.0, s);
+                prop_assert!(e.to_string().contains(s), "{}", e);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn zone_parsing_never_panics_on_any_string(s in any_text()) {
+            check_zone(&s)?;
+        }
+
+        #[test]
+        fn zone_names_one_edit_away_parse_or_are_refused(s in near_zone_name()) {
+            check_zone(&s)?;
+        }
+
+        #[test]
+        fn signed_strings_parse_exactly_as_the_offset_grammar_says(s in near_offset()) {
+            check_zone(&s)?;
+            match (s.parse::<BillingZone>(), offset_model(&s)) {
+                (Ok(BillingZone::Fixed(o)), Some(secs)) => {
+                    prop_assert_eq!(o.local_minus_utc(), secs)
+                }
+                (Err(_), None) => {}
+                (got, want) => prop_assert!(false, "{:?}: got {:?}, grammar says {:?}", s, got, want),
+            }
+        }
+
+        #[test]
+        fn every_offset_under_24_hours_parses_in_all_three_forms(
+            negative in any::<bool>(),
+            h in 0..24i32,
+            m in 0..60i32,
+        ) {
+            let sign = if negative { '-' } else { '+' };
+            let secs = (h * 3600 + m * 60) * if negative { -1 } else { 1 };
+            for s in [format!("{sign}{h:02}:{m:02}"), format!("{sign}{h:02}{m:02}")] {
+                prop_assert_eq!(
+                    s.parse::<BillingZone>(),
+                    Ok(BillingZone::Fixed(FixedOffset::east_opt(secs).unwrap()))
+                );
+            }
+            let hours_only = format!("{sign}{h:02}").parse::<BillingZone>();
+            prop_assert_eq!(
+                hours_only,
+                Ok(BillingZone::Fixed(FixedOffset::east_opt(secs - secs % 3600).unwrap()))
+            );
         }
     }
 }

@@ -6,7 +6,12 @@
 //! file, then the default. Every error names the field it is about; `main`
 //! turns it into exit code 64 (`EX_USAGE`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{IntErrorKind, ParseIntError},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -202,16 +207,99 @@ pub fn default_store_url() -> String {
     format!("sqlite://{}", dir.join("packmeter.db").display())
 }
 
+/// The longest duration any setting accepts: what a [`Ts`] (signed 64-bit
+/// microseconds) can hold, about 292,000 years.
+pub const MAX_DURATION: Duration = Duration::from_micros(i64::MAX as u64);
+
 fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim()).map_err(|e| {
-        err(
-            field,
-            format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"),
+    parse_duration(v).map_err(|message| err(field, message))
+}
+
+/// `humantime::parse_duration` without its panic, and capped at
+/// [`MAX_DURATION`]: for any duration a user types. The error says what was
+/// wrong and quotes the value.
+///
+/// humantime panics ("overflow in Duration::new") when its running total
+/// reaches u64::MAX seconds and the nanoseconds carry exactly one second,
+/// e.g. `18446744073709551615s 1000000000ns`; below that total it cannot, so
+/// a value whose `duration_bound_secs` reaches it is refused unread.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let too_long = || {
+        format!(
+            "`{v}` is longer than the {} years packmeter can count in signed 64-bit microseconds; use a shorter duration",
+            MAX_DURATION.as_secs() / 31_557_600
         )
-    })
+    };
+    if duration_bound_secs(v.trim()) >= u128::from(u64::MAX) {
+        return Err(too_long());
+    }
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("`{v}` is not a duration like 200ms, 1h or 30d ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+/// An upper bound, in seconds, of what `humantime::parse_duration(s)` can
+/// add up before it returns or fails. It reads `s` the way humantime does: a
+/// number (digits, with whitespace skipped and an optional `.` fraction)
+/// followed by a unit made of ASCII letters or `µ`. Each number counts as
+/// its integer part plus one (for the fraction and the nanosecond carry),
+/// times the unit's length in whole seconds, rounded up; an unknown unit
+/// counts as a year, the longest humantime knows.
+fn duration_bound_secs(s: &str) -> u128 {
+    let unit_secs = |unit: &str| -> u128 {
+        // One unit is far from any overflow, so humantime is safe here.
+        match humantime::parse_duration(&format!("1{unit}")) {
+            Ok(d) => u128::from(d.as_secs()) + u128::from(d.subsec_nanos() > 0),
+            Err(_) => 31_557_600,
+        }
+    };
+    let is_unit_char = |c: char| c.is_ascii_alphabetic() || c == 'µ';
+    let mut total: u128 = 0;
+    let mut chars = s.char_indices().peekable();
+    while let Some(&(_, c)) = chars.peek() {
+        if !(c.is_ascii_digit() || c == '.') {
+            // Whitespace, a stray unit or a character humantime refuses:
+            // none of them adds to the total.
+            chars.next();
+            continue;
+        }
+        let mut integer: u128 = 0;
+        let mut in_fraction = false;
+        while let Some(&(_, c)) = chars.peek() {
+            match c {
+                '0'..='9' if !in_fraction => {
+                    integer = integer
+                        .saturating_mul(10)
+                        .saturating_add(u128::from(c as u8 - b'0'));
+                }
+                '0'..='9' => {}
+                '.' => in_fraction = true,
+                c if c.is_whitespace() => {}
+                _ => break,
+            }
+            chars.next();
+        }
+        let start = chars.peek().map_or(s.len(), |&(i, _)| i);
+        let mut end = start;
+        while let Some(&(i, c)) = chars.peek().filter(|&&(_, c)| is_unit_char(c)) {
+            end = i + c.len_utf8();
+            chars.next();
+        }
+        let secs = if start == end {
+            31_557_600
+        } else {
+            unit_secs(&s[start..end]).max(1)
+        };
+        total = total.saturating_add(integer.saturating_add(1).saturating_mul(secs));
+    }
+    total
 }
 
 fn micros(d: Duration) -> Ts {
+    // `duration` caps every setting at MAX_DURATION, so this never clamps.
     Ts::try_from(d.as_micros()).unwrap_or(Ts::MAX)
 }
 
@@ -219,7 +307,34 @@ fn number(field: &'static str, v: &str) -> Result<u64, ConfigError> {
     v.trim()
         .replace('_', "")
         .parse()
-        .map_err(|_| err(field, format!("`{v}` is not a whole number")))
+        .map_err(|e: ParseIntError| {
+            let message = match e.kind() {
+                IntErrorKind::PosOverflow => {
+                    format!(
+                        "`{v}` is larger than {}, the largest number accepted",
+                        u64::MAX
+                    )
+                }
+                _ => format!("`{v}` is not a whole number"),
+            };
+            err(field, message)
+        })
+}
+
+/// The largest amount a store can keep: SQLite integers are signed 64-bit.
+pub const MAX_AMOUNT: u64 = i64::MAX as u64;
+
+/// An amount of calls or bytes that the stores must be able to write.
+fn amount(field: &'static str, n: u64) -> Result<u64, ConfigError> {
+    if n > MAX_AMOUNT {
+        return Err(err(
+            field,
+            format!(
+                "{n} is above {MAX_AMOUNT} (i64::MAX): the stores keep amounts as signed 64-bit integers; use at most {MAX_AMOUNT}"
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
@@ -231,6 +346,17 @@ fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Where in the file a TOML error is, as ` line N (`the line`)`, so that a
+/// value of the wrong type (`max_calls = -5`) names its key.
+fn toml_line(text: &str, e: &toml::de::Error) -> String {
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return String::new();
+    };
+    let n = before.matches('\n').count();
+    let line = text.lines().nth(n).unwrap_or_default().trim();
+    format!(" line {} (`{}`)", n + 1, line.escape_debug())
+}
+
 impl Config {
     /// Merges flags, environment and the TOML file, then validates.
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
@@ -238,8 +364,17 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| err("config", format!("{}: {}", path.display(), e.message())))?
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    err(
+                        "config",
+                        format!(
+                            "{}{}: {}",
+                            path.display(),
+                            toml_line(&text, &e),
+                            e.message()
+                        ),
+                    )
+                })?
             }
             None => FileConfig::default(),
         };
@@ -272,18 +407,7 @@ impl Config {
             &pick(&args.admin_listen, &file.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
         )?;
         let store = pick(&args.store, &file.store).unwrap_or_else(default_store_url);
-        if !store.starts_with("sqlite://") {
-            return Err(err(
-                "store",
-                format!("`{store}` is not a supported store URL; use sqlite://PATH"),
-            ));
-        }
-        if store == "sqlite://" {
-            return Err(err(
-                "store",
-                "sqlite:// needs a file path, e.g. sqlite://./packmeter.db",
-            ));
-        }
+        crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
 
         let flush_interval = duration_of(
             "flush_interval",
@@ -376,21 +500,33 @@ impl Config {
                 }
                 Ok(n)
             };
-        let max_calls = positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?;
-        let max_egress_bytes = positive(
+        let max_calls = amount(
+            "max_calls",
+            positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?,
+        )?;
+        let max_egress_bytes = amount(
             "max_egress_bytes",
-            &args.max_egress_bytes,
-            file.max_egress_bytes,
-            1 << 40,
+            positive(
+                "max_egress_bytes",
+                &args.max_egress_bytes,
+                file.max_egress_bytes,
+                1 << 40,
+            )?,
         )?;
         let max_batch = positive("max_batch", &args.max_batch, file.max_batch, 10_000)?;
         let plan = FreeTierPlan {
-            calls: number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
-            egress_bytes: number_of(
+            calls: amount(
+                "free_calls",
+                number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
+            )?,
+            egress_bytes: amount(
                 "free_egress_bytes",
-                &args.free_egress_bytes,
-                file.free_egress_bytes,
-                1 << 30,
+                number_of(
+                    "free_egress_bytes",
+                    &args.free_egress_bytes,
+                    file.free_egress_bytes,
+                    1 << 30,
+                )?,
             )?,
             months: {
                 let m = number_of("free_months", &args.free_months, file.free_months, 12)?;
@@ -428,6 +564,18 @@ impl Config {
             )?,
         };
         if rls.account_key == rls.item_key {
+            // Name the key that was set: with only rls_account_key given,
+            // the clash is with rls_item_key's default.
+            let item_key_given = pick(&args.rls_item_key, &file.rls_item_key).is_some();
+            if !item_key_given {
+                return Err(err(
+                    "rls_account_key",
+                    format!(
+                        "`{}` is also rls_item_key (its default); the two keys must differ",
+                        rls.account_key
+                    ),
+                ));
+            }
             return Err(err(
                 "rls_item_key",
                 format!(
@@ -465,6 +613,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn defaults_match_the_design() {
@@ -628,5 +777,492 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "config");
         assert!(e.message.contains("flush_intervall"), "{}", e.message);
+    }
+
+    /// Every string field of [`ServeArgs`], by the name errors give it.
+    const STRING_FIELDS: [&str; 21] = [
+        "listen",
+        "admin_listen",
+        "store",
+        "flush_interval",
+        "late_grace",
+        "dedup_window",
+        "timezone",
+        "max_future_skew",
+        "unknown_accounts",
+        "shutdown_grace",
+        "log_format",
+        "max_calls",
+        "max_egress_bytes",
+        "max_batch",
+        "free_calls",
+        "free_egress_bytes",
+        "free_months",
+        "idle_evict",
+        "rls_domain",
+        "rls_account_key",
+        "rls_item_key",
+    ];
+
+    fn slot<'a>(a: &'a mut ServeArgs, field: &str) -> &'a mut Option<String> {
+        match field {
+            "listen" => &mut a.listen,
+            "admin_listen" => &mut a.admin_listen,
+            "store" => &mut a.store,
+            "flush_interval" => &mut a.flush_interval,
+            "late_grace" => &mut a.late_grace,
+            "dedup_window" => &mut a.dedup_window,
+            "timezone" => &mut a.timezone,
+            "max_future_skew" => &mut a.max_future_skew,
+            "unknown_accounts" => &mut a.unknown_accounts,
+            "shutdown_grace" => &mut a.shutdown_grace,
+            "log_format" => &mut a.log_format,
+            "max_calls" => &mut a.max_calls,
+            "max_egress_bytes" => &mut a.max_egress_bytes,
+            "max_batch" => &mut a.max_batch,
+            "free_calls" => &mut a.free_calls,
+            "free_egress_bytes" => &mut a.free_egress_bytes,
+            "free_months" => &mut a.free_months,
+            "idle_evict" => &mut a.idle_evict,
+            "rls_domain" => &mut a.rls_domain,
+            "rls_account_key" => &mut a.rls_account_key,
+            "rls_item_key" => &mut a.rls_item_key,
+            other => panic!("no ServeArgs field {other}"),
+        }
+    }
+
+    /// `ServeArgs` with only `field` set.
+    fn only(field: &str, value: &str) -> ServeArgs {
+        let mut args = ServeArgs::default();
+        *slot(&mut args, field) = Some(value.to_string());
+        args
+    }
+
+    #[test]
+    fn durations_that_overflow_humantime_are_refused_not_a_panic() {
+        // humantime panics ("overflow in Duration::new") on each of these.
+        for v in [
+            "18446744073709551615s 1000000000ns",
+            "18446744073709551615s 500ms 500ms",
+            "18446744073709551614s 1s 999999999ns 1ns",
+            "18446744073709551615 s 1000000 us",
+        ] {
+            let e = duration("late_grace", v).unwrap_err();
+            assert_eq!(e.field, "late_grace");
+            assert!(e.message.contains(v), "{}", e.message);
+            assert!(e.message.contains("292271 years"), "{}", e.message);
+        }
+        assert_eq!(
+            Config::resolve(&only(
+                "shutdown_grace",
+                "18446744073709551615s 1000000000ns"
+            ))
+            .unwrap_err()
+            .field,
+            "shutdown_grace"
+        );
+    }
+
+    #[test]
+    fn durations_are_accepted_up_to_what_the_microsecond_clock_holds() {
+        let longest = humantime::format_duration(MAX_DURATION).to_string();
+        assert_eq!(duration("late_grace", &longest), Ok(MAX_DURATION));
+        let c = Config::resolve(&ServeArgs {
+            late_grace: Some(longest),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.meter.late_grace, Ts::MAX);
+        assert_eq!(c.meter.dedup_window, Ts::MAX);
+
+        let too_long =
+            humantime::format_duration(MAX_DURATION + Duration::from_micros(1)).to_string();
+        let e = duration("late_grace", &too_long).unwrap_err();
+        assert!(e.message.contains("longer than"), "{}", e.message);
+        assert!(duration("late_grace", "300000y").is_err());
+        // A large count of a small unit is still a short duration.
+        assert_eq!(
+            duration("late_grace", "1000000000000ns"),
+            Ok(Duration::from_secs(1000))
+        );
+        assert_eq!(
+            duration("late_grace", "1 000 000 000 000 ns"),
+            Ok(Duration::from_secs(1000))
+        );
+    }
+
+    #[test]
+    fn amounts_above_i64_max_are_refused_because_the_stores_keep_signed_64_bit() {
+        let max = i64::MAX.to_string();
+        for field in [
+            "max_calls",
+            "max_egress_bytes",
+            "free_calls",
+            "free_egress_bytes",
+        ] {
+            let c = Config::resolve(&only(field, &max)).unwrap();
+            let got = match field {
+                "max_calls" => c.meter.max_calls,
+                "max_egress_bytes" => c.meter.max_egress_bytes,
+                "free_calls" => c.meter.plan.calls,
+                _ => c.meter.plan.egress_bytes,
+            };
+            assert_eq!(got, i64::MAX as u64, "{field}");
+            for over in [
+                "9223372036854775808",
+                "9_223_372_036_854_775_808",
+                "18446744073709551615",
+            ] {
+                let e = Config::resolve(&only(field, over)).unwrap_err();
+                assert_eq!(e.field, field);
+                assert!(
+                    e.message.contains("signed 64-bit") && e.message.contains(&max),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+        let e = Config::resolve(&only("max_batch", "18446744073709551616")).unwrap_err();
+        assert_eq!(e.field, "max_batch");
+        assert!(
+            e.message.contains("larger than 18446744073709551615"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn store_urls_are_checked_before_anything_is_opened() {
+        assert_eq!(crate::store::sqlite_path("sqlite://./pm.db"), Ok("./pm.db"));
+        for (url, says) in [
+            ("redis://x", "use sqlite://PATH"),
+            ("SQLITE://x", "use sqlite://PATH"),
+            ("", "use sqlite://PATH"),
+            ("sqlite://", "needs a file path"),
+            ("sqlite://pm\0.db", "NUL"),
+        ] {
+            let e = Config::resolve(&only("store", url)).unwrap_err();
+            assert_eq!(e.field, "store");
+            assert!(e.message.contains(says), "{url:?}: {}", e.message);
+            // store::open refuses it the same way, before touching the disk.
+            let refused = crate::store::open(url).err().expect("refused");
+            assert!(refused.message.contains(says), "{}", refused.message);
+        }
+    }
+
+    #[test]
+    fn an_account_key_equal_to_the_default_item_key_names_rls_account_key() {
+        let e = Config::resolve(&only("rls_account_key", "item")).unwrap_err();
+        assert_eq!(e.field, "rls_account_key");
+        assert!(e.message.contains("must differ"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_toml_value_of_the_wrong_type_names_its_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        std::fs::write(&path, "timezone = \"UTC\"\nmax_calls = -5\n").unwrap();
+        let e = Config::resolve(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "config");
+        assert!(
+            e.message.contains("line 2 (`max_calls = -5`)"),
+            "{}",
+            e.message
+        );
+    }
+
+    /// Any string: arbitrary chars (controls, NUL, every plane) as well as
+    /// proptest's printable strings.
+    fn any_text() -> BoxedStrategy<String> {
+        prop_oneof![
+            any::<String>(),
+            prop::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter),
+        ]
+        .boxed()
+    }
+
+    /// Strings near humantime's grammar: numbers (small, huge, fractional),
+    /// units (real, unknown, arbitrary chars) and separators.
+    fn near_duration() -> BoxedStrategy<String> {
+        let number = prop_oneof![
+            "[0-9]{1,3}",
+            "[0-9]{12,21}",
+            Just(u64::MAX.to_string()),
+            "[0-9]{1,4}\\.[0-9]{1,12}",
+            Just(String::new()),
+        ];
+        let unit = prop_oneof![
+            prop::sample::select(vec![
+                "ns", "us", "µs", "ms", "s", "m", "min", "h", "d", "w", "M", "y", "years",
+                "nights", "",
+            ])
+            .prop_map(String::from),
+            any::<char>().prop_map(String::from),
+        ];
+        let sep = prop::sample::select(vec!["", " ", "  ", "\t", "é", "\u{a0}"]);
+        prop::collection::vec((number, sep.clone(), unit, sep), 1..5)
+            .prop_map(|parts| {
+                parts
+                    .into_iter()
+                    .map(|(n, a, u, b)| format!("{n}{a}{u}{b}"))
+                    .collect()
+            })
+            .boxed()
+    }
+
+    /// Totals of u64::MAX seconds whose nanoseconds sum to about one second:
+    /// exactly the inputs on which humantime panics.
+    fn overflowing_duration() -> BoxedStrategy<String> {
+        (0..3u64, 0..=1_000_000_000u64, 0..3u64)
+            .prop_map(|(k, a, jitter)| {
+                let b = 1_000_000_000 - a + jitter;
+                format!("{}s {k}s {a}ns {}ns", u64::MAX - k, b.saturating_sub(1))
+            })
+            .boxed()
+    }
+
+    fn near_number() -> BoxedStrategy<String> {
+        prop_oneof![
+            "[+-]?[0-9_]{0,25}",
+            " ?[0-9]{1,20} ?",
+            prop::sample::select(vec![
+                "0".to_string(),
+                "-1".into(),
+                "1201".into(),
+                i64::MAX.to_string(),
+                (i64::MAX as u64 + 1).to_string(),
+                u64::MAX.to_string(),
+                "18446744073709551616".into(),
+            ]),
+        ]
+        .boxed()
+    }
+
+    fn near_addr() -> BoxedStrategy<String> {
+        prop_oneof![
+            "[0-9]{1,3}(\\.[0-9]{1,3}){0,4}(:[0-9]{0,6})?",
+            "\\[[0-9a-fA-F:%.é]{0,12}\\](:[0-9]{0,6})?",
+            "(localhost|é|[a-z]{1,5}|127\\.0\\.0\\.1):.{0,6}",
+        ]
+        .boxed()
+    }
+
+    fn near_zone() -> BoxedStrategy<String> {
+        prop_oneof![
+            "[ ]?[+-][0-9:]{0,6}",
+            "[+-][0-9]{0,2}:?.{0,3}",
+            "[A-Za-z_/+-]{0,20}",
+            prop::sample::select(vec!["Asia/Shanghai", "UTC", "Z", "z", "+08:00", "-23:59"])
+                .prop_map(String::from),
+        ]
+        .boxed()
+    }
+
+    fn near_store() -> BoxedStrategy<String> {
+        prop_oneof![
+            "(sqlite://)?.{0,12}",
+            (".{0,5}", ".{0,5}").prop_map(|(a, b)| format!("sqlite://{a}\0{b}")),
+            "[a-zA-Z]{0,8}:/{0,3}.{0,8}",
+        ]
+        .boxed()
+    }
+
+    fn near_word() -> BoxedStrategy<String> {
+        let word = prop::sample::select(vec![
+            "activate", "reject", "text", "json", "account", "item", "",
+        ]);
+        prop_oneof![
+            word.clone().prop_map(String::from),
+            (word.clone(), any::<char>()).prop_map(|(w, c)| format!("{w}{c}")),
+            word.prop_map(|w| format!(" {} ", w.to_uppercase())),
+        ]
+        .boxed()
+    }
+
+    /// Values for `field`: any string, or one near what the field accepts.
+    fn value_for(field: &str) -> BoxedStrategy<String> {
+        let near = match field {
+            "listen" | "admin_listen" => near_addr(),
+            "store" => near_store(),
+            "timezone" => near_zone(),
+            "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls" | "free_egress_bytes"
+            | "free_months" => near_number(),
+            "unknown_accounts" | "log_format" | "rls_domain" | "rls_account_key"
+            | "rls_item_key" => near_word(),
+            _ => prop_oneof![near_duration(), overflowing_duration()].boxed(),
+        };
+        prop_oneof![any_text(), near].boxed()
+    }
+
+    fn field_and_value() -> impl Strategy<Value = (&'static str, String)> {
+        prop::sample::select(STRING_FIELDS.to_vec())
+            .prop_flat_map(|field| (Just(field), value_for(field)))
+    }
+
+    /// A parser's error must name the field it was given and quote the value.
+    fn check_error(e: &ConfigError, field: &str, v: &str) -> Result<(), TestCaseError> {
+        prop_assert_eq!(e.field, field);
+        prop_assert!(e.message.contains(v), "{:?} not quoted in {}", v, e.message);
+        Ok(())
+    }
+
+    /// TOML basic-string escaping, for writing arbitrary values into a file.
+    fn toml_string(v: &str) -> String {
+        let mut out = String::from("\"");
+        for c in v.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn duration_parsing_never_panics(
+            v in prop_oneof![any_text(), near_duration(), overflowing_duration()],
+        ) {
+            match duration("idle_evict", &v) {
+                Ok(d) => {
+                    prop_assert!(d <= MAX_DURATION);
+                    // The guard refuses nothing humantime would have read.
+                    prop_assert_eq!(humantime::parse_duration(v.trim()), Ok(d));
+                }
+                Err(e) => check_error(&e, "idle_evict", &v)?,
+            }
+            // The guard's bound really bounds what humantime adds up; below
+            // u64::MAX, humantime is safe to call.
+            let bound = duration_bound_secs(v.trim());
+            if bound < u128::from(u64::MAX) {
+                if let Ok(d) = humantime::parse_duration(v.trim()) {
+                    prop_assert!(u128::from(d.as_secs()) <= bound, "{} > {}", d.as_secs(), bound);
+                }
+            }
+        }
+
+        #[test]
+        fn number_parsing_never_panics(v in prop_oneof![any_text(), near_number()]) {
+            match number("max_batch", &v) {
+                Ok(n) => prop_assert_eq!(Ok(n), v.trim().replace('_', "").parse::<u64>()),
+                Err(e) => check_error(&e, "max_batch", &v)?,
+            }
+        }
+
+        #[test]
+        fn amounts_are_refused_exactly_above_i64_max(
+            n in prop_oneof![
+                any::<u64>(),
+                (i64::MAX as u64 - 2)..=(i64::MAX as u64 + 2),
+            ],
+        ) {
+            match amount("free_calls", n) {
+                Ok(m) => prop_assert!(m == n && n <= i64::MAX as u64),
+                Err(e) => {
+                    prop_assert!(n > i64::MAX as u64);
+                    check_error(&e, "free_calls", &n.to_string())?;
+                }
+            }
+        }
+
+        #[test]
+        fn address_parsing_never_panics(v in prop_oneof![any_text(), near_addr()]) {
+            match addr("admin_listen", &v) {
+                Ok(a) => prop_assert_eq!(a.to_string().parse::<SocketAddr>(), Ok(a)),
+                Err(e) => check_error(&e, "admin_listen", &v)?,
+            }
+        }
+
+        #[test]
+        fn store_url_parsing_never_panics(v in prop_oneof![any_text(), near_store()]) {
+            match crate::store::sqlite_path(&v) {
+                Ok(path) => {
+                    prop_assert!(!path.is_empty() && !path.contains('\0'));
+                    prop_assert_eq!(format!("sqlite://{path}"), v.clone());
+                    prop_assert_eq!(Config::resolve(&only("store", &v)).unwrap().store, v);
+                }
+                Err(refused) => {
+                    let e = Config::resolve(&only("store", &v)).unwrap_err();
+                    prop_assert_eq!(e.field, "store");
+                    prop_assert_eq!(e.message, refused.0);
+                }
+            }
+        }
+
+        #[test]
+        fn zone_setting_never_panics(v in prop_oneof![any_text(), near_zone()]) {
+            match Config::resolve(&only("timezone", &v)) {
+                Ok(c) => prop_assert_eq!(Ok(c.meter.zone), v.parse::<BillingZone>()),
+                Err(e) => check_error(&e, "timezone", &v)?,
+            }
+        }
+
+        #[test]
+        fn resolve_names_the_field_that_was_given_a_bad_value(
+            (field, v) in field_and_value(),
+        ) {
+            if let Err(e) = Config::resolve(&only(field, &v)) {
+                prop_assert_eq!(e.field, field, "{:?}: {}", v, e.message);
+            }
+        }
+    }
+
+    proptest! {
+        // Each case writes a file.
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn the_toml_file_names_the_field_of_a_bad_value(
+            (field, v) in field_and_value(),
+            n in prop_oneof![any::<i64>(), -2..1_300i64],
+            raw in any_text(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pm.toml");
+            let resolve = |text: &str| {
+                std::fs::write(&path, text).unwrap();
+                Config::resolve(&ServeArgs { config: Some(path.clone()), ..Default::default() })
+            };
+            // Number keys are TOML integers in the file; the rest are strings.
+            let numeric = matches!(
+                field,
+                "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls"
+                    | "free_egress_bytes" | "free_months"
+            );
+            let line = if numeric {
+                format!("{field} = {n}\n")
+            } else {
+                format!("{field} = {}\n", toml_string(&v))
+            };
+            if let Err(e) = resolve(&line) {
+                if e.field == "config" {
+                    // Only a negative number is refused by the TOML reader,
+                    // and the message names the key.
+                    prop_assert!(numeric && n < 0, "{}", e.message);
+                    prop_assert!(e.message.contains(field), "{}", e.message);
+                } else {
+                    prop_assert_eq!(e.field, field, "{}: {}", line, e.message);
+                }
+            }
+            // Arbitrary file contents: a config, or an error about the file
+            // or about a setting, never a panic.
+            if let Err(e) = resolve(&raw) {
+                prop_assert!(
+                    e.field == "config" || STRING_FIELDS.contains(&e.field),
+                    "{:?}: {}",
+                    raw,
+                    e
+                );
+            }
+        }
     }
 }

@@ -103,14 +103,37 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// Why a store URL was refused; the message says how to write it instead.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidStoreUrl(pub String);
+
+/// The file path a `sqlite://PATH` URL names. Parsing only: nothing is
+/// opened or created, so `serve` checks the URL with this before binding.
+pub fn sqlite_path(url: &str) -> Result<&str, InvalidStoreUrl> {
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return Err(InvalidStoreUrl(format!(
+            "`{url}` is not a supported store URL; use sqlite://PATH"
+        )));
+    };
+    if path.is_empty() {
+        return Err(InvalidStoreUrl(
+            "sqlite:// needs a file path, e.g. sqlite://./packmeter.db".into(),
+        ));
+    }
+    if path.contains('\0') {
+        return Err(InvalidStoreUrl(format!(
+            "the path in `{}` contains a NUL character, which no file name can hold; remove it",
+            url.escape_debug()
+        )));
+    }
+    Ok(path)
+}
+
 /// Opens the store a URL names.
 pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Arc::new(sqlite::SqliteStore::open(path)?));
-    }
-    Err(StoreError::permanent(format!(
-        "unsupported store URL `{url}`: use sqlite://PATH"
-    )))
+    let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
+    Ok(Arc::new(sqlite::SqliteStore::open(path)?))
 }
 
 /// Where shutdown writes usage it could not flush (see [`crate::spill`]):
