@@ -568,7 +568,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
             let until = match (&c.valid_until, &c.valid_for) {
                 (Some(u), _) => parse_time("--valid-until", u)?,
                 (None, Some(d)) => {
-                    let d = humantime::parse_duration(d).map_err(|e| {
+                    let d = crate::config::parse_duration(d).map_err(|e| {
                         usage(format!(
                             "--valid-for: `{d}` is not a duration like 30d ({e})"
                         ))

@@ -90,10 +90,10 @@ pub struct LoadgenArgs {
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
     /// How long to measure, after the warm-up (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
     pub duration: Duration,
     /// How long to run before measuring.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = crate::config::parse_duration)]
     pub warmup: Duration,
     /// Distinct account ids, drawn uniformly.
     #[arg(long, default_value_t = 10_000)]
