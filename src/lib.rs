@@ -34,6 +34,7 @@ pub mod calendar;
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod export;
 pub mod flush;
 pub mod grpc;
 pub mod ledger;

@@ -8,12 +8,13 @@ use std::{
     },
 };
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{convert, proto};
 use crate::{
     calendar::{hour_start, now_ts, Ts},
+    export,
     flush::Flusher,
     ledger::AccountRecord,
     meter::{validate_account_id, Meter, MeterError, MAX_ACCOUNT_ID_BYTES},
@@ -254,7 +255,7 @@ impl proto::admin_server::Admin for AdminService {
             validate_account_id(a)?;
         }
         let meter = &self.meter;
-        let rows = self
+        let settled = self
             .flusher
             .quiesced(async {
                 let now = now_ts();
@@ -264,18 +265,23 @@ impl proto::admin_server::Admin for AdminService {
                 if let Some(h) = meter.oldest_pending_hour() {
                     settled = settled.min(h);
                 }
-                meter
-                    .store()
-                    .usage_rows(from, to.min(settled), account.as_deref())
-                    .await
+                settled
             })
-            .await
-            .map_err(MeterError::from)?;
-        let out = futures_util::stream::iter(
-            rows.into_iter()
-                .map(|row| Ok(convert::usage_row(&row)))
-                .collect::<Vec<_>>(),
-        );
+            .await;
+        // Read outside the flusher's lock, a page at a time as the client
+        // takes rows: rows before `settled` no longer change, and a slow
+        // client holds up neither flushes nor account loads.
+        let out = export::settled_rows(
+            meter.store().clone(),
+            from,
+            to.min(settled),
+            account,
+            export::PAGE_ROWS,
+        )
+        .map(|row| {
+            row.map(|row| convert::usage_row(&row))
+                .map_err(|e| MeterError::from(e).into())
+        });
         Ok(Response::new(Box::pin(out)))
     }
 }
