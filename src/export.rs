@@ -22,10 +22,10 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// Rows per page read by exports. One page is about 100 KiB of rows in
-/// memory and a few milliseconds on the store's reader connection: large
-/// enough that the per-read cost vanishes, small enough that an account
-/// load waiting behind a page read hardly notices.
+/// Rows per page read by exports. One page is about 150 KiB of rows in
+/// memory and one short indexed read on the store's reader connection:
+/// large enough that the cost of a read is spread over many rows, small
+/// enough that an account load queued behind a page read waits little.
 pub const PAGE_ROWS: usize = 1_000;
 
 /// The usage rows with `from <= hour < to`, optionally of one account, in
@@ -81,6 +81,8 @@ struct Pager {
 }
 
 impl Pager {
+    /// Reads the page after the last row read. An error ends the stream
+    /// (`try_unfold` stops after yielding it).
     async fn next_page(&mut self) -> Result<(), StoreError> {
         let rows = self
             .store
@@ -91,19 +93,9 @@ impl Pager {
                 self.after.as_ref(),
                 self.page,
             )
-            .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                self.done = true;
-                return Err(e);
-            }
-        };
+            .await?;
+        self.check(&rows)?;
         self.done = rows.len() < self.page;
-        if let Err(e) = self.check(&rows) {
-            self.done = true;
-            return Err(e);
-        }
         if let Some(last) = rows.last() {
             self.after = Some(last.key());
         }

@@ -811,6 +811,20 @@ mod tests {
         assert_eq!(got, only(HOUR, 3 * HOUR, None));
         let (got, _) = page_through(&store, HOUR, 3 * HOUR, Some("b"), Some(early), 4).await;
         assert_eq!(got, only(HOUR, 3 * HOUR, Some("b")));
+        // Even when rows after it lie between it and `from`.
+        let just_before = want.iter().find(|r| r.hour == HOUR).unwrap().key();
+        for account in [None, Some("b")] {
+            let (got, _) = page_through(
+                &store,
+                HOUR + 1,
+                3 * HOUR,
+                account,
+                Some(just_before.clone()),
+                4,
+            )
+            .await;
+            assert_eq!(got, only(HOUR + 1, 3 * HOUR, account), "{account:?}");
+        }
         // With an account, a cursor on another account still means "after
         // this key": the account's rows in the cursor's hour come after a
         // smaller account, not after a larger one.
