@@ -221,6 +221,32 @@ pub struct UsageRow {
     pub amount: u64,
 }
 
+impl UsageRow {
+    /// Where this row sits in export order.
+    pub fn key(&self) -> UsageKey {
+        UsageKey {
+            hour: self.hour,
+            account_id: self.account_id.clone(),
+            item: self.item,
+            pack_id: self.pack_id.clone(),
+        }
+    }
+}
+
+/// A usage row's identity, in the order exports list rows: hour, then
+/// account, item and pack (`Item` orders as its store code, strings
+/// byte-wise, as SQLite's default collation does). The keyset cursor for
+/// paging through usage: a page starts after the last key of the previous
+/// one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UsageKey {
+    pub hour: Ts,
+    pub account_id: String,
+    pub item: Item,
+    /// Empty for overage.
+    pub pack_id: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

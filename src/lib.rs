@@ -40,6 +40,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod drain;
+pub mod export;
 pub mod flush;
 pub mod grpc;
 pub mod ledger;

@@ -223,7 +223,10 @@ mod tests {
         assert_eq!(read(&path).unwrap().len(), 3);
         let r = replay(&store, &path).await.unwrap();
         assert_eq!((r.applied, r.skipped, r.kept), (1, 1, 1));
-        let rows = store.usage_rows(0, 1, Some("a")).await.unwrap();
+        let rows = store
+            .usage_rows_page(0, 1, Some("a"), None, 100)
+            .await
+            .unwrap();
         assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 12);
         // The refused account stays in the file; replaying again changes nothing.
         assert_eq!(read(&path).unwrap().len(), 1);
@@ -231,7 +234,7 @@ mod tests {
         assert_eq!((r.applied, r.skipped, r.kept), (0, 0, 1));
         assert_eq!(
             store
-                .usage_rows(0, 1, Some("a"))
+                .usage_rows_page(0, 1, Some("a"), None, 100)
                 .await
                 .unwrap()
                 .iter()

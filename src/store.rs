@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use crate::{
     calendar::Ts,
-    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageRow},
+    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
     packs::PackSpec,
 };
 
@@ -91,12 +91,21 @@ pub trait Store: Send + Sync + 'static {
     /// before.
     async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError>;
 
-    /// Hourly rows with `from <= hour < to`, optionally for one account.
-    async fn usage_rows(
+    /// One page of hourly rows with `from <= hour < to`, optionally for one
+    /// account, in [`UsageKey`] order: at most `limit` rows, starting after
+    /// `after` (from the first row when `None`). A short page (fewer than
+    /// `limit` rows) is the last one.
+    ///
+    /// Each call is one short read: nothing is held between pages, so a
+    /// caller may page through millions of rows, as slowly as it likes,
+    /// without stalling flushes or account loads.
+    async fn usage_rows_page(
         &self,
         from: Ts,
         to: Ts,
         account_id: Option<&str>,
+        after: Option<&UsageKey>,
+        limit: usize,
     ) -> Result<Vec<UsageRow>, StoreError>;
 
     /// Cheap reachability check for readiness and metrics.

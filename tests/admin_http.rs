@@ -46,55 +46,57 @@ async fn livez_and_readyz_answer_200_while_serving() {
     assert!(status.success(), "{status:?}\n{stderr}");
 }
 
-/// SIGTERM flips readiness to 503 while a DeductStream is open; the stream
-/// has answered what it took, ends with UNAVAILABLE (so the gateway moves
-/// to another node), and the process flushes and exits 0 with every
-/// acknowledged deduction durable.
+/// SIGTERM flips readiness to 503 while the process drains; an open
+/// DeductStream has answered what it took and ends with UNAVAILABLE (so the
+/// gateway moves to another node); and the process exits 0 once its final
+/// flush succeeds, with every acknowledged deduction durable.
+///
+/// Another process holds the database's write lock, so the final flush
+/// retries (and the process stays in its draining state) until the test
+/// lets go: that is what makes the draining state observable.
 #[tokio::test]
 async fn readyz_is_503_while_draining_and_the_open_stream_ends_unavailable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start(
+        dir.path(),
+        &["--shutdown-grace", "60s", "--flush-interval", "1h"],
+    );
     let mut meter = server.meter().await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(deduct("drainer", 1, 10, None)).await.unwrap();
     let mut replies = meter
         .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    for i in 0..3u64 {
-        if i > 0 {
-            tx.send(deduct("drainer", 1, 10, None)).await.unwrap();
-        }
+    for _ in 0..3 {
+        tx.send(deduct("drainer", 1, 10, None)).await.unwrap();
         let r = replies.message().await.unwrap().expect("a reply");
         assert_eq!(r.decision, proto::Decision::Allow as i32);
     }
     assert_eq!(get(&server.admin, "/readyz").await.status, 200);
 
+    let blocker = rusqlite::Connection::open(&server.db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     server.send_term();
-    let admin = server.admin.clone();
-    common::until(Duration::from_secs(10), async || {
-        get(&admin, "/readyz").await.status == 503
-    })
-    .await;
-    // Liveness is not readiness: the draining process is alive.
-    assert_eq!(get(&server.admin, "/livez").await.status, 200);
-
-    // The stream opened before SIGTERM takes no more deductions: it ends
-    // with UNAVAILABLE, whether or not the client sends more.
-    let _ = tx.send(deduct("drainer", 1, 10, None)).await;
+    // The stream takes no more deductions: it ends with UNAVAILABLE, whether
+    // or not the client sends more.
     let end = replies
         .message()
         .await
         .expect_err("the stream ends with a status");
     assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     drop(tx);
+    // The final flush is blocked: the process is draining, not ready, alive.
+    assert_eq!(get(&server.admin, "/readyz").await.status, 503);
+    assert_eq!(get(&server.admin, "/livez").await.status, 200);
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
 
     let (status, stderr) = server.wait();
     assert!(status.success(), "exit {status:?}\n{stderr}");
     assert!(
         !stderr.contains("longer than half the grace"),
-        "the drain waited for the stream, not for the timeout:\n{stderr}"
+        "the drain did not wait for the stream's client:\n{stderr}"
     );
 
     let server = Server::start_on(&server.db, &[]);

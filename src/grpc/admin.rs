@@ -3,12 +3,13 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{convert, proto};
 use crate::{
     app::{AccountChange, App, Grant},
+    export,
     meter::{validate_account_id, MeterError},
 };
 
@@ -24,7 +25,7 @@ impl AdminService {
 
 type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Send>>;
 
-/// A pack error from the app names its field; over gRPC it is bad input.
+/// A required field, or INVALID_ARGUMENT naming it.
 fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
     v.ok_or_else(|| Status::invalid_argument(format!("{field}: is required")))
 }
@@ -132,17 +133,20 @@ impl proto::admin_server::Admin for AdminService {
             validate_account_id(a)?;
         }
         let settled = self.app.settled_before().await;
-        let rows = self
-            .app
-            .store()
-            .usage_rows(from, to.min(settled), account.as_deref())
-            .await
-            .map_err(MeterError::from)?;
-        let out = futures_util::stream::iter(
-            rows.into_iter()
-                .map(|row| Ok(convert::usage_row(&row)))
-                .collect::<Vec<_>>(),
-        );
+        // Read outside the flusher's lock, a page at a time as the client
+        // takes rows: rows before `settled` no longer change, and a slow
+        // client holds up neither flushes nor account loads.
+        let out = export::settled_rows(
+            self.app.store().clone(),
+            from,
+            to.min(settled),
+            account,
+            export::PAGE_ROWS,
+        )
+        .map(|row| {
+            row.map(|row| convert::usage_row(&row))
+                .map_err(|e| MeterError::from(e).into())
+        });
         Ok(Response::new(Box::pin(out)))
     }
 }

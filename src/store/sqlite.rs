@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use super::{Granted, LoadedAccount, Store, StoreError, StoredPack};
 use crate::{
     calendar::Ts,
-    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageRow},
+    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
     packs::{Item, PackSource, PackSpec},
 };
 
@@ -55,7 +55,11 @@ CREATE TABLE IF NOT EXISTS usage_hourly (
     amount     INTEGER NOT NULL,
     PRIMARY KEY (account_id, hour, item, pack_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_hourly_by_hour ON usage_hourly (hour);
+-- Exports page through usage in (hour, account, item, pack) order. The
+-- former index on (hour) alone held the same entries (an index of a WITHOUT
+-- ROWID table ends with the primary key) but left the order implicit.
+DROP INDEX IF EXISTS usage_hourly_by_hour;
+CREATE INDEX IF NOT EXISTS usage_hourly_by_key ON usage_hourly (hour, account_id, item, pack_id);
 CREATE TABLE IF NOT EXISTS dedup (
     account_id     TEXT    NOT NULL,
     request_id     TEXT    NOT NULL,
@@ -229,6 +233,66 @@ fn get_pack(
         ))?
         .query_row([account, pack], read_pack)
         .optional()?)
+}
+
+fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    let code: i64 = r.get(2)?;
+    Ok(UsageRow {
+        account_id: r.get(0)?,
+        hour: r.get(1)?,
+        // An unknown item is refused, not read as another: the row's key
+        // is the paging cursor, and a wrong one would skip or repeat rows.
+        item: Item::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(2, code))?,
+        pack_id: r.get(3)?,
+        source: PackSource::from_code(r.get(4)?),
+        amount: from_sql(r.get(5)?),
+    })
+}
+
+/// Where a page starts: `from`, and the cursor if it narrows that further.
+/// A cursor before `from`, or (with an account filter) on another account,
+/// is turned into a plain hour bound, so that every query the store runs
+/// seeks straight to its first row with a key comparison an index serves.
+fn page_start<'k>(
+    from: Ts,
+    account: Option<&str>,
+    after: Option<&'k UsageKey>,
+) -> (Ts, Option<&'k UsageKey>) {
+    let Some(k) = after else {
+        return (from, None);
+    };
+    if k.hour < from {
+        return (from, None);
+    }
+    match account {
+        // Every row of `a` in hour `k.hour` comes after the cursor ...
+        Some(a) if a > k.account_id.as_str() => (k.hour, None),
+        // ... or none does.
+        Some(a) if a < k.account_id.as_str() => (k.hour.saturating_add(1), None),
+        _ => (from, Some(k)),
+    }
+}
+
+/// The page query. Parameters: ?1 from, ?2 to, ?3 account, ?4..?7 the
+/// cursor (hour, account, item, pack), ?8 the limit; all are bound, and
+/// those a variant does not mention are ignored.
+///
+/// With a cursor, `hour >= from` is left out (the cursor is past it, see
+/// [`page_start`]): SQLite then seeks the index with the row value itself
+/// instead of scanning from `from` to the cursor. With an account, the
+/// primary key (account, hour, item, pack) serves both the filter and the
+/// order, and the account drops out of the row value.
+fn page_sql(account: bool, after: bool) -> String {
+    let filter = match (account, after) {
+        (false, false) => "hour >= ?1 AND hour < ?2",
+        (false, true) => "hour < ?2 AND (hour, account_id, item, pack_id) > (?4, ?5, ?6, ?7)",
+        (true, false) => "account_id = ?3 AND hour >= ?1 AND hour < ?2",
+        (true, true) => "account_id = ?3 AND hour < ?2 AND (hour, item, pack_id) > (?4, ?6, ?7)",
+    };
+    format!(
+        "SELECT account_id, hour, item, pack_id, source, amount FROM usage_hourly \
+         WHERE {filter} ORDER BY hour, account_id, item, pack_id LIMIT ?8"
+    )
 }
 
 #[async_trait]
@@ -438,30 +502,36 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn usage_rows(
+    async fn usage_rows_page(
         &self,
         from: Ts,
         to: Ts,
         account_id: Option<&str>,
+        after: Option<&UsageKey>,
+        limit: usize,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let (from, after) = page_start(from, account_id, after);
         let account = account_id.map(str::to_string);
+        let after = after.cloned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT account_id, hour, item, pack_id, source, amount FROM usage_hourly \
-                 WHERE hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR account_id = ?3) \
-                 ORDER BY hour, account_id, item, source, pack_id",
-            )?;
+            let sql = page_sql(account.is_some(), after.is_some());
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let k = after.as_ref();
             let rows = stmt
-                .query_map(params![from, to, account], |r| {
-                    Ok(UsageRow {
-                        account_id: r.get(0)?,
-                        hour: r.get(1)?,
-                        item: Item::from_code(r.get(2)?).unwrap_or(Item::Calls),
-                        pack_id: r.get(3)?,
-                        source: PackSource::from_code(r.get(4)?),
-                        amount: from_sql(r.get(5)?),
-                    })
-                })?
+                .query_map(
+                    params![
+                        from,
+                        to,
+                        account,
+                        k.map(|k| k.hour),
+                        k.map(|k| k.account_id.as_str()),
+                        k.map(|k| k.item.code()),
+                        k.map(|k| k.pack_id.as_str()),
+                        limit
+                    ],
+                    read_usage,
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -559,7 +629,10 @@ mod tests {
         assert_eq!(loaded.packs.len(), 1);
         assert_eq!(loaded.packs[0].used, 60);
         assert_eq!(loaded.dedup.len(), 1);
-        let rows = store.usage_rows(0, 1, Some("acct")).await.unwrap();
+        let rows = store
+            .usage_rows_page(0, 1, Some("acct"), None, 10)
+            .await
+            .unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 68);
         // Granting the same id again returns the stored pack untouched.
@@ -574,5 +647,289 @@ mod tests {
             .unwrap()
             .dedup
             .is_empty());
+    }
+
+    /// Rows as a flush would leave them, in a deliberately scrambled order
+    /// of insertion: three hours, and within each several accounts, both
+    /// items, overage and two packs (some keys share everything but one
+    /// column).
+    fn usage_fixture() -> Vec<UsageRow> {
+        let mut rows = Vec::new();
+        let mut n = 0;
+        for hour in [2 * HOUR, 0, HOUR] {
+            for account in ["b", "a", "ab", "c"] {
+                for item in [Item::EgressBytes, Item::Calls] {
+                    for pack in ["p2", "", "p1"] {
+                        n += 1;
+                        // Leave a few keys out so the groups are uneven.
+                        if n % 5 == 0 {
+                            continue;
+                        }
+                        rows.push(UsageRow {
+                            account_id: account.into(),
+                            hour,
+                            item,
+                            pack_id: pack.into(),
+                            source: (!pack.is_empty()).then_some(PackSource::Purchased),
+                            amount: n,
+                        });
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    const HOUR: Ts = crate::calendar::HOUR;
+
+    fn insert_usage(store: &SqliteStore, rows: &[UsageRow]) {
+        let mut conn = store.writer.lock().unwrap();
+        let tx = conn.transaction().unwrap();
+        for r in rows {
+            tx.execute(
+                "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    r.account_id,
+                    r.hour,
+                    r.item.code(),
+                    r.pack_id,
+                    r.source.map_or(0, PackSource::code),
+                    to_sql(r.amount).unwrap()
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    fn sorted(mut rows: Vec<UsageRow>) -> Vec<UsageRow> {
+        rows.sort_by_key(UsageRow::key);
+        rows
+    }
+
+    /// Pages through everything, checking each page against `limit`; also
+    /// returns the page sizes.
+    async fn page_through(
+        store: &SqliteStore,
+        from: Ts,
+        to: Ts,
+        account: Option<&str>,
+        after: Option<UsageKey>,
+        limit: usize,
+    ) -> (Vec<UsageRow>, Vec<usize>) {
+        let (mut all, mut sizes) = (Vec::new(), Vec::new());
+        let mut after = after;
+        loop {
+            let page = store
+                .usage_rows_page(from, to, account, after.as_ref(), limit)
+                .await
+                .unwrap();
+            assert!(page.len() <= limit, "a page of {} for {limit}", page.len());
+            sizes.push(page.len());
+            let last = page.len() < limit;
+            after = page.last().map(UsageRow::key).or(after);
+            all.extend(page);
+            if last {
+                return (all, sizes);
+            }
+        }
+    }
+
+    fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn usage_pages_list_every_row_once_in_key_order() {
+        let (_dir, store) = open_temp();
+        let rows = usage_fixture();
+        insert_usage(&store, &rows);
+        let want = sorted(rows.clone());
+        assert_eq!(want.len(), 58);
+        // Equal hours across accounts, items and packs are ordered by the
+        // rest of the key, byte-wise for strings ("a" < "ab" < "b").
+        assert_eq!(
+            want[..3]
+                .iter()
+                .map(|r| (r.account_id.as_str(), r.item, r.pack_id.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("a", Item::Calls, "p1"),
+                ("a", Item::Calls, "p2"),
+                ("a", Item::EgressBytes, "")
+            ]
+        );
+        for limit in [1, 2, 7, 29, 58, 1000] {
+            let (got, sizes) = page_through(&store, 0, 3 * HOUR, None, None, limit).await;
+            assert_eq!(got, want, "limit {limit}");
+            // Full pages, then one short (possibly empty) one.
+            let (last, full) = sizes.split_last().unwrap();
+            assert!(full.iter().all(|&n| n == limit), "{sizes:?}");
+            assert_eq!(*last, 58 % limit, "limit {limit}: {sizes:?}");
+        }
+        // An empty page after the last row, and for an empty range.
+        let end = want.last().unwrap().key();
+        let page = store
+            .usage_rows_page(0, 3 * HOUR, None, Some(&end), 10)
+            .await
+            .unwrap();
+        assert!(page.is_empty());
+        assert!(store
+            .usage_rows_page(HOUR, HOUR, None, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn usage_pages_resume_right_after_any_cursor() {
+        let (_dir, store) = open_temp();
+        let rows = usage_fixture();
+        insert_usage(&store, &rows);
+        let want = sorted(rows);
+        // After each existing key: exactly the rows behind it.
+        for (i, r) in want.iter().enumerate() {
+            let (got, _) = page_through(&store, 0, 3 * HOUR, None, Some(r.key()), 4).await;
+            assert_eq!(got, want[i + 1..], "after {:?}", r.key());
+        }
+        // After a key that is not stored: from the next one that is.
+        let between = UsageKey {
+            hour: HOUR,
+            account_id: "aa".into(),
+            item: Item::Calls,
+            pack_id: String::new(),
+        };
+        let (got, _) = page_through(&store, 0, 3 * HOUR, None, Some(between.clone()), 5).await;
+        let first = want.iter().position(|r| r.key() > between).unwrap();
+        assert_eq!(got, want[first..]);
+        assert_eq!((got[0].hour, got[0].account_id.as_str()), (HOUR, "ab"));
+    }
+
+    #[tokio::test]
+    async fn usage_pages_keep_to_the_hours_and_the_account() {
+        let (_dir, store) = open_temp();
+        let rows = usage_fixture();
+        insert_usage(&store, &rows);
+        let want = sorted(rows);
+        let only = |from: Ts, to: Ts, account: Option<&str>| {
+            want.iter()
+                .filter(|r| from <= r.hour && r.hour < to)
+                .filter(|r| account.is_none_or(|a| r.account_id == a))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        // `from` is inclusive, `to` exclusive.
+        for (from, to) in [
+            (HOUR, 2 * HOUR),
+            (HOUR, 3 * HOUR),
+            (1, 2 * HOUR + 1),
+            (0, 1),
+        ] {
+            for account in [None, Some("a"), Some("ab"), Some("zz")] {
+                for limit in [1, 3, 100] {
+                    let (got, _) = page_through(&store, from, to, account, None, limit).await;
+                    assert_eq!(
+                        got,
+                        only(from, to, account),
+                        "{from}..{to} {account:?} {limit}"
+                    );
+                }
+            }
+        }
+        assert_eq!(only(HOUR, 2 * HOUR, Some("ab")).len(), 5);
+        // A cursor before `from` starts at `from`.
+        let early = want[0].key();
+        let (got, _) = page_through(&store, HOUR, 3 * HOUR, None, Some(early.clone()), 4).await;
+        assert_eq!(got, only(HOUR, 3 * HOUR, None));
+        let (got, _) = page_through(&store, HOUR, 3 * HOUR, Some("b"), Some(early), 4).await;
+        assert_eq!(got, only(HOUR, 3 * HOUR, Some("b")));
+        // Even when rows after it lie between it and `from`.
+        let just_before = want.iter().find(|r| r.hour == HOUR).unwrap().key();
+        for account in [None, Some("b")] {
+            let (got, _) = page_through(
+                &store,
+                HOUR + 1,
+                3 * HOUR,
+                account,
+                Some(just_before.clone()),
+                4,
+            )
+            .await;
+            assert_eq!(got, only(HOUR + 1, 3 * HOUR, account), "{account:?}");
+        }
+        // With an account, a cursor on another account still means "after
+        // this key": the account's rows in the cursor's hour come after a
+        // smaller account, not after a larger one.
+        let at = |account: &str| UsageKey {
+            hour: HOUR,
+            account_id: account.into(),
+            item: Item::EgressBytes,
+            pack_id: "p9".into(),
+        };
+        let (got, _) = page_through(&store, 0, 3 * HOUR, Some("ab"), Some(at("a")), 2).await;
+        assert_eq!(got, only(HOUR, 3 * HOUR, Some("ab")));
+        let (got, _) = page_through(&store, 0, 3 * HOUR, Some("ab"), Some(at("b")), 2).await;
+        assert_eq!(got, only(2 * HOUR, 3 * HOUR, Some("ab")));
+    }
+
+    #[test]
+    fn usage_page_queries_seek_an_index_in_key_order() {
+        let (_dir, store) = open_temp();
+        let conn = store.reader.lock().unwrap();
+        for (account, after, uses) in [
+            (
+                false,
+                false,
+                "INDEX usage_hourly_by_key (hour>? AND hour<?)",
+            ),
+            (
+                false,
+                true,
+                "INDEX usage_hourly_by_key ((hour,account_id,item,pack_id)>(?,?,?,?) AND hour<?)",
+            ),
+            (
+                true,
+                false,
+                "PRIMARY KEY (account_id=? AND hour>? AND hour<?)",
+            ),
+            (
+                true,
+                true,
+                "PRIMARY KEY (account_id=? AND (hour,item,pack_id)>(?,?,?) AND hour<?)",
+            ),
+        ] {
+            let sql = format!("EXPLAIN QUERY PLAN {}", page_sql(account, after));
+            let plan: Vec<String> = conn
+                .prepare(&sql)
+                .unwrap()
+                .query_map(
+                    rusqlite::params_from_iter([rusqlite::types::Null; 8]),
+                    |r| r.get::<_, String>("detail"),
+                )
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            // One seek, rows already in order: no sort, no scan.
+            assert_eq!(plan, [format!("SEARCH usage_hourly USING {uses}")], "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_usage_row_with_an_unknown_item_is_refused() {
+        let (_dir, store) = open_temp();
+        store
+            .writer
+            .lock()
+            .unwrap()
+            .execute("INSERT INTO usage_hourly VALUES ('a', 0, 9, '', 0, 1)", [])
+            .unwrap();
+        let err = store
+            .usage_rows_page(0, HOUR, None, None, 10)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains('9'), "{err}");
     }
 }
