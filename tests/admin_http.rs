@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::{deduct, get, sample, Server};
 use packmeter::grpc::proto::{self, Item};
 

@@ -5,6 +5,7 @@ use crate::{
 };
 use crate::{ledger::AccountRecord, packs::Item, store::StoredPack};
 use proptest::prelude::*;
+use std::sync::atomic::Ordering::Relaxed;
 
 fn at(s: &str) -> Ts {
     from_datetime(&chrono::DateTime::parse_from_rfc3339(s).unwrap())
@@ -413,4 +414,249 @@ proptest! {
         let ledger_overage: u64 = pending.deltas.iter().filter(|d| d.pack.is_none()).map(|d| d.amount).sum();
         prop_assert_eq!((ledger_covered, ledger_overage), (covered, overage));
     }
+}
+
+// === issue 7: defects that broke exactly-once billing ===
+
+/// Defect 2 (R10): an id is remembered until the later of the dedup window
+/// and the close of its event's hour. Before, a retry after the window but
+/// while the hour was still open was deducted again.
+#[test]
+fn a_late_retry_inside_its_open_hour_is_a_duplicate() {
+    let (m, _d) = meter(MeterConfig {
+        late_grace: HOUR,
+        dedup_window: HOUR,
+        ..MeterConfig::default()
+    });
+    // 10:00:01: an event at 10:00:00, its hour closes at 12:00.
+    let first_at = at("2024-05-10T10:00:00Z");
+    let a = new_account(&m, "acme", first_at);
+    let d = Deduction {
+        calls: 5,
+        egress_bytes: 0,
+        at: Some(first_at),
+        request_id: "req-late",
+    };
+    let first = m.deduct(&a, &d, first_at + SECOND).unwrap();
+    assert!(!first.duplicate);
+    // 11:30: past the window, but the event would still be accepted.
+    let retry = m.deduct(&a, &d, at("2024-05-10T11:30:00Z")).unwrap();
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!(retry.calls.covered, 5);
+    assert_eq!(retry.calls.remaining, 1_000_000 - 5);
+    // The ledger keeps the id until 12:00, so a reload remembers it too.
+    let slot = a.pending.lock();
+    let kept = &slot.get().unwrap().dedup[0];
+    assert_eq!(kept.expires_at, at("2024-05-10T12:00:00Z"));
+}
+
+/// Defect 4 (R9, R12): the closed-hour check runs against the clock the
+/// deduction is made at, and against the settled mark: once an export has
+/// settled an hour, no deduction can change it, even if the clock steps back.
+#[test]
+fn a_settled_hour_takes_no_more_deductions_even_if_the_clock_steps_back() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    let a = new_account(&m, "acme", now);
+    // 11:00–12:00 is open at 12:30, closed at 13:00.
+    let d = calls(1, at("2024-05-10T11:10:00Z"));
+    assert!(m.validate("acme", &d, now).is_ok());
+    assert!(matches!(
+        m.deduct(&a, &d, at("2024-05-10T13:00:00Z")),
+        Err(MeterError::HourClosed { .. })
+    ));
+    // An export at 13:05 settles everything before 12:00.
+    let mark = m.gate().settle(m.closed_before(at("2024-05-10T13:05:00Z")));
+    assert_eq!(mark, at("2024-05-10T12:00:00Z"));
+    // The clock steps back to 12:30: the hour is open by the clock, but settled.
+    assert!(matches!(
+        m.deduct(&a, &d, now),
+        Err(MeterError::HourClosed { .. })
+    ));
+    assert!(a.pending.lock().is_empty());
+    // The current hour is not settled.
+    assert!(m.deduct(&a, &calls(1, now), now).is_ok());
+}
+
+/// Defect 5: a free-tier month that starts within the future skew, already
+/// used by an early event, survives a PutAccount that moves the activation.
+/// Before, only started months were rebuilt: the pack was dropped, then
+/// re-created at zero, and its usage counted twice against the store.
+#[test]
+fn put_account_keeps_a_next_month_pack_that_an_early_event_used() {
+    let (m, _d) = meter(MeterConfig {
+        plan: FreeTierPlan {
+            calls: 10,
+            ..FreeTierPlan::default()
+        },
+        ..MeterConfig::default()
+    });
+    // 23:58 on 30 November, +08:00; the event is at 00:02 on 1 December.
+    let now = at("2024-11-30T23:58:00+08:00");
+    let a = new_account(&m, "acme", now);
+    let record = |activated| AccountRecord {
+        account_id: "acme".into(),
+        activated_at: Some(activated),
+        suspended: false,
+        deny_on_exhausted: false,
+    };
+    m.apply_account(&a, &record(at("2024-11-05T00:00:00+08:00")), now);
+    let early = at("2024-12-01T00:02:00+08:00");
+    let o = m.deduct(&a, &calls(3, early), now).unwrap();
+    assert_eq!((o.calls.covered, o.calls.remaining), (3, 7));
+    // The operator moves the activation back a few days, still before midnight.
+    m.apply_account(&a, &record(at("2024-11-01T00:00:00+08:00")), now);
+    let december = |a: &AccountState| {
+        a.packs()
+            .iter()
+            .find(|p| &*p.spec.pack_id == "free-2024-12-calls")
+            .map(|p| p.used())
+    };
+    assert_eq!(december(&a), Some(3));
+    let o = m
+        .deduct(&a, &calls(1, early), now + 10 * 60 * SECOND)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.remaining), (1, 6));
+}
+
+/// Defect 11: a duplicate that arrives while its original is still in
+/// flight is refused as retryable, never answered ALLOW with zero amounts
+/// (the original may yet be denied).
+#[test]
+fn a_duplicate_of_an_original_in_flight_is_refused_not_answered() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    let a = new_account(&m, "acme", now);
+    // The original has claimed its id and not yet finished, exactly the
+    // state between its claim and its ledger entry.
+    let claim =
+        a.dedup
+            .lock()
+            .get_or_insert_with(Box::default)
+            .claim("req-1", now, now + HOUR, HOUR);
+    assert_eq!(claim, dedup::Claim::Fresh);
+    let d = Deduction {
+        calls: 1,
+        request_id: "req-1",
+        ..Deduction::default()
+    };
+    assert!(matches!(
+        m.deduct(&a, &d, now),
+        Err(MeterError::DuplicateInFlight(id)) if id == "req-1"
+    ));
+    assert!(a.pending.lock().is_empty(), "nothing was deducted");
+    // Once the original is done, the retry gets its amounts.
+    a.dedup
+        .lock()
+        .as_mut()
+        .unwrap()
+        .complete("req-1", [1, 0, 0, 0]);
+    let o = m.deduct(&a, &d, now).unwrap();
+    assert!(o.duplicate && o.calls.covered == 1);
+}
+
+/// Defect 12 (R7): a `deny` account is denied only when its packs really
+/// cannot cover the call. Before, a deduction that could not be covered
+/// took capacity and gave it back, and a concurrent deduction that saw the
+/// pack meanwhile was denied though the capacity was there.
+#[test]
+fn a_deny_account_is_never_denied_a_call_its_packs_can_cover() {
+    const CAP: u64 = 2_000;
+    let (m, _d) = meter(MeterConfig {
+        plan: FreeTierPlan {
+            calls: CAP,
+            ..FreeTierPlan::default()
+        },
+        ..MeterConfig::default()
+    });
+    let now = at("2024-05-10T12:30:00Z");
+    let a = new_account(&m, "acme", now);
+    m.apply_account(
+        &a,
+        &AccountRecord {
+            account_id: "acme".into(),
+            activated_at: Some(now - HOUR),
+            suspended: false,
+            deny_on_exhausted: true,
+        },
+        now,
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let denied = std::thread::scope(|s| {
+        // Always too large: each one is denied, and must take nothing.
+        s.spawn(|| {
+            while !done.load(Relaxed) {
+                let o = m.deduct(&a, &calls(CAP + 1, now), now).unwrap();
+                assert_eq!(o.decision, Decision::Deny(DenyReason::CallsExhausted));
+            }
+        });
+        let small = s.spawn(|| {
+            let denied = (0..CAP)
+                .filter(|_| m.deduct(&a, &calls(1, now), now).unwrap().decision != Decision::Allow)
+                .count();
+            done.store(true, Relaxed);
+            denied
+        });
+        small.join().unwrap()
+    });
+    assert_eq!(denied, 0, "calls the pack could cover were denied");
+    let used: u64 = a
+        .packs()
+        .iter()
+        .filter(|p| p.spec.item == Item::Calls)
+        .map(|p| p.used())
+        .sum();
+    assert_eq!(used, CAP);
+}
+
+/// Defect 6: in an all-or-nothing group (an Envoy request), one denial
+/// means nothing of the group is deducted.
+#[test]
+fn an_all_or_nothing_group_with_a_denial_deducts_nothing() {
+    let (m, _d) = meter(MeterConfig {
+        plan: FreeTierPlan {
+            calls: 10,
+            ..FreeTierPlan::default()
+        },
+        ..MeterConfig::default()
+    });
+    let now = at("2024-05-10T12:30:00Z");
+    let open = new_account(&m, "open", now);
+    let strict = new_account(&m, "strict", now);
+    m.apply_account(
+        &strict,
+        &AccountRecord {
+            account_id: "strict".into(),
+            activated_at: Some(now - HOUR),
+            suspended: false,
+            deny_on_exhausted: true,
+        },
+        now,
+    );
+    let group = [
+        Charge {
+            account: &open,
+            deduction: calls(4, now),
+        },
+        Charge {
+            account: &strict,
+            deduction: calls(6, now),
+        },
+        Charge {
+            account: &strict,
+            deduction: calls(6, now),
+        },
+    ];
+    // 6 + 6 calls for `strict`, which holds 10: the third is denied.
+    let out = m.deduct_all(&group, now, Atomicity::AllOrNothing).unwrap();
+    assert_eq!(out[2].decision, Decision::Deny(DenyReason::CallsExhausted));
+    assert_eq!(out[0].decision, Decision::Allow);
+    assert_eq!((out[0].calls.covered, out[1].calls.covered), (0, 0));
+    assert!(open.pending.lock().is_empty() && strict.pending.lock().is_empty());
+    assert_eq!(open.activated_at(), None, "not even activated");
+    // Without the third, the group goes through whole.
+    let out = m
+        .deduct_all(&group[..2], now, Atomicity::AllOrNothing)
+        .unwrap();
+    assert_eq!((out[0].calls.covered, out[1].calls.covered), (4, 6));
 }
