@@ -265,6 +265,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
         let signal = crate::server::shutdown_signal().map_err(crate::server::ServeError::Signal)?;
         crate::server::serve(config, signal).await
     });
+    // A store call still blocked (SQLite waiting for a lock it will not get)
+    // must not hold the exit past the grace period. Its transaction rolls
+    // back when the process exits, or it committed, in which case the spill
+    // file's copy of the batch carries the same id and is skipped at replay.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

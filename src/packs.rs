@@ -203,12 +203,6 @@ impl PackCounter {
             }
         }
     }
-
-    /// Returns an amount taken by [`take`](Self::take) that a denied
-    /// deduction must not keep.
-    pub fn give_back(&self, amount: u64) {
-        self.used.fetch_sub(amount, Relaxed);
-    }
 }
 
 /// How one item of a deduction was split: per pack, then overage.
@@ -242,13 +236,6 @@ impl Split {
         split.covered = want - left;
         split.overage = left;
         split
-    }
-
-    /// Undoes the deduction (a denial changes nothing).
-    pub fn undo(self) {
-        for (pack, amount) in self.takes {
-            pack.give_back(amount);
-        }
     }
 }
 
@@ -321,8 +308,6 @@ pub(crate) mod tests {
         assert_eq!((s.covered, s.overage), (7, 3));
         assert_eq!(s.takes.len(), 2);
         assert_eq!(remaining(&packs, Item::Calls, 5), 0);
-        s.undo();
-        assert_eq!(remaining(&packs, Item::Calls, 5), 7);
     }
 
     #[test]

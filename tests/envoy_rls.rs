@@ -231,6 +231,65 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
     assert_eq!(used(&server.packs("bystander").await, Item::Calls), 0);
 }
 
+/// Envoy refuses the whole request when one descriptor is over the limit,
+/// so a request is all or nothing: the descriptors before the denied one
+/// are not charged either. (Issue 7, defect 6: they used to stay deducted.)
+#[tokio::test]
+async fn a_request_with_a_denied_descriptor_charges_none_of_its_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "5"]);
+    server
+        .admin()
+        .await
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "strict".into(),
+                activated_at: None,
+                suspended: false,
+                deny_on_exhausted: true,
+            }),
+        })
+        .await
+        .unwrap();
+    let mut client = rls(&server).await;
+    let payer = |hits| descriptor(&[("account", "payer")], Some(hits));
+    let strict = |hits| descriptor(&[("account", "strict")], Some(hits));
+    let egress = descriptor(&[("account", "payer"), ("item", "egress_bytes")], Some(700));
+
+    // `payer` comes first and is fine on its own; `strict` asks for more
+    // than its 5 calls.
+    let r = ask(
+        &mut client,
+        request("gw", vec![payer(2), egress.clone(), strict(6)], 0),
+    )
+    .await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(r.statuses[2].code, OVER);
+    let packs = server.packs("payer").await;
+    assert_eq!(
+        (used(&packs, Item::Calls), used(&packs, Item::EgressBytes)),
+        (0, 0)
+    );
+    assert_eq!(used(&server.packs("strict").await, Item::Calls), 0);
+
+    // Two descriptors of one deny account count together: 3 + 3 > 5.
+    let r = ask(&mut client, request("gw", vec![strict(3), strict(3)], 0)).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(used(&server.packs("strict").await, Item::Calls), 0);
+
+    // The same request within the limit is charged whole.
+    let r = ask(
+        &mut client,
+        request("gw", vec![payer(2), egress, strict(5)], 0),
+    )
+    .await;
+    assert_eq!(r.overall_code, OK);
+    let packs = server.packs("payer").await;
+    assert_eq!(used(&packs, Item::Calls), 2);
+    assert_eq!(used(&packs, Item::EgressBytes), 700);
+    assert_eq!(used(&server.packs("strict").await, Item::Calls), 5);
+}
+
 #[tokio::test]
 async fn a_configured_domain_is_enforced() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,224 @@
+//! The shutdown sequence through the real process (issue 7, defect 1):
+//! SIGTERM under load keeps every acknowledged deduction; an open stream
+//! ends with UNAVAILABLE; a final flush the store refuses is written to the
+//! spill file and replayed at the next start; and a batch the store refuses
+//! for good is set aside without blocking anyone else (defect 8).
+
+mod common;
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::{deduct, Server};
+use packmeter::grpc::proto::{self, Item};
+
+/// Calls and egress summed over the store's hourly rows for an account.
+fn ledger(db: &Path, account: &str, item: Item) -> u64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT COALESCE(SUM(amount), 0) FROM usage_hourly WHERE account_id = ?1 AND item = ?2",
+        rusqlite::params![account, item as i64],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap() as u64
+}
+
+/// SIGTERM while unary clients and a stream deduct as fast as they can:
+/// every deduction that was answered ALLOW is in the store after a restart,
+/// and nothing else is. Before, a deduction that arrived on an open
+/// connection after the final flush had taken the dirty set was answered
+/// and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_keeps_exactly_the_acknowledged_deductions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--flush-interval", "50ms"]);
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (mut meter, acked) = (server.meter().await, acked.clone());
+        clients.push(tokio::spawn(async move {
+            // Until the server stops answering: UNAVAILABLE, then a closed
+            // connection.
+            while let Ok(r) = meter.deduct(deduct("load", 1, 0, None)).await {
+                assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let stream = {
+        let (mut meter, acked) = (server.meter().await, acked.clone());
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let feeder =
+                tokio::spawn(
+                    async move { while tx.send(deduct("load", 1, 0, None)).await.is_ok() {} },
+                );
+            let mut replies = meter
+                .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let end = loop {
+                match replies.message().await {
+                    Ok(Some(_)) => {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(None) => break None,
+                    Err(status) => break Some(status.code()),
+                }
+            };
+            feeder.abort();
+            end
+        })
+    };
+    // Let the load run across several background flushes.
+    common::until(Duration::from_secs(30), async || {
+        acked.load(Ordering::SeqCst) >= 3_000
+    })
+    .await;
+    server.send_term();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        stream.await.unwrap(),
+        Some(tonic::Code::Unavailable),
+        "the open stream ends with UNAVAILABLE"
+    );
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{status:?}\n{stderr}");
+
+    let acked = acked.load(Ordering::SeqCst);
+    assert_eq!(ledger(&server.db, "load", Item::Calls), acked);
+    let server = Server::start_on(&server.db, &[]);
+    assert_eq!(
+        common::used(&server.packs("load").await, Item::Calls),
+        acked
+    );
+}
+
+/// The store refuses the final flush (another process holds its write
+/// lock): the process writes the unflushed usage to the spill file beside
+/// the store within the grace period and exits non-zero; the next start
+/// replays it, and nothing is lost or counted twice.
+#[tokio::test]
+async fn a_refused_final_flush_is_spilled_and_replayed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &["--flush-interval", "1h", "--shutdown-grace", "2s"],
+    );
+    let mut meter = server.meter().await;
+    for _ in 0..7 {
+        meter.deduct(deduct("spilled", 1, 100, None)).await.unwrap();
+    }
+    let mut dedup = deduct("spilled", 3, 0, None);
+    dedup.request_id = "once".into();
+    meter.deduct(dedup.clone()).await.unwrap();
+
+    let blocker = rusqlite::Connection::open(&server.db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let signalled = Instant::now();
+    server.send_term();
+    let (status, stderr) = server.wait();
+    let took = signalled.elapsed();
+    assert!(!status.success(), "a refused final flush exits non-zero");
+    let spill = dir.path().join("packmeter.db.unflushed");
+    assert!(spill.exists(), "no spill file\n{stderr}");
+    assert!(stderr.contains("packmeter.db.unflushed"), "{stderr}");
+    // The deadline is the grace period, not SQLite's 5 s busy timeout.
+    assert!(took < Duration::from_secs(4), "took {took:?}\n{stderr}");
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    assert_eq!(ledger(&server.db, "spilled", Item::Calls), 0);
+
+    let server = Server::start_on(&server.db, &[]);
+    assert!(!spill.exists(), "the replayed spill file is removed");
+    let packs = server.packs("spilled").await;
+    assert_eq!(common::used(&packs, Item::Calls), 10);
+    assert_eq!(common::used(&packs, Item::EgressBytes), 700);
+    assert_eq!(ledger(&server.db, "spilled", Item::Calls), 10);
+    // The request id came back with the usage: the retry is a duplicate.
+    let r = server
+        .meter()
+        .await
+        .deduct(dedup)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.duplicate, "{r:?}");
+    let db = server.db.clone();
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(ledger(&db, "spilled", Item::Calls), 10);
+}
+
+/// An amount the store cannot hold (a sum over 2^63-1) is refused for good.
+/// The account is set aside, counted and logged, and every other account
+/// keeps flushing. Before, the whole batch failed forever and blocked every
+/// account behind it. (Defect 8.)
+#[tokio::test]
+async fn a_batch_the_store_refuses_for_good_sets_its_account_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &[
+            "--flush-interval",
+            "1h",
+            "--max-egress-bytes",
+            "9223372036854775807",
+        ],
+    );
+    let mut meter = server.meter().await;
+    let mut admin = server.admin().await;
+    for _ in 0..2 {
+        let r = meter
+            .deduct(deduct("huge", 0, i64::MAX as u64, None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.decision, proto::Decision::Allow as i32);
+    }
+    for _ in 0..3 {
+        meter.deduct(deduct("fine", 1, 10, None)).await.unwrap();
+    }
+    let e = admin.flush(proto::FlushRequest {}).await.unwrap_err();
+    assert!(e.message().contains("set aside"), "{e:?}");
+    assert!(e.message().contains("huge"), "{e:?}");
+    assert_eq!(ledger(&server.db, "fine", Item::Calls), 3);
+    assert_eq!(ledger(&server.db, "huge", Item::EgressBytes), 0);
+    assert_eq!(
+        server.metric("packmeter_flush_set_aside_accounts").await,
+        1.0
+    );
+    // Everything else keeps flowing.
+    meter.deduct(deduct("fine", 1, 10, None)).await.unwrap();
+    let _ = admin.flush(proto::FlushRequest {}).await;
+    assert_eq!(ledger(&server.db, "fine", Item::Calls), 4);
+
+    // At shutdown the set-aside usage goes to the spill file.
+    server.send_term();
+    let (status, stderr) = server.wait();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("set aside"), "{stderr}");
+    let spill = dir.path().join("packmeter.db.unflushed");
+    let kept = std::fs::read_to_string(&spill).unwrap();
+    assert!(
+        kept.contains("\"huge\"") && !kept.contains("\"fine\""),
+        "{kept}"
+    );
+
+    // The next start replays what it can, keeps what the store still
+    // refuses, and serves.
+    let server = Server::start_on(&server.db, &[]);
+    assert_eq!(common::used(&server.packs("fine").await, Item::Calls), 4);
+    assert!(spill.exists());
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+}
