@@ -37,6 +37,7 @@ fn flush(c: &mut Criterion) {
             store,
             packmeter::flush::BATCH_ACCOUNTS,
             Arc::new(()),
+            Arc::new(packmeter::clock::SystemClock),
         ));
         let d = Deduction {
             calls: 1,

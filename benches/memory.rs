@@ -43,6 +43,7 @@ fn main() {
         store,
         packmeter::flush::BATCH_ACCOUNTS,
         Arc::new(()),
+        Arc::new(packmeter::clock::SystemClock),
     ));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -100,6 +100,7 @@ impl App {
             store.clone(),
             batch_accounts,
             metrics.clone(),
+            clock.clone(),
         ));
         App {
             meter,
@@ -405,3 +406,6 @@ fn same_terms(stored: &PackSpec, asked: &PackSpec, from_given: bool) -> bool {
         asked.priority,
     ) && (!from_given || stored.valid_from == asked.valid_from)
 }
+
+#[cfg(test)]
+mod tests;

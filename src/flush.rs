@@ -34,7 +34,8 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    calendar::{now_ts, Ts},
+    calendar::Ts,
+    clock::Clock,
     ledger::{FlushBatch, Pending},
     meter::{to_flush, AccountState, Meter},
     store::{Store, StoreError},
@@ -94,6 +95,8 @@ pub struct Flusher {
     /// This process's batch ids: a random node part and a sequence.
     node: u64,
     seq: AtomicU64,
+    /// Stamps each batch (the store prunes expired request ids by it).
+    clock: Arc<dyn Clock>,
 }
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
@@ -122,6 +125,7 @@ impl Flusher {
         store: Arc<dyn Store>,
         batch_accounts: usize,
         observer: Arc<dyn FlushObserver>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Flusher {
             meter,
@@ -133,6 +137,7 @@ impl Flusher {
             in_flight: parking_lot::Mutex::new(InFlight::default()),
             node: random_u64(),
             seq: AtomicU64::new(0),
+            clock,
         }
     }
 
@@ -145,7 +150,7 @@ impl Flusher {
     fn batch(&self, work: &[(Arc<AccountState>, Pending)]) -> Arc<FlushBatch> {
         Arc::new(FlushBatch {
             batch_id: self.next_batch_id(),
-            now: now_ts(),
+            now: self.clock.now(),
             accounts: work
                 .iter()
                 .filter(|(_, p)| !p.is_empty())

@@ -5,7 +5,10 @@
 //! already resident and deducts them under one [`Pass`](super::gate::Pass)
 //! of the gate, synchronously: no I/O, no `.await`.
 
-use std::sync::{atomic::Ordering::Relaxed, Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
 
 use parking_lot::MutexGuard;
 
@@ -158,31 +161,32 @@ impl Meter {
         now: Ts,
     ) -> Result<Vec<Id>, (usize, MeterError)> {
         let mut ids = vec![Id::None; charges.len()];
+        // The first charge of the group for each (account, request id).
+        let mut first: HashMap<(usize, &str), usize> = HashMap::new();
         for (i, c) in charges.iter().enumerate() {
             let d = &c.deduction;
             if d.request_id.is_empty() || d.is_check() {
                 continue;
             }
-            let earlier = (0..i).find(|&j| {
-                Arc::ptr_eq(charges[j].account, c.account)
-                    && charges[j].deduction.request_id == d.request_id
-                    && ids[j] != Id::None
-            });
-            ids[i] = match earlier {
-                Some(j) => match ids[j] {
+            let key = (Arc::as_ptr(c.account) as usize, d.request_id);
+            ids[i] = match first.get(&key) {
+                Some(&j) => match ids[j] {
                     Id::Done(r) => Id::Done(r),
                     _ => Id::SameAs(j),
                 },
-                None => match self.claim(c, ats[i], now) {
-                    Claim::Fresh => Id::Claimed,
-                    Claim::Duplicate(r) => Id::Done(r),
-                    Claim::InFlight => {
-                        for (k, claimed) in ids.iter().enumerate().take(i) {
-                            self.release(&charges[k], *claimed);
+                None => {
+                    first.insert(key, i);
+                    match self.claim(c, ats[i], now) {
+                        Claim::Fresh => Id::Claimed,
+                        Claim::Duplicate(r) => Id::Done(r),
+                        Claim::InFlight => {
+                            for (k, claimed) in ids.iter().enumerate().take(i) {
+                                self.release(&charges[k], *claimed);
+                            }
+                            return Err((i, MeterError::DuplicateInFlight(d.request_id.into())));
                         }
-                        return Err((i, MeterError::DuplicateInFlight(d.request_id.into())));
                     }
-                },
+                }
             };
         }
         Ok(ids)

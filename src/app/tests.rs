@@ -1,0 +1,121 @@
+//! The application layer over a real SQLite file, with a manual clock.
+
+use super::*;
+use crate::{calendar::from_datetime, clock::ManualClock, store::sqlite::SqliteStore};
+
+fn at(s: &str) -> Ts {
+    from_datetime(&chrono::DateTime::parse_from_rfc3339(s).unwrap())
+}
+
+fn open(path: &std::path::Path, clock: &Arc<ManualClock>) -> App {
+    let store = SqliteStore::open(path.to_str().unwrap()).unwrap();
+    App::new(
+        MeterConfig::default(),
+        Arc::new(store),
+        Arc::new(Metrics::new()),
+        clock.clone(),
+        100,
+    )
+}
+
+fn req<'a>(account_id: &'a str, calls: u64, at: Option<Ts>, id: &'a str) -> DeductRequest<'a> {
+    DeductRequest {
+        account_id,
+        deduction: Deduction {
+            calls,
+            egress_bytes: 0,
+            at,
+            request_id: id,
+        },
+    }
+}
+
+/// R10 across eviction and restart (defect 2): an id processed at 10:00:01
+/// for an event at 10:00 is kept until the hour closes at 12:00, though the
+/// window is one hour, in the store as in memory.
+#[tokio::test]
+async fn a_request_id_outlives_eviction_and_restart_until_its_hour_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pm.db");
+    let clock = Arc::new(ManualClock::new(at("2024-05-10T10:00:01Z")));
+    let event = Some(at("2024-05-10T10:00:00Z"));
+    let app = open(&db, &clock);
+    let first = app
+        .deduct(&[req("acme", 5, event, "r1")], Atomicity::Each)
+        .await
+        .unwrap();
+    assert!(!first[0].duplicate);
+    app.flush().await.unwrap();
+    assert_eq!(app.meter().evict_all_flushed(), 1);
+
+    clock.set(at("2024-05-10T11:30:00Z"));
+    let again = app
+        .deduct(&[req("acme", 5, event, "r1")], Atomicity::Each)
+        .await
+        .unwrap();
+    assert!(again[0].duplicate, "reloaded after eviction: {again:?}");
+    drop(app);
+
+    // A restart on the same file remembers it too.
+    let app = open(&db, &clock);
+    let again = app
+        .deduct(&[req("acme", 5, event, "r1")], Atomicity::Each)
+        .await
+        .unwrap();
+    assert!(again[0].duplicate, "after a restart: {again:?}");
+    assert_eq!(again[0].calls.remaining, 1_000_000 - 5);
+}
+
+/// Closing refuses every later deduction with `ShuttingDown`, including
+/// one whose account is already loaded, and changes nothing.
+#[tokio::test]
+async fn after_close_every_deduction_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(at("2024-05-10T10:00:00Z")));
+    let app = open(&dir.path().join("pm.db"), &clock);
+    app.deduct(&[req("acme", 1, None, "")], Atomicity::Each)
+        .await
+        .unwrap();
+    app.close();
+    assert!(app.closing().is_cancelled());
+    let e = app
+        .deduct(&[req("acme", 1, None, "")], Atomicity::Each)
+        .await
+        .unwrap_err();
+    assert!(matches!(e.error, MeterError::ShuttingDown), "{e:?}");
+    let used: u64 = app
+        .list_packs("acme")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.spec.item == Item::Calls)
+        .map(|p| p.used)
+        .sum();
+    assert_eq!(used, 1);
+}
+
+/// Settlement (R12): the export bound stops below any hour that still has
+/// unflushed usage, and moves past it once that usage is flushed; the hours
+/// below the bound then take no deduction, even if the clock steps back.
+#[tokio::test]
+async fn the_settled_bound_waits_for_unflushed_usage_then_closes_the_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(at("2024-05-10T10:30:00Z")));
+    let app = open(&dir.path().join("pm.db"), &clock);
+    let nine = Some(at("2024-05-10T09:10:00Z"));
+    app.deduct(&[req("acme", 1, nine, "")], Atomicity::Each)
+        .await
+        .unwrap();
+    // 11:05: 09:00–10:00 closed at 11:00, but its usage is not flushed.
+    clock.set(at("2024-05-10T11:05:00Z"));
+    assert_eq!(app.settled_before().await, at("2024-05-10T09:00:00Z"));
+    app.flush().await.unwrap();
+    assert_eq!(app.settled_before().await, at("2024-05-10T10:00:00Z"));
+    clock.set(at("2024-05-10T10:50:00Z"));
+    let e = app
+        .deduct(&[req("acme", 1, nine, "")], Atomicity::Each)
+        .await
+        .unwrap_err();
+    assert!(matches!(e.error, MeterError::HourClosed { .. }), "{e:?}");
+    assert_eq!(app.meter().dirty_len(), 0);
+}
