@@ -68,6 +68,9 @@ pub struct Grant {
     pub priority: u32,
 }
 
+/// The outcomes of a group, in order; inline for a group of one.
+pub type Outcomes = smallvec::SmallVec<[DeductOutcome; 1]>;
+
 /// How often a deduction whose request id is in flight elsewhere waits for
 /// the original before it is refused as retryable.
 const IN_FLIGHT_RETRIES: usize = 64;
@@ -146,7 +149,7 @@ impl App {
         &self,
         reqs: &[DeductRequest<'_>],
         atomicity: Atomicity,
-    ) -> Result<Vec<DeductOutcome>, Refused> {
+    ) -> Result<Outcomes, Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
@@ -156,6 +159,9 @@ impl App {
             self.meter
                 .validate(r.account_id, &r.deduction, now)
                 .map_err(|e| refused(i, e))?;
+        }
+        if let [one] = reqs {
+            return self.deduct_one(one).await.map(|o| smallvec::smallvec![o]);
         }
         let mut accounts = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
@@ -184,7 +190,7 @@ impl App {
                     for o in &outcomes {
                         self.metrics.record_deduction(o);
                     }
-                    return Ok(outcomes);
+                    return Ok(outcomes.into());
                 }
                 // The original is a few instructions from done, unless its
                 // thread was preempted: let it finish, then ask again.
@@ -193,6 +199,30 @@ impl App {
                     tokio::task::yield_now().await;
                 }
                 Err((index, error)) => return Err(refused(index, error)),
+            }
+        }
+    }
+
+    /// A group of one (validated already): no allocation on the unary path.
+    async fn deduct_one(&self, r: &DeductRequest<'_>) -> Result<DeductOutcome, Refused> {
+        let refused = |error| Refused { index: 0, error };
+        let acct = self
+            .meter
+            .account_for_deduction(r.account_id, self.clock.now())
+            .await
+            .map_err(refused)?;
+        let mut attempt = 0;
+        loop {
+            match self.meter.deduct(&acct, &r.deduction, self.clock.now()) {
+                Ok(o) => {
+                    self.metrics.record_deduction(&o);
+                    return Ok(o);
+                }
+                Err(MeterError::DuplicateInFlight(_)) if attempt < IN_FLIGHT_RETRIES => {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => return Err(refused(e)),
             }
         }
     }
@@ -319,15 +349,10 @@ impl App {
         let report = self.flusher.flush().await?;
         let aside = self.meter.set_aside_accounts();
         if let Some(first) = aside.first() {
-            return Err(MeterError::Store(crate::store::StoreError::permanent(
-                format!(
-                    "{} account(s) set aside because the store refuses their usage (first: `{}`); \
-                 their usage is kept in memory and written to the spill file at shutdown; \
-                 see the log and packmeter_flush_set_aside_accounts",
-                    aside.len(),
-                    first.id()
-                ),
-            )));
+            return Err(MeterError::SetAside {
+                count: aside.len(),
+                first: first.id().to_string(),
+            });
         }
         Ok(report)
     }

@@ -45,6 +45,8 @@ impl From<MeterError> for Status {
             MeterError::DuplicateInFlight(_) => Status::aborted(msg),
             // The gateway should send the request to another node.
             MeterError::ShuttingDown => Status::unavailable(msg),
+            // The store refuses data for good: an operator must look.
+            MeterError::SetAside { .. } => Status::internal(msg),
             // UNAVAILABLE rather than INTERNAL or UNKNOWN: the store is
             // outside this process and may come back, and gateways (Envoy's
             // failure_mode_deny among them) treat UNAVAILABLE as retryable.

@@ -129,6 +129,12 @@ pub enum MeterError {
     DuplicateInFlight(String),
     #[error("packmeter is shutting down and takes no more deductions; send them to another node")]
     ShuttingDown,
+    #[error(
+        "{count} account(s) set aside because the store refuses their usage (first: `{first}`); \
+         their usage is kept in memory and written to the spill file at shutdown; see the log \
+         and packmeter_flush_set_aside_accounts"
+    )]
+    SetAside { count: usize, first: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -189,6 +189,7 @@ async fn a_batch_the_store_refuses_for_good_sets_its_account_aside() {
         meter.deduct(deduct("fine", 1, 10, None)).await.unwrap();
     }
     let e = admin.flush(proto::FlushRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
     assert!(e.message().contains("set aside"), "{e:?}");
     assert!(e.message().contains("huge"), "{e:?}");
     assert_eq!(ledger(&server.db, "fine", Item::Calls), 3);

@@ -55,20 +55,48 @@ enum Id {
 }
 
 impl Meter {
-    /// Deducts one charge. See [`deduct_all`](Self::deduct_all).
+    /// Deducts one charge: [`deduct_all`](Self::deduct_all) for a group of
+    /// one, without its allocations (the unary hot path).
     pub fn deduct(
         &self,
         account: &Arc<AccountState>,
         deduction: &Deduction<'_>,
         now: Ts,
     ) -> Result<DeductOutcome, MeterError> {
-        let charge = Charge {
+        let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
+        let c = Charge {
             account,
             deduction: *deduction,
         };
-        self.deduct_all(&[charge], now, Atomicity::Each)
-            .map(|mut v| v.remove(0))
-            .map_err(|(_, e)| e)
+        let at = deduction.at.unwrap_or(now);
+        self.validate_time(at, now, pass.settled_before)?;
+        let id = if deduction.request_id.is_empty() || deduction.is_check() {
+            Id::None
+        } else {
+            match self.claim(&c, at, now) {
+                Claim::Fresh => Id::Claimed,
+                Claim::Duplicate(r) => Id::Done(r),
+                Claim::InFlight => {
+                    return Err(MeterError::DuplicateInFlight(deduction.request_id.into()))
+                }
+            }
+        };
+        let o = self.one(&c, at, now, id);
+        drop(pass);
+        Ok(o)
+    }
+
+    /// One charge that stands alone, its id already claimed.
+    fn one(&self, c: &Charge<'_>, at: Ts, now: Ts, id: Id) -> DeductOutcome {
+        if let Id::Done(r) = id {
+            return self.duplicate(c.account, at, now, r);
+        }
+        let _deny_lock = (c.deduction.calls > 0 && c.account.deny_on_exhausted.load(Relaxed))
+            .then(|| c.account.deny_lock.lock());
+        match self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now) {
+            Some((_, reason)) => self.deny(c, at, now, id, reason),
+            None => self.take(c, at, now, id == Id::Claimed),
+        }
     }
 
     /// Deducts a group of charges at `now`, the server clock read after the
@@ -109,19 +137,7 @@ impl Meter {
                             Decision::Deny(_) => self.claim_again(c, ats[i], now),
                         };
                     }
-                    let o = match ids[i] {
-                        Id::Done(r) => self.duplicate(c.account, ats[i], now, r),
-                        _ => {
-                            let locks = self.deny_locks(std::slice::from_ref(c));
-                            let o = match self.denial(std::slice::from_ref(c), &ats[i..=i], now) {
-                                Some((_, reason)) => self.deny(c, ats[i], now, ids[i], reason),
-                                None => self.take(c, ats[i], now, ids[i] == Id::Claimed),
-                            };
-                            drop(locks);
-                            o
-                        }
-                    };
-                    out.push(o);
+                    out.push(self.one(c, ats[i], now, ids[i]));
                 }
                 out
             }

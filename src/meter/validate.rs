@@ -69,10 +69,12 @@ impl Meter {
                 max_ms: self.cfg.max_future_skew / 1000,
             });
         }
-        let closes = self.hour_closes(at);
-        if closes <= now || hour_start(at) < settled_before {
+        // One division: this runs on every deduction.
+        let hour = hour_start(at);
+        let closes = hour.saturating_add(HOUR).saturating_add(self.cfg.late_grace);
+        if closes <= now || hour < settled_before {
             return Err(MeterError::HourClosed {
-                hour: calendar::to_datetime(hour_start(at)).to_rfc3339(),
+                hour: calendar::to_datetime(hour).to_rfc3339(),
                 closed_at: calendar::to_datetime(closes.min(now)).to_rfc3339(),
                 grace_s: self.cfg.late_grace / SECOND,
             });
