@@ -110,10 +110,19 @@ impl Meter {
                 .filter(|p| p.spec.source != PackSource::FreeTier)
                 .cloned()
                 .collect();
-            for m in months.iter().filter(|m| self.month_is_live(m, now)) {
-                for spec in self.free_specs(m) {
-                    let u = old_used.get(&*spec.pack_id).copied().unwrap_or(0);
-                    next.push(Arc::new(PackCounter::new(spec, u)));
+            for m in months
+                .iter()
+                .filter(|m| m.valid_until > self.keep_after(now))
+            {
+                let specs = self.free_specs(m);
+                // A month with usage stays resident whenever it starts: if
+                // it left, it would come back later at zero.
+                let used = specs.each_ref().map(|s| old_used.get(&*s.pack_id).copied());
+                if !self.month_is_live(m, now) && used.iter().all(|u| u.unwrap_or(0) == 0) {
+                    continue;
+                }
+                for (spec, u) in specs.into_iter().zip(used) {
+                    next.push(Arc::new(PackCounter::new(spec, u.unwrap_or(0))));
                 }
             }
             next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
@@ -131,13 +140,30 @@ impl Meter {
     /// future, with live usage (R11). `stored` is what the store holds.
     pub fn pack_views(&self, acct: &AccountState, stored: Vec<StoredPack>) -> Vec<PackView> {
         let resident = acct.packs.load();
+        // A pack that has left the resident set (it ended) may still have
+        // usage waiting for a flush: the ledger has it.
+        let mut unflushed: HashMap<Arc<str>, u64> = HashMap::new();
+        if let Some(p) = acct.pending.lock().get() {
+            for d in &p.deltas {
+                if let Some(pack) = &d.pack {
+                    let e = unflushed.entry(pack.spec.pack_id.clone()).or_default();
+                    *e = e.saturating_add(d.amount);
+                }
+            }
+        }
         // A stored total can exceed a capacity a newer plan shrank; show
         // it clamped, as the counters hold it.
         let live = |spec: &PackSpec, stored_used: u64| {
             resident
                 .iter()
                 .find(|p| p.spec.pack_id == spec.pack_id)
-                .map_or(stored_used.min(spec.capacity), |p| p.used())
+                .map_or_else(
+                    || {
+                        let pending = unflushed.get(&spec.pack_id).copied().unwrap_or(0);
+                        stored_used.saturating_add(pending).min(spec.capacity)
+                    },
+                    |p| p.used(),
+                )
         };
         let mut views: Vec<PackView> = Vec::new();
         if let Some(a) = acct.activated_at() {

@@ -71,7 +71,9 @@ impl Meter {
         }
         // One division: this runs on every deduction.
         let hour = hour_start(at);
-        let closes = hour.saturating_add(HOUR).saturating_add(self.cfg.late_grace);
+        let closes = hour
+            .saturating_add(HOUR)
+            .saturating_add(self.cfg.late_grace);
         if closes <= now || hour < settled_before {
             return Err(MeterError::HourClosed {
                 hour: calendar::to_datetime(hour).to_rfc3339(),

@@ -388,6 +388,12 @@ impl Store for SqliteStore {
                 p.priority,
                 p.created_at
             ])?;
+            // The account exists from its first grant, activated or not, so
+            // it stays listable (R11) after its packs have ended.
+            tx.prepare_cached(
+                "INSERT INTO accounts (account_id) VALUES (?1) ON CONFLICT (account_id) DO NOTHING",
+            )?
+            .execute([&account])?;
             tx.commit()?;
             Ok(Granted::New(StoredPack { spec: p, used: 0 }))
         })
@@ -443,7 +449,11 @@ impl Store for SqliteStore {
                     "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
                      calls_overage, egress_covered, egress_overage) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                     ON CONFLICT (account_id, request_id) DO UPDATE SET expires_at = excluded.expires_at",
+                     ON CONFLICT (account_id, request_id) DO UPDATE SET \
+                     expires_at = excluded.expires_at, calls_covered = excluded.calls_covered, \
+                     calls_overage = excluded.calls_overage, \
+                     egress_covered = excluded.egress_covered, \
+                     egress_overage = excluded.egress_overage",
                 )?;
                 for a in &batch.accounts {
                     let id = &*a.account_id;
@@ -458,7 +468,15 @@ impl Store for SqliteStore {
                         };
                         // SQLite would turn an overflowing sum into a float; the
                         // upsert's WHERE refuses it instead, and nothing changes.
-                        if usage.execute(params![id, d.hour, d.item.code(), pack_id, source, amount])? == 0 {
+                        if usage.execute(params![
+                            id,
+                            d.hour,
+                            d.item.code(),
+                            pack_id,
+                            source,
+                            amount
+                        ])? == 0
+                        {
                             return Err(StoreError::permanent(format!(
                                 "account `{id}`: the usage of hour {} would exceed 2^63-1",
                                 d.hour
