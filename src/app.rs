@@ -374,6 +374,28 @@ impl App {
             .await
     }
 
+    /// Settled hourly rows with `from <= hour < to` (R12), optionally for
+    /// one account, read lazily a page at a time: only hours below
+    /// [`settled_before`](Self::settled_before), which never change again.
+    pub async fn export(
+        &self,
+        from: Ts,
+        to: Ts,
+        account: Option<String>,
+    ) -> impl futures_util::Stream<Item = Result<crate::ledger::UsageRow, MeterError>> + Send + 'static
+    {
+        use futures_util::StreamExt;
+        let settled = self.settled_before().await;
+        crate::export::settled_rows(
+            self.store.clone(),
+            from,
+            to.min(settled),
+            account,
+            crate::export::PAGE_ROWS,
+        )
+        .map(|row| row.map_err(MeterError::from))
+    }
+
     /// Whether the store answers, within a short bound.
     pub async fn store_up(&self) -> bool {
         matches!(
@@ -382,6 +404,8 @@ impl App {
         )
     }
 
+    /// The store, for tests that read back what was flushed. Transports
+    /// go through the functions above.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -9,8 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, proto};
 use crate::{
     app::{AccountChange, App, Grant},
-    export,
-    meter::{validate_account_id, MeterError},
+    meter::validate_account_id,
 };
 
 pub struct AdminService {
@@ -132,20 +131,11 @@ impl proto::admin_server::Admin for AdminService {
         if let Some(a) = &account {
             validate_account_id(a)?;
         }
-        let settled = self.app.settled_before().await;
         // Read outside the flusher's lock, a page at a time as the client
-        // takes rows: rows before `settled` no longer change, and a slow
-        // client holds up neither flushes nor account loads.
-        let out = export::settled_rows(
-            self.app.store().clone(),
-            from,
-            to.min(settled),
-            account,
-            export::PAGE_ROWS,
-        )
-        .map(|row| {
+        // takes rows: a slow client holds up neither flushes nor loads.
+        let out = self.app.export(from, to, account).await.map(|row| {
             row.map(|row| convert::usage_row(&row))
-                .map_err(|e| MeterError::from(e).into())
+                .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(out)))
     }
