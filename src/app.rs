@@ -165,9 +165,11 @@ impl App {
         }
         let mut accounts = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
+            // `now` only stamps the account's last use here: the clock that
+            // decides is read after the loads.
             let acct = self
                 .meter
-                .account_for_deduction(r.account_id, self.clock.now())
+                .account_for_deduction(r.account_id, now)
                 .await
                 .map_err(|e| refused(i, e))?;
             accounts.push(acct);
