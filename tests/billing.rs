@@ -236,18 +236,8 @@ async fn a_deny_account_whose_egress_is_exhausted_is_denied_calls() {
         dir.path(),
         &["--free-calls", "100", "--free-egress-bytes", "1000"],
     );
-    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
-    admin
-        .put_account(proto::PutAccountRequest {
-            account: Some(proto::Account {
-                account_id: "strict".into(),
-                activated_at: None,
-                suspended: false,
-                deny_on_exhausted: true,
-            }),
-        })
-        .await
-        .unwrap();
+    server.put_account("strict", false, true).await;
+    let mut meter = server.meter().await;
     let mut deduct_now = async |calls, egress| {
         meter
             .deduct(deduct("strict", calls, egress, None))

@@ -238,19 +238,7 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
 async fn a_request_with_a_denied_descriptor_charges_none_of_its_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--free-calls", "5"]);
-    server
-        .admin()
-        .await
-        .put_account(proto::PutAccountRequest {
-            account: Some(proto::Account {
-                account_id: "strict".into(),
-                activated_at: None,
-                suspended: false,
-                deny_on_exhausted: true,
-            }),
-        })
-        .await
-        .unwrap();
+    server.put_account("strict", false, true).await;
     let mut client = rls(&server).await;
     let payer = |hits| descriptor(&[("account", "payer")], Some(hits));
     let strict = |hits| descriptor(&[("account", "strict")], Some(hits));

@@ -43,6 +43,17 @@ fn calls(n: u64, t: Ts) -> Deduction<'static> {
     }
 }
 
+/// Applies an operator's settings, as `PutAccount` does after its store write.
+fn set_account(m: &Meter, a: &AccountState, activated: Ts, suspended: bool, deny: bool, now: Ts) {
+    let record = AccountRecord {
+        account_id: a.id().to_string(),
+        activated_at: Some(activated),
+        suspended,
+        deny_on_exhausted: deny,
+    };
+    m.apply_account(a, &record, now);
+}
+
 /// Grants a purchased calls pack valid until `until`.
 fn grant(m: &Meter, acct: &AccountState, id: &str, cap: u64, prio: u32, until: Ts, now: Ts) {
     let spec = crate::packs::tests::purchased(id, cap, prio, until, 0);
@@ -169,16 +180,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
     });
     let now = at("2024-05-10T00:00:00Z");
     let a = new_account(&m, "acme", now);
-    m.apply_account(
-        &a,
-        &AccountRecord {
-            account_id: "acme".into(),
-            activated_at: Some(now - HOUR),
-            suspended: false,
-            deny_on_exhausted: true,
-        },
-        now,
-    );
+    set_account(&m, &a, now - HOUR, false, true, now);
     let o = m.deduct(&a, &calls(8, now), now).unwrap();
     assert_eq!(o.decision, Decision::Allow);
     let recorded = |a: &AccountState| -> u64 {
@@ -247,16 +249,7 @@ fn suspended_accounts_are_denied_calls_but_egress_is_recorded() {
     let (m, _d) = meter(replay_cfg());
     let now = at("2024-05-10T00:00:00Z");
     let a = new_account(&m, "acme", now);
-    m.apply_account(
-        &a,
-        &AccountRecord {
-            account_id: "acme".into(),
-            activated_at: Some(now),
-            suspended: true,
-            deny_on_exhausted: false,
-        },
-        now,
-    );
+    set_account(&m, &a, now, true, false, now);
     let o = m
         .deduct(
             &a,
@@ -494,18 +487,12 @@ fn put_account_keeps_a_next_month_pack_that_an_early_event_used() {
     // 23:58 on 30 November, +08:00; the event is at 00:02 on 1 December.
     let now = at("2024-11-30T23:58:00+08:00");
     let a = new_account(&m, "acme", now);
-    let record = |activated| AccountRecord {
-        account_id: "acme".into(),
-        activated_at: Some(activated),
-        suspended: false,
-        deny_on_exhausted: false,
-    };
-    m.apply_account(&a, &record(at("2024-11-05T00:00:00+08:00")), now);
+    set_account(&m, &a, at("2024-11-05T00:00:00+08:00"), false, false, now);
     let early = at("2024-12-01T00:02:00+08:00");
     let o = m.deduct(&a, &calls(3, early), now).unwrap();
     assert_eq!((o.calls.covered, o.calls.remaining), (3, 7));
     // The operator moves the activation back a few days, still before midnight.
-    m.apply_account(&a, &record(at("2024-11-01T00:00:00+08:00")), now);
+    set_account(&m, &a, at("2024-11-01T00:00:00+08:00"), false, false, now);
     let december = |a: &AccountState| {
         a.packs()
             .iter()
@@ -571,16 +558,7 @@ fn a_deny_account_is_never_denied_a_call_its_packs_can_cover() {
     });
     let now = at("2024-05-10T12:30:00Z");
     let a = new_account(&m, "acme", now);
-    m.apply_account(
-        &a,
-        &AccountRecord {
-            account_id: "acme".into(),
-            activated_at: Some(now - HOUR),
-            suspended: false,
-            deny_on_exhausted: true,
-        },
-        now,
-    );
+    set_account(&m, &a, now - HOUR, false, true, now);
     let done = std::sync::atomic::AtomicBool::new(false);
     let denied = std::thread::scope(|s| {
         // Always too large: each one is denied, and must take nothing.
@@ -623,16 +601,7 @@ fn an_all_or_nothing_group_with_a_denial_deducts_nothing() {
     let now = at("2024-05-10T12:30:00Z");
     let open = new_account(&m, "open", now);
     let strict = new_account(&m, "strict", now);
-    m.apply_account(
-        &strict,
-        &AccountRecord {
-            account_id: "strict".into(),
-            activated_at: Some(now - HOUR),
-            suspended: false,
-            deny_on_exhausted: true,
-        },
-        now,
-    );
+    set_account(&m, &strict, now - HOUR, false, true, now);
     let group = [
         Charge {
             account: &open,

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS flush_batches (
     batch_id   TEXT    PRIMARY KEY,       -- FlushBatch::batch_id
     applied_at INTEGER NOT NULL           -- µs; rows older than BATCH_ID_RETENTION are pruned
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flush_batches_by_age ON flush_batches (applied_at);
 "#;
 
 /// How long applied batch ids are kept: far longer than any spill file

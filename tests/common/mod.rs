@@ -120,6 +120,23 @@ impl Server {
             .packs
     }
 
+    /// `Admin.PutAccount` with the current (or a new) activation.
+    pub async fn put_account(&self, account: &str, suspended: bool, deny: bool) -> proto::Account {
+        self.admin()
+            .await
+            .put_account(proto::PutAccountRequest {
+                account: Some(proto::Account {
+                    account_id: account.into(),
+                    activated_at: None,
+                    suspended,
+                    deny_on_exhausted: deny,
+                }),
+            })
+            .await
+            .expect("PutAccount")
+            .into_inner()
+    }
+
     /// The value of an unlabelled series in `/metrics`.
     pub async fn metric(&self, series: &str) -> f64 {
         sample(&get(&self.admin, "/metrics").await.body, series)
