@@ -74,6 +74,17 @@ fn first_deduction_activates_at_its_event_time() {
     assert!(a.pending.lock().get().unwrap().account_dirty);
 }
 
+/// R1: a first event ahead of the server clock (within the skew) activates
+/// the account no later than the clock.
+#[test]
+fn first_event_ahead_of_the_clock_activates_at_the_clock() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:00:00Z");
+    let a = new_account(&m, "acme", now);
+    m.deduct(&a, &calls(1, now + 120 * SECOND), now).unwrap();
+    assert_eq!(a.activated_at(), Some(now));
+}
+
 #[test]
 fn seed_example_covers_resets_and_ends() {
     let (m, _d) = meter(replay_cfg());
