@@ -144,11 +144,15 @@ impl Meter {
             Atomicity::AllOrNothing => {
                 let locks = self.deny_locks(charges);
                 let denied = self.denial(charges, &ats, now);
-                let out = charges
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| match (ids[i], denied) {
+                let mut out: Vec<DeductOutcome> = Vec::with_capacity(charges.len());
+                for (i, c) in charges.iter().enumerate() {
+                    let o = match (ids[i], denied) {
                         (Id::Done(r), _) => self.duplicate(c.account, ats[i], now, r),
+                        // A repeat inside the group: the earlier charge's
+                        // amounts, nothing deducted again.
+                        (Id::SameAs(j), None) => {
+                            self.duplicate(c.account, ats[i], now, amounts(&out[j]))
+                        }
                         (_, Some((j, reason))) if j == i => {
                             self.deny(c, ats[i], now, ids[i], reason)
                         }
@@ -158,8 +162,9 @@ impl Meter {
                             self.check(c.account, ats[i], now)
                         }
                         (id, None) => self.take(c, ats[i], now, id == Id::Claimed),
-                    })
-                    .collect();
+                    };
+                    out.push(o);
+                }
                 drop(locks);
                 out
             }

@@ -640,3 +640,37 @@ fn an_all_or_nothing_group_with_a_denial_deducts_nothing() {
         .unwrap();
     assert_eq!((out[0].calls.covered, out[1].calls.covered), (4, 6));
 }
+
+/// A request id repeated inside one group is deducted once, whether the
+/// group is all-or-nothing or not.
+#[test]
+fn a_request_id_repeated_inside_a_group_is_deducted_once() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    let a = new_account(&m, "acme", now);
+    for (atomicity, id) in [(Atomicity::Each, "each"), (Atomicity::AllOrNothing, "all")] {
+        let d = Deduction {
+            calls: 2,
+            request_id: id,
+            ..Deduction::default()
+        };
+        let group = [Charge {
+            account: &a,
+            deduction: d,
+        }; 2];
+        let out = m.deduct_all(&group, now, atomicity).unwrap();
+        assert!(
+            !out[0].duplicate && out[1].duplicate,
+            "{atomicity:?}: {out:?}"
+        );
+        assert_eq!(out[1].calls.covered, 2);
+    }
+    // Two calls per group, not four.
+    let used: u64 = a
+        .packs()
+        .iter()
+        .filter(|p| p.spec.item == Item::Calls)
+        .map(|p| p.used())
+        .sum();
+    assert_eq!(used, 4);
+}
