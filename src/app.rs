@@ -161,7 +161,10 @@ impl App {
                 .map_err(|e| refused(i, e))?;
         }
         if let [one] = reqs {
-            return self.deduct_one(one).await.map(|o| smallvec::smallvec![o]);
+            return self
+                .deduct_one(one, now)
+                .await
+                .map(|o| smallvec::smallvec![o]);
         }
         let mut accounts = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
@@ -205,12 +208,13 @@ impl App {
         }
     }
 
-    /// A group of one (validated already): no allocation on the unary path.
-    async fn deduct_one(&self, r: &DeductRequest<'_>) -> Result<DeductOutcome, Refused> {
+    /// A group of one (validated at `now` already): no allocation on the
+    /// unary path. The deciding clock is read after the load.
+    async fn deduct_one(&self, r: &DeductRequest<'_>, now: Ts) -> Result<DeductOutcome, Refused> {
         let refused = |error| Refused { index: 0, error };
         let acct = self
             .meter
-            .account_for_deduction(r.account_id, self.clock.now())
+            .account_for_deduction(r.account_id, now)
             .await
             .map_err(refused)?;
         let mut attempt = 0;
