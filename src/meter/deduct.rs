@@ -70,17 +70,9 @@ impl Meter {
         };
         let at = deduction.at.unwrap_or(now);
         self.validate_time(at, now, pass.settled_before)?;
-        let id = if deduction.request_id.is_empty() || deduction.is_check() {
-            Id::None
-        } else {
-            match self.claim(&c, at, now) {
-                Claim::Fresh => Id::Claimed,
-                Claim::Duplicate(r) => Id::Done(r),
-                Claim::InFlight => {
-                    return Err(MeterError::DuplicateInFlight(deduction.request_id.into()))
-                }
-            }
-        };
+        let id = self
+            .claim_id(&c, at, now)
+            .ok_or_else(|| MeterError::DuplicateInFlight(deduction.request_id.into()))?;
         let o = self.one(&c, at, now, id);
         drop(pass);
         Ok(o)
@@ -134,7 +126,8 @@ impl Meter {
                         // result, or, if it was denied, a fresh evaluation.
                         ids[i] = match out[j].decision {
                             Decision::Allow => Id::Done(amounts(&out[j])),
-                            Decision::Deny(_) => self.claim_again(c, ats[i], now),
+                            // Only this group could hold it, and it released it.
+                            Decision::Deny(_) => self.claim_id(c, ats[i], now).unwrap_or(Id::None),
                         };
                     }
                     out.push(self.one(c, ats[i], now, ids[i]));
@@ -197,16 +190,13 @@ impl Meter {
                 },
                 None => {
                     first.insert(key, i);
-                    match self.claim(c, ats[i], now) {
-                        Claim::Fresh => Id::Claimed,
-                        Claim::Duplicate(r) => Id::Done(r),
-                        Claim::InFlight => {
-                            for (k, claimed) in ids.iter().enumerate().take(i) {
-                                self.release(&charges[k], *claimed);
-                            }
-                            return Err((i, MeterError::DuplicateInFlight(d.request_id.into())));
+                    let Some(id) = self.claim_id(c, ats[i], now) else {
+                        for (k, claimed) in ids.iter().enumerate().take(i) {
+                            self.release(&charges[k], *claimed);
                         }
-                    }
+                        return Err((i, MeterError::DuplicateInFlight(d.request_id.into())));
+                    };
+                    id
                 }
             };
         }
@@ -221,22 +211,24 @@ impl Meter {
             .max(self.hour_closes(at))
     }
 
-    fn claim(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Claim {
+    /// Claims the charge's request id, if it has one: `None` while the
+    /// original is still in flight.
+    fn claim_id(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Option<Id> {
+        let d = &c.deduction;
+        if d.request_id.is_empty() || d.is_check() {
+            return Some(Id::None);
+        }
         let mut guard = c.account.dedup.lock();
-        guard.get_or_insert_with(Box::default).claim(
-            c.deduction.request_id,
+        let claim = guard.get_or_insert_with(Box::default).claim(
+            d.request_id,
             now,
             self.dedup_expiry(at, now),
             self.cfg.dedup_window / 8,
-        )
-    }
-
-    fn claim_again(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Id {
-        match self.claim(c, at, now) {
-            Claim::Fresh => Id::Claimed,
-            Claim::Duplicate(r) => Id::Done(r),
-            // Only this group could hold it, and it released it.
-            Claim::InFlight => Id::None,
+        );
+        match claim {
+            Claim::Fresh => Some(Id::Claimed),
+            Claim::Duplicate(r) => Some(Id::Done(r)),
+            Claim::InFlight => None,
         }
     }
 
@@ -311,15 +303,23 @@ impl Meter {
                 .compare_exchange(NOT_ACTIVATED, at.min(now), Relaxed, Relaxed)
                 .is_ok()
         {
+            self.record(acct, |p| {
+                p.account_dirty = true;
+                p.since.get_or_insert(now);
+            });
+        }
+    }
+
+    /// Changes the account's unflushed ledger and queues the account for a
+    /// flush if it was not queued yet.
+    fn record(&self, acct: &Arc<AccountState>, change: impl FnOnce(&mut crate::ledger::Pending)) {
+        let newly_queued = {
             let mut slot = acct.pending.lock();
-            let p = slot.changes();
-            p.account_dirty = true;
-            p.since.get_or_insert(now);
-            let queue = !std::mem::replace(&mut slot.queued, true);
-            drop(slot);
-            if queue {
-                self.enqueue(acct);
-            }
+            change(slot.changes());
+            !std::mem::replace(&mut slot.queued, true)
+        };
+        if newly_queued {
+            self.enqueue(acct);
         }
     }
 
@@ -343,9 +343,7 @@ impl Meter {
         let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
         let hour = hour_start(at);
-        let queue = {
-            let mut slot = acct.pending.lock();
-            let p = slot.changes();
+        self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
                 for (pack, amount) in &split.takes {
                     p.add(hour, item, Some(pack), *amount, now);
@@ -362,11 +360,7 @@ impl Meter {
                     egress_overage: result[3],
                 });
             }
-            !std::mem::replace(&mut slot.queued, true)
-        };
-        if queue {
-            self.enqueue(acct);
-        }
+        });
         if claimed {
             if let Some(t) = acct.dedup.lock().as_mut() {
                 t.complete(d.request_id, result);
