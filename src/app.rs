@@ -185,25 +185,37 @@ impl App {
                 deduction: r.deduction,
             })
             .collect();
+        // Fresh: the loads above may have taken long enough for an hour to
+        // close (R9).
+        let outcomes = self
+            .until_not_in_flight(|now| self.meter.deduct_all(&charges, now, atomicity))
+            .await?;
+        Ok(outcomes.into())
+    }
+
+    /// Runs a deduction with a fresh clock, records its outcomes in the
+    /// metrics, and runs it again while a request id it repeats is still
+    /// being deducted elsewhere: the original is a few instructions from
+    /// done, unless its thread was preempted, so let it finish, then ask
+    /// again (bounded by `IN_FLIGHT_RETRIES`).
+    async fn until_not_in_flight<T: AsRef<[DeductOutcome]>>(
+        &self,
+        mut deduct: impl FnMut(Ts) -> Result<T, (usize, MeterError)>,
+    ) -> Result<T, Refused> {
         let mut attempt = 0;
         loop {
-            // Fresh: the loads above may have taken long enough for an
-            // hour to close (R9).
-            let now = self.clock.now();
-            match self.meter.deduct_all(&charges, now, atomicity) {
+            match deduct(self.clock.now()) {
                 Ok(outcomes) => {
-                    for o in &outcomes {
+                    for o in outcomes.as_ref() {
                         self.metrics.record_deduction(o);
                     }
-                    return Ok(outcomes.into());
+                    return Ok(outcomes);
                 }
-                // The original is a few instructions from done, unless its
-                // thread was preempted: let it finish, then ask again.
                 Err((_, MeterError::DuplicateInFlight(_))) if attempt < IN_FLIGHT_RETRIES => {
                     attempt += 1;
                     tokio::task::yield_now().await;
                 }
-                Err((index, error)) => return Err(refused(index, error)),
+                Err((index, error)) => return Err(Refused { index, error }),
             }
         }
     }
@@ -217,20 +229,15 @@ impl App {
             .account_for_deduction(r.account_id, now)
             .await
             .map_err(refused)?;
-        let mut attempt = 0;
-        loop {
-            match self.meter.deduct(&acct, &r.deduction, self.clock.now()) {
-                Ok(o) => {
-                    self.metrics.record_deduction(&o);
-                    return Ok(o);
-                }
-                Err(MeterError::DuplicateInFlight(_)) if attempt < IN_FLIGHT_RETRIES => {
-                    attempt += 1;
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => return Err(refused(e)),
-            }
-        }
+        let [o] = self
+            .until_not_in_flight(|now| {
+                self.meter
+                    .deduct(&acct, &r.deduction, now)
+                    .map(|o| [o])
+                    .map_err(|e| (0, e))
+            })
+            .await?;
+        Ok(o)
     }
 
     /// Packs valid at `at` (the server clock if `None`), with live usage.
