@@ -52,6 +52,17 @@ pub struct FlushReport {
     pub elapsed: Duration,
 }
 
+impl FlushReport {
+    /// Adds another flush's counts to these.
+    fn add(&mut self, other: &FlushReport) {
+        self.accounts += other.accounts;
+        self.deltas += other.deltas;
+        self.batches += other.batches;
+        self.set_aside += other.set_aside;
+        self.elapsed += other.elapsed;
+    }
+}
+
 /// Hooks for the flush metrics, so this module needs no metrics crate.
 pub trait FlushObserver: Send + Sync + 'static {
     fn flushed(&self, report: &FlushReport);
@@ -67,6 +78,17 @@ impl FlushObserver for () {
 
 /// An account and the changes taken from it for a batch.
 type Work = Vec<(Arc<AccountState>, Pending)>;
+
+/// Takes the accounts' unflushed changes out of them.
+fn take_work(accounts: Vec<Arc<AccountState>>) -> Work {
+    accounts
+        .into_iter()
+        .map(|a| {
+            let p = a.take_pending();
+            (a, p)
+        })
+        .collect()
+}
 
 /// Batches whose changes are out of their accounts and not yet known to be
 /// in the store.
@@ -205,15 +227,7 @@ impl Flusher {
         if state.halted {
             return None;
         }
-        let mut work: Work = self
-            .meter
-            .take_dirty(n)
-            .into_iter()
-            .map(|a| {
-                let p = a.take_pending();
-                (a, p)
-            })
-            .collect();
+        let mut work = take_work(self.meter.take_dirty(n));
         if work.is_empty() {
             return None;
         }
@@ -237,16 +251,20 @@ impl Flusher {
     ) -> Result<(), StoreError> {
         let mut parts = vec![(work, batch)];
         while let Some((work, batch)) = parts.pop() {
-            match self.store.write_batch(&batch).await {
+            let written = self.store.write_batch(&batch).await;
+            // Whatever happened, this batch is no longer in flight: its
+            // changes are in the store, back in their accounts, or in the
+            // halves below, all within this one critical section.
+            let mut state = self.in_flight.lock();
+            state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
+            match written {
                 Ok(_) => {
-                    let again: Vec<_> = {
-                        let mut state = self.in_flight.lock();
-                        state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
-                        work.into_iter()
-                            .filter(|(a, _)| a.finish_flush())
-                            .map(|(a, _)| a)
-                            .collect()
-                    };
+                    let again: Vec<_> = work
+                        .into_iter()
+                        .filter(|(a, _)| a.finish_flush())
+                        .map(|(a, _)| a)
+                        .collect();
+                    drop(state);
                     self.meter.requeue(again);
                     report.batches += 1;
                     report.accounts += batch.accounts.len();
@@ -254,19 +272,17 @@ impl Flusher {
                 }
                 Err(e) if e.transient => {
                     // Everything not yet written goes back, oldest first.
+                    let halted = state.halted;
+                    state.batches.clear();
                     let mut back = Vec::new();
-                    {
-                        let mut state = self.in_flight.lock();
-                        let halted = state.halted;
-                        state.batches.clear();
-                        for (a, p) in parts.into_iter().map(|p| p.0).chain([work]).flatten() {
-                            // Once spilled, the changes are in the spill file.
-                            if !halted {
-                                a.restore_pending(p);
-                            }
-                            back.push(a);
+                    for (a, p) in parts.into_iter().map(|p| p.0).chain([work]).flatten() {
+                        // Once spilled, the changes are in the spill file.
+                        if !halted {
+                            a.restore_pending(p);
                         }
+                        back.push(a);
                     }
+                    drop(state);
                     back.sort_unstable_by(|a, b| a.id().cmp(b.id()));
                     self.meter.requeue_front(back);
                     self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
@@ -276,8 +292,6 @@ impl Flusher {
                 Err(e) if work.len() > 1 => {
                     // Permanent: one of these accounts holds what the store
                     // refuses. Try each half on its own.
-                    let mut state = self.in_flight.lock();
-                    state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
                     let mut first = work;
                     let second = first.split_off(first.len() / 2);
                     for half in [second, first] {
@@ -288,8 +302,6 @@ impl Flusher {
                     tracing::debug!(error = %e, "permanent flush error; narrowing the batch down");
                 }
                 Err(e) => {
-                    let mut state = self.in_flight.lock();
-                    state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
                     for (a, p) in work {
                         tracing::error!(
                             account = %a.id(),
@@ -345,11 +357,7 @@ impl Flusher {
             loop {
                 match self.flush().await {
                     Ok(r) => {
-                        total.accounts += r.accounts;
-                        total.deltas += r.deltas;
-                        total.batches += r.batches;
-                        total.set_aside += r.set_aside;
-                        total.elapsed += r.elapsed;
+                        total.add(&r);
                         if self.meter.dirty_len() == 0 {
                             return Ok(total);
                         }
@@ -379,16 +387,8 @@ impl Flusher {
         let mut state = self.in_flight.lock();
         state.halted = true;
         let mut out = std::mem::take(&mut state.batches);
-        let work: Work = self
-            .meter
-            .unflushed_accounts()
-            .into_iter()
-            .map(|a| {
-                let p = a.take_pending();
-                (a, p)
-            })
-            .filter(|(_, p)| !p.is_empty())
-            .collect();
+        let mut work = take_work(self.meter.unflushed_accounts());
+        work.retain(|(_, p)| !p.is_empty());
         for chunk in work.chunks(self.batch_accounts) {
             out.push(self.batch(chunk));
         }
