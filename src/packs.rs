@@ -254,10 +254,7 @@ pub fn totals(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> (u64, u64) {
 
 /// What `packs` still hold for `item` at `ts`.
 pub fn remaining(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> u64 {
-    packs
-        .iter()
-        .filter(|p| p.spec.item == item && p.spec.valid_at(ts))
-        .fold(0u64, |acc, p| acc.saturating_add(p.remaining()))
+    totals(packs, item, ts).1
 }
 
 #[cfg(test)]

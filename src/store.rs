@@ -148,6 +148,7 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 /// Where shutdown writes usage it could not flush (see [`crate::spill`]):
 /// beside the SQLite file, as `PATH.unflushed`.
 pub fn spill_path(url: &str) -> std::path::PathBuf {
-    let base = url.strip_prefix("sqlite://").unwrap_or("packmeter.db");
+    // `serve` has opened the store by now, so the URL parses.
+    let base = sqlite_path(url).unwrap_or("packmeter.db");
     std::path::PathBuf::from(format!("{base}.unflushed"))
 }
