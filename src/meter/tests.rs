@@ -27,6 +27,26 @@ fn replay_cfg() -> MeterConfig {
     }
 }
 
+/// The default config with `calls` free calls a month.
+fn free_calls(calls: u64) -> MeterConfig {
+    MeterConfig {
+        plan: FreeTierPlan {
+            calls,
+            ..FreeTierPlan::default()
+        },
+        ..MeterConfig::default()
+    }
+}
+
+/// Calls used across the account's resident packs.
+fn calls_used(a: &AccountState) -> u64 {
+    a.packs()
+        .iter()
+        .filter(|p| p.spec.item == Item::Calls)
+        .map(|p| p.used())
+        .sum()
+}
+
 fn new_account(m: &Meter, id: &str, now: Ts) -> Arc<AccountState> {
     let key: Arc<str> = id.into();
     m.accounts
@@ -380,10 +400,7 @@ proptest! {
         packs in prop::collection::vec(1u64..1_000, 0..3),
         asks in prop::collection::vec(prop::collection::vec(0u64..300, 1..40), 2..4),
     ) {
-        let (m, _d) = meter(MeterConfig {
-            plan: FreeTierPlan { calls: free, ..FreeTierPlan::default() },
-            ..MeterConfig::default()
-        });
+        let (m, _d) = meter(free_calls(free));
         let now = at("2024-05-10T12:30:00Z");
         let a = new_account(&m, "acme", now);
         for (i, cap) in packs.iter().enumerate() {
@@ -488,13 +505,7 @@ fn a_settled_hour_takes_no_more_deductions_even_if_the_clock_steps_back() {
 /// re-created at zero, and its usage counted twice against the store.
 #[test]
 fn put_account_keeps_a_next_month_pack_that_an_early_event_used() {
-    let (m, _d) = meter(MeterConfig {
-        plan: FreeTierPlan {
-            calls: 10,
-            ..FreeTierPlan::default()
-        },
-        ..MeterConfig::default()
-    });
+    let (m, _d) = meter(free_calls(10));
     // 23:58 on 30 November, +08:00; the event is at 00:02 on 1 December.
     let now = at("2024-11-30T23:58:00+08:00");
     let a = new_account(&m, "acme", now);
@@ -560,13 +571,7 @@ fn a_duplicate_of_an_original_in_flight_is_refused_not_answered() {
 #[test]
 fn a_deny_account_is_never_denied_a_call_its_packs_can_cover() {
     const CAP: u64 = 2_000;
-    let (m, _d) = meter(MeterConfig {
-        plan: FreeTierPlan {
-            calls: CAP,
-            ..FreeTierPlan::default()
-        },
-        ..MeterConfig::default()
-    });
+    let (m, _d) = meter(free_calls(CAP));
     let now = at("2024-05-10T12:30:00Z");
     let a = new_account(&m, "acme", now);
     set_account(&m, &a, now - HOUR, false, true, now);
@@ -589,26 +594,14 @@ fn a_deny_account_is_never_denied_a_call_its_packs_can_cover() {
         small.join().unwrap()
     });
     assert_eq!(denied, 0, "calls the pack could cover were denied");
-    let used: u64 = a
-        .packs()
-        .iter()
-        .filter(|p| p.spec.item == Item::Calls)
-        .map(|p| p.used())
-        .sum();
-    assert_eq!(used, CAP);
+    assert_eq!(calls_used(&a), CAP);
 }
 
 /// Defect 6: in an all-or-nothing group (an Envoy request), one denial
 /// means nothing of the group is deducted.
 #[test]
 fn an_all_or_nothing_group_with_a_denial_deducts_nothing() {
-    let (m, _d) = meter(MeterConfig {
-        plan: FreeTierPlan {
-            calls: 10,
-            ..FreeTierPlan::default()
-        },
-        ..MeterConfig::default()
-    });
+    let (m, _d) = meter(free_calls(10));
     let now = at("2024-05-10T12:30:00Z");
     let open = new_account(&m, "open", now);
     let strict = new_account(&m, "strict", now);
@@ -666,11 +659,5 @@ fn a_request_id_repeated_inside_a_group_is_deducted_once() {
         assert_eq!(out[1].calls.covered, 2);
     }
     // Two calls per group, not four.
-    let used: u64 = a
-        .packs()
-        .iter()
-        .filter(|p| p.spec.item == Item::Calls)
-        .map(|p| p.used())
-        .sum();
-    assert_eq!(used, 4);
+    assert_eq!(calls_used(&a), 4);
 }
