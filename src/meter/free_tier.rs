@@ -99,6 +99,7 @@ impl Meter {
             .activated_at
             .map(|a| calendar::free_months(a, &self.cfg.plan, &self.cfg.zone))
             .unwrap_or_default();
+        let keep_after = self.keep_after(now);
         acct.packs.rcu(|cur| {
             let old_used: HashMap<&str, u64> = cur
                 .iter()
@@ -110,10 +111,7 @@ impl Meter {
                 .filter(|p| p.spec.source != PackSource::FreeTier)
                 .cloned()
                 .collect();
-            for m in months
-                .iter()
-                .filter(|m| m.valid_until > self.keep_after(now))
-            {
+            for m in months.iter().filter(|m| m.valid_until > keep_after) {
                 let specs = self.free_specs(m);
                 // A month with usage stays resident whenever it starts: if
                 // it left, it would come back later at zero.
