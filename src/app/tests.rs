@@ -119,3 +119,45 @@ async fn the_settled_bound_waits_for_unflushed_usage_then_closes_the_hour() {
     assert!(matches!(e.error, MeterError::HourClosed { .. }), "{e:?}");
     assert_eq!(app.meter().dirty_len(), 0);
 }
+
+/// R10 through the application layer, racing on a multi-threaded runtime:
+/// retries of one request id sent at once deduct once; the others wait out
+/// the original and answer as duplicates (or, if it stays in flight past
+/// the bound, are refused as retryable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_retries_through_the_app_deduct_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(at("2024-05-10T10:00:00Z")));
+    let app = Arc::new(open(&dir.path().join("pm.db"), &clock));
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (app, id) = (app.clone(), id.clone());
+                tokio::spawn(async move {
+                    app.deduct(&[req("acme", 1, None, &id)], Atomicity::Each)
+                        .await
+                        .map(|o| o[0])
+                })
+            })
+            .collect();
+        let mut fresh = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(o) if !o.duplicate => fresh += 1,
+                Ok(o) => assert_eq!(o.calls.covered, 1),
+                Err(e) => assert!(matches!(e.error, MeterError::DuplicateInFlight(_)), "{e:?}"),
+            }
+        }
+        assert_eq!(fresh, 1, "round {round}");
+    }
+    let used: u64 = app
+        .list_packs("acme")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.spec.item == Item::Calls)
+        .map(|p| p.used)
+        .sum();
+    assert_eq!(used, 20);
+}

@@ -661,3 +661,151 @@ fn a_request_id_repeated_inside_a_group_is_deducted_once() {
     // Two calls per group, not four.
     assert_eq!(calls_used(&a), 4);
 }
+
+// === the same rules under concurrency ===
+
+/// R10 under a race: many threads send the same request id at once. Exactly
+/// one deducts; every other gets the original's amounts as a duplicate, or
+/// is told the original is still in flight (retryable). Never a second
+/// deduction, never a made-up answer.
+#[test]
+fn racing_retries_of_one_request_id_deduct_once() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    for round in 0..50 {
+        let id = format!("race-{round}");
+        let a = new_account(&m, &format!("acct-{round}"), now);
+        let d = Deduction {
+            calls: 3,
+            request_id: &id,
+            ..Deduction::default()
+        };
+        let barrier = std::sync::Barrier::new(4);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        m.deduct(&a, &d, now)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut fresh = 0;
+        for r in &results {
+            match r {
+                Ok(o) if !o.duplicate => fresh += 1,
+                Ok(o) => assert_eq!((o.calls.covered, o.calls.overage), (3, 0)),
+                Err(MeterError::DuplicateInFlight(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(fresh, 1, "{results:?}");
+        assert_eq!(calls_used(&a), 3);
+    }
+}
+
+/// R12 under a race: deductions into an hour keep arriving while an export
+/// settles it. Once `settle` has returned, the hour's unflushed usage is
+/// final: every later deduction into it is refused, none slips in.
+#[test]
+fn no_deduction_lands_in_an_hour_after_it_is_settled() {
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    let hour = at("2024-05-10T11:00:00Z");
+    let a = new_account(&m, "acme", now);
+    let in_hour = |a: &AccountState| -> u64 {
+        a.pending.lock().get().map_or(0, |p| {
+            p.deltas
+                .iter()
+                .filter(|d| d.hour == hour)
+                .map(|d| d.amount)
+                .sum()
+        })
+    };
+    let settled = std::sync::atomic::AtomicBool::new(false);
+    let (before, after) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            // Until 1,000 attempts have been made after the settle.
+            let mut after_settle = 0;
+            while after_settle < 1_000 {
+                let was_settled = settled.load(std::sync::atomic::Ordering::SeqCst);
+                match m.deduct(&a, &calls(1, hour + 10 * 60 * SECOND), now) {
+                    Ok(_) => assert!(!was_settled, "a deduction landed after settle returned"),
+                    Err(MeterError::HourClosed { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                after_settle += u32::from(was_settled);
+            }
+        });
+        // Let some deductions in, then settle while they keep coming.
+        while in_hour(&a) < 1_000 {
+            std::hint::spin_loop();
+        }
+        m.gate().settle(hour + HOUR);
+        settled.store(true, std::sync::atomic::Ordering::SeqCst);
+        let before = in_hour(&a);
+        writer.join().unwrap();
+        (before, in_hour(&a))
+    });
+    assert!(before >= 1_000);
+    assert_eq!(before, after, "usage reached a settled hour");
+}
+
+/// R7 with all-or-nothing groups racing over the same two `deny` accounts
+/// in opposite orders: no deadlock, and across all groups no account is
+/// admitted more calls than its packs hold.
+#[test]
+fn racing_all_or_nothing_groups_never_overdraw_a_deny_account() {
+    const CAP: u64 = 500;
+    let (m, _d) = meter(free_calls(CAP));
+    let now = at("2024-05-10T12:30:00Z");
+    let accounts: Vec<_> = ["x", "y"]
+        .iter()
+        .map(|id| {
+            let a = new_account(&m, id, now);
+            set_account(&m, &a, now - HOUR, false, true, now);
+            a
+        })
+        .collect();
+    let admitted = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let (m, accounts) = (&m, &accounts);
+                s.spawn(move || {
+                    let (first, second) = if t % 2 == 0 { (0, 1) } else { (1, 0) };
+                    let mut admitted = 0;
+                    for _ in 0..400 {
+                        let group = [
+                            Charge {
+                                account: &accounts[first],
+                                deduction: calls(1, now),
+                            },
+                            Charge {
+                                account: &accounts[second],
+                                deduction: calls(2, now),
+                            },
+                        ];
+                        let out = m.deduct_all(&group, now, Atomicity::AllOrNothing).unwrap();
+                        if out.iter().all(|o| o.decision == Decision::Allow) {
+                            admitted += 1;
+                        } else {
+                            assert!(out.iter().all(|o| o.calls.covered == 0), "{out:?}");
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+    });
+    // Each admitted group takes 3 calls across the two accounts.
+    let used: u64 = accounts.iter().map(|a| calls_used(a)).sum();
+    assert_eq!(used, 3 * admitted);
+    for a in &accounts {
+        assert!(calls_used(a) <= CAP);
+    }
+    // The packs ran out: the groups were really competing for capacity.
+    assert!(accounts.iter().any(|a| calls_used(a) >= CAP - 1));
+}
