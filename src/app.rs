@@ -172,7 +172,7 @@ impl App {
             // decides is read after the loads.
             let acct = self
                 .meter
-                .account_for_deduction(r.account_id, now)
+                .account_for_request(r.account_id, &r.deduction, now)
                 .await
                 .map_err(|e| refused(i, e))?;
             accounts.push(acct);
@@ -226,7 +226,7 @@ impl App {
         let refused = |error| Refused { index: 0, error };
         let acct = self
             .meter
-            .account_for_deduction(r.account_id, now)
+            .account_for_request(r.account_id, &r.deduction, now)
             .await
             .map_err(refused)?;
         let [o] = self
@@ -324,7 +324,11 @@ impl App {
             created_at: now,
         };
         let _w = self.admin_writes.lock().await;
-        let acct = self.meter.account_for_admin(&g.account_id, now).await?;
+        // As a deduction finds it: in reject mode only PutAccount creates
+        // accounts, and a grant to an unknown one is refused (naming
+        // PutAccount) before anything is written; in activate mode the
+        // grant creates the account, which activates at its first deduction.
+        let acct = self.meter.account_for_deduction(&g.account_id, now).await?;
         let stored = match self.store.grant_pack(&g.account_id, &spec).await? {
             Granted::New(p) => {
                 self.meter.add_pack(&acct, &p, self.clock.now());

@@ -250,6 +250,12 @@ pub fn free_month(
     plan: &FreeTierPlan,
     zone: &BillingZone,
 ) -> Option<FreeMonth> {
+    // `--free-months 0` turns the free tier off: without this, month 0
+    // would cover the rest of the activation day (R2's window ends at the
+    // day after date(A) + 0 months).
+    if plan.months == 0 {
+        return None;
+    }
     let (start, end) = free_window(activated_at, plan, zone);
     let anchor = first_of_month(zone.local_date(activated_at));
     let first = add_months(anchor, index);

@@ -60,10 +60,10 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text]. The level comes from RUST_LOG.
     #[arg(long, env = "PACKMETER_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// Most calls one deduction may carry [default: 1000000000].
+    /// Most calls one deduction may carry, at most 2^48 [default: 1000000000].
     #[arg(long, env = "PACKMETER_MAX_CALLS", value_name = "N")]
     pub max_calls: Option<String>,
-    /// Most egress bytes one deduction may carry [default: 1099511627776, 1 TiB].
+    /// Most egress bytes one deduction may carry, at most 2^48 [default: 1099511627776, 1 TiB].
     #[arg(long, env = "PACKMETER_MAX_EGRESS_BYTES", value_name = "N")]
     pub max_egress_bytes: Option<String>,
     /// Most deductions in one DeductBatch [default: 10000].
@@ -324,6 +324,26 @@ fn number(field: &'static str, v: &str) -> Result<u64, ConfigError> {
 /// The largest amount a store can keep: SQLite integers are signed 64-bit.
 pub const MAX_AMOUNT: u64 = i64::MAX as u64;
 
+/// The largest `max_calls` and `max_egress_bytes`: 2^48 (256 TiB of egress
+/// in one deduction). Far above any real request, and small enough that a
+/// whole `DeductBatch` of them stays far from overflowing a 64-bit sum; an
+/// account-hour still holds at least 32 768 such deductions before the
+/// ledger cap (`ledger::LEDGER_CAP`) refuses more.
+pub const MAX_PER_DEDUCTION: u64 = 1 << 48;
+
+/// A per-deduction maximum: at most [`MAX_PER_DEDUCTION`].
+fn per_deduction(field: &'static str, n: u64) -> Result<u64, ConfigError> {
+    if n > MAX_PER_DEDUCTION {
+        return Err(err(
+            field,
+            format!(
+                "{n} is above {MAX_PER_DEDUCTION} (2^48), the largest amount one deduction may carry; use at most {MAX_PER_DEDUCTION}"
+            ),
+        ));
+    }
+    Ok(n)
+}
+
 /// An amount of calls or bytes that the stores must be able to write.
 fn amount(field: &'static str, n: u64) -> Result<u64, ConfigError> {
     if n > MAX_AMOUNT {
@@ -500,11 +520,11 @@ impl Config {
                 }
                 Ok(n)
             };
-        let max_calls = amount(
+        let max_calls = per_deduction(
             "max_calls",
             positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?,
         )?;
-        let max_egress_bytes = amount(
+        let max_egress_bytes = per_deduction(
             "max_egress_bytes",
             positive(
                 "max_egress_bytes",
@@ -892,18 +912,32 @@ mod tests {
     }
 
     #[test]
+    fn per_deduction_maximums_are_capped_at_2_pow_48() {
+        for field in ["max_calls", "max_egress_bytes"] {
+            let c = Config::resolve(&only(field, &(1u64 << 48).to_string())).unwrap();
+            assert_eq!(c.meter.max_calls.max(c.meter.max_egress_bytes), 1 << 48);
+            for over in [
+                "281474976710657",
+                "9223372036854775807",
+                "18446744073709551615",
+            ] {
+                let e = Config::resolve(&only(field, over)).unwrap_err();
+                assert_eq!(e.field, field);
+                assert!(
+                    e.message.contains("281474976710656 (2^48)"),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+    }
+
+    #[test]
     fn amounts_above_i64_max_are_refused_because_the_stores_keep_signed_64_bit() {
         let max = i64::MAX.to_string();
-        for field in [
-            "max_calls",
-            "max_egress_bytes",
-            "free_calls",
-            "free_egress_bytes",
-        ] {
+        for field in ["free_calls", "free_egress_bytes"] {
             let c = Config::resolve(&only(field, &max)).unwrap();
             let got = match field {
-                "max_calls" => c.meter.max_calls,
-                "max_egress_bytes" => c.meter.max_egress_bytes,
                 "free_calls" => c.meter.plan.calls,
                 _ => c.meter.plan.egress_bytes,
             };

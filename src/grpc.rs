@@ -43,6 +43,9 @@ impl From<MeterError> for Status {
             MeterError::PackConflict(_) => Status::already_exists(msg),
             // Retryable: the original request is about to finish.
             MeterError::DuplicateInFlight(_) => Status::aborted(msg),
+            // The account-hour's ledger is full: a quota of the store, which
+            // the next hour no longer holds against the account.
+            MeterError::LedgerFull { .. } => Status::resource_exhausted(msg),
             // The gateway should send the request to another node.
             MeterError::ShuttingDown => Status::unavailable(msg),
             // The store refuses data for good: an operator must look.

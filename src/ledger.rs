@@ -64,6 +64,98 @@ pub struct Pending {
     pub since: Option<Ts>,
 }
 
+/// The most one (account, hour, item) may hold in all, packs and overage
+/// together: the stores keep amounts as signed 64-bit integers, and a sum
+/// past this would not fit (SQLite would silently turn it into a float). A
+/// deduction that would take an account-hour past it is refused whole
+/// ([`HourTotals::reserve`]), so no stored row or sum of an account-hour's
+/// rows can overflow.
+pub const LEDGER_CAP: u64 = i64::MAX as u64;
+
+/// What an account has recorded per item in each hour that can still take
+/// deductions: what the store held when the account was loaded, plus every
+/// deduction since (flushed or not). Hours are dropped once closed.
+#[derive(Debug, Default)]
+pub struct HourTotals {
+    /// (hour start, [calls, egress bytes]); rarely more than two hours open.
+    hours: smallvec::SmallVec<[(Ts, [u64; 2]); 2]>,
+}
+
+/// A deduction the ledger cap refuses: the item, the hour, and what the
+/// hour already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverCap {
+    pub item: Item,
+    pub hour: Ts,
+    pub recorded: u64,
+}
+
+fn slot(item: Item) -> usize {
+    match item {
+        Item::Calls => 0,
+        Item::EgressBytes => 1,
+    }
+}
+
+impl HourTotals {
+    /// Adds what the store already holds for (hour, item), as loaded.
+    pub fn seed(&mut self, hour: Ts, item: Item, amount: u64) {
+        let t = self.entry(hour);
+        t[slot(item)] = t[slot(item)].saturating_add(amount);
+    }
+
+    /// Counts `amounts` ([calls, egress bytes]) into `hour` if the hour
+    /// stays within [`LEDGER_CAP`] for both items; otherwise changes nothing.
+    /// Hours before `closed_before` are forgotten first: they can take no
+    /// more deductions.
+    pub fn reserve(
+        &mut self,
+        hour: Ts,
+        amounts: [u64; 2],
+        closed_before: Ts,
+    ) -> Result<(), OverCap> {
+        if self.hours.len() > 2 {
+            self.hours.retain(|(h, _)| *h >= closed_before);
+        }
+        let t = self.entry(hour);
+        for item in Item::ALL {
+            let i = slot(item);
+            if t[i]
+                .checked_add(amounts[i])
+                .is_none_or(|sum| sum > LEDGER_CAP)
+            {
+                return Err(OverCap {
+                    item,
+                    hour,
+                    recorded: t[i],
+                });
+            }
+        }
+        t[0] += amounts[0];
+        t[1] += amounts[1];
+        Ok(())
+    }
+
+    /// Takes back a [`reserve`](Self::reserve) whose deduction did not happen.
+    pub fn release(&mut self, hour: Ts, amounts: [u64; 2]) {
+        if let Some((_, t)) = self.hours.iter_mut().find(|(h, _)| *h == hour) {
+            t[0] = t[0].saturating_sub(amounts[0]);
+            t[1] = t[1].saturating_sub(amounts[1]);
+        }
+    }
+
+    fn entry(&mut self, hour: Ts) -> &mut [u64; 2] {
+        let i = match self.hours.iter().position(|(h, _)| *h == hour) {
+            Some(i) => i,
+            None => {
+                self.hours.push((hour, [0, 0]));
+                self.hours.len() - 1
+            }
+        };
+        &mut self.hours[i].1
+    }
+}
+
 /// Where an account keeps its [`Pending`] changes: boxed while there are
 /// any, so an account with nothing unflushed (most of them, most of the
 /// time) holds two words instead of the whole ledger (about 110 bytes).
@@ -72,6 +164,9 @@ pub struct PendingSlot {
     changes: Option<Box<Pending>>,
     /// Whether the account sits in the meter's dirty queue.
     pub queued: bool,
+    /// The open hours' totals, for the ledger cap. Boxed and created on the
+    /// first deduction, like `changes`; unlike them, a flush leaves them.
+    totals: Option<Box<HourTotals>>,
 }
 
 impl PendingSlot {
@@ -86,6 +181,11 @@ impl PendingSlot {
 
     pub fn is_empty(&self) -> bool {
         self.changes.as_ref().is_none_or(|p| p.is_empty())
+    }
+
+    /// The open hours' totals, created empty on first use.
+    pub fn totals(&mut self) -> &mut HourTotals {
+        self.totals.get_or_insert_with(Box::default)
     }
 
     /// Takes everything out for a flush, leaving `queued` as it was.

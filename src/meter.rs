@@ -127,6 +127,19 @@ pub enum MeterError {
         "request_id `{0}` is being deducted by a concurrent request; retry to get its outcome"
     )]
     DuplicateInFlight(String),
+    #[error(
+        "account `{account}`: hour {hour} already holds {recorded} {item}; {amount} more would \
+         take it past {cap}, the most one account, hour and item can hold (the store keeps \
+         signed 64-bit amounts); nothing was deducted"
+    )]
+    LedgerFull {
+        account: String,
+        hour: String,
+        item: crate::packs::Item,
+        recorded: u64,
+        amount: u64,
+        cap: u64,
+    },
     #[error("packmeter is shutting down and takes no more deductions; send them to another node")]
     ShuttingDown,
     #[error(
@@ -151,7 +164,9 @@ pub struct Deduction<'a> {
 }
 
 impl Deduction<'_> {
-    fn is_check(&self) -> bool {
+    /// `calls = 0, egress_bytes = 0`: asks for the decision and balances
+    /// and deducts nothing.
+    pub fn is_check(&self) -> bool {
         self.calls == 0 && self.egress_bytes == 0
     }
 }

@@ -52,24 +52,26 @@ pub fn escape_html(s: &str) -> String {
 /// 0..=1000. Floored so that a pack shows 100% only when it is really used up;
 /// clamped because a store may hold more than a capacity that a plan later
 /// shrank. A pack without capacity has nothing to use up and shows 0.
-pub fn used_permille(used: u64, capacity: u64) -> u32 {
+pub fn used_permille(used: u128, capacity: u128) -> u32 {
     if capacity == 0 {
         return 0;
     }
-    let p = u128::from(used.min(capacity)) * 1000 / u128::from(capacity);
+    // u128: a summary card adds up packs whose capacities pass 2^64, and
+    // `used * 1000` of a pack near 2^64 passes it too.
+    let p = used.min(capacity).saturating_mul(1000) / capacity;
     // p <= 1000 because used <= capacity.
     u32::try_from(p).unwrap_or(1000)
 }
 
 /// The bar's CSS width for `used` of `capacity`, e.g. `45.2%`; never over 100%.
-pub fn bar_width(used: u64, capacity: u64) -> String {
+pub fn bar_width(used: u128, capacity: u128) -> String {
     let p = used_permille(used, capacity);
     format!("{}.{}%", p / 10, p % 10)
 }
 
 /// The usage as text: like [`bar_width`], but a pack with any usage never
 /// reads as empty.
-fn used_text(used: u64, capacity: u64) -> String {
+fn used_text(used: u128, capacity: u128) -> String {
     if used > 0 && used_permille(used, capacity) == 0 && capacity > 0 {
         return "<0.1%".to_string();
     }
@@ -77,13 +79,13 @@ fn used_text(used: u64, capacity: u64) -> String {
 }
 
 /// A byte count in binary units with two decimals: `1.00 GiB`, `512 B`.
-pub fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u128) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
     }
     let mut unit = 0;
-    let mut scale = 1u64;
+    let mut scale = 1u128;
     while unit + 1 < UNITS.len() && bytes / scale >= 1024 {
         unit += 1;
         scale *= 1024;
@@ -97,7 +99,7 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 /// A count with thousands separators: `1,000,000`.
-pub fn grouped(n: u64) -> String {
+pub fn grouped(n: u128) -> String {
     if n < 1000 {
         return n.to_string();
     }
@@ -106,7 +108,7 @@ pub fn grouped(n: u64) -> String {
 
 /// Writes an amount of `item`: calls as a grouped count, egress in binary
 /// units with the exact byte count in a tooltip.
-fn amount(out: &mut String, item: Item, n: u64) -> fmt::Result {
+fn amount(out: &mut String, item: Item, n: u128) -> fmt::Result {
     match item {
         Item::Calls => write!(out, "{}", grouped(n)),
         Item::EgressBytes => write!(
@@ -260,10 +262,12 @@ fn summary(out: &mut String, packs: &[PackView], now: Ts) -> fmt::Result {
         let current = packs
             .iter()
             .filter(|p| p.spec.item == item && Validity::of(p, now) == Validity::Current);
-        let (mut capacity, mut used, mut n) = (0u64, 0u64, 0usize);
+        // u128: the capacities of a few packs near 2^63 already pass 2^64,
+        // and a saturated total would misstate what remains.
+        let (mut capacity, mut used, mut n) = (0u128, 0u128, 0usize);
         for p in current {
-            capacity = capacity.saturating_add(p.spec.capacity);
-            used = used.saturating_add(p.used.min(p.spec.capacity));
+            capacity += u128::from(p.spec.capacity);
+            used += u128::from(p.used.min(p.spec.capacity));
             n += 1;
         }
         write!(
@@ -277,7 +281,7 @@ fn summary(out: &mut String, packs: &[PackView], now: Ts) -> fmt::Result {
             );
             continue;
         }
-        amount(out, item, capacity.saturating_sub(used))?;
+        amount(out, item, capacity - used)?;
         out.push_str(r#"</div><div class="card-sub">remaining of "#);
         amount(out, item, capacity)?;
         write!(out, " in {n} pack{}</div>", if n == 1 { "" } else { "s" })?;
@@ -290,7 +294,7 @@ fn summary(out: &mut String, packs: &[PackView], now: Ts) -> fmt::Result {
 
 /// The usage bar: a track, a fill as wide as the used share, and the share
 /// as text; screen readers get it as a labelled progress bar.
-fn bar(out: &mut String, used: u64, capacity: u64) -> fmt::Result {
+fn bar(out: &mut String, used: u128, capacity: u128) -> fmt::Result {
     let p = used_permille(used, capacity);
     let level = match p {
         1000 => "full",
@@ -405,17 +409,17 @@ fn row(out: &mut String, validity: Validity, p: &PackView, zone: &BillingZone) -
         r#"</td><td>{}</td><td class="num">"#,
         item_label(p.spec.item)
     )?;
-    amount(out, p.spec.item, p.spec.capacity)?;
+    amount(out, p.spec.item, p.spec.capacity.into())?;
     out.push_str(r#"</td><td class="num">"#);
-    amount(out, p.spec.item, used)?;
+    amount(out, p.spec.item, used.into())?;
     out.push_str(r#"</td><td class="num">"#);
-    amount(out, p.spec.item, p.spec.capacity - used)?;
+    amount(out, p.spec.item, (p.spec.capacity - used).into())?;
     out.push_str(r#"</td><td class="validity">"#);
     time(out, zone, p.spec.valid_from)?;
     out.push_str(r#" <span class="to">–</span> "#);
     time(out, zone, p.spec.valid_until)?;
     out.push_str("</td><td>");
-    bar(out, used, p.spec.capacity)?;
+    bar(out, used.into(), p.spec.capacity.into())?;
     out.push_str("</td></tr>\n");
     Ok(())
 }
@@ -653,8 +657,9 @@ mod tests {
         assert_eq!(bar_width(999_999, 1_000_000), "99.9%");
         // A store may hold more than a capacity a plan later shrank.
         assert_eq!(bar_width(7, 5), "100.0%");
-        assert_eq!(bar_width(u64::MAX, u64::MAX), "100.0%");
-        assert_eq!(bar_width(u64::MAX - 1, u64::MAX), "99.9%");
+        let max = u128::from(u64::MAX);
+        assert_eq!(bar_width(max, max), "100.0%");
+        assert_eq!(bar_width(max - 1, max), "99.9%");
         // A pack without capacity has nothing to use up.
         assert_eq!(bar_width(0, 0), "0.0%");
         assert_eq!(bar_width(3, 0), "0.0%");
@@ -720,7 +725,7 @@ mod tests {
         assert_eq!(human_bytes(1 << 30), "1.00 GiB");
         assert_eq!(human_bytes((1 << 30) + (1 << 29)), "1.50 GiB");
         assert_eq!(human_bytes((1 << 20) - 1), "1.00 MiB");
-        assert_eq!(human_bytes(u64::MAX), "16.00 EiB");
+        assert_eq!(human_bytes(u64::MAX.into()), "16.00 EiB");
         let page = render(
             "acme",
             &[pack(
@@ -741,7 +746,7 @@ mod tests {
         assert_eq!(grouped(999), "999");
         assert_eq!(grouped(1_000), "1,000");
         assert_eq!(grouped(1_001_010), "1,001,010");
-        assert_eq!(grouped(u64::MAX), "18,446,744,073,709,551,615");
+        assert_eq!(grouped(u64::MAX.into()), "18,446,744,073,709,551,615");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct LoadedAccount {
     pub packs: Vec<StoredPack>,
     /// Idempotency keys not yet expired.
     pub dedup: Vec<DedupRecord>,
+    /// What each hour that ends after `since` holds per item, packs and
+    /// overage together, saturating: the ledger cap's starting point.
+    pub open_usage: Vec<(Ts, crate::packs::Item, u64)>,
 }
 
 impl LoadedAccount {

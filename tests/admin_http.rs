@@ -420,3 +420,45 @@ async fn log_format_json_writes_one_json_object_per_line() {
         "{stderr}"
     );
 }
+
+/// Issue 15 #14: the "valid now" card adds capacities past 2^64 exactly:
+/// three packs of 2^63 - 1 calls, five of them used.
+#[tokio::test]
+async fn the_pack_page_remaining_figure_is_exact_for_capacities_past_2_pow_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "1000"]);
+    let mut admin = server.admin().await;
+    let until = prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 86_400,
+        nanos: 0,
+    };
+    for id in ["a", "b", "c"] {
+        admin
+            .grant_pack(proto::GrantPackRequest {
+                account_id: "acme".into(),
+                item: Item::Calls as i32,
+                capacity: i64::MAX as u64,
+                valid_from: None,
+                valid_until: Some(until),
+                pack_id: id.into(),
+                priority: 0,
+            })
+            .await
+            .unwrap();
+    }
+    server
+        .meter()
+        .await
+        .deduct(deduct("acme", 1_005, 0, None))
+        .await
+        .unwrap();
+    let page = get(&server.admin, "/packs?account=acme").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    // 3 × (2^63 - 1) + 1 000 - 1 005 = 27 670 116 110 564 327 416
+    assert!(
+        page.body
+            .contains("27,670,116,110,564,327,416</div><div class=\"card-sub\">remaining of 27,670,116,110,564,328,421 in 4 packs"),
+        "{}",
+        page.body
+    );
+}

@@ -557,3 +557,291 @@ async fn health_reports_serving() {
         );
     }
 }
+
+/// 2^48: the largest `--max-egress-bytes` accepted.
+const MAX_PER_DEDUCTION: u64 = 1 << 48;
+
+fn huge_batch(account: &str, n: usize, at: &prost_types::Timestamp) -> proto::DeductBatchRequest {
+    proto::DeductBatchRequest {
+        deductions: (0..n)
+            .map(|_| proto::DeductRequest {
+                at: Some(*at),
+                ..deduct(account, 0, MAX_PER_DEDUCTION, None)
+            })
+            .collect(),
+    }
+}
+
+/// Issue 15 #1: an account-hour's egress can never outgrow what the store
+/// holds (2^63 - 1). The deduction that would take it past is refused whole
+/// with RESOURCE_EXHAUSTED and changes nothing; the rest of the traffic, and
+/// every other account, flushes and survives a SIGTERM and a restart, after
+/// which the hour is still full.
+#[tokio::test]
+async fn an_account_hour_past_what_the_store_holds_is_refused_and_others_stay_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--max-egress-bytes",
+        "281474976710656",
+        "--flush-interval",
+        "1h",
+    ];
+    let server = Server::start(dir.path(), &args);
+    let mut meter = server.meter().await;
+    // One instant for all: the hour stays open for the late grace even if
+    // the clock crosses into the next one meanwhile.
+    let at = prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp(),
+        nanos: 0,
+    };
+    meter
+        .deduct(proto::DeductRequest {
+            at: Some(at),
+            ..deduct("minnow", 5, 7, None)
+        })
+        .await
+        .unwrap();
+    // 32 767 deductions of 2^48 fit in 2^63 - 1; the 32 768th does not.
+    for _ in 0..3 {
+        meter
+            .deduct_batch(huge_batch("whale", 10_000, &at))
+            .await
+            .unwrap();
+    }
+    let e = meter
+        .deduct_batch(huge_batch("whale", 10_000, &at))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().starts_with("deductions[2767]: account `whale`")
+            && e.message().contains("egress_bytes")
+            && e.message().contains("9223372036854775807"),
+        "{}",
+        e.message()
+    );
+    // The refused batch changed nothing: exactly 2 767 more still fit.
+    let r = meter
+        .deduct_batch(huge_batch("whale", 2_767, &at))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 2_767);
+    let e = meter
+        .deduct(proto::DeductRequest {
+            at: Some(at),
+            ..deduct("whale", 0, MAX_PER_DEDUCTION, None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    // Calls are an item of their own and still fit.
+    meter
+        .deduct(proto::DeductRequest {
+            at: Some(at),
+            ..deduct("whale", 1, 0, None)
+        })
+        .await
+        .unwrap();
+
+    let flushed = server
+        .admin()
+        .await
+        .flush(proto::FlushRequest {})
+        .await
+        .expect("every account flushes");
+    assert_eq!(flushed.into_inner().accounts_flushed, 2);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+
+    // Durable, exact, and still full after the restart.
+    let db = dir.path().join("packmeter.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let whale: i64 = conn
+        .query_row(
+            "SELECT SUM(amount) FROM usage_hourly WHERE account_id = 'whale' AND item = 2",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(whale as u64, 32_767 * MAX_PER_DEDUCTION);
+    let minnow: i64 = conn
+        .query_row(
+            "SELECT SUM(amount) FROM usage_hourly WHERE account_id = 'minnow' AND item = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(minnow, 5);
+    drop(conn);
+    let server = Server::start_on(&db, &args);
+    let mut meter = server.meter().await;
+    let e = meter
+        .deduct(proto::DeductRequest {
+            at: Some(at),
+            ..deduct("whale", 0, MAX_PER_DEDUCTION, None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    meter
+        .deduct(proto::DeductRequest {
+            at: Some(at),
+            ..deduct("minnow", 0, MAX_PER_DEDUCTION, None)
+        })
+        .await
+        .unwrap();
+}
+
+/// Issue 15 #6: in reject mode, a grant cannot create an account behind
+/// PutAccount's back.
+#[tokio::test]
+async fn a_grant_to_an_unknown_account_is_refused_in_reject_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--unknown-accounts", "reject"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+    let e = admin
+        .grant_pack(grant("ghost", "p1", Item::Calls, 100, 0, 24))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("ghost") && e.message().contains("PutAccount"),
+        "{}",
+        e.message()
+    );
+    // Nothing was created: the account is still unknown everywhere.
+    let e = meter.deduct(deduct("ghost", 1, 0, None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = admin
+        .list_packs(proto::ListPacksRequest {
+            account_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    // Once an operator creates it, the same grant goes through.
+    server.put_account("ghost", false, false).await;
+    admin
+        .grant_pack(grant("ghost", "p1", Item::Calls, 100, 0, 24))
+        .await
+        .unwrap();
+}
+
+/// Issue 15 #14: ListPacks and GetUsage list packs in R6 deduction order:
+/// the free tier first, then purchased packs by priority, expiry, creation.
+#[tokio::test]
+async fn packs_are_listed_in_deduction_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+    // Valid from before the activation, so by start time they would come first.
+    for (id, priority, hours) in [("low", 0, 24), ("high", 5, 48), ("soon", 0, 12)] {
+        admin
+            .grant_pack(proto::GrantPackRequest {
+                valid_from: Some(hours_from_now(-2)),
+                ..grant("acme", id, Item::Calls, 10, priority, hours)
+            })
+            .await
+            .unwrap();
+    }
+    meter.deduct(deduct("acme", 1, 0, None)).await.unwrap();
+    let ids = |packs: &[proto::Pack]| {
+        packs
+            .iter()
+            .map(|p| {
+                if p.source == PackSource::FreeTier as i32 {
+                    format!("free-{}", p.item)
+                } else {
+                    p.pack_id.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    // The 13 monthly free-tier packs, month by month (calls, then egress),
+    // then the purchased ones.
+    let mut want: Vec<String> = (0..13)
+        .flat_map(|_| ["free-1".to_string(), "free-2".to_string()])
+        .collect();
+    want.extend(["high", "soon", "low"].map(String::from));
+    assert_eq!(ids(&server.packs("acme").await), want);
+    let usage = meter
+        .get_usage(proto::GetUsageRequest {
+            account_id: "acme".into(),
+            at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // GetUsage: the packs valid now, in the same order.
+    assert_eq!(
+        ids(&usage.packs),
+        ["free-1", "free-2", "high", "soon", "low"]
+    );
+}
+
+/// Issue 15 #14: `--free-months 0` means no free tier at all.
+#[tokio::test]
+async fn zero_free_months_grant_no_free_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-months", "0"]);
+    let mut meter = server.meter().await;
+    let r = meter
+        .deduct(deduct("acme", 3, 5, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (0, 3, 0));
+    assert_eq!(split(&r.egress_bytes), (0, 5, 0));
+    assert!(server.packs("acme").await.is_empty());
+}
+
+/// Issue 15 #14: a check (calls = 0, egress_bytes = 0) reads; it creates no
+/// account, before a restart or after.
+#[tokio::test]
+async fn a_check_of_an_unknown_account_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+    let r = meter
+        .deduct(deduct("peek", 0, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    // What the first deduction would find.
+    assert_eq!(split(&r.calls), (0, 0, 10));
+    let r = meter
+        .deduct_batch(proto::DeductBatchRequest {
+            deductions: vec![deduct("peek", 0, 0, None), deduct("other", 1, 0, None)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.results[0].calls), (0, 0, 10));
+    let unknown = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    };
+    unknown(
+        admin
+            .get_account(proto::GetAccountRequest {
+                account_id: "peek".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    unknown(
+        admin
+            .list_packs(proto::ListPacksRequest {
+                account_id: "peek".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    // The real deduction in the same batch did create its account.
+    admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "other".into(),
+        })
+        .await
+        .unwrap();
+}

@@ -110,3 +110,25 @@ fn the_largest_signed_amounts_are_still_accepted() {
         "{stderr}"
     );
 }
+
+/// Issue 15 #1: a per-deduction maximum above 2^48 is refused, so no sum of
+/// a batch's amounts can come near what the store holds.
+#[test]
+fn per_deduction_maximums_above_2_pow_48_exit_64_naming_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, field) in [
+        ("--max-calls", "max_calls"),
+        ("--max-egress-bytes", "max_egress_bytes"),
+    ] {
+        for value in [
+            "281474976710657",
+            "9223372036854775807",
+            "18446744073709551615",
+        ] {
+            assert_refused(dir.path(), &[flag, value], field);
+            let out = serve(dir.path(), &[flag, value]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("2^48"), "{stderr}");
+        }
+    }
+}

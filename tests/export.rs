@@ -228,3 +228,51 @@ async fn a_stalled_export_blocks_neither_flushes_nor_account_loads() {
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");
 }
+
+/// Issue 15 #1: an older version let an overflowing hourly sum become a
+/// SQLite float. Exporting it names that row precisely (instead of
+/// "Invalid column type Real"), and every other account still exports.
+#[tokio::test]
+async fn a_float_amount_left_by_an_older_version_is_named_and_other_accounts_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pm.db");
+    let (status, stderr) = Server::start_on(&db, &[]).terminate();
+    assert!(status.success(), "{stderr}");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let insert = "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                      VALUES (?1, ?2, ?3, '', 0, ?4)";
+        conn.execute(insert, rusqlite::params!["whale", START, 2, 9.3e18f64])
+            .unwrap();
+        conn.execute(insert, rusqlite::params!["minnow", START, 1, 5])
+            .unwrap();
+    }
+    let server = Server::start_on(&db, &[]);
+    let mut admin = server.admin().await;
+    let mut rows = open_export(&mut admin).await;
+    let e = loop {
+        match rows.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the export ended without reporting the float row"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        e.message()
+            .contains("account `whale`, hour 2020-01-01T00:00:00+00:00, egress_bytes, pack ``")
+            && e.message().contains("9.3e18"),
+        "{}",
+        e.message()
+    );
+    let mut rows = admin
+        .export_usage(proto::ExportUsageRequest {
+            account_id: "minnow".into(),
+            ..export_all()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let row = rows.message().await.unwrap().expect("minnow's row");
+    assert_eq!((row.account_id.as_str(), row.amount), ("minnow", 5));
+    assert!(rows.message().await.unwrap().is_none());
+}

@@ -19,8 +19,8 @@ use super::{
     UnknownAccounts,
 };
 use crate::{
-    calendar::{hour_start, Ts},
-    ledger::DedupRecord,
+    calendar::{self, hour_start, Ts},
+    ledger::{DedupRecord, LEDGER_CAP},
     packs::{self, Item, PackCounter, Split},
 };
 
@@ -73,20 +73,31 @@ impl Meter {
         let id = self
             .claim_id(&c, at, now)
             .ok_or_else(|| MeterError::DuplicateInFlight(deduction.request_id.into()))?;
-        let o = self.one(&c, at, now, id);
+        let reserved = match id {
+            Id::Done(_) => false,
+            _ => self
+                .reserve(&c, at, now)
+                .inspect_err(|_| self.release(&c, id))?,
+        };
+        let o = self.one(&c, at, now, id, reserved);
         drop(pass);
         Ok(o)
     }
 
-    /// One charge that stands alone, its id already claimed.
-    fn one(&self, c: &Charge<'_>, at: Ts, now: Ts, id: Id) -> DeductOutcome {
+    /// One charge that stands alone, its id already claimed and, if
+    /// `reserved`, its amounts counted into its hour's totals.
+    fn one(&self, c: &Charge<'_>, at: Ts, now: Ts, id: Id, reserved: bool) -> DeductOutcome {
         if let Id::Done(r) = id {
+            self.unreserve(c, at, reserved);
             return self.duplicate(c.account, at, now, r);
         }
         let _deny_lock = (c.deduction.calls > 0 && c.account.deny_on_exhausted.load(Relaxed))
             .then(|| c.account.deny_lock.lock());
         match self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now) {
-            Some((_, reason)) => self.deny(c, at, now, id, reason),
+            Some((_, reason)) => {
+                self.unreserve(c, at, reserved);
+                self.deny(c, at, now, id, reason)
+            }
             None => self.take(c, at, now, id == Id::Claimed),
         }
     }
@@ -116,6 +127,25 @@ impl Meter {
             ats.push(at);
         }
         let mut ids = self.claim_ids(charges, &ats, now)?;
+        // Every charge that may be taken is counted into its hour's totals
+        // before any is taken, so a group the ledger cap refuses changes
+        // nothing; those that end up not taken are released below.
+        let mut reserved = vec![false; charges.len()];
+        for (i, c) in charges.iter().enumerate() {
+            if matches!(ids[i], Id::Done(_)) {
+                continue;
+            }
+            match self.reserve(c, ats[i], now) {
+                Ok(r) => reserved[i] = r,
+                Err(e) => {
+                    for (k, c) in charges.iter().enumerate() {
+                        self.unreserve(c, ats[k], reserved[k]);
+                        self.release(c, ids[k]);
+                    }
+                    return Err((i, e));
+                }
+            }
+        }
 
         let outcomes = match atomicity {
             Atomicity::Each => {
@@ -130,7 +160,7 @@ impl Meter {
                             Decision::Deny(_) => self.claim_id(c, ats[i], now).unwrap_or(Id::None),
                         };
                     }
-                    out.push(self.one(c, ats[i], now, ids[i]));
+                    out.push(self.one(c, ats[i], now, ids[i], reserved[i]));
                 }
                 out
             }
@@ -139,6 +169,13 @@ impl Meter {
                 let denied = self.denial(charges, &ats, now);
                 let mut out: Vec<DeductOutcome> = Vec::with_capacity(charges.len());
                 for (i, c) in charges.iter().enumerate() {
+                    let taken = match (ids[i], denied) {
+                        (Id::Done(_), _) | (Id::SameAs(_), None) | (_, Some(_)) => false,
+                        (_, None) => true,
+                    };
+                    if !taken {
+                        self.unreserve(c, ats[i], reserved[i]);
+                    }
                     let o = match (ids[i], denied) {
                         (Id::Done(r), _) => self.duplicate(c.account, ats[i], now, r),
                         // A repeat inside the group: the earlier charge's
@@ -229,6 +266,47 @@ impl Meter {
             Claim::Fresh => Some(Id::Claimed),
             Claim::Duplicate(r) => Some(Id::Done(r)),
             Claim::InFlight => None,
+        }
+    }
+
+    /// Counts the charge's amounts into its account's totals for the hour
+    /// of `at`, or refuses it if they would take the hour past the ledger
+    /// cap. `Ok(false)` for a check, which counts nothing.
+    fn reserve(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Result<bool, MeterError> {
+        let d = &c.deduction;
+        if d.is_check() {
+            return Ok(false);
+        }
+        let hour = hour_start(at);
+        let amounts = [d.calls, d.egress_bytes];
+        let reserved =
+            c.account
+                .pending
+                .lock()
+                .totals()
+                .reserve(hour, amounts, self.closed_before(now));
+        reserved.map(|()| true).map_err(|e| MeterError::LedgerFull {
+            account: c.account.id.to_string(),
+            hour: calendar::to_datetime(hour).to_rfc3339(),
+            item: e.item,
+            recorded: e.recorded,
+            amount: match e.item {
+                Item::Calls => d.calls,
+                Item::EgressBytes => d.egress_bytes,
+            },
+            cap: LEDGER_CAP,
+        })
+    }
+
+    /// Takes back a [`reserve`](Self::reserve) whose charge was not taken.
+    fn unreserve(&self, c: &Charge<'_>, at: Ts, reserved: bool) {
+        if reserved {
+            let d = &c.deduction;
+            c.account
+                .pending
+                .lock()
+                .totals()
+                .release(hour_start(at), [d.calls, d.egress_bytes]);
         }
     }
 
@@ -385,7 +463,10 @@ impl Meter {
         self.ensure_free_month(acct, at, now);
         let packs = acct.packs.load();
         let mut o = outcome(&packs, at, Decision::Allow, None, None);
-        if acct.activated_at().is_none() && self.cfg.unknown_accounts == UnknownAccounts::Activate {
+        if acct.activated_at().is_none()
+            && self.cfg.unknown_accounts == UnknownAccounts::Activate
+            && self.cfg.plan.months > 0
+        {
             // The first deduction would activate the account at `at`.
             for (o, plan) in [
                 (&mut o.calls, self.cfg.plan.calls),

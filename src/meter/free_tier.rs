@@ -135,7 +135,8 @@ impl Meter {
     }
 
     /// Every pack of the account, free tier and purchased, past, present and
-    /// future, with live usage (R11). `stored` is what the store holds.
+    /// future, with live usage (R11), in R6 deduction order. `stored` is
+    /// what the store holds.
     pub fn pack_views(&self, acct: &AccountState, stored: Vec<StoredPack>) -> Vec<PackView> {
         let resident = acct.packs.load();
         // A pack that has left the resident set (it ended) may still have
@@ -191,13 +192,10 @@ impl Meter {
                 used,
             });
         }
-        views.sort_by(|a, b| {
-            a.spec
-                .valid_from
-                .cmp(&b.spec.valid_from)
-                .then_with(|| deduction_order(&a.spec, &b.spec))
-                .then(a.spec.item.cmp(&b.spec.item))
-        });
+        // R6 order, the order deductions use them: the free tier first
+        // (month by month), then purchased packs by priority, expiry,
+        // creation and id; calls before egress where nothing else differs.
+        views.sort_by(|a, b| deduction_order(&a.spec, &b.spec).then(a.spec.item.cmp(&b.spec.item)));
         views
     }
 }

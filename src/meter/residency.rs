@@ -137,6 +137,29 @@ impl Meter {
             .ok_or_else(|| MeterError::UnknownAccount(id.to_string()))
     }
 
+    /// The account a deduction request goes to. A check (`calls = 0,
+    /// egress_bytes = 0`) is a read: an unknown account is answered from a
+    /// detached, unactivated account that is never kept, so a check creates
+    /// nothing, in memory or in the store, before a restart or after (in
+    /// reject mode it is refused like any deduction).
+    pub async fn account_for_request(
+        &self,
+        id: &str,
+        d: &super::Deduction<'_>,
+        now: Ts,
+    ) -> Result<Arc<AccountState>, MeterError> {
+        if !d.is_check() {
+            return self.account_for_deduction(id, now).await;
+        }
+        match self.account(id, false, now).await? {
+            Some(a) => Ok(a),
+            None if self.cfg.unknown_accounts == UnknownAccounts::Reject => {
+                Err(MeterError::UnknownAccount(id.to_string()))
+            }
+            None => Ok(Arc::new(AccountState::new(id.into(), None, now))),
+        }
+    }
+
     /// The account an operator addresses: loaded, or created whatever
     /// `unknown_accounts` says (operators create accounts in reject mode).
     pub async fn account_for_admin(
@@ -199,6 +222,13 @@ impl Meter {
             }
         }
         state.merge_packs(|| counters.clone(), keep_after);
+        if !loaded.open_usage.is_empty() {
+            let mut slot = state.pending.lock();
+            let totals = slot.totals();
+            for &(hour, item, amount) in &loaded.open_usage {
+                totals.seed(hour, item, amount);
+            }
+        }
         if !loaded.dedup.is_empty() {
             let mut dedup = state.dedup.lock();
             let table = dedup.get_or_insert_with(Box::default);

@@ -14,7 +14,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
 use super::{Granted, LoadedAccount, Store, StoreError, StoredPack};
 use crate::{
@@ -236,9 +236,14 @@ fn get_pack(
         .optional()?)
 }
 
-fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+/// A usage row, or a precise error for a row whose amount is not a whole
+/// number in 0..=2^63-1: older versions let SQLite turn an overflowing sum
+/// into a float. Such a row is reported, account, hour, item and pack,
+/// rather than exported wrong or skipped; an export filtered to any other
+/// account never reads it.
+fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<UsageRow, StoreError>> {
     let code: i64 = r.get(2)?;
-    Ok(UsageRow {
+    let mut row = UsageRow {
         account_id: r.get(0)?,
         hour: r.get(1)?,
         // An unknown item is refused, not read as another: the row's key
@@ -246,8 +251,27 @@ fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
         item: Item::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(2, code))?,
         pack_id: r.get(3)?,
         source: PackSource::from_code(r.get(4)?),
-        amount: from_sql(r.get(5)?),
-    })
+        amount: 0,
+    };
+    let stored = match r.get_ref(5)? {
+        ValueRef::Integer(n) if n >= 0 => {
+            row.amount = from_sql(n);
+            return Ok(Ok(row));
+        }
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(f) => format!("{f:e} (a float)"),
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Text(_) | ValueRef::Blob(_) => "a non-number".into(),
+    };
+    Ok(Err(StoreError::permanent(format!(
+        "usage row (account `{}`, hour {}, {}, pack `{}`) holds {stored}, not a whole number \
+         of at most 2^63-1: an older packmeter let the hour's sum overflow, so the amount is \
+         not exact; correct the row in the store. Other accounts export with an account filter.",
+        row.account_id,
+        crate::calendar::to_datetime(row.hour).to_rfc3339(),
+        row.item,
+        row.pack_id,
+    ))))
 }
 
 /// Where a page starts: `from`, and the cursor if it narrows that further.
@@ -332,11 +356,39 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
+            // Summed here rather than with SQL's SUM, which fails on an
+            // integer overflow; a row an older version let become a float
+            // counts as far as it goes.
+            let mut open_usage: Vec<(Ts, Item, u64)> = Vec::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT hour, item, amount FROM usage_hourly \
+                 WHERE account_id = ?1 AND hour > ?2",
+            )?;
+            let mut rows = stmt.query(params![id, since.saturating_sub(crate::calendar::HOUR)])?;
+            while let Some(r) = rows.next()? {
+                let (hour, code): (Ts, i64) = (r.get(0)?, r.get(1)?);
+                let Some(item) = Item::from_code(code) else {
+                    continue;
+                };
+                let amount = match r.get_ref(2)? {
+                    ValueRef::Integer(n) => from_sql(n),
+                    // Saturating float-to-integer conversion.
+                    ValueRef::Real(f) => f as u64,
+                    _ => 0,
+                };
+                match open_usage.iter_mut().find(|u| u.0 == hour && u.1 == item) {
+                    Some(u) => u.2 = u.2.saturating_add(amount),
+                    None => open_usage.push((hour, item, amount)),
+                }
+            }
+            drop(rows);
+            drop(stmt);
             conn.finish()?;
             Ok(LoadedAccount {
                 account,
                 packs,
                 dedup,
+                open_usage,
             })
         })
         .await
@@ -552,7 +604,7 @@ impl Store for SqliteStore {
                     read_usage,
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            rows.into_iter().collect()
         })
         .await
     }
