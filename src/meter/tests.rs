@@ -809,3 +809,69 @@ fn racing_all_or_nothing_groups_never_overdraw_a_deny_account() {
     // The packs ran out: the groups were really competing for capacity.
     assert!(accounts.iter().any(|a| calls_used(a) >= CAP - 1));
 }
+
+/// Issue 15 #1: an (account, hour, item) never records more than the store
+/// holds. Only what is taken counts: a denied charge or a repeated request
+/// id leaves room, a group the cap refuses changes nothing, and the next
+/// hour starts empty.
+#[test]
+fn the_ledger_cap_counts_only_what_is_taken_and_refuses_a_group_whole() {
+    use crate::ledger::LEDGER_CAP;
+    let (m, _dir) = meter(MeterConfig::default());
+    let now = at("2026-11-26T10:30:00Z");
+    let full = |r: Result<DeductOutcome, MeterError>| {
+        assert!(matches!(r, Err(MeterError::LedgerFull { .. })), "{r:?}")
+    };
+
+    let a = new_account(&m, "a", now);
+    m.deduct(&a, &calls(LEDGER_CAP - 1, now), now).unwrap();
+    m.deduct(&a, &calls(1, now), now).unwrap();
+    full(m.deduct(&a, &calls(1, now), now));
+    // Egress is counted apart, and the next hour starts empty.
+    let egress = Deduction {
+        egress_bytes: LEDGER_CAP,
+        at: Some(now),
+        ..Deduction::default()
+    };
+    m.deduct(&a, &egress, now).unwrap();
+    let later = now + HOUR;
+    m.deduct(&a, &calls(LEDGER_CAP, later), later).unwrap();
+
+    // A denied charge leaves its room.
+    let s = new_account(&m, "s", now);
+    set_account(&m, &s, now, true, false, now);
+    let o = m.deduct(&s, &calls(LEDGER_CAP, now), now).unwrap();
+    assert_eq!(o.decision, Decision::Deny(DenyReason::Suspended));
+    set_account(&m, &s, now, false, false, now);
+    m.deduct(&s, &calls(LEDGER_CAP, now), now).unwrap();
+
+    // A repeated request id deducts nothing again, so it is not refused.
+    let r = new_account(&m, "r", now);
+    let once = Deduction {
+        request_id: "req-1",
+        ..calls(LEDGER_CAP, now)
+    };
+    m.deduct(&r, &once, now).unwrap();
+    assert!(m.deduct(&r, &once, now).unwrap().duplicate);
+
+    // A group whose last charge the cap refuses takes nothing.
+    let b = new_account(&m, "b", now);
+    for atomicity in [Atomicity::Each, Atomicity::AllOrNothing] {
+        let group = [
+            Charge {
+                account: &b,
+                deduction: calls(5, now),
+            },
+            Charge {
+                account: &a,
+                deduction: calls(1, now),
+            },
+        ];
+        let e = m.deduct_all(&group, now, atomicity).unwrap_err();
+        assert!(matches!(e, (1, MeterError::LedgerFull { .. })), "{e:?}");
+        assert_eq!(calls_used(&b), 0);
+        assert!(b.pending.lock().is_empty());
+    }
+    // ... and released what it had counted: b still holds the whole cap.
+    m.deduct(&b, &calls(LEDGER_CAP, now), now).unwrap();
+}
