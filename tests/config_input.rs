@@ -87,16 +87,17 @@ fn hostile_values_exit_64_naming_their_field_without_panicking() {
 
 #[test]
 fn the_largest_signed_amounts_are_still_accepted() {
-    // i64::MAX itself fits the stores: the process gets past max_calls and
-    // the free tier and stops only at the always-invalid rls_item_key.
+    // i64::MAX itself fits the stores, and 2^48 is the per-deduction cap:
+    // the process gets past max_calls and the free tier and stops only at
+    // the always-invalid rls_item_key.
     let dir = tempfile::tempdir().unwrap();
     let out = serve(
         dir.path(),
         &[
             "--max-calls",
-            "9223372036854775807",
+            "281474976710656",
             "--max-egress-bytes",
-            "9223372036854775807",
+            "281474976710656",
             "--free-calls",
             "9223372036854775807",
             "--free-egress-bytes",

@@ -189,20 +189,25 @@ async fn refused_final_flush(flush_interval: &str) {
 #[tokio::test]
 async fn a_batch_the_store_refuses_for_good_sets_its_account_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(
-        dir.path(),
-        &[
-            "--flush-interval",
-            "1h",
-            "--max-egress-bytes",
-            "9223372036854775807",
-        ],
-    );
+    // A store that refuses one account's usage for good. (An hourly sum
+    // past 2^63 - 1 used to be such a refusal; the ledger cap now refuses
+    // that deduction up front, so a trigger stands in for the store.)
+    let db = dir.path().join("packmeter.db");
+    let (status, stderr) = Server::start_on(&db, &[]).terminate();
+    assert!(status.success(), "{stderr}");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse_huge BEFORE INSERT ON usage_hourly \
+             WHEN NEW.account_id = 'huge' BEGIN SELECT RAISE(ABORT, 'refused for this test'); END;",
+        )
+        .unwrap();
+    let mut server = Server::start_on(&db, &["--flush-interval", "1h"]);
     let mut meter = server.meter().await;
     let mut admin = server.admin().await;
     for _ in 0..2 {
         let r = meter
-            .deduct(deduct("huge", 0, i64::MAX as u64, None))
+            .deduct(deduct("huge", 0, 1 << 40, None))
             .await
             .unwrap()
             .into_inner();
