@@ -32,6 +32,7 @@ fn grant(
         valid_until: Some(hours_from_now(hours)),
         pack_id: id.into(),
         priority,
+        valid_for: None,
     }
 }
 
