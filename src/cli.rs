@@ -265,8 +265,7 @@ fn looks_like_http1(s: &Status) -> bool {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    s.message().contains("invalid compression flag: 60")
-        || content_type.starts_with("text/")
+    s.message().contains("invalid compression flag: 60") || content_type.starts_with("text/")
 }
 
 /// Writing to stdout failed: a closed pipe (`| head -1`) ends quietly with
@@ -505,7 +504,11 @@ fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(E) -> &'static str) -> Strin
 type Out<'a> = &'a mut dyn Write;
 
 fn print_json(out: Out, v: &Value) -> io::Result<()> {
-    writeln!(out, "{}", serde_json::to_string_pretty(v).unwrap_or_default())
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    )
 }
 
 /// Prints rows as a table with left-aligned columns.
@@ -929,7 +932,10 @@ mod tests {
         assert_eq!(csv_field("+1"), "'+1");
         assert_eq!(csv_field("-1"), "'-1");
         assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(csv_field("=HYPERLINK(\"x\",\"y\")"), "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\"");
+        assert_eq!(
+            csv_field("=HYPERLINK(\"x\",\"y\")"),
+            "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\""
+        );
         assert_eq!(csv_field("a,b"), "\"a,b\"");
     }
 
@@ -942,7 +948,16 @@ mod tests {
         assert_eq!(v("1y").unwrap(), (12, 0));
         assert_eq!(v("1month 15d").unwrap(), (1, 15 * 86_400));
         assert_eq!(v("1h30m").unwrap(), (0, 5_400));
-        for bad in ["", "0d", "month", "5", "1.5d", "30x", "1ms", "99999999999months"] {
+        for bad in [
+            "",
+            "0d",
+            "month",
+            "5",
+            "1.5d",
+            "30x",
+            "1ms",
+            "99999999999months",
+        ] {
             let e = parse_validity(bad).unwrap_err();
             assert_eq!(e.code, EX_USAGE, "{bad}");
             assert!(e.message.starts_with("--valid-for"), "{bad}: {}", e.message);
