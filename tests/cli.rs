@@ -747,3 +747,97 @@ fn csv_export_neutralises_cells_that_start_like_formulas() {
     );
     assert!(jsonl.contains("\"account_id\":\"+1\""), "{jsonl}");
 }
+
+/// Starts a TLS-terminating proxy in front of `backend` (plaintext gRPC),
+/// with the test certificate for 127.0.0.1, offering h2 as gRPC needs.
+/// Returns its address; it runs on `rt` until the runtime is dropped.
+fn tls_proxy(rt: &tokio::runtime::Runtime, backend: String) -> String {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(fixtures.join("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(fixtures.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `--server https://` is TLS: through a TLS proxy it works with the
+/// proxy's CA given by --tls-ca (or PACKMETER_TLS_CA), and an untrusted
+/// certificate is refused (69) with the reason, never sent in plaintext.
+#[test]
+fn https_servers_are_reached_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = tls_proxy(&rt, server.grpc.clone());
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
+    let https = format!("https://{proxy}");
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--server", &https])
+            .env_remove("PACKMETER_TLS_CA")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+
+    let out = cli(&["account", "put", "acme"], &[]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--tls-ca"), "{}", stderr(&out));
+
+    let out = cli(&["account", "put", "acme", "--json", "--tls-ca", ca], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let put: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(put["account_id"], "acme");
+    let out = cli(
+        &["deduct", "acme", "--calls", "3"],
+        &[("PACKMETER_TLS_CA", ca)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The deduction went through the proxy to the real server.
+    let packs = json(&server, &["usage", "acme"]);
+    let used: u64 = packs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["item"] == "CALLS")
+        .map(|p| p["used"].as_u64().unwrap())
+        .sum();
+    assert_eq!(used, 3);
+}
