@@ -79,14 +79,17 @@ pub enum Validity {
 }
 
 impl Validity {
-    /// The end of a pack valid from `from`, never past year 9999.
-    fn until(self, from: Ts, zone: &BillingZone) -> Ts {
+    /// The end of a pack valid from `from`; `None` for a length that ends
+    /// after year 9999, which a protobuf `Timestamp` cannot hold.
+    fn until(self, from: Ts, zone: &BillingZone) -> Option<Ts> {
         match self {
-            Validity::Until(t) => t,
+            Validity::Until(t) => Some(t),
+            // 10,000 years of months keeps the calendar arithmetic in range.
+            Validity::For { months, .. } if months > 120_000 => None,
             Validity::For { months, extra } => zone
                 .add_months(from, months)
-                .saturating_add(extra)
-                .min(MAX_TS),
+                .checked_add(extra)
+                .filter(|&t| t <= MAX_TS),
         }
     }
 }
@@ -330,15 +333,17 @@ impl App {
         let now = self.clock.now();
         let valid_from = g.valid_from.unwrap_or(now);
         let zone = self.config().zone;
-        let valid_until = g.validity.until(valid_from, &zone);
+        let Some(valid_until) = g.validity.until(valid_from, &zone) else {
+            return Err(MeterError::InvalidPack(
+                "valid_for: ends after year 9999; give a shorter length".into(),
+            ));
+        };
         if valid_until <= valid_from {
             return Err(MeterError::InvalidPack(match g.validity {
                 Validity::Until(_) => {
                     "valid_until: must be after valid_from (valid_until is exclusive)".into()
                 }
-                Validity::For { .. } => {
-                    "valid_for: must be longer than zero and end before year 10000".into()
-                }
+                Validity::For { .. } => "valid_for: must be longer than zero".into(),
             }));
         }
         let spec = PackSpec {
@@ -492,8 +497,10 @@ fn validate_pack_id(id: &str) -> Result<(), MeterError> {
 /// same grant.
 fn same_terms(stored: &PackSpec, asked: &Grant, zone: &BillingZone) -> bool {
     (stored.item, stored.capacity, stored.priority) == (asked.item, asked.capacity, asked.priority)
-        && asked.valid_from.is_none_or(|from| from == stored.valid_from)
-        && asked.validity.until(stored.valid_from, zone) == stored.valid_until
+        && asked
+            .valid_from
+            .is_none_or(|from| from == stored.valid_from)
+        && asked.validity.until(stored.valid_from, zone) == Some(stored.valid_until)
 }
 
 #[cfg(test)]
