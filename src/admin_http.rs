@@ -7,7 +7,7 @@ use std::sync::{
 };
 
 use axum::{
-    extract::{rejection::QueryRejection, Query, State},
+    extract::{RawQuery, State},
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Redirect, Response},
     routing::get,
@@ -116,24 +116,56 @@ async fn not_found() -> Response {
     )
 }
 
-#[derive(serde::Deserialize)]
-struct PacksQuery {
-    account: Option<String>,
+/// The `account` parameter of a form-encoded query string (`+` is a space).
+/// A value whose percent-escapes are not UTF-8 (`%ff%fe`) is refused rather
+/// than read with replacement characters, which would look up some other
+/// account; so is a repeated `account`. Other parameters are ignored.
+fn account_param(query: Option<&str>) -> Result<Option<String>, String> {
+    let mut found = None;
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(key).as_deref() != Ok("account") {
+            continue;
+        }
+        if found.is_some() {
+            return Err("`account` is given more than once".into());
+        }
+        found = Some(percent_decode(value).map_err(|e| format!("`account` {e}"))?);
+    }
+    Ok(found)
+}
+
+/// Decodes `%XX` escapes and `+` as the URL standard's form decoding does
+/// (a `%` without two hex digits stays as it is); the bytes must be UTF-8.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+    let raw = s.as_bytes();
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], hex(raw.get(i + 1)), hex(raw.get(i + 2))) {
+            (b'+', _, _) => bytes.push(b' '),
+            (b'%', Some(h), Some(l)) => {
+                bytes.push((h * 16 + l) as u8);
+                i += 2;
+            }
+            (b, _, _) => bytes.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(bytes).map_err(|_| "is not UTF-8 once its %-escapes are decoded".into())
 }
 
 /// `/packs?account=ID`: the account's packs, read exactly as the gRPC
 /// `ListPacks` handler reads them.
-async fn packs(
-    State(s): State<Arc<AdminState>>,
-    query: Result<Query<PacksQuery>, QueryRejection>,
-) -> Response {
-    let account = match query {
-        Ok(Query(q)) => q.account,
+async fn packs(State(s): State<Arc<AdminState>>, RawQuery(query): RawQuery) -> Response {
+    let account = match account_param(query.as_deref()) {
+        Ok(a) => a,
         Err(e) => {
             return error_page(
                 StatusCode::BAD_REQUEST,
                 "Bad request",
-                &format!("The query string cannot be read: {e}"),
+                &format!("The query string cannot be read: {e}."),
                 "",
             )
         }

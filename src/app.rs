@@ -15,7 +15,7 @@ use std::sync::{
 };
 
 use crate::{
-    calendar::Ts,
+    calendar::{BillingZone, Ts},
     clock::Clock,
     flush::{FlushReport, Flusher},
     ledger::AccountRecord,
@@ -64,9 +64,38 @@ pub struct Grant {
     pub capacity: u64,
     /// `None` for "from now".
     pub valid_from: Option<Ts>,
-    pub valid_until: Ts,
+    pub validity: Validity,
     pub priority: u32,
 }
+
+/// When a granted pack ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validity {
+    /// At this instant (exclusive).
+    Until(Ts),
+    /// This long after `valid_from`: calendar months in the billing zone,
+    /// then a fixed length.
+    For { months: u32, extra: Ts },
+}
+
+impl Validity {
+    /// The end of a pack valid from `from`; `None` for a length that ends
+    /// after year 9999, which a protobuf `Timestamp` cannot hold.
+    fn until(self, from: Ts, zone: &BillingZone) -> Option<Ts> {
+        match self {
+            Validity::Until(t) => Some(t),
+            // 10,000 years of months keeps the calendar arithmetic in range.
+            Validity::For { months, .. } if months > 120_000 => None,
+            Validity::For { months, extra } => zone
+                .add_months(from, months)
+                .checked_add(extra)
+                .filter(|&t| t <= MAX_TS),
+        }
+    }
+}
+
+/// The last instant a protobuf `Timestamp` holds: 9999-12-31T23:59:59Z.
+const MAX_TS: Ts = 253_402_300_799 * crate::calendar::SECOND;
 
 /// The outcomes of a group, in order; inline for a group of one.
 pub type Outcomes = smallvec::SmallVec<[DeductOutcome; 1]>;
@@ -303,10 +332,19 @@ impl App {
         }
         let now = self.clock.now();
         let valid_from = g.valid_from.unwrap_or(now);
-        if g.valid_until <= valid_from {
+        let zone = self.config().zone;
+        let Some(valid_until) = g.validity.until(valid_from, &zone) else {
             return Err(MeterError::InvalidPack(
-                "valid_until: must be after valid_from (valid_until is exclusive)".into(),
+                "valid_for: ends after year 9999; give a shorter length".into(),
             ));
+        };
+        if valid_until <= valid_from {
+            return Err(MeterError::InvalidPack(match g.validity {
+                Validity::Until(_) => {
+                    "valid_until: must be after valid_from (valid_until is exclusive)".into()
+                }
+                Validity::For { .. } => "valid_for: must be longer than zero".into(),
+            }));
         }
         let spec = PackSpec {
             pack_id: if g.pack_id.is_empty() {
@@ -319,7 +357,7 @@ impl App {
             item: g.item,
             capacity: g.capacity,
             valid_from,
-            valid_until: g.valid_until,
+            valid_until,
             priority: g.priority,
             created_at: now,
         };
@@ -334,7 +372,7 @@ impl App {
                 self.meter.add_pack(&acct, &p, self.clock.now());
                 p
             }
-            Granted::Existing(p) if same_terms(&p.spec, &spec, g.valid_from.is_some()) => p,
+            Granted::Existing(p) if same_terms(&p.spec, &g, &zone) => p,
             Granted::Existing(p) => {
                 return Err(MeterError::PackConflict(p.spec.pack_id.to_string()))
             }
@@ -458,19 +496,15 @@ fn validate_pack_id(id: &str) -> Result<(), MeterError> {
 
 /// Whether a stored pack has the terms a repeated grant asks for. A retry
 /// that left `valid_from` unset ("from now") matches whatever instant the
-/// first grant resolved it to.
-fn same_terms(stored: &PackSpec, asked: &PackSpec, from_given: bool) -> bool {
-    (
-        stored.item,
-        stored.capacity,
-        stored.valid_until,
-        stored.priority,
-    ) == (
-        asked.item,
-        asked.capacity,
-        asked.valid_until,
-        asked.priority,
-    ) && (!from_given || stored.valid_from == asked.valid_from)
+/// first grant resolved it to, and a validity given as a length is measured
+/// from there: resending `grant --valid-for 1month --pack-id X` later is the
+/// same grant.
+fn same_terms(stored: &PackSpec, asked: &Grant, zone: &BillingZone) -> bool {
+    (stored.item, stored.capacity, stored.priority) == (asked.item, asked.capacity, asked.priority)
+        && asked
+            .valid_from
+            .is_none_or(|from| from == stored.valid_from)
+        && asked.validity.until(stored.valid_from, zone) == Some(stored.valid_until)
 }
 
 #[cfg(test)]

@@ -169,6 +169,24 @@ impl BillingZone {
         let d = first_of_month(self.local_date(ts));
         self.start_of_day(add_months(d, 1))
     }
+
+    /// `ts + n` calendar months in this zone: the same local time of day on
+    /// the same day of the month, clamped to the month's last day (31
+    /// January + 1 month is 28 or 29 February). A local time that the
+    /// target day skips (a DST gap) moves forward past the gap; one it has
+    /// twice is the earlier. Saturates at chrono's maximum date.
+    pub fn add_months(&self, ts: Ts, n: u32) -> Ts {
+        let utc = to_datetime(ts);
+        let local = match self {
+            BillingZone::Fixed(o) => utc.with_timezone(o).naive_local(),
+            BillingZone::Named(tz) => utc.with_timezone(tz).naive_local(),
+        };
+        let target = add_months(local.date(), n).and_time(local.time());
+        match self {
+            BillingZone::Fixed(o) => first_valid(o, target),
+            BillingZone::Named(tz) => first_valid(tz, target),
+        }
+    }
 }
 
 fn first_valid<Tz: TimeZone>(tz: &Tz, local: NaiveDateTime) -> Ts {

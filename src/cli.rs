@@ -2,14 +2,32 @@
 //! server (`deduct`, `usage`, `account`, `packs`, `grant`, `flush`, `export`).
 //!
 //! Client commands print aligned tables by default and JSON with `--json`.
-//! Exit codes: 0 success, 1 the server refused or failed, 64 bad usage or
-//! configuration, 69 the server cannot be reached.
+//! Exit codes (README.md, "The CLI", has the table):
+//! - 0 success; also when stdout is closed early (`packmeter packs X | head -1`);
+//! - 1 the server refused the request (INVALID_ARGUMENT, NOT_FOUND,
+//!   ALREADY_EXISTS, FAILED_PRECONDITION, ...): fix the request;
+//! - 2 `deduct` was answered DENY (the answer is printed as usual);
+//! - 64 bad usage: flags, times, `--server`;
+//! - 69 the server cannot be reached: no connection, a failed TLS handshake,
+//!   or something other than packmeter's gRPC port answered;
+//! - 70 the server failed (INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED);
+//! - 74 stdout cannot be written (other than a closed pipe);
+//! - 75 a temporary failure on the server (UNAVAILABLE from the server, e.g.
+//!   its store is down or it is shutting down; ABORTED; RESOURCE_EXHAUSTED;
+//!   DEADLINE_EXCEEDED): retry later.
 
-use std::{io::Write, process::ExitCode};
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
-use tonic::{transport::Channel, Code, Status};
+use tonic::{
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    Code, Status,
+};
 
 use crate::{
     calendar::{self, Ts},
@@ -20,8 +38,13 @@ use crate::{
     },
 };
 
+/// `deduct` was answered DENY.
+const EX_DENIED: u8 = 2;
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_IOERR: u8 = 74;
+const EX_TEMPFAIL: u8 = 75;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +83,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
-    /// The server's gRPC address.
+    /// The server's gRPC address: http://HOST:PORT, or https://HOST:PORT for
+    /// TLS (checked against the system's and Mozilla's roots, and --tls-ca).
     #[arg(
         long,
         env = "PACKMETER_SERVER",
@@ -68,6 +92,10 @@ pub struct ClientOpts {
         global = true
     )]
     pub server: String,
+    /// PEM file of a CA to trust for an https:// --server, besides the
+    /// system's and Mozilla's roots (for a private CA).
+    #[arg(long, env = "PACKMETER_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -139,16 +167,20 @@ pub struct GrantCmd {
     pub item: String,
     #[arg(long)]
     pub capacity: u64,
-    /// RFC 3339; default: now.
+    /// RFC 3339; default (or `now`): when the server takes the grant. A
+    /// retry with the same --pack-id and without --valid-from is recognised
+    /// as the same grant.
     #[arg(long)]
     pub valid_from: Option<String>,
     /// RFC 3339, exclusive. Give this or --valid-for.
     #[arg(long, conflicts_with = "valid_for")]
     pub valid_until: Option<String>,
-    /// Validity from --valid-from, e.g. 30d.
+    /// Validity from --valid-from, e.g. 30d, 1month, 1y or `1month 15d`.
+    /// Months and years are calendar months in the server's billing zone
+    /// (31 Jan + 1month = 28/29 Feb, same local time); other units are exact.
     #[arg(long)]
     pub valid_for: Option<String>,
-    /// Makes the grant idempotent; default: a fresh id.
+    /// Makes the grant idempotent (safe to retry); default: a fresh id.
     #[arg(long, default_value = "")]
     pub pack_id: String,
     /// Higher priorities are deducted first among purchased packs.
@@ -175,7 +207,8 @@ pub struct ExportCmd {
     pub client: ClientOpts,
 }
 
-/// A client-side failure, with the exit code it maps to.
+/// A client-side failure, with the exit code it maps to. An empty message
+/// prints nothing.
 #[derive(Debug)]
 struct Failure {
     code: u8,
@@ -184,14 +217,71 @@ struct Failure {
 
 impl From<Status> for Failure {
     fn from(s: Status) -> Failure {
-        let code = if s.code() == Code::Unavailable {
-            EX_UNAVAILABLE
-        } else {
-            1
+        let message = format!("{:?}: {}", s.code(), s.message());
+        if looks_like_http1(&s) {
+            return Failure {
+                code: EX_UNAVAILABLE,
+                message: format!(
+                    "{message}\nthe server answered with a web page, not gRPC: this looks like the \
+                     admin HTTP port (--admin-listen, default 9090); the gRPC port is --listen \
+                     (default 50051)"
+                ),
+            };
+        }
+        let (code, hint) = match s.code() {
+            // A status the client made itself: no connection.
+            Code::Unavailable if is_transport_error(&s) => (
+                EX_UNAVAILABLE,
+                "; is `packmeter serve` running? Set --server or PACKMETER_SERVER",
+            ),
+            Code::Unavailable
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded => (EX_TEMPFAIL, " (temporary: retry later)"),
+            Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => {
+                (EX_SOFTWARE, " (the server failed; see its log)")
+            }
+            _ => (1, ""),
         };
         Failure {
             code,
-            message: format!("{:?}: {}", s.code(), s.message()),
+            message: format!("{message}{hint}"),
+        }
+    }
+}
+
+/// Whether tonic made this status from a failed connection rather than
+/// decoding one the server sent: only its own carry a source error.
+fn is_transport_error(s: &Status) -> bool {
+    std::error::Error::source(s).is_some()
+}
+
+/// Whether the answer came from an HTTP server that is not gRPC (the admin
+/// port): an HTML body read as a gRPC frame starts with `<` (60), or the
+/// reply's content type is not gRPC.
+fn looks_like_http1(s: &Status) -> bool {
+    let content_type = s
+        .metadata()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    s.message().contains("invalid compression flag: 60") || content_type.starts_with("text/")
+}
+
+/// Writing to stdout failed: a closed pipe (`| head -1`) ends quietly with
+/// success, as Unix filters do; anything else is reported.
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            Failure {
+                code: 0,
+                message: String::new(),
+            }
+        } else {
+            Failure {
+                code: EX_IOERR,
+                message: format!("cannot write the output: {e}"),
+            }
         }
     }
 }
@@ -231,9 +321,12 @@ pub fn main() -> ExitCode {
                 }
             };
             match rt.block_on(client(cmd)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(code) => ExitCode::from(code),
                 Err(f) => {
-                    eprintln!("packmeter: {}", f.message);
+                    if !f.message.is_empty() {
+                        // Not eprintln!: a closed stderr must not panic either.
+                        let _ = writeln!(io::stderr(), "packmeter: {}", f.message);
+                    }
                     ExitCode::from(f.code)
                 }
             }
@@ -296,20 +389,86 @@ fn init_tracing(format: LogFormat) {
 
 // === client commands ===
 
-async fn connect(opts: &ClientOpts) -> Result<Channel, Failure> {
-    let endpoint = Channel::from_shared(opts.server.clone()).map_err(|e| {
+/// Checks `--server` and `--tls-ca` before any connection is tried: a
+/// malformed address is bad usage (64), not an unreachable server.
+fn endpoint(opts: &ClientOpts) -> Result<Endpoint, Failure> {
+    let server = opts.server.trim();
+    let bad = |why: &str| {
         usage(format!(
-            "--server `{}` is not a URL like http://127.0.0.1:50051: {e}",
-            opts.server
+            "--server `{server}` {why}; give a URL like http://127.0.0.1:50051 \
+             (or https:// for a server behind TLS)"
         ))
-    })?;
-    endpoint.connect().await.map_err(|e| Failure {
-        code: EX_UNAVAILABLE,
-        message: format!(
-            "cannot connect to {}: {e}; is `packmeter serve` running? Set --server or PACKMETER_SERVER",
-            opts.server
-        ),
+    };
+    let uri: http::Uri = server.parse().map_err(|_| bad("is not a URL"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(bad(&format!("has the scheme `{other}:`"))),
+        None if uri.port().is_some() => {
+            return Err(usage(format!(
+                "--server `{server}` has no scheme; did you mean http://{server} ?"
+            )))
+        }
+        None => return Err(bad("is not a URL")),
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("has a path; gRPC needs only scheme://host:port"));
+    }
+    let endpoint = Endpoint::from(uri);
+    if !tls {
+        if opts.tls_ca.is_some() {
+            return Err(usage(format!(
+                "--tls-ca is only for an https:// --server, and --server is `{server}`"
+            )));
+        }
+        return Ok(endpoint);
+    }
+    let mut config = ClientTlsConfig::new().with_enabled_roots();
+    if let Some(path) = &opts.tls_ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| usage(format!("--tls-ca: cannot read {}: {e}", path.display())))?;
+        config = config.ca_certificate(Certificate::from_pem(pem));
+    }
+    endpoint
+        .tls_config(config)
+        .map_err(|e| usage(format!("--tls-ca or --server: cannot set up TLS: {e}")))
+}
+
+async fn connect(opts: &ClientOpts) -> Result<Channel, Failure> {
+    let endpoint = endpoint(opts)?;
+    let tls = endpoint.uri().scheme_str() == Some("https");
+    endpoint.connect().await.map_err(|e| {
+        let cause = error_chain(&e);
+        let hint = if tls {
+            "is the server serving TLS on that port? packmeter serve itself speaks plaintext \
+             gRPC (http://); for a TLS proxy with a private CA give --tls-ca"
+        } else {
+            "is `packmeter serve` running? Set --server or PACKMETER_SERVER"
+        };
+        Failure {
+            code: EX_UNAVAILABLE,
+            message: format!("cannot connect to {}: {cause}; {hint}", opts.server),
+        }
     })
+}
+
+/// An error and its causes, `: `-separated (tonic's top-level transport
+/// error says only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn parse_time(flag: &str, v: &str) -> Result<Ts, Failure> {
@@ -342,30 +501,37 @@ fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(E) -> &'static str) -> Strin
     E::try_from(v).map(name).unwrap_or("UNKNOWN").to_string()
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+type Out<'a> = &'a mut dyn Write;
+
+fn print_json(out: Out, v: &Value) -> io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    )
 }
 
 /// Prints rows as a table with left-aligned columns.
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+fn print_table(out: Out, headers: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut line = |cells: Vec<&str>| {
         let s: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        writeln!(out, "{}", s.join("  ").trim_end())
     };
-    line(headers.to_vec());
+    line(headers.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 fn pack_json(p: &proto::Pack) -> Value {
@@ -383,10 +549,9 @@ fn pack_json(p: &proto::Pack) -> Value {
     })
 }
 
-fn print_packs(packs: &[proto::Pack], json_out: bool) {
+fn print_packs(out: Out, packs: &[proto::Pack], json_out: bool) -> io::Result<()> {
     if json_out {
-        print_json(&Value::Array(packs.iter().map(pack_json).collect()));
-        return;
+        return print_json(out, &Value::Array(packs.iter().map(pack_json).collect()));
     }
     let rows: Vec<Vec<String>> = packs
         .iter()
@@ -404,6 +569,7 @@ fn print_packs(packs: &[proto::Pack], json_out: bool) {
         })
         .collect();
     print_table(
+        out,
         &[
             "PACK",
             "SOURCE",
@@ -415,7 +581,7 @@ fn print_packs(packs: &[proto::Pack], json_out: bool) {
             "VALID UNTIL",
         ],
         &rows,
-    );
+    )
 }
 
 fn account_json(a: &proto::Account) -> Value {
@@ -427,9 +593,9 @@ fn account_json(a: &proto::Account) -> Value {
     })
 }
 
-fn print_account(a: &proto::Account, json_out: bool) {
+fn print_account(out: Out, a: &proto::Account, json_out: bool) -> io::Result<()> {
     if json_out {
-        return print_json(&account_json(a));
+        return print_json(out, &account_json(a));
     }
     let rows = [
         ("account_id", a.account_id.clone()),
@@ -440,10 +606,19 @@ fn print_account(a: &proto::Account, json_out: bool) {
     .into_iter()
     .map(|(k, v)| vec![k.to_string(), v])
     .collect::<Vec<_>>();
-    print_table(&["FIELD", "VALUE"], &rows);
+    print_table(out, &["FIELD", "VALUE"], &rows)
 }
 
-async fn client(cmd: Command) -> Result<(), Failure> {
+/// Runs a client command; the exit code on success (2 for a DENY).
+async fn client(cmd: Command) -> Result<u8, Failure> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let code = run_client(cmd, &mut out).await?;
+    out.flush()?;
+    Ok(code)
+}
+
+async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
     match cmd {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Loadgen(_) => unreachable!("loadgen is handled by main"),
@@ -464,13 +639,16 @@ async fn client(cmd: Command) -> Result<(), Failure> {
             let (calls, egress) = (outcome(&r.calls), outcome(&r.egress_bytes));
             if c.client.json {
                 let o = |o: &proto::Outcome| json!({"covered": o.covered, "overage": o.overage, "remaining": o.remaining});
-                print_json(&json!({
-                    "decision": decision,
-                    "duplicate": r.duplicate,
-                    "deny_reason": r.deny_reason,
-                    "calls": o(&calls),
-                    "egress_bytes": o(&egress),
-                }));
+                print_json(
+                    out,
+                    &json!({
+                        "decision": decision,
+                        "duplicate": r.duplicate,
+                        "deny_reason": r.deny_reason,
+                        "calls": o(&calls),
+                        "egress_bytes": o(&egress),
+                    }),
+                )?;
             } else {
                 let mut head = format!("decision: {decision}");
                 if r.duplicate {
@@ -479,7 +657,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 if !r.deny_reason.is_empty() {
                     head.push_str(&format!(" ({})", r.deny_reason));
                 }
-                println!("{head}");
+                writeln!(out, "{head}")?;
                 let row = |name: &str, o: &proto::Outcome| {
                     vec![
                         name.to_string(),
@@ -489,9 +667,14 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                     ]
                 };
                 print_table(
+                    out,
                     &["ITEM", "COVERED", "OVERAGE", "REMAINING"],
                     &[row("calls", &calls), row("egress_bytes", &egress)],
-                );
+                )?;
+            }
+            // Scripts branch on the decision without parsing the output.
+            if r.decision == proto::Decision::Deny as i32 {
+                return Ok(EX_DENIED);
             }
         }
         Command::Usage(c) => {
@@ -502,7 +685,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            print_packs(&r.packs, c.client.json);
+            print_packs(out, &r.packs, c.client.json)?;
         }
         Command::Account(AccountCmd::Get { account, client }) => {
             let a = AdminClient::new(connect(&client).await?)
@@ -511,7 +694,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            print_account(&a, client.json);
+            print_account(out, &a, client.json)?;
         }
         Command::Account(AccountCmd::Put {
             account,
@@ -544,7 +727,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            print_account(&a, client.json);
+            print_account(out, &a, client.json)?;
         }
         Command::Packs(c) => {
             let r = AdminClient::new(connect(&c.client).await?)
@@ -553,7 +736,7 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            print_packs(&r.packs, c.client.json);
+            print_packs(out, &r.packs, c.client.json)?;
         }
         Command::Grant(c) => {
             let item = match c.item.as_str() {
@@ -565,22 +748,17 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                     )))
                 }
             };
+            // `now` is left to the server, like an omitted --valid-from, so
+            // that a retry is the same grant.
             let from = c
                 .valid_from
                 .as_deref()
+                .filter(|v| *v != "now")
                 .map(|v| parse_time("--valid-from", v))
                 .transpose()?;
-            let until = match (&c.valid_until, &c.valid_for) {
-                (Some(u), _) => parse_time("--valid-until", u)?,
-                (None, Some(d)) => {
-                    let d = crate::config::parse_duration(d).map_err(|e| {
-                        usage(format!(
-                            "--valid-for: `{d}` is not a duration like 30d ({e})"
-                        ))
-                    })?;
-                    from.unwrap_or_else(calendar::now_ts)
-                        .saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-                }
+            let (valid_until, valid_for) = match (&c.valid_until, &c.valid_for) {
+                (Some(u), _) => (Some(parse_time("--valid-until", u)?), None),
+                (None, Some(d)) => (None, Some(parse_validity(d)?)),
                 (None, None) => {
                     return Err(usage("grant needs --valid-until or --valid-for".into()))
                 }
@@ -591,16 +769,17 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                     item: item as i32,
                     capacity: c.capacity,
                     valid_from: from.map(convert::timestamp),
-                    valid_until: Some(convert::timestamp(until)),
+                    valid_until: valid_until.map(convert::timestamp),
+                    valid_for,
                     pack_id: c.pack_id,
                     priority: c.priority,
                 })
                 .await?
                 .into_inner();
             if c.client.json {
-                print_json(&pack_json(&p));
+                print_json(out, &pack_json(&p))?;
             } else {
-                print_packs(&[p], false);
+                print_packs(out, &[p], false)?;
             }
         }
         Command::Flush(client) => {
@@ -609,9 +788,13 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             if client.json {
-                print_json(&json!({"accounts_flushed": r.accounts_flushed}));
+                print_json(out, &json!({"accounts_flushed": r.accounts_flushed}))?;
             } else {
-                println!("flushed {} accounts; usage is durable", r.accounts_flushed);
+                writeln!(
+                    out,
+                    "flushed {} accounts; usage is durable",
+                    r.accounts_flushed
+                )?;
             }
         }
         Command::Export(c) => {
@@ -625,14 +808,8 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let io = |e: std::io::Error| Failure {
-                code: 1,
-                message: format!("cannot write: {e}"),
-            };
             if c.format == "csv" {
-                writeln!(out, "account_id,hour,item,pack_id,source,amount").map_err(io)?;
+                writeln!(out, "account_id,hour,item,pack_id,source,amount")?;
             }
             while let Some(r) = rows.message().await? {
                 let hour = show_ts(&r.hour);
@@ -648,27 +825,142 @@ async fn client(cmd: Command) -> Result<(), Failure> {
                         csv_field(&r.pack_id),
                         source,
                         r.amount
-                    )
-                    .map_err(io)?;
+                    )?;
                 } else {
                     let v = json!({
                         "account_id": r.account_id, "hour": hour, "item": item,
                         "pack_id": r.pack_id, "source": source, "amount": r.amount,
                     });
-                    writeln!(out, "{v}").map_err(io)?;
+                    writeln!(out, "{v}")?;
                 }
             }
-            out.flush().map_err(io)?;
         }
     }
-    Ok(())
+    Ok(0)
 }
 
-/// Quotes a CSV field when it holds a comma, quote or line break.
+/// Reads `--valid-for`: terms like `30d`, `1month`, `2y` or `1month 15d`.
+/// Months and years become calendar months, counted by the server in its
+/// billing zone; everything else is an exact length (humantime's units).
+fn parse_validity(v: &str) -> Result<proto::Validity, Failure> {
+    let bad = |why: String| {
+        usage(format!(
+            "--valid-for: `{v}` {why}; give a length like 30d, 1month, 1y or `1month 15d`"
+        ))
+    };
+    let mut months: u32 = 0;
+    let mut exact = String::new();
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (number, after) = rest.split_at(digits);
+        let after = after.trim_start();
+        let unit_len = after.len() - after.trim_start_matches(char::is_alphabetic).len();
+        let (unit, after) = after.split_at(unit_len);
+        if number.is_empty() || unit.is_empty() {
+            return Err(bad(format!("is not a length at `{rest}`")));
+        }
+        let n: u32 = number
+            .parse()
+            .map_err(|_| bad(format!("has too large a number {number}")))?;
+        let per = match unit {
+            "month" | "months" | "mon" | "mons" | "M" => Some(1),
+            "y" | "year" | "years" => Some(12),
+            _ => None,
+        };
+        match per {
+            Some(per) => {
+                months = n
+                    .checked_mul(per)
+                    .and_then(|m| months.checked_add(m))
+                    .ok_or_else(|| bad("has too many months".into()))?;
+            }
+            None => {
+                exact.push_str(number);
+                exact.push_str(unit);
+                exact.push(' ');
+            }
+        }
+        rest = after.trim_start();
+    }
+    let seconds = if exact.is_empty() {
+        0
+    } else {
+        let d = crate::config::parse_duration(&exact).map_err(bad)?;
+        if d.subsec_nanos() != 0 {
+            return Err(bad("is not a whole number of seconds".into()));
+        }
+        d.as_secs()
+    };
+    if months == 0 && seconds == 0 {
+        return Err(bad("is zero".into()));
+    }
+    Ok(proto::Validity { months, seconds })
+}
+
+/// Characters that make a spreadsheet read a cell as a formula (or, for tab
+/// and carriage return, that some strip before doing so).
+const FORMULA_START: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// A CSV field: neutralised against formula injection when it starts like
+/// a formula (a `'` is put before it, which spreadsheets show as text), then
+/// quoted when it holds a comma, quote or line break.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(FORMULA_START) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_that_start_like_formulas_are_neutralised() {
+        assert_eq!(csv_field("acme"), "acme");
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("-1"), "'-1");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(
+            csv_field("=HYPERLINK(\"x\",\"y\")"),
+            "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\""
+        );
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn validity_counts_months_and_exact_lengths_apart() {
+        let v = |s: &str| parse_validity(s).map(|v| (v.months, v.seconds));
+        assert_eq!(v("30d").unwrap(), (0, 30 * 86_400));
+        assert_eq!(v("1month").unwrap(), (1, 0));
+        assert_eq!(v("2 months").unwrap(), (2, 0));
+        assert_eq!(v("1y").unwrap(), (12, 0));
+        assert_eq!(v("1month 15d").unwrap(), (1, 15 * 86_400));
+        assert_eq!(v("1h30m").unwrap(), (0, 5_400));
+        for bad in [
+            "",
+            "0d",
+            "month",
+            "5",
+            "1.5d",
+            "30x",
+            "1ms",
+            "99999999999months",
+        ] {
+            let e = parse_validity(bad).unwrap_err();
+            assert_eq!(e.code, EX_USAGE, "{bad}");
+            assert!(e.message.starts_with("--valid-for"), "{bad}: {}", e.message);
+        }
     }
 }

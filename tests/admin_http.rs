@@ -357,6 +357,43 @@ async fn the_pack_page_lists_the_accounts_packs_and_escapes_everything() {
     }
 }
 
+/// A query string the page cannot read is a 400 naming the problem, never
+/// a lookup of some other account: `%ff%fe` is not UTF-8 (read with
+/// replacement characters it was a 404 for the account "\u{fffd}\u{fffd}").
+#[tokio::test]
+async fn a_query_that_is_not_utf8_is_a_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    for (path, text) in [
+        ("/packs?account=%ff%fe", "not UTF-8"),
+        ("/packs?account=a%C3", "not UTF-8"),
+        ("/packs?account=a&account=b", "more than once"),
+    ] {
+        let r = get(&server.admin, path).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert_eq!(r.header("content-type"), "text/html; charset=utf-8");
+        assert!(r.body.contains(text), "{path} lacks {text:?}:\n{}", r.body);
+    }
+    // Valid escapes, `+` and other parameters still work.
+    server
+        .meter()
+        .await
+        .deduct(deduct("é acme", 1, 0, None))
+        .await
+        .unwrap();
+    for path in [
+        "/packs?account=%C3%A9+acme",
+        "/packs?x=1&account=%C3%A9%20acme&y",
+    ] {
+        let r = get(&server.admin, path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert!(r.body.contains("é acme"), "{path}");
+    }
+    let r = get(&server.admin, "/packs?account=50%zz").await;
+    assert_eq!(r.status, 404, "a stray % is kept as it is: {}", r.body);
+    assert!(r.body.contains("50%zz"), "{}", r.body);
+}
+
 /// A store that fails is a 503 page, not a crash or a 500. The failure is a
 /// real one: the SQLite file is overwritten under a server that has not yet
 /// loaded the account.
@@ -442,6 +479,7 @@ async fn the_pack_page_remaining_figure_is_exact_for_capacities_past_2_pow_64() 
                 valid_until: Some(until),
                 pack_id: id.into(),
                 priority: 0,
+                valid_for: None,
             })
             .await
             .unwrap();

@@ -32,6 +32,7 @@ fn grant(
         valid_until: Some(hours_from_now(hours)),
         pack_id: id.into(),
         priority,
+        valid_for: None,
     }
 }
 
@@ -844,4 +845,102 @@ async fn a_check_of_an_unknown_account_creates_nothing() {
         })
         .await
         .unwrap();
+}
+
+/// `GrantPackRequest.valid_for`: the server measures the length from the
+/// pack's start in its billing zone, so a retried "from now" grant with the
+/// same pack_id is the same grant; malformed lengths are refused.
+#[tokio::test]
+async fn valid_for_is_measured_by_the_server_and_makes_retries_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--timezone", "America/New_York"]);
+    let mut admin = server.admin().await;
+    server.put_account("acme", false, false).await;
+    let req = proto::GrantPackRequest {
+        valid_until: None,
+        valid_for: Some(proto::Validity {
+            months: 1,
+            seconds: 3600,
+        }),
+        ..grant("acme", "order-1", Item::Calls, 10, 0, 0)
+    };
+    let first = admin.grant_pack(req.clone()).await.unwrap().into_inner();
+    let again = admin.grant_pack(req.clone()).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    let other = proto::GrantPackRequest {
+        valid_for: Some(proto::Validity {
+            months: 2,
+            seconds: 3600,
+        }),
+        ..req.clone()
+    };
+    let e = admin.grant_pack(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // A month in New York across the start of DST: 8 February 02:30 EST is
+    // followed by 8 March 02:30, which does not exist and becomes 03:00 EDT.
+    let dst = proto::GrantPackRequest {
+        valid_from: Some(ts("2026-02-08T02:30:00-05:00")),
+        valid_until: None,
+        valid_for: Some(proto::Validity {
+            months: 1,
+            seconds: 0,
+        }),
+        ..grant("acme", "order-2", Item::Calls, 10, 0, 0)
+    };
+    let p = admin.grant_pack(dst).await.unwrap().into_inner();
+    assert_eq!(p.valid_until, Some(ts("2026-03-08T03:00:00-04:00")));
+
+    for (valid_until, valid_for, text) in [
+        (
+            Some(ts("2036-01-01T00:00:00Z")),
+            Some(proto::Validity {
+                months: 1,
+                seconds: 0,
+            }),
+            "not both",
+        ),
+        (
+            None,
+            Some(proto::Validity {
+                months: 0,
+                seconds: 0,
+            }),
+            "valid_for",
+        ),
+        (
+            None,
+            Some(proto::Validity {
+                months: 0,
+                seconds: u64::MAX,
+            }),
+            "valid_for.seconds",
+        ),
+        (
+            None,
+            Some(proto::Validity {
+                months: u32::MAX,
+                seconds: 0,
+            }),
+            "after year 9999",
+        ),
+    ] {
+        let e = admin
+            .grant_pack(proto::GrantPackRequest {
+                valid_until,
+                valid_for,
+                ..grant("acme", "bad", Item::Calls, 1, 0, 1)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{valid_for:?}");
+        assert!(e.message().contains(text), "{}", e.message());
+    }
+    let ids: Vec<String> = server
+        .packs("acme")
+        .await
+        .into_iter()
+        .map(|p| p.pack_id)
+        .collect();
+    assert!(!ids.contains(&"bad".to_string()), "{ids:?}");
 }

@@ -380,3 +380,464 @@ fn a_bare_serve_keeps_its_sqlite_file_in_the_data_directory() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+// === retries, exit codes and pipes (issue 15) ===
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A grant with a --pack-id and no --valid-from can be sent again (a
+/// timeout, a rerun script) and gets the same pack back, not
+/// ALREADY_EXISTS, whether its length is in days or calendar months.
+#[test]
+fn a_grant_with_a_pack_id_can_be_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    ok(&server, &["account", "put", "acme"]);
+    for valid_for in ["30d", "1month", "1month 15d"] {
+        let id = format!("order-{}", valid_for.replace(' ', "-"));
+        let grant = [
+            "grant",
+            "acme",
+            "--item",
+            "calls",
+            "--capacity",
+            "5000",
+            "--valid-for",
+            valid_for,
+            "--pack-id",
+            &id,
+        ];
+        let first = json(&server, &grant);
+        let again = json(&server, &grant);
+        assert_eq!(first, again, "{valid_for}");
+        // `--valid-from now` is the same as leaving it out.
+        let mut with_now = grant.to_vec();
+        with_now.extend(["--valid-from", "now"]);
+        assert_eq!(json(&server, &with_now), first, "{valid_for}");
+        // Other terms are still a conflict.
+        let mut other = grant.to_vec();
+        other[5] = "6000";
+        let out = run(&server, &other);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("AlreadyExists"), "{}", stderr(&out));
+    }
+}
+
+/// `--valid-for 1month` is a calendar month in the server's billing zone
+/// (+08:00 by default), keeping the local time: from 1 March 04:00 +08:00
+/// (28 February 20:00Z) to 1 April 04:00 +08:00, not 30.44 days.
+#[test]
+fn valid_for_months_are_calendar_months_in_the_billing_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    ok(&server, &["account", "put", "acme"]);
+    let grant = |from: &str, valid_for: &str, id: &str| {
+        json(
+            &server,
+            &[
+                "grant",
+                "acme",
+                "--item",
+                "egress_bytes",
+                "--capacity",
+                "1024",
+                "--valid-from",
+                from,
+                "--valid-for",
+                valid_for,
+                "--pack-id",
+                id,
+            ],
+        )
+    };
+    let g = grant("2026-02-28T20:00:00Z", "1month", "m1");
+    assert_eq!(g["valid_from"], "2026-02-28T20:00:00Z");
+    assert_eq!(g["valid_until"], "2026-03-31T20:00:00Z");
+    // 31 January + 1 month is the last day of February; + 1 year is 12 months.
+    let g = grant("2026-01-31T10:00:00+08:00", "1month", "m2");
+    assert_eq!(g["valid_until"], "2026-02-28T02:00:00Z");
+    let g = grant("2028-02-29T10:00:00+08:00", "1y", "m3");
+    assert_eq!(g["valid_until"], "2029-02-28T02:00:00Z");
+    let g = grant("2026-01-31T10:00:00+08:00", "1month 1d", "m4");
+    assert_eq!(g["valid_until"], "2026-03-01T02:00:00Z");
+
+    // In another billing zone the same instant is another local date.
+    let dir = tempfile::tempdir().unwrap();
+    let utc = Server::start(dir.path(), &["--timezone", "UTC"]);
+    ok(&utc, &["account", "put", "acme"]);
+    let g = json(
+        &utc,
+        &[
+            "grant",
+            "acme",
+            "--item",
+            "calls",
+            "--capacity",
+            "1",
+            "--valid-from",
+            "2026-02-28T20:00:00Z",
+            "--valid-for",
+            "1month",
+        ],
+    );
+    assert_eq!(g["valid_until"], "2026-03-28T20:00:00Z");
+
+    let out = run(
+        &server,
+        &[
+            "grant",
+            "acme",
+            "--item",
+            "calls",
+            "--capacity",
+            "1",
+            "--valid-for",
+            "1mont",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--valid-for"), "{}", stderr(&out));
+}
+
+/// `packmeter packs acme | head -1`: a reader that goes away ends the
+/// command quietly with success, as Unix filters do, never a panic (101).
+/// The pipe's read end is closed before the command writes anything, so
+/// every write it makes fails.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--late-grace", "3650d", "--dedup-window", "3650d"],
+    );
+    ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "1",
+            "--at",
+            "2020-01-05T10:30:00+08:00",
+        ],
+    );
+    for args in [
+        vec!["packs", "acme"],
+        vec!["packs", "acme", "--json"],
+        vec!["usage", "acme"],
+        vec!["account", "get", "acme"],
+        vec!["deduct", "acme"],
+        vec!["flush"],
+        vec![
+            "export",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+        ],
+    ] {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env("PACKMETER_SERVER", server.url())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+/// Scripts branch on the exit code: a DENY is 2; a malformed --server is
+/// bad usage (64), not an unreachable server; the admin port gets a hint;
+/// https:// really is TLS; a store failure on the server is 75 (retry),
+/// not 69, which is kept for a server that cannot be reached.
+#[test]
+fn exit_codes_tell_scripts_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    ok(&server, &["account", "put", "acme", "--suspended", "true"]);
+    let out = run(&server, &["deduct", "acme", "--calls", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("decision: DENY"), "{table}");
+    let out = run(&server, &["deduct", "acme", "--calls", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let allowed = run(&server, &["deduct", "acme", "--egress-bytes", "1"]);
+    assert_eq!(allowed.status.code(), Some(0), "egress alone is allowed");
+
+    let client = |server_flag: &str| {
+        Command::new(BIN)
+            .args(["packs", "acme", "--server", server_flag])
+            .output()
+            .unwrap()
+    };
+    for (flag, text) in [
+        ("notaurl".to_string(), "is not a URL"),
+        (server.grpc.clone(), "did you mean http://"),
+        (format!("ftp://{}", server.grpc), "scheme `ftp:`"),
+        (format!("http://{}/x", server.grpc), "has a path"),
+        ("http://".to_string(), "--server"),
+    ] {
+        let out = client(&flag);
+        assert_eq!(out.status.code(), Some(64), "{flag}: {}", stderr(&out));
+        assert!(stderr(&out).contains(text), "{flag}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("running?"),
+            "{flag}: {}",
+            stderr(&out)
+        );
+    }
+
+    let out = client(&format!("http://{}", server.admin));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("this looks like the admin HTTP port")
+            && stderr(&out).contains("the gRPC port is --listen"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The server speaks plaintext: https:// must not quietly talk plaintext.
+    let out = client(&format!("https://{}", server.grpc));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is the server serving TLS"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "flush",
+            "--server",
+            &server.url(),
+            "--tls-ca",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+
+    // A real store failure: the SQLite file is overwritten under a server
+    // that has not loaded the account yet.
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = Server::start(dir.path(), &[]);
+    let size = std::fs::metadata(&server.db).unwrap().len() as usize;
+    std::fs::write(&server.db, vec![0xff; size]).unwrap();
+    let out = run(&server, &["packs", "acme"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Unavailable"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("retry"), "{}", stderr(&out));
+}
+
+/// A cell that starts like a formula (`=`, `+`, `-`, `@`) is written with
+/// a leading `'`, so a spreadsheet shows it as text instead of running it.
+#[test]
+fn csv_export_neutralises_cells_that_start_like_formulas() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = ["--late-grace", "3650d", "--dedup-window", "3650d"];
+    let server = Server::start(dir.path(), &replay);
+    let hostile = ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-2+3", "@SUM(A1)"];
+    for account in hostile {
+        ok(
+            &server,
+            &[
+                "deduct",
+                "--calls",
+                "1",
+                "--at",
+                "2020-01-05T10:30:00+08:00",
+                "--",
+                account,
+            ],
+        );
+    }
+    // Activated long before, so its free window is over and the pack covers.
+    ok(
+        &server,
+        &[
+            "account",
+            "put",
+            "acme",
+            "--activated-at",
+            "2015-01-01T00:00:00+08:00",
+        ],
+    );
+    ok(
+        &server,
+        &[
+            "grant",
+            "acme",
+            "--item",
+            "calls",
+            "--capacity",
+            "10",
+            "--valid-from",
+            "2020-01-01T00:00:00Z",
+            "--valid-for",
+            "30d",
+            "--pack-id",
+            "=1+1",
+        ],
+    );
+    ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "1",
+            "--at",
+            "2020-01-05T10:30:00+08:00",
+        ],
+    );
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = Server::start_on(&dir.path().join("packmeter.db"), &[]);
+    let csv = ok(
+        &server,
+        &[
+            "export",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+        ],
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 6, "{csv}");
+    for line in &lines[1..] {
+        let first = line.trim_start_matches('"');
+        assert!(
+            !first.starts_with(['=', '+', '-', '@']),
+            "a cell starts like a formula: {line}"
+        );
+    }
+    assert!(
+        csv.contains("\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",2020-01-05T02:00:00Z,CALLS,"),
+        "{csv}"
+    );
+    assert!(csv.contains("'+1,2020-01-05T02:00:00Z"), "{csv}");
+    assert!(csv.contains("'-2+3,"), "{csv}");
+    assert!(csv.contains("'@SUM(A1),"), "{csv}");
+    assert!(
+        csv.contains("acme,2020-01-05T02:00:00Z,CALLS,'=1+1,PURCHASED,1"),
+        "{csv}"
+    );
+    // JSON lines are data, not cells: unchanged.
+    let jsonl = ok(
+        &server,
+        &[
+            "export",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2020-02-01T00:00:00Z",
+            "--format",
+            "jsonl",
+            "--account=+1",
+        ],
+    );
+    assert!(jsonl.contains("\"account_id\":\"+1\""), "{jsonl}");
+}
+
+/// Starts a TLS-terminating proxy in front of `backend` (plaintext gRPC),
+/// with the test certificate for 127.0.0.1, offering h2 as gRPC needs.
+/// Returns its address; it runs on `rt` until the runtime is dropped.
+fn tls_proxy(rt: &tokio::runtime::Runtime, backend: String) -> String {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(fixtures.join("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(fixtures.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `--server https://` is TLS: through a TLS proxy it works with the
+/// proxy's CA given by --tls-ca (or PACKMETER_TLS_CA), and an untrusted
+/// certificate is refused (69) with the reason, never sent in plaintext.
+#[test]
+fn https_servers_are_reached_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = tls_proxy(&rt, server.grpc.clone());
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
+    let https = format!("https://{proxy}");
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--server", &https])
+            .env_remove("PACKMETER_TLS_CA")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+
+    let out = cli(&["account", "put", "acme"], &[]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--tls-ca"), "{}", stderr(&out));
+
+    let out = cli(&["account", "put", "acme", "--json", "--tls-ca", ca], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let put: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(put["account_id"], "acme");
+    let out = cli(
+        &["deduct", "acme", "--calls", "3"],
+        &[("PACKMETER_TLS_CA", ca)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The deduction went through the proxy to the real server.
+    let packs = json(&server, &["usage", "acme"]);
+    let used: u64 = packs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["item"] == "CALLS")
+        .map(|p| p["used"].as_u64().unwrap())
+        .sum();
+    assert_eq!(used, 3);
+}

@@ -145,6 +145,7 @@ async fn random_bytes_and_hostile_fields_get_precise_errors() {
             valid_until: rng.timestamp(),
             pack_id: rng.string(),
             priority: rng.next() as u32,
+            valid_for: None,
         };
         if let Err(s) = admin.grant_pack(grant.clone()).await {
             assert!(acceptable(s.code()), "{grant:?}: {s:?}");

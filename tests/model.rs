@@ -51,7 +51,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Datelike, FixedOffset, Months, NaiveDate, TimeZone};
 use packmeter::{
-    app::{AccountChange, App, DeductRequest, Grant},
+    app::{AccountChange, App, DeductRequest, Grant, Validity},
     calendar::{BillingZone, FreeTierPlan, Ts, HOUR, SECOND},
     clock::ManualClock,
     ledger::AccountRecord,
@@ -1186,7 +1186,7 @@ impl StateMachineTest for PackmeterTest {
                     item,
                     capacity,
                     valid_from,
-                    valid_until: valid_from.unwrap_or(now) + len * SECOND,
+                    validity: Validity::Until(valid_from.unwrap_or(now) + len * SECOND),
                     priority,
                 };
                 let got = sut

@@ -128,6 +128,7 @@ async fn chromium_renders_the_pack_page_as_a_console_table() {
             valid_until: at(now + 90 * DAY),
             pack_id: "pk-spring-promo".into(),
             priority: 10,
+            valid_for: None,
         })
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, proto};
 use crate::{
-    app::{AccountChange, App, Grant},
+    app::{AccountChange, App, Grant, Validity},
     meter::validate_account_id,
 };
 
@@ -61,6 +61,7 @@ impl proto::admin_server::Admin for AdminService {
 
     /// Grants a purchased pack. A repeated `pack_id` with the same terms
     /// returns the existing pack; with other terms it is ALREADY_EXISTS.
+    /// The end is `valid_until`, or `valid_for` after `valid_from`.
     #[tracing::instrument(skip_all)]
     async fn grant_pack(
         &self,
@@ -68,13 +69,25 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::Pack>, Status> {
         let r = req.into_inner();
         validate_account_id(&r.account_id)?;
+        let until = convert::ts("valid_until", r.valid_until.as_ref())?;
+        let validity = match (until, r.valid_for) {
+            (Some(t), None) => Validity::Until(t),
+            (None, Some(v)) => convert::validity("valid_for", &v)?,
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "valid_for: set valid_until or valid_for, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(Status::invalid_argument(
+                    "valid_until: is required (or give valid_for)",
+                ))
+            }
+        };
         let grant = Grant {
             item: convert::item("item", r.item)?,
             valid_from: convert::ts("valid_from", r.valid_from.as_ref())?,
-            valid_until: required(
-                "valid_until",
-                convert::ts("valid_until", r.valid_until.as_ref())?,
-            )?,
+            validity,
             account_id: r.account_id,
             pack_id: r.pack_id,
             capacity: r.capacity,

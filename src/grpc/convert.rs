@@ -6,6 +6,7 @@ use tonic::Status;
 
 use super::proto;
 use crate::{
+    app::Validity,
     calendar::{Ts, SECOND},
     ledger::{AccountRecord, UsageRow},
     meter::{Decision, DeductOutcome, ItemOutcome, PackView},
@@ -36,6 +37,20 @@ pub fn timestamp(ts: Ts) -> Timestamp {
         seconds: ts.div_euclid(SECOND),
         nanos: i32::try_from(ts.rem_euclid(SECOND) * 1000).unwrap_or(0),
     }
+}
+
+/// Reads a `Validity`: calendar months, then seconds.
+pub fn validity(field: &str, v: &proto::Validity) -> Result<Validity, Status> {
+    let extra = i64::try_from(v.seconds)
+        .ok()
+        .and_then(|s| s.checked_mul(SECOND))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("{field}.seconds: {} is too long", v.seconds))
+        })?;
+    Ok(Validity::For {
+        months: v.months,
+        extra,
+    })
 }
 
 pub fn item(field: &str, v: i32) -> Result<Item, Status> {
