@@ -44,14 +44,16 @@ pub struct Refused {
     pub error: MeterError,
 }
 
-/// An operator's settings for an account (`Admin.PutAccount`).
-#[derive(Clone, Debug)]
+/// An operator's change to an account (`Admin.PutAccount`). `None` is no
+/// change: the setting keeps its current value.
+#[derive(Clone, Debug, Default)]
 pub struct AccountChange {
     pub account_id: String,
-    /// `None` keeps the current activation, or activates the account now.
+    /// `None` keeps the current activation, or activates a new account now.
+    /// A change is refused once the account has usage (R1).
     pub activated_at: Option<Ts>,
-    pub suspended: bool,
-    pub deny_on_exhausted: bool,
+    pub suspended: Option<bool>,
+    pub deny_on_exhausted: Option<bool>,
 }
 
 /// A purchased pack to grant (`Admin.GrantPack`).
@@ -267,11 +269,14 @@ impl App {
             .meter
             .account_for_admin(&change.account_id, now)
             .await?;
+        let current = acct.record();
         let record = AccountRecord {
             account_id: change.account_id,
-            activated_at: change.activated_at.or(acct.activated_at()).or(Some(now)),
-            suspended: change.suspended,
-            deny_on_exhausted: change.deny_on_exhausted,
+            activated_at: change.activated_at.or(current.activated_at).or(Some(now)),
+            suspended: change.suspended.unwrap_or(current.suspended),
+            deny_on_exhausted: change
+                .deny_on_exhausted
+                .unwrap_or(current.deny_on_exhausted),
         };
         self.store.put_account(&record).await?;
         self.meter.apply_account(&acct, &record, self.clock.now());

@@ -132,6 +132,9 @@ async fn deny_on_exhausted_and_suspended_accounts() {
             suspended,
             deny_on_exhausted: deny,
         }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["suspended".into(), "deny_on_exhausted".into()],
+        }),
     };
     let acct = admin
         .put_account(put("strict", false, true))
@@ -346,6 +349,7 @@ async fn unknown_accounts_can_be_rejected() {
                 account_id: "newco".into(),
                 ..Default::default()
             }),
+            update_mask: None,
         })
         .await
         .unwrap();
@@ -492,7 +496,10 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
         .unwrap_err();
     assert!(e.message().contains("reserved"), "{}", e.message());
     let e = admin
-        .put_account(proto::PutAccountRequest { account: None })
+        .put_account(proto::PutAccountRequest {
+            account: None,
+            update_mask: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -556,4 +563,102 @@ async fn health_reports_serving() {
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }
+}
+
+/// `PutAccount` changes only what its update mask names; without a mask,
+/// only the populated fields (AIP-134). An activation fix never lifts an
+/// arrears suspension or a `deny` setting (issue 15, item 7).
+#[tokio::test]
+async fn put_account_changes_only_the_fields_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut admin = server.admin().await;
+    let created = server.put_account("arrears", true, true).await;
+    assert!(created.suspended && created.deny_on_exhausted);
+
+    // No mask, only the activation set (a client written before the mask).
+    let fix = proto::Account {
+        account_id: "arrears".into(),
+        activated_at: Some(ts("2026-03-01T00:00:00Z")),
+        ..Default::default()
+    };
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(fix.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(ts("2026-03-01T00:00:00Z")));
+    assert!(
+        got.suspended && got.deny_on_exhausted,
+        "an activation fix lifted the suspension: {got:?}"
+    );
+
+    // A mask naming only the activation: the flags in the message are not changes.
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                activated_at: Some(ts("2026-04-01T00:00:00Z")),
+                ..fix.clone()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["activated_at".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(ts("2026-04-01T00:00:00Z")));
+    assert!(got.suspended && got.deny_on_exhausted, "{got:?}");
+
+    // Clearing a flag needs the mask; the activation is kept.
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "arrears".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["suspended".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.activated_at, got.suspended, got.deny_on_exhausted),
+        (Some(ts("2026-04-01T00:00:00Z")), false, true)
+    );
+
+    // A bad mask is INVALID_ARGUMENT naming the path, and changes nothing.
+    for (paths, needle) in [
+        (vec!["suspended", "plan"], "`plan`"),
+        (vec!["activated_at"], "activated_at"),
+    ] {
+        let e = admin
+            .put_account(proto::PutAccountRequest {
+                account: Some(proto::Account {
+                    account_id: "arrears".into(),
+                    suspended: true,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{paths:?}");
+        assert!(e.message().contains(needle), "{}", e.message());
+    }
+    let after = admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "arrears".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, got);
 }

@@ -1217,8 +1217,8 @@ impl StateMachineTest for PackmeterTest {
                 let change = AccountChange {
                     account_id: ACCOUNTS[acct].to_string(),
                     activated_at: activation.map(|s| now + s * SECOND),
-                    suspended,
-                    deny_on_exhausted: deny,
+                    suspended: Some(suspended),
+                    deny_on_exhausted: Some(deny),
                 };
                 let got: AccountRecord = sut.rt.block_on(sut.app().put_account(change)).unwrap();
                 let got = Record {
