@@ -259,8 +259,18 @@ impl App {
 
     // --- admin ---
 
-    /// Creates or replaces an account's settings: the store first, then
-    /// memory.
+    /// Creates an account or changes the settings `change` names: the store
+    /// first, then memory. A new account that the change does not activate
+    /// is activated now.
+    ///
+    /// Once the account has usage, its activation can no longer change
+    /// (`ActivationLocked`, naming the first usage hour): the usage was
+    /// split against the free-tier packs that activation defines, and some
+    /// may be settled and exported already (R12). Rewriting it would change
+    /// bills; an earlier event moves the activation back by itself (R1).
+    /// Flushes are held off while this looks for usage, so none moves from
+    /// memory to the store unseen, and memory is checked again while no
+    /// deduction runs.
     pub async fn put_account(&self, change: AccountChange) -> Result<AccountRecord, MeterError> {
         validate_account_id(&change.account_id)?;
         let _w = self.admin_writes.lock().await;
@@ -270,17 +280,59 @@ impl App {
             .account_for_admin(&change.account_id, now)
             .await?;
         let current = acct.record();
+        let implicit = current.activated_at.is_none() && change.activated_at.is_none();
+        // The activation this request sets, if it is a change.
+        let activation = change
+            .activated_at
+            .or(implicit.then_some(now))
+            .filter(|a| Some(*a) != current.activated_at);
         let record = AccountRecord {
             account_id: change.account_id,
-            activated_at: change.activated_at.or(current.activated_at).or(Some(now)),
+            activated_at: activation.or(current.activated_at),
             suspended: change.suspended.unwrap_or(current.suspended),
             deny_on_exhausted: change
                 .deny_on_exhausted
                 .unwrap_or(current.deny_on_exhausted),
         };
-        self.store.put_account(&record).await?;
-        self.meter.apply_account(&acct, &record, self.clock.now());
-        Ok(record)
+        self.flusher
+            .quiesced(async {
+                if activation.is_some() {
+                    if let Some(hour) = self.first_stored_usage(&record.account_id).await? {
+                        return Err(MeterError::ActivationLocked {
+                            account: record.account_id.clone(),
+                            first_usage: crate::calendar::to_datetime(hour).to_rfc3339(),
+                        });
+                    }
+                }
+                self.store.put_account(&record).await?;
+                let (s, d) = (record.suspended, record.deny_on_exhausted);
+                let now = self.clock.now();
+                let applied = match self.meter.apply_account(&acct, activation, s, d, now) {
+                    // A first deduction activated the account meanwhile:
+                    // its activation stands, the flags still apply.
+                    Err(MeterError::ActivationLocked { .. }) if implicit => {
+                        self.meter.apply_account(&acct, None, s, d, now)
+                    }
+                    r => r,
+                };
+                // What memory holds (unchanged if refused, or activated by
+                // a deduction meanwhile) is what the store must hold.
+                let now_record = acct.record();
+                if now_record != record {
+                    self.store.put_account(&now_record).await?;
+                }
+                applied.map(|()| now_record)
+            })
+            .await
+    }
+
+    /// The first hour with usage in the store for the account, if any.
+    async fn first_stored_usage(&self, account_id: &str) -> Result<Option<Ts>, MeterError> {
+        let first = self
+            .store
+            .usage_rows_page(Ts::MIN, Ts::MAX, Some(account_id), None, 1)
+            .await?;
+        Ok(first.first().map(|r| r.hour))
     }
 
     pub async fn get_account(&self, account_id: &str) -> Result<AccountRecord, MeterError> {

@@ -662,3 +662,178 @@ async fn put_account_changes_only_the_fields_it_names() {
         .into_inner();
     assert_eq!(after, got);
 }
+
+fn minutes_from_now(m: i64) -> prost_types::Timestamp {
+    let t = chrono::Utc::now() + chrono::Duration::minutes(m);
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
+}
+
+fn deduct_at(
+    account: &str,
+    calls: u64,
+    at: Option<prost_types::Timestamp>,
+) -> proto::DeductRequest {
+    proto::DeductRequest {
+        at,
+        ..deduct(account, calls, 0, None)
+    }
+}
+
+/// R1: activation never makes an accepted event fall outside the free tier.
+/// A first event ahead of the clock activates at the clock, and an earlier
+/// event that arrives later (another gateway's) moves A back to it, with
+/// the free pack it needs (issue 15, item 2).
+#[tokio::test]
+async fn activation_is_never_later_than_an_accepted_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+
+    // A first event 4 minutes ahead (within the skew), then one without `at`.
+    let r = meter
+        .deduct(deduct_at("ahead", 1, Some(minutes_from_now(4))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 9));
+    let r = meter
+        .deduct(deduct_at("ahead", 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls),
+        (1, 0, 8),
+        "the free tier billed as overage"
+    );
+
+    // Gateway B's event at -10 min activates `late`; gateway A's earlier
+    // event at -40 min arrives after it.
+    let first = minutes_from_now(-10);
+    let earlier = minutes_from_now(-40);
+    let r = meter
+        .deduct(deduct_at("late", 3, Some(first)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (3, 0, 7));
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(first));
+    let r = meter
+        .deduct(deduct_at("late", 2, Some(earlier)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls).1,
+        0,
+        "an earlier event was billed as overage"
+    );
+    assert_eq!(split(&r.calls).0, 2);
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(earlier));
+    // One free month holds both events (or two, across a month's end); no
+    // free pack starts after the earliest event, and none is over capacity.
+    let packs = server.packs("late").await;
+    assert_eq!(common::used(&packs, Item::Calls), 5);
+    let first_free = packs
+        .iter()
+        .filter(|p| p.source == PackSource::FreeTier as i32)
+        .map(|p| p.valid_from.unwrap().seconds)
+        .min();
+    assert_eq!(first_free, Some(earlier.seconds));
+    assert!(packs.iter().all(|p| p.used <= p.capacity));
+
+    // Durable: after a flush and a restart the activation is the earlier one.
+    admin.flush(proto::FlushRequest {}).await.unwrap();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let mut admin = server.admin().await;
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(earlier));
+    assert_eq!(common::used(&server.packs("late").await, Item::Calls), 5);
+}
+
+fn set_activation(account: &str, at: prost_types::Timestamp) -> proto::PutAccountRequest {
+    proto::PutAccountRequest {
+        account: Some(proto::Account {
+            account_id: account.into(),
+            activated_at: Some(at),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["activated_at".into()],
+        }),
+    }
+}
+
+/// R1: an operator may move an account's activation either way until it
+/// has usage. After that a change, earlier or later, is FAILED_PRECONDITION
+/// naming the account and its first usage hour, and changes nothing: the
+/// usage was split against the packs that activation defined (issue 15,
+/// item 8). The same activation again, and the flags, still go through.
+#[tokio::test]
+async fn an_activation_cannot_move_once_the_account_has_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+
+    // Before usage: both directions are allowed, and the packs follow.
+    let a = minutes_from_now(-30);
+    for at in [minutes_from_now(-90), minutes_from_now(20), a] {
+        let got = admin
+            .put_account(set_activation("acme", at))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.activated_at, Some(at));
+        let packs = server.packs("acme").await;
+        let from = packs.iter().map(|p| p.valid_from.unwrap().seconds).min();
+        assert_eq!(from, Some(at.seconds));
+    }
+
+    let r = meter
+        .deduct(deduct_at("acme", 4, Some(minutes_from_now(-5))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (4, 0, 6));
+    let before = server.packs("acme").await;
+
+    for flushed in [false, true] {
+        if flushed {
+            admin.flush(proto::FlushRequest {}).await.unwrap();
+        }
+        for (dir, at) in [
+            ("earlier", minutes_from_now(-50)),
+            ("later", minutes_from_now(-1)),
+        ] {
+            let e = admin
+                .put_account(set_activation("acme", at))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.code(),
+                Code::FailedPrecondition,
+                "{dir}, flushed {flushed}"
+            );
+            assert!(
+                e.message().contains("`acme`") && e.message().contains("first usage"),
+                "{}",
+                e.message()
+            );
+            assert_eq!(acct_activation(&mut admin, "acme").await, Some(a));
+            assert_eq!(server.packs("acme").await, before, "{dir}");
+        }
+    }
+    // Not a change: the same activation, or flags only.
+    let got = admin
+        .put_account(set_activation("acme", a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(a));
+    let got = server.put_account("acme", true, false).await;
+    assert_eq!((got.activated_at, got.suspended), (Some(a), true));
+}

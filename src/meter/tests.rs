@@ -3,7 +3,7 @@ use crate::{
     calendar::{from_datetime, SECOND},
     store::sqlite::SqliteStore,
 };
-use crate::{ledger::AccountRecord, packs::Item, store::StoredPack};
+use crate::{packs::Item, store::StoredPack};
 use proptest::prelude::*;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -65,13 +65,8 @@ fn calls(n: u64, t: Ts) -> Deduction<'static> {
 
 /// Applies an operator's settings, as `PutAccount` does after its store write.
 fn set_account(m: &Meter, a: &AccountState, activated: Ts, suspended: bool, deny: bool, now: Ts) {
-    let record = AccountRecord {
-        account_id: a.id().to_string(),
-        activated_at: Some(activated),
-        suspended,
-        deny_on_exhausted: deny,
-    };
-    m.apply_account(a, &record, now);
+    m.apply_account(a, Some(activated), suspended, deny, now)
+        .expect("no usage yet");
 }
 
 /// Grants a purchased calls pack valid until `until`.
@@ -504,17 +499,26 @@ fn a_settled_hour_takes_no_more_deductions_even_if_the_clock_steps_back() {
 /// Before, only started months were rebuilt: the pack was dropped, then
 /// re-created at zero, and its usage counted twice against the store.
 #[test]
-fn put_account_keeps_a_next_month_pack_that_an_early_event_used() {
+fn an_activation_move_keeps_a_next_month_pack_that_an_early_event_used() {
     let (m, _d) = meter(free_calls(10));
     // 23:58 on 30 November, +08:00; the event is at 00:02 on 1 December.
     let now = at("2024-11-30T23:58:00+08:00");
     let a = new_account(&m, "acme", now);
-    set_account(&m, &a, at("2024-11-05T00:00:00+08:00"), false, false, now);
+    set_account(&m, &a, at("2024-11-30T23:55:00+08:00"), false, false, now);
     let early = at("2024-12-01T00:02:00+08:00");
     let o = m.deduct(&a, &calls(3, early), now).unwrap();
     assert_eq!((o.calls.covered, o.calls.remaining), (3, 7));
-    // The operator moves the activation back a few days, still before midnight.
-    set_account(&m, &a, at("2024-11-01T00:00:00+08:00"), false, false, now);
+    // With usage, the operator can no longer move it; nothing changes.
+    let moved = m.apply_account(&a, Some(at("2024-11-01T00:00:00+08:00")), true, true, now);
+    assert!(matches!(moved, Err(MeterError::ActivationLocked { .. })));
+    assert_eq!(a.activated_at(), Some(at("2024-11-30T23:55:00+08:00")));
+    assert!(!a.suspended.load(Relaxed));
+    // An earlier event moves it back (R1), still before midnight.
+    let o = m
+        .deduct(&a, &calls(2, at("2024-11-30T23:20:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.overage), (2, 0));
+    assert_eq!(a.activated_at(), Some(at("2024-11-30T23:20:00+08:00")));
     let december = |a: &AccountState| {
         a.packs()
             .iter()
