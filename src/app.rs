@@ -296,13 +296,18 @@ impl App {
         };
         self.flusher
             .quiesced(async {
+                // The stored row, to put back if memory refuses the change.
+                let mut stored = None;
                 if activation.is_some() {
-                    if let Some(hour) = self.first_stored_usage(&record.account_id).await? {
+                    let unflushed = acct.pending_summary().0;
+                    let flushed = self.first_stored_usage(&record.account_id).await?;
+                    if let Some(hour) = unflushed.into_iter().chain(flushed).min() {
                         return Err(MeterError::ActivationLocked {
                             account: record.account_id.clone(),
                             first_usage: crate::calendar::to_datetime(hour).to_rfc3339(),
                         });
                     }
+                    stored = self.store.get_account(&record.account_id).await?;
                 }
                 self.store.put_account(&record).await?;
                 let (s, d) = (record.suspended, record.deny_on_exhausted);
@@ -315,13 +320,20 @@ impl App {
                     }
                     r => r,
                 };
-                // What memory holds (unchanged if refused, or activated by
-                // a deduction meanwhile) is what the store must hold.
+                if let Err(e) = applied {
+                    // A deduction recorded usage since the check above: the
+                    // change is refused, and the stored row goes back.
+                    let back = stored.unwrap_or_else(|| acct.record());
+                    self.store.put_account(&back).await?;
+                    return Err(e);
+                }
+                // What memory holds (activated or moved back by a deduction
+                // meanwhile) is what the store must hold.
                 let now_record = acct.record();
                 if now_record != record {
                     self.store.put_account(&now_record).await?;
                 }
-                applied.map(|()| now_record)
+                Ok(now_record)
             })
             .await
     }
