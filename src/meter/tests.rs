@@ -100,6 +100,55 @@ fn first_event_ahead_of_the_clock_activates_at_the_clock() {
     assert_eq!(a.activated_at(), Some(now));
 }
 
+/// R1: an earlier event moves A back; a check or a denial before A moves
+/// nothing; and A stays where a move would end the window before usage the
+/// account already has (possible only with a grace near the window's length).
+#[test]
+fn an_earlier_event_moves_the_activation_back_unless_usage_would_fall_outside() {
+    let (m, _d) = meter(MeterConfig {
+        plan: FreeTierPlan {
+            calls: 10,
+            ..FreeTierPlan::default()
+        },
+        ..replay_cfg()
+    });
+    let now = at("2020-11-10T20:00:00+08:00");
+    let a = new_account(&m, "acme", now);
+    m.deduct(&a, &calls(1, at("2019-11-10T17:13:14+08:00")), now)
+        .unwrap();
+    // A check and a suspended account's denial before A move nothing, but
+    // the check answers what the move would give.
+    let o = m
+        .deduct(&a, &calls(0, at("2019-11-10T17:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.calls.remaining, 9);
+    a.suspended.store(true, Relaxed);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-11-10T17:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.decision, Decision::Deny(DenyReason::Suspended));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T17:13:14+08:00")));
+    a.suspended.store(false, Relaxed);
+    // The last day of the window has usage; a move to the 9th would end the
+    // window at midnight before it, so A stays and the event is overage.
+    let o = m
+        .deduct(&a, &calls(2, at("2020-11-10T19:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.calls.covered, 2);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-11-09T23:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.overage), (0, 1));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T17:13:14+08:00")));
+    // The same day keeps the window's end: A moves back, and the event and
+    // the first one share November's pack.
+    let o = m
+        .deduct(&a, &calls(3, at("2019-11-10T08:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.remaining), (3, 6));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T08:00:00+08:00")));
+}
+
 #[test]
 fn seed_example_covers_resets_and_ends() {
     let (m, _d) = meter(replay_cfg());
