@@ -44,14 +44,16 @@ pub struct Refused {
     pub error: MeterError,
 }
 
-/// An operator's settings for an account (`Admin.PutAccount`).
-#[derive(Clone, Debug)]
+/// An operator's change to an account (`Admin.PutAccount`). `None` is no
+/// change: the setting keeps its current value.
+#[derive(Clone, Debug, Default)]
 pub struct AccountChange {
     pub account_id: String,
-    /// `None` keeps the current activation, or activates the account now.
+    /// `None` keeps the current activation, or activates a new account now.
+    /// A change is refused once the account has usage (R1).
     pub activated_at: Option<Ts>,
-    pub suspended: bool,
-    pub deny_on_exhausted: bool,
+    pub suspended: Option<bool>,
+    pub deny_on_exhausted: Option<bool>,
 }
 
 /// A purchased pack to grant (`Admin.GrantPack`).
@@ -286,8 +288,18 @@ impl App {
 
     // --- admin ---
 
-    /// Creates or replaces an account's settings: the store first, then
-    /// memory.
+    /// Creates an account or changes the settings `change` names: the store
+    /// first, then memory. A new account that the change does not activate
+    /// is activated now.
+    ///
+    /// Once the account has usage, its activation can no longer change
+    /// (`ActivationLocked`, naming the first usage hour): the usage was
+    /// split against the free-tier packs that activation defines, and some
+    /// may be settled and exported already (R12). Rewriting it would change
+    /// bills; an earlier event moves the activation back by itself (R1).
+    /// Flushes are held off while this looks for usage, so none moves from
+    /// memory to the store unseen, and memory is checked again while no
+    /// deduction runs.
     pub async fn put_account(&self, change: AccountChange) -> Result<AccountRecord, MeterError> {
         validate_account_id(&change.account_id)?;
         let _w = self.admin_writes.lock().await;
@@ -296,15 +308,72 @@ impl App {
             .meter
             .account_for_admin(&change.account_id, now)
             .await?;
+        let current = acct.record();
+        let implicit = current.activated_at.is_none() && change.activated_at.is_none();
+        // The activation this request sets, if it is a change.
+        let activation = change
+            .activated_at
+            .or(implicit.then_some(now))
+            .filter(|a| Some(*a) != current.activated_at);
         let record = AccountRecord {
             account_id: change.account_id,
-            activated_at: change.activated_at.or(acct.activated_at()).or(Some(now)),
-            suspended: change.suspended,
-            deny_on_exhausted: change.deny_on_exhausted,
+            activated_at: activation.or(current.activated_at),
+            suspended: change.suspended.unwrap_or(current.suspended),
+            deny_on_exhausted: change
+                .deny_on_exhausted
+                .unwrap_or(current.deny_on_exhausted),
         };
-        self.store.put_account(&record).await?;
-        self.meter.apply_account(&acct, &record, self.clock.now());
-        Ok(record)
+        self.flusher
+            .quiesced(async {
+                // The stored row, to put back if memory refuses the change.
+                let mut stored = None;
+                if activation.is_some() {
+                    let unflushed = acct.pending_summary().0;
+                    let flushed = self.first_stored_usage(&record.account_id).await?;
+                    if let Some(hour) = unflushed.into_iter().chain(flushed).min() {
+                        return Err(MeterError::ActivationLocked {
+                            account: record.account_id.clone(),
+                            first_usage: crate::calendar::to_datetime(hour).to_rfc3339(),
+                        });
+                    }
+                    stored = self.store.get_account(&record.account_id).await?;
+                }
+                self.store.put_account(&record).await?;
+                let (s, d) = (record.suspended, record.deny_on_exhausted);
+                let now = self.clock.now();
+                let applied = match self.meter.apply_account(&acct, activation, s, d, now) {
+                    // A first deduction activated the account meanwhile:
+                    // its activation stands, the flags still apply.
+                    Err(MeterError::ActivationLocked { .. }) if implicit => {
+                        self.meter.apply_account(&acct, None, s, d, now)
+                    }
+                    r => r,
+                };
+                if let Err(e) = applied {
+                    // A deduction recorded usage since the check above: the
+                    // change is refused, and the stored row goes back.
+                    let back = stored.unwrap_or_else(|| acct.record());
+                    self.store.put_account(&back).await?;
+                    return Err(e);
+                }
+                // What memory holds (activated or moved back by a deduction
+                // meanwhile) is what the store must hold.
+                let now_record = acct.record();
+                if now_record != record {
+                    self.store.put_account(&now_record).await?;
+                }
+                Ok(now_record)
+            })
+            .await
+    }
+
+    /// The first hour with usage in the store for the account, if any.
+    async fn first_stored_usage(&self, account_id: &str) -> Result<Option<Ts>, MeterError> {
+        let first = self
+            .store
+            .usage_rows_page(Ts::MIN, Ts::MAX, Some(account_id), None, 1)
+            .await?;
+        Ok(first.first().map(|r| r.hour))
     }
 
     pub async fn get_account(&self, account_id: &str) -> Result<AccountRecord, MeterError> {

@@ -136,7 +136,10 @@ pub enum AccountCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Create or change an account; settings not given keep their current value.
+    /// Create or change an account. Only the settings given change; the others
+    /// keep their current value (a new account is activated now unless
+    /// --activated-at is given). The activation cannot change once the
+    /// account has usage.
     Put {
         account: String,
         /// Activation instant, RFC 3339; default: unchanged, or now for a new account.
@@ -704,26 +707,28 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             client,
         }) => {
             let activated_at = opt_time("--activated-at", &activated_at)?;
-            let mut admin = AdminClient::new(connect(&client).await?);
-            let current = match admin
-                .get_account(proto::GetAccountRequest {
-                    account_id: account.clone(),
-                })
-                .await
-            {
-                Ok(a) => Some(a.into_inner()),
-                Err(s) if s.code() == Code::NotFound => None,
-                Err(s) => return Err(s.into()),
-            };
-            let current = current.unwrap_or_default();
-            let a = admin
+            // Only the flags given are changes (the update mask), so an
+            // activation fix never lifts a suspension, and nothing is read
+            // first that a concurrent change could make stale.
+            let mut paths = Vec::new();
+            for (given, path) in [
+                (activated_at.is_some(), "activated_at"),
+                (suspended.is_some(), "suspended"),
+                (deny_on_exhausted.is_some(), "deny_on_exhausted"),
+            ] {
+                if given {
+                    paths.push(path.to_string());
+                }
+            }
+            let a = AdminClient::new(connect(&client).await?)
                 .put_account(proto::PutAccountRequest {
                     account: Some(proto::Account {
                         account_id: account,
-                        activated_at: activated_at.or(current.activated_at),
-                        suspended: suspended.unwrap_or(current.suspended),
-                        deny_on_exhausted: deny_on_exhausted.unwrap_or(current.deny_on_exhausted),
+                        activated_at,
+                        suspended: suspended.unwrap_or_default(),
+                        deny_on_exhausted: deny_on_exhausted.unwrap_or_default(),
                     }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?
                 .into_inner();

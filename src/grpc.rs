@@ -36,9 +36,10 @@ impl From<MeterError> for Status {
             | MeterError::InvalidPack(_) => Status::invalid_argument(msg),
             // Well-formed, but the system is not in a state to take it: the
             // hour is settled, or the account must be created first.
-            MeterError::HourClosed { .. } | MeterError::UnknownAccount(_) => {
-                Status::failed_precondition(msg)
-            }
+            // Or the account's usage fixes its activation (R1).
+            MeterError::HourClosed { .. }
+            | MeterError::UnknownAccount(_)
+            | MeterError::ActivationLocked { .. } => Status::failed_precondition(msg),
             MeterError::NotFound(_) => Status::not_found(msg),
             MeterError::PackConflict(_) => Status::already_exists(msg),
             // Retryable: the original request is about to finish.

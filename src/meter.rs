@@ -119,6 +119,15 @@ pub enum MeterError {
     UnknownAccount(String),
     #[error("account `{0}` is unknown")]
     NotFound(String),
+    #[error(
+        "account `{account}`'s activated_at can no longer change: its usage since its first \
+         usage (hour starting {first_usage}) was split against the free-tier packs that \
+         activation defines (an earlier event moves it back by itself, R1)"
+    )]
+    ActivationLocked {
+        account: String,
+        first_usage: String,
+    },
     #[error("{0}")]
     InvalidPack(String),
     #[error("pack `{0}` already exists with different terms")]

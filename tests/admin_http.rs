@@ -137,6 +137,7 @@ async fn metrics_count_real_traffic_without_account_labels() {
                 deny_on_exhausted: true,
                 ..Default::default()
             }),
+            update_mask: None,
         })
         .await
         .unwrap();

@@ -133,6 +133,9 @@ async fn deny_on_exhausted_and_suspended_accounts() {
             suspended,
             deny_on_exhausted: deny,
         }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["suspended".into(), "deny_on_exhausted".into()],
+        }),
     };
     let acct = admin
         .put_account(put("strict", false, true))
@@ -347,6 +350,7 @@ async fn unknown_accounts_can_be_rejected() {
                 account_id: "newco".into(),
                 ..Default::default()
             }),
+            update_mask: None,
         })
         .await
         .unwrap();
@@ -493,7 +497,10 @@ async fn bad_input_gets_a_precise_error_and_changes_nothing() {
         .unwrap_err();
     assert!(e.message().contains("reserved"), "{}", e.message());
     let e = admin
-        .put_account(proto::PutAccountRequest { account: None })
+        .put_account(proto::PutAccountRequest {
+            account: None,
+            update_mask: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -943,4 +950,277 @@ async fn valid_for_is_measured_by_the_server_and_makes_retries_match() {
         .map(|p| p.pack_id)
         .collect();
     assert!(!ids.contains(&"bad".to_string()), "{ids:?}");
+}
+
+/// `PutAccount` changes only what its update mask names; without a mask,
+/// only the populated fields (AIP-134). An activation fix never lifts an
+/// arrears suspension or a `deny` setting (issue 15, item 7).
+#[tokio::test]
+async fn put_account_changes_only_the_fields_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut admin = server.admin().await;
+    let created = server.put_account("arrears", true, true).await;
+    assert!(created.suspended && created.deny_on_exhausted);
+
+    // No mask, only the activation set (a client written before the mask).
+    let fix = proto::Account {
+        account_id: "arrears".into(),
+        activated_at: Some(ts("2026-03-01T00:00:00Z")),
+        ..Default::default()
+    };
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(fix.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(ts("2026-03-01T00:00:00Z")));
+    assert!(
+        got.suspended && got.deny_on_exhausted,
+        "an activation fix lifted the suspension: {got:?}"
+    );
+
+    // A mask naming only the activation: the flags in the message are not changes.
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                activated_at: Some(ts("2026-04-01T00:00:00Z")),
+                ..fix.clone()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["activated_at".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(ts("2026-04-01T00:00:00Z")));
+    assert!(got.suspended && got.deny_on_exhausted, "{got:?}");
+
+    // Clearing a flag needs the mask; the activation is kept.
+    let got = admin
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "arrears".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["suspended".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.activated_at, got.suspended, got.deny_on_exhausted),
+        (Some(ts("2026-04-01T00:00:00Z")), false, true)
+    );
+
+    // A bad mask is INVALID_ARGUMENT naming the path, and changes nothing.
+    for (paths, needle) in [
+        (vec!["suspended", "plan"], "`plan`"),
+        (vec!["activated_at"], "activated_at"),
+    ] {
+        let e = admin
+            .put_account(proto::PutAccountRequest {
+                account: Some(proto::Account {
+                    account_id: "arrears".into(),
+                    suspended: true,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{paths:?}");
+        assert!(e.message().contains(needle), "{}", e.message());
+    }
+    let after = admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "arrears".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, got);
+}
+
+fn minutes_from_now(m: i64) -> prost_types::Timestamp {
+    let t = chrono::Utc::now() + chrono::Duration::minutes(m);
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
+}
+
+fn deduct_at(
+    account: &str,
+    calls: u64,
+    at: Option<prost_types::Timestamp>,
+) -> proto::DeductRequest {
+    proto::DeductRequest {
+        at,
+        ..deduct(account, calls, 0, None)
+    }
+}
+
+/// R1: activation never makes an accepted event fall outside the free tier.
+/// A first event ahead of the clock activates at the clock, and an earlier
+/// event that arrives later (another gateway's) moves A back to it, with
+/// the free pack it needs (issue 15, item 2).
+#[tokio::test]
+async fn activation_is_never_later_than_an_accepted_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+
+    // A first event 4 minutes ahead (within the skew), then one without `at`.
+    let r = meter
+        .deduct(deduct_at("ahead", 1, Some(minutes_from_now(4))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 9));
+    let r = meter
+        .deduct(deduct_at("ahead", 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls),
+        (1, 0, 8),
+        "the free tier billed as overage"
+    );
+
+    // Gateway B's event at -10 min activates `late`; gateway A's earlier
+    // event at -40 min arrives after it.
+    let first = minutes_from_now(-10);
+    let earlier = minutes_from_now(-40);
+    let r = meter
+        .deduct(deduct_at("late", 3, Some(first)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (3, 0, 7));
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(first));
+    let r = meter
+        .deduct(deduct_at("late", 2, Some(earlier)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&r.calls).1,
+        0,
+        "an earlier event was billed as overage"
+    );
+    assert_eq!(split(&r.calls).0, 2);
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(earlier));
+    // One free month holds both events (or two, across a month's end); no
+    // free pack starts after the earliest event, and none is over capacity.
+    let packs = server.packs("late").await;
+    assert_eq!(common::used(&packs, Item::Calls), 5);
+    let first_free = packs
+        .iter()
+        .filter(|p| p.source == PackSource::FreeTier as i32)
+        .map(|p| p.valid_from.unwrap().seconds)
+        .min();
+    assert_eq!(first_free, Some(earlier.seconds));
+    assert!(packs.iter().all(|p| p.used <= p.capacity));
+
+    // Durable: after a flush and a restart the activation is the earlier one.
+    admin.flush(proto::FlushRequest {}).await.unwrap();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let mut admin = server.admin().await;
+    assert_eq!(acct_activation(&mut admin, "late").await, Some(earlier));
+    assert_eq!(common::used(&server.packs("late").await, Item::Calls), 5);
+}
+
+fn set_activation(account: &str, at: prost_types::Timestamp) -> proto::PutAccountRequest {
+    proto::PutAccountRequest {
+        account: Some(proto::Account {
+            account_id: account.into(),
+            activated_at: Some(at),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["activated_at".into()],
+        }),
+    }
+}
+
+/// R1: an operator may move an account's activation either way until it
+/// has usage. After that a change, earlier or later, is FAILED_PRECONDITION
+/// naming the account and its first usage hour, and changes nothing: the
+/// usage was split against the packs that activation defined (issue 15,
+/// item 8). The same activation again, and the flags, still go through.
+#[tokio::test]
+async fn an_activation_cannot_move_once_the_account_has_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--free-calls", "10"]);
+    let (mut meter, mut admin) = (server.meter().await, server.admin().await);
+
+    // Before usage: both directions are allowed, and the packs follow.
+    let a = minutes_from_now(-30);
+    for at in [minutes_from_now(-90), minutes_from_now(20), a] {
+        let got = admin
+            .put_account(set_activation("acme", at))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.activated_at, Some(at));
+        let packs = server.packs("acme").await;
+        let from = packs.iter().map(|p| p.valid_from.unwrap().seconds).min();
+        assert_eq!(from, Some(at.seconds));
+    }
+
+    let r = meter
+        .deduct(deduct_at("acme", 4, Some(minutes_from_now(-5))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (4, 0, 6));
+    let before = server.packs("acme").await;
+
+    for flushed in [false, true] {
+        if flushed {
+            admin.flush(proto::FlushRequest {}).await.unwrap();
+        }
+        for (dir, at) in [
+            ("earlier", minutes_from_now(-50)),
+            ("later", minutes_from_now(-1)),
+        ] {
+            let e = admin
+                .put_account(set_activation("acme", at))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.code(),
+                Code::FailedPrecondition,
+                "{dir}, flushed {flushed}"
+            );
+            assert!(
+                e.message().contains("`acme`") && e.message().contains("first usage"),
+                "{}",
+                e.message()
+            );
+            assert_eq!(acct_activation(&mut admin, "acme").await, Some(a));
+            assert_eq!(server.packs("acme").await, before, "{dir}");
+        }
+    }
+    // Not a change: the same activation, or flags only.
+    let got = admin
+        .put_account(set_activation("acme", a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.activated_at, Some(a));
+    let got = server.put_account("acme", true, false).await;
+    assert_eq!((got.activated_at, got.suspended), (Some(a), true));
 }

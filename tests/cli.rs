@@ -841,3 +841,67 @@ fn https_servers_are_reached_over_tls() {
         .sum();
     assert_eq!(used, 3);
 }
+
+/// `account put` changes only the flags given: an activation fix keeps a
+/// suspension. Once the account has usage, a new activation is refused
+/// (exit 1, naming the account) and nothing changes (issue 15, items 7, 8).
+#[test]
+fn account_put_changes_only_the_flags_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--late-grace", "3650d", "--dedup-window", "3650d"],
+    );
+    let put = |extra: &[&str]| {
+        let mut args = vec!["account", "put", "acme"];
+        args.extend_from_slice(extra);
+        json(&server, &args)
+    };
+    let a = put(&["--suspended", "true", "--deny-on-exhausted", "true"]);
+    assert_eq!(
+        (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let a = put(&["--activated-at", "2019-11-10T17:13:14+08:00"]);
+    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+    assert_eq!(
+        (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let a = put(&["--suspended", "false"]);
+    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+    assert_eq!(
+        (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
+        (Some(false), Some(true))
+    );
+
+    ok(
+        &server,
+        &[
+            "deduct",
+            "acme",
+            "--calls",
+            "1",
+            "--at",
+            "2019-11-20T12:00:00+08:00",
+        ],
+    );
+    let out = run(
+        &server,
+        &[
+            "account",
+            "put",
+            "acme",
+            "--activated-at",
+            "2019-12-01T00:00:00+08:00",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`acme`") && err.contains("first usage"),
+        "{err}"
+    );
+    let a = json(&server, &["account", "get", "acme"]);
+    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+}

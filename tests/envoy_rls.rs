@@ -186,6 +186,7 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
                 suspended: false,
                 deny_on_exhausted: true,
             }),
+            update_mask: None,
         })
         .await
         .unwrap();

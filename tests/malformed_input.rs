@@ -157,6 +157,7 @@ async fn random_bytes_and_hostile_fields_get_precise_errors() {
                 suspended: false,
                 deny_on_exhausted: false,
             }),
+            update_mask: None,
         };
         if let Err(s) = admin.put_account(put.clone()).await {
             assert!(acceptable(s.code()), "{put:?}: {s:?}");

@@ -26,14 +26,12 @@
 //! The model follows DESIGN.md. Where the implementation departs from it,
 //! the generator is restricted, explicitly, so that the rest is still
 //! checked; each restriction names its gap:
-//! - R1 (gap): "an earlier event that arrives later moves A back" is not
-//!   implemented (activation is set once): no deduction or check is
-//!   generated with an event time before the account's activation
-//!   ([`Model::before_activation`]).
-//! - R1/R6: an operator's activation later than the current one on an
-//!   account with usage is outside R1, which keeps A at or before every
-//!   accepted event; DESIGN.md does not say what becomes of that usage, so
-//!   it is not generated ([`Model::moves_activation_past_usage`]).
+//! - R1: an earlier event moves A back unless the new window would end
+//!   before now plus the skew; with this model's 1 h grace and 2-month
+//!   window that never happens, so the model moves A back always.
+//! - R1: an operator's change of activation (either way) is refused once
+//!   the account has usage, and changes nothing (issue 15, item 8); flags
+//!   the operator leaves out keep their value (item 7).
 //! - Checks (`calls = 0, egress_bytes = 0`) carry no request id: DESIGN.md
 //!   does not say whether a check consumes or answers a request id, and the
 //!   implementation ignores it.
@@ -294,8 +292,9 @@ enum Op {
         acct: usize,
         /// Seconds from now; `None` keeps the activation, or activates now.
         activation: Option<i64>,
-        suspended: bool,
-        deny: bool,
+        /// `None` keeps the current value.
+        suspended: Option<bool>,
+        deny: Option<bool>,
     },
     ListPacks {
         acct: usize,
@@ -475,6 +474,7 @@ enum Refusal {
     TooFarInFuture,
     HourClosed,
     InvalidPack,
+    ActivationLocked,
 }
 
 /// What the last operation must answer.
@@ -483,7 +483,7 @@ enum Expect {
     Nothing,
     Deduct(Result<DeductOutcome, Refusal>),
     Grant(Result<PackLine, Refusal>),
-    Account(Record),
+    Account(Result<Record, Refusal>),
 }
 
 type RowKey = (usize, Ts, Item, String);
@@ -522,35 +522,12 @@ impl Model {
         }
     }
 
-    /// The known R1 gap: an event earlier than the account's activation
-    /// should move the activation back, but activation is set once. Such
-    /// deductions (and checks, whose balances would reflect the moved
-    /// activation) are not generated.
-    fn before_activation(&self, acct: usize, at: At) -> bool {
-        self.accounts[acct]
-            .activation()
-            .is_some_and(|a| at.resolve(self.now) < a)
-    }
-
-    /// R1 holds A at or before every accepted event of the account, so an
-    /// operator's activation later than the current one, on an account
-    /// that has usage, falls outside the rules. (It also exposes a gap:
-    /// `apply_account` rebuilds only the free months live under the new
-    /// activation from the resident counters, so a month with usage that is
-    /// not live at that moment, such as one now starting beyond the skew,
-    /// comes back later at 0 and can be used past its capacity.) Not
-    /// generated.
-    fn moves_activation_past_usage(&self, acct: usize, activation: Option<i64>) -> bool {
-        let a = &self.accounts[acct];
-        let has_usage = self
-            .rows
+    /// Whether the account has usage, flushed or not.
+    fn has_usage(&self, acct: usize) -> bool {
+        self.rows
             .keys()
             .chain(self.new_rows.keys())
-            .any(|k| k.0 == acct);
-        match (activation, a.activation()) {
-            (Some(s), Some(current)) => has_usage && self.now + s * SECOND > current,
-            _ => false,
-        }
+            .any(|k| k.0 == acct)
     }
 
     fn deduct(
@@ -789,8 +766,8 @@ impl ReferenceStateMachine for ModelMachine {
                         1 => Just(Some(0)),
                         1 => Just(Some(20 * 60)),
                     ],
-                    prop::bool::weighted(0.25),
-                    prop::bool::weighted(0.5),
+                    prop::option::of(prop::bool::weighted(0.25)),
+                    prop::option::of(prop::bool::weighted(0.5)),
                 )
                     .prop_map(|(acct, activation, suspended, deny)| Op::Put {
                         acct,
@@ -843,15 +820,11 @@ impl ReferenceStateMachine for ModelMachine {
         proptest::strategy::Union::new_weighted(ops).boxed()
     }
 
-    fn preconditions(state: &Model, op: &Op) -> bool {
-        match *op {
-            Op::Deduct { acct, at, .. } => !state.before_activation(acct, at),
-            Op::ListPacks { .. } => true,
-            Op::Put {
-                acct, activation, ..
-            } => !state.moves_activation_past_usage(acct, activation),
-            _ => true,
-        }
+    /// Every operation is generated in every state: the known gaps this
+    /// used to restrict (R1's move-back, an operator's activation past
+    /// usage) are implemented now.
+    fn preconditions(_state: &Model, _op: &Op) -> bool {
+        true
     }
 
     fn apply(mut state: Model, op: &Op) -> Model {
@@ -919,6 +892,7 @@ impl ReferenceStateMachine for ModelMachine {
                 deny,
             } => {
                 let now = state.now;
+                let has_usage = state.has_usage(acct);
                 let a = &mut state.accounts[acct];
                 // An explicit activation replaces it; none keeps the
                 // current one, or activates the account now.
@@ -926,15 +900,20 @@ impl ReferenceStateMachine for ModelMachine {
                     .map(|s| now + s * SECOND)
                     .or(a.activation())
                     .or(Some(now));
-                let rec = Record {
-                    activated,
-                    suspended,
-                    deny,
+                state.expect = if activated != a.activation() && has_usage {
+                    // R1: usage fixes the activation; nothing changes.
+                    Expect::Account(Err(Refusal::ActivationLocked))
+                } else {
+                    let rec = Record {
+                        activated,
+                        suspended: suspended.unwrap_or(a.suspended()),
+                        deny: deny.unwrap_or(a.deny()),
+                    };
+                    // Written through: durable at once.
+                    a.record = Some(rec);
+                    a.new_activation = None;
+                    Expect::Account(Ok(rec))
                 };
-                // Written through: durable at once.
-                a.record = Some(rec);
-                a.new_activation = None;
-                state.expect = Expect::Account(rec);
             }
             Op::ListPacks { .. } | Op::Evict => {}
             Op::Flush | Op::Restart => state.flush(),
@@ -1220,12 +1199,18 @@ impl StateMachineTest for PackmeterTest {
                     suspended,
                     deny_on_exhausted: deny,
                 };
-                let got: AccountRecord = sut.rt.block_on(sut.app().put_account(change)).unwrap();
-                let got = Record {
-                    activated: got.activated_at,
-                    suspended: got.suspended,
-                    deny: got.deny_on_exhausted,
-                };
+                let got = sut
+                    .rt
+                    .block_on(sut.app().put_account(change))
+                    .map(|got: AccountRecord| Record {
+                        activated: got.activated_at,
+                        suspended: got.suspended,
+                        deny: got.deny_on_exhausted,
+                    })
+                    .map_err(|e| match e {
+                        MeterError::ActivationLocked { .. } => Refusal::ActivationLocked,
+                        other => panic!("unexpected put_account error: {other}"),
+                    });
                 assert_eq!(Expect::Account(got), model.expect, "put_account");
             }
             Op::ListPacks { acct } => sut.check_pack_lists(model, acct),

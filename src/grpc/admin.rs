@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, proto};
 use crate::{
-    app::{AccountChange, App, Grant, Validity},
+    app::{App, Grant, Validity},
     meter::validate_account_id,
 };
 
@@ -31,21 +31,18 @@ fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl proto::admin_server::Admin for AdminService {
-    /// Creates or replaces the account's settings. An unset `activated_at`
-    /// keeps the current activation, or activates the account now.
+    /// Creates an account or changes the settings its `update_mask` names
+    /// (without one: the populated fields, AIP-134); every other setting
+    /// keeps its value.
     #[tracing::instrument(skip_all)]
     async fn put_account(
         &self,
         req: Request<proto::PutAccountRequest>,
     ) -> Result<Response<proto::Account>, Status> {
-        let a = required("account", req.into_inner().account)?;
+        let r = req.into_inner();
+        let a = required("account", r.account)?;
         validate_account_id(&a.account_id)?;
-        let change = AccountChange {
-            activated_at: convert::ts("account.activated_at", a.activated_at.as_ref())?,
-            account_id: a.account_id,
-            suspended: a.suspended,
-            deny_on_exhausted: a.deny_on_exhausted,
-        };
+        let change = convert::account_change(a, r.update_mask.as_ref())?;
         let record = self.app.put_account(change).await?;
         Ok(Response::new(convert::account(&record)))
     }

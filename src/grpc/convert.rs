@@ -1,12 +1,12 @@
 //! Proto ⇄ domain conversions. Malformed input becomes INVALID_ARGUMENT with
 //! the field's name.
 
-use prost_types::Timestamp;
+use prost_types::{FieldMask, Timestamp};
 use tonic::Status;
 
 use super::proto;
 use crate::{
-    app::Validity,
+    app::{AccountChange, Validity},
     calendar::{Ts, SECOND},
     ledger::{AccountRecord, UsageRow},
     meter::{Decision, DeductOutcome, ItemOutcome, PackView},
@@ -124,6 +124,47 @@ pub fn account(r: &AccountRecord) -> proto::Account {
         suspended: r.suspended,
         deny_on_exhausted: r.deny_on_exhausted,
     }
+}
+
+/// The settings a `PutAccount` changes: those its `update_mask` names, or,
+/// without a mask, the populated ones (AIP-134): an activation that is set,
+/// flags that are true. A field outside the mask is never a change.
+pub fn account_change(
+    a: proto::Account,
+    mask: Option<&FieldMask>,
+) -> Result<AccountChange, Status> {
+    let activated_at = ts("account.activated_at", a.activated_at.as_ref())?;
+    let (mut set_activation, mut set_suspended, mut set_deny) = match mask {
+        None => (activated_at.is_some(), a.suspended, a.deny_on_exhausted),
+        Some(_) => (false, false, false),
+    };
+    for path in mask.map_or(&[][..], |m| &m.paths[..]) {
+        match path.as_str() {
+            "activated_at" => set_activation = true,
+            "suspended" => set_suspended = true,
+            "deny_on_exhausted" => set_deny = true,
+            "*" => (set_activation, set_suspended, set_deny) = (true, true, true),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "update_mask: unknown path `{}`; use activated_at, suspended, \
+                     deny_on_exhausted or *",
+                    other.escape_debug()
+                )))
+            }
+        }
+    }
+    if set_activation && activated_at.is_none() {
+        return Err(Status::invalid_argument(
+            "account.activated_at: is in update_mask but not set; an activation cannot be \
+             cleared, so set it or leave it out of the mask",
+        ));
+    }
+    Ok(AccountChange {
+        account_id: a.account_id,
+        activated_at: activated_at.filter(|_| set_activation),
+        suspended: set_suspended.then_some(a.suspended),
+        deny_on_exhausted: set_deny.then_some(a.deny_on_exhausted),
+    })
 }
 
 pub fn usage_row(r: &UsageRow) -> proto::UsageRow {

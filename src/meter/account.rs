@@ -22,8 +22,9 @@ pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
 #[derive(Debug)]
 pub struct AccountState {
     pub(super) id: Arc<str>,
-    /// Activation instant, or `NOT_ACTIVATED`. Set once by a compare-and-swap
-    /// at the first deduction (R1), or by an operator.
+    /// Activation instant, or `NOT_ACTIVATED`. Set by a compare-and-swap at
+    /// the first deduction (R1) or by an operator; moved back by an earlier
+    /// event, only while no deduction is in progress (`Gate::exclusive`).
     pub(super) activated_at: AtomicI64,
     pub(super) suspended: AtomicBool,
     pub(super) deny_on_exhausted: AtomicBool,

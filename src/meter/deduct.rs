@@ -63,12 +63,22 @@ impl Meter {
         deduction: &Deduction<'_>,
         now: Ts,
     ) -> Result<DeductOutcome, MeterError> {
-        let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
         let c = Charge {
             account,
             deduction: *deduction,
         };
         let at = deduction.at.unwrap_or(now);
+        if moves_back(&c, now) {
+            // Rare: the group path, which moves the activation back.
+            let [o] = self
+                .deduct_all(std::slice::from_ref(&c), now, Atomicity::Each)
+                .map_err(|(_, e)| e)?[..]
+            else {
+                unreachable!("one outcome per charge")
+            };
+            return Ok(o);
+        }
+        let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
         self.validate_time(at, now, pass.settled_before)?;
         let id = self
             .claim_id(&c, at, now)
@@ -79,27 +89,50 @@ impl Meter {
                 .reserve(&c, at, now)
                 .inspect_err(|_| self.release(&c, id))?,
         };
-        let o = self.one(&c, at, now, id, reserved);
+        let o = self.one(&c, at, now, id, reserved, false);
         drop(pass);
         Ok(o)
     }
 
     /// One charge that stands alone, its id already claimed and, if
-    /// `reserved`, its amounts counted into its hour's totals.
-    fn one(&self, c: &Charge<'_>, at: Ts, now: Ts, id: Id, reserved: bool) -> DeductOutcome {
+    /// `reserved`, its amounts counted into its hour's totals. With
+    /// `exclusive` (no other deduction in progress), an event before the
+    /// activation moves it back first (R1), and back again if the event
+    /// takes nothing: a check or a denial changes nothing.
+    fn one(
+        &self,
+        c: &Charge<'_>,
+        at: Ts,
+        now: Ts,
+        id: Id,
+        reserved: bool,
+        exclusive: bool,
+    ) -> DeductOutcome {
         if let Id::Done(r) = id {
             self.unreserve(c, at, reserved);
             return self.duplicate(c.account, at, now, r);
         }
+        let moved = exclusive
+            .then(|| self.move_back(c.account, at, now))
+            .flatten();
         let _deny_lock = (c.deduction.calls > 0 && c.account.deny_on_exhausted.load(Relaxed))
             .then(|| c.account.deny_lock.lock());
-        match self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now) {
+        let o = match self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now) {
             Some((_, reason)) => {
                 self.unreserve(c, at, reserved);
                 self.deny(c, at, now, id, reason)
             }
             None => self.take(c, at, now, id == Id::Claimed),
+        };
+        if let Some(saved) = moved {
+            if o.decision == Decision::Allow && !c.deduction.is_check() {
+                // The account row must be written with the new activation.
+                self.record(c.account, |p| p.account_dirty = true);
+            } else {
+                self.restore(c.account, saved);
+            }
         }
+        o
     }
 
     /// Deducts a group of charges at `now`, the server clock read after the
@@ -115,14 +148,40 @@ impl Meter {
         now: Ts,
         atomicity: Atomicity,
     ) -> Result<Vec<DeductOutcome>, (usize, MeterError)> {
+        // An event before its account's activation moves it back (R1),
+        // which replaces counters: that runs with no other deduction in
+        // progress. Envoy's all-or-nothing groups carry no event time.
+        if atomicity == Atomicity::Each && charges.iter().any(|c| moves_back(c, now)) {
+            return self.gate.exclusive(|settled_before, closed| {
+                if closed {
+                    return Err((0, MeterError::ShuttingDown));
+                }
+                self.deduct_group(charges, now, atomicity, settled_before, true)
+            });
+        }
         let pass = self
             .gate
             .enter()
             .map_err(|_| (0, MeterError::ShuttingDown))?;
+        let outcomes = self.deduct_group(charges, now, atomicity, pass.settled_before, false);
+        drop(pass);
+        outcomes
+    }
+
+    /// [`deduct_all`](Self::deduct_all) under a pass, or, with `exclusive`,
+    /// with no other deduction in progress.
+    fn deduct_group(
+        &self,
+        charges: &[Charge<'_>],
+        now: Ts,
+        atomicity: Atomicity,
+        settled_before: Ts,
+        exclusive: bool,
+    ) -> Result<Vec<DeductOutcome>, (usize, MeterError)> {
         let mut ats = Vec::with_capacity(charges.len());
         for (i, c) in charges.iter().enumerate() {
             let at = c.deduction.at.unwrap_or(now);
-            self.validate_time(at, now, pass.settled_before)
+            self.validate_time(at, now, settled_before)
                 .map_err(|e| (i, e))?;
             ats.push(at);
         }
@@ -160,7 +219,7 @@ impl Meter {
                             Decision::Deny(_) => self.claim_id(c, ats[i], now).unwrap_or(Id::None),
                         };
                     }
-                    out.push(self.one(c, ats[i], now, ids[i], reserved[i]));
+                    out.push(self.one(c, ats[i], now, ids[i], reserved[i], exclusive));
                 }
                 out
             }
@@ -199,7 +258,6 @@ impl Meter {
                 out
             }
         };
-        drop(pass);
         Ok(outcomes)
     }
 
@@ -371,7 +429,8 @@ impl Meter {
     }
 
     /// Activates an account at its first deduction (R1): at the event
-    /// time, but never later than the server clock.
+    /// time, but never later than the server clock. An activated account's
+    /// activation moves back in [`one`](Self::one).
     fn activate(&self, acct: &Arc<AccountState>, at: Ts, now: Ts) {
         // Load first: after the first deduction the CAS would always fail,
         // and a failed CAS still takes the cache line exclusively.
@@ -487,6 +546,12 @@ impl Meter {
         }
         o
     }
+}
+
+/// Whether the charge's event is before its account's activation, which
+/// it would move back (R1). A relaxed read: the move itself checks again.
+fn moves_back(c: &Charge<'_>, now: Ts) -> bool {
+    c.deduction.at.unwrap_or(now) < c.account.activated_at.load(Relaxed)
 }
 
 fn amounts(o: &DeductOutcome) -> Amounts {

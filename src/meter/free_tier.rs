@@ -6,13 +6,19 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use super::{account::NOT_ACTIVATED, AccountState, Meter, PackView};
+use super::{AccountState, Meter, MeterError, PackView};
 use crate::{
     calendar::{self, FreeMonth, Ts},
-    ledger::AccountRecord,
     packs::{deduction_order, Item, PackCounter, PackSource, PackSpec},
     store::StoredPack,
 };
+
+/// An account's activation and packs before an R1 move, to put back if
+/// the event that moved it takes nothing.
+pub(super) struct Saved {
+    activated_at: Ts,
+    packs: Arc<Vec<Arc<PackCounter>>>,
+}
 
 impl Meter {
     pub(super) fn free_specs(&self, m: &FreeMonth) -> [PackSpec; 2] {
@@ -81,22 +87,86 @@ impl Meter {
         );
     }
 
-    /// Applies an operator's account settings to a resident account. The
-    /// caller has written them to the store first.
-    pub fn apply_account(&self, acct: &AccountState, record: &AccountRecord, now: Ts) {
-        acct.suspended.store(record.suspended, Relaxed);
-        acct.deny_on_exhausted
-            .store(record.deny_on_exhausted, Relaxed);
-        let new = record.activated_at.unwrap_or(NOT_ACTIVATED);
-        if acct.activated_at.swap(new, Relaxed) == new {
-            return;
+    /// Applies an operator's account settings to a resident account; the
+    /// caller has written them to the store. `activation` is `None` to keep
+    /// the current one.
+    ///
+    /// An activation that differs from the current one is refused, changing
+    /// nothing, once the account has unflushed usage: that usage was split
+    /// against the packs the current activation defines (R1). (The caller
+    /// checks the store's usage, with flushes held off.) It runs while no
+    /// deduction is in progress, so the rebuilt counters lose no concurrent
+    /// take.
+    pub fn apply_account(
+        &self,
+        acct: &AccountState,
+        activation: Option<Ts>,
+        suspended: bool,
+        deny_on_exhausted: bool,
+        now: Ts,
+    ) -> Result<(), MeterError> {
+        self.gate.exclusive(|_, _| {
+            let moves = activation.filter(|a| Some(*a) != acct.activated_at());
+            if moves.is_some() {
+                let first = acct.pending.lock().get().and_then(|p| p.oldest_hour());
+                if let Some(hour) = first {
+                    return Err(MeterError::ActivationLocked {
+                        account: acct.id.to_string(),
+                        first_usage: calendar::to_datetime(hour).to_rfc3339(),
+                    });
+                }
+            }
+            acct.suspended.store(suspended, Relaxed);
+            acct.deny_on_exhausted.store(deny_on_exhausted, Relaxed);
+            if let Some(a) = moves {
+                acct.activated_at.store(a, Relaxed);
+                self.rebuild_free_months(acct, Some(a), now);
+            }
+            Ok(())
+        })
+    }
+
+    /// R1: an accepted event at `t`, before the activation A, moves A back
+    /// to `t`. Called with no deduction in progress (under
+    /// [`Gate::exclusive`](super::gate::Gate::exclusive)); returns what to
+    /// [`restore`](Self::restore) if the event is not taken after all.
+    ///
+    /// Every event the account has had is at or after A, so moving A back
+    /// changes no usage already attributed: the activation month's pack
+    /// only starts earlier (same id, same counter value), and the months
+    /// between are new and empty. The window's end moves back too, by at
+    /// most a month; A stays where it is if the new end would not lie past
+    /// every instant the account can have usage at (now plus the future
+    /// skew), which needs a late grace of about the window's length.
+    pub(super) fn move_back(&self, acct: &AccountState, t: Ts, now: Ts) -> Option<Saved> {
+        let a = acct.activated_at().filter(|a| t < *a)?;
+        let (_, end) = calendar::free_window(t, &self.cfg.plan, &self.cfg.zone);
+        if end <= now.saturating_add(self.cfg.max_future_skew) {
+            return None;
         }
-        // The free months moved: rebuild every live one, carrying usage by
-        // pack id. "Live" includes a month that starts within the future
-        // skew: an early event may already have used it, and dropping it
-        // would re-create it later at zero.
-        let months = record
-            .activated_at
+        let saved = Saved {
+            activated_at: a,
+            packs: acct.packs.load_full(),
+        };
+        acct.activated_at.store(t, Relaxed);
+        self.rebuild_free_months(acct, Some(t), now);
+        Some(saved)
+    }
+
+    /// Undoes a [`move_back`](Self::move_back) whose event took nothing (a
+    /// check, a denial). Still under the same exclusive section.
+    pub(super) fn restore(&self, acct: &AccountState, saved: Saved) {
+        acct.activated_at.store(saved.activated_at, Relaxed);
+        acct.packs.store(saved.packs);
+    }
+
+    /// The free months moved: rebuilds every live one, carrying usage by
+    /// pack id. "Live" includes a month that starts within the future skew:
+    /// an early event may already have used it, and dropping it would
+    /// re-create it later at zero. Only with no deduction in progress: the
+    /// counters are replaced.
+    fn rebuild_free_months(&self, acct: &AccountState, activated_at: Option<Ts>, now: Ts) {
+        let months = activated_at
             .map(|a| calendar::free_months(a, &self.cfg.plan, &self.cfg.zone))
             .unwrap_or_default();
         let keep_after = self.keep_after(now);
@@ -128,10 +198,14 @@ impl Meter {
         });
     }
 
-    /// Makes a granted pack resident so deductions use it at once.
+    /// Makes a granted pack resident so deductions use it at once. Not
+    /// during a deduction: one that moves the activation back may restore
+    /// the pack list it saved (R1).
     pub fn add_pack(&self, acct: &AccountState, pack: &StoredPack, now: Ts) {
         let counter = Arc::new(PackCounter::new(pack.spec.clone(), pack.used));
-        acct.merge_packs(|| vec![counter.clone()], self.keep_after(now));
+        self.gate.exclusive(|_, _| {
+            acct.merge_packs(|| vec![counter.clone()], self.keep_after(now));
+        });
     }
 
     /// Every pack of the account, free tier and purchased, past, present and

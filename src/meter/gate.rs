@@ -100,6 +100,18 @@ impl Gate {
         self.settled_before.load(SeqCst)
     }
 
+    /// Runs `f` while no deduction is in progress and none can start: it
+    /// holds every shard's write lock. For the rare changes that replace an
+    /// account's counters (an activation that moves, R1), which must not
+    /// race a deduction on the old ones. `f` gets the settled mark and
+    /// whether the gate is closed. Shards are locked in index order, so two
+    /// exclusive sections (or one and a barrier) cannot deadlock. Never
+    /// call it while holding a [`Pass`].
+    pub fn exclusive<R>(&self, f: impl FnOnce(Ts, bool) -> R) -> R {
+        let _all: Vec<_> = self.shards.iter().map(|s| s.0.write()).collect();
+        f(self.settled_before(), self.is_closed())
+    }
+
     /// Waits until every pass taken before this call is dropped.
     fn barrier(&self) {
         for s in &self.shards {

@@ -3,7 +3,7 @@ use crate::{
     calendar::{from_datetime, SECOND},
     store::sqlite::SqliteStore,
 };
-use crate::{ledger::AccountRecord, packs::Item, store::StoredPack};
+use crate::{packs::Item, store::StoredPack};
 use proptest::prelude::*;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -65,13 +65,8 @@ fn calls(n: u64, t: Ts) -> Deduction<'static> {
 
 /// Applies an operator's settings, as `PutAccount` does after its store write.
 fn set_account(m: &Meter, a: &AccountState, activated: Ts, suspended: bool, deny: bool, now: Ts) {
-    let record = AccountRecord {
-        account_id: a.id().to_string(),
-        activated_at: Some(activated),
-        suspended,
-        deny_on_exhausted: deny,
-    };
-    m.apply_account(a, &record, now);
+    m.apply_account(a, Some(activated), suspended, deny, now)
+        .expect("no usage yet");
 }
 
 /// Grants a purchased calls pack valid until `until`.
@@ -103,6 +98,55 @@ fn first_event_ahead_of_the_clock_activates_at_the_clock() {
     let a = new_account(&m, "acme", now);
     m.deduct(&a, &calls(1, now + 120 * SECOND), now).unwrap();
     assert_eq!(a.activated_at(), Some(now));
+}
+
+/// R1: an earlier event moves A back; a check or a denial before A moves
+/// nothing; and A stays where a move would end the window before usage the
+/// account already has (possible only with a grace near the window's length).
+#[test]
+fn an_earlier_event_moves_the_activation_back_unless_usage_would_fall_outside() {
+    let (m, _d) = meter(MeterConfig {
+        plan: FreeTierPlan {
+            calls: 10,
+            ..FreeTierPlan::default()
+        },
+        ..replay_cfg()
+    });
+    let now = at("2020-11-10T20:00:00+08:00");
+    let a = new_account(&m, "acme", now);
+    m.deduct(&a, &calls(1, at("2019-11-10T17:13:14+08:00")), now)
+        .unwrap();
+    // A check and a suspended account's denial before A move nothing, but
+    // the check answers what the move would give.
+    let o = m
+        .deduct(&a, &calls(0, at("2019-11-10T17:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.calls.remaining, 9);
+    a.suspended.store(true, Relaxed);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-11-10T17:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.decision, Decision::Deny(DenyReason::Suspended));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T17:13:14+08:00")));
+    a.suspended.store(false, Relaxed);
+    // The last day of the window has usage; a move to the 9th would end the
+    // window at midnight before it, so A stays and the event is overage.
+    let o = m
+        .deduct(&a, &calls(2, at("2020-11-10T19:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!(o.calls.covered, 2);
+    let o = m
+        .deduct(&a, &calls(1, at("2019-11-09T23:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.overage), (0, 1));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T17:13:14+08:00")));
+    // The same day keeps the window's end: A moves back, and the event and
+    // the first one share November's pack.
+    let o = m
+        .deduct(&a, &calls(3, at("2019-11-10T08:00:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.remaining), (3, 6));
+    assert_eq!(a.activated_at(), Some(at("2019-11-10T08:00:00+08:00")));
 }
 
 #[test]
@@ -504,17 +548,26 @@ fn a_settled_hour_takes_no_more_deductions_even_if_the_clock_steps_back() {
 /// Before, only started months were rebuilt: the pack was dropped, then
 /// re-created at zero, and its usage counted twice against the store.
 #[test]
-fn put_account_keeps_a_next_month_pack_that_an_early_event_used() {
+fn an_activation_move_keeps_a_next_month_pack_that_an_early_event_used() {
     let (m, _d) = meter(free_calls(10));
     // 23:58 on 30 November, +08:00; the event is at 00:02 on 1 December.
     let now = at("2024-11-30T23:58:00+08:00");
     let a = new_account(&m, "acme", now);
-    set_account(&m, &a, at("2024-11-05T00:00:00+08:00"), false, false, now);
+    set_account(&m, &a, at("2024-11-30T23:55:00+08:00"), false, false, now);
     let early = at("2024-12-01T00:02:00+08:00");
     let o = m.deduct(&a, &calls(3, early), now).unwrap();
     assert_eq!((o.calls.covered, o.calls.remaining), (3, 7));
-    // The operator moves the activation back a few days, still before midnight.
-    set_account(&m, &a, at("2024-11-01T00:00:00+08:00"), false, false, now);
+    // With usage, the operator can no longer move it; nothing changes.
+    let moved = m.apply_account(&a, Some(at("2024-11-01T00:00:00+08:00")), true, true, now);
+    assert!(matches!(moved, Err(MeterError::ActivationLocked { .. })));
+    assert_eq!(a.activated_at(), Some(at("2024-11-30T23:55:00+08:00")));
+    assert!(!a.suspended.load(Relaxed));
+    // An earlier event moves it back (R1), still before midnight.
+    let o = m
+        .deduct(&a, &calls(2, at("2024-11-30T23:20:00+08:00")), now)
+        .unwrap();
+    assert_eq!((o.calls.covered, o.calls.overage), (2, 0));
+    assert_eq!(a.activated_at(), Some(at("2024-11-30T23:20:00+08:00")));
     let december = |a: &AccountState| {
         a.packs()
             .iter()

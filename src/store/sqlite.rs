@@ -481,10 +481,14 @@ impl Store for SqliteStore {
                 return Ok(false);
             }
             {
+                // An activation only ever moves back at a flush (R1: an
+                // earlier event); an operator's change is written by
+                // put_account, never while a flush runs.
                 let mut account = tx.prepare_cached(
                     "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
-                     ON CONFLICT (account_id) DO UPDATE SET \
-                     activated_at = COALESCE(accounts.activated_at, excluded.activated_at)",
+                     ON CONFLICT (account_id) DO UPDATE SET activated_at = COALESCE(\
+                     MIN(accounts.activated_at, excluded.activated_at), \
+                     accounts.activated_at, excluded.activated_at)",
                 )?;
                 let mut usage = tx.prepare_cached(
                     "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \

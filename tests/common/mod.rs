@@ -120,7 +120,8 @@ impl Server {
             .packs
     }
 
-    /// `Admin.PutAccount` with the current (or a new) activation.
+    /// `Admin.PutAccount` setting both flags, with the current (or a new)
+    /// activation.
     pub async fn put_account(&self, account: &str, suspended: bool, deny: bool) -> proto::Account {
         self.admin()
             .await
@@ -130,6 +131,10 @@ impl Server {
                     activated_at: None,
                     suspended,
                     deny_on_exhausted: deny,
+                }),
+                // Both flags as given; the activation kept (or now).
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["suspended".into(), "deny_on_exhausted".into()],
                 }),
             })
             .await
