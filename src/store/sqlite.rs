@@ -261,6 +261,12 @@ fn lock(path: &str) -> Result<std::fs::File, Locked> {
         .create(true)
         .truncate(false)
         .open(&lock)
+        // A lock file another user left (it is never removed) can still be
+        // locked through a read-only handle; only the pid goes unwritten.
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => std::fs::File::open(&lock),
+            _ => Err(e),
+        })
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => {}
