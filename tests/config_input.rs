@@ -111,15 +111,32 @@ fn the_largest_signed_amounts_are_still_accepted() {
     );
 }
 
-/// Runs `packmeter serve` with exactly `args` (no store or trick added).
+/// Runs `packmeter serve` with exactly `args` (no store or trick added),
+/// expecting it to exit. If it starts serving instead (it prints its
+/// listening line), it is killed and the test fails rather than hangs.
 fn serve_raw(args: &[&str]) -> Output {
-    Command::new(BIN)
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(BIN)
         .arg("serve")
         .args(args)
         .env_remove("RUST_BACKTRACE")
         .env_remove("PACKMETER_CONFIG")
-        .output()
-        .expect("run packmeter")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run packmeter");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read stdout");
+    if !line.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{args:?}: the server started: {line:?}");
+    }
+    let mut out = child.wait_with_output().expect("wait for packmeter");
+    stdout.read_to_end(&mut out.stdout).expect("read stdout");
+    out
 }
 
 /// Issue 15 item 10: a TOML value of the wrong type, a negative number and
