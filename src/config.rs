@@ -291,6 +291,11 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub store: String,
+    /// Whether `serve` may create the store's directory: only the default
+    /// data directory is created. An explicit path in a directory that
+    /// does not exist is most likely a typo, and would start an empty
+    /// ledger (a fresh free tier for every account), so `serve` refuses it.
+    pub create_store_dir: bool,
     pub flush_interval: Duration,
     pub shutdown_grace: Duration,
     pub idle_evict: Duration,
@@ -597,28 +602,9 @@ impl Config {
             ));
         }
         let store_given = pick(&args.store, &file.store);
-        let store = store_given.clone().unwrap_or_else(default_store_url);
-        let store_path = crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
-        // An explicit path in a missing directory is most likely a typo,
-        // and would start an empty ledger: a fresh free tier for every
-        // account. Only the default data directory is created.
-        if store_given.is_some() {
-            if let Some(dir) = Path::new(store_path)
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-            {
-                if !dir.is_dir() {
-                    return Err(err(
-                        "store",
-                        format!(
-                            "the directory {} of `{store}` does not exist; create it, or fix \
-                             the path (only the default data directory is created)",
-                            dir.display()
-                        ),
-                    ));
-                }
-            }
-        }
+        let create_store_dir = store_given.is_none();
+        let store = store_given.unwrap_or_else(default_store_url);
+        crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
 
         let flush_interval = duration_of(
             "flush_interval",
@@ -822,6 +808,7 @@ impl Config {
             listen,
             admin_listen,
             store,
+            create_store_dir,
             flush_interval,
             shutdown_grace,
             idle_evict,
@@ -1480,19 +1467,7 @@ mod tests {
                 Ok(path) => {
                     prop_assert!(!path.is_empty() && !path.contains('\0'));
                     prop_assert_eq!(format!("sqlite://{path}"), v.clone());
-                    // An explicit path must be in a directory that exists.
-                    let dir = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty());
-                    match Config::resolve(&only("store", &v)) {
-                        Ok(c) => {
-                            prop_assert!(dir.is_none_or(|d| d.is_dir()), "{}", v);
-                            prop_assert_eq!(c.store, v);
-                        }
-                        Err(e) => {
-                            prop_assert_eq!(e.field, "store");
-                            prop_assert!(dir.is_some_and(|d| !d.is_dir()), "{}: {}", v, e.message);
-                            prop_assert!(e.message.contains("does not exist"), "{}", e.message);
-                        }
-                    }
+                    prop_assert_eq!(Config::resolve(&only("store", &v)).unwrap().store, v);
                 }
                 Err(refused) => {
                     let e = Config::resolve(&only("store", &v)).unwrap_err();

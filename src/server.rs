@@ -89,7 +89,8 @@ pub enum ServeError {
 /// An unwritable store is the configuration's fault, and said like one.
 fn open_failed(e: &crate::store::OpenError) -> String {
     match e {
-        crate::store::OpenError::NotWritable { .. } => {
+        crate::store::OpenError::NotWritable { .. }
+        | crate::store::OpenError::NoDirectory { .. } => {
             format!("invalid configuration: store: {e}")
         }
         _ => format!("cannot open the store: {e}"),
@@ -103,12 +104,15 @@ pub const EX_UNAVAILABLE: u8 = 69;
 
 impl ServeError {
     /// The exit code `serve` stops with: 64 for a store this process
-    /// cannot write (as for any other bad setting), 69 for a store another
+    /// cannot write or whose directory is missing (as for any other bad
+    /// setting), 69 for a store another
     /// process holds, 1 for anything else. README, "Exit codes".
     pub fn exit_code(&self) -> u8 {
         use crate::store::OpenError;
         match self {
-            ServeError::Open(OpenError::NotWritable { .. }) => EX_USAGE,
+            ServeError::Open(OpenError::NotWritable { .. } | OpenError::NoDirectory { .. }) => {
+                EX_USAGE
+            }
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
             _ => 1,
         }
@@ -123,6 +127,9 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    if !config.create_store_dir {
+        store::check_dir(&config.store)?;
+    }
     let store = store::open(&config.store)?;
     let spill_path = store::spill_path(&config.store);
     let replayed = spill::replay(&*store, &spill_path).await?;

@@ -169,6 +169,17 @@ pub enum OpenError {
         holder: String,
         lock: std::path::PathBuf,
     },
+    /// An explicit store path whose directory does not exist (see
+    /// [`check_dir`]).
+    #[error(
+        "the directory {} of {store} does not exist; create it, or fix the path \
+         (only the default data directory is created)",
+        dir.display()
+    )]
+    NoDirectory {
+        store: String,
+        dir: std::path::PathBuf,
+    },
     /// The store cannot be written by this process: every flush would fail.
     #[error("{store} cannot be written by this process: {reason}")]
     NotWritable { store: String, reason: String },
@@ -181,6 +192,22 @@ pub enum OpenError {
 pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
     Ok(Arc::new(sqlite::SqliteStore::open(path)?))
+}
+
+/// Refuses a store whose directory does not exist, before anything is
+/// opened or created. `serve` calls it for an explicit `--store`.
+pub fn check_dir(url: &str) -> Result<(), OpenError> {
+    let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
+    match std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        Some(dir) if !dir.is_dir() => Err(OpenError::NoDirectory {
+            store: url.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where shutdown writes usage it could not flush (see [`crate::spill`]):
