@@ -722,6 +722,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_settled_mark_only_moves_forward_and_outlives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.db").to_str().unwrap().to_string();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            assert_eq!(store.settled_before().await.unwrap(), Ts::MIN);
+            assert_eq!(store.record_settled(20).await.unwrap(), 20);
+            assert_eq!(store.record_settled(10).await.unwrap(), 20);
+            // A second open while this one lives is refused.
+            assert!(matches!(
+                SqliteStore::open(&path),
+                Err(OpenError::InUse { .. })
+            ));
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.settled_before().await.unwrap(), 20);
+    }
+
+    #[tokio::test]
     async fn a_flushed_batch_is_read_back_after_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/pm.db");
