@@ -485,22 +485,32 @@ impl App {
     /// are settled: closed (R9), with nothing unflushed, and closed to any
     /// further deduction by the gate's settled mark. Rows below it never
     /// change again (R12).
-    pub async fn settled_before(&self) -> Ts {
-        self.flusher
+    ///
+    /// The gate's mark is written to the store before the bound is
+    /// returned, so a restart (even with a longer `--late-grace`) keeps
+    /// those hours closed; if the store refuses it, nothing is settled for
+    /// the caller and the error says why.
+    pub async fn settled_before(&self) -> Result<Ts, MeterError> {
+        let (mark, bound) = self
+            .flusher
             .quiesced(async {
                 let closed = self.meter.closed_before(self.clock.now());
                 let mark = self.meter.gate().settle(closed);
-                match self.meter.oldest_pending_hour() {
+                let bound = match self.meter.oldest_pending_hour() {
                     Some(h) => mark.min(h),
                     None => mark,
-                }
+                };
+                (mark, bound)
             })
-            .await
+            .await;
+        self.store.record_settled(mark).await?;
+        Ok(bound)
     }
 
     /// Settled hourly rows with `from <= hour < to` (R12), optionally for
     /// one account, read lazily a page at a time: only hours below
     /// [`settled_before`](Self::settled_before), which never change again.
+    /// If the settled mark cannot be recorded, the stream is that one error.
     pub async fn export(
         &self,
         from: Ts,
@@ -509,7 +519,10 @@ impl App {
     ) -> impl futures_util::Stream<Item = Result<crate::ledger::UsageRow, MeterError>> + Send + 'static
     {
         use futures_util::StreamExt;
-        let settled = self.settled_before().await;
+        let settled = match self.settled_before().await {
+            Ok(settled) => settled,
+            Err(e) => return futures_util::stream::once(async { Err(e) }).left_stream(),
+        };
         crate::export::settled_rows(
             self.store.clone(),
             from,
@@ -518,6 +531,7 @@ impl App {
             crate::export::PAGE_ROWS,
         )
         .map(|row| row.map_err(MeterError::from))
+        .right_stream()
     }
 
     /// Whether the store answers, within a short bound.

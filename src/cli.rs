@@ -341,8 +341,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let config = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("packmeter: invalid configuration: {e}");
-            return ExitCode::from(EX_USAGE);
+            let format = crate::config::requested_log_format(args);
+            return fatal(format, &format!("invalid configuration: {e}"), EX_USAGE);
         }
     };
     init_tracing(config.log_format);
@@ -352,10 +352,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("packmeter: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return fatal(
+                config.log_format,
+                &format!("cannot start the runtime: {e}"),
+                1,
+            )
         }
     };
+    let log_format = config.log_format;
     let served = rt.block_on(async {
         // Before anything is bound, so an early SIGTERM still drains.
         let signal = crate::server::shutdown_signal().map_err(crate::server::ServeError::Signal)?;
@@ -368,12 +372,29 @@ fn serve(args: &ServeArgs) -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     match served {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "packmeter stopped");
-            eprintln!("packmeter: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(log_format, &e.to_string(), e.exit_code()),
     }
+}
+
+/// Reports why `serve` stops, once: a JSON line in the log's own shape
+/// under `--log-format json` (so a log pipeline parses every line), else
+/// `packmeter: MESSAGE`. Written directly rather than through `tracing`, so
+/// that neither `RUST_LOG` nor a logger not yet set up can hide it.
+fn fatal(format: LogFormat, message: &str, code: u8) -> ExitCode {
+    match format {
+        LogFormat::Json => {
+            let line = json!({
+                "timestamp": chrono::Utc::now()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "ERROR",
+                "fields": { "message": "packmeter stopped", "error": message },
+                "target": "packmeter",
+            });
+            eprintln!("{line}");
+        }
+        LogFormat::Text => eprintln!("packmeter: {message}"),
+    }
+    ExitCode::from(code)
 }
 
 fn init_tracing(format: LogFormat) {

@@ -9,11 +9,9 @@
 use std::{
     net::SocketAddr,
     num::{IntErrorKind, ParseIntError},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
-
-use serde::Deserialize;
 
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
@@ -42,11 +40,18 @@ pub struct ServeArgs {
     /// How long after an hour ends late events are still accepted (R9) [default: 1h].
     #[arg(long, env = "PACKMETER_LATE_GRACE", value_name = "DURATION")]
     pub late_grace: Option<String>,
-    /// How long a request_id is remembered (R10); at least --late-grace [default: --late-grace].
+    /// How long a request_id is remembered (R10); at least --late-grace and
+    /// at least 1m [default: --late-grace].
     #[arg(long, env = "PACKMETER_DEDUP_WINDOW", value_name = "DURATION")]
     pub dedup_window: Option<String>,
     /// Billing time zone: a UTC offset like +08:00 or an IANA name [default: +08:00].
-    #[arg(long, env = "PACKMETER_TIMEZONE", value_name = "TZ")]
+    // A negative offset (`--timezone -05:00`) is a value, not a flag.
+    #[arg(
+        long,
+        env = "PACKMETER_TIMEZONE",
+        value_name = "TZ",
+        allow_hyphen_values = true
+    )]
     pub timezone: Option<String>,
     /// How far ahead of the server clock `at` may be [default: 5m].
     #[arg(long, env = "PACKMETER_MAX_FUTURE_SKEW", value_name = "DURATION")]
@@ -101,8 +106,11 @@ pub struct ServeArgs {
 
 /// The TOML file: the same keys as the flags, with `_` for `-`. Unknown keys
 /// are refused, so a typo is an error rather than a silent default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Read key by key (see [`FileConfig::read`]) rather than with a serde
+/// derive, so that every error, a value of the wrong type included, names
+/// its key as the field, with the file and line.
+#[derive(Debug, Default)]
 struct FileConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
@@ -127,6 +135,150 @@ struct FileConfig {
     rls_item_key: Option<String>,
 }
 
+/// Where a file key's value goes: text (addresses, durations, names) or a
+/// whole number.
+enum Slot<'a> {
+    Text(&'a mut Option<String>),
+    Number(&'a mut Option<u64>),
+}
+
+impl FileConfig {
+    /// Every key the file accepts, for the unknown-key message.
+    const KEYS: [&'static str; 21] = [
+        "listen",
+        "admin_listen",
+        "store",
+        "flush_interval",
+        "late_grace",
+        "dedup_window",
+        "timezone",
+        "max_future_skew",
+        "unknown_accounts",
+        "shutdown_grace",
+        "log_format",
+        "max_calls",
+        "max_egress_bytes",
+        "max_batch",
+        "free_calls",
+        "free_egress_bytes",
+        "free_months",
+        "idle_evict",
+        "rls_domain",
+        "rls_account_key",
+        "rls_item_key",
+    ];
+
+    /// The key's name as a `&'static str` (the field of its errors) and
+    /// where its value goes; `None` for an unknown key.
+    fn slot(&mut self, key: &str) -> Option<(&'static str, Slot<'_>)> {
+        let field = *Self::KEYS.iter().find(|k| **k == key)?;
+        let slot = match field {
+            "listen" => Slot::Text(&mut self.listen),
+            "admin_listen" => Slot::Text(&mut self.admin_listen),
+            "store" => Slot::Text(&mut self.store),
+            "flush_interval" => Slot::Text(&mut self.flush_interval),
+            "late_grace" => Slot::Text(&mut self.late_grace),
+            "dedup_window" => Slot::Text(&mut self.dedup_window),
+            "timezone" => Slot::Text(&mut self.timezone),
+            "max_future_skew" => Slot::Text(&mut self.max_future_skew),
+            "unknown_accounts" => Slot::Text(&mut self.unknown_accounts),
+            "shutdown_grace" => Slot::Text(&mut self.shutdown_grace),
+            "log_format" => Slot::Text(&mut self.log_format),
+            "max_calls" => Slot::Number(&mut self.max_calls),
+            "max_egress_bytes" => Slot::Number(&mut self.max_egress_bytes),
+            "max_batch" => Slot::Number(&mut self.max_batch),
+            "free_calls" => Slot::Number(&mut self.free_calls),
+            "free_egress_bytes" => Slot::Number(&mut self.free_egress_bytes),
+            "free_months" => Slot::Number(&mut self.free_months),
+            "idle_evict" => Slot::Text(&mut self.idle_evict),
+            "rls_domain" => Slot::Text(&mut self.rls_domain),
+            "rls_account_key" => Slot::Text(&mut self.rls_account_key),
+            "rls_item_key" => Slot::Text(&mut self.rls_item_key),
+            _ => return None,
+        };
+        Some((field, slot))
+    }
+
+    /// Reads and checks the file. Every error names a key as its field
+    /// when one is at fault (a value of the wrong type, a repeated key, a
+    /// number TOML cannot hold), else `config`, and says `FILE line N`.
+    fn read(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+        let at = |span: Option<std::ops::Range<usize>>| -> String {
+            format!("{}{}", path.display(), toml_line(&text, span))
+        };
+        let table: std::collections::BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
+            toml::from_str(&text).map_err(|e| {
+                // A syntax error or a repeated key: name the key of the
+                // line it is on, if that is one of ours.
+                let mut probe = FileConfig::default();
+                let field = key_on_line(&text, e.span())
+                    .and_then(|k| probe.slot(k).map(|(f, _)| f))
+                    .unwrap_or("config");
+                err(
+                    field,
+                    format!("{}: {}", at(e.span()), e.message().trim_end()),
+                )
+            })?;
+        let mut file = FileConfig::default();
+        for (key, value) in table {
+            let place = at(Some(value.span()));
+            let Some((field, slot)) = file.slot(key.get_ref()) else {
+                return Err(err(
+                    "config",
+                    format!(
+                        "{}: unknown key `{}`; the keys are {}",
+                        at(Some(key.span())),
+                        key.get_ref().escape_debug(),
+                        Self::KEYS.join(", ")
+                    ),
+                ));
+            };
+            let value = value.into_inner();
+            match (slot, value) {
+                (Slot::Text(s), toml::Value::String(v)) => *s = Some(v),
+                (Slot::Number(n), toml::Value::Integer(v)) => {
+                    *n = Some(u64::try_from(v).map_err(|_| {
+                        err(
+                            field,
+                            format!("{place}: {v} is negative; use a whole number from 0"),
+                        )
+                    })?)
+                }
+                (Slot::Text(_), other) => {
+                    return Err(err(
+                        field,
+                        format!(
+                            "{place}: expected a string in quotes, found {} `{other}`",
+                            other.type_str()
+                        ),
+                    ))
+                }
+                (Slot::Number(_), other) => {
+                    return Err(err(
+                        field,
+                        format!(
+                            "{place}: expected a whole number, found {} `{other}`",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// The key of the `key = value` line a TOML error points into, unquoted.
+fn key_on_line(text: &str, span: Option<std::ops::Range<usize>>) -> Option<&str> {
+    let start = span?.start.min(text.len());
+    let line_start = text.get(..start)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    Some(key.trim().trim_matches(|c| c == '"' || c == '\''))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -139,6 +291,11 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub store: String,
+    /// Whether `serve` may create the store's directory: only the default
+    /// data directory is created. An explicit path in a directory that
+    /// does not exist is most likely a typo, and would start an empty
+    /// ledger (a fresh free tier for every account), so `serve` refuses it.
+    pub create_store_dir: bool,
     pub flush_interval: Duration,
     pub shutdown_grace: Duration,
     pub idle_evict: Duration,
@@ -205,6 +362,19 @@ pub fn default_store_url() -> String {
         .map(|d| d.join("packmeter"))
         .unwrap_or_else(|| PathBuf::from("."));
     format!("sqlite://{}", dir.join("packmeter.db").display())
+}
+
+/// The shortest dedup window (R10) accepted: a gateway's retries after a
+/// timeout, with backoff, come within seconds to a minute, and a window
+/// shorter than that would charge them twice.
+pub const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(60);
+
+/// Whether binding both addresses would clash: the same port on the same
+/// address, or on the wildcard address of the same family.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The longest duration any setting accepts: what a [`Ts`] (signed 64-bit
@@ -366,10 +536,9 @@ fn addr(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// Where in the file a TOML error is, as ` line N (`the line`)`, so that a
-/// value of the wrong type (`max_calls = -5`) names its key.
-fn toml_line(text: &str, e: &toml::de::Error) -> String {
-    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+/// Where in the file a TOML error or value is, as ` line N (`the line`)`.
+fn toml_line(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(before) = span.and_then(|span| text.get(..span.start)) else {
         return String::new();
     };
     let n = before.matches('\n').count();
@@ -377,25 +546,33 @@ fn toml_line(text: &str, e: &toml::de::Error) -> String {
     format!(" line {} (`{}`)", n + 1, line.escape_debug())
 }
 
+/// The log format asked for, for reporting a configuration that does not
+/// resolve: the flag or variable, else the file's key if the file reads,
+/// else text.
+pub fn requested_log_format(args: &ServeArgs) -> LogFormat {
+    let file = || {
+        args.config
+            .as_deref()
+            .and_then(|p| FileConfig::read(p).ok())
+            .and_then(|f| f.log_format)
+    };
+    match args
+        .log_format
+        .clone()
+        .or_else(file)
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
 impl Config {
     /// Merges flags, environment and the TOML file, then validates.
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| {
-                    err(
-                        "config",
-                        format!(
-                            "{}{}: {}",
-                            path.display(),
-                            toml_line(&text, &e),
-                            e.message()
-                        ),
-                    )
-                })?
-            }
+            Some(path) => FileConfig::read(path)?,
             None => FileConfig::default(),
         };
         // A flag or variable wins over the file; file numbers arrive typed.
@@ -426,7 +603,27 @@ impl Config {
             "admin_listen",
             &pick(&args.admin_listen, &file.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
         )?;
-        let store = pick(&args.store, &file.store).unwrap_or_else(default_store_url);
+        if listen.port() != 0 && same_socket(listen, admin_listen) {
+            // Name the one that was set: with only --listen given, the
+            // clash is with admin_listen's default.
+            let admin_given = pick(&args.admin_listen, &file.admin_listen).is_some();
+            let (field, other) = if admin_given {
+                ("admin_listen", "listen")
+            } else {
+                ("listen", "admin_listen")
+            };
+            return Err(err(
+                field,
+                format!(
+                    "`{}` is also {other}'s address ({admin_listen}); listen and admin_listen \
+                     must be different ports",
+                    if admin_given { admin_listen } else { listen }
+                ),
+            ));
+        }
+        let store_given = pick(&args.store, &file.store);
+        let create_store_dir = store_given.is_none();
+        let store = store_given.unwrap_or_else(default_store_url);
         crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
 
         let flush_interval = duration_of(
@@ -450,6 +647,28 @@ impl Config {
             &file.dedup_window,
             late_grace,
         )?;
+        if dedup_window < MIN_DEDUP_WINDOW {
+            // With no dedup window an immediate retry of a request_id is
+            // charged again: idempotency (R10) would be silently off.
+            let given = pick(&args.dedup_window, &file.dedup_window).is_some();
+            return Err(err(
+                if given { "dedup_window" } else { "late_grace" },
+                format!(
+                    "dedup_window would be {}{}, too short to recognise a retried request_id, \
+                     which would then be charged twice; set dedup_window to at least {}",
+                    humantime::format_duration(dedup_window),
+                    if given {
+                        String::new()
+                    } else {
+                        format!(
+                            " (unset, it follows late_grace `{}`)",
+                            humantime::format_duration(late_grace)
+                        )
+                    },
+                    humantime::format_duration(MIN_DEDUP_WINDOW)
+                ),
+            ));
+        }
         if dedup_window < late_grace {
             return Err(err(
                 "dedup_window",
@@ -609,6 +828,7 @@ impl Config {
             listen,
             admin_listen,
             store,
+            create_store_dir,
             flush_interval,
             shutdown_grace,
             idle_evict,
@@ -980,7 +1200,7 @@ mod tests {
             assert!(e.message.contains(says), "{url:?}: {}", e.message);
             // store::open refuses it the same way, before touching the disk.
             let refused = crate::store::open(url).err().expect("refused");
-            assert!(refused.message.contains(says), "{}", refused.message);
+            assert!(refused.to_string().contains(says), "{refused}");
         }
     }
 
@@ -1001,12 +1221,71 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert_eq!(e.field, "config");
+        assert_eq!(e.field, "max_calls");
         assert!(
-            e.message.contains("line 2 (`max_calls = -5`)"),
+            e.message.contains("pm.toml line 2 (`max_calls = -5`)"),
             "{}",
             e.message
         );
+    }
+
+    /// Issue 15 item 10: each of these named no field before.
+    #[test]
+    fn every_toml_error_names_its_key_the_file_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        for (text, field, line, says) in [
+            (
+                "listen = 5\n",
+                "listen",
+                "line 1 (`listen = 5`)",
+                "expected a string",
+            ),
+            (
+                "store = \"sqlite://x.db\"\ntimezone = 8\n",
+                "timezone",
+                "line 2 (`timezone = 8`)",
+                "found integer `8`",
+            ),
+            ("free_calls = -1\n", "free_calls", "line 1", "negative"),
+            (
+                "max_batch = \"10\"\n",
+                "max_batch",
+                "line 1",
+                "expected a whole number",
+            ),
+            (
+                "late_grace = \"1h\"\nlate_grace = \"2h\"\n",
+                "late_grace",
+                "line 2 (`late_grace = \\\"2h\\\"`)",
+                "duplicate key",
+            ),
+            (
+                "max_calls = 99999999999999999999\n",
+                "max_calls",
+                "line 1",
+                "",
+            ),
+            (
+                "[listen]\nport = 1\n",
+                "listen",
+                "line 1 (`[listen]`)",
+                "found table",
+            ),
+            ("lisen = \"x\"\n", "config", "line 1", "unknown key `lisen`"),
+            ("listen = \n", "listen", "line 1", ""),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::resolve(&ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(e.field, field, "{text:?}: {e}");
+            for part in [path.display().to_string().as_str(), line, says] {
+                assert!(e.message.contains(part), "{text:?}: {part:?} not in {e}");
+            }
+        }
     }
 
     /// Any string: arbitrary chars (controls, NUL, every plane) as well as
@@ -1278,14 +1557,8 @@ mod tests {
                 format!("{field} = {}\n", toml_string(&v))
             };
             if let Err(e) = resolve(&line) {
-                if e.field == "config" {
-                    // Only a negative number is refused by the TOML reader,
-                    // and the message names the key.
-                    prop_assert!(numeric && n < 0, "{}", e.message);
-                    prop_assert!(e.message.contains(field), "{}", e.message);
-                } else {
-                    prop_assert_eq!(e.field, field, "{}: {}", line, e.message);
-                }
+                // A negative number included: the TOML reader names the key.
+                prop_assert_eq!(e.field, field, "{}: {}", line, e.message);
             }
             // Arbitrary file contents: a config, or an error about the file
             // or about a setting, never a panic.

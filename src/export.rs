@@ -206,6 +206,12 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             self.store.ping().await
         }
+        async fn settled_before(&self) -> Result<Ts, StoreError> {
+            self.store.settled_before().await
+        }
+        async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError> {
+            self.store.record_settled(before).await
+        }
     }
 
     /// A flush of `accounts` accounts, each with calls on a pack and as

@@ -51,7 +51,9 @@ use crate::{
 /// Why `serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot open the store: {0}")]
+    #[error("{}", open_failed(.0))]
+    Open(#[from] crate::store::OpenError),
+    #[error("cannot read the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -84,6 +86,39 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// An unwritable store is the configuration's fault, and said like one.
+fn open_failed(e: &crate::store::OpenError) -> String {
+    match e {
+        crate::store::OpenError::NotWritable { .. }
+        | crate::store::OpenError::NoDirectory { .. } => {
+            format!("invalid configuration: store: {e}")
+        }
+        _ => format!("cannot open the store: {e}"),
+    }
+}
+
+/// `EX_USAGE`: the configuration cannot work.
+pub const EX_USAGE: u8 = 64;
+/// `EX_UNAVAILABLE`: the store is held by another process.
+pub const EX_UNAVAILABLE: u8 = 69;
+
+impl ServeError {
+    /// The exit code `serve` stops with: 64 for a store this process
+    /// cannot write or whose directory is missing (as for any other bad
+    /// setting), 69 for a store another
+    /// process holds, 1 for anything else. README, "Exit codes".
+    pub fn exit_code(&self) -> u8 {
+        use crate::store::OpenError;
+        match self {
+            ServeError::Open(OpenError::NotWritable { .. } | OpenError::NoDirectory { .. }) => {
+                EX_USAGE
+            }
+            ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
+            _ => 1,
+        }
+    }
+}
+
 /// Runs the server until `shutdown` resolves, then drains and flushes.
 ///
 /// Prints one line to stdout once both ports are bound:
@@ -92,12 +127,18 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    if !config.create_store_dir {
+        store::check_dir(&config.store)?;
+    }
     let store = store::open(&config.store)?;
     let spill_path = store::spill_path(&config.store);
     let replayed = spill::replay(&*store, &spill_path).await?;
     if replayed != spill::Replayed::default() {
         tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
     }
+    // Hours an earlier run settled stay settled, whatever --late-grace
+    // says now (R12).
+    let settled = store.settled_before().await?;
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App::new(
         config.meter.clone(),
@@ -107,6 +148,7 @@ pub async fn serve(
         crate::flush::BATCH_ACCOUNTS,
     ));
     let meter: Arc<Meter> = app.meter().clone();
+    meter.gate().settle(settled);
     let flusher = app.flusher().clone();
 
     let bind = |addr| async move {

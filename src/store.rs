@@ -113,6 +113,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check for readiness and metrics.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The settled mark (R12): hours that start before it are settled, and
+    /// no deduction may add to them, whatever `--late-grace` says later.
+    /// `Ts::MIN` until something has been settled.
+    ///
+    /// `serve` reads it once at start and closes those hours to deductions
+    /// before binding any port; an export records the mark it settles
+    /// with [`record_settled`](Self::record_settled) before it reads a row.
+    async fn settled_before(&self) -> Result<Ts, StoreError>;
+
+    /// Moves the settled mark forward to `before`, never back: a `before`
+    /// at or below the stored mark changes nothing. Returns the stored mark
+    /// afterwards. Durable when it returns, like [`write_batch`](Self::write_batch).
+    async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError>;
 }
 
 /// Why a store URL was refused; the message says how to write it instead.
@@ -142,10 +156,61 @@ pub fn sqlite_path(url: &str) -> Result<&str, InvalidStoreUrl> {
     Ok(path)
 }
 
-/// Opens the store a URL names.
-pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// Why a store could not be opened for serving.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process holds the store: two servers on one store would each
+    /// count the free tier (and every pack) from the same stored usage.
+    #[error(
+        "{store} is in use by another packmeter process{holder} (it holds the lock {}); \
+         run one server per store, or give this one its own --store",
+        lock.display()
+    )]
+    InUse {
+        store: String,
+        /// ` (pid N)` when the holder wrote its pid, else empty.
+        holder: String,
+        lock: std::path::PathBuf,
+    },
+    /// An explicit store path whose directory does not exist (see
+    /// [`check_dir`]).
+    #[error(
+        "the directory {} of {store} does not exist; create it, or fix the path \
+         (only the default data directory is created)",
+        dir.display()
+    )]
+    NoDirectory {
+        store: String,
+        dir: std::path::PathBuf,
+    },
+    /// The store cannot be written by this process: every flush would fail.
+    #[error("{store} cannot be written by this process: {reason}")]
+    NotWritable { store: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Opens the store a URL names, for this process alone: it is locked until
+/// the store is dropped (see [`OpenError::InUse`]).
+pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
     let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
     Ok(Arc::new(sqlite::SqliteStore::open(path)?))
+}
+
+/// Refuses a store whose directory does not exist, before anything is
+/// opened or created. `serve` calls it for an explicit `--store`.
+pub fn check_dir(url: &str) -> Result<(), OpenError> {
+    let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
+    match std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        Some(dir) if !dir.is_dir() => Err(OpenError::NoDirectory {
+            store: url.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where shutdown writes usage it could not flush (see [`crate::spill`]):

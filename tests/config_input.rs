@@ -133,3 +133,226 @@ fn per_deduction_maximums_above_2_pow_48_exit_64_naming_their_field() {
         }
     }
 }
+
+/// Runs `packmeter serve` with exactly `args` (no store or trick added),
+/// expecting it to exit. If it starts serving instead (it prints its
+/// listening line), it is killed and the test fails rather than hangs.
+fn serve_raw(args: &[&str]) -> Output {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("PACKMETER_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run packmeter");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read stdout");
+    if !line.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{args:?}: the server started: {line:?}");
+    }
+    let mut out = child.wait_with_output().expect("wait for packmeter");
+    stdout.read_to_end(&mut out.stdout).expect("read stdout");
+    out
+}
+
+/// Issue 15 item 10: a TOML value of the wrong type, a negative number and
+/// a repeated key each name the key, the file and the line.
+#[test]
+fn toml_errors_name_the_key_the_file_and_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packmeter.toml");
+    let cases = [
+        ("listen = 5\n", "listen", "line 1 (`listen = 5`)"),
+        (
+            "log_format = \"text\"\ntimezone = 8\n",
+            "timezone",
+            "line 2 (`timezone = 8`)",
+        ),
+        (
+            "free_calls = -1\n",
+            "free_calls",
+            "line 1 (`free_calls = -1`)",
+        ),
+        (
+            "timezone = \"UTC\"\n\ntimezone = \"+08:00\"\n",
+            "timezone",
+            "line 3 (`timezone = \\\"+08:00\\\"`)",
+        ),
+    ];
+    for (text, field, line) in cases {
+        std::fs::write(&file, text).unwrap();
+        let out = serve(dir.path(), &["--config", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{text:?}: {stderr}");
+        let expected = format!("invalid configuration: {field}: {} {line}", file.display());
+        assert!(
+            stderr.contains(&expected),
+            "{text:?}: want {expected:?} in {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{text:?}: nothing was bound");
+    }
+}
+
+/// Issue 15 item 14: `--timezone -05:00` is a value, not a flag.
+#[test]
+fn a_negative_timezone_offset_is_taken_as_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    // Accepted: the process gets past the timezone and stops only at the
+    // always-invalid rls_item_key.
+    let out = serve(dir.path(), &["--timezone", "-05:00"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("invalid configuration: rls_item_key: "),
+        "{stderr}"
+    );
+    // A bad negative offset is still refused, naming timezone.
+    assert_refused(dir.path(), &["--timezone", "-25:00"], "timezone");
+}
+
+/// Issue 15 item 14: one address for both ports is a configuration error
+/// naming both fields, not a failed bind (exit 1) after start-up.
+#[test]
+fn the_same_address_for_both_ports_exits_64_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &[
+            "--listen",
+            "127.0.0.1:47361",
+            "--admin-listen",
+            "127.0.0.1:47361",
+        ][..],
+        &[
+            "--listen",
+            "0.0.0.0:47362",
+            "--admin-listen",
+            "127.0.0.1:47362",
+        ][..],
+        // Only --listen given: the clash is with admin_listen's default.
+        &["--listen", "127.0.0.1:9090"][..],
+    ] {
+        let out = serve(dir.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("listen") && stderr.contains("admin_listen"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// Issue 15 item 5: with `--late-grace 0s` the dedup window (which follows
+/// it) would be 0 and a retry charged twice; the start is refused, naming
+/// late_grace and dedup_window. So is an explicit window that short.
+#[test]
+fn a_configuration_without_a_dedup_window_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, field) in [
+        (&["--late-grace", "0s"][..], "late_grace"),
+        (&["--late-grace", "10s"][..], "late_grace"),
+        (
+            &["--late-grace", "0s", "--dedup-window", "0s"][..],
+            "dedup_window",
+        ),
+        (
+            &["--late-grace", "0s", "--dedup-window", "59s"][..],
+            "dedup_window",
+        ),
+    ] {
+        assert_refused(dir.path(), args, field);
+        let stderr = String::from_utf8_lossy(&serve(dir.path(), args).stderr).into_owned();
+        assert!(stderr.contains("dedup_window"), "{args:?}: {stderr}");
+        assert!(stderr.contains("at least 1m"), "{args:?}: {stderr}");
+    }
+    // A zero late grace with a real dedup window is fine.
+    let out = serve(dir.path(), &["--late-grace", "0s", "--dedup-window", "1m"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid configuration: rls_item_key: "),
+        "{stderr}"
+    );
+}
+
+/// Issue 15 item 11: an explicit store in a directory that does not exist
+/// (a typo) would start an empty ledger; it is refused, naming store, and
+/// nothing is created.
+#[test]
+fn an_explicit_store_in_a_missing_directory_exits_64_naming_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo/pm.db");
+    let url = format!("sqlite://{}", missing.display());
+    let out = serve_raw(&[
+        "--store",
+        &url,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("invalid configuration: store: ") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!dir.path().join("typo").exists(), "nothing was created");
+}
+
+/// Issue 15 item 14: under `--log-format json` a fatal error is one JSON
+/// line, not a JSON line and a plain one.
+#[test]
+fn a_fatal_error_prints_once_as_json_under_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve(dir.path(), &["--log-format", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(v["level"], "ERROR", "{v}");
+    let error = v["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("invalid configuration: rls_item_key: "),
+        "{v}"
+    );
+    // A fatal error after start-up (a port in use) too: every line JSON,
+    // the error in exactly one of them.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let store = format!("sqlite://{}/bind.db", dir.path().display());
+    let out = serve_raw(&[
+        "--log-format",
+        "json",
+        "--store",
+        &store,
+        "--listen",
+        &port,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for line in stderr.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    }
+    assert_eq!(
+        stderr.matches("cannot listen on").count(),
+        1,
+        "the error once: {stderr}"
+    );
+    // Without it, the same error is one plain line.
+    let out = serve(dir.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("packmeter: invalid configuration: rls_item_key: "));
+}

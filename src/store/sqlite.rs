@@ -9,14 +9,15 @@
 //! what `Admin.Flush` promises.
 
 use std::{
-    path::Path,
+    io::Write,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
-use super::{Granted, LoadedAccount, Store, StoreError, StoredPack};
+use super::{Granted, LoadedAccount, OpenError, Store, StoreError, StoredPack};
 use crate::{
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
@@ -76,6 +77,12 @@ CREATE TABLE IF NOT EXISTS flush_batches (
     applied_at INTEGER NOT NULL           -- µs; rows older than BATCH_ID_RETENTION are pruned
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS flush_batches_by_age ON flush_batches (applied_at);
+-- The settled mark (R12), one row: hours that start before it are settled.
+-- It only moves forward, so a later, longer --late-grace cannot reopen them.
+CREATE TABLE IF NOT EXISTS settlement (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    settled_before INTEGER NOT NULL       -- µs since epoch, UTC
+);
 "#;
 
 /// How long applied batch ids are kept: far longer than any spill file
@@ -85,6 +92,11 @@ const BATCH_ID_RETENTION: Ts = 30 * 24 * crate::calendar::HOUR;
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    /// `PATH.lock`, exclusively locked for as long as the store is open:
+    /// a second server on the same file would count every pack, the free
+    /// tier included, from the same stored usage. The OS drops the lock
+    /// when the process exits, however it exits.
+    _lock: std::fs::File,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -118,12 +130,20 @@ fn from_sql(v: i64) -> u64 {
 }
 
 impl SqliteStore {
-    pub fn open(path: &str) -> Result<SqliteStore, StoreError> {
+    /// Opens (creating if need be) the file at `path` for this process
+    /// alone, and checks that it can be written.
+    pub fn open(path: &str) -> Result<SqliteStore, OpenError> {
         if path.is_empty() {
             return Err(StoreError::permanent(
                 "sqlite:// needs a file path, e.g. sqlite:///var/lib/packmeter/packmeter.db",
-            ));
+            )
+            .into());
         }
+        let store = || format!("sqlite://{path}");
+        let not_writable = |reason: String| OpenError::NotWritable {
+            store: store(),
+            reason,
+        };
         if let Some(dir) = Path::new(path)
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -132,20 +152,53 @@ impl SqliteStore {
                 StoreError::permanent(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let writer = Connection::open(path)?;
-        writer.busy_timeout(std::time::Duration::from_secs(5))?;
-        writer.pragma_update(None, "journal_mode", "WAL")?;
-        writer.pragma_update(None, "synchronous", "FULL")?;
+        let lock = lock(path).map_err(|e| match e {
+            Locked::Held { holder, lock } => OpenError::InUse {
+                store: store(),
+                holder,
+                lock,
+            },
+            Locked::Io { lock, error } => {
+                not_writable(format!("cannot create or lock {}: {error}", lock.display()))
+            }
+        })?;
+        // SQLite quietly opens a file it may not write read-only; every
+        // flush would then fail while the server looked healthy.
+        let refused = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(ErrorCode::ReadOnly) => not_writable(format!("{e}")),
+            _ => OpenError::Store(e.into()),
+        };
+        let writer = Connection::open(path).map_err(refused)?;
+        if writer.is_readonly(rusqlite::MAIN_DB).map_err(refused)? {
+            return Err(not_writable(format!(
+                "{path} is read-only (file permissions or a read-only file system); \
+                 packmeter needs to write usage there"
+            )));
+        }
+        writer
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(refused)?;
+        writer
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(refused)?;
+        writer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(refused)?;
         // SQLite's default page cache (2 MB) is kept on purpose: a 64 MiB
         // cache and a 1 GiB mmap made no measurable difference to flushes at
         // 1 M accounts (BENCHMARKS.md) and cost ~100 MB of RSS.
-        writer.execute_batch(SCHEMA)?;
-        let reader = Connection::open(path)?;
-        reader.busy_timeout(std::time::Duration::from_secs(5))?;
-        reader.pragma_update(None, "query_only", true)?;
+        writer.execute_batch(SCHEMA).map_err(refused)?;
+        let reader = Connection::open(path).map_err(refused)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(refused)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(refused)?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            _lock: lock,
         })
     }
 
@@ -182,6 +235,58 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::permanent(format!("store task failed: {e}")))?
     }
+}
+
+/// Why `PATH.lock` could not be taken.
+enum Locked {
+    /// Another process holds it; `holder` is ` (pid N)` if it said so.
+    Held { holder: String, lock: PathBuf },
+    Io {
+        lock: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Takes the exclusive lock on `PATH.lock` and writes this process's pid
+/// into it, for the message another process gets.
+fn lock(path: &str) -> Result<std::fs::File, Locked> {
+    let lock = PathBuf::from(format!("{path}.lock"));
+    let io = |error| Locked::Io {
+        lock: lock.clone(),
+        error,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        // A lock file another user left (it is never removed) can still be
+        // locked through a read-only handle; only the pid goes unwritten.
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => std::fs::File::open(&lock),
+            _ => Err(e),
+        })
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&lock).unwrap_or_default();
+            let pid = pid.trim();
+            let holder = if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
+                format!(" (pid {pid})")
+            } else {
+                String::new()
+            };
+            return Err(Locked::Held { holder, lock });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    // Only informative: a failure here leaves the lock held all the same.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(file)
 }
 
 fn read_pack(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPack> {
@@ -623,6 +728,35 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn settled_before(&self) -> Result<Ts, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
+                .query_row([], |r| r.get(0))
+                .optional()?
+                .unwrap_or(Ts::MIN))
+        })
+        .await
+    }
+
+    async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
+                "INSERT INTO settlement (id, settled_before) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                 settled_before = max(settled_before, excluded.settled_before)",
+            )?
+            .execute([before])?;
+            let mark = tx
+                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(mark)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -641,6 +775,25 @@ mod tests {
             priority: 1,
             created_at: 5,
         }
+    }
+
+    #[tokio::test]
+    async fn the_settled_mark_only_moves_forward_and_outlives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.db").to_str().unwrap().to_string();
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            assert_eq!(store.settled_before().await.unwrap(), Ts::MIN);
+            assert_eq!(store.record_settled(20).await.unwrap(), 20);
+            assert_eq!(store.record_settled(10).await.unwrap(), 20);
+            // A second open while this one lives is refused.
+            assert!(matches!(
+                SqliteStore::open(&path),
+                Err(OpenError::InUse { .. })
+            ));
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.settled_before().await.unwrap(), 20);
     }
 
     #[tokio::test]
