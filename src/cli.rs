@@ -275,7 +275,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "packmeter stopped");
             eprintln!("packmeter: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -53,6 +53,10 @@ use crate::{
 pub enum ServeError {
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The store must not be used by this binary (a schema newer than it
+    /// knows): a configuration error.
+    #[error("cannot use the store {url}: {message}")]
+    IncompatibleStore { url: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -84,6 +88,17 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+impl ServeError {
+    /// The process exit code: 64 (EX_USAGE) for a configuration the
+    /// operator must change, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::IncompatibleStore { .. } => 64,
+            _ => 1,
+        }
+    }
+}
+
 /// Runs the server until `shutdown` resolves, then drains and flushes.
 ///
 /// Prints one line to stdout once both ports are bound:
@@ -92,7 +107,13 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = store::open(&config.store)?;
+    let store = store::open(&config.store).await.map_err(|e| match e {
+        store::OpenError::Store(e) => ServeError::Store(e),
+        store::OpenError::Incompatible(message) => ServeError::IncompatibleStore {
+            url: config.store.to_string(),
+            message,
+        },
+    })?;
     let spill_path = store::spill_path(&config.store);
     let replayed = spill::replay(&*store, &spill_path).await?;
     if replayed != spill::Replayed::default() {

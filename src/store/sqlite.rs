@@ -16,7 +16,7 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use super::{Granted, LoadedAccount, Store, StoreError, StoredPack};
+use super::{page_start, Granted, LoadedAccount, Store, StoreError, StoredPack};
 use crate::{
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
@@ -248,30 +248,6 @@ fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
         source: PackSource::from_code(r.get(4)?),
         amount: from_sql(r.get(5)?),
     })
-}
-
-/// Where a page starts: `from`, and the cursor if it narrows that further.
-/// A cursor before `from`, or (with an account filter) on another account,
-/// is turned into a plain hour bound, so that every query the store runs
-/// seeks straight to its first row with a key comparison an index serves.
-fn page_start<'k>(
-    from: Ts,
-    account: Option<&str>,
-    after: Option<&'k UsageKey>,
-) -> (Ts, Option<&'k UsageKey>) {
-    let Some(k) = after else {
-        return (from, None);
-    };
-    if k.hour < from {
-        return (from, None);
-    }
-    match account {
-        // Every row of `a` in hour `k.hour` comes after the cursor ...
-        Some(a) if a > k.account_id.as_str() => (k.hour, None),
-        // ... or none does.
-        Some(a) if a < k.account_id.as_str() => (k.hour.saturating_add(1), None),
-        _ => (from, Some(k)),
-    }
 }
 
 /// The page query. Parameters: ?1 from, ?2 to, ?3 account, ?4..?7 the
