@@ -164,14 +164,14 @@ pub enum StoreUrl {
     Sqlite(PathBuf),
     /// `postgres://…` or `postgresql://…`.
     #[cfg(feature = "postgres")]
-    Postgres(postgres::PgUrl),
+    Postgres(Box<postgres::PgUrl>),
 }
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<StoreUrl, InvalidStoreUrl> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             #[cfg(feature = "postgres")]
-            return postgres::PgUrl::parse(url).map(StoreUrl::Postgres);
+            return postgres::PgUrl::parse(url).map(|u| StoreUrl::Postgres(Box::new(u)));
             #[cfg(not(feature = "postgres"))]
             return Err(InvalidStoreUrl(
                 "this packmeter was built without PostgreSQL support (Cargo feature \

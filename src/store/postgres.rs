@@ -308,6 +308,18 @@ impl PgUrl {
             .unwrap_or("")
     }
 
+    /// One connection outside the pool, with this URL's settings and TLS:
+    /// for tools and tests. Its I/O runs on a spawned task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
     /// `postgres-HOST-PORT-DATABASE`, with anything but ASCII letters,
     /// digits, `.` and `_` turned into `_`: the spill file's name.
     pub fn spill_name(&self) -> String {
@@ -548,21 +560,25 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-/// Not getting a connection is always transient: it says nothing about
-/// the data, and the flusher must keep it rather than set it aside.
-fn pool_error(e: PoolError) -> StoreError {
+/// Not getting a connection says nothing about the data: once serving it
+/// is always transient, so that the flusher keeps the usage rather than set
+/// it aside. At start (`at_start`), a refusal that retrying cannot cure (a
+/// wrong password, an untrusted certificate, no such database) is
+/// permanent, so that `serve` fails at once and says why.
+fn pool_error(e: PoolError, at_start: bool) -> StoreError {
+    let mut transient = true;
     let message = match e {
-        PoolError::Backend(e) => describe(&e),
+        PoolError::Backend(e) => {
+            transient = !at_start || is_transient(&e);
+            describe(&e)
+        }
         PoolError::Timeout(_) => format!(
             "postgres: no connection within {POOL_WAIT:?} (all pooled connections busy, or the \
              server unreachable)"
         ),
         other => format!("postgres: {other}"),
     };
-    StoreError {
-        message,
-        transient: true,
-    }
+    StoreError { message, transient }
 }
 
 /// `BIGINT` holds amounts up to 2^63-1; refuse rather than wrap.
@@ -734,7 +750,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+        self.pool.get().await.map_err(|e| pool_error(e, false))
     }
 
     /// The schema version the database holds (0 for none).
@@ -743,7 +759,7 @@ impl PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), OpenError> {
-        let mut object = self.client().await?;
+        let mut object = self.pool.get().await.map_err(|e| pool_error(e, true))?;
         let locked = lock_migrations(&object).await?;
         let outcome = tokio::time::timeout(OP_TIMEOUT, migrate_on(&mut object)).await;
         if locked {
@@ -802,13 +818,22 @@ async fn schema_version(client: &Object) -> Result<i64, StoreError> {
 /// its version in `packmeter_schema` (insert or compare-and-set), so that
 /// even without the advisory lock two nodes never apply the same one.
 async fn migrate_on(client: &mut Object) -> Result<(), OpenError> {
-    client
+    let created = client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS packmeter_schema (\
              id BIGINT PRIMARY KEY, version BIGINT NOT NULL)",
         )
-        .await
-        .map_err(StoreError::from)?;
+        .await;
+    match created {
+        Ok(()) => {}
+        // Without the advisory lock, another node may create it at the same
+        // moment (unique_violation on the catalog, duplicate_table): it is
+        // there either way.
+        Err(e)
+            if e.code()
+                .is_some_and(|c| matches!(c.code(), "23505" | "42P07")) => {}
+        Err(e) => return Err(StoreError::from(e).into()),
+    }
     loop {
         let found = schema_version(client).await?;
         if found > SCHEMA_VERSION {
