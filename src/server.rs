@@ -53,6 +53,11 @@ use crate::{
 pub enum ServeError {
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot open the store {url}: {error}")]
+    OpenStore {
+        url: String,
+        error: crate::store::StoreError,
+    },
     /// The store must not be used by this binary (a schema newer than it
     /// knows): a configuration error.
     #[error("cannot use the store {url}: {message}")]
@@ -108,7 +113,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let store = store::open(&config.store).await.map_err(|e| match e {
-        store::OpenError::Store(e) => ServeError::Store(e),
+        store::OpenError::Store(error) => ServeError::OpenStore {
+            url: config.store.to_string(),
+            error,
+        },
         store::OpenError::Incompatible(message) => ServeError::IncompatibleStore {
             url: config.store.to_string(),
             message,
