@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Admin HTTP listen address: /livez, /readyz, /metrics, /packs [default: 127.0.0.1:9090].
     #[arg(long, env = "PACKMETER_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Store URL: sqlite://PATH, or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=…]
+    /// Store URL: sqlite://PATH, or postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=MODE
     /// to share one store among nodes (docs/stores.md) [default: a SQLite file under
     /// $XDG_DATA_HOME/packmeter].
     #[arg(long, env = "PACKMETER_STORE", value_name = "URL")]

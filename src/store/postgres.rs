@@ -18,7 +18,7 @@
 //! - **Portability.** The SQL sticks to what CockroachDB and YugabyteDB also
 //!   accept (`INSERT … ON CONFLICT`, `UNNEST`, row comparisons, no stored
 //!   procedures). The one PostgreSQL-only call, the advisory lock, lives in
-//!   [`lock_migrations`] and is skipped, with a warning, by a server that
+//!   `lock_migrations` and is skipped, with a warning, by a server that
 //!   does not implement it. docs/stores.md lists it.
 //!
 //! Amounts are `BIGINT`: a `u64` above 2^63-1 is refused, and a sum that
