@@ -195,3 +195,59 @@ async fn serve_says_why_it_cannot_reach_postgres_and_never_shows_the_password() 
     assert!(stderr.contains("postgres:***@"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[tokio::test]
+async fn serve_keeps_serving_through_lost_connections_and_flushes_exactly() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let mut args = REPLAY.to_vec();
+    args.extend(["--flush-interval", "1h"]);
+    let server = Server::start_store(&db.url, data.path(), &args);
+    let mut meter = server.meter().await;
+    let at = Some("2020-03-01T10:15:00Z");
+    let mut acknowledged = 0;
+    for round in 0..3 {
+        for _ in 0..5 {
+            let r = meter.deduct(deduct("acme", 2, 0, at)).await.unwrap();
+            let (c, o, _) = split(&r.into_inner().calls);
+            acknowledged += c + o;
+        }
+        // Every server process of packmeter's is terminated, as a failover
+        // would; deductions go on from memory.
+        let killed: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(round > 0 || killed >= 1, "packmeter held no connection");
+        let r = meter.deduct(deduct("acme", 1, 0, at)).await.unwrap();
+        let (c, o, _) = split(&r.into_inner().calls);
+        acknowledged += c + o;
+        // A flush on a dead connection fails as UNAVAILABLE (usage kept)
+        // or goes through on a fresh one; a retry always gets there.
+        let mut admin = server.admin().await;
+        let mut flushed = false;
+        for _ in 0..10 {
+            match admin.flush(proto::FlushRequest {}).await {
+                Ok(_) => {
+                    flushed = true;
+                    break;
+                }
+                Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+            }
+        }
+        assert!(flushed, "no flush went through");
+        let total: i64 = ledger(&db, "acme").await.iter().map(|(_, n)| n).sum();
+        assert_eq!(total as u64, acknowledged, "round {round}");
+    }
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+}
