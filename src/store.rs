@@ -218,31 +218,36 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
     };
-    let authority = match authority.rsplit_once('@') {
-        Some((user, hosts)) => match user.split_once(':') {
-            Some((name, _password)) => format!("{name}:***@{hosts}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k == "password" => format!("{k}=***"),
-                    _ => kv.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
+    // The user part ends at the last `@` before the query, so that a
+    // password holding `/` or `@` is hidden whole.
+    let mut out = format!("{scheme}://");
+    match before_query.rsplit_once('@') {
+        Some((user, hosts)) => {
+            match user.split_once(':') {
+                Some((name, _password)) => out.push_str(&format!("{name}:***")),
+                None => out.push_str(user),
+            }
+            out.push('@');
+            out.push_str(hosts);
         }
-        None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
+        None => out.push_str(before_query),
+    }
+    if let Some(query) = query {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some(("password", _)) => "password=***".to_string(),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    out
 }
 
 /// Why a store could not be opened.
@@ -336,5 +341,33 @@ pub(crate) fn page_start<'k>(
         // ... or none does.
         Some(a) if a < k.account_id.as_str() => (k.hour.saturating_add(1), None),
         _ => (from, Some(k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_every_password_and_keeps_the_rest() {
+        for (url, shown) in [
+            (
+                "postgres://pm:s3cret@db:5432/x",
+                "postgres://pm:***@db:5432/x",
+            ),
+            (
+                "postgres://pm:a/b@c@db/x?sslmode=require",
+                "postgres://pm:***@db/x?sslmode=require",
+            ),
+            (
+                "postgres://pm@db/x?password=s3cret&a=b",
+                "postgres://pm@db/x?password=***&a=b",
+            ),
+            ("postgres://db/x", "postgres://db/x"),
+            ("sqlite://./pm.db", "sqlite://./pm.db"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
     }
 }
