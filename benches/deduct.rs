@@ -51,7 +51,12 @@ type Accounts = Vec<(String, Arc<AccountState>)>;
 fn meter_with(n: usize) -> (tempfile::TempDir, Arc<Meter>, Accounts) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let store = store::open(&url).expect("open the store");
+    let url: store::StoreUrl = url.parse().expect("a store URL");
+    let store = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(store::open(&url))
+        .expect("open the store");
     let meter = Arc::new(Meter::new(MeterConfig::default(), store));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -30,7 +30,8 @@ fn flush(c: &mut Criterion) {
     for (name, egress) in [("calls", 0u64), ("calls_and_egress", 1_500)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let store = store::open(&url).expect("open the store");
+        let url: store::StoreUrl = url.parse().expect("a store URL");
+        let store = rt.block_on(store::open(&url)).expect("open the store");
         let meter = Arc::new(Meter::new(MeterConfig::default(), store.clone()));
         let flusher = Arc::new(Flusher::new(
             meter.clone(),

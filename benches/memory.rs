@@ -36,7 +36,12 @@ fn main() {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let store = store::open(&url).expect("open the store");
+    let url: store::StoreUrl = url.parse().expect("a store URL");
+    let store = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(store::open(&url))
+        .expect("open the store");
     let meter = Arc::new(Meter::new(MeterConfig::default(), store.clone()));
     let flusher = Arc::new(Flusher::new(
         meter.clone(),

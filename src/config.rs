@@ -16,6 +16,7 @@ use std::{
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
     meter::{MeterConfig, UnknownAccounts},
+    store::StoreUrl,
 };
 
 /// `packmeter serve` flags. Each is optional here so that the TOML file can
@@ -31,7 +32,9 @@ pub struct ServeArgs {
     /// Admin HTTP listen address: /livez, /readyz, /metrics, /packs [default: 127.0.0.1:9090].
     #[arg(long, env = "PACKMETER_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Store URL: sqlite://PATH [default: a SQLite file under $XDG_DATA_HOME/packmeter].
+    /// Store URL: sqlite://PATH, or postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=MODE
+    /// to share one store among nodes (docs/stores.md) [default: a SQLite file under
+    /// $XDG_DATA_HOME/packmeter].
     #[arg(long, env = "PACKMETER_STORE", value_name = "URL")]
     pub store: Option<String>,
     /// How often usage is flushed to the store [default: 1s].
@@ -290,7 +293,8 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub store: String,
+    /// Parsed once here; its `Display` hides any password.
+    pub store: StoreUrl,
     /// Whether `serve` may create the store's directory: only the default
     /// data directory is created. An explicit path in a directory that
     /// does not exist is most likely a typo, and would start an empty
@@ -351,16 +355,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// `$XDG_DATA_HOME/packmeter/packmeter.db`, else
 /// `$HOME/.local/share/packmeter/packmeter.db`, else `./packmeter.db`.
 pub fn default_store_url() -> String {
-    let dir = std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local/share"))
-        })
-        .map(|d| d.join("packmeter"))
-        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = crate::store::default_data_dir();
     format!("sqlite://{}", dir.join("packmeter.db").display())
 }
 
@@ -624,7 +619,7 @@ impl Config {
         let store_given = pick(&args.store, &file.store);
         let create_store_dir = store_given.is_none();
         let store = store_given.unwrap_or_else(default_store_url);
-        crate::store::sqlite_path(&store).map_err(|e| err("store", e.0))?;
+        let store = StoreUrl::parse(&store).map_err(|e| err("store", e.0))?;
 
         let flush_interval = duration_of(
             "flush_interval",
@@ -864,7 +859,8 @@ mod tests {
         assert_eq!(c.meter.late_grace, 3_600_000_000);
         assert_eq!(c.meter.dedup_window, c.meter.late_grace);
         assert_eq!(c.meter.zone, BillingZone::default());
-        assert!(c.store.starts_with("sqlite://") && c.store.ends_with("packmeter.db"));
+        let store = c.store.to_string();
+        assert!(store.starts_with("sqlite://") && store.ends_with("packmeter.db"));
         assert_eq!(c.rls, RlsConfig::default());
         assert_eq!(c.rls.account_key, "account");
         assert_eq!(c.rls.item_key, "item");
@@ -1189,19 +1185,26 @@ mod tests {
     fn store_urls_are_checked_before_anything_is_opened() {
         assert_eq!(crate::store::sqlite_path("sqlite://./pm.db"), Ok("./pm.db"));
         for (url, says) in [
-            ("redis://x", "use sqlite://PATH"),
+            ("redis://x", "use sqlite://PATH or postgres://"),
             ("SQLITE://x", "use sqlite://PATH"),
             ("", "use sqlite://PATH"),
             ("sqlite://", "needs a file path"),
             ("sqlite://pm\0.db", "NUL"),
+            (
+                "postgres://pm@db/x?sslmode=sometimes",
+                "sslmode `sometimes`",
+            ),
+            ("postgresql://db/x", "needs a user"),
         ] {
             let e = Config::resolve(&only("store", url)).unwrap_err();
             assert_eq!(e.field, "store");
             assert!(e.message.contains(says), "{url:?}: {}", e.message);
-            // store::open refuses it the same way, before touching the disk.
-            let refused = crate::store::open(url).err().expect("refused");
-            assert!(refused.to_string().contains(says), "{refused}");
         }
+        // Parsed once; shown without the password.
+        let c = Config::resolve(&only("store", "postgres://pm:hunter2@db:5433/bill")).unwrap();
+        assert_eq!(c.store.to_string(), "postgres://pm:***@db:5433/bill");
+        let e = Config::resolve(&only("store", "mysql://pm:hunter2@db/x")).unwrap_err();
+        assert!(!e.message.contains("hunter2"), "{}", e.message);
     }
 
     #[test]
@@ -1380,6 +1383,7 @@ mod tests {
             "(sqlite://)?.{0,12}",
             (".{0,5}", ".{0,5}").prop_map(|(a, b)| format!("sqlite://{a}\0{b}")),
             "[a-zA-Z]{0,8}:/{0,3}.{0,8}",
+            "postgres(ql)?://([a-z:%@]{0,6}@)?[a-z0-9.:/\\[\\]]{0,12}(\\?[a-z_]{0,12}=[a-z0-9%/-]{0,8}){0,2}",
         ]
         .boxed()
     }
@@ -1497,11 +1501,17 @@ mod tests {
 
         #[test]
         fn store_url_parsing_never_panics(v in prop_oneof![any_text(), near_store()]) {
-            match crate::store::sqlite_path(&v) {
-                Ok(path) => {
-                    prop_assert!(!path.is_empty() && !path.contains('\0'));
-                    prop_assert_eq!(format!("sqlite://{path}"), v.clone());
-                    prop_assert_eq!(Config::resolve(&only("store", &v)).unwrap().store, v);
+            match crate::store::StoreUrl::parse(&v) {
+                Ok(url) => {
+                    if let Ok(path) = crate::store::sqlite_path(&v) {
+                        prop_assert!(!path.is_empty() && !path.contains('\0'));
+                        prop_assert_eq!(format!("sqlite://{path}"), v.clone());
+                        prop_assert_eq!(url.to_string(), v.clone());
+                    }
+                    prop_assert_eq!(
+                        Config::resolve(&only("store", &v)).unwrap().store.to_string(),
+                        url.to_string()
+                    );
                 }
                 Err(refused) => {
                     let e = Config::resolve(&only("store", &v)).unwrap_err();

@@ -55,6 +55,15 @@ pub enum ServeError {
     Open(#[from] crate::store::OpenError),
     #[error("cannot read the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot open the store {url}: {error}")]
+    OpenStore {
+        url: String,
+        error: crate::store::StoreError,
+    },
+    /// The store must not be used by this binary (a schema newer than it
+    /// knows): a configuration error.
+    #[error("cannot use the store {url}: {message}")]
+    IncompatibleStore { url: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -104,9 +113,10 @@ pub const EX_UNAVAILABLE: u8 = 69;
 
 impl ServeError {
     /// The exit code `serve` stops with: 64 for a store this process
-    /// cannot write or whose directory is missing (as for any other bad
-    /// setting), 69 for a store another
-    /// process holds, 1 for anything else. README, "Exit codes".
+    /// cannot write, whose directory is missing, or whose schema is newer
+    /// than this binary knows (as for any other bad setting), 69 for a
+    /// store another process holds, 1 for anything else. README, "Exit
+    /// codes".
     pub fn exit_code(&self) -> u8 {
         use crate::store::OpenError;
         match self {
@@ -114,6 +124,7 @@ impl ServeError {
                 EX_USAGE
             }
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
+            ServeError::IncompatibleStore { .. } => EX_USAGE,
             _ => 1,
         }
     }
@@ -130,7 +141,17 @@ pub async fn serve(
     if !config.create_store_dir {
         store::check_dir(&config.store)?;
     }
-    let store = store::open(&config.store)?;
+    let store = store::open(&config.store).await.map_err(|e| match e {
+        store::OpenError::Store(error) => ServeError::OpenStore {
+            url: config.store.to_string(),
+            error,
+        },
+        store::OpenError::Incompatible(message) => ServeError::IncompatibleStore {
+            url: config.store.to_string(),
+            message,
+        },
+        e => ServeError::Open(e),
+    })?;
     let spill_path = store::spill_path(&config.store);
     let replayed = spill::replay(&*store, &spill_path).await?;
     if replayed != spill::Replayed::default() {

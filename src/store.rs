@@ -1,12 +1,23 @@
 //! Durable storage behind one trait, chosen by URL.
 //!
-//! - `sqlite://PATH`: the embedded default, for one node ([`sqlite`]).
+//! - `sqlite://PATH`: the embedded default, for one node ([`sqlite`], Cargo
+//!   feature `sqlite`).
+//! - `postgres://…` or `postgresql://…`: shared by many nodes
+//!   ([`postgres`], Cargo feature `postgres`).
 //!
-//! Stores are tested against real files, never mocks.
+//! The URL is parsed once, into a [`StoreUrl`], when the configuration is
+//! validated; [`open`] and [`spill_path`] take the parsed form.
+//! docs/stores.md tells an operator how to choose and run each store.
+//!
+//! Stores are tested against real files and servers, never mocks: one
+//! conformance suite (tests/store_conformance.rs) runs against every store.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use async_trait::async_trait;
 
@@ -134,12 +145,16 @@ pub trait Store: Send + Sync + 'static {
 #[error("{0}")]
 pub struct InvalidStoreUrl(pub String);
 
+/// What the refusal of an unknown URL suggests instead.
+const SUPPORTED: &str = "use sqlite://PATH or postgres://USER@HOST/DATABASE";
+
 /// The file path a `sqlite://PATH` URL names. Parsing only: nothing is
 /// opened or created, so `serve` checks the URL with this before binding.
 pub fn sqlite_path(url: &str) -> Result<&str, InvalidStoreUrl> {
     let Some(path) = url.strip_prefix("sqlite://") else {
         return Err(InvalidStoreUrl(format!(
-            "`{url}` is not a supported store URL; use sqlite://PATH"
+            "`{}` is not a supported store URL; {SUPPORTED}",
+            redact(url)
         )));
     };
     if path.is_empty() {
@@ -156,7 +171,103 @@ pub fn sqlite_path(url: &str) -> Result<&str, InvalidStoreUrl> {
     Ok(path)
 }
 
-/// Why a store could not be opened for serving.
+/// A store URL, parsed and checked once (by config validation); nothing is
+/// opened or connected. Its `Display` is the URL with any password
+/// replaced by `***`, fit for logs.
+#[derive(Clone, Debug)]
+pub enum StoreUrl {
+    /// `sqlite://PATH`.
+    #[cfg(feature = "sqlite")]
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`.
+    #[cfg(feature = "postgres")]
+    Postgres(Box<postgres::PgUrl>),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, InvalidStoreUrl> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return postgres::PgUrl::parse(url).map(|u| StoreUrl::Postgres(Box::new(u)));
+            #[cfg(not(feature = "postgres"))]
+            return Err(InvalidStoreUrl(
+                "this packmeter was built without PostgreSQL support (Cargo feature \
+                 `postgres`); rebuild with it, or use sqlite://PATH"
+                    .into(),
+            ));
+        }
+        let path = sqlite_path(url)?;
+        #[cfg(feature = "sqlite")]
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        #[cfg(not(feature = "sqlite"))]
+        {
+            let _ = path;
+            Err(InvalidStoreUrl(
+                "this packmeter was built without SQLite support (Cargo feature `sqlite`); \
+                 rebuild with it, or use postgres://USER@HOST/DATABASE"
+                    .into(),
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = InvalidStoreUrl;
+    fn from_str(s: &str) -> Result<StoreUrl, InvalidStoreUrl> {
+        StoreUrl::parse(s)
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            #[cfg(feature = "sqlite")]
+            StoreUrl::Sqlite(ref path) => write!(f, "sqlite://{}", path.display()),
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(ref url) => url.fmt(f),
+        }
+    }
+}
+
+/// `url` with the password of its user part (`scheme://user:PASSWORD@…`)
+/// and any `password=` parameter replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    // The user part ends at the last `@` before the query, so that a
+    // password holding `/` or `@` is hidden whole.
+    let mut out = format!("{scheme}://");
+    match before_query.rsplit_once('@') {
+        Some((user, hosts)) => {
+            match user.split_once(':') {
+                Some((name, _password)) => out.push_str(&format!("{name}:***")),
+                None => out.push_str(user),
+            }
+            out.push('@');
+            out.push_str(hosts);
+        }
+        None => out.push_str(before_query),
+    }
+    if let Some(query) = query {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some(("password", _)) => "password=***".to_string(),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    out
+}
+
+/// Why a store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// Another process holds the store: two servers on one store would each
@@ -186,37 +297,140 @@ pub enum OpenError {
     /// The store cannot be written by this process: every flush would fail.
     #[error("{store} cannot be written by this process: {reason}")]
     NotWritable { store: String, reason: String },
-    #[error(transparent)]
+    /// The store failed (unreachable, refused the credentials, I/O error).
+    #[error("{0}")]
     Store(#[from] StoreError),
-}
-
-/// Opens the store a URL names, for this process alone: it is locked until
-/// the store is dropped (see [`OpenError::InUse`]).
-pub fn open(url: &str) -> Result<Arc<dyn Store>, OpenError> {
-    let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
-    Ok(Arc::new(sqlite::SqliteStore::open(path)?))
+    /// The store holds something this binary must not touch, such as a
+    /// schema newer than it knows: a configuration error (`serve` exits 64).
+    #[error("{0}")]
+    Incompatible(String),
 }
 
 /// Refuses a store whose directory does not exist, before anything is
-/// opened or created. `serve` calls it for an explicit `--store`.
-pub fn check_dir(url: &str) -> Result<(), OpenError> {
-    let path = sqlite_path(url).map_err(|e| StoreError::permanent(e.0))?;
-    match std::path::Path::new(path)
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        Some(dir) if !dir.is_dir() => Err(OpenError::NoDirectory {
-            store: url.to_string(),
-            dir: dir.to_path_buf(),
-        }),
-        _ => Ok(()),
+/// opened or created. `serve` calls it for an explicit `--store`; a
+/// PostgreSQL URL has no directory.
+pub fn check_dir(url: &StoreUrl) -> Result<(), OpenError> {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(ref path) => match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) if !dir.is_dir() => Err(OpenError::NoDirectory {
+                store: url.to_string(),
+                dir: dir.to_path_buf(),
+            }),
+            _ => Ok(()),
+        },
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(_) => Ok(()),
     }
 }
 
-/// Where shutdown writes usage it could not flush (see [`crate::spill`]):
-/// beside the SQLite file, as `PATH.unflushed`.
-pub fn spill_path(url: &str) -> std::path::PathBuf {
-    // `serve` has opened the store by now, so the URL parses.
-    let base = sqlite_path(url).unwrap_or("packmeter.db");
-    std::path::PathBuf::from(format!("{base}.unflushed"))
+/// Opens the store a URL names, for this process alone (a SQLite file is
+/// locked until the store is dropped, see [`OpenError::InUse`]): creates the SQLite file, or connects to
+/// PostgreSQL and brings its schema up to date (see [`postgres`]).
+pub async fn open(url: &StoreUrl) -> Result<Arc<dyn Store>, OpenError> {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(ref path) => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                sqlite::SqliteStore::open(&path.to_string_lossy())
+            })
+            .await
+            .map_err(|e| StoreError::permanent(format!("opening the store failed: {e}")))??;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(ref url) => Ok(Arc::new(postgres::PostgresStore::open(url).await?)),
+    }
+}
+
+/// Where packmeter keeps local files by default:
+/// `$XDG_DATA_HOME/packmeter`, else `$HOME/.local/share/packmeter`, else
+/// the working directory.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .map(|d| d.join("packmeter"))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where shutdown writes usage it could not flush (see [`crate::spill`]).
+///
+/// - SQLite: beside the file, as `PATH.unflushed`.
+/// - PostgreSQL: in the data directory ([`default_data_dir`]), one file per
+///   database: `postgres-HOST-PORT-DATABASE.unflushed`. Nodes that share a
+///   data directory and a database would share the file, so give each node
+///   its own (each pod has its own by default).
+pub fn spill_path(url: &StoreUrl) -> PathBuf {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(ref path) => {
+            let mut p = path.clone().into_os_string();
+            p.push(".unflushed");
+            PathBuf::from(p)
+        }
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(ref url) => {
+            default_data_dir().join(format!("{}.unflushed", url.spill_name()))
+        }
+    }
+}
+
+/// Where a page starts: `from`, and the cursor if it narrows that further.
+/// A cursor before `from`, or (with an account filter) on another account,
+/// is turned into a plain hour bound, so that every query a store runs
+/// seeks straight to its first row with a key comparison an index serves.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn page_start<'k>(
+    from: Ts,
+    account: Option<&str>,
+    after: Option<&'k UsageKey>,
+) -> (Ts, Option<&'k UsageKey>) {
+    let Some(k) = after else {
+        return (from, None);
+    };
+    if k.hour < from {
+        return (from, None);
+    }
+    match account {
+        // Every row of `a` in hour `k.hour` comes after the cursor ...
+        Some(a) if a > k.account_id.as_str() => (k.hour, None),
+        // ... or none does.
+        Some(a) if a < k.account_id.as_str() => (k.hour.saturating_add(1), None),
+        _ => (from, Some(k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_every_password_and_keeps_the_rest() {
+        for (url, shown) in [
+            (
+                "postgres://pm:s3cret@db:5432/x",
+                "postgres://pm:***@db:5432/x",
+            ),
+            (
+                "postgres://pm:a/b@c@db/x?sslmode=require",
+                "postgres://pm:***@db/x?sslmode=require",
+            ),
+            (
+                "postgres://pm@db/x?password=s3cret&a=b",
+                "postgres://pm@db/x?password=***&a=b",
+            ),
+            ("postgres://db/x", "postgres://db/x"),
+            ("sqlite://./pm.db", "sqlite://./pm.db"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
 }

@@ -149,7 +149,9 @@ async fn the_binary_accepts_the_packmeter_toml_the_chart_renders() {
     assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     assert_eq!(c.log_format, LogFormat::Json);
     assert!(
-        c.store.starts_with("sqlite:///var/lib/packmeter/"),
+        c.store
+            .to_string()
+            .starts_with("sqlite:///var/lib/packmeter/"),
         "{}",
         c.store
     );

@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
-use super::{Granted, LoadedAccount, OpenError, Store, StoreError, StoredPack};
+use super::{page_start, Granted, LoadedAccount, OpenError, Store, StoreError, StoredPack};
 use crate::{
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
@@ -379,30 +379,6 @@ fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<UsageRow, StoreE
     ))))
 }
 
-/// Where a page starts: `from`, and the cursor if it narrows that further.
-/// A cursor before `from`, or (with an account filter) on another account,
-/// is turned into a plain hour bound, so that every query the store runs
-/// seeks straight to its first row with a key comparison an index serves.
-fn page_start<'k>(
-    from: Ts,
-    account: Option<&str>,
-    after: Option<&'k UsageKey>,
-) -> (Ts, Option<&'k UsageKey>) {
-    let Some(k) = after else {
-        return (from, None);
-    };
-    if k.hour < from {
-        return (from, None);
-    }
-    match account {
-        // Every row of `a` in hour `k.hour` comes after the cursor ...
-        Some(a) if a > k.account_id.as_str() => (k.hour, None),
-        // ... or none does.
-        Some(a) if a < k.account_id.as_str() => (k.hour.saturating_add(1), None),
-        _ => (from, Some(k)),
-    }
-}
-
 /// The page query. Parameters: ?1 from, ?2 to, ?3 account, ?4..?7 the
 /// cursor (hour, account, item, pack), ?8 the limit; all are bound, and
 /// those a variant does not mention are ignored.
@@ -761,21 +737,10 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    //! What every store must do is checked by the conformance suite
+    //! (tests/store_conformance.rs), on SQLite and PostgreSQL alike; these
+    //! tests are about SQLite itself.
     use super::*;
-    use crate::ledger::{AccountFlush, DeltaRow};
-
-    fn spec(id: &str) -> PackSpec {
-        PackSpec {
-            pack_id: id.into(),
-            source: PackSource::Purchased,
-            item: Item::Calls,
-            capacity: 100,
-            valid_from: 0,
-            valid_until: 1_000,
-            priority: 1,
-            created_at: 5,
-        }
-    }
 
     #[tokio::test]
     async fn the_settled_mark_only_moves_forward_and_outlives_a_reopen() {
@@ -796,311 +761,12 @@ mod tests {
         assert_eq!(store.settled_before().await.unwrap(), 20);
     }
 
-    #[tokio::test]
-    async fn a_flushed_batch_is_read_back_after_reopening_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nested/pm.db");
-        let url_path = path.to_str().unwrap().to_string();
-        {
-            let store = SqliteStore::open(&url_path).unwrap();
-            assert!(matches!(
-                store.grant_pack("acct", &spec("p1")).await.unwrap(),
-                Granted::New(_)
-            ));
-            let batch = FlushBatch {
-                batch_id: "b1".into(),
-                now: 10,
-                accounts: vec![AccountFlush {
-                    account_id: "acct".into(),
-                    account: Some(AccountRecord {
-                        account_id: "acct".into(),
-                        activated_at: Some(7),
-                        suspended: false,
-                        deny_on_exhausted: false,
-                    }),
-                    deltas: vec![
-                        DeltaRow {
-                            hour: 0,
-                            item: Item::Calls,
-                            pack: Some(spec("p1")),
-                            amount: 30,
-                        },
-                        DeltaRow {
-                            hour: 0,
-                            item: Item::Calls,
-                            pack: None,
-                            amount: 4,
-                        },
-                    ],
-                    dedup: vec![DedupRecord {
-                        request_id: "r1".into(),
-                        expires_at: 500,
-                        calls_covered: 30,
-                        calls_overage: 4,
-                        egress_covered: 0,
-                        egress_overage: 0,
-                    }],
-                }],
-            };
-            assert!(store.write_batch(&batch).await.unwrap());
-            // The same batch again is recognised and skipped.
-            assert!(!store.write_batch(&batch).await.unwrap());
-            let again = FlushBatch {
-                batch_id: "b2".into(),
-                ..batch.clone()
-            };
-            assert!(store.write_batch(&again).await.unwrap());
-        }
-        let store = SqliteStore::open(&url_path).unwrap();
-        let loaded = store.load_account("acct", 0, 100).await.unwrap();
-        assert_eq!(loaded.account.unwrap().activated_at, Some(7));
-        assert_eq!(loaded.packs.len(), 1);
-        assert_eq!(loaded.packs[0].used, 60);
-        assert_eq!(loaded.dedup.len(), 1);
-        let rows = store
-            .usage_rows_page(0, 1, Some("acct"), None, 10)
-            .await
-            .unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 68);
-        // Granting the same id again returns the stored pack untouched.
-        match store.grant_pack("acct", &spec("p1")).await.unwrap() {
-            Granted::Existing(p) => assert_eq!(p.used, 60),
-            other => panic!("expected Existing, got {other:?}"),
-        }
-        // Expired keys are not loaded.
-        assert!(store
-            .load_account("acct", 0, 500)
-            .await
-            .unwrap()
-            .dedup
-            .is_empty());
-    }
-
-    /// Rows as a flush would leave them, in a deliberately scrambled order
-    /// of insertion: three hours, and within each several accounts, both
-    /// items, overage and two packs (some keys share everything but one
-    /// column).
-    fn usage_fixture() -> Vec<UsageRow> {
-        let mut rows = Vec::new();
-        let mut n = 0;
-        for hour in [2 * HOUR, 0, HOUR] {
-            for account in ["b", "a", "ab", "c"] {
-                for item in [Item::EgressBytes, Item::Calls] {
-                    for pack in ["p2", "", "p1"] {
-                        n += 1;
-                        // Leave a few keys out so the groups are uneven.
-                        if n % 5 == 0 {
-                            continue;
-                        }
-                        rows.push(UsageRow {
-                            account_id: account.into(),
-                            hour,
-                            item,
-                            pack_id: pack.into(),
-                            source: (!pack.is_empty()).then_some(PackSource::Purchased),
-                            amount: n,
-                        });
-                    }
-                }
-            }
-        }
-        rows
-    }
-
     const HOUR: Ts = crate::calendar::HOUR;
-
-    fn insert_usage(store: &SqliteStore, rows: &[UsageRow]) {
-        let mut conn = store.writer.lock().unwrap();
-        let tx = conn.transaction().unwrap();
-        for r in rows {
-            tx.execute(
-                "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    r.account_id,
-                    r.hour,
-                    r.item.code(),
-                    r.pack_id,
-                    r.source.map_or(0, PackSource::code),
-                    to_sql(r.amount).unwrap()
-                ],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
-
-    fn sorted(mut rows: Vec<UsageRow>) -> Vec<UsageRow> {
-        rows.sort_by_key(UsageRow::key);
-        rows
-    }
-
-    /// Pages through everything, checking each page against `limit`; also
-    /// returns the page sizes.
-    async fn page_through(
-        store: &SqliteStore,
-        from: Ts,
-        to: Ts,
-        account: Option<&str>,
-        after: Option<UsageKey>,
-        limit: usize,
-    ) -> (Vec<UsageRow>, Vec<usize>) {
-        let (mut all, mut sizes) = (Vec::new(), Vec::new());
-        let mut after = after;
-        loop {
-            let page = store
-                .usage_rows_page(from, to, account, after.as_ref(), limit)
-                .await
-                .unwrap();
-            assert!(page.len() <= limit, "a page of {} for {limit}", page.len());
-            sizes.push(page.len());
-            let last = page.len() < limit;
-            after = page.last().map(UsageRow::key).or(after);
-            all.extend(page);
-            if last {
-                return (all, sizes);
-            }
-        }
-    }
 
     fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap();
         (dir, store)
-    }
-
-    #[tokio::test]
-    async fn usage_pages_list_every_row_once_in_key_order() {
-        let (_dir, store) = open_temp();
-        let rows = usage_fixture();
-        insert_usage(&store, &rows);
-        let want = sorted(rows.clone());
-        assert_eq!(want.len(), 58);
-        // Equal hours across accounts, items and packs are ordered by the
-        // rest of the key, byte-wise for strings ("a" < "ab" < "b").
-        assert_eq!(
-            want[..3]
-                .iter()
-                .map(|r| (r.account_id.as_str(), r.item, r.pack_id.as_str()))
-                .collect::<Vec<_>>(),
-            [
-                ("a", Item::Calls, "p1"),
-                ("a", Item::Calls, "p2"),
-                ("a", Item::EgressBytes, "")
-            ]
-        );
-        for limit in [1, 2, 7, 29, 58, 1000] {
-            let (got, sizes) = page_through(&store, 0, 3 * HOUR, None, None, limit).await;
-            assert_eq!(got, want, "limit {limit}");
-            // Full pages, then one short (possibly empty) one.
-            let (last, full) = sizes.split_last().unwrap();
-            assert!(full.iter().all(|&n| n == limit), "{sizes:?}");
-            assert_eq!(*last, 58 % limit, "limit {limit}: {sizes:?}");
-        }
-        // An empty page after the last row, and for an empty range.
-        let end = want.last().unwrap().key();
-        let page = store
-            .usage_rows_page(0, 3 * HOUR, None, Some(&end), 10)
-            .await
-            .unwrap();
-        assert!(page.is_empty());
-        assert!(store
-            .usage_rows_page(HOUR, HOUR, None, None, 10)
-            .await
-            .unwrap()
-            .is_empty());
-    }
-
-    #[tokio::test]
-    async fn usage_pages_resume_right_after_any_cursor() {
-        let (_dir, store) = open_temp();
-        let rows = usage_fixture();
-        insert_usage(&store, &rows);
-        let want = sorted(rows);
-        // After each existing key: exactly the rows behind it.
-        for (i, r) in want.iter().enumerate() {
-            let (got, _) = page_through(&store, 0, 3 * HOUR, None, Some(r.key()), 4).await;
-            assert_eq!(got, want[i + 1..], "after {:?}", r.key());
-        }
-        // After a key that is not stored: from the next one that is.
-        let between = UsageKey {
-            hour: HOUR,
-            account_id: "aa".into(),
-            item: Item::Calls,
-            pack_id: String::new(),
-        };
-        let (got, _) = page_through(&store, 0, 3 * HOUR, None, Some(between.clone()), 5).await;
-        let first = want.iter().position(|r| r.key() > between).unwrap();
-        assert_eq!(got, want[first..]);
-        assert_eq!((got[0].hour, got[0].account_id.as_str()), (HOUR, "ab"));
-    }
-
-    #[tokio::test]
-    async fn usage_pages_keep_to_the_hours_and_the_account() {
-        let (_dir, store) = open_temp();
-        let rows = usage_fixture();
-        insert_usage(&store, &rows);
-        let want = sorted(rows);
-        let only = |from: Ts, to: Ts, account: Option<&str>| {
-            want.iter()
-                .filter(|r| from <= r.hour && r.hour < to)
-                .filter(|r| account.is_none_or(|a| r.account_id == a))
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        // `from` is inclusive, `to` exclusive.
-        for (from, to) in [
-            (HOUR, 2 * HOUR),
-            (HOUR, 3 * HOUR),
-            (1, 2 * HOUR + 1),
-            (0, 1),
-        ] {
-            for account in [None, Some("a"), Some("ab"), Some("zz")] {
-                for limit in [1, 3, 100] {
-                    let (got, _) = page_through(&store, from, to, account, None, limit).await;
-                    assert_eq!(
-                        got,
-                        only(from, to, account),
-                        "{from}..{to} {account:?} {limit}"
-                    );
-                }
-            }
-        }
-        assert_eq!(only(HOUR, 2 * HOUR, Some("ab")).len(), 5);
-        // A cursor before `from` starts at `from`.
-        let early = want[0].key();
-        let (got, _) = page_through(&store, HOUR, 3 * HOUR, None, Some(early.clone()), 4).await;
-        assert_eq!(got, only(HOUR, 3 * HOUR, None));
-        let (got, _) = page_through(&store, HOUR, 3 * HOUR, Some("b"), Some(early), 4).await;
-        assert_eq!(got, only(HOUR, 3 * HOUR, Some("b")));
-        // Even when rows after it lie between it and `from`.
-        let just_before = want.iter().find(|r| r.hour == HOUR).unwrap().key();
-        for account in [None, Some("b")] {
-            let (got, _) = page_through(
-                &store,
-                HOUR + 1,
-                3 * HOUR,
-                account,
-                Some(just_before.clone()),
-                4,
-            )
-            .await;
-            assert_eq!(got, only(HOUR + 1, 3 * HOUR, account), "{account:?}");
-        }
-        // With an account, a cursor on another account still means "after
-        // this key": the account's rows in the cursor's hour come after a
-        // smaller account, not after a larger one.
-        let at = |account: &str| UsageKey {
-            hour: HOUR,
-            account_id: account.into(),
-            item: Item::EgressBytes,
-            pack_id: "p9".into(),
-        };
-        let (got, _) = page_through(&store, 0, 3 * HOUR, Some("ab"), Some(at("a")), 2).await;
-        assert_eq!(got, only(HOUR, 3 * HOUR, Some("ab")));
-        let (got, _) = page_through(&store, 0, 3 * HOUR, Some("ab"), Some(at("b")), 2).await;
-        assert_eq!(got, only(2 * HOUR, 3 * HOUR, Some("ab")));
     }
 
     #[test]

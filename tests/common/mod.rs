@@ -1,8 +1,11 @@
 //! Starts the real `packmeter` binary on 127.0.0.1:0 with a temporary SQLite
-//! file, and connects the generated tonic clients to it.
+//! file (or any store URL), and connects the generated tonic clients to it.
+//! [`pg`] gives a test a PostgreSQL database of its own.
 #![allow(dead_code)]
 
 mod http;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub use http::{get, sample};
 
 use std::{
@@ -35,11 +38,25 @@ impl Server {
 
     /// Starts a server on the given SQLite file (for restarts).
     pub fn start_on(db: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        Server::launch(&format!("sqlite://{}", db.display()), None, extra, db)
+    }
+
+    /// Starts a server on any store URL, with `data` as its data directory
+    /// (`XDG_DATA_HOME`: where a PostgreSQL node keeps its spill file).
+    pub fn start_store(store: &str, data: &Path, extra: &[&str]) -> Server {
+        Server::launch(store, Some(data), extra, data)
+    }
+
+    fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
+        let mut command = Command::new(BIN);
+        if let Some(data) = data {
+            command.env("XDG_DATA_HOME", data);
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg("--store")
-            .arg(format!("sqlite://{}", db.display()))
+            .arg(store)
             .args(extra)
             .env_remove("PACKMETER_CONFIG")
             .env("RUST_LOG", "info")

@@ -1,0 +1,1470 @@
+//! The shared PostgreSQL store: tokio-postgres behind a deadpool pool, TLS
+//! over rustls (ring provider).
+//!
+//! - **URL.** `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAMS]`
+//!   (also `postgresql://`). Besides what tokio-postgres accepts
+//!   (`connect_timeout`, `application_name`, `options`, …), packmeter reads
+//!   `sslmode`, `sslrootcert` and `pool_max_size` itself; see [`PgUrl`].
+//! - **Errors.** Connection loss, failover, a server that is starting or
+//!   shutting down, serialization failures and deadlocks are *transient*
+//!   ([`StoreError::transient`]): the flusher keeps the usage and retries
+//!   with backoff while the node keeps serving. A pool that cannot connect
+//!   is transient too. Every call is bounded by [`OP_TIMEOUT`]; a connection
+//!   that did not answer in time is dropped, not returned to the pool.
+//! - **Schema.** Versioned in the `packmeter_schema` table and migrated at
+//!   start, under `pg_advisory_lock` so that nodes starting together do not
+//!   race; a schema newer than this binary knows is refused
+//!   ([`OpenError::Incompatible`]).
+//! - **Portability.** The SQL sticks to what CockroachDB and YugabyteDB also
+//!   accept (`INSERT … ON CONFLICT`, `UNNEST`, row comparisons, no stored
+//!   procedures). The one PostgreSQL-only call, the advisory lock, lives in
+//!   `lock_migrations` and is skipped, with a warning, by a server that
+//!   does not implement it. docs/stores.md lists it.
+//!
+//! Amounts are `BIGINT`: a `u64` above 2^63-1 is refused, and a sum that
+//! would exceed it is refused by the upsert's `WHERE`; nothing wraps.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::WebPkiServerVerifier,
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
+    CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{
+    page_start, Granted, InvalidStoreUrl, LoadedAccount, OpenError, Store, StoreError, StoredPack,
+};
+use crate::{
+    calendar::Ts,
+    ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
+    packs::{Item, PackSource, PackSpec},
+};
+
+/// The schema, one migration per version: `MIGRATIONS[v - 1]` takes a
+/// database from version `v - 1` to `v`. Append; never edit a released one.
+///
+/// Strings are `COLLATE "C"`, so that keys sort byte-wise, as
+/// [`UsageKey`]'s order (and SQLite) does, whatever the database's default
+/// collation: export cursors depend on it.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE accounts (
+    account_id        TEXT COLLATE "C" PRIMARY KEY,
+    activated_at      BIGINT,             -- µs since epoch, UTC; NULL until activated
+    suspended         BOOLEAN NOT NULL DEFAULT FALSE,
+    deny_on_exhausted BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE TABLE packs (
+    account_id  TEXT COLLATE "C" NOT NULL,
+    pack_id     TEXT COLLATE "C" NOT NULL,
+    source      BIGINT NOT NULL,          -- 1 free tier, 2 purchased
+    item        BIGINT NOT NULL,          -- 1 calls, 2 egress bytes
+    capacity    BIGINT NOT NULL CHECK (capacity >= 0),
+    valid_from  BIGINT NOT NULL,
+    valid_until BIGINT NOT NULL,          -- exclusive
+    priority    BIGINT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    used        BIGINT NOT NULL DEFAULT 0 CHECK (used >= 0),
+    PRIMARY KEY (account_id, pack_id)
+);
+CREATE TABLE usage_hourly (
+    account_id TEXT COLLATE "C" NOT NULL,
+    hour       BIGINT NOT NULL,           -- start of the UTC hour, µs
+    item       BIGINT NOT NULL,
+    pack_id    TEXT COLLATE "C" NOT NULL, -- '' for overage
+    source     BIGINT NOT NULL,           -- 0 for overage
+    amount     BIGINT NOT NULL CHECK (amount >= 0),
+    PRIMARY KEY (account_id, hour, item, pack_id)
+);
+CREATE INDEX usage_hourly_by_key ON usage_hourly (hour, account_id, item, pack_id);
+CREATE TABLE dedup (
+    account_id     TEXT COLLATE "C" NOT NULL,
+    request_id     TEXT COLLATE "C" NOT NULL,
+    expires_at     BIGINT NOT NULL,
+    calls_covered  BIGINT NOT NULL,
+    calls_overage  BIGINT NOT NULL,
+    egress_covered BIGINT NOT NULL,
+    egress_overage BIGINT NOT NULL,
+    PRIMARY KEY (account_id, request_id)
+);
+CREATE INDEX dedup_by_expiry ON dedup (expires_at);
+CREATE TABLE flush_batches (
+    batch_id   TEXT COLLATE "C" PRIMARY KEY, -- FlushBatch::batch_id
+    applied_at BIGINT NOT NULL               -- µs; rows older than BATCH_ID_RETENTION are pruned
+);
+CREATE INDEX flush_batches_by_age ON flush_batches (applied_at);
+"#,
+    r#"
+-- The settled mark (R12), one row: hours that start before it are settled.
+-- It only moves forward, so a later, longer --late-grace cannot reopen them.
+CREATE TABLE settlement (
+    id             BIGINT PRIMARY KEY CHECK (id = 1),
+    settled_before BIGINT NOT NULL        -- µs since epoch, UTC
+);
+"#,
+];
+
+/// The schema version this binary writes and reads.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The advisory lock key migrations hold: "packmetr" in ASCII.
+const MIGRATION_LOCK: i64 = 0x7061_636b_6d65_7472;
+
+/// How long applied batch ids are kept (as in the SQLite store).
+const BATCH_ID_RETENTION: Ts = 30 * 24 * crate::calendar::HOUR;
+
+/// Connecting gives up after this unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waiting for a free pooled connection gives up after this.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+/// One store call (a flush transaction included) gives up after this; its
+/// connection is dropped and the error is transient.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pooled connections unless the URL sets `pool_max_size`.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// Attempts to connect and migrate at start, with backoff (about 3 s in
+/// all), before `serve` gives up.
+const OPEN_ATTEMPTS: u32 = 5;
+
+/// How TLS is used, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, else plain (the default).
+    Prefer,
+    /// TLS or fail; the certificate is not checked (unless `sslrootcert`
+    /// is given, as with libpq: then as `verify-ca`).
+    Require,
+    /// TLS, and the certificate must chain to a trusted root.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(v: &str) -> Result<SslMode, String> {
+        Ok(match v {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => {
+                return Err(format!(
+                    "sslmode `{v}` is not supported; use disable, prefer, require, verify-ca \
+                     or verify-full"
+                ))
+            }
+        })
+    }
+}
+
+/// A parsed `postgres://` URL: the connection settings, the TLS setup
+/// (root certificates already read), and the pool size.
+///
+/// Query parameters read by packmeter rather than tokio-postgres:
+/// - `sslmode`: `disable`, `prefer` (default), `require`, `verify-ca`,
+///   `verify-full`, as libpq.
+/// - `sslrootcert=PATH`: PEM file of the CA certificates to trust; by default
+///   the Mozilla roots (webpki-roots) are trusted for `verify-*`.
+/// - `pool_max_size=N`: connections per node (default
+///   [`DEFAULT_POOL_SIZE`], at most 256).
+#[derive(Clone)]
+pub struct PgUrl {
+    config: tokio_postgres::Config,
+    ssl: SslMode,
+    tls: MakeRustlsConnect,
+    pool_size: usize,
+    /// The URL with its password replaced, for logs.
+    shown: String,
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgUrl")
+            .field("url", &self.shown)
+            .field("sslmode", &self.ssl)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// Decodes `%XX` escapes; `None` if one is malformed or the result is not
+/// UTF-8.
+fn percent_decode(v: &str) -> Option<String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = v.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl PgUrl {
+    /// Parses and checks a URL, and reads `sslrootcert` if given. Connects
+    /// to nothing.
+    pub fn parse(url: &str) -> Result<PgUrl, InvalidStoreUrl> {
+        let shown = super::redact(url);
+        let bad = |why: String| InvalidStoreUrl(format!("`{shown}`: {why}"));
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut kept = Vec::new();
+        let (mut ssl, mut root_cert, mut pool_size) = (SslMode::Prefer, None, DEFAULT_POOL_SIZE);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = || {
+                percent_decode(raw)
+                    .ok_or_else(|| bad(format!("the value of `{key}` is not valid %-encoding")))
+            };
+            match key {
+                "sslmode" => ssl = SslMode::parse(&value()?).map_err(bad)?,
+                "sslrootcert" => root_cert = Some(PathBuf::from(value()?)),
+                "pool_max_size" => {
+                    pool_size = value()?
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=256).contains(n))
+                        .ok_or_else(|| bad("pool_max_size must be a number from 1 to 256".into()))?
+                }
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
+            bad(match std::error::Error::source(&e) {
+                Some(why) => format!("{e}: {why}"),
+                None => e.to_string(),
+            })
+        })?;
+        if config.get_hosts().is_empty() {
+            return Err(bad(
+                "needs a host, e.g. postgres://packmeter@db.example.com:5432/packmeter".into(),
+            ));
+        }
+        if config.get_user().is_none_or(str::is_empty) {
+            return Err(bad(
+                "needs a user, e.g. postgres://packmeter@db.example.com:5432/packmeter".into(),
+            ));
+        }
+        config.ssl_mode(match ssl {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("packmeter");
+        }
+        let tls = tls_connector(ssl, root_cert.as_deref()).map_err(bad)?;
+        Ok(PgUrl {
+            config,
+            ssl,
+            tls,
+            pool_size,
+            shown,
+        })
+    }
+
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// The database this URL names (the user's name when it names none, as
+    /// the server does).
+    pub fn database(&self) -> &str {
+        self.config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("")
+    }
+
+    /// One connection outside the pool, with this URL's settings and TLS:
+    /// for tools and tests. Its I/O runs on a spawned task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// `postgres-HOST-PORT-DATABASE`, with anything but ASCII letters,
+    /// digits, `.` and `_` turned into `_`: the spill file's name.
+    pub fn spill_name(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        format!(
+            "postgres-{}-{port}-{}",
+            clean(&host),
+            clean(self.database())
+        )
+    }
+}
+
+/// The rustls setup for a mode.
+fn tls_connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeRustlsConnect, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = match root_cert {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            let (added, _ignored) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "sslrootcert {} holds no usable PEM certificate",
+                    path.display()
+                ));
+            }
+            roots
+        }
+        None => RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let verify_chain = || {
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots.clone()), provider.clone())
+            .build()
+            .map_err(|e| format!("TLS setup: {e}"))
+    };
+    let config = match mode {
+        SslMode::VerifyFull => builder
+            .with_webpki_verifier(verify_chain()?)
+            .with_no_client_auth(),
+        SslMode::VerifyCa => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(verify_chain()?)))
+            .with_no_client_auth(),
+        // As libpq: with a root certificate file, require checks the chain.
+        SslMode::Prefer | SslMode::Require if root_cert.is_some() => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(verify_chain()?)))
+            .with_no_client_auth(),
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// `require`: encrypts, trusts any certificate (libpq's meaning); the
+/// handshake signatures are still checked.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the host name is
+/// not compared.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Whether an error is worth retrying: the connection or the server's
+/// state, not the statement or the data.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        let code = code.code();
+        // 08: connection exceptions; 53: insufficient resources (too many
+        // connections, disk full); 40001 serialization failure (CockroachDB's
+        // "retry"), 40P01 deadlock, 40003 outcome unknown; 57P01..03 admin
+        // or crash shutdown, cannot connect now; 57014 cancelled; 55P03
+        // lock not available.
+        return code.starts_with("08")
+            || code.starts_with("53")
+            || matches!(
+                code,
+                "40001" | "40P01" | "40003" | "57P01" | "57P02" | "57P03" | "57014" | "55P03"
+            );
+    }
+    if e.is_closed() {
+        return true;
+    }
+    // I/O and connect failures carry an io::Error; a certificate the TLS
+    // layer refused does too, and is not transient.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return !io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>());
+        }
+        source = s.source();
+    }
+    // tokio-postgres's own connect timeout.
+    e.to_string() == "timeout waiting for server"
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut m = format!("postgres: {} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            m.push_str("; ");
+            m.push_str(detail);
+        }
+        return m;
+    }
+    let mut m = format!("postgres: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        m.push_str(": ");
+        m.push_str(&s.to_string());
+        source = s.source();
+    }
+    m
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError {
+            message: describe(&e),
+            transient: is_transient(&e),
+        }
+    }
+}
+
+/// Not getting a connection says nothing about the data: once serving it
+/// is always transient, so that the flusher keeps the usage rather than set
+/// it aside. At start (`at_start`), a refusal that retrying cannot cure (a
+/// wrong password, an untrusted certificate, no such database) is
+/// permanent, so that `serve` fails at once and says why.
+fn pool_error(e: PoolError, at_start: bool) -> StoreError {
+    let mut transient = true;
+    let message = match e {
+        PoolError::Backend(e) => {
+            transient = !at_start || is_transient(&e);
+            describe(&e)
+        }
+        PoolError::Timeout(_) => format!(
+            "postgres: no connection within {POOL_WAIT:?} (all pooled connections busy, or the \
+             server unreachable)"
+        ),
+        other => format!("postgres: {other}"),
+    };
+    StoreError { message, transient }
+}
+
+/// `BIGINT` holds amounts up to 2^63-1; refuse rather than wrap.
+fn to_sql(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::permanent(format!("amount {v} exceeds 2^63-1")))
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+const PACK_COLUMNS: &str =
+    "pack_id, source, item, capacity, valid_from, valid_until, priority, created_at, used";
+
+fn read_pack(row: &Row) -> Result<StoredPack, StoreError> {
+    let id: String = row.try_get("pack_id")?;
+    Ok(StoredPack {
+        spec: PackSpec {
+            pack_id: id.into(),
+            source: PackSource::from_code(row.try_get("source")?).unwrap_or(PackSource::Purchased),
+            item: Item::from_code(row.try_get("item")?).unwrap_or(Item::Calls),
+            capacity: from_sql(row.try_get("capacity")?),
+            valid_from: row.try_get("valid_from")?,
+            valid_until: row.try_get("valid_until")?,
+            priority: u32::try_from(row.try_get::<_, i64>("priority")?).unwrap_or(0),
+            created_at: row.try_get("created_at")?,
+        },
+        used: from_sql(row.try_get("used")?),
+    })
+}
+
+fn read_account(row: &Row) -> Result<AccountRecord, StoreError> {
+    Ok(AccountRecord {
+        account_id: row.try_get("account_id")?,
+        activated_at: row.try_get("activated_at")?,
+        suspended: row.try_get("suspended")?,
+        deny_on_exhausted: row.try_get("deny_on_exhausted")?,
+    })
+}
+
+fn read_dedup(row: &Row) -> Result<DedupRecord, StoreError> {
+    Ok(DedupRecord {
+        request_id: row.try_get::<_, String>(0)?.into(),
+        expires_at: row.try_get(1)?,
+        calls_covered: from_sql(row.try_get(2)?),
+        calls_overage: from_sql(row.try_get(3)?),
+        egress_covered: from_sql(row.try_get(4)?),
+        egress_overage: from_sql(row.try_get(5)?),
+    })
+}
+
+fn read_usage(row: &Row) -> Result<UsageRow, StoreError> {
+    let code: i64 = row.try_get(2)?;
+    Ok(UsageRow {
+        account_id: row.try_get(0)?,
+        hour: row.try_get(1)?,
+        // An unknown item is refused, not read as another: the row's key
+        // is the paging cursor, and a wrong one would skip or repeat rows.
+        item: Item::from_code(code).ok_or_else(|| {
+            StoreError::permanent(format!("a usage row has the unknown item code {code}"))
+        })?,
+        pack_id: row.try_get(3)?,
+        source: PackSource::from_code(row.try_get(4)?),
+        amount: from_sql(row.try_get(5)?),
+    })
+}
+
+const ACCOUNT_SQL: &str = "SELECT account_id, activated_at, suspended, deny_on_exhausted \
+                           FROM accounts WHERE account_id = $1";
+
+/// The page query of [`Store::usage_rows_page`] and its parameters' order;
+/// as in the SQLite store, a cursor replaces `hour >= from`, and with an
+/// account the primary key serves filter and order.
+fn page_sql(account: bool, after: bool) -> String {
+    let filter = match (account, after) {
+        // $1 from, $2 to
+        (false, false) => "hour >= $1 AND hour < $2",
+        // $1 to, $2..$5 cursor
+        (false, true) => "hour < $1 AND (hour, account_id, item, pack_id) > ($2, $3, $4, $5)",
+        // $1 account, $2 from, $3 to
+        (true, false) => "account_id = $1 AND hour >= $2 AND hour < $3",
+        // $1 account, $2 to, $3..$5 cursor (hour, item, pack)
+        (true, true) => "account_id = $1 AND hour < $2 AND (hour, item, pack_id) > ($3, $4, $5)",
+    };
+    let limit = match (account, after) {
+        (false, false) => 3,
+        (true, false) => 4,
+        (_, true) => 6,
+    };
+    format!(
+        "SELECT account_id, hour, item, pack_id, source, amount FROM usage_hourly \
+         WHERE {filter} ORDER BY hour, account_id, item, pack_id LIMIT ${limit}"
+    )
+}
+
+/// Runs `$body` (an expression of type `Result<T, StoreError>` that may use
+/// `$c: &mut Object`) on a pooled connection, within [`OP_TIMEOUT`].
+macro_rules! on_client {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        let mut object = $store.client().await?;
+        let outcome = {
+            let $c: &mut Object = &mut object;
+            tokio::time::timeout(OP_TIMEOUT, async move { $body }).await
+        };
+        finish(object, outcome)
+    }};
+}
+
+fn finish<T>(
+    object: Object,
+    outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
+) -> Result<T, StoreError> {
+    match outcome {
+        Ok(result) => result,
+        Err(_) => {
+            // The connection may be hung: never hand it out again.
+            drop(Object::take(object));
+            Err(StoreError {
+                message: format!(
+                    "postgres: no answer within {OP_TIMEOUT:?}; the connection was dropped"
+                ),
+                transient: true,
+            })
+        }
+    }
+}
+
+/// The shared store. Cheap to share: the pool is internally reference
+/// counted.
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    /// Builds the pool, connects, and brings the schema to
+    /// [`SCHEMA_VERSION`]. Transient failures (the server is starting or
+    /// unreachable) are retried a few times with backoff.
+    pub async fn open(url: &PgUrl) -> Result<PostgresStore, OpenError> {
+        let manager = Manager::from_config(
+            url.config.clone(),
+            url.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let connect = url.config.get_connect_timeout().copied();
+        let pool = Pool::builder(manager)
+            .max_size(url.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(connect.map(|t| t + Duration::from_secs(1)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::permanent(format!("postgres: pool: {e}")))?;
+        let store = PostgresStore { pool };
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1.. {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(OpenError::Store(e)) if e.transient && attempt < OPEN_ATTEMPTS => {
+                    tracing::warn!(error = %e, url = %url, attempt, "cannot reach PostgreSQL yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| pool_error(e, false))
+    }
+
+    /// The schema version the database holds (0 for none).
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        on_client!(self, |c| schema_version(c).await)
+    }
+
+    async fn migrate(&self) -> Result<(), OpenError> {
+        let mut object = self.pool.get().await.map_err(|e| pool_error(e, true))?;
+        let locked = lock_migrations(&object).await?;
+        let outcome = tokio::time::timeout(OP_TIMEOUT, migrate_on(&mut object)).await;
+        if locked {
+            let unlocked = object
+                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+                .await;
+            if unlocked.is_err() {
+                // Ending the session releases the lock.
+                drop(Object::take(object));
+            }
+        }
+        match outcome {
+            Ok(result) => result,
+            Err(_) => Err(StoreError {
+                message: format!("postgres: migrating the schema took over {OP_TIMEOUT:?}"),
+                transient: true,
+            }
+            .into()),
+        }
+    }
+}
+
+/// Takes the session-level advisory lock migrations run under, waiting
+/// for another node that holds it. **PostgreSQL-only**: a server that does
+/// not implement advisory locks (CockroachDB, older YugabyteDB) is told
+/// apart by the error, and the migration then relies on its version-row
+/// claim alone (see [`migrate_on`]). Returns whether the lock is held.
+async fn lock_migrations(client: &Object) -> Result<bool, StoreError> {
+    match client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+    {
+        Ok(_) => Ok(true),
+        // feature_not_supported, undefined_function
+        Err(e)
+            if e.code()
+                .is_some_and(|c| matches!(c.code(), "0A000" | "42883")) =>
+        {
+            tracing::warn!(error = %describe(&e), "no advisory locks on this server; migrating without one");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn schema_version(client: &Object) -> Result<i64, StoreError> {
+    Ok(client
+        .query_opt("SELECT version FROM packmeter_schema WHERE id = 1", &[])
+        .await?
+        .map(|r| r.try_get::<_, i64>(0))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+/// Applies the missing migrations, one transaction each. Each first claims
+/// its version in `packmeter_schema` (insert or compare-and-set), so that
+/// even without the advisory lock two nodes never apply the same one.
+async fn migrate_on(client: &mut Object) -> Result<(), OpenError> {
+    let created = client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS packmeter_schema (\
+             id BIGINT PRIMARY KEY, version BIGINT NOT NULL)",
+        )
+        .await;
+    match created {
+        Ok(()) => {}
+        // Without the advisory lock, another node may create it at the same
+        // moment (unique_violation on the catalog, duplicate_table): it is
+        // there either way.
+        Err(e)
+            if e.code()
+                .is_some_and(|c| matches!(c.code(), "23505" | "42P07")) => {}
+        Err(e) => return Err(StoreError::from(e).into()),
+    }
+    loop {
+        let found = schema_version(client).await?;
+        if found > SCHEMA_VERSION {
+            return Err(OpenError::Incompatible(format!(
+                "the database holds packmeter schema version {found}, but this packmeter knows \
+                 versions up to {SCHEMA_VERSION}: a newer packmeter has migrated it. Run that \
+                 release or a newer one; a schema is never migrated backwards"
+            )));
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let next = found + 1;
+        let tx = client.transaction().await.map_err(StoreError::from)?;
+        let claimed = if found == 0 {
+            tx.execute(
+                "INSERT INTO packmeter_schema (id, version) VALUES (1, $1) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&next],
+            )
+            .await
+        } else {
+            tx.execute(
+                "UPDATE packmeter_schema SET version = $1 WHERE id = 1 AND version = $2",
+                &[&next, &found],
+            )
+            .await
+        }
+        .map_err(StoreError::from)?;
+        if claimed == 0 {
+            // Another node migrated meanwhile: look again.
+            continue;
+        }
+        let index = usize::try_from(found).unwrap_or(0);
+        tx.batch_execute(MIGRATIONS[index])
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        tracing::info!(version = next, "PostgreSQL schema migrated");
+    }
+}
+
+/// A flush batch as column arrays for `UNNEST`, merged by key (a batch may
+/// hold the same key twice: an account's delta split at 2^64, or an account
+/// twice) and sorted, so concurrent flushes lock rows in the same order.
+#[derive(Default)]
+struct BatchRows<'b> {
+    /// First non-NULL activation wins, as the upsert's COALESCE does.
+    accounts: BTreeMap<&'b str, Option<Ts>>,
+    /// (account, hour, item, pack) → (source, amount).
+    usage: BTreeMap<(&'b str, Ts, i64, &'b str), (i64, u64)>,
+    /// (account, pack) → (spec, amount).
+    packs: BTreeMap<(&'b str, &'b str), (&'b PackSpec, u64)>,
+    /// (account, request) → the last record.
+    dedup: BTreeMap<(&'b str, &'b str), &'b DedupRecord>,
+}
+
+fn overflow(account: &str, what: &str) -> StoreError {
+    StoreError::permanent(format!(
+        "account `{account}`: the {what} would exceed 2^63-1"
+    ))
+}
+
+impl<'b> BatchRows<'b> {
+    fn of(batch: &'b FlushBatch) -> Result<BatchRows<'b>, StoreError> {
+        let mut rows = BatchRows::default();
+        for a in &batch.accounts {
+            let id = &*a.account_id;
+            if let Some(rec) = &a.account {
+                let at = rows.accounts.entry(id).or_insert(None);
+                // The earliest: an activation only moves back (R1).
+                *at = match (*at, rec.activated_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            for d in &a.deltas {
+                let (pack_id, source) = match &d.pack {
+                    Some(p) => (&*p.pack_id, p.source.code()),
+                    None => ("", 0),
+                };
+                let usage = rows
+                    .usage
+                    .entry((id, d.hour, d.item.code(), pack_id))
+                    .or_insert((source, 0));
+                usage.1 = usage
+                    .1
+                    .checked_add(d.amount)
+                    .ok_or_else(|| overflow(id, &format!("usage of hour {}", d.hour)))?;
+                if let Some(p) = &d.pack {
+                    let pack = rows.packs.entry((id, &*p.pack_id)).or_insert((p, 0));
+                    pack.1 = pack
+                        .1
+                        .checked_add(d.amount)
+                        .ok_or_else(|| overflow(id, &format!("use of pack `{}`", p.pack_id)))?;
+                }
+            }
+            for r in &a.dedup {
+                rows.dedup.insert((id, &*r.request_id), r);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Names the accounts for an error about the whole batch.
+    fn who(batch: &FlushBatch) -> String {
+        match &batch.accounts[..] {
+            [one] => format!("account `{}`", one.account_id),
+            many => format!("one of {} accounts", many.len()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load_account(
+        &self,
+        id: &str,
+        since: Ts,
+        now: Ts,
+    ) -> Result<LoadedAccount, StoreError> {
+        on_client!(self, |c| {
+            // One snapshot for the three reads, sent together.
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let packs_sql = format!(
+                "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = $1 AND valid_until > $2"
+            );
+            let (a, p, d, u) = tokio::try_join!(
+                tx.prepare_cached(ACCOUNT_SQL),
+                tx.prepare_cached(&packs_sql),
+                tx.prepare_cached(
+                    "SELECT request_id, expires_at, calls_covered, calls_overage, \
+                     egress_covered, egress_overage FROM dedup \
+                     WHERE account_id = $1 AND expires_at > $2",
+                ),
+                // Summed here rather than with SUM, which would fail on an
+                // overflow, as SQLite does (the ledger cap's starting point).
+                tx.prepare_cached(
+                    "SELECT hour, item, amount FROM usage_hourly \
+                     WHERE account_id = $1 AND hour > $2",
+                ),
+            )?;
+            let open_from = since.saturating_sub(crate::calendar::HOUR);
+            let (by_id, by_since, by_now, by_open): (
+                [&(dyn ToSql + Sync); 1],
+                [&(dyn ToSql + Sync); 2],
+                [&(dyn ToSql + Sync); 2],
+                [&(dyn ToSql + Sync); 2],
+            ) = ([&id], [&id, &since], [&id, &now], [&id, &open_from]);
+            let (account, packs, dedup, usage) = tokio::try_join!(
+                tx.query_opt(&a, &by_id),
+                tx.query(&p, &by_since),
+                tx.query(&d, &by_now),
+                tx.query(&u, &by_open),
+            )?;
+            tx.commit().await?;
+            let mut open_usage: Vec<(Ts, Item, u64)> = Vec::new();
+            for r in &usage {
+                let (hour, code, amount): (Ts, i64, i64) =
+                    (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                let Some(item) = Item::from_code(code) else {
+                    continue;
+                };
+                let amount = from_sql(amount);
+                match open_usage.iter_mut().find(|u| u.0 == hour && u.1 == item) {
+                    Some(u) => u.2 = u.2.saturating_add(amount),
+                    None => open_usage.push((hour, item, amount)),
+                }
+            }
+            Ok(LoadedAccount {
+                account: account.as_ref().map(read_account).transpose()?,
+                packs: packs.iter().map(read_pack).collect::<Result<_, _>>()?,
+                dedup: dedup.iter().map(read_dedup).collect::<Result<_, _>>()?,
+                open_usage,
+            })
+        })
+    }
+
+    async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "INSERT INTO accounts (account_id, activated_at, suspended, deny_on_exhausted) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (account_id) DO UPDATE SET \
+                     activated_at = excluded.activated_at, suspended = excluded.suspended, \
+                     deny_on_exhausted = excluded.deny_on_exhausted",
+                )
+                .await?;
+            c.execute(
+                &stmt,
+                &[
+                    &account.account_id,
+                    &account.activated_at,
+                    &account.suspended,
+                    &account.deny_on_exhausted,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c.prepare_cached(ACCOUNT_SQL).await?;
+            c.query_opt(&stmt, &[&id])
+                .await?
+                .as_ref()
+                .map(read_account)
+                .transpose()
+        })
+    }
+
+    async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
+        let capacity = to_sql(pack.capacity)?;
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            let insert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0) \
+                     ON CONFLICT (account_id, pack_id) DO NOTHING RETURNING pack_id"
+                ))
+                .await?;
+            let inserted = tx
+                .query_opt(
+                    &insert,
+                    &[
+                        &account_id,
+                        &&*pack.pack_id,
+                        &pack.source.code(),
+                        &pack.item.code(),
+                        &capacity,
+                        &pack.valid_from,
+                        &pack.valid_until,
+                        &i64::from(pack.priority),
+                        &pack.created_at,
+                    ],
+                )
+                .await?;
+            if inserted.is_none() {
+                let existing = tx
+                    .query_one(
+                        &format!(
+                            "SELECT {PACK_COLUMNS} FROM packs \
+                             WHERE account_id = $1 AND pack_id = $2"
+                        ),
+                        &[&account_id, &&*pack.pack_id],
+                    )
+                    .await?;
+                tx.commit().await?;
+                return Ok(Granted::Existing(read_pack(&existing)?));
+            }
+            // The account exists from its first grant, activated or not, so
+            // it stays listable (R11) after its packs have ended.
+            tx.execute(
+                "INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT (account_id) DO NOTHING",
+                &[&account_id],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Granted::New(StoredPack {
+                spec: pack.clone(),
+                used: 0,
+            }))
+        })
+    }
+
+    async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = $1 \
+                     ORDER BY valid_from, pack_id"
+                ))
+                .await?;
+            c.query(&stmt, &[&account_id])
+                .await?
+                .iter()
+                .map(read_pack)
+                .collect()
+        })
+    }
+
+    async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError> {
+        let rows = BatchRows::of(batch)?;
+        // Column arrays, checked before anything is sent.
+        let (acct_ids, acct_at): (Vec<&str>, Vec<Option<Ts>>) =
+            rows.accounts.iter().map(|(id, at)| (*id, *at)).unzip();
+        let mut usage = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for ((account, hour, item, pack), (source, amount)) in &rows.usage {
+            usage.0.push(*account);
+            usage.1.push(*hour);
+            usage.2.push(*item);
+            usage.3.push(*pack);
+            usage.4.push(*source);
+            usage.5.push(to_sql(*amount)?);
+        }
+        let mut packs: (Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+        let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) = Default::default();
+        for ((account, pack_id), (spec, amount)) in &rows.packs {
+            packs.0.push(*account);
+            packs.1.push(*pack_id);
+            packs.2.push(spec.source.code());
+            packs.3.push(spec.item.code());
+            packs.4.push(to_sql(spec.capacity)?);
+            packs2.0.push(spec.valid_from);
+            packs2.1.push(spec.valid_until);
+            packs2.2.push(i64::from(spec.priority));
+            packs2.3.push(spec.created_at);
+            packs2.4.push(to_sql(*amount)?);
+        }
+        let mut dedup: (
+            Vec<&str>,
+            Vec<&str>,
+            Vec<Ts>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+        ) = Default::default();
+        for ((account, request), r) in &rows.dedup {
+            dedup.0.push(*account);
+            dedup.1.push(*request);
+            dedup.2.push(r.expires_at);
+            dedup.3.push(to_sql(r.calls_covered)?);
+            dedup.4.push(to_sql(r.calls_overage)?);
+            dedup.5.push(to_sql(r.egress_covered)?);
+            dedup.6.push(to_sql(r.egress_overage)?);
+        }
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            let fresh = tx
+                .execute(
+                    "INSERT INTO flush_batches (batch_id, applied_at) VALUES ($1, $2) \
+                     ON CONFLICT (batch_id) DO NOTHING",
+                    &[&batch.batch_id, &batch.now],
+                )
+                .await?;
+            if fresh == 0 {
+                // Applied before (a replayed spill of a flush that committed);
+                // dropping the transaction rolls it back.
+                return Ok(false);
+            }
+            if !acct_ids.is_empty() {
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO accounts (account_id, activated_at) \
+                         SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+                         ON CONFLICT (account_id) DO UPDATE SET \
+                         activated_at = COALESCE(LEAST(accounts.activated_at, excluded.activated_at), \
+                         accounts.activated_at, excluded.activated_at)",
+                    )
+                    .await?;
+                tx.execute(&stmt, &[&acct_ids, &acct_at]).await?;
+            }
+            if !usage.0.is_empty() {
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+                         $4::text[], $5::bigint[], $6::bigint[]) \
+                         ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
+                         amount = usage_hourly.amount + excluded.amount \
+                         WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
+                    )
+                    .await?;
+                let n = tx
+                    .execute(
+                        &stmt,
+                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
+                    )
+                    .await?;
+                if n != usage.0.len() as u64 {
+                    return Err(StoreError::permanent(format!(
+                        "{}: an hour's usage would exceed 2^63-1",
+                        BatchRows::who(batch)
+                    )));
+                }
+            }
+            if !packs.0.is_empty() {
+                let stmt = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
+                         $9::bigint[], $10::bigint[]) \
+                         ON CONFLICT (account_id, pack_id) DO UPDATE SET \
+                         used = packs.used + excluded.used \
+                         WHERE packs.used <= 9223372036854775807 - excluded.used"
+                    ))
+                    .await?;
+                let n = tx
+                    .execute(
+                        &stmt,
+                        &[
+                            &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0, &packs2.1,
+                            &packs2.2, &packs2.3, &packs2.4,
+                        ],
+                    )
+                    .await?;
+                if n != packs.0.len() as u64 {
+                    return Err(StoreError::permanent(format!(
+                        "{}: a pack's use would exceed 2^63-1",
+                        BatchRows::who(batch)
+                    )));
+                }
+            }
+            if !dedup.0.is_empty() {
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
+                         calls_overage, egress_covered, egress_overage) \
+                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) \
+                         ON CONFLICT (account_id, request_id) DO UPDATE SET \
+                         expires_at = excluded.expires_at, \
+                         calls_covered = excluded.calls_covered, \
+                         calls_overage = excluded.calls_overage, \
+                         egress_covered = excluded.egress_covered, \
+                         egress_overage = excluded.egress_overage",
+                    )
+                    .await?;
+                tx.execute(
+                    &stmt,
+                    &[
+                        &dedup.0, &dedup.1, &dedup.2, &dedup.3, &dedup.4, &dedup.5, &dedup.6,
+                    ],
+                )
+                .await?;
+            }
+            tx.execute("DELETE FROM dedup WHERE expires_at <= $1", &[&batch.now])
+                .await?;
+            tx.execute(
+                "DELETE FROM flush_batches WHERE applied_at < $1",
+                &[&batch.now.saturating_sub(BATCH_ID_RETENTION)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    async fn usage_rows_page(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+        after: Option<&UsageKey>,
+        limit: usize,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let (from, after) = page_start(from, account_id, after);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(&page_sql(account_id.is_some(), after.is_some()))
+                .await?;
+            let rows = match (account_id, after) {
+                (None, None) => c.query(&stmt, &[&from, &to, &limit]).await?,
+                (None, Some(k)) => {
+                    c.query(
+                        &stmt,
+                        &[
+                            &to,
+                            &k.hour,
+                            &k.account_id,
+                            &k.item.code(),
+                            &k.pack_id,
+                            &limit,
+                        ],
+                    )
+                    .await?
+                }
+                (Some(a), None) => c.query(&stmt, &[&a, &from, &to, &limit]).await?,
+                (Some(a), Some(k)) => {
+                    c.query(
+                        &stmt,
+                        &[&a, &to, &k.hour, &k.item.code(), &k.pack_id, &limit],
+                    )
+                    .await?
+                }
+            };
+            rows.iter().map(read_usage).collect()
+        })
+    }
+
+    async fn settled_before(&self) -> Result<Ts, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")
+                .await?;
+            Ok(match c.query_opt(&stmt, &[]).await? {
+                Some(row) => row.try_get(0)?,
+                None => Ts::MIN,
+            })
+        })
+    }
+
+    async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "INSERT INTO settlement (id, settled_before) VALUES (1, $1) \
+                     ON CONFLICT (id) DO UPDATE SET \
+                     settled_before = GREATEST(settlement.settled_before, excluded.settled_before) \
+                     RETURNING settled_before",
+                )
+                .await?;
+            Ok(c.query_one(&stmt, &[&before]).await?.try_get(0)?)
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_parsed_with_packmeters_own_parameters() {
+        let u = PgUrl::parse(
+            "postgres://pm:s3cret@db.example.com:6543/bill?sslmode=verify-full&pool_max_size=9\
+             &connect_timeout=3&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(u.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(u.pool_size(), 9);
+        assert_eq!(u.database(), "bill");
+        assert_eq!(
+            u.config.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        assert_eq!(u.spill_name(), "postgres-db.example.com-6543-bill");
+        let shown = u.to_string();
+        assert!(
+            !shown.contains("s3cret") && shown.contains("pm:***@"),
+            "{shown}"
+        );
+        assert!(!format!("{u:?}").contains("s3cret"));
+
+        let d = PgUrl::parse("postgresql://pm@localhost").unwrap();
+        assert_eq!(
+            (d.ssl_mode(), d.pool_size(), d.database()),
+            (SslMode::Prefer, DEFAULT_POOL_SIZE, "pm")
+        );
+        assert_eq!(d.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong_without_the_password() {
+        for (url, says) in [
+            (
+                "postgres://pm:pw@h/db?sslmode=allow",
+                "sslmode `allow` is not supported",
+            ),
+            (
+                "postgres://pm:pw@h/db?sslmode=",
+                "sslmode `` is not supported",
+            ),
+            (
+                "postgres://pm:pw@h/db?pool_max_size=0",
+                "pool_max_size must be",
+            ),
+            (
+                "postgres://pm:pw@h/db?pool_max_size=x",
+                "pool_max_size must be",
+            ),
+            ("postgres://pm:pw@h/db?bogus=1", "unknown option `bogus`"),
+            ("postgres://pm:pw@/db", "needs a host"),
+            ("postgres://h/db", "needs a user"),
+            ("postgres://pm:pw@h:99999/db", "invalid"),
+            (
+                "postgres://pm:pw@h/db?sslrootcert=%zz",
+                "not valid %-encoding",
+            ),
+            (
+                "postgres://pm:pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+                "sslrootcert /nonexistent/ca.pem",
+            ),
+        ] {
+            let e = PgUrl::parse(url).unwrap_err().0;
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains(":pw@"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_pem_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = PgUrl::parse(&format!(
+            "postgres://pm@h/db?sslmode=verify-ca&sslrootcert={}",
+            path.display()
+        ))
+        .unwrap_err();
+        assert!(e.0.contains("no usable PEM certificate"), "{}", e.0);
+    }
+
+    #[test]
+    fn page_queries_number_their_parameters_as_bound() {
+        for (account, after, params) in [
+            (false, false, 3),
+            (false, true, 6),
+            (true, false, 4),
+            (true, true, 6),
+        ] {
+            let sql = page_sql(account, after);
+            assert!(sql.contains(&format!("${params}")), "{sql}");
+            assert!(!sql.contains(&format!("${}", params + 1)), "{sql}");
+        }
+    }
+}

@@ -1,0 +1,1193 @@
+//! One conformance suite for every store: each behaviour below runs once on
+//! a real SQLite file in a tempdir and once on a real PostgreSQL database
+//! of its own (see `common::pg`; skipped with `SKIPPED:` outside CI when no
+//! server answers). Every store must give the same answers through the
+//! [`Store`] trait: what the meter, the flusher and exports rely on.
+//!
+//! PostgreSQL-only behaviours (the schema version, migrations racing at
+//! start, sslmode, connection loss) follow in `mod postgres_only`.
+
+mod common;
+
+use std::sync::Arc;
+
+use packmeter::{
+    calendar::Ts,
+    ledger::{AccountFlush, AccountRecord, DedupRecord, DeltaRow, FlushBatch, UsageKey, UsageRow},
+    packs::{Item, PackSource, PackSpec},
+    store::{self, Granted, Store, StoreUrl},
+};
+
+const HOUR: Ts = 3_600 * 1_000_000;
+
+/// A store under test: how to open (and reopen) it, and what keeps it alive.
+struct Target {
+    url: StoreUrl,
+    _dir: Option<tempfile::TempDir>,
+    #[cfg(feature = "postgres")]
+    _db: Option<common::pg::TestDb>,
+}
+
+impl Target {
+    fn sqlite() -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("nested/pm.db").display());
+        Target {
+            url: url.parse().unwrap(),
+            _dir: Some(dir),
+            #[cfg(feature = "postgres")]
+            _db: None,
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn postgres() -> Option<Target> {
+        let db = common::pg::TestDb::create().await?;
+        Some(Target {
+            url: db.url.parse().unwrap(),
+            _dir: None,
+            _db: Some(db),
+        })
+    }
+
+    /// Opens the store; again for a reopen.
+    async fn open(&self) -> Arc<dyn Store> {
+        store::open(&self.url).await.expect("open the store")
+    }
+}
+
+/// Each behaviour, once per store.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(&super::Target::sqlite()).await;
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(target) = super::Target::postgres().await else {
+                        return;
+                    };
+                    super::$name(&target).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    an_unknown_account_is_empty,
+    accounts_are_created_and_replaced,
+    a_grant_is_idempotent_by_pack_id,
+    packs_list_in_validity_then_id_order_and_load_only_unexpired,
+    a_flushed_batch_is_read_back_after_reopening,
+    a_batch_is_applied_once_by_its_id,
+    a_batch_is_all_or_nothing,
+    sums_beyond_2_63_are_refused_never_wrapped,
+    a_batch_may_name_a_key_twice,
+    request_ids_are_kept_until_they_expire,
+    concurrent_batches_on_the_same_rows_sum_exactly,
+    racing_grants_of_one_pack_create_it_once,
+    usage_pages_list_every_row_once_in_key_order,
+    usage_pages_resume_right_after_any_cursor,
+    usage_pages_keep_to_the_hours_and_the_account,
+    ping_answers,
+    the_settled_mark_only_moves_forward_and_outlives_a_reopen,
+    a_flushed_activation_only_moves_back,
+    loading_sums_what_the_open_hours_hold,
+);
+
+fn spec(id: &str) -> PackSpec {
+    PackSpec {
+        pack_id: id.into(),
+        source: PackSource::Purchased,
+        item: Item::Calls,
+        capacity: 100,
+        valid_from: 0,
+        valid_until: 1_000,
+        priority: 1,
+        created_at: 5,
+    }
+}
+
+fn record(id: &str, activated_at: Option<Ts>) -> AccountRecord {
+    AccountRecord {
+        account_id: id.into(),
+        activated_at,
+        suspended: false,
+        deny_on_exhausted: false,
+    }
+}
+
+fn delta(hour: Ts, pack: Option<PackSpec>, amount: u64) -> DeltaRow {
+    DeltaRow {
+        hour,
+        item: pack.as_ref().map_or(Item::Calls, |p| p.item),
+        pack,
+        amount,
+    }
+}
+
+fn dedup(id: &str, expires_at: Ts, covered: u64) -> DedupRecord {
+    DedupRecord {
+        request_id: id.into(),
+        expires_at,
+        calls_covered: covered,
+        calls_overage: 1,
+        egress_covered: 2,
+        egress_overage: 3,
+    }
+}
+
+fn account(id: &str, deltas: Vec<DeltaRow>, dedup: Vec<DedupRecord>) -> AccountFlush {
+    AccountFlush {
+        account_id: id.into(),
+        account: None,
+        deltas,
+        dedup,
+    }
+}
+
+fn batch(id: &str, now: Ts, accounts: Vec<AccountFlush>) -> FlushBatch {
+    FlushBatch {
+        batch_id: id.into(),
+        accounts,
+        now,
+    }
+}
+
+/// Every usage row of an account, through the paging API.
+async fn usage_of(store: &dyn Store, account: &str) -> Vec<UsageRow> {
+    store
+        .usage_rows_page(Ts::MIN, Ts::MAX, Some(account), None, 10_000)
+        .await
+        .unwrap()
+}
+
+fn total(rows: &[UsageRow]) -> u64 {
+    rows.iter().map(|r| r.amount).sum()
+}
+
+async fn used(store: &dyn Store, account: &str, pack: &str) -> u64 {
+    store
+        .list_packs(account)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| &*p.spec.pack_id == pack)
+        .map_or(0, |p| p.used)
+}
+
+async fn an_unknown_account_is_empty(t: &Target) {
+    let store = t.open().await;
+    let loaded = store.load_account("nobody", 0, 0).await.unwrap();
+    assert!(loaded.is_unknown() && loaded.dedup.is_empty());
+    assert_eq!(store.get_account("nobody").await.unwrap(), None);
+    assert!(store.list_packs("nobody").await.unwrap().is_empty());
+    assert!(usage_of(&*store, "nobody").await.is_empty());
+}
+
+async fn accounts_are_created_and_replaced(t: &Target) {
+    let store = t.open().await;
+    let mut a = record("acct", None);
+    store.put_account(&a).await.unwrap();
+    assert_eq!(store.get_account("acct").await.unwrap(), Some(a.clone()));
+    a.activated_at = Some(-7);
+    a.suspended = true;
+    a.deny_on_exhausted = true;
+    store.put_account(&a).await.unwrap();
+    assert_eq!(store.get_account("acct").await.unwrap(), Some(a.clone()));
+    // Replaced whole: activation can be cleared again.
+    a.activated_at = None;
+    a.suspended = false;
+    store.put_account(&a).await.unwrap();
+    let loaded = store.load_account("acct", 0, 0).await.unwrap();
+    assert_eq!(loaded.account, Some(a));
+    assert!(!loaded.is_unknown());
+    // Ids are opaque text: any Unicode, compared exactly.
+    let odd = record("Ünïcode ✓ 'quoted' \"x\" %_", Some(1));
+    store.put_account(&odd).await.unwrap();
+    assert_eq!(store.get_account(&odd.account_id).await.unwrap(), Some(odd));
+    assert_eq!(store.get_account("ACCT").await.unwrap(), None);
+}
+
+async fn a_grant_is_idempotent_by_pack_id(t: &Target) {
+    let store = t.open().await;
+    let p = spec("p1");
+    assert_eq!(
+        store.grant_pack("acct", &p).await.unwrap(),
+        Granted::New(store::StoredPack {
+            spec: p.clone(),
+            used: 0
+        })
+    );
+    // The account exists from its first grant, not activated.
+    assert_eq!(
+        store.get_account("acct").await.unwrap(),
+        Some(record("acct", None))
+    );
+    // The same id again, even with other terms, returns the stored pack.
+    let other = PackSpec {
+        capacity: 5,
+        ..spec("p1")
+    };
+    match store.grant_pack("acct", &other).await.unwrap() {
+        Granted::Existing(s) => assert_eq!(s.spec, p),
+        g => panic!("expected Existing, got {g:?}"),
+    }
+    // The same pack id on another account is another pack.
+    assert!(matches!(
+        store.grant_pack("other", &p).await.unwrap(),
+        Granted::New(_)
+    ));
+    assert_eq!(store.list_packs("acct").await.unwrap().len(), 1);
+    // A grant never touches an existing account row.
+    store
+        .put_account(&AccountRecord {
+            suspended: true,
+            ..record("acct", Some(3))
+        })
+        .await
+        .unwrap();
+    store.grant_pack("acct", &spec("p2")).await.unwrap();
+    let a = store.get_account("acct").await.unwrap().unwrap();
+    assert_eq!((a.activated_at, a.suspended), (Some(3), true));
+    // The largest capacity a store holds; one more is refused.
+    let big = PackSpec {
+        capacity: i64::MAX as u64,
+        ..spec("big")
+    };
+    assert!(matches!(
+        store.grant_pack("acct", &big).await.unwrap(),
+        Granted::New(_)
+    ));
+    let too_big = PackSpec {
+        capacity: i64::MAX as u64 + 1,
+        ..spec("too-big")
+    };
+    let e = store.grant_pack("acct", &too_big).await.unwrap_err();
+    assert!(!e.transient, "{e}");
+    assert!(store
+        .list_packs("acct")
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| &*p.spec.pack_id != "too-big"));
+}
+
+async fn packs_list_in_validity_then_id_order_and_load_only_unexpired(t: &Target) {
+    let store = t.open().await;
+    let at = |id: &str, from: Ts, until: Ts| PackSpec {
+        valid_from: from,
+        valid_until: until,
+        ..spec(id)
+    };
+    for p in [
+        at("b", 10, 20),
+        at("a", 10, 30),
+        at("Z", 10, 30),
+        at("early", 0, 10),
+        at("late", 30, 40),
+    ] {
+        store.grant_pack("acct", &p).await.unwrap();
+    }
+    let ids: Vec<String> = store
+        .list_packs("acct")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.spec.pack_id.to_string())
+        .collect();
+    // Within a start, ids byte-wise ("Z" < "a"), whatever the database's
+    // collation.
+    assert_eq!(ids, ["early", "Z", "a", "b", "late"]);
+    // Loading keeps the packs valid after `since`.
+    let mut loaded: Vec<String> = store
+        .load_account("acct", 20, 0)
+        .await
+        .unwrap()
+        .packs
+        .iter()
+        .map(|p| p.spec.pack_id.to_string())
+        .collect();
+    loaded.sort();
+    assert_eq!(loaded, ["Z", "a", "late"]);
+    // Every field survives the round trip.
+    let full = PackSpec {
+        pack_id: "full".into(),
+        source: PackSource::FreeTier,
+        item: Item::EgressBytes,
+        capacity: 1 << 40,
+        valid_from: -5,
+        valid_until: i64::MAX,
+        priority: u32::MAX,
+        created_at: 1_700_000_000_000_000,
+    };
+    store.grant_pack("acct", &full).await.unwrap();
+    let got = store
+        .list_packs("acct")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| &*p.spec.pack_id == "full")
+        .unwrap();
+    assert_eq!(got.spec, full);
+}
+
+async fn a_flushed_batch_is_read_back_after_reopening(t: &Target) {
+    {
+        let store = t.open().await;
+        assert!(matches!(
+            store.grant_pack("acct", &spec("p1")).await.unwrap(),
+            Granted::New(_)
+        ));
+        let mut a = account(
+            "acct",
+            vec![delta(0, Some(spec("p1")), 30), delta(0, None, 4)],
+            vec![dedup("r1", 500, 30)],
+        );
+        a.account = Some(record("acct", Some(7)));
+        assert!(store.write_batch(&batch("b1", 10, vec![a])).await.unwrap());
+    }
+    let store = t.open().await;
+    let loaded = store.load_account("acct", 0, 100).await.unwrap();
+    assert_eq!(loaded.account.unwrap().activated_at, Some(7));
+    assert_eq!(loaded.packs.len(), 1);
+    assert_eq!(loaded.packs[0].used, 30);
+    assert_eq!(loaded.dedup, [dedup("r1", 500, 30)]);
+    let rows = usage_of(&*store, "acct").await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.pack_id.as_str(), r.source, r.amount))
+            .collect::<Vec<_>>(),
+        [("", None, 4), ("p1", Some(PackSource::Purchased), 30)]
+    );
+    // Granting the same id again returns the stored pack untouched.
+    match store.grant_pack("acct", &spec("p1")).await.unwrap() {
+        Granted::Existing(p) => assert_eq!(p.used, 30),
+        other => panic!("expected Existing, got {other:?}"),
+    }
+}
+
+async fn a_batch_is_applied_once_by_its_id(t: &Target) {
+    let mut store = t.open().await;
+    let b = batch(
+        "b1",
+        10,
+        vec![account(
+            "acct",
+            vec![delta(0, Some(spec("p1")), 30)],
+            vec![],
+        )],
+    );
+    assert!(store.write_batch(&b).await.unwrap());
+    // The same batch again is recognised and skipped, also by a reopened
+    // store (a spill replayed at the next start).
+    assert!(!store.write_batch(&b).await.unwrap());
+    // One server per store (a SQLite file is locked while open): close first.
+    drop(store);
+    store = t.open().await;
+    assert!(!store.write_batch(&b).await.unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 30);
+    // The same content under a new id is new usage.
+    let again = FlushBatch {
+        batch_id: "b2".into(),
+        ..b.clone()
+    };
+    assert!(store.write_batch(&again).await.unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 60);
+    assert_eq!(total(&usage_of(&*store, "acct").await), 60);
+    // An empty batch is applied (and recorded) too.
+    assert!(store.write_batch(&batch("b3", 10, vec![])).await.unwrap());
+    assert!(!store.write_batch(&batch("b3", 10, vec![])).await.unwrap());
+}
+
+async fn a_batch_is_all_or_nothing(t: &Target) {
+    let store = t.open().await;
+    store.grant_pack("good", &spec("p1")).await.unwrap();
+    let mut good = account(
+        "good",
+        vec![delta(0, Some(spec("p1")), 5), delta(0, None, 1)],
+        vec![dedup("r1", 500, 5)],
+    );
+    good.account = Some(record("good", Some(1)));
+    // An amount no store can hold, in the batch's last account.
+    let bad = account("bad", vec![delta(0, None, u64::MAX)], vec![]);
+    let e = store
+        .write_batch(&batch("b1", 10, vec![good.clone(), bad]))
+        .await
+        .unwrap_err();
+    assert!(!e.transient, "{e}");
+    // Nothing of it is there: not the good account's usage, its request
+    // ids, its activation, nor the batch id.
+    let loaded = store.load_account("good", 0, 0).await.unwrap();
+    assert_eq!(loaded.account.unwrap().activated_at, None);
+    assert!(loaded.dedup.is_empty());
+    assert_eq!(loaded.packs[0].used, 0);
+    assert!(usage_of(&*store, "good").await.is_empty());
+    assert!(usage_of(&*store, "bad").await.is_empty());
+    assert_eq!(store.get_account("bad").await.unwrap(), None);
+    // The id was not recorded: the batch without the bad account applies.
+    assert!(store
+        .write_batch(&batch("b1", 10, vec![good]))
+        .await
+        .unwrap());
+    assert_eq!(used(&*store, "good", "p1").await, 5);
+}
+
+async fn sums_beyond_2_63_are_refused_never_wrapped(t: &Target) {
+    let store = t.open().await;
+    let max = i64::MAX as u64;
+    let p = PackSpec {
+        capacity: max,
+        ..spec("p1")
+    };
+    assert!(store
+        .write_batch(&batch(
+            "b1",
+            10,
+            vec![account(
+                "acct",
+                vec![delta(0, Some(p.clone()), max), delta(0, None, max)],
+                vec![]
+            )]
+        ))
+        .await
+        .unwrap());
+    // One more on either row would pass 2^63-1: refused, nothing changed,
+    // including the other account in the same batch.
+    for d in [delta(0, None, 1), delta(0, Some(p.clone()), 1)] {
+        let e = store
+            .write_batch(&batch(
+                "b2",
+                20,
+                vec![
+                    account("other", vec![delta(0, None, 9)], vec![]),
+                    account("acct", vec![d], vec![]),
+                ],
+            ))
+            .await
+            .unwrap_err();
+        assert!(!e.transient, "{e}");
+        assert!(e.message.contains("2^63"), "{e}");
+    }
+    let rows = usage_of(&*store, "acct").await;
+    assert_eq!(
+        rows.iter().map(|r| r.amount).collect::<Vec<_>>(),
+        [max, max]
+    );
+    assert_eq!(used(&*store, "acct", "p1").await, max);
+    assert!(usage_of(&*store, "other").await.is_empty());
+    // The next hour is a new row.
+    assert!(store
+        .write_batch(&batch(
+            "b3",
+            30,
+            vec![account("acct", vec![delta(HOUR, None, 1)], vec![])]
+        ))
+        .await
+        .unwrap());
+    // A request record's amounts are refused above 2^63-1 too.
+    let e = store
+        .write_batch(&batch(
+            "b4",
+            40,
+            vec![account("acct", vec![], vec![dedup("r", 99, u64::MAX)])],
+        ))
+        .await
+        .unwrap_err();
+    assert!(!e.transient, "{e}");
+}
+
+async fn a_batch_may_name_a_key_twice(t: &Target) {
+    // The meter starts a second delta for a key whose sum would pass 2^64,
+    // and a request id may be recorded twice; the batch still applies as
+    // the sum of its rows and the last record.
+    let store = t.open().await;
+    let mut first = account(
+        "acct",
+        vec![
+            delta(0, Some(spec("p1")), 3),
+            delta(0, Some(spec("p1")), 4),
+            delta(0, None, 1),
+        ],
+        vec![dedup("r1", 500, 1)],
+    );
+    first.account = Some(record("acct", None));
+    let mut second = account("acct", vec![delta(0, None, 2)], vec![dedup("r1", 600, 2)]);
+    second.account = Some(record("acct", Some(9)));
+    assert!(store
+        .write_batch(&batch("b1", 10, vec![first, second]))
+        .await
+        .unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 7);
+    let rows = usage_of(&*store, "acct").await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.pack_id.as_str(), r.amount))
+            .collect::<Vec<_>>(),
+        [("", 3), ("p1", 7)]
+    );
+    let loaded = store.load_account("acct", 0, 0).await.unwrap();
+    assert_eq!(loaded.dedup, [dedup("r1", 600, 2)]);
+    assert_eq!(loaded.account.unwrap().activated_at, Some(9));
+}
+
+async fn request_ids_are_kept_until_they_expire(t: &Target) {
+    let store = t.open().await;
+    let mut a = account(
+        "acct",
+        vec![],
+        vec![dedup("r1", 500, 1), dedup("r2", 900, 2)],
+    );
+    a.account = Some(record("acct", Some(1)));
+    assert!(store.write_batch(&batch("b1", 10, vec![a])).await.unwrap());
+    let keys = |loaded: packmeter::store::LoadedAccount| {
+        let mut ids: Vec<String> = loaded
+            .dedup
+            .iter()
+            .map(|d| d.request_id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        keys(store.load_account("acct", 0, 499).await.unwrap()),
+        ["r1", "r2"]
+    );
+    // Expired at `now`: not loaded, though still stored.
+    assert_eq!(
+        keys(store.load_account("acct", 0, 500).await.unwrap()),
+        ["r2"]
+    );
+    // A later record of the same id replaces it.
+    let again = account("acct", vec![], vec![dedup("r1", 2_000, 7)]);
+    assert!(store
+        .write_batch(&batch("b2", 20, vec![again]))
+        .await
+        .unwrap());
+    let loaded = store.load_account("acct", 0, 1_000).await.unwrap();
+    assert_eq!(loaded.dedup, [dedup("r1", 2_000, 7)]);
+    // A batch stamped past an expiry deletes the key for good.
+    assert!(store
+        .write_batch(&batch("b3", 1_000, vec![]))
+        .await
+        .unwrap());
+    assert_eq!(
+        keys(store.load_account("acct", 0, 0).await.unwrap()),
+        ["r1"]
+    );
+}
+
+async fn concurrent_batches_on_the_same_rows_sum_exactly(t: &Target) {
+    let store = t.open().await;
+    let tasks: Vec<_> = (0..16u64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let b = batch(
+                    &format!("b{i}"),
+                    10,
+                    vec![
+                        account(
+                            "x",
+                            vec![delta(0, Some(spec("p1")), i + 1), delta(0, None, 1)],
+                            vec![dedup(&format!("r{i}"), 500, 1)],
+                        ),
+                        account("y", vec![delta(HOUR, None, 2)], vec![]),
+                    ],
+                );
+                // A transient conflict (deadlock, serialization) is retried,
+                // as the flusher does.
+                loop {
+                    match store.write_batch(&b).await {
+                        Ok(applied) => return applied,
+                        Err(e) if e.transient => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(used(&*store, "x", "p1").await, (1..=16).sum::<u64>());
+    assert_eq!(total(&usage_of(&*store, "x").await), 136 + 16);
+    assert_eq!(total(&usage_of(&*store, "y").await), 32);
+    assert_eq!(store.load_account("x", 0, 0).await.unwrap().dedup.len(), 16);
+}
+
+async fn racing_grants_of_one_pack_create_it_once(t: &Target) {
+    let store = t.open().await;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.grant_pack("acct", &spec("p1")).await.unwrap() })
+        })
+        .collect();
+    let mut new = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Granted::New(_)) {
+            new += 1;
+        }
+    }
+    assert_eq!(new, 1);
+    assert_eq!(store.list_packs("acct").await.unwrap().len(), 1);
+}
+
+/// Rows as a flush would leave them, written in a deliberately scrambled
+/// order: three hours, and within each several accounts, both items,
+/// overage and two packs (some keys share everything but one column).
+fn usage_fixture() -> Vec<UsageRow> {
+    let mut rows = Vec::new();
+    let mut n = 0;
+    for hour in [2 * HOUR, 0, HOUR] {
+        for account in ["b", "a", "ab", "c"] {
+            for item in [Item::EgressBytes, Item::Calls] {
+                for pack in ["p2", "", "p1"] {
+                    n += 1;
+                    // Leave a few keys out so the groups are uneven.
+                    if n % 5 == 0 {
+                        continue;
+                    }
+                    rows.push(UsageRow {
+                        account_id: account.into(),
+                        hour,
+                        item,
+                        pack_id: pack.into(),
+                        source: (!pack.is_empty()).then_some(PackSource::Purchased),
+                        amount: n,
+                    });
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// Writes the fixture through `write_batch`, one batch per row.
+async fn store_with_fixture(t: &Target) -> (Arc<dyn Store>, Vec<UsageRow>) {
+    let store = t.open().await;
+    let rows = usage_fixture();
+    for (i, r) in rows.iter().enumerate() {
+        let pack = (!r.pack_id.is_empty()).then(|| PackSpec {
+            item: r.item,
+            // One pack id per item, as packs are per item.
+            pack_id: format!("{}-{:?}", r.pack_id, r.item).into(),
+            ..spec(&r.pack_id)
+        });
+        let d = DeltaRow {
+            hour: r.hour,
+            item: r.item,
+            pack,
+            amount: r.amount,
+        };
+        let b = batch(
+            &format!("fixture-{i}"),
+            0,
+            vec![account(&r.account_id, vec![d], vec![])],
+        );
+        assert!(store.write_batch(&b).await.unwrap());
+    }
+    let rows = rows
+        .into_iter()
+        .map(|r| UsageRow {
+            pack_id: if r.pack_id.is_empty() {
+                r.pack_id
+            } else {
+                format!("{}-{:?}", r.pack_id, r.item)
+            },
+            ..r
+        })
+        .collect();
+    (store, rows)
+}
+
+fn sorted(mut rows: Vec<UsageRow>) -> Vec<UsageRow> {
+    rows.sort_by_key(UsageRow::key);
+    rows
+}
+
+/// Pages through everything, checking each page against `limit`; also
+/// returns the page sizes.
+async fn page_through(
+    store: &dyn Store,
+    from: Ts,
+    to: Ts,
+    account: Option<&str>,
+    after: Option<UsageKey>,
+    limit: usize,
+) -> (Vec<UsageRow>, Vec<usize>) {
+    let (mut all, mut sizes) = (Vec::new(), Vec::new());
+    let mut after = after;
+    loop {
+        let page = store
+            .usage_rows_page(from, to, account, after.as_ref(), limit)
+            .await
+            .unwrap();
+        assert!(page.len() <= limit, "a page of {} for {limit}", page.len());
+        sizes.push(page.len());
+        let last = page.len() < limit;
+        after = page.last().map(UsageRow::key).or(after);
+        all.extend(page);
+        if last {
+            return (all, sizes);
+        }
+    }
+}
+
+async fn usage_pages_list_every_row_once_in_key_order(t: &Target) {
+    let (store, rows) = store_with_fixture(t).await;
+    let want = sorted(rows);
+    assert_eq!(want.len(), 58);
+    // Equal hours across accounts, items and packs are ordered by the rest
+    // of the key, byte-wise for strings ("a" < "ab" < "b").
+    assert_eq!(
+        want[..3]
+            .iter()
+            .map(|r| (r.account_id.as_str(), r.item, r.pack_id.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("a", Item::Calls, "p1-Calls"),
+            ("a", Item::Calls, "p2-Calls"),
+            ("a", Item::EgressBytes, "")
+        ]
+    );
+    for limit in [1, 2, 7, 29, 58, 1000] {
+        let (got, sizes) = page_through(&*store, 0, 3 * HOUR, None, None, limit).await;
+        assert_eq!(got, want, "limit {limit}");
+        // Full pages, then one short (possibly empty) one.
+        let (last, full) = sizes.split_last().unwrap();
+        assert!(full.iter().all(|&n| n == limit), "{sizes:?}");
+        assert_eq!(*last, 58 % limit, "limit {limit}: {sizes:?}");
+    }
+    // An empty page after the last row, and for an empty range.
+    let end = want.last().unwrap().key();
+    let page = store
+        .usage_rows_page(0, 3 * HOUR, None, Some(&end), 10)
+        .await
+        .unwrap();
+    assert!(page.is_empty());
+    assert!(store
+        .usage_rows_page(HOUR, HOUR, None, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn usage_pages_resume_right_after_any_cursor(t: &Target) {
+    let (store, rows) = store_with_fixture(t).await;
+    let want = sorted(rows);
+    // After each existing key: exactly the rows behind it.
+    for (i, r) in want.iter().enumerate() {
+        let (got, _) = page_through(&*store, 0, 3 * HOUR, None, Some(r.key()), 4).await;
+        assert_eq!(got, want[i + 1..], "after {:?}", r.key());
+    }
+    // After a key that is not stored: from the next one that is.
+    let between = UsageKey {
+        hour: HOUR,
+        account_id: "aa".into(),
+        item: Item::Calls,
+        pack_id: String::new(),
+    };
+    let (got, _) = page_through(&*store, 0, 3 * HOUR, None, Some(between.clone()), 5).await;
+    let first = want.iter().position(|r| r.key() > between).unwrap();
+    assert_eq!(got, want[first..]);
+    assert_eq!((got[0].hour, got[0].account_id.as_str()), (HOUR, "ab"));
+}
+
+async fn usage_pages_keep_to_the_hours_and_the_account(t: &Target) {
+    let (store, rows) = store_with_fixture(t).await;
+    let want = sorted(rows);
+    let only = |from: Ts, to: Ts, account: Option<&str>| {
+        want.iter()
+            .filter(|r| from <= r.hour && r.hour < to)
+            .filter(|r| account.is_none_or(|a| r.account_id == a))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // `from` is inclusive, `to` exclusive.
+    for (from, to) in [
+        (HOUR, 2 * HOUR),
+        (HOUR, 3 * HOUR),
+        (1, 2 * HOUR + 1),
+        (0, 1),
+    ] {
+        for account in [None, Some("a"), Some("ab"), Some("zz")] {
+            for limit in [1, 3, 100] {
+                let (got, _) = page_through(&*store, from, to, account, None, limit).await;
+                assert_eq!(
+                    got,
+                    only(from, to, account),
+                    "{from}..{to} {account:?} {limit}"
+                );
+            }
+        }
+    }
+    assert_eq!(only(HOUR, 2 * HOUR, Some("ab")).len(), 5);
+    // A cursor before `from` starts at `from`.
+    let early = want[0].key();
+    let (got, _) = page_through(&*store, HOUR, 3 * HOUR, None, Some(early.clone()), 4).await;
+    assert_eq!(got, only(HOUR, 3 * HOUR, None));
+    let (got, _) = page_through(&*store, HOUR, 3 * HOUR, Some("b"), Some(early), 4).await;
+    assert_eq!(got, only(HOUR, 3 * HOUR, Some("b")));
+    // Even when rows after it lie between it and `from`.
+    let just_before = want.iter().find(|r| r.hour == HOUR).unwrap().key();
+    for account in [None, Some("b")] {
+        let (got, _) = page_through(
+            &*store,
+            HOUR + 1,
+            3 * HOUR,
+            account,
+            Some(just_before.clone()),
+            4,
+        )
+        .await;
+        assert_eq!(got, only(HOUR + 1, 3 * HOUR, account), "{account:?}");
+    }
+    // With an account, a cursor on another account still means "after this
+    // key": the account's rows in the cursor's hour come after a smaller
+    // account, not after a larger one.
+    let at = |account: &str| UsageKey {
+        hour: HOUR,
+        account_id: account.into(),
+        item: Item::EgressBytes,
+        pack_id: "p9".into(),
+    };
+    let (got, _) = page_through(&*store, 0, 3 * HOUR, Some("ab"), Some(at("a")), 2).await;
+    assert_eq!(got, only(HOUR, 3 * HOUR, Some("ab")));
+    let (got, _) = page_through(&*store, 0, 3 * HOUR, Some("ab"), Some(at("b")), 2).await;
+    assert_eq!(got, only(2 * HOUR, 3 * HOUR, Some("ab")));
+}
+
+async fn ping_answers(t: &Target) {
+    let store = t.open().await;
+    store.ping().await.unwrap();
+}
+
+/// What only the PostgreSQL store has: a versioned schema migrated under a
+/// lock, TLS, and a server that can go away.
+#[cfg(feature = "postgres")]
+mod postgres_only {
+    use std::time::Duration;
+
+    use packmeter::store::{self, postgres::SCHEMA_VERSION, OpenError, StoreUrl};
+
+    use super::common::pg::{self, TestDb};
+
+    async fn schema_version(db: &TestDb) -> i64 {
+        db.client()
+            .await
+            .query_one("SELECT version FROM packmeter_schema WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn a_schema_newer_than_the_binary_is_refused() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let url: StoreUrl = db.url.parse().unwrap();
+        drop(store::open(&url).await.unwrap());
+        assert_eq!(schema_version(&db).await, SCHEMA_VERSION);
+        db.execute(&format!(
+            "UPDATE packmeter_schema SET version = {}",
+            SCHEMA_VERSION + 1
+        ))
+        .await;
+        match store::open(&url).await {
+            Err(OpenError::Incompatible(m)) => {
+                assert!(
+                    m.contains(&format!("schema version {}", SCHEMA_VERSION + 1))
+                        && m.contains("newer"),
+                    "{m}"
+                );
+            }
+            Err(e) => panic!("expected Incompatible, got {e}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+        // Untouched.
+        assert_eq!(schema_version(&db).await, SCHEMA_VERSION + 1);
+    }
+
+    #[tokio::test]
+    async fn nodes_opening_a_fresh_database_together_all_succeed() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let url: StoreUrl = db.url.parse().unwrap();
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { store::open(&url).await.map(drop) })
+            })
+            .collect();
+        for o in opens {
+            o.await.unwrap().expect("every node opens the store");
+        }
+        assert_eq!(schema_version(&db).await, SCHEMA_VERSION);
+        let n: i64 = db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM packmeter_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+
+    /// Whether the server offers TLS at all (Debian's does, with a
+    /// self-signed "snakeoil" certificate).
+    async fn server_has_ssl(db: &TestDb) -> bool {
+        let row = db.client().await.query_one("SHOW ssl", &[]).await.unwrap();
+        row.get::<_, String>(0) == "on"
+    }
+
+    async fn encrypted(url: &str) -> Result<bool, String> {
+        let client = pg::connect(url).await?;
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.get(0))
+    }
+
+    #[tokio::test]
+    async fn sslmode_chooses_plain_or_tls_and_verify_full_checks_the_certificate() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        assert_eq!(
+            encrypted(&pg::with_param(&db.url, "sslmode", "disable")).await,
+            Ok(false)
+        );
+        if !server_has_ssl(&db).await {
+            eprintln!("SKIPPED: the PostgreSQL server has ssl = off; only sslmode=disable checked");
+            let e = pg::connect(&pg::with_param(&db.url, "sslmode", "require"))
+                .await
+                .unwrap_err();
+            assert!(e.contains("TLS") || e.contains("SSL"), "{e}");
+            return;
+        }
+        for mode in ["prefer", "require"] {
+            assert_eq!(
+                encrypted(&pg::with_param(&db.url, "sslmode", mode)).await,
+                Ok(true),
+                "{mode}"
+            );
+        }
+        // The store itself opens and works over TLS.
+        let url: StoreUrl = pg::with_param(&db.url, "sslmode", "require")
+            .parse()
+            .unwrap();
+        store::open(&url).await.unwrap().ping().await.unwrap();
+        // With the server's own (self-signed) certificate as the root, when
+        // this machine can read it: verify-ca accepts the chain, and
+        // verify-full still refuses it for naming another host than
+        // 127.0.0.1.
+        let cert: String = db
+            .client()
+            .await
+            .query_one("SHOW ssl_cert_file", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if std::fs::read(&cert).is_ok() && db.url.contains("@127.0.0.1") {
+            let with_root = |mode: &str| {
+                pg::with_param(
+                    &pg::with_param(&db.url, "sslmode", mode),
+                    "sslrootcert",
+                    &cert,
+                )
+            };
+            assert_eq!(encrypted(&with_root("verify-ca")).await, Ok(true));
+            let e = pg::connect(&with_root("verify-full")).await.unwrap_err();
+            assert!(e.contains("not valid for name"), "{e}");
+        } else {
+            eprintln!("SKIPPED: the server's certificate {cert} is not readable here");
+        }
+        // A certificate no trusted root signed is refused, for good.
+        for mode in ["verify-ca", "verify-full"] {
+            let url: StoreUrl = pg::with_param(&db.url, "sslmode", mode).parse().unwrap();
+            match store::open(&url).await {
+                Err(OpenError::Store(e)) => {
+                    assert!(!e.transient, "{e}");
+                    assert!(e.message.contains("certificate"), "{mode}: {e}");
+                }
+                Err(e) => panic!("{mode}: {e}"),
+                Ok(_) => panic!("{mode}: an untrusted certificate was accepted"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_usage_row_with_an_unknown_item_is_refused() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let store = store::open(&db.url.parse().unwrap()).await.unwrap();
+        db.execute("INSERT INTO usage_hourly VALUES ('a', 0, 9, '', 0, 1)")
+            .await;
+        let err = store
+            .usage_rows_page(0, super::HOUR, None, None, 10)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains('9') && !err.transient, "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_transient_error() {
+        // Nothing listens on port 1.
+        let url: StoreUrl = "postgres://postgres@127.0.0.1:1/x?connect_timeout=2"
+            .parse()
+            .unwrap();
+        match store::open(&url).await {
+            Err(OpenError::Store(e)) => assert!(e.transient, "{e}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened a store on a closed port"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_is_transient_and_the_store_recovers() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let store = store::open(&db.url.parse().unwrap()).await.unwrap();
+        store.ping().await.unwrap();
+        let b = super::batch(
+            "b1",
+            10,
+            vec![super::account(
+                "acct",
+                vec![super::delta(0, None, 5)],
+                vec![],
+            )],
+        );
+        // Every server process of the store is terminated (as a failover
+        // or an administrator would), then the batch is written.
+        let killed: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(killed >= 1);
+        // It fails transiently (the flusher keeps the usage and retries) or,
+        // if the pool had already noticed, succeeds; either way it applies
+        // exactly once within a few retries.
+        let mut applied = None;
+        for _ in 0..10 {
+            match store.write_batch(&b).await {
+                Ok(a) => {
+                    applied = Some(a);
+                    break;
+                }
+                Err(e) => assert!(e.transient, "{e}"),
+            }
+        }
+        assert_eq!(applied, Some(true));
+        assert_eq!(super::total(&super::usage_of(&*store, "acct").await), 5);
+        // The pool replaced the connections: everything works again.
+        tokio::time::timeout(Duration::from_secs(10), store.ping())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn the_settled_mark_only_moves_forward_and_outlives_a_reopen(t: &Target) {
+    {
+        let store = t.open().await;
+        assert_eq!(store.settled_before().await.unwrap(), Ts::MIN);
+        assert_eq!(store.record_settled(20 * HOUR).await.unwrap(), 20 * HOUR);
+        // A mark at or below the stored one changes nothing.
+        assert_eq!(store.record_settled(10 * HOUR).await.unwrap(), 20 * HOUR);
+        assert_eq!(store.record_settled(20 * HOUR).await.unwrap(), 20 * HOUR);
+    }
+    let store = t.open().await;
+    assert_eq!(store.settled_before().await.unwrap(), 20 * HOUR);
+    assert_eq!(store.record_settled(21 * HOUR).await.unwrap(), 21 * HOUR);
+}
+
+/// R1: a flush carries the activation the meter holds, which only ever
+/// moves back (to an earlier accepted event); the store keeps the earliest,
+/// also when one batch names the account twice.
+async fn a_flushed_activation_only_moves_back(t: &Target) {
+    let store = t.open().await;
+    let flush = |id: &str, at: Ts| {
+        let mut a = account("acct", vec![], vec![]);
+        a.account = Some(record("acct", Some(at)));
+        batch(id, 10, vec![a])
+    };
+    assert!(store.write_batch(&flush("b1", 50 * HOUR)).await.unwrap());
+    assert!(store.write_batch(&flush("b2", 40 * HOUR)).await.unwrap());
+    assert!(store.write_batch(&flush("b3", 60 * HOUR)).await.unwrap());
+    let activated = |store: Arc<dyn Store>| async move {
+        store
+            .get_account("acct")
+            .await
+            .unwrap()
+            .unwrap()
+            .activated_at
+    };
+    assert_eq!(activated(store.clone()).await, Some(40 * HOUR));
+    let mut twice = flush("b4", 35 * HOUR);
+    let mut again = account("acct", vec![], vec![]);
+    again.account = Some(record("acct", Some(30 * HOUR)));
+    twice.accounts.push(again);
+    assert!(store.write_batch(&twice).await.unwrap());
+    assert_eq!(activated(store).await, Some(30 * HOUR));
+}
+
+/// The ledger cap starts from what the store holds for the hours still
+/// open: every hour that ends after `since`, per item, packs and overage
+/// together.
+async fn loading_sums_what_the_open_hours_hold(t: &Target) {
+    let store = t.open().await;
+    let egress = PackSpec {
+        item: Item::EgressBytes,
+        ..spec("e1")
+    };
+    let deltas = vec![
+        delta(8 * HOUR, None, 1),
+        delta(9 * HOUR, Some(spec("p1")), 30),
+        delta(9 * HOUR, None, 4),
+        delta(9 * HOUR, Some(egress), 7),
+        delta(10 * HOUR, None, 5),
+    ];
+    let a = account("acct", deltas, vec![]);
+    assert!(store.write_batch(&batch("b1", 10, vec![a])).await.unwrap());
+    let mut open = store
+        .load_account("acct", 9 * HOUR + 1, 10 * HOUR)
+        .await
+        .unwrap()
+        .open_usage;
+    open.sort_by_key(|&(hour, item, _)| (hour, item.code()));
+    assert_eq!(
+        open,
+        [
+            (9 * HOUR, Item::Calls, 34),
+            (9 * HOUR, Item::EgressBytes, 7),
+            (10 * HOUR, Item::Calls, 5),
+        ]
+    );
+}
