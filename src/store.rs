@@ -72,6 +72,54 @@ impl LoadedAccount {
     }
 }
 
+/// What kind of change a [`Change`] row records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// [`Store::put_account`]: the account's settings.
+    Account,
+    /// [`Store::grant_pack`] created a pack.
+    Pack,
+}
+
+impl ChangeKind {
+    /// The stored code.
+    pub fn code(self) -> i64 {
+        match self {
+            ChangeKind::Account => 1,
+            ChangeKind::Pack => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<ChangeKind> {
+        match code {
+            1 => Some(ChangeKind::Account),
+            2 => Some(ChangeKind::Pack),
+            _ => None,
+        }
+    }
+}
+
+/// One operator change, as the store recorded it in the transaction that
+/// made it; other nodes read these to bring resident accounts up to date
+/// (see [`crate::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Increases with every change, but not densely, and not necessarily in
+    /// commit order (two transactions can commit their numbers out of
+    /// order): readers re-read a trailing window.
+    pub seq: i64,
+    pub account_id: String,
+    pub kind: ChangeKind,
+    /// When it was recorded (µs, the writing node's clock); rows older
+    /// than [`CHANGE_RETENTION`] are pruned.
+    pub at: Ts,
+}
+
+/// How long change rows are kept. Every write of a change prunes the rows
+/// older than this. A node that cannot read the store for longer than this
+/// may miss changes to accounts it holds (docs/stores.md).
+pub const CHANGE_RETENTION: Ts = 24 * crate::calendar::HOUR;
+
 /// How a grant went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Granted {
@@ -88,12 +136,14 @@ pub trait Store: Send + Sync + 'static {
     async fn load_account(&self, id: &str, since: Ts, now: Ts)
         -> Result<LoadedAccount, StoreError>;
 
-    /// Creates or replaces an account row.
+    /// Creates or replaces an account row, and records a
+    /// [`ChangeKind::Account`] change in the same transaction.
     async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
 
-    /// Inserts a purchased pack unless one with the same id exists.
+    /// Inserts a purchased pack unless one with the same id exists; a new
+    /// pack records a [`ChangeKind::Pack`] change in the same transaction.
     async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError>;
 
     /// Every pack row of the account: purchased ones, and free-tier ones
@@ -121,6 +171,14 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&UsageKey>,
         limit: usize,
     ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// The highest change sequence number recorded so far (0 for none): a
+    /// node starts reading changes after it.
+    async fn last_change(&self) -> Result<i64, StoreError>;
+
+    /// At most `limit` changes with `seq > after`, in `seq` order. A short
+    /// page (fewer than `limit`) is the last one.
+    async fn changes_since(&self, after: i64, limit: usize) -> Result<Vec<Change>, StoreError>;
 
     /// Cheap reachability check for readiness and metrics.
     async fn ping(&self) -> Result<(), StoreError>;

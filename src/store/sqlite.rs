@@ -17,7 +17,10 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
-use super::{page_start, Granted, LoadedAccount, OpenError, Store, StoreError, StoredPack};
+use super::{
+    page_start, Change, ChangeKind, Granted, LoadedAccount, OpenError, Store, StoreError,
+    StoredPack, CHANGE_RETENTION,
+};
 use crate::{
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
@@ -83,6 +86,16 @@ CREATE TABLE IF NOT EXISTS settlement (
     id             INTEGER PRIMARY KEY CHECK (id = 1),
     settled_before INTEGER NOT NULL       -- µs since epoch, UTC
 );
+-- Operator changes (put_account, grant_pack), as PostgreSQL records them for
+-- other nodes; one node per file reads none, but the Store contract is the
+-- same. AUTOINCREMENT: a number is never reused, even once pruned.
+CREATE TABLE IF NOT EXISTS changes (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id TEXT    NOT NULL,
+    kind       INTEGER NOT NULL,          -- 1 account settings, 2 new pack
+    at         INTEGER NOT NULL           -- µs; rows older than CHANGE_RETENTION are pruned
+);
+CREATE INDEX IF NOT EXISTS changes_by_age ON changes (at);
 "#;
 
 /// How long applied batch ids are kept: far longer than any spill file
@@ -289,6 +302,21 @@ fn lock(path: &str) -> Result<std::fs::File, Locked> {
     Ok(file)
 }
 
+/// Records a change in the caller's transaction, after pruning rows older
+/// than [`CHANGE_RETENTION`].
+fn record_change(
+    tx: &rusqlite::Transaction<'_>,
+    account_id: &str,
+    kind: ChangeKind,
+) -> Result<(), StoreError> {
+    let at = crate::calendar::now_ts();
+    tx.prepare_cached("DELETE FROM changes WHERE at < ?1")?
+        .execute([at.saturating_sub(CHANGE_RETENTION)])?;
+    tx.prepare_cached("INSERT INTO changes (account_id, kind, at) VALUES (?1, ?2, ?3)")?
+        .execute(params![account_id, kind.code(), at])?;
+    Ok(())
+}
+
 fn read_pack(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPack> {
     let id: String = row.get("pack_id")?;
     Ok(StoredPack {
@@ -478,7 +506,8 @@ impl Store for SqliteStore {
     async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
         let a = account.clone();
         self.with(move |conn| {
-            conn.prepare_cached(
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
                 "INSERT INTO accounts (account_id, activated_at, suspended, deny_on_exhausted) \
                  VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account_id) DO UPDATE SET \
                  activated_at = excluded.activated_at, suspended = excluded.suspended, \
@@ -490,6 +519,8 @@ impl Store for SqliteStore {
                 a.suspended,
                 a.deny_on_exhausted
             ])?;
+            record_change(&tx, &a.account_id, ChangeKind::Account)?;
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -528,6 +559,7 @@ impl Store for SqliteStore {
                 "INSERT INTO accounts (account_id) VALUES (?1) ON CONFLICT (account_id) DO NOTHING",
             )?
             .execute([&account])?;
+            record_change(&tx, &account, ChangeKind::Pack)?;
             tx.commit()?;
             Ok(Granted::New(StoredPack { spec: p, used: 0 }))
         })
@@ -690,6 +722,37 @@ impl Store for SqliteStore {
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().collect()
+        })
+        .await
+    }
+
+    async fn last_change(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM changes")?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, after: i64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT seq, account_id, kind, at FROM changes WHERE seq > ?1 \
+                     ORDER BY seq LIMIT ?2",
+                )?
+                .query_map(params![after, limit], |r| {
+                    Ok(Change {
+                        seq: r.get(0)?,
+                        account_id: r.get(1)?,
+                        // A kind a newer binary writes: refresh the account whole.
+                        kind: ChangeKind::from_code(r.get(2)?).unwrap_or(ChangeKind::Account),
+                        at: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
