@@ -15,7 +15,7 @@ use packmeter::{
     calendar::Ts,
     ledger::{AccountFlush, AccountRecord, DedupRecord, DeltaRow, FlushBatch, UsageKey, UsageRow},
     packs::{Item, PackSource, PackSpec},
-    store::{self, Granted, Store, StoreUrl},
+    store::{self, ChangeKind, Granted, Store, StoreUrl},
 };
 
 const HOUR: Ts = 3_600 * 1_000_000;
@@ -102,6 +102,8 @@ conformance!(
     the_settled_mark_only_moves_forward_and_outlives_a_reopen,
     a_flushed_activation_only_moves_back,
     loading_sums_what_the_open_hours_hold,
+    changes_are_recorded_with_account_puts_and_new_grants,
+    concurrent_changes_get_distinct_numbers_and_all_show,
 );
 
 fn spec(id: &str) -> PackSpec {
@@ -641,6 +643,84 @@ async fn racing_grants_of_one_pack_create_it_once(t: &Target) {
     }
     assert_eq!(new, 1);
     assert_eq!(store.list_packs("acct").await.unwrap().len(), 1);
+}
+
+/// What other nodes read to refresh the accounts they hold (issue 8, item
+/// 4): every put_account and every new pack is one change, in the
+/// transaction that makes it; a repeated grant is none.
+async fn changes_are_recorded_with_account_puts_and_new_grants(t: &Target) {
+    let start = packmeter::calendar::now_ts();
+    {
+        let store = t.open().await;
+        assert_eq!(store.last_change().await.unwrap(), 0);
+        assert!(store.changes_since(0, 10).await.unwrap().is_empty());
+        store.put_account(&record("a", Some(HOUR))).await.unwrap();
+        store.grant_pack("b", &spec("p1")).await.unwrap();
+        // The same pack again: nothing changed, nothing recorded.
+        assert!(matches!(
+            store.grant_pack("b", &spec("p1")).await.unwrap(),
+            Granted::Existing(_)
+        ));
+        store.put_account(&record("b", None)).await.unwrap();
+    }
+    // Durable, and read back after a reopen.
+    let store = t.open().await;
+    let all = store.changes_since(0, 10).await.unwrap();
+    let seen: Vec<(&str, ChangeKind)> = all
+        .iter()
+        .map(|c| (c.account_id.as_str(), c.kind))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a", ChangeKind::Account),
+            ("b", ChangeKind::Pack),
+            ("b", ChangeKind::Account)
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
+    assert!(all[0].seq > 0);
+    let end = packmeter::calendar::now_ts();
+    assert!(all.iter().all(|c| (start..=end).contains(&c.at)), "{all:?}");
+    assert_eq!(store.last_change().await.unwrap(), all[2].seq);
+    // A page starts after the cursor and holds at most `limit`.
+    assert_eq!(store.changes_since(all[0].seq, 10).await.unwrap(), all[1..]);
+    assert_eq!(store.changes_since(0, 2).await.unwrap(), all[..2]);
+    assert!(store.changes_since(all[2].seq, 10).await.unwrap().is_empty());
+    // A new change numbers after every earlier one.
+    store.put_account(&record("a", Some(HOUR))).await.unwrap();
+    let next = store.changes_since(all[2].seq, 10).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(store.last_change().await.unwrap(), next[0].seq);
+}
+
+async fn concurrent_changes_get_distinct_numbers_and_all_show(t: &Target) {
+    let store = t.open().await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    store.put_account(&record(&format!("a{i}"), None)).await
+                } else {
+                    store
+                        .grant_pack(&format!("a{i}"), &spec("p"))
+                        .await
+                        .map(|_| ())
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let all = store.changes_since(0, 100).await.unwrap();
+    let mut accounts: Vec<&str> = all.iter().map(|c| c.account_id.as_str()).collect();
+    accounts.sort_unstable();
+    let mut want: Vec<String> = (0..16).map(|i| format!("a{i}")).collect();
+    want.sort_unstable();
+    assert_eq!(accounts, want);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
 }
 
 /// Rows as a flush would leave them, written in a deliberately scrambled
