@@ -367,6 +367,65 @@ impl App {
             .await
     }
 
+    /// Brings a resident account up to date with what the store holds
+    /// after a change made through another node (see [`crate::changes`]):
+    /// packs granted there become resident, and the stored settings
+    /// (suspended, deny_on_exhausted, activation) apply, as
+    /// [`grant_pack`](Self::grant_pack) and [`put_account`](Self::put_account)
+    /// apply them on the node that made them. Returns false, reading
+    /// nothing, if the account is not resident: its next load reads it fresh.
+    ///
+    /// A stored activation replaces this node's only while this node holds
+    /// no unflushed usage for the account (R1: that usage was split against
+    /// the current one); otherwise the flags still apply and the flush
+    /// keeps the earlier activation.
+    pub async fn apply_stored_account(&self, account_id: &str) -> Result<bool, MeterError> {
+        if self.meter.resident_account(account_id).is_none() {
+            return Ok(false);
+        }
+        // In the same order as this node's own admin writes.
+        let _w = self.admin_writes.lock().await;
+        let Some(acct) = self.meter.resident_account(account_id) else {
+            return Ok(false);
+        };
+        let stored = self.store.get_account(account_id).await?;
+        let packs = self.store.list_packs(account_id).await?;
+        let now = self.clock.now();
+        let missing: Vec<_> = {
+            let resident = acct.packs();
+            packs
+                .iter()
+                .filter(|p| {
+                    p.spec.source == PackSource::Purchased
+                        && !resident.iter().any(|r| r.spec.pack_id == p.spec.pack_id)
+                })
+                .collect()
+        };
+        for p in missing {
+            self.meter.add_pack(&acct, p, now);
+        }
+        let Some(record) = stored else {
+            return Ok(true);
+        };
+        let current = acct.record();
+        // Only a stored activation moves this node's: a deduction here may
+        // have activated the account and not flushed it yet.
+        let activation = record
+            .activated_at
+            .filter(|a| Some(*a) != current.activated_at);
+        let (s, d) = (record.suspended, record.deny_on_exhausted);
+        if activation.is_none() && (s, d) == (current.suspended, current.deny_on_exhausted) {
+            return Ok(true);
+        }
+        match self.meter.apply_account(&acct, activation, s, d, now) {
+            Err(MeterError::ActivationLocked { .. }) => {
+                self.meter.apply_account(&acct, None, s, d, now)?;
+            }
+            r => r?,
+        }
+        Ok(true)
+    }
+
     /// The first hour with usage in the store for the account, if any.
     async fn first_stored_usage(&self, account_id: &str) -> Result<Option<Ts>, MeterError> {
         let first = self

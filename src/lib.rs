@@ -36,6 +36,7 @@
 pub mod admin_http;
 pub mod app;
 pub mod calendar;
+pub mod changes;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -170,6 +170,14 @@ pub async fn serve(
     ));
     let meter: Arc<Meter> = app.meter().clone();
     meter.gate().settle(settled);
+    // Many nodes may share the store: read the changes made through the
+    // others from here on (accounts load fresh).
+    let changes = if store_is_shared(&config.store) {
+        let last = app.store().last_change().await?;
+        Some(crate::changes::ChangeCursor::starting_after(last))
+    } else {
+        None
+    };
     let flusher = app.flusher().clone();
 
     let bind = |addr| async move {
@@ -219,6 +227,14 @@ pub async fn serve(
             .clone()
             .run(config.flush_interval, stop_background.clone()),
     );
+    if let Some(cursor) = changes {
+        tasks.spawn(crate::changes::run(
+            app.clone(),
+            cursor,
+            config.flush_interval,
+            stop_background.clone(),
+        ));
+    }
     tasks.spawn(evict_loop(
         meter.clone(),
         config.idle_evict,
@@ -385,6 +401,17 @@ pub async fn serve(
     let _ = admin.await;
     served?;
     outcome
+}
+
+/// Whether other nodes may write the store: one SQLite file has one server
+/// (it is locked), a PostgreSQL database any number.
+fn store_is_shared(url: &store::StoreUrl) -> bool {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        store::StoreUrl::Sqlite(_) => false,
+        #[cfg(feature = "postgres")]
+        store::StoreUrl::Postgres(_) => true,
+    }
 }
 
 /// Evicts idle accounts once a minute (or every `idle / 4`, if shorter).

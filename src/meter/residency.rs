@@ -20,6 +20,11 @@ impl Meter {
         self.accounts.len()
     }
 
+    /// The account if it is in memory; never loads it.
+    pub fn resident_account(&self, id: &str) -> Option<Arc<AccountState>> {
+        self.accounts.get(id).map(|a| a.clone())
+    }
+
     /// Number of accounts waiting for a flush.
     pub fn dirty_len(&self) -> usize {
         self.dirty.lock().len()

@@ -1,0 +1,154 @@
+//! Changes reach every node (issue 8, item 4): two `packmeter serve` on one
+//! PostgreSQL database; an account is resident on node B, and a grant or an
+//! account change made through node A is applied by B within a bounded
+//! wait (a few flush intervals), not only after B reloads the account.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{deduct, pg::TestDb, split, until, Server};
+use packmeter::grpc::proto::{self, Decision, Item};
+
+/// Short intervals: changes are read once per flush interval.
+const ARGS: &[&str] = &[
+    "--flush-interval",
+    "200ms",
+    "--free-calls",
+    "0",
+    "--free-egress-bytes",
+    "0",
+];
+
+/// How long a change may take to reach the other node: many flush
+/// intervals, for a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Two nodes on one fresh database, and the account `acme` resident on B
+/// (created there, then deducted from).
+async fn two_nodes(db: &TestDb, data: &tempfile::TempDir) -> (Server, Server) {
+    let a = Server::start_store(&db.url, &data.path().join("a"), ARGS);
+    let b = Server::start_store(&db.url, &data.path().join("b"), ARGS);
+    b.put_account("acme", false, false).await;
+    let r = b
+        .meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    // No free tier, no pack: overage.
+    assert_eq!(split(&r.calls), (0, 1, 0));
+    (a, b)
+}
+
+/// B's answer to a check (`calls = 0`): nothing deducted.
+async fn check(b: &Server) -> proto::DeductResponse {
+    b.meter()
+        .await
+        .deduct(deduct("acme", 0, 0, None))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_pack_granted_through_one_node_covers_calls_on_another() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(&db, &data).await;
+    a.admin()
+        .await
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "acme".into(),
+            item: Item::Calls as i32,
+            capacity: 100,
+            valid_from: None,
+            valid_until: Some(common::ts("2999-01-01T00:00:00Z")),
+            pack_id: "p-a".into(),
+            priority: 0,
+            valid_for: None,
+        })
+        .await
+        .unwrap();
+    // B's deductions see the pack: a check reports its balance.
+    until(BOUND, async || split(&check(&b).await.calls).2 == 100).await;
+    let r = b
+        .meter()
+        .await
+        .deduct(deduct("acme", 3, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (3, 0, 97));
+    let packs = b.packs("acme").await;
+    let p = packs.iter().find(|p| p.pack_id == "p-a").expect("p-a on B");
+    assert_eq!(p.used, 3);
+}
+
+#[tokio::test]
+async fn account_settings_put_through_one_node_apply_on_another() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(&db, &data).await;
+
+    // deny_on_exhausted: B stops taking overage.
+    a.put_account("acme", false, true).await;
+    let mut meter = b.meter().await;
+    until(BOUND, async || {
+        let r = meter
+            .deduct(deduct("acme", 1, 0, None))
+            .await
+            .unwrap()
+            .into_inner();
+        r.decision == Decision::Deny as i32
+    })
+    .await;
+    let on_b = b.admin().await.get_account(get("acme")).await.unwrap();
+    assert!(on_b.into_inner().deny_on_exhausted);
+
+    // suspended: B denies every call as suspended.
+    a.put_account("acme", true, false).await;
+    until(BOUND, async || {
+        check(&b).await.deny_reason == "account is suspended"
+    })
+    .await;
+    let r = b
+        .meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, Decision::Deny as i32);
+    assert_eq!(r.deny_reason, "account is suspended");
+
+    // And back: B serves the account again, taking overage.
+    a.put_account("acme", false, false).await;
+    until(BOUND, async || {
+        check(&b).await.decision == Decision::Allow as i32
+    })
+    .await;
+    let r = b
+        .meter()
+        .await
+        .deduct(deduct("acme", 2, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, split(&r.calls)),
+        (Decision::Allow as i32, (0, 2, 0))
+    );
+}
+
+fn get(account: &str) -> proto::GetAccountRequest {
+    proto::GetAccountRequest {
+        account_id: account.into(),
+    }
+}
