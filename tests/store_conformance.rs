@@ -686,7 +686,11 @@ async fn changes_are_recorded_with_account_puts_and_new_grants(t: &Target) {
     // A page starts after the cursor and holds at most `limit`.
     assert_eq!(store.changes_since(all[0].seq, 10).await.unwrap(), all[1..]);
     assert_eq!(store.changes_since(0, 2).await.unwrap(), all[..2]);
-    assert!(store.changes_since(all[2].seq, 10).await.unwrap().is_empty());
+    assert!(store
+        .changes_since(all[2].seq, 10)
+        .await
+        .unwrap()
+        .is_empty());
     // A new change numbers after every earlier one.
     store.put_account(&record("a", Some(HOUR))).await.unwrap();
     let next = store.changes_since(all[2].seq, 10).await.unwrap();

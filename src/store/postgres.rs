@@ -931,7 +931,8 @@ async fn record_change(
     let insert = tx
         .prepare_cached("INSERT INTO changes (account_id, kind, at) VALUES ($1, $2, $3)")
         .await?;
-    tx.execute(&insert, &[&account_id, &kind.code(), &at]).await?;
+    tx.execute(&insert, &[&account_id, &kind.code(), &at])
+        .await?;
     Ok(())
 }
 
