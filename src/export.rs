@@ -212,6 +212,16 @@ mod tests {
         async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError> {
             self.store.record_settled(before).await
         }
+        async fn last_change(&self) -> Result<i64, StoreError> {
+            self.store.last_change().await
+        }
+        async fn changes_since(
+            &self,
+            after: i64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::Change>, StoreError> {
+            self.store.changes_since(after, limit).await
+        }
     }
 
     /// A flush of `accounts` accounts, each with calls on a pack and as
