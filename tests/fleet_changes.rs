@@ -147,6 +147,61 @@ async fn account_settings_put_through_one_node_apply_on_another() {
     );
 }
 
+/// Sequence numbers are taken at insert and seen at commit: a change can
+/// become visible after one with a higher number. Here a grant written
+/// straight to the database (as another node's transaction would) holds a
+/// lower number open while a PutAccount through A commits a higher one and
+/// reaches B; once it commits, B must still apply it.
+#[tokio::test]
+async fn a_change_committed_after_a_later_one_still_reaches_the_other_node() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let (a, b) = two_nodes(&db, &data).await;
+    let mut slow = db.client().await;
+    let tx = slow.transaction().await.unwrap();
+    let now = packmeter::calendar::now_ts();
+    tx.execute(
+        "INSERT INTO packs (account_id, pack_id, source, item, capacity, valid_from, \
+         valid_until, priority, created_at, used) VALUES ('acme', 'p-slow', 2, 1, 40, $1, $2, 0, $1, 0)",
+        &[&(now - 1_000_000), &(now + 3_600_000_000 * 24)],
+    )
+    .await
+    .unwrap();
+    let low: i64 = tx
+        .query_one(
+            "INSERT INTO changes (account_id, kind, at) VALUES ('acme', 2, $1) RETURNING seq",
+            &[&now],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A later change, committed first, reaches B.
+    a.put_account("acme", false, true).await;
+    let higher: i64 = db
+        .client()
+        .await
+        .query_one("SELECT MAX(seq) FROM changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(higher > low);
+    let mut meter = b.meter().await;
+    until(BOUND, async || {
+        let r = meter
+            .deduct(deduct("acme", 1, 0, None))
+            .await
+            .unwrap()
+            .into_inner();
+        r.decision == Decision::Deny as i32
+    })
+    .await;
+    // B has read past `low`; now it commits.
+    tx.commit().await.unwrap();
+    until(BOUND, async || split(&check(&b).await.calls).2 == 40).await;
+}
+
 fn get(account: &str) -> proto::GetAccountRequest {
     proto::GetAccountRequest {
         account_id: account.into(),
