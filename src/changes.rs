@@ -18,7 +18,7 @@
 //! its row but become visible when it commits, so two transactions can
 //! commit their numbers out of order: a node that saw 8 may see 7 only
 //! later. (Numbers are not dense either: a rolled-back transaction leaves a
-//! hole forever, and CockroachDB's sequences are not dense at all.) So the
+//! hole for ever, so a hole cannot be waited for.) So the
 //! poller does not read after the highest number it saw, but after the
 //! highest number it saw [`GAP_WINDOW`] ago: every poll re-reads the trailing
 //! window, skips the rows it already applied, and picks up a late commit

@@ -21,6 +21,7 @@
 //! - [`clock`]: the server clock, replaceable in tests.
 //! - [`spill`]: usage the final flush could not write, replayed at start.
 //! - [`flush`]: the background flusher, with put-back and backoff on failure.
+//! - [`changes`]: grants and account changes made through other nodes on a shared store.
 //! - [`store`]: the store trait, the parsed store URL, [`store::sqlite`] and [`store::postgres`].
 //! - [`grpc`]: the `Meter` and `Admin` services, Envoy's rate-limit service ([`grpc::envoy_rls`]),
 //!   the `serve --noop` baseline; proto ⇄ domain conversion and status codes.
