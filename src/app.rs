@@ -309,6 +309,18 @@ impl App {
             .account_for_admin(&change.account_id, now)
             .await?;
         let current = acct.record();
+        // On a shared store another node may have changed the flags since
+        // this one last read them (it reads changes once per flush
+        // interval): a flag this change does not name keeps its stored
+        // value. Only PutAccount writes them, so with one node the two agree.
+        let current = match self.store.get_account(&change.account_id).await? {
+            Some(s) => AccountRecord {
+                suspended: s.suspended,
+                deny_on_exhausted: s.deny_on_exhausted,
+                ..current
+            },
+            None => current,
+        };
         let implicit = current.activated_at.is_none() && change.activated_at.is_none();
         // The activation this request sets, if it is a change.
         let activation = change

@@ -202,6 +202,56 @@ async fn a_change_committed_after_a_later_one_still_reaches_the_other_node() {
     until(BOUND, async || split(&check(&b).await.calls).2 == 40).await;
 }
 
+/// A PutAccount through B that names one flag keeps the other as the
+/// store holds it, even before B has read the change A made to it: B's poll
+/// is an hour away here.
+#[tokio::test]
+async fn a_put_through_a_node_that_has_not_yet_seen_a_change_keeps_it() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let a = Server::start_store(&db.url, &data.path().join("a"), ARGS);
+    let mut slow = ARGS.to_vec();
+    slow[1] = "1h";
+    let b = Server::start_store(&db.url, &data.path().join("b"), &slow);
+    b.put_account("acme", false, false).await;
+    b.meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap();
+    a.put_account("acme", false, true).await;
+    let put = b
+        .admin()
+        .await
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "acme".into(),
+                activated_at: None,
+                suspended: true,
+                deny_on_exhausted: false,
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["suspended".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(put.suspended && put.deny_on_exhausted, "{put:?}");
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT suspended, deny_on_exhausted FROM accounts WHERE account_id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1)), (true, true));
+}
+
 fn get(account: &str) -> proto::GetAccountRequest {
     proto::GetAccountRequest {
         account_id: account.into(),
