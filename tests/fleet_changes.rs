@@ -252,6 +252,72 @@ async fn a_put_through_a_node_that_has_not_yet_seen_a_change_keeps_it() {
     assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1)), (true, true));
 }
 
+/// An activation set through A gives B the free tier of an account B holds
+/// unactivated (granted a pack there, no deduction yet).
+#[tokio::test]
+async fn an_activation_put_through_one_node_starts_the_free_tier_on_another() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--flush-interval", "200ms", "--free-calls", "50"];
+    let a = Server::start_store(&db.url, &data.path().join("a"), &args);
+    let b = Server::start_store(&db.url, &data.path().join("b"), &args);
+    b.admin()
+        .await
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "acme".into(),
+            item: Item::Calls as i32,
+            capacity: 10,
+            valid_from: None,
+            valid_until: Some(common::ts("2999-01-01T00:00:00Z")),
+            pack_id: "p-b".into(),
+            priority: 0,
+            valid_for: None,
+        })
+        .await
+        .unwrap();
+    let activation_on_b = async || {
+        let on_b = b.admin().await.get_account(get("acme")).await.unwrap();
+        on_b.into_inner().activated_at
+    };
+    assert_eq!(activation_on_b().await, None);
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let activated_at = prost_types::Timestamp {
+        seconds: hour_ago.timestamp(),
+        nanos: 0,
+    };
+    let put = a
+        .admin()
+        .await
+        .put_account(proto::PutAccountRequest {
+            account: Some(proto::Account {
+                account_id: "acme".into(),
+                activated_at: Some(activated_at),
+                suspended: false,
+                deny_on_exhausted: false,
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put.activated_at, Some(activated_at));
+    until(BOUND, async || {
+        activation_on_b().await == Some(activated_at)
+    })
+    .await;
+    // B deducts from the free tier of that activation: 50 calls, then the pack.
+    let r = b
+        .meter()
+        .await
+        .deduct(deduct("acme", 55, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (55, 0, 5));
+}
+
 fn get(account: &str) -> proto::GetAccountRequest {
     proto::GetAccountRequest {
         account_id: account.into(),
