@@ -251,7 +251,28 @@ impl Flusher {
     ) -> Result<(), StoreError> {
         let mut parts = vec![(work, batch)];
         while let Some((work, batch)) = parts.pop() {
-            let written = self.store.write_batch(&batch).await;
+            let written = self.store.flush_batch(&batch).await;
+            if let Ok(flushed) = &written {
+                // Counters now count every node's usage (see Meter::rebase).
+                let totals: Vec<_> = work
+                    .iter()
+                    .filter_map(|(a, _)| {
+                        let i = flushed
+                            .accounts
+                            .binary_search_by(|t| (*t.account_id).cmp(a.id()))
+                            .ok()?;
+                        Some((a.clone(), &flushed.accounts[i].packs[..]))
+                    })
+                    .collect();
+                self.meter.rebase(&totals);
+                for (account, id) in &flushed.reversed {
+                    tracing::info!(
+                        %account,
+                        request_id = %id,
+                        "a retry another node billed first: this node's usage for it was reversed"
+                    );
+                }
+            }
             // Whatever happened, this batch is no longer in flight: its
             // changes are in the store, back in their accounts, or in the
             // halves below, all within this one critical section.
