@@ -402,7 +402,11 @@ pub fn attribute<'b>(
     for d in deltas {
         let g = groups.entry((d.hour, d.item)).or_default();
         match &d.pack {
-            None => g.0 = g.0.checked_add(d.amount).ok_or_else(|| too_big("overage"))?,
+            None => {
+                g.0 =
+                    g.0.checked_add(d.amount)
+                        .ok_or_else(|| too_big("overage"))?
+            }
             Some(p) => match g.1.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
                 Some((_, a)) => *a = a.checked_add(d.amount).ok_or_else(|| too_big("usage"))?,
                 None => g.1.push((p.clone(), d.amount)),
@@ -439,7 +443,8 @@ pub fn attribute<'b>(
     for r in dedup {
         if !held(&r.request_id) {
             // The last record of an id in the batch wins.
-            out.dedup.retain(|d: &DedupRecord| d.request_id != r.request_id);
+            out.dedup
+                .retain(|d: &DedupRecord| d.request_id != r.request_id);
             out.dedup.push(r.clone());
             continue;
         }
@@ -484,8 +489,7 @@ pub fn attribute<'b>(
             taken[i] += t;
             if t > 0 {
                 match out.usage.iter_mut().find(|d| {
-                    d.hour == hour
-                        && d.pack.as_ref().is_some_and(|p| p.pack_id == s.spec.pack_id)
+                    d.hour == hour && d.pack.as_ref().is_some_and(|p| p.pack_id == s.spec.pack_id)
                 }) {
                     Some(d) => d.amount += t,
                     None => out.usage.push(DeltaRow {

@@ -169,7 +169,11 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
     let mut seen = std::collections::HashSet::new();
     let mut over_covered = 0;
     for ((_, a, id, calls), covered, overage) in &acked {
-        assert_eq!(covered + overage, *calls, "an overage account is never denied");
+        assert_eq!(
+            covered + overage,
+            *calls,
+            "an overage account is never denied"
+        );
         over_covered += covered;
         if seen.insert(id.clone()) {
             *expected.entry(a.clone()).or_default() += *calls as i64;
@@ -187,7 +191,11 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
             assert!(used <= capacity, "{a}/{pack}: {used} > {capacity}");
             // Demand exceeds every pack: all full, the rest overage.
             assert_eq!(used, capacity, "{a}/{pack}");
-            assert_eq!(rows.get(pack), Some(used), "{a}/{pack}: rows and packs agree");
+            assert_eq!(
+                rows.get(pack),
+                Some(used),
+                "{a}/{pack}: rows and packs agree"
+            );
         }
         assert_eq!(packs.len(), 2, "{a}: the free tier and the bought pack");
         assert_eq!(rows[""], expected[a] - (FREE + PACK) as i64, "{a}: overage");
@@ -196,7 +204,10 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
     // node whose flush came first.
     let c = db.client().await;
     let n: i64 = c
-        .query_one("SELECT COUNT(*) FROM dedup WHERE request_id LIKE '%-retry-%'", &[])
+        .query_one(
+            "SELECT COUNT(*) FROM dedup WHERE request_id LIKE '%-retry-%'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -213,19 +224,30 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
             .unwrap();
     }
     for node in &nodes {
-        node.admin().await.flush(proto::FlushRequest {}).await.unwrap();
+        node.admin()
+            .await
+            .flush(proto::FlushRequest {})
+            .await
+            .unwrap();
     }
     for (n, node) in nodes.iter().enumerate() {
         let mut meter = node.meter().await;
         for a in heavy.iter().chain(&["light"]) {
             meter.deduct(deduct(a, 1, 0, None)).await.unwrap();
         }
-        node.admin().await.flush(proto::FlushRequest {}).await.unwrap();
+        node.admin()
+            .await
+            .flush(proto::FlushRequest {})
+            .await
+            .unwrap();
         let stored = ledger(&db).await;
         for a in heavy.iter().chain(&["light"]) {
             let global: i64 = stored[*a].1.values().map(|(used, _)| used).sum();
             let shown = common::used(&node.packs(a).await, Item::Calls) as i64;
-            assert_eq!(shown, global, "node {n}, {a}: ListPacks shows the global usage");
+            assert_eq!(
+                shown, global,
+                "node {n}, {a}: ListPacks shows the global usage"
+            );
         }
         // 15 from the three nodes and one more from each node so far.
         assert_eq!(

@@ -1235,13 +1235,19 @@ async fn a_flush_caps_every_pack_and_books_the_rest_as_overage(t: &Target) {
     let p1 = pack("p1", 100, 1, (0, 10 * HOUR));
     store.grant_pack("acct", &p1).await.unwrap();
     let node_a = account("acct", vec![delta(0, Some(p1.clone()), 80)], vec![]);
-    assert!(store.write_batch(&batch("a-0", 10, vec![node_a])).await.unwrap());
+    assert!(store
+        .write_batch(&batch("a-0", 10, vec![node_a]))
+        .await
+        .unwrap());
     let node_b = account(
         "acct",
         vec![delta(0, Some(p1.clone()), 50), delta(0, None, 5)],
         vec![],
     );
-    assert!(store.write_batch(&batch("b-0", 10, vec![node_b])).await.unwrap());
+    assert!(store
+        .write_batch(&batch("b-0", 10, vec![node_b]))
+        .await
+        .unwrap());
     assert_eq!(used(&*store, "acct", "p1").await, 100);
     // Every acknowledged call is in the ledger, split exactly.
     assert_eq!(
@@ -1250,7 +1256,10 @@ async fn a_flush_caps_every_pack_and_books_the_rest_as_overage(t: &Target) {
     );
     // A full pack takes nothing more; an hour later too.
     let more = account("acct", vec![delta(HOUR, Some(p1.clone()), 7)], vec![]);
-    assert!(store.write_batch(&batch("a-1", 10, vec![more])).await.unwrap());
+    assert!(store
+        .write_batch(&batch("a-1", 10, vec![more]))
+        .await
+        .unwrap());
     assert_eq!(used(&*store, "acct", "p1").await, 100);
     assert_eq!(total(&usage_of(&*store, "acct").await), 142);
 }
@@ -1340,7 +1349,11 @@ async fn a_request_id_another_batch_recorded_is_billed_once(t: &Target) {
     assert_eq!(used(&*store, "acct", "p1").await, 7);
     // The first record stays.
     let loaded = store.load_account("acct", 0, 10).await.unwrap();
-    let r1 = loaded.dedup.iter().find(|r| &*r.request_id == "r1").unwrap();
+    let r1 = loaded
+        .dedup
+        .iter()
+        .find(|r| &*r.request_id == "r1")
+        .unwrap();
     assert_eq!((r1.calls_covered, r1.calls_overage), (3, 2));
     // A duplicate billed as overage on the second node comes out of its
     // overage row; a shortfall there comes out of its packs.
@@ -1384,7 +1397,11 @@ async fn a_flush_returns_the_global_totals(t: &Target) {
         vec![delta(0, Some(p1.clone()), 20), delta(0, Some(free), 8)],
         vec![],
     );
-    let b = batch("b-0", 10, vec![b, account("other", vec![delta(0, None, 1)], vec![])]);
+    let b = batch(
+        "b-0",
+        10,
+        vec![b, account("other", vec![delta(0, None, 1)], vec![])],
+    );
     let done = store.flush_batch(&b).await.unwrap();
     assert_eq!(
         done.accounts

@@ -1162,8 +1162,14 @@ impl Store for PostgresStore {
                         held.insert((row.try_get(0)?, row.try_get(1)?));
                     }
                 }
-                let mut usage: (Vec<&str>, Vec<Ts>, Vec<i64>, Vec<String>, Vec<i64>, Vec<i64>) =
-                    Default::default();
+                let mut usage: (
+                    Vec<&str>,
+                    Vec<Ts>,
+                    Vec<i64>,
+                    Vec<String>,
+                    Vec<i64>,
+                    Vec<i64>,
+                ) = Default::default();
                 let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
                     Default::default();
                 let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) =
@@ -1189,7 +1195,11 @@ impl Store for PostgresStore {
                         usage.0.push(id);
                         usage.1.push(d.hour);
                         usage.2.push(d.item.code());
-                        usage.3.push(d.pack.as_ref().map_or(String::new(), |p| p.pack_id.to_string()));
+                        usage.3.push(
+                            d.pack
+                                .as_ref()
+                                .map_or(String::new(), |p| p.pack_id.to_string()),
+                        );
                         usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
                         usage.5.push(to_sql(d.amount)?);
                     }
@@ -1262,8 +1272,8 @@ impl Store for PostgresStore {
                     tx.execute(
                         &stmt,
                         &[
-                            &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0,
-                            &packs2.1, &packs2.2, &packs2.3, &packs2.4,
+                            &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0, &packs2.1,
+                            &packs2.2, &packs2.3, &packs2.4,
                         ],
                     )
                     .await?;

@@ -680,11 +680,9 @@ impl Store for SqliteStore {
                         ])?;
                     }
                     let account_id: std::sync::Arc<str> = parts[0].account_id.clone();
-                    flushed.reversed.extend(
-                        a.reversed
-                            .into_iter()
-                            .map(|r| (account_id.clone(), r)),
-                    );
+                    flushed
+                        .reversed
+                        .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
                     flushed.accounts.push(AccountTotals {
                         account: get_account(&tx, id)?,
                         account_id,
