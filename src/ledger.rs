@@ -427,7 +427,9 @@ pub fn attribute<'b>(
     stored.sort_by(|a, b| deduction_order(&a.spec, &b.spec).then(a.spec.item.cmp(&b.spec.item)));
     // The batch's own pack rows as positions in `stored`, in R6 order.
     let position = |id: &str| stored.iter().position(|s| &*s.spec.pack_id == id);
-    let mut groups: Vec<((Ts, Item), (u64, Vec<(usize, u64)>))> = groups
+    // (hour, item) -> (overage, [(position in `stored`, amount)]).
+    type Positioned = ((Ts, Item), (u64, Vec<(usize, u64)>));
+    let mut groups: Vec<Positioned> = groups
         .into_iter()
         .map(|(k, (overage, rows))| {
             let mut rows: Vec<(usize, u64)> = rows
