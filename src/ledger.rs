@@ -611,6 +611,19 @@ mod tests {
     }
 
     #[test]
+    fn a_request_record_from_an_older_spill_file_reads_without_its_hour() {
+        let old = r#"{"request_id":"r","expires_at":5,"calls_covered":1,"calls_overage":2,"egress_covered":3,"egress_overage":4}"#;
+        let r: DedupRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.hour, r.calls_overage), (None, 2));
+        let new = serde_json::to_string(&DedupRecord {
+            hour: Some(7),
+            ..r.clone()
+        })
+        .unwrap();
+        assert!(new.contains(r#""hour":7"#), "{new}");
+    }
+
+    #[test]
     fn a_failed_flush_merged_back_loses_nothing() {
         let a = pack("a");
         let mut slot = PendingSlot {
