@@ -248,6 +248,22 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
                 shown, global,
                 "node {n}, {a}: ListPacks shows the global usage"
             );
+            // GetUsage (the packs valid now) too.
+            let usage = node
+                .meter()
+                .await
+                .get_usage(proto::GetUsageRequest {
+                    account_id: a.to_string(),
+                    at: None,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                common::used(&usage.packs, Item::Calls) as i64,
+                global,
+                "node {n}, {a}: GetUsage shows the global usage"
+            );
         }
         // 15 from the three nodes and one more from each node so far.
         assert_eq!(
