@@ -214,7 +214,9 @@ impl Meter {
     /// **Concurrency.** Deductions keep running during the flush, and one
     /// takes from the counter (a compare-and-swap) a moment before it
     /// records its delta in the ledger. An assignment made in between would
-    /// forget the take, so the counters are set with no deduction in
+    /// forget the take (until the next rebase: the counter would show less
+    /// than was used, and cover too much meanwhile), so the counters are
+    /// set with no deduction in
     /// progress (`Gate::exclusive`, the section R1 moves use). That pause
     /// is paid only for accounts whose counters would change: the targets
     /// are computed first without it, and with one store (SQLite, or one
