@@ -506,7 +506,9 @@ pub fn attribute<'b>(
         };
         let mut spill = 0u64;
         for (i, amount) in rows {
-            spill += amount - take(i, amount);
+            spill = spill
+                .checked_add(amount - take(i, amount))
+                .ok_or_else(|| too_big("overage"))?;
         }
         for i in whole_hour {
             if spill == 0 {
