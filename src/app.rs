@@ -567,7 +567,12 @@ impl App {
             .quiesced(async {
                 let closed = self.meter.closed_before(self.clock.now());
                 let mark = self.meter.gate().settle(closed);
-                let bound = match self.meter.oldest_pending_hour() {
+                let pending = self.meter.oldest_pending_hour();
+                let bound = match pending
+                    .into_iter()
+                    .chain(self.flusher.retry_oldest_hour())
+                    .min()
+                {
                     Some(h) => mark.min(h),
                     None => mark,
                 };

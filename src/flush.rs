@@ -95,8 +95,21 @@ fn take_work(accounts: Vec<Arc<AccountState>>) -> Work {
 #[derive(Default)]
 struct InFlight {
     batches: Vec<Arc<FlushBatch>>,
+    /// Batches whose write failed with a transient error, to be written
+    /// again, **as they are and under the same id**, before anything else:
+    /// the failure may have hidden a commit (the connection died during
+    /// `COMMIT`), and the store then recognises the id and skips the batch
+    /// instead of applying it twice. Their accounts stay marked queued and
+    /// out of the queue until then; new changes wait in their ledgers.
+    /// These batches are in `batches` too (the spill file gets them).
+    retry: Vec<(Work, Arc<FlushBatch>)>,
     /// Set by [`Flusher::spill`]: nothing more is taken from the accounts.
     halted: bool,
+}
+
+/// The wall-clock time of the oldest change of a batch's work.
+fn oldest_since(work: &Work) -> Option<Ts> {
+    work.iter().filter_map(|(_, p)| p.since).min()
 }
 
 pub struct Flusher {
@@ -204,6 +217,16 @@ impl Flusher {
         let _guard = self.running.lock().await;
         let started = Instant::now();
         let mut report = FlushReport::default();
+        // Batches that failed before go first, as they were.
+        let retry = std::mem::take(&mut self.in_flight.lock().retry);
+        let mut retry = retry.into_iter();
+        while let Some((work, batch)) = retry.next() {
+            if let Err(e) = self.write(work, batch, &mut report).await {
+                // Those not tried yet keep their place, after the one that failed.
+                self.in_flight.lock().retry.extend(retry);
+                return Err(e);
+            }
+        }
         // The accounts queued now; those queued during this flush wait for
         // the next one, so a flush under load still ends.
         let mut left = self.meter.dirty_len();
@@ -251,7 +274,28 @@ impl Flusher {
     ) -> Result<(), StoreError> {
         let mut parts = vec![(work, batch)];
         while let Some((work, batch)) = parts.pop() {
-            let written = self.store.write_batch(&batch).await;
+            let written = self.store.flush_batch(&batch).await;
+            if let Ok(flushed) = &written {
+                // Counters now count every node's usage (see Meter::rebase).
+                let totals: Vec<_> = work
+                    .iter()
+                    .filter_map(|(a, _)| {
+                        let i = flushed
+                            .accounts
+                            .binary_search_by(|t| (*t.account_id).cmp(a.id()))
+                            .ok()?;
+                        Some((a.clone(), &flushed.accounts[i].packs[..]))
+                    })
+                    .collect();
+                self.meter.rebase(&totals);
+                for (account, id) in &flushed.reversed {
+                    tracing::info!(
+                        %account,
+                        request_id = %id,
+                        "a retry another node billed first: this node's usage for it was reversed"
+                    );
+                }
+            }
             // Whatever happened, this batch is no longer in flight: its
             // changes are in the store, back in their accounts, or in the
             // halves below, all within this one critical section.
@@ -271,21 +315,37 @@ impl Flusher {
                     report.deltas += batch.accounts.iter().map(|a| a.deltas.len()).sum::<usize>();
                 }
                 Err(e) if e.transient => {
-                    // Everything not yet written goes back, oldest first.
-                    let halted = state.halted;
-                    state.batches.clear();
-                    let mut back = Vec::new();
-                    for (a, p) in parts.into_iter().map(|p| p.0).chain([work]).flatten() {
+                    if state.halted {
                         // Once spilled, the changes are in the spill file.
-                        if !halted {
-                            a.restore_pending(p);
-                        }
-                        back.push(a);
+                        let mut back: Vec<_> = parts
+                            .into_iter()
+                            .map(|p| p.0)
+                            .chain([work])
+                            .flatten()
+                            .map(|(a, _)| a)
+                            .collect();
+                        state.batches.clear();
+                        drop(state);
+                        back.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+                        self.meter.requeue_front(back);
+                        self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
+                        self.observer.failed(&e);
+                        return Err(e);
                     }
+                    // Kept, with their ids, for the next flush (see
+                    // `InFlight::retry`): this one first, then the halves
+                    // not yet tried.
+                    state.batches.push(batch.clone());
+                    state.retry.push((work, batch));
+                    state.retry.extend(parts.into_iter().rev());
+                    let oldest = state
+                        .retry
+                        .iter()
+                        .filter_map(|(w, _)| oldest_since(w))
+                        .min();
                     drop(state);
-                    back.sort_unstable_by(|a, b| a.id().cmp(b.id()));
-                    self.meter.requeue_front(back);
-                    self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
+                    self.in_flight_since
+                        .store(oldest.unwrap_or(Ts::MAX), Ordering::Relaxed);
                     self.observer.failed(&e);
                     return Err(e);
                 }
@@ -358,7 +418,7 @@ impl Flusher {
                 match self.flush().await {
                     Ok(r) => {
                         total.add(&r);
-                        if self.meter.dirty_len() == 0 {
+                        if self.meter.dirty_len() == 0 && self.in_flight.lock().retry.is_empty() {
                             return Ok(total);
                         }
                     }
@@ -387,7 +447,14 @@ impl Flusher {
         let mut state = self.in_flight.lock();
         state.halted = true;
         let mut out = std::mem::take(&mut state.batches);
-        let mut work = take_work(self.meter.unflushed_accounts());
+        let mut accounts = self.meter.unflushed_accounts();
+        // Accounts of batches awaiting a retry: changes since then.
+        accounts.extend(
+            std::mem::take(&mut state.retry)
+                .into_iter()
+                .flat_map(|(w, _)| w.into_iter().map(|(a, _)| a)),
+        );
+        let mut work = take_work(accounts);
         work.retain(|(_, p)| !p.is_empty());
         for chunk in work.chunks(self.batch_accounts) {
             out.push(self.batch(chunk));
@@ -407,7 +474,159 @@ impl Flusher {
         since.map(|s| Duration::from_micros(u64::try_from(now.saturating_sub(s)).unwrap_or(0)))
     }
 
+    /// The earliest hour in batches awaiting a retry (for settlement:
+    /// their usage is not in the store yet, nor in the accounts' ledgers).
+    pub fn retry_oldest_hour(&self) -> Option<Ts> {
+        self.in_flight
+            .lock()
+            .retry
+            .iter()
+            .flat_map(|(_, b)| {
+                b.accounts
+                    .iter()
+                    .flat_map(|a| a.deltas.iter().map(|d| d.hour))
+            })
+            .min()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{
+        app::{App, DeductRequest},
+        clock::ManualClock,
+        ledger::{AccountRecord, UsageKey, UsageRow},
+        meter::{Atomicity, Deduction, MeterConfig},
+        metrics::Metrics,
+        packs::PackSpec,
+        store::{sqlite::SqliteStore, Flushed, Granted, LoadedAccount, StoredPack},
+    };
+
+    /// The real SQLite store, which can be told to report a transient error
+    /// after its next flush *committed*: what a connection that dies during
+    /// `COMMIT` looks like to the flusher.
+    struct LostCommit {
+        store: SqliteStore,
+        lose_next: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for LostCommit {
+        async fn load_account(
+            &self,
+            id: &str,
+            since: Ts,
+            now: Ts,
+        ) -> Result<LoadedAccount, StoreError> {
+            self.store.load_account(id, since, now).await
+        }
+        async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
+            self.store.put_account(account).await
+        }
+        async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+            self.store.get_account(id).await
+        }
+        async fn grant_pack(&self, id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
+            self.store.grant_pack(id, pack).await
+        }
+        async fn list_packs(&self, id: &str) -> Result<Vec<StoredPack>, StoreError> {
+            self.store.list_packs(id).await
+        }
+        async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError> {
+            Ok(self.flush_batch(batch).await?.applied)
+        }
+        async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
+            let flushed = self.store.flush_batch(batch).await?;
+            if self.lose_next.swap(false, Ordering::SeqCst) {
+                return Err(StoreError {
+                    message: "connection closed during COMMIT".into(),
+                    transient: true,
+                });
+            }
+            Ok(flushed)
+        }
+        async fn usage_rows_page(
+            &self,
+            from: Ts,
+            to: Ts,
+            account_id: Option<&str>,
+            after: Option<&UsageKey>,
+            limit: usize,
+        ) -> Result<Vec<UsageRow>, StoreError> {
+            self.store
+                .usage_rows_page(from, to, account_id, after, limit)
+                .await
+        }
+        async fn last_change(&self) -> Result<i64, StoreError> {
+            self.store.last_change().await
+        }
+        async fn changes_since(
+            &self,
+            after: i64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::Change>, StoreError> {
+            self.store.changes_since(after, limit).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.store.ping().await
+        }
+        async fn settled_before(&self) -> Result<Ts, StoreError> {
+            self.store.settled_before().await
+        }
+        async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError> {
+            self.store.record_settled(before).await
+        }
+    }
+
+    /// Issue 8: "a per-node sequence number that the store records, so a
+    /// retried flush is never applied twice". The retry is the same batch,
+    /// under the same id, so a commit the error hid is recognised.
+    #[tokio::test]
+    async fn a_flush_retried_after_a_lost_commit_is_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LostCommit {
+            store: SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap(),
+            lose_next: AtomicBool::new(false),
+        });
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let app = App::new(
+            MeterConfig::default(),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            clock,
+            100,
+        );
+        let deduct = |calls| DeductRequest {
+            account_id: "acme",
+            deduction: Deduction {
+                calls,
+                egress_bytes: 0,
+                at: None,
+                request_id: "",
+            },
+        };
+        app.deduct(&[deduct(3)], Atomicity::Each).await.unwrap();
+        store.lose_next.store(true, Ordering::SeqCst);
+        assert!(app.flush().await.is_err());
+        // Deductions go on meanwhile, and are flushed after the retry.
+        app.deduct(&[deduct(4)], Atomicity::Each).await.unwrap();
+        assert!(app.flusher().oldest_unflushed_age(Ts::MAX).is_some());
+        app.flush().await.unwrap();
+        app.flush().await.unwrap();
+        let rows = store
+            .usage_rows_page(Ts::MIN, Ts::MAX, Some("acme"), None, 100)
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
+        assert_eq!(app.meter().dirty_len(), 0);
     }
 }

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use crate::{
-    calendar::Ts,
-    packs::{Item, PackCounter, PackSpec},
+    calendar::{Ts, HOUR},
+    packs::{deduction_order, Item, PackCounter, PackSpec},
+    store::StoredPack,
 };
 
 /// Usage not yet in the store, for one (hour, item, pack) of an account.
@@ -43,6 +44,14 @@ impl Delta {
 pub struct DedupRecord {
     pub request_id: Box<str>,
     pub expires_at: Ts,
+    /// Start of the UTC hour of the event, so that a flush can reverse the
+    /// amounts of a duplicate another node recorded first (see
+    /// [`attribute`]). `None` in records read back from a store (which
+    /// keeps no hour: only a batch's own records are ever reversed) and in
+    /// spill files written before it existed (`serde(default)`), whose
+    /// duplicates are then billed as the node acknowledged them.
+    #[serde(default)]
+    pub hour: Option<Ts>,
     pub calls_covered: u64,
     pub calls_overage: u64,
     pub egress_covered: u64,
@@ -309,6 +318,226 @@ pub struct FlushBatch {
     pub now: Ts,
 }
 
+/// A batch's accounts by id, in id order, each with all its parts (an
+/// account may appear more than once in a batch).
+pub fn by_account(batch: &FlushBatch) -> std::collections::BTreeMap<&str, Vec<&AccountFlush>> {
+    let mut out: std::collections::BTreeMap<&str, Vec<&AccountFlush>> = Default::default();
+    for a in &batch.accounts {
+        out.entry(&*a.account_id).or_default().push(a);
+    }
+    out
+}
+
+/// The earliest activation the parts carry (an activation only moves back, R1).
+pub fn earliest_activation(parts: &[&AccountFlush]) -> Option<Ts> {
+    parts
+        .iter()
+        .filter_map(|a| a.account.as_ref()?.activated_at)
+        .min()
+}
+
+/// What a flush does to one account in the store: the rows it adds, once
+/// attributed and capped by [`attribute`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attributed {
+    /// Usage to add, per (hour, item, pack): `pack` is `None` for overage.
+    /// Only non-zero amounts, in (hour, item, R6) order.
+    pub usage: Vec<DeltaRow>,
+    /// What each pack takes, added to its stored `used`. A pack the store
+    /// does not hold yet (a free-tier month's first flush) is inserted with
+    /// this spec.
+    pub packs: Vec<(PackSpec, u64)>,
+    /// The request ids to store: the batch's own, less the duplicates.
+    pub dedup: Vec<DedupRecord>,
+    /// Request ids the store already held from another batch: their
+    /// amounts were taken out of this batch's usage.
+    pub reversed: Vec<Box<str>>,
+    /// Every pack of the account as the store holds it afterwards.
+    pub totals: Vec<StoredPack>,
+}
+
+/// Attributes one account's part of a flush against what the store holds,
+/// so that the stored ledger is exact whatever each node believed in real
+/// time (DESIGN.md "Many nodes"; docs/billing-rules.md R5, R6). Pure: the
+/// store calls it inside its transaction, with the account's row locked
+/// (so no other flush changes these packs meanwhile) and writes the result.
+///
+/// - `stored`: every pack row of the account, with its global `used`.
+/// - `deltas`, `dedup`: the account's rows of the batch (the same account
+///   may appear more than once in a batch: all its parts, in order).
+/// - `held(request_id)`: whether the store holds that id for the account,
+///   unexpired at the batch's `now`, from an earlier batch.
+///
+/// The rule, applied per (hour, item), hours in order:
+/// 1. **Duplicates.** A request id the store already holds came from a
+///    retry that reached another node (or this one, before a reload) and
+///    was billed there first. Its amounts, as this batch's record gives
+///    them, are taken back out of this batch: the overage from the overage
+///    row, the covered amount from the pack rows, last pack in R6 order
+///    first (a shortfall of either comes out of the other). The stored
+///    record is kept. A record without an hour (an old spill file) is
+///    stored as is when the store does not hold it, and not reversed.
+/// 2. **Capping.** Each pack row of the batch takes what it names, up to
+///    the pack's room in the store (`capacity - used`, the capacity the
+///    store holds), in R6 order.
+/// 3. **Re-attribution.** What a pack could not take goes to the account's
+///    other packs of the item that are valid for the **whole** hour (the
+///    batch knows the hour, not the instant), in R6 order, each up to its
+///    room; the rest is overage.
+/// 4. **Overage** the node booked stays overage.
+///
+/// So the amounts stored per (hour, item) equal the batch's, less reversed
+/// duplicates, and no pack's `used` passes its capacity. (A pack already
+/// over its capacity, after a plan shrank it, takes nothing more.)
+pub fn attribute<'b>(
+    mut stored: Vec<StoredPack>,
+    deltas: impl IntoIterator<Item = &'b DeltaRow>,
+    dedup: impl IntoIterator<Item = &'b DedupRecord>,
+    held: impl Fn(&str) -> bool,
+) -> Result<Attributed, String> {
+    // (hour, item) -> (overage, [(pack, amount)]), in (hour, item) order.
+    type Group = (u64, Vec<(PackSpec, u64)>);
+    let mut groups: std::collections::BTreeMap<(Ts, Item), Group> = Default::default();
+    let too_big = |what: &str| format!("the {what} would exceed 2^64");
+    for d in deltas {
+        let g = groups.entry((d.hour, d.item)).or_default();
+        match &d.pack {
+            None => {
+                g.0 =
+                    g.0.checked_add(d.amount)
+                        .ok_or_else(|| too_big("overage"))?
+            }
+            Some(p) => match g.1.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
+                Some((_, a)) => *a = a.checked_add(d.amount).ok_or_else(|| too_big("usage"))?,
+                None => g.1.push((p.clone(), d.amount)),
+            },
+        }
+    }
+    // Packs the store does not hold yet start at 0, with the node's spec.
+    for g in groups.values() {
+        for (p, _) in &g.1 {
+            if !stored.iter().any(|s| s.spec.pack_id == p.pack_id) {
+                stored.push(StoredPack {
+                    spec: p.clone(),
+                    used: 0,
+                });
+            }
+        }
+    }
+    stored.sort_by(|a, b| deduction_order(&a.spec, &b.spec).then(a.spec.item.cmp(&b.spec.item)));
+    // The batch's own pack rows as positions in `stored`, in R6 order.
+    let position = |id: &str| stored.iter().position(|s| &*s.spec.pack_id == id);
+    // (hour, item) -> (overage, [(position in `stored`, amount)]).
+    type Positioned = ((Ts, Item), (u64, Vec<(usize, u64)>));
+    let mut groups: Vec<Positioned> = groups
+        .into_iter()
+        .map(|(k, (overage, rows))| {
+            let mut rows: Vec<(usize, u64)> = rows
+                .into_iter()
+                .filter_map(|(p, a)| position(&p.pack_id).map(|i| (i, a)))
+                .collect();
+            rows.sort_unstable();
+            (k, (overage, rows))
+        })
+        .collect();
+
+    let mut out = Attributed::default();
+    for r in dedup {
+        if !held(&r.request_id) {
+            // The last record of an id in the batch wins.
+            out.dedup
+                .retain(|d: &DedupRecord| d.request_id != r.request_id);
+            out.dedup.push(r.clone());
+            continue;
+        }
+        out.reversed.push(r.request_id.clone());
+        let Some(hour) = r.hour else { continue };
+        for (item, covered, overage) in [
+            (Item::Calls, r.calls_covered, r.calls_overage),
+            (Item::EgressBytes, r.egress_covered, r.egress_overage),
+        ] {
+            let Some((_, g)) = groups.iter_mut().find(|(k, _)| *k == (hour, item)) else {
+                continue;
+            };
+            // Overage from the overage row, covered from the packs (last
+            // first); what one side lacks comes out of the other.
+            let from_overage = overage.min(g.0);
+            g.0 -= from_overage;
+            let mut left = covered.saturating_add(overage - from_overage);
+            for (_, a) in g.1.iter_mut().rev() {
+                let t = left.min(*a);
+                *a -= t;
+                left -= t;
+            }
+            let t = left.min(g.0);
+            g.0 -= t;
+        }
+    }
+
+    let mut taken: Vec<u64> = vec![0; stored.len()];
+    for ((hour, item), (overage, rows)) in groups {
+        // Packs valid for the whole hour, in R6 order.
+        let whole_hour: Vec<usize> = (0..stored.len())
+            .filter(|&i| {
+                let s = &stored[i].spec;
+                s.item == item && s.valid_from <= hour && hour.saturating_add(HOUR) <= s.valid_until
+            })
+            .collect();
+        // What pack `i` takes of `want`, up to its room in the store.
+        let mut take = |i: usize, want: u64| -> u64 {
+            let s = &mut stored[i];
+            let t = s.spec.capacity.saturating_sub(s.used).min(want);
+            s.used += t;
+            taken[i] += t;
+            if t > 0 {
+                match out.usage.iter_mut().find(|d| {
+                    d.hour == hour && d.pack.as_ref().is_some_and(|p| p.pack_id == s.spec.pack_id)
+                }) {
+                    Some(d) => d.amount += t,
+                    None => out.usage.push(DeltaRow {
+                        hour,
+                        item,
+                        pack: Some(s.spec.clone()),
+                        amount: t,
+                    }),
+                }
+            }
+            t
+        };
+        let mut spill = 0u64;
+        for (i, amount) in rows {
+            spill = spill
+                .checked_add(amount - take(i, amount))
+                .ok_or_else(|| too_big("overage"))?;
+        }
+        for i in whole_hour {
+            if spill == 0 {
+                break;
+            }
+            spill -= take(i, spill);
+        }
+        let overage = overage
+            .checked_add(spill)
+            .ok_or_else(|| too_big("overage"))?;
+        if overage > 0 {
+            out.usage.push(DeltaRow {
+                hour,
+                item,
+                pack: None,
+                amount: overage,
+            });
+        }
+    }
+    out.packs = stored
+        .iter()
+        .zip(&taken)
+        .filter(|(_, t)| **t > 0)
+        .map(|(s, t)| (s.spec.clone(), *t))
+        .collect();
+    out.totals = stored;
+    Ok(out)
+}
+
 /// A settled hourly row (R12).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRow {
@@ -381,6 +610,19 @@ mod tests {
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
         assert_eq!(p.since, Some(5));
+    }
+
+    #[test]
+    fn a_request_record_from_an_older_spill_file_reads_without_its_hour() {
+        let old = r#"{"request_id":"r","expires_at":5,"calls_covered":1,"calls_overage":2,"egress_covered":3,"egress_overage":4}"#;
+        let r: DedupRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.hour, r.calls_overage), (None, 2));
+        let new = serde_json::to_string(&DedupRecord {
+            hour: Some(7),
+            ..r.clone()
+        })
+        .unwrap();
+        assert!(new.contains(r#""hour":7"#), "{new}");
     }
 
     #[test]

@@ -183,6 +183,13 @@ impl PackCounter {
         self.spec.capacity.saturating_sub(self.used())
     }
 
+    /// Sets the usage to `used` (at most the capacity): a rebase on the
+    /// store's global total after a flush. Only with no deduction in
+    /// progress (see `Meter::rebase`), or a concurrent take could be lost.
+    pub fn rebase(&self, used: u64) {
+        self.used.store(used.min(self.spec.capacity), Relaxed);
+    }
+
     /// Takes up to `want` from the pack and returns how much it took. The
     /// compare-and-swap loop keeps `used <= capacity` under any interleaving.
     pub fn take(&self, want: u64) -> u64 {

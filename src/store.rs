@@ -120,6 +120,31 @@ pub struct Change {
 /// may miss changes to accounts it holds (docs/stores.md).
 pub const CHANGE_RETENTION: Ts = 24 * crate::calendar::HOUR;
 
+/// What a flush left in the store for one of its accounts (see
+/// [`Store::flush_batch`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountTotals {
+    pub account_id: std::sync::Arc<str>,
+    /// The account row, as stored after the flush.
+    pub account: Option<AccountRecord>,
+    /// Every pack row of the account, with its global `used`: what every
+    /// node has flushed, attributed and capped by the store.
+    pub packs: Vec<StoredPack>,
+}
+
+/// How a flush went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// False, changing nothing, if a batch with the same id was applied before.
+    pub applied: bool,
+    /// Per account of the batch (once each, in account-id order): what the
+    /// store holds now. Empty when the batch was not applied.
+    pub accounts: Vec<AccountTotals>,
+    /// Request ids (account, id) the store already held from another batch,
+    /// whose amounts this batch's usage left out.
+    pub reversed: Vec<(std::sync::Arc<str>, Box<str>)>,
+}
+
 /// How a grant went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Granted {
@@ -152,8 +177,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies a flush in one transaction: all of it or nothing. Returns
     /// false, changing nothing, if a batch with the same id was applied
-    /// before.
+    /// before. [`flush_batch`](Self::flush_batch) without the totals.
     async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError>;
+
+    /// Applies a flush in one transaction, as [`write_batch`](Self::write_batch),
+    /// and returns what the store then holds for the batch's accounts.
+    ///
+    /// The transaction makes the ledger exact however many nodes flush
+    /// into the store: each account's deltas are attributed and capped
+    /// against the packs as stored ([`crate::ledger::attribute`]: R6 order,
+    /// no pack past its capacity, the rest overage), and a request id the
+    /// store already holds from another batch has its amounts taken out.
+    /// Concurrent flushes of the same account are serialized on the
+    /// account's row. The flusher rebases the meter's counters on the
+    /// returned totals.
+    ///
+    /// The default (for stores that cannot do better) applies the batch
+    /// and returns no totals.
+    async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
+        Ok(Flushed {
+            applied: self.write_batch(batch).await?,
+            ..Flushed::default()
+        })
+    }
 
     /// One page of hourly rows with `from <= hour < to`, optionally for one
     /// account, in [`UsageKey`] order: at most `limit` rows, starting after

@@ -104,6 +104,10 @@ conformance!(
     loading_sums_what_the_open_hours_hold,
     changes_are_recorded_with_account_puts_and_new_grants,
     concurrent_changes_get_distinct_numbers_and_all_show,
+    a_flush_caps_every_pack_and_books_the_rest_as_overage,
+    excess_moves_to_the_next_pack_valid_for_the_whole_hour_in_r6_order,
+    a_request_id_another_batch_recorded_is_billed_once,
+    a_flush_returns_the_global_totals,
 );
 
 fn spec(id: &str) -> PackSpec {
@@ -141,6 +145,7 @@ fn dedup(id: &str, expires_at: Ts, covered: u64) -> DedupRecord {
     DedupRecord {
         request_id: id.into(),
         expires_at,
+        hour: None,
         calls_covered: covered,
         calls_overage: 1,
         egress_covered: 2,
@@ -569,10 +574,12 @@ async fn request_ids_are_kept_until_they_expire(t: &Target) {
         keys(store.load_account("acct", 0, 500).await.unwrap()),
         ["r2"]
     );
-    // A later record of the same id replaces it.
+    // A later record of the same id, once the stored one has expired,
+    // replaces it. (While it has not, the later one is a duplicate: see
+    // a_request_id_another_batch_recorded_is_billed_once.)
     let again = account("acct", vec![], vec![dedup("r1", 2_000, 7)]);
     assert!(store
-        .write_batch(&batch("b2", 20, vec![again]))
+        .write_batch(&batch("b2", 600, vec![again]))
         .await
         .unwrap());
     let loaded = store.load_account("acct", 0, 1_000).await.unwrap();
@@ -621,8 +628,15 @@ async fn concurrent_batches_on_the_same_rows_sum_exactly(t: &Target) {
     for t in tasks {
         assert!(t.await.unwrap());
     }
-    assert_eq!(used(&*store, "x", "p1").await, (1..=16).sum::<u64>());
-    assert_eq!(total(&usage_of(&*store, "x").await), 136 + 16);
+    // 136 calls named p1, whose capacity is 100: the store caps it and
+    // books the rest as overage, whatever order the batches came in.
+    assert_eq!(used(&*store, "x", "p1").await, 100);
+    let rows = usage_of(&*store, "x").await;
+    assert_eq!(total(&rows), 136 + 16);
+    assert_eq!(
+        rows.iter().find(|r| r.pack_id.is_empty()).unwrap().amount,
+        36 + 16
+    );
     assert_eq!(total(&usage_of(&*store, "y").await), 32);
     assert_eq!(store.load_account("x", 0, 0).await.unwrap().dedup.len(), 16);
 }
@@ -766,6 +780,9 @@ async fn store_with_fixture(t: &Target) -> (Arc<dyn Store>, Vec<UsageRow>) {
             item: r.item,
             // One pack id per item, as packs are per item.
             pack_id: format!("{}-{:?}", r.pack_id, r.item).into(),
+            // Room for every row: none is capped or moved (see
+            // a_flush_caps_every_pack_and_books_the_rest_as_overage).
+            capacity: 1_000_000,
             ..spec(&r.pack_id)
         });
         let d = DeltaRow {
@@ -1274,4 +1291,217 @@ async fn loading_sums_what_the_open_hours_hold(t: &Target) {
             (10 * HOUR, Item::Calls, 5),
         ]
     );
+}
+
+/// A pack of `capacity` calls, valid `from..until`, with a priority.
+fn pack(id: &str, capacity: u64, priority: u32, valid: (Ts, Ts)) -> PackSpec {
+    PackSpec {
+        capacity,
+        priority,
+        valid_from: valid.0,
+        valid_until: valid.1,
+        ..spec(id)
+    }
+}
+
+/// (pack id, amount) of every usage row of an account, in key order.
+async fn rows_of(store: &dyn Store, account: &str) -> Vec<(String, u64)> {
+    usage_of(store, account)
+        .await
+        .into_iter()
+        .map(|r| (r.pack_id, r.amount))
+        .collect()
+}
+
+async fn a_flush_caps_every_pack_and_books_the_rest_as_overage(t: &Target) {
+    // Two nodes each believed the pack had room for what they took.
+    let store = t.open().await;
+    let p1 = pack("p1", 100, 1, (0, 10 * HOUR));
+    store.grant_pack("acct", &p1).await.unwrap();
+    let node_a = account("acct", vec![delta(0, Some(p1.clone()), 80)], vec![]);
+    assert!(store
+        .write_batch(&batch("a-0", 10, vec![node_a]))
+        .await
+        .unwrap());
+    let node_b = account(
+        "acct",
+        vec![delta(0, Some(p1.clone()), 50), delta(0, None, 5)],
+        vec![],
+    );
+    assert!(store
+        .write_batch(&batch("b-0", 10, vec![node_b]))
+        .await
+        .unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 100);
+    // Every acknowledged call is in the ledger, split exactly.
+    assert_eq!(
+        rows_of(&*store, "acct").await,
+        [("".to_string(), 35), ("p1".to_string(), 100)]
+    );
+    // A full pack takes nothing more; an hour later too.
+    let more = account("acct", vec![delta(HOUR, Some(p1.clone()), 7)], vec![]);
+    assert!(store
+        .write_batch(&batch("a-1", 10, vec![more]))
+        .await
+        .unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 100);
+    assert_eq!(total(&usage_of(&*store, "acct").await), 142);
+}
+
+async fn excess_moves_to_the_next_pack_valid_for_the_whole_hour_in_r6_order(t: &Target) {
+    let store = t.open().await;
+    let first = pack("first", 10, 3, (0, 10 * HOUR));
+    // Before `second` in R6 order (higher priority), but it ends within
+    // hour 0: not valid for the whole hour, so it takes no excess.
+    let partial = pack("partial", 50, 2, (0, HOUR / 2));
+    let second = pack("second", 10, 1, (0, 10 * HOUR));
+    let third = pack("third", 10, 0, (0, 10 * HOUR));
+    for p in [&first, &partial, &second, &third] {
+        store.grant_pack("acct", p).await.unwrap();
+    }
+    // 25 named `first`: 10 fit, 10 move to `second`, 5 to `third`.
+    let b = account("acct", vec![delta(0, Some(first.clone()), 25)], vec![]);
+    assert!(store.write_batch(&batch("b1", 10, vec![b])).await.unwrap());
+    assert_eq!(used(&*store, "acct", "first").await, 10);
+    assert_eq!(used(&*store, "acct", "partial").await, 0);
+    assert_eq!(used(&*store, "acct", "second").await, 10);
+    assert_eq!(used(&*store, "acct", "third").await, 5);
+    // A node that still believed `second` had room: 8 named `second`, 3
+    // named `partial` (valid at its event's instant, so kept). `third`
+    // takes 5 of the excess, the last 3 are overage.
+    let b = account(
+        "acct",
+        vec![
+            delta(0, Some(second.clone()), 8),
+            delta(0, Some(partial.clone()), 3),
+        ],
+        vec![],
+    );
+    assert!(store.write_batch(&batch("b2", 10, vec![b])).await.unwrap());
+    assert_eq!(used(&*store, "acct", "partial").await, 3);
+    assert_eq!(used(&*store, "acct", "third").await, 10);
+    assert_eq!(
+        rows_of(&*store, "acct").await,
+        [
+            ("".to_string(), 3),
+            ("first".to_string(), 10),
+            ("partial".to_string(), 3),
+            ("second".to_string(), 10),
+            ("third".to_string(), 10)
+        ]
+    );
+}
+
+/// A request record with its hour and amounts.
+fn request(id: &str, hour: Ts, covered: u64, overage: u64) -> DedupRecord {
+    DedupRecord {
+        request_id: id.into(),
+        expires_at: 1_000 * HOUR,
+        hour: Some(hour),
+        calls_covered: covered,
+        calls_overage: overage,
+        egress_covered: 0,
+        egress_overage: 0,
+    }
+}
+
+async fn a_request_id_another_batch_recorded_is_billed_once(t: &Target) {
+    let store = t.open().await;
+    let p1 = pack("p1", 100, 1, (0, 10 * HOUR));
+    store.grant_pack("acct", &p1).await.unwrap();
+    // Node A billed r1: 3 covered, 2 overage (it believed the pack full).
+    let a = account(
+        "acct",
+        vec![delta(0, Some(p1.clone()), 3), delta(0, None, 2)],
+        vec![request("r1", 0, 3, 2)],
+    );
+    let done = store.flush_batch(&batch("a-0", 10, vec![a])).await.unwrap();
+    assert!(done.reversed.is_empty());
+    // The retry reached node B, which billed it 5 covered, with r2 (4).
+    let b = account(
+        "acct",
+        vec![delta(0, Some(p1.clone()), 9)],
+        vec![request("r1", 0, 5, 0), request("r2", 0, 4, 0)],
+    );
+    let done = store.flush_batch(&batch("b-0", 10, vec![b])).await.unwrap();
+    assert_eq!(done.reversed, [("acct".into(), "r1".into())]);
+    // r1 once (A's 5), r2 once: 9 calls in all.
+    assert_eq!(
+        rows_of(&*store, "acct").await,
+        [("".to_string(), 2), ("p1".to_string(), 7)]
+    );
+    assert_eq!(used(&*store, "acct", "p1").await, 7);
+    // The first record stays.
+    let loaded = store.load_account("acct", 0, 10).await.unwrap();
+    let r1 = loaded
+        .dedup
+        .iter()
+        .find(|r| &*r.request_id == "r1")
+        .unwrap();
+    assert_eq!((r1.calls_covered, r1.calls_overage), (3, 2));
+    // A duplicate billed as overage on the second node comes out of its
+    // overage row; a shortfall there comes out of its packs.
+    let c = account(
+        "acct",
+        vec![delta(HOUR, Some(p1.clone()), 1), delta(HOUR, None, 4)],
+        vec![request("r2", HOUR, 0, 4), request("r1", HOUR, 0, 1)],
+    );
+    let done = store.flush_batch(&batch("c-0", 10, vec![c])).await.unwrap();
+    assert_eq!(done.reversed.len(), 2);
+    assert_eq!(total(&usage_of(&*store, "acct").await), 9);
+    assert_eq!(used(&*store, "acct", "p1").await, 7);
+}
+
+async fn a_flush_returns_the_global_totals(t: &Target) {
+    let store = t.open().await;
+    let p1 = pack("p1", 100, 1, (0, 10 * HOUR));
+    store.grant_pack("acct", &p1).await.unwrap();
+    let mut a = account("acct", vec![delta(0, Some(p1.clone()), 30)], vec![]);
+    a.account = Some(record("acct", Some(7)));
+    let done = store.flush_batch(&batch("a-0", 10, vec![a])).await.unwrap();
+    assert!(done.applied);
+    assert_eq!(done.accounts.len(), 1);
+    assert_eq!(&*done.accounts[0].account_id, "acct");
+    assert_eq!(done.accounts[0].account, Some(record("acct", Some(7))));
+    let totals = |f: &store::Flushed| -> Vec<(String, u64)> {
+        let mut v: Vec<_> = f.accounts[0]
+            .packs
+            .iter()
+            .map(|p| (p.spec.pack_id.to_string(), p.used))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(totals(&done), [("p1".to_string(), 30)]);
+    // Another node's flush returns what both flushed: the global total,
+    // with a free-tier-like pack the store did not hold yet.
+    let free = pack("free", 5, 9, (0, 10 * HOUR));
+    let b = account(
+        "acct",
+        vec![delta(0, Some(p1.clone()), 20), delta(0, Some(free), 8)],
+        vec![],
+    );
+    let b = batch(
+        "b-0",
+        10,
+        vec![b, account("other", vec![delta(0, None, 1)], vec![])],
+    );
+    let done = store.flush_batch(&b).await.unwrap();
+    assert_eq!(
+        done.accounts
+            .iter()
+            .map(|a| &*a.account_id)
+            .collect::<Vec<_>>(),
+        ["acct", "other"]
+    );
+    // `free` holds 5: the other 3 went to p1.
+    assert_eq!(
+        totals(&done),
+        [("free".to_string(), 5), ("p1".to_string(), 53)]
+    );
+    assert_eq!(store.list_packs("acct").await.unwrap().len(), 2);
+    // A batch applied before returns nothing and changes nothing.
+    let again = store.flush_batch(&b).await.unwrap();
+    assert!(!again.applied && again.accounts.is_empty());
+    assert_eq!(used(&*store, "acct", "p1").await, 53);
 }

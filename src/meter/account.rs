@@ -113,6 +113,39 @@ impl AccountState {
             .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_from == valid_from)
     }
 
+    /// The counters a rebase on `stored` (the store's packs after a flush)
+    /// would change, with their new usage: for each resident pack the
+    /// store holds, its global `used` plus what this node has deducted from
+    /// it and not yet flushed (the ledger's deltas for it), at most its
+    /// capacity. Exact only while no deduction is in progress: a deduction
+    /// takes from the counter before it records its delta.
+    pub(super) fn rebase_targets(
+        &self,
+        stored: &[crate::store::StoredPack],
+    ) -> Vec<(Arc<PackCounter>, u64)> {
+        let slot = self.pending.lock();
+        let unflushed = |id: &str| -> u64 {
+            slot.get().map_or(0, |p| {
+                p.deltas
+                    .iter()
+                    .filter(|d| d.pack.as_ref().is_some_and(|c| &*c.spec.pack_id == id))
+                    .fold(0u64, |sum, d| sum.saturating_add(d.amount))
+            })
+        };
+        self.packs
+            .load()
+            .iter()
+            .filter_map(|c| {
+                let s = stored.iter().find(|s| s.spec.pack_id == c.spec.pack_id)?;
+                let target = s
+                    .used
+                    .saturating_add(unflushed(&c.spec.pack_id))
+                    .min(c.spec.capacity);
+                (target != c.used()).then(|| (c.clone(), target))
+            })
+            .collect()
+    }
+
     /// Takes this account's unflushed changes for a flush.
     pub fn take_pending(&self) -> Pending {
         self.pending.lock().take()

@@ -491,6 +491,7 @@ impl Meter {
                 p.dedup.push(DedupRecord {
                     request_id: d.request_id.into(),
                     expires_at: self.dedup_expiry(at, now),
+                    hour: Some(hour),
                     calls_covered: result[0],
                     calls_overage: result[1],
                     egress_covered: result[2],

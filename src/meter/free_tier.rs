@@ -198,6 +198,50 @@ impl Meter {
         });
     }
 
+    /// Rebases the counters of flushed accounts on the store's global
+    /// totals ([`crate::store::Store::flush_batch`]), so that every node
+    /// counts what all nodes used, not only its own deductions.
+    ///
+    /// **Invariant.** Between rebases, a counter holds `G + L`: `G`, the
+    /// pack's global `used` the store returned at the last flush (or held
+    /// at load), and `L`, what this node has taken from it since, flushed
+    /// or not. A flush writes part of `L` (the batch taken from the
+    /// ledger); the store's new total `G'` includes it, attributed and
+    /// capped. The rest of `L` is still in the account's ledger, so the
+    /// counter becomes `G' + ledger deltas for the pack`, at most the
+    /// capacity.
+    ///
+    /// **Concurrency.** Deductions keep running during the flush, and one
+    /// takes from the counter (a compare-and-swap) a moment before it
+    /// records its delta in the ledger. An assignment made in between would
+    /// forget the take (until the next rebase: the counter would show less
+    /// than was used, and cover too much meanwhile), so the counters are
+    /// set with no deduction in
+    /// progress (`Gate::exclusive`, the section R1 moves use). That pause
+    /// is paid only for accounts whose counters would change: the targets
+    /// are computed first without it, and with one store (SQLite, or one
+    /// node on PostgreSQL) `G'` is what this node flushed, so nothing
+    /// changes, and the gate is never taken.
+    ///
+    /// Only resident packs are rebased; packs this node does not know (a
+    /// grant made through another node) are not made resident here.
+    pub fn rebase(&self, flushed: &[(Arc<AccountState>, &[StoredPack])]) {
+        let stale: Vec<_> = flushed
+            .iter()
+            .filter(|(a, stored)| !a.rebase_targets(stored).is_empty())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        self.gate.exclusive(|_, _| {
+            for (a, stored) in stale {
+                for (counter, used) in a.rebase_targets(stored) {
+                    counter.rebase(used);
+                }
+            }
+        });
+    }
+
     /// Makes a granted pack resident so deductions use it at once. Not
     /// during a deduction: one that moves the activation back may restore
     /// the pack list it saved (R1).

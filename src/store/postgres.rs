@@ -48,8 +48,8 @@ use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    page_start, Change, ChangeKind, Granted, InvalidStoreUrl, LoadedAccount, OpenError, Store,
-    StoreError, StoredPack, CHANGE_RETENTION,
+    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, InvalidStoreUrl,
+    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     calendar::Ts,
@@ -646,6 +646,7 @@ fn read_dedup(row: &Row) -> Result<DedupRecord, StoreError> {
     Ok(DedupRecord {
         request_id: row.try_get::<_, String>(0)?.into(),
         expires_at: row.try_get(1)?,
+        hour: None,
         calls_covered: from_sql(row.try_get(2)?),
         calls_overage: from_sql(row.try_get(3)?),
         egress_covered: from_sql(row.try_get(4)?),
@@ -899,21 +900,6 @@ async fn migrate_on(client: &mut Object) -> Result<(), OpenError> {
     }
 }
 
-/// A flush batch as column arrays for `UNNEST`, merged by key (a batch may
-/// hold the same key twice: an account's delta split at 2^64, or an account
-/// twice) and sorted, so concurrent flushes lock rows in the same order.
-#[derive(Default)]
-struct BatchRows<'b> {
-    /// First non-NULL activation wins, as the upsert's COALESCE does.
-    accounts: BTreeMap<&'b str, Option<Ts>>,
-    /// (account, hour, item, pack) → (source, amount).
-    usage: BTreeMap<(&'b str, Ts, i64, &'b str), (i64, u64)>,
-    /// (account, pack) → (spec, amount).
-    packs: BTreeMap<(&'b str, &'b str), (&'b PackSpec, u64)>,
-    /// (account, request) → the last record.
-    dedup: BTreeMap<(&'b str, &'b str), &'b DedupRecord>,
-}
-
 /// Records a change in the caller's transaction, as its last statement so
 /// the sequence number is taken as close to the commit as possible (see
 /// [`Change::seq`]), after pruning rows older than [`CHANGE_RETENTION`].
@@ -934,62 +920,6 @@ async fn record_change(
     tx.execute(&insert, &[&account_id, &kind.code(), &at])
         .await?;
     Ok(())
-}
-
-fn overflow(account: &str, what: &str) -> StoreError {
-    StoreError::permanent(format!(
-        "account `{account}`: the {what} would exceed 2^63-1"
-    ))
-}
-
-impl<'b> BatchRows<'b> {
-    fn of(batch: &'b FlushBatch) -> Result<BatchRows<'b>, StoreError> {
-        let mut rows = BatchRows::default();
-        for a in &batch.accounts {
-            let id = &*a.account_id;
-            if let Some(rec) = &a.account {
-                let at = rows.accounts.entry(id).or_insert(None);
-                // The earliest: an activation only moves back (R1).
-                *at = match (*at, rec.activated_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            for d in &a.deltas {
-                let (pack_id, source) = match &d.pack {
-                    Some(p) => (&*p.pack_id, p.source.code()),
-                    None => ("", 0),
-                };
-                let usage = rows
-                    .usage
-                    .entry((id, d.hour, d.item.code(), pack_id))
-                    .or_insert((source, 0));
-                usage.1 = usage
-                    .1
-                    .checked_add(d.amount)
-                    .ok_or_else(|| overflow(id, &format!("usage of hour {}", d.hour)))?;
-                if let Some(p) = &d.pack {
-                    let pack = rows.packs.entry((id, &*p.pack_id)).or_insert((p, 0));
-                    pack.1 = pack
-                        .1
-                        .checked_add(d.amount)
-                        .ok_or_else(|| overflow(id, &format!("use of pack `{}`", p.pack_id)))?;
-                }
-            }
-            for r in &a.dedup {
-                rows.dedup.insert((id, &*r.request_id), r);
-            }
-        }
-        Ok(rows)
-    }
-
-    /// Names the accounts for an error about the whole batch.
-    fn who(batch: &FlushBatch) -> String {
-        match &batch.accounts[..] {
-            [one] => format!("account `{}`", one.account_id),
-            many => format!("one of {} accounts", many.len()),
-        }
-    }
 }
 
 #[async_trait]
@@ -1173,51 +1103,40 @@ impl Store for PostgresStore {
     }
 
     async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError> {
-        let rows = BatchRows::of(batch)?;
-        // Column arrays, checked before anything is sent.
-        let (acct_ids, acct_at): (Vec<&str>, Vec<Option<Ts>>) =
-            rows.accounts.iter().map(|(id, at)| (*id, *at)).unzip();
-        let mut usage = (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for ((account, hour, item, pack), (source, amount)) in &rows.usage {
-            usage.0.push(*account);
-            usage.1.push(*hour);
-            usage.2.push(*item);
-            usage.3.push(*pack);
-            usage.4.push(*source);
-            usage.5.push(to_sql(*amount)?);
-        }
-        let mut packs: (Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
-        let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) = Default::default();
-        for ((account, pack_id), (spec, amount)) in &rows.packs {
-            packs.0.push(*account);
-            packs.1.push(*pack_id);
-            packs.2.push(spec.source.code());
-            packs.3.push(spec.item.code());
-            packs.4.push(to_sql(spec.capacity)?);
-            packs2.0.push(spec.valid_from);
-            packs2.1.push(spec.valid_until);
-            packs2.2.push(i64::from(spec.priority));
-            packs2.3.push(spec.created_at);
-            packs2.4.push(to_sql(*amount)?);
-        }
-        let mut dedup: (
-            Vec<&str>,
-            Vec<&str>,
-            Vec<Ts>,
-            Vec<i64>,
-            Vec<i64>,
-            Vec<i64>,
-            Vec<i64>,
-        ) = Default::default();
-        for ((account, request), r) in &rows.dedup {
-            dedup.0.push(*account);
-            dedup.1.push(*request);
-            dedup.2.push(r.expires_at);
-            dedup.3.push(to_sql(r.calls_covered)?);
-            dedup.4.push(to_sql(r.calls_overage)?);
-            dedup.5.push(to_sql(r.egress_covered)?);
-            dedup.6.push(to_sql(r.egress_overage)?);
-        }
+        Ok(self.flush_batch(batch).await?.applied)
+    }
+
+    /// One transaction, a fixed number of statements whatever the batch's
+    /// size (column arrays through `UNNEST`):
+    /// 1. record the batch id (a batch seen before changes nothing);
+    /// 2. upsert every account row of the batch, in account-id order: the
+    ///    upsert locks the rows until commit, so concurrent flushes of the
+    ///    same account (from other nodes) run one after the other and
+    ///    never deadlock (every flush locks in the same order);
+    /// 3. read the accounts' packs and the batch's request ids the store
+    ///    holds, then attribute in Rust ([`crate::ledger::attribute`]);
+    /// 4. add the usage, pack uses and new request ids.
+    async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
+        let grouped = crate::ledger::by_account(batch);
+        let ids: Vec<&str> = grouped.keys().copied().collect();
+        let activations: Vec<Option<Ts>> = grouped
+            .values()
+            .map(|p| crate::ledger::earliest_activation(p))
+            .collect();
+        let (req_accounts, req_ids): (Vec<&str>, Vec<&str>) = grouped
+            .iter()
+            .flat_map(|(id, parts)| {
+                parts
+                    .iter()
+                    .flat_map(|a| a.dedup.iter().map(|r| (*id, &*r.request_id)))
+            })
+            .unzip();
+        let who = match &ids[..] {
+            [one] => format!("account `{one}`"),
+            many => format!("one of {} accounts", many.len()),
+        };
+        let (ids, activations, req_accounts, req_ids, grouped) =
+            (&ids, &activations, &req_accounts, &req_ids, &grouped);
         on_client!(self, |c| {
             let tx = c.transaction().await?;
             let fresh = tx
@@ -1230,58 +1149,165 @@ impl Store for PostgresStore {
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed);
                 // dropping the transaction rolls it back.
-                return Ok(false);
+                return Ok(Flushed::default());
             }
-            if !acct_ids.is_empty() {
+            let mut flushed = Flushed {
+                applied: true,
+                ..Flushed::default()
+            };
+            if !ids.is_empty() {
                 let stmt = tx
                     .prepare_cached(
                         "INSERT INTO accounts (account_id, activated_at) \
                          SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
                          ON CONFLICT (account_id) DO UPDATE SET \
                          activated_at = COALESCE(LEAST(accounts.activated_at, excluded.activated_at), \
-                         accounts.activated_at, excluded.activated_at)",
+                         accounts.activated_at, excluded.activated_at) \
+                         RETURNING account_id, activated_at, suspended, deny_on_exhausted",
                     )
                     .await?;
-                tx.execute(&stmt, &[&acct_ids, &acct_at]).await?;
-            }
-            if !usage.0.is_empty() {
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
-                         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
-                         $4::text[], $5::bigint[], $6::bigint[]) \
-                         ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
-                         amount = usage_hourly.amount + excluded.amount \
-                         WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
-                    )
-                    .await?;
-                let n = tx
-                    .execute(
-                        &stmt,
-                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
-                    )
-                    .await?;
-                if n != usage.0.len() as u64 {
-                    return Err(StoreError::permanent(format!(
-                        "{}: an hour's usage would exceed 2^63-1",
-                        BatchRows::who(batch)
-                    )));
+                let mut records: BTreeMap<String, AccountRecord> = BTreeMap::new();
+                for row in tx.query(&stmt, &[&ids, &activations]).await? {
+                    let r = read_account(&row)?;
+                    records.insert(r.account_id.clone(), r);
                 }
-            }
-            if !packs.0.is_empty() {
                 let stmt = tx
                     .prepare_cached(&format!(
-                        "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
-                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
-                         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
-                         $9::bigint[], $10::bigint[]) \
-                         ON CONFLICT (account_id, pack_id) DO UPDATE SET \
-                         used = packs.used + excluded.used \
-                         WHERE packs.used <= 9223372036854775807 - excluded.used"
+                        "SELECT account_id, {PACK_COLUMNS} FROM packs WHERE account_id = ANY($1)"
                     ))
                     .await?;
-                let n = tx
-                    .execute(
+                let mut stored: BTreeMap<String, Vec<StoredPack>> = BTreeMap::new();
+                for row in tx.query(&stmt, &[&ids]).await? {
+                    stored
+                        .entry(row.try_get("account_id")?)
+                        .or_default()
+                        .push(read_pack(&row)?);
+                }
+                let mut held: std::collections::HashSet<(String, String)> = Default::default();
+                if !req_ids.is_empty() {
+                    let stmt = tx
+                        .prepare_cached(
+                            "SELECT d.account_id, d.request_id FROM dedup d \
+                             JOIN UNNEST($1::text[], $2::text[]) AS k(a, r) \
+                             ON d.account_id = k.a AND d.request_id = k.r \
+                             WHERE d.expires_at > $3",
+                        )
+                        .await?;
+                    for row in tx
+                        .query(&stmt, &[&req_accounts, &req_ids, &batch.now])
+                        .await?
+                    {
+                        held.insert((row.try_get(0)?, row.try_get(1)?));
+                    }
+                }
+                let mut usage: (
+                    Vec<&str>,
+                    Vec<Ts>,
+                    Vec<i64>,
+                    Vec<String>,
+                    Vec<i64>,
+                    Vec<i64>,
+                ) = Default::default();
+                let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
+                    Default::default();
+                let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) =
+                    Default::default();
+                let mut dedup: (
+                    Vec<&str>,
+                    Vec<String>,
+                    Vec<Ts>,
+                    Vec<i64>,
+                    Vec<i64>,
+                    Vec<i64>,
+                    Vec<i64>,
+                ) = Default::default();
+                for (&id, parts) in grouped {
+                    let a = crate::ledger::attribute(
+                        stored.remove(id).unwrap_or_default(),
+                        parts.iter().flat_map(|a| &a.deltas),
+                        parts.iter().flat_map(|a| &a.dedup),
+                        |r| held.contains(&(id.to_string(), r.to_string())),
+                    )
+                    .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
+                    for d in &a.usage {
+                        usage.0.push(id);
+                        usage.1.push(d.hour);
+                        usage.2.push(d.item.code());
+                        usage.3.push(
+                            d.pack
+                                .as_ref()
+                                .map_or(String::new(), |p| p.pack_id.to_string()),
+                        );
+                        usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
+                        usage.5.push(to_sql(d.amount)?);
+                    }
+                    for (spec, amount) in &a.packs {
+                        packs.0.push(id);
+                        packs.1.push(spec.pack_id.to_string());
+                        packs.2.push(spec.source.code());
+                        packs.3.push(spec.item.code());
+                        packs.4.push(to_sql(spec.capacity)?);
+                        packs2.0.push(spec.valid_from);
+                        packs2.1.push(spec.valid_until);
+                        packs2.2.push(i64::from(spec.priority));
+                        packs2.3.push(spec.created_at);
+                        packs2.4.push(to_sql(*amount)?);
+                    }
+                    for r in &a.dedup {
+                        dedup.0.push(id);
+                        dedup.1.push(r.request_id.to_string());
+                        dedup.2.push(r.expires_at);
+                        dedup.3.push(to_sql(r.calls_covered)?);
+                        dedup.4.push(to_sql(r.calls_overage)?);
+                        dedup.5.push(to_sql(r.egress_covered)?);
+                        dedup.6.push(to_sql(r.egress_overage)?);
+                    }
+                    let account_id = parts[0].account_id.clone();
+                    flushed
+                        .reversed
+                        .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
+                    flushed.accounts.push(AccountTotals {
+                        account: records.remove(id),
+                        account_id,
+                        packs: a.totals,
+                    });
+                }
+                if !usage.0.is_empty() {
+                    let stmt = tx
+                        .prepare_cached(
+                            "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+                             $4::text[], $5::bigint[], $6::bigint[]) \
+                             ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
+                             amount = usage_hourly.amount + excluded.amount \
+                             WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
+                        )
+                        .await?;
+                    let n = tx
+                        .execute(
+                            &stmt,
+                            &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
+                        )
+                        .await?;
+                    if n != usage.0.len() as u64 {
+                        return Err(StoreError::permanent(format!(
+                            "{who}: an hour's usage would exceed 2^63-1"
+                        )));
+                    }
+                }
+                if !packs.0.is_empty() {
+                    // Never past 2^63-1: a pack takes at most its capacity.
+                    let stmt = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                             $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
+                             $9::bigint[], $10::bigint[]) \
+                             ON CONFLICT (account_id, pack_id) DO UPDATE SET \
+                             used = packs.used + excluded.used"
+                        ))
+                        .await?;
+                    tx.execute(
                         &stmt,
                         &[
                             &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0, &packs2.1,
@@ -1289,35 +1315,30 @@ impl Store for PostgresStore {
                         ],
                     )
                     .await?;
-                if n != packs.0.len() as u64 {
-                    return Err(StoreError::permanent(format!(
-                        "{}: a pack's use would exceed 2^63-1",
-                        BatchRows::who(batch)
-                    )));
                 }
-            }
-            if !dedup.0.is_empty() {
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
-                         calls_overage, egress_covered, egress_overage) \
-                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
-                         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) \
-                         ON CONFLICT (account_id, request_id) DO UPDATE SET \
-                         expires_at = excluded.expires_at, \
-                         calls_covered = excluded.calls_covered, \
-                         calls_overage = excluded.calls_overage, \
-                         egress_covered = excluded.egress_covered, \
-                         egress_overage = excluded.egress_overage",
+                if !dedup.0.is_empty() {
+                    let stmt = tx
+                        .prepare_cached(
+                            "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
+                             calls_overage, egress_covered, egress_overage) \
+                             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                             $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) \
+                             ON CONFLICT (account_id, request_id) DO UPDATE SET \
+                             expires_at = excluded.expires_at, \
+                             calls_covered = excluded.calls_covered, \
+                             calls_overage = excluded.calls_overage, \
+                             egress_covered = excluded.egress_covered, \
+                             egress_overage = excluded.egress_overage",
+                        )
+                        .await?;
+                    tx.execute(
+                        &stmt,
+                        &[
+                            &dedup.0, &dedup.1, &dedup.2, &dedup.3, &dedup.4, &dedup.5, &dedup.6,
+                        ],
                     )
                     .await?;
-                tx.execute(
-                    &stmt,
-                    &[
-                        &dedup.0, &dedup.1, &dedup.2, &dedup.3, &dedup.4, &dedup.5, &dedup.6,
-                    ],
-                )
-                .await?;
+                }
             }
             tx.execute("DELETE FROM dedup WHERE expires_at <= $1", &[&batch.now])
                 .await?;
@@ -1327,7 +1348,7 @@ impl Store for PostgresStore {
             )
             .await?;
             tx.commit().await?;
-            Ok(true)
+            Ok(flushed)
         })
     }
 

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    page_start, Change, ChangeKind, Granted, LoadedAccount, OpenError, Store, StoreError,
-    StoredPack, CHANGE_RETENTION,
+    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, LoadedAccount, OpenError,
+    Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     calendar::Ts,
@@ -458,6 +458,7 @@ impl Store for SqliteStore {
                     Ok(DedupRecord {
                         request_id: r.get::<_, String>(0)?.into(),
                         expires_at: r.get(1)?,
+                        hour: None,
                         calls_covered: from_sql(r.get(2)?),
                         calls_overage: from_sql(r.get(3)?),
                         egress_covered: from_sql(r.get(4)?),
@@ -580,6 +581,10 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: &FlushBatch) -> Result<bool, StoreError> {
+        Ok(self.flush_batch(batch).await?.applied)
+    }
+
+    async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
         let batch = batch.clone();
         self.with(move |conn| {
             let tx = conn.transaction()?;
@@ -591,17 +596,30 @@ impl Store for SqliteStore {
                 .execute(params![batch.batch_id, batch.now])?;
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed).
-                return Ok(false);
+                return Ok(Flushed::default());
             }
+            let mut flushed = Flushed {
+                applied: true,
+                ..Flushed::default()
+            };
             {
                 // An activation only ever moves back at a flush (R1: an
                 // earlier event); an operator's change is written by
-                // put_account, never while a flush runs.
+                // put_account, never while a flush runs. Every account of
+                // the batch gets its row, as on PostgreSQL, where the row
+                // is the lock that serializes flushes of the account.
                 let mut account = tx.prepare_cached(
                     "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
                      ON CONFLICT (account_id) DO UPDATE SET activated_at = COALESCE(\
                      MIN(accounts.activated_at, excluded.activated_at), \
                      accounts.activated_at, excluded.activated_at)",
+                )?;
+                let mut packs = tx.prepare_cached(&format!(
+                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
+                ))?;
+                let mut held = tx.prepare_cached(
+                    "SELECT 1 FROM dedup WHERE account_id = ?1 AND request_id = ?2 \
+                     AND expires_at > ?3",
                 )?;
                 let mut usage = tx.prepare_cached(
                     "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
@@ -625,13 +643,25 @@ impl Store for SqliteStore {
                      egress_covered = excluded.egress_covered, \
                      egress_overage = excluded.egress_overage",
                 )?;
-                for a in &batch.accounts {
-                    let id = &*a.account_id;
-                    if let Some(rec) = &a.account {
-                        account.execute(params![id, rec.activated_at])?;
+                for (id, parts) in crate::ledger::by_account(&batch) {
+                    account.execute(params![id, crate::ledger::earliest_activation(&parts)])?;
+                    let stored = packs
+                        .query_map([id], read_pack)?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut held_ids = std::collections::HashSet::new();
+                    for r in parts.iter().flat_map(|a| &a.dedup) {
+                        if held.exists(params![id, &*r.request_id, batch.now])? {
+                            held_ids.insert(&*r.request_id);
+                        }
                     }
-                    for d in &a.deltas {
-                        let amount = to_sql(d.amount)?;
+                    let a = crate::ledger::attribute(
+                        stored,
+                        parts.iter().flat_map(|a| &a.deltas),
+                        parts.iter().flat_map(|a| &a.dedup),
+                        |r| held_ids.contains(r),
+                    )
+                    .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
+                    for d in &a.usage {
                         let (pack_id, source) = match &d.pack {
                             Some(p) => (&*p.pack_id, p.source.code()),
                             None => ("", 0),
@@ -644,7 +674,7 @@ impl Store for SqliteStore {
                             d.item.code(),
                             pack_id,
                             source,
-                            amount
+                            to_sql(d.amount)?
                         ])? == 0
                         {
                             return Err(StoreError::permanent(format!(
@@ -652,20 +682,20 @@ impl Store for SqliteStore {
                                 d.hour
                             )));
                         }
-                        if let Some(p) = &d.pack {
-                            pack.execute(params![
-                                id,
-                                &*p.pack_id,
-                                p.source.code(),
-                                p.item.code(),
-                                to_sql(p.capacity)?,
-                                p.valid_from,
-                                p.valid_until,
-                                p.priority,
-                                p.created_at,
-                                amount
-                            ])?;
-                        }
+                    }
+                    for (p, amount) in &a.packs {
+                        pack.execute(params![
+                            id,
+                            &*p.pack_id,
+                            p.source.code(),
+                            p.item.code(),
+                            to_sql(p.capacity)?,
+                            p.valid_from,
+                            p.valid_until,
+                            p.priority,
+                            p.created_at,
+                            to_sql(*amount)?
+                        ])?;
                     }
                     for r in &a.dedup {
                         dedup.execute(params![
@@ -678,6 +708,15 @@ impl Store for SqliteStore {
                             to_sql(r.egress_overage)?
                         ])?;
                     }
+                    let account_id: std::sync::Arc<str> = parts[0].account_id.clone();
+                    flushed
+                        .reversed
+                        .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
+                    flushed.accounts.push(AccountTotals {
+                        account: get_account(&tx, id)?,
+                        account_id,
+                        packs: a.totals,
+                    });
                 }
                 tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
                     .execute([batch.now])?;
@@ -685,7 +724,7 @@ impl Store for SqliteStore {
                     .execute([batch.now.saturating_sub(BATCH_ID_RETENTION)])?;
             }
             tx.commit()?;
-            Ok(true)
+            Ok(flushed)
         })
         .await
     }
