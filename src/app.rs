@@ -20,7 +20,7 @@ use crate::{
     flush::{FlushReport, Flusher},
     ledger::AccountRecord,
     meter::{
-        validate_account_id, Atomicity, Charge, DeductOutcome, Deduction, Meter, MeterConfig,
+        validate_account_id, Atomicity, Charge, Decision, DeductOutcome, DenyReason, Deduction, Meter, MeterConfig,
         MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
     },
     metrics::Metrics,
@@ -136,6 +136,9 @@ impl App {
             metrics.clone(),
             clock.clone(),
         ));
+        if let Some(strict) = meter.config().strict {
+            meter.enable_leases(strict, flusher.node_id());
+        }
         App {
             meter,
             store,
@@ -158,6 +161,36 @@ impl App {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Strict mode: makes sure this node's leases cover the calls the
+    /// charges take from `deny` accounts (a store round trip only for a
+    /// spent lease). A no-op otherwise.
+    async fn cover_leases(&self, charges: &[Charge<'_>]) -> bool {
+        let Some(leases) = self.meter.leases() else {
+            return true;
+        };
+        let mut wanted: Vec<(&Arc<crate::meter::AccountState>, u64)> = Vec::new();
+        for c in charges {
+            if !self.meter.needs_lease(c.account, c.deduction.calls) {
+                continue;
+            }
+            match wanted.iter_mut().find(|w| Arc::ptr_eq(w.0, c.account)) {
+                Some(w) => w.1 = w.1.saturating_add(c.deduction.calls),
+                None => wanted.push((c.account, c.deduction.calls)),
+            }
+        }
+        let mut covered = true;
+        for (acct, calls) in wanted {
+            covered &= leases
+                .ensure(&self.meter, &*self.store, acct, calls, &*self.clock)
+                .await;
+        }
+        covered
     }
 
     pub fn now(&self) -> Ts {
@@ -216,6 +249,7 @@ impl App {
                 deduction: r.deduction,
             })
             .collect();
+        self.cover_leases(&charges).await;
         // Fresh: the loads above may have taken long enough for an hour to
         // close (R9).
         let outcomes = self
@@ -260,15 +294,31 @@ impl App {
             .account_for_request(r.account_id, &r.deduction, now)
             .await
             .map_err(refused)?;
-        let [o] = self
-            .until_not_in_flight(|now| {
-                self.meter
-                    .deduct(&acct, &r.deduction, now)
-                    .map(|o| [o])
-                    .map_err(|e| (0, e))
-            })
-            .await?;
-        Ok(o)
+        let charge = [Charge {
+            account: &acct,
+            deduction: r.deduction,
+        }];
+        // Strict mode: another call may spend the lease between covering
+        // and deducting; a denied call changed nothing, so ask again.
+        let mut attempts = 0;
+        loop {
+            let covered = self.cover_leases(&charge).await;
+            let [o] = self
+                .until_not_in_flight(|now| {
+                    self.meter
+                        .deduct(&acct, &r.deduction, now)
+                        .map(|o| [o])
+                        .map_err(|e| (0, e))
+                })
+                .await?;
+            attempts += 1;
+            let lease_spent = o.decision == Decision::Deny(DenyReason::CallsExhausted)
+                && self.meter.needs_lease(&acct, r.deduction.calls)
+                && o.calls.remaining >= r.deduction.calls;
+            if !lease_spent || !covered || attempts >= 3 {
+                return Ok(o);
+            }
+        }
     }
 
     /// Packs valid at `at` (the server clock if `None`), with live usage.

@@ -48,7 +48,7 @@ use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    page_start, Granted, InvalidStoreUrl, LoadedAccount, OpenError, Store, StoreError, StoredPack,
+    page_start, Granted, LeaseGrant, LeaseRequest, InvalidStoreUrl, LoadedAccount, OpenError, Store, StoreError, StoredPack,
 };
 use crate::{
     calendar::Ts,
@@ -116,6 +116,20 @@ CREATE INDEX flush_batches_by_age ON flush_batches (applied_at);
 CREATE TABLE settlement (
     id             BIGINT PRIMARY KEY CHECK (id = 1),
     settled_before BIGINT NOT NULL        -- µs since epoch, UTC
+);
+"#,
+    r#"
+-- Strict mode's leases (src/meter/lease.rs): calls of a deny account's
+-- packs reserved for one node. granted - used is still reserved while
+-- expires_at (µs, the database's clock) has not passed; a flush by the
+-- node adds what it booked into the packs to used.
+CREATE TABLE leases (
+    account_id TEXT COLLATE "C" NOT NULL,
+    node_id    TEXT COLLATE "C" NOT NULL,
+    granted    BIGINT NOT NULL CHECK (granted >= 0),
+    used       BIGINT NOT NULL CHECK (used >= 0),
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (account_id, node_id)
 );
 "#,
 ];
@@ -1179,6 +1193,23 @@ impl Store for PostgresStore {
             dedup.5.push(to_sql(r.egress_covered)?);
             dedup.6.push(to_sql(r.egress_overage)?);
         }
+        // Calls booked into packs, per account, for the node's leases.
+        let mut lease_calls: (Vec<&str>, Vec<i64>) = Default::default();
+        for ((account, _), (spec, amount)) in &rows.packs {
+            if spec.item != Item::Calls {
+                continue;
+            }
+            match lease_calls.0.last() {
+                Some(last) if last == account => {
+                    let sum = lease_calls.1.last_mut().expect("parallel arrays");
+                    *sum = sum.saturating_add(to_sql(*amount)?);
+                }
+                _ => {
+                    lease_calls.0.push(*account);
+                    lease_calls.1.push(to_sql(*amount)?);
+                }
+            }
+        }
         on_client!(self, |c| {
             let tx = c.transaction().await?;
             let fresh = tx
@@ -1280,6 +1311,21 @@ impl Store for PostgresStore {
                 )
                 .await?;
             }
+            if !lease_calls.0.is_empty() {
+                // What this node booked into the packs leaves its lease's
+                // reservation in the same transaction: never counted twice,
+                // never dropped (strict mode, src/meter/lease.rs).
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE leases SET used = leases.used + b.amount, \
+                         granted = GREATEST(leases.granted, leases.used + b.amount) \
+                         FROM UNNEST($1::text[], $2::bigint[]) AS b (account_id, amount) \
+                         WHERE leases.account_id = b.account_id AND leases.node_id = $3",
+                    )
+                    .await?;
+                tx.execute(&stmt, &[&lease_calls.0, &lease_calls.1, &batch.node_id()])
+                    .await?;
+            }
             tx.execute("DELETE FROM dedup WHERE expires_at <= $1", &[&batch.now])
                 .await?;
             tx.execute(
@@ -1358,6 +1404,119 @@ impl Store for PostgresStore {
                 )
                 .await?;
             Ok(c.query_one(&stmt, &[&before]).await?.try_get(0)?)
+        })
+    }
+
+    async fn acquire_lease(&self, req: &LeaseRequest<'_>) -> Result<LeaseGrant, StoreError> {
+        let ids: Vec<&str> = req.packs.iter().map(|(id, _)| id.as_str()).collect();
+        let caps = req
+            .packs
+            .iter()
+            .map(|(_, cap)| to_sql(*cap))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let capacity = req
+            .packs
+            .iter()
+            .fold(0u64, |sum, (_, cap)| sum.saturating_add(*cap));
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            // Acquirers of one account take turns on its row; flushes only
+            // move calls from a lease's reservation to its packs.
+            let locked = tx
+                .query_opt(
+                    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT \
+                     FROM accounts WHERE account_id = $1 FOR UPDATE",
+                    &[&req.account_id],
+                )
+                .await?;
+            let Some(row) = locked else {
+                // No account row: not a deny account of this store.
+                return Ok(LeaseGrant {
+                    granted: 0,
+                    free: 0,
+                });
+            };
+            let now: Ts = row.try_get(0)?;
+            tx.execute(
+                "DELETE FROM leases WHERE account_id = $1 AND node_id <> $2 AND expires_at <= $3",
+                &[&req.account_id, &req.node_id, &now],
+            )
+            .await?;
+            // One statement, one snapshot: a flush committing in between
+            // moves calls from a lease to the packs atomically.
+            let row = tx
+                .query_one(
+                    "SELECT \
+                     (SELECT COALESCE(SUM(LEAST(p.used, c.cap)), 0)::BIGINT \
+                      FROM packs p JOIN UNNEST($2::text[], $5::bigint[]) AS c (pack_id, cap) \
+                      ON p.pack_id = c.pack_id WHERE p.account_id = $1), \
+                     (SELECT COALESCE(SUM(granted - used), 0)::BIGINT FROM leases \
+                      WHERE account_id = $1 AND expires_at > $3), \
+                     (SELECT expires_at FROM leases WHERE account_id = $1 AND node_id = $4)",
+                    &[&req.account_id, &ids, &now, &req.node_id, &caps],
+                )
+                .await?;
+            let booked = row.try_get::<_, i64>(0)?.max(0) as u64;
+            let reserved = row.try_get::<_, i64>(1)?.max(0) as u64;
+            let mine_expired = row
+                .try_get::<_, Option<Ts>>(2)?
+                .is_some_and(|at| at <= now);
+            let free = capacity.saturating_sub(booked).saturating_sub(reserved);
+            let granted = if free < req.need {
+                0
+            } else {
+                // Never more than half of what is free (unless needed), so
+                // that other nodes find some left.
+                req.want.min(free).min(req.need.max(free.div_ceil(2)))
+            };
+            let expires_at = now.saturating_add(req.ttl);
+            // An expired lease of this node reserved nothing any more: it
+            // starts again from what its flushes booked.
+            tx.execute(
+                "INSERT INTO leases (account_id, node_id, granted, used, expires_at) \
+                 VALUES ($1, $2, $3, 0, $4) \
+                 ON CONFLICT (account_id, node_id) DO UPDATE SET \
+                 granted = CASE WHEN $5 THEN leases.used ELSE leases.granted END + excluded.granted, \
+                 expires_at = excluded.expires_at",
+                &[
+                    &req.account_id,
+                    &req.node_id,
+                    &to_sql(granted)?,
+                    &expires_at,
+                    &mine_expired,
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(LeaseGrant {
+                granted,
+                free: free - granted,
+            })
+        })
+    }
+
+    async fn release_lease(
+        &self,
+        account_id: &str,
+        node_id: &str,
+        unused: u64,
+    ) -> Result<(), StoreError> {
+        let unused = to_sql(unused)?;
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "UPDATE leases SET granted = GREATEST(used, granted - $3) \
+                 WHERE account_id = $1 AND node_id = $2",
+                &[&account_id, &node_id, &unused],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM leases WHERE account_id = $1 AND node_id = $2 AND granted <= used",
+                &[&account_id, &node_id],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 
