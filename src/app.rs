@@ -20,8 +20,8 @@ use crate::{
     flush::{FlushReport, Flusher},
     ledger::AccountRecord,
     meter::{
-        validate_account_id, Atomicity, Charge, Decision, DeductOutcome, DenyReason, Deduction, Meter, MeterConfig,
-        MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
+        validate_account_id, Atomicity, Charge, Decision, DeductOutcome, Deduction, DenyReason,
+        Meter, MeterConfig, MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
     },
     metrics::Metrics,
     packs::{Item, PackSource, PackSpec},

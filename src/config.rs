@@ -15,8 +15,8 @@ use std::{
 
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
-    meter::{MeterConfig, UnknownAccounts},
     meter::lease::{LeaseConfig, LeaseOutage},
+    meter::{MeterConfig, UnknownAccounts},
     store::StoreUrl,
 };
 
@@ -657,6 +657,55 @@ impl Config {
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
+        let strict = match pick(&args.strict_deny, &file.strict_deny)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("auto") => shared_store,
+            Some("on") if !shared_store => {
+                return Err(err(
+                    "strict_deny",
+                    "`on` needs a shared store (postgres://): one node on SQLite is exact \
+                     already; use auto or off",
+                ))
+            }
+            Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(err(
+                    "strict_deny",
+                    format!("`{other}` is not auto, on or off"),
+                ))
+            }
+        };
+        let lease_ttl = duration_of(
+            "lease_ttl",
+            &args.lease_ttl,
+            &file.lease_ttl,
+            Duration::from_secs(10),
+        )?;
+        if lease_ttl < Duration::from_millis(100) || lease_ttl > Duration::from_secs(3600) {
+            return Err(err("lease_ttl", "must be at least 100ms and at most 1h"));
+        }
+        let outage = match pick(&args.lease_outage, &file.lease_outage)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("deny") => LeaseOutage::Deny,
+            Some("allow") => LeaseOutage::Allow,
+            Some(other) => {
+                return Err(err(
+                    "lease_outage",
+                    format!("`{other}` is not deny or allow"),
+                ))
+            }
+        };
+        let strict = strict.then_some(LeaseConfig {
+            ttl: lease_ttl,
+            flush_interval,
+            outage,
+        });
+
         let late_grace = duration_of(
             "late_grace",
             &args.late_grace,
@@ -845,55 +894,6 @@ impl Config {
                 ),
             ));
         }
-
-        let strict = match pick(&args.strict_deny, &file.strict_deny)
-            .as_deref()
-            .map(str::trim)
-        {
-            None | Some("auto") => shared_store,
-            Some("on") if !shared_store => {
-                return Err(err(
-                    "strict_deny",
-                    "`on` needs a shared store (postgres://): one node on SQLite is exact \
-                     already; use auto or off",
-                ))
-            }
-            Some("on") => true,
-            Some("off") => false,
-            Some(other) => {
-                return Err(err(
-                    "strict_deny",
-                    format!("`{other}` is not auto, on or off"),
-                ))
-            }
-        };
-        let lease_ttl = duration_of(
-            "lease_ttl",
-            &args.lease_ttl,
-            &file.lease_ttl,
-            Duration::from_secs(10),
-        )?;
-        if lease_ttl < Duration::from_millis(100) || lease_ttl > Duration::from_secs(3600) {
-            return Err(err("lease_ttl", "must be at least 100ms and at most 1h"));
-        }
-        let outage = match pick(&args.lease_outage, &file.lease_outage)
-            .as_deref()
-            .map(str::trim)
-        {
-            None | Some("deny") => LeaseOutage::Deny,
-            Some("allow") => LeaseOutage::Allow,
-            Some(other) => {
-                return Err(err(
-                    "lease_outage",
-                    format!("`{other}` is not deny or allow"),
-                ))
-            }
-        };
-        let strict = strict.then_some(LeaseConfig {
-            ttl: lease_ttl,
-            flush_interval,
-            outage,
-        });
 
         Ok(Config {
             listen,

@@ -26,8 +26,8 @@ pub mod account;
 mod deduct;
 pub mod dedup;
 mod free_tier;
-pub mod lease;
 pub mod gate;
+pub mod lease;
 mod residency;
 mod validate;
 

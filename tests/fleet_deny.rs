@@ -170,3 +170,34 @@ async fn a_killed_nodes_lease_expires_and_the_others_use_the_rest() {
         .expect("Flush");
     assert_eq!(stored_used(&db, "strict").await, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_returns_its_lease_and_the_others_get_it_at_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Leases outlive the test: only a returned one can be used by the other.
+    let mut args = ARGS.to_vec();
+    args.extend(["--lease-ttl", "1h"]);
+    let stopping = Server::start_store(&db.url, dirs[0].path(), &args);
+    let other = Server::start_store(&db.url, dirs[1].path(), &args);
+    deny_account(&stopping, "strict", 100).await;
+    assert_eq!(drive(&stopping, "strict", 5, 1).await, 5);
+    let (status, stderr) = stopping.terminate();
+    assert!(status.success(), "{stderr}");
+    let reserved: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT COALESCE(SUM(granted - used), 0)::BIGINT FROM leases",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reserved, 0, "the stopped node kept a reservation");
+    assert_eq!(stored_used(&db, "strict").await, 5);
+    // One lane: each call renews at most once, and all 95 are free.
+    assert_eq!(drive(&other, "strict", 120, 1).await, 95);
+}

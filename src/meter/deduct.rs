@@ -417,8 +417,7 @@ impl Meter {
             let key = Arc::as_ptr(a) as usize;
             let before = wanted.iter().find(|w| w.0 == key).map_or(0, |w| w.1);
             let want = before.saturating_add(d.calls);
-            if packs::remaining(&packs, Item::Calls, at) < want
-                || !self.lease_covers(a, want, now)
+            if packs::remaining(&packs, Item::Calls, at) < want || !self.lease_covers(a, want, now)
             {
                 return Some((i, DenyReason::CallsExhausted));
             }

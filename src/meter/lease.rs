@@ -163,8 +163,7 @@ impl Leases {
             s.rate.store(rate, Relaxed);
             s.since.store(now, Relaxed);
         }
-        let per_interval = (u128::from(s.rate.load(Relaxed))
-            * self.cfg.flush_interval.as_micros()
+        let per_interval = (u128::from(s.rate.load(Relaxed)) * self.cfg.flush_interval.as_micros()
             / SECOND as u128) as u64;
         per_interval.saturating_mul(2).clamp(MIN_LEASE, MAX_LEASE)
     }

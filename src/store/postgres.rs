@@ -48,7 +48,8 @@ use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    page_start, Granted, LeaseGrant, LeaseRequest, InvalidStoreUrl, LoadedAccount, OpenError, Store, StoreError, StoredPack,
+    page_start, Granted, InvalidStoreUrl, LeaseGrant, LeaseRequest, LoadedAccount, OpenError,
+    Store, StoreError, StoredPack,
 };
 use crate::{
     calendar::Ts,
@@ -1458,9 +1459,7 @@ impl Store for PostgresStore {
                 .await?;
             let booked = row.try_get::<_, i64>(0)?.max(0) as u64;
             let reserved = row.try_get::<_, i64>(1)?.max(0) as u64;
-            let mine_expired = row
-                .try_get::<_, Option<Ts>>(2)?
-                .is_some_and(|at| at <= now);
+            let mine_expired = row.try_get::<_, Option<Ts>>(2)?.is_some_and(|at| at <= now);
             let free = capacity.saturating_sub(booked).saturating_sub(reserved);
             let granted = if free < req.need {
                 0
