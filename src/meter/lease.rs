@@ -12,9 +12,11 @@
 //!   intervals, between [`MIN_LEASE`] and [`MAX_LEASE`], and never more than
 //!   half of what is still free (the store caps it), so other nodes find
 //!   some left.
-//! - **Renewal**: in the background every `ttl / 3` (a lease still in use
-//!   is topped up and its expiry moved), and synchronously, one store
-//!   round trip on the deduction path, when a call finds its lease spent.
+//! - **Renewal**: in the background every flush interval (or `ttl / 3`, if
+//!   shorter), a lease still in use is topped up and its expiry moved; and
+//!   synchronously, one store round trip on the deduction path, when a call
+//!   finds its lease spent (at most one per second per account while the
+//!   store has nothing left to grant).
 //! - **Return**: an idle lease is returned by the background task, every
 //!   lease at shutdown after the final flush; a flush books what the node
 //!   admitted from the lease into the packs in the same transaction.
@@ -261,7 +263,7 @@ impl Leases {
         }
     }
 
-    /// Every `ttl / 3` until `stop`: tops up and extends the leases in use,
+    /// Every flush interval (at most `ttl / 3`) until `stop`: tops up and extends the leases in use,
     /// returns idle ones.
     pub async fn run(
         self: Arc<Self>,
@@ -270,7 +272,11 @@ impl Leases {
         clock: Arc<dyn crate::clock::Clock>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let every = (self.cfg.ttl / 3).max(Duration::from_millis(50));
+        // Often enough to top a busy lease up before it is spent (it covers
+        // two flush intervals) and to renew it well before it expires.
+        let every = (self.cfg.ttl / 3)
+            .min(self.cfg.flush_interval)
+            .max(Duration::from_millis(50));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
