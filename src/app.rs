@@ -120,6 +120,28 @@ pub struct App {
     closing: tokio_util::sync::CancellationToken,
 }
 
+/// How many times a unary deduction of a `deny` account covers its lease
+/// and deducts, in strict mode, when other calls spend the lease between.
+const LEASE_ATTEMPTS: u32 = 3;
+
+/// One deduction of [`App::deduct_one`]: an outcome to answer, or, with
+/// `retry`, a denial for a lease spent meanwhile, which is retried and not
+/// counted (it is an empty slice to the metrics).
+struct Attempt {
+    outcome: [DeductOutcome; 1],
+    retry: bool,
+}
+
+impl AsRef<[DeductOutcome]> for Attempt {
+    fn as_ref(&self) -> &[DeductOutcome] {
+        if self.retry {
+            &[]
+        } else {
+            &self.outcome
+        }
+    }
+}
+
 impl App {
     pub fn new(
         cfg: MeterConfig,
@@ -299,23 +321,32 @@ impl App {
             deduction: r.deduction,
         }];
         // Strict mode: another call may spend the lease between covering
-        // and deducting; a denied call changed nothing, so ask again.
+        // and deducting; a denied call changed nothing, so cover and ask
+        // again (the retried denial is not counted in the metrics).
         let mut attempts = 0;
         loop {
             let covered = self.cover_leases(&charge).await;
-            let [o] = self
+            attempts += 1;
+            let last = !covered || attempts >= LEASE_ATTEMPTS;
+            let attempt = self
                 .until_not_in_flight(|now| {
                     self.meter
                         .deduct(&acct, &r.deduction, now)
-                        .map(|o| [o])
+                        .map(|o| {
+                            let lease_spent = o.decision
+                                == Decision::Deny(DenyReason::CallsExhausted)
+                                && self.meter.needs_lease(&acct, r.deduction.calls)
+                                && o.calls.remaining >= r.deduction.calls;
+                            Attempt {
+                                outcome: [o],
+                                retry: lease_spent && !last,
+                            }
+                        })
                         .map_err(|e| (0, e))
                 })
                 .await?;
-            attempts += 1;
-            let lease_spent = o.decision == Decision::Deny(DenyReason::CallsExhausted)
-                && self.meter.needs_lease(&acct, r.deduction.calls)
-                && o.calls.remaining >= r.deduction.calls;
-            if !lease_spent || !covered || attempts >= 3 {
+            if !attempt.retry {
+                let [o] = attempt.outcome;
                 return Ok(o);
             }
         }

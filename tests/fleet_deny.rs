@@ -108,6 +108,18 @@ async fn three_nodes_never_admit_a_deny_account_more_calls_than_its_pack_holds()
         admitted >= 80,
         "admitted only {admitted} calls ({a} + {b} + {c}) of a 100-call pack"
     );
+    // Each call is counted once, as answered: a denial for a lease spent
+    // meanwhile, retried, is not counted.
+    let (mut allow, mut deny) = (0.0, 0.0);
+    for n in &nodes {
+        allow += n
+            .metric(r#"packmeter_deductions_total{decision="allow"}"#)
+            .await;
+        deny += n
+            .metric(r#"packmeter_deductions_total{decision="deny"}"#)
+            .await;
+    }
+    assert_eq!((allow, deny), (admitted as f64, (240 - admitted) as f64));
     for n in &nodes {
         n.admin()
             .await
