@@ -213,3 +213,58 @@ async fn a_stopped_node_returns_its_lease_and_the_others_get_it_at_once() {
     // One lane: each call renews at most once, and all 95 are free.
     assert_eq!(drive(&other, "strict", 120, 1).await, 95);
 }
+
+/// Cuts the node off the test database (new connections refused, open ones
+/// ended), drives 20 calls of the `deny` account, and restores access.
+/// Returns how many were admitted.
+async fn admitted_while_the_store_is_unreachable(outage: &str) -> Option<u64> {
+    let db = TestDb::create().await?;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = ARGS.to_vec();
+    // Nothing renews or flushes in the background during the test.
+    args.extend([
+        "--lease-ttl",
+        "1h",
+        "--flush-interval",
+        "1h",
+        "--lease-outage",
+        outage,
+    ]);
+    let node = Server::start_store(&db.url, dir.path(), &args);
+    deny_account(&node, "strict", 100).await;
+    // The first lease is the smallest, 10 calls: 5 stay unused.
+    assert_eq!(drive(&node, "strict", 5, 1).await, 5);
+    // From the server's maintenance database: a session cannot lock out
+    // its own database.
+    let sql = common::pg::connect(&common::pg::admin_url()).await.unwrap();
+    let name = &db.name;
+    sql.batch_execute(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+    ))
+    .await
+    .unwrap();
+    let admitted = drive(&node, "strict", 20, 1).await;
+    sql.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    Some(admitted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_the_store_is_unreachable_a_spent_lease_denies_by_default() {
+    let Some(admitted) = admitted_while_the_store_is_unreachable("deny").await else {
+        return;
+    };
+    // What the lease still held, and nothing more.
+    assert_eq!(admitted, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_the_store_is_unreachable_lease_outage_allow_admits() {
+    let Some(admitted) = admitted_while_the_store_is_unreachable("allow").await else {
+        return;
+    };
+    assert_eq!(admitted, 20);
+}

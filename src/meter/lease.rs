@@ -24,8 +24,10 @@
 //!   reservation is free for the others. What it admitted and never flushed
 //!   is lost with it, as any SIGKILL loses unflushed usage, and is not
 //!   reserved any more: the fleet may then admit that much again.
-//! - **Store unreachable and lease spent**: `--lease-outage deny` (the
-//!   default, billing-safe) denies the calls (`CALLS_EXHAUSTED`);
+//! - **Store unreachable and lease spent** (or no answer within
+//!   [`SYNC_LIMIT`]; the store is then asked again at most once a second
+//!   per account): `--lease-outage deny` (the default, billing-safe) denies
+//!   the calls (`CALLS_EXHAUSTED`);
 //!   `allow` admits them without a lease, retrying the store at most once a
 //!   second per account, and the flush books them later (the account may
 //!   then exceed its packs, by overage).
@@ -54,6 +56,9 @@ use crate::{
 pub const MIN_LEASE: u64 = 10;
 /// The largest lease a node asks for.
 pub const MAX_LEASE: u64 = 100_000;
+/// How long a call waits for a lease from the store before it is treated
+/// as an outage (`--lease-outage`).
+pub const SYNC_LIMIT: Duration = Duration::from_secs(1);
 
 /// What a `deny` account gets while the store is unreachable and its lease
 /// is spent.
@@ -210,7 +215,7 @@ impl Leases {
         };
         let need = calls.saturating_sub(left);
         let want = self.size(&slot, now).saturating_sub(left).max(need);
-        self.acquire(meter, store, acct, &slot, need, want, now)
+        self.acquire(meter, store, acct, &slot, need, want, now, Some(SYNC_LIMIT))
             .await;
         let _l = acct.deny_lock.lock();
         self.covers(&acct.id, calls, clock.now())
@@ -226,6 +231,7 @@ impl Leases {
         need: u64,
         want: u64,
         now: Ts,
+        limit: Option<Duration>,
     ) {
         let packs = meter.lease_packs(acct, now);
         let req = LeaseRequest {
@@ -236,7 +242,20 @@ impl Leases {
             want,
             ttl: us(self.cfg.ttl),
         };
-        match store.acquire_lease(&req).await {
+        let acquired = match limit {
+            Some(limit) => tokio::time::timeout(limit, store.acquire_lease(&req))
+                .await
+                .unwrap_or_else(|_| {
+                    // It may still commit: then the grant stays unused
+                    // until the lease expires, never over-admitted.
+                    Err(crate::store::StoreError {
+                        message: format!("no lease from the store within {limit:?}"),
+                        transient: true,
+                    })
+                }),
+            None => store.acquire_lease(&req).await,
+        };
+        match acquired {
             Ok(grant) => {
                 let _l = acct.deny_lock.lock();
                 if now >= slot.valid_until.load(Relaxed) {
@@ -256,6 +275,8 @@ impl Leases {
             Err(e) => {
                 tracing::warn!(account = %acct.id, error = %e, outage = ?self.cfg.outage,
                     "cannot reach the store for a deny account's lease");
+                // Calls do not wait on the store again for a second.
+                slot.spent_until.store(now.saturating_add(SECOND), Relaxed);
                 if self.cfg.outage == LeaseOutage::Allow {
                     slot.bypass_until.store(now.saturating_add(SECOND), Relaxed);
                 }
@@ -309,7 +330,7 @@ impl Leases {
                 let Some(acct) = acct else { continue };
                 let left = slot.left.load(Relaxed);
                 let want = self.size(&slot, now).saturating_sub(left);
-                self.acquire(&meter, &*store, &acct, &slot, 0, want, now)
+                self.acquire(&meter, &*store, &acct, &slot, 0, want, now, None)
                     .await;
             }
         }
