@@ -20,8 +20,8 @@ use crate::{
     flush::{FlushReport, Flusher},
     ledger::AccountRecord,
     meter::{
-        validate_account_id, Atomicity, Charge, DeductOutcome, Deduction, Meter, MeterConfig,
-        MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
+        validate_account_id, Atomicity, Charge, Decision, DeductOutcome, Deduction, DenyReason,
+        Meter, MeterConfig, MeterError, PackView, MAX_ACCOUNT_ID_BYTES,
     },
     metrics::Metrics,
     packs::{Item, PackSource, PackSpec},
@@ -120,6 +120,28 @@ pub struct App {
     closing: tokio_util::sync::CancellationToken,
 }
 
+/// How many times a unary deduction of a `deny` account covers its lease
+/// and deducts, in strict mode, when other calls spend the lease between.
+const LEASE_ATTEMPTS: u32 = 3;
+
+/// One deduction of [`App::deduct_one`]: an outcome to answer, or, with
+/// `retry`, a denial for a lease spent meanwhile, which is retried and not
+/// counted (it is an empty slice to the metrics).
+struct Attempt {
+    outcome: [DeductOutcome; 1],
+    retry: bool,
+}
+
+impl AsRef<[DeductOutcome]> for Attempt {
+    fn as_ref(&self) -> &[DeductOutcome] {
+        if self.retry {
+            &[]
+        } else {
+            &self.outcome
+        }
+    }
+}
+
 impl App {
     pub fn new(
         cfg: MeterConfig,
@@ -136,6 +158,9 @@ impl App {
             metrics.clone(),
             clock.clone(),
         ));
+        if let Some(strict) = meter.config().strict {
+            meter.enable_leases(strict, flusher.node_id());
+        }
         App {
             meter,
             store,
@@ -158,6 +183,36 @@ impl App {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Strict mode: makes sure this node's leases cover the calls the
+    /// charges take from `deny` accounts (a store round trip only for a
+    /// spent lease). A no-op otherwise.
+    async fn cover_leases(&self, charges: &[Charge<'_>]) -> bool {
+        let Some(leases) = self.meter.leases() else {
+            return true;
+        };
+        let mut wanted: Vec<(&Arc<crate::meter::AccountState>, u64)> = Vec::new();
+        for c in charges {
+            if !self.meter.needs_lease(c.account, c.deduction.calls) {
+                continue;
+            }
+            match wanted.iter_mut().find(|w| Arc::ptr_eq(w.0, c.account)) {
+                Some(w) => w.1 = w.1.saturating_add(c.deduction.calls),
+                None => wanted.push((c.account, c.deduction.calls)),
+            }
+        }
+        let mut covered = true;
+        for (acct, calls) in wanted {
+            covered &= leases
+                .ensure(&self.meter, &*self.store, acct, calls, &*self.clock)
+                .await;
+        }
+        covered
     }
 
     pub fn now(&self) -> Ts {
@@ -216,6 +271,7 @@ impl App {
                 deduction: r.deduction,
             })
             .collect();
+        self.cover_leases(&charges).await;
         // Fresh: the loads above may have taken long enough for an hour to
         // close (R9).
         let outcomes = self
@@ -260,15 +316,40 @@ impl App {
             .account_for_request(r.account_id, &r.deduction, now)
             .await
             .map_err(refused)?;
-        let [o] = self
-            .until_not_in_flight(|now| {
-                self.meter
-                    .deduct(&acct, &r.deduction, now)
-                    .map(|o| [o])
-                    .map_err(|e| (0, e))
-            })
-            .await?;
-        Ok(o)
+        let charge = [Charge {
+            account: &acct,
+            deduction: r.deduction,
+        }];
+        // Strict mode: another call may spend the lease between covering
+        // and deducting; a denied call changed nothing, so cover and ask
+        // again (the retried denial is not counted in the metrics).
+        let mut attempts = 0;
+        loop {
+            let covered = self.cover_leases(&charge).await;
+            attempts += 1;
+            let last = !covered || attempts >= LEASE_ATTEMPTS;
+            let attempt = self
+                .until_not_in_flight(|now| {
+                    self.meter
+                        .deduct(&acct, &r.deduction, now)
+                        .map(|o| {
+                            let lease_spent = o.decision
+                                == Decision::Deny(DenyReason::CallsExhausted)
+                                && self.meter.needs_lease(&acct, r.deduction.calls)
+                                && o.calls.remaining >= r.deduction.calls;
+                            Attempt {
+                                outcome: [o],
+                                retry: lease_spent && !last,
+                            }
+                        })
+                        .map_err(|e| (0, e))
+                })
+                .await?;
+            if !attempt.retry {
+                let [o] = attempt.outcome;
+                return Ok(o);
+            }
+        }
     }
 
     /// Packs valid at `at` (the server clock if `None`), with live usage.

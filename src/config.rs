@@ -15,6 +15,7 @@ use std::{
 
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
+    meter::lease::{LeaseConfig, LeaseOutage},
     meter::{MeterConfig, UnknownAccounts},
     store::StoreUrl,
 };
@@ -62,6 +63,17 @@ pub struct ServeArgs {
     /// What to do with unknown accounts: activate or reject [default: activate].
     #[arg(long, env = "PACKMETER_UNKNOWN_ACCOUNTS", value_name = "MODE")]
     pub unknown_accounts: Option<String>,
+    /// Strict mode for deny accounts (leases in the shared store): auto, on
+    /// or off [default: auto, on for postgres://, off for sqlite://].
+    #[arg(long, env = "PACKMETER_STRICT_DENY", value_name = "MODE")]
+    pub strict_deny: Option<String>,
+    /// How long a strict-mode lease lasts without renewal [default: 10s].
+    #[arg(long, env = "PACKMETER_LEASE_TTL", value_name = "DURATION")]
+    pub lease_ttl: Option<String>,
+    /// What a deny account gets while the store is unreachable and its
+    /// lease is spent: deny or allow [default: deny].
+    #[arg(long, env = "PACKMETER_LEASE_OUTAGE", value_name = "MODE")]
+    pub lease_outage: Option<String>,
     /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
     #[arg(long, env = "PACKMETER_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -124,6 +136,9 @@ struct FileConfig {
     timezone: Option<String>,
     max_future_skew: Option<String>,
     unknown_accounts: Option<String>,
+    strict_deny: Option<String>,
+    lease_ttl: Option<String>,
+    lease_outage: Option<String>,
     shutdown_grace: Option<String>,
     log_format: Option<String>,
     max_calls: Option<u64>,
@@ -147,7 +162,10 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 21] = [
+    const KEYS: [&'static str; 24] = [
+        "strict_deny",
+        "lease_ttl",
+        "lease_outage",
         "listen",
         "admin_listen",
         "store",
@@ -185,6 +203,9 @@ impl FileConfig {
             "timezone" => Slot::Text(&mut self.timezone),
             "max_future_skew" => Slot::Text(&mut self.max_future_skew),
             "unknown_accounts" => Slot::Text(&mut self.unknown_accounts),
+            "strict_deny" => Slot::Text(&mut self.strict_deny),
+            "lease_ttl" => Slot::Text(&mut self.lease_ttl),
+            "lease_outage" => Slot::Text(&mut self.lease_outage),
             "shutdown_grace" => Slot::Text(&mut self.shutdown_grace),
             "log_format" => Slot::Text(&mut self.log_format),
             "max_calls" => Slot::Number(&mut self.max_calls),
@@ -621,6 +642,12 @@ impl Config {
         let store = store_given.unwrap_or_else(default_store_url);
         let store = StoreUrl::parse(&store).map_err(|e| err("store", e.0))?;
 
+        let shared_store = match store {
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(_) => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        };
         let flush_interval = duration_of(
             "flush_interval",
             &args.flush_interval,
@@ -630,6 +657,55 @@ impl Config {
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
+        let strict = match pick(&args.strict_deny, &file.strict_deny)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("auto") => shared_store,
+            Some("on") if !shared_store => {
+                return Err(err(
+                    "strict_deny",
+                    "`on` needs a shared store (postgres://): one node on SQLite is exact \
+                     already; use auto or off",
+                ))
+            }
+            Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(err(
+                    "strict_deny",
+                    format!("`{other}` is not auto, on or off"),
+                ))
+            }
+        };
+        let lease_ttl = duration_of(
+            "lease_ttl",
+            &args.lease_ttl,
+            &file.lease_ttl,
+            Duration::from_secs(10),
+        )?;
+        if lease_ttl < Duration::from_millis(100) || lease_ttl > Duration::from_secs(3600) {
+            return Err(err("lease_ttl", "must be at least 100ms and at most 1h"));
+        }
+        let outage = match pick(&args.lease_outage, &file.lease_outage)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("deny") => LeaseOutage::Deny,
+            Some("allow") => LeaseOutage::Allow,
+            Some(other) => {
+                return Err(err(
+                    "lease_outage",
+                    format!("`{other}` is not deny or allow"),
+                ))
+            }
+        };
+        let strict = strict.then_some(LeaseConfig {
+            ttl: lease_ttl,
+            flush_interval,
+            outage,
+        });
+
         let late_grace = duration_of(
             "late_grace",
             &args.late_grace,
@@ -838,6 +914,7 @@ impl Config {
                 unknown_accounts,
                 max_calls,
                 max_egress_bytes,
+                strict,
             },
             rls,
             noop: args.noop,

@@ -176,6 +176,11 @@ impl Flusher {
         }
     }
 
+    /// This process's node id: the part of its batch ids before the `-`.
+    pub fn node_id(&self) -> String {
+        format!("{:016x}", self.node)
+    }
+
     /// A batch id no other batch has: this process's node part and a sequence.
     pub fn next_batch_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);

@@ -538,6 +538,16 @@ pub fn attribute<'b>(
     Ok(out)
 }
 
+impl FlushBatch {
+    /// The node part of the batch id (`NODE-SEQ`): the id under which the
+    /// node holds its strict-mode leases (see [`crate::meter::lease`]).
+    pub fn node_id(&self) -> &str {
+        self.batch_id
+            .rsplit_once('-')
+            .map_or(self.batch_id.as_str(), |(node, _)| node)
+    }
+}
+
 /// A settled hourly row (R12).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRow {

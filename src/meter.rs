@@ -27,6 +27,7 @@ mod deduct;
 pub mod dedup;
 mod free_tier;
 pub mod gate;
+pub mod lease;
 mod residency;
 mod validate;
 
@@ -71,6 +72,8 @@ pub struct MeterConfig {
     pub unknown_accounts: UnknownAccounts,
     pub max_calls: u64,
     pub max_egress_bytes: u64,
+    /// Strict mode for `deny` accounts ([`lease`]); `None` when off.
+    pub strict: Option<lease::LeaseConfig>,
 }
 
 impl Default for MeterConfig {
@@ -84,6 +87,7 @@ impl Default for MeterConfig {
             unknown_accounts: UnknownAccounts::Activate,
             max_calls: 1_000_000_000,
             max_egress_bytes: 1 << 40,
+            strict: None,
         }
     }
 }
@@ -254,6 +258,8 @@ pub struct Meter {
     free_pack_ids: Mutex<std::collections::HashSet<Arc<str>>>,
     /// Shutdown and settlement barrier.
     gate: gate::Gate,
+    /// Strict mode's leases, once [`enable_leases`](Self::enable_leases) ran.
+    leases: std::sync::OnceLock<Arc<lease::Leases>>,
 }
 
 impl Meter {
@@ -271,6 +277,7 @@ impl Meter {
             flush_threshold: 50_000,
             free_pack_ids: Mutex::new(std::collections::HashSet::new()),
             gate: gate::Gate::default(),
+            leases: std::sync::OnceLock::new(),
         }
     }
 

@@ -235,6 +235,15 @@ pub async fn serve(
             stop_background.clone(),
         ));
     }
+    if let Some(leases) = meter.leases() {
+        // Strict mode: renew leases in use, return idle ones.
+        tasks.spawn(leases.clone().run(
+            meter.clone(),
+            app.store().clone(),
+            app.clock().clone(),
+            stop_background.clone(),
+        ));
+    }
     tasks.spawn(evict_loop(
         meter.clone(),
         config.idle_evict,
@@ -374,6 +383,10 @@ pub async fn serve(
     let set_aside = meter.set_aside_accounts().len();
     let outcome = match flushed {
         Ok(report) if set_aside == 0 => {
+            if let Some(leases) = meter.leases() {
+                // What the leases admitted is booked: return the rest.
+                leases.release_all(&**app.store()).await;
+            }
             tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
             Ok(())
         }

@@ -242,6 +242,60 @@ pub trait Store: Send + Sync + 'static {
     /// at or below the stored mark changes nothing. Returns the stored mark
     /// afterwards. Durable when it returns, like [`write_batch`](Self::write_batch).
     async fn record_settled(&self, before: Ts) -> Result<Ts, StoreError>;
+
+    /// Reserves up to `req.want` more calls of a `deny` account's packs for
+    /// this node (strict mode, see [`crate::meter::lease`]), and moves the
+    /// node's lease expiry to `ttl` from the store's clock. Grants nothing
+    /// unless at least `req.need` is free. Stores that one node owns need no
+    /// leases: the default refuses, and strict mode is off for them.
+    async fn acquire_lease(&self, req: &LeaseRequest<'_>) -> Result<LeaseGrant, StoreError> {
+        let _ = req;
+        Err(StoreError::permanent(LEASES_UNSUPPORTED))
+    }
+
+    /// Returns `unused` calls of this node's lease on the account: what it
+    /// was granted and has not admitted. What it admitted stays reserved
+    /// until a flush books it into the packs.
+    async fn release_lease(
+        &self,
+        account_id: &str,
+        node_id: &str,
+        unused: u64,
+    ) -> Result<(), StoreError> {
+        let _ = (account_id, node_id, unused);
+        Err(StoreError::permanent(LEASES_UNSUPPORTED))
+    }
+}
+
+/// What a store without leases answers.
+pub const LEASES_UNSUPPORTED: &str =
+    "this store does not keep leases: strict mode needs a shared store (postgres://)";
+
+/// A lease request: see [`Store::acquire_lease`].
+#[derive(Clone, Debug)]
+pub struct LeaseRequest<'a> {
+    pub account_id: &'a str,
+    /// The node's id: the node part of its flush batch ids
+    /// ([`FlushBatch::node_id`]), so that its flushes book its lease.
+    pub node_id: &'a str,
+    /// The account's calls packs valid now: (pack id, capacity). Free-tier
+    /// packs have no row until they have usage, so the node names them.
+    pub packs: &'a [(String, u64)],
+    /// Grant nothing unless this much is free.
+    pub need: u64,
+    /// Grant at most this much.
+    pub want: u64,
+    /// How long the lease lasts from the store's clock, in µs.
+    pub ttl: Ts,
+}
+
+/// What [`Store::acquire_lease`] granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// Calls added to the node's lease.
+    pub granted: u64,
+    /// Calls still free for any node after this grant.
+    pub free: u64,
 }
 
 /// Why a store URL was refused; the message says how to write it instead.

@@ -356,3 +356,20 @@ fn a_fatal_error_prints_once_as_json_under_log_format_json() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("packmeter: invalid configuration: rls_item_key: "));
 }
+
+/// Strict mode (leases for deny accounts) needs a shared store: `on` with
+/// SQLite, unknown modes and a lease TTL out of range are refused, naming
+/// the field.
+#[test]
+fn strict_mode_settings_exit_64_naming_their_field() {
+    for (args, field) in [
+        (&["--strict-deny", "on"][..], "strict_deny"),
+        (&["--strict-deny", "maybe"][..], "strict_deny"),
+        (&["--lease-outage", "sometimes"][..], "lease_outage"),
+        (&["--lease-ttl", "0s"][..], "lease_ttl"),
+        (&["--lease-ttl", "2h"][..], "lease_ttl"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        assert_refused(dir.path(), args, field);
+    }
+}

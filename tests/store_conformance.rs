@@ -1505,3 +1505,164 @@ async fn a_flush_returns_the_global_totals(t: &Target) {
     assert!(!again.applied && again.accounts.is_empty());
     assert_eq!(used(&*store, "acct", "p1").await, 53);
 }
+
+/// Strict mode's leases (src/meter/lease.rs) need a shared store: SQLite,
+/// which one node owns, refuses them cleanly and changes nothing.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_refuses_leases_cleanly() {
+    let t = Target::sqlite();
+    let store = t.open().await;
+    let packs = [("p".to_string(), 100)];
+    let e = store
+        .acquire_lease(&lease("a", "n1", &packs, 1, 10, 10 * SECOND))
+        .await
+        .unwrap_err();
+    assert!(!e.transient);
+    assert!(e.message.contains("postgres://"), "{}", e.message);
+    assert!(store.release_lease("a", "n1", 5).await.is_err());
+}
+
+const SECOND: Ts = 1_000_000;
+
+fn lease<'a>(
+    account: &'a str,
+    node: &'a str,
+    packs: &'a [(String, u64)],
+    need: u64,
+    want: u64,
+    ttl: Ts,
+) -> store::LeaseRequest<'a> {
+    store::LeaseRequest {
+        account_id: account,
+        node_id: node,
+        packs,
+        need,
+        want,
+        ttl,
+    }
+}
+
+/// Lease behaviours, on PostgreSQL (the shared store).
+#[cfg(feature = "postgres")]
+mod leases {
+    use super::*;
+
+    /// A deny account `a` with pack `p` of 100 calls.
+    async fn deny_account() -> Option<(Target, Arc<dyn Store>)> {
+        let t = Target::postgres().await?;
+        let store = t.open().await;
+        let mut r = record("a", Some(0));
+        r.deny_on_exhausted = true;
+        store.put_account(&r).await.unwrap();
+        store.grant_pack("a", &spec("p")).await.unwrap();
+        Some((t, store))
+    }
+
+    fn packs() -> Vec<(String, u64)> {
+        vec![("p".to_string(), 100)]
+    }
+
+    async fn granted(store: &dyn Store, node: &str, need: u64, want: u64) -> u64 {
+        store
+            .acquire_lease(&lease("a", node, &packs(), need, want, 60 * SECOND))
+            .await
+            .unwrap()
+            .granted
+    }
+
+    #[tokio::test]
+    async fn leases_of_many_nodes_never_reserve_more_than_the_packs_hold() {
+        let Some((_t, store)) = deny_account().await else {
+            return;
+        };
+        // Concurrent acquirers, each asking for more than there is.
+        let mut total = 0;
+        loop {
+            let rounds = futures_util::future::join_all(
+                ["n1", "n2", "n3"].map(|n| granted(&*store, n, 0, 1_000)),
+            )
+            .await;
+            let round: u64 = rounds.iter().sum();
+            if round == 0 {
+                break;
+            }
+            // No single grant takes more than half of what is free.
+            assert!(rounds.iter().all(|g| *g <= 50), "{rounds:?}");
+            total += round;
+        }
+        assert_eq!(total, 100);
+        // `need` more than is free grants nothing.
+        assert_eq!(granted(&*store, "n4", 1, 1).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_flush_moves_a_nodes_lease_into_its_packs() {
+        let Some((_t, store)) = deny_account().await else {
+            return;
+        };
+        assert_eq!(granted(&*store, "n1", 40, 40).await, 40);
+        // n1 books 30 of its 40: 30 used, 10 still reserved, 60 free.
+        let b = batch(
+            "n1-1",
+            HOUR,
+            vec![account("a", vec![delta(0, Some(spec("p")), 30)], vec![])],
+        );
+        assert!(store.write_batch(&b).await.unwrap());
+        assert_eq!(used(&*store, "a", "p").await, 30);
+        assert_eq!(granted(&*store, "n2", 61, 61).await, 0);
+        assert_eq!(granted(&*store, "n2", 60, 60).await, 60);
+        // Another node's flush does not book n1's lease.
+        let b = batch(
+            "n2-1",
+            HOUR,
+            vec![account("a", vec![delta(0, Some(spec("p")), 60)], vec![])],
+        );
+        assert!(store.write_batch(&b).await.unwrap());
+        assert_eq!(granted(&*store, "n3", 1, 1).await, 0);
+        // n1 returns its unused 10.
+        store.release_lease("a", "n1", 10).await.unwrap();
+        assert_eq!(granted(&*store, "n3", 10, 10).await, 10);
+    }
+
+    #[tokio::test]
+    async fn a_returned_lease_keeps_what_was_admitted_and_unbooked() {
+        let Some((_t, store)) = deny_account().await else {
+            return;
+        };
+        assert_eq!(granted(&*store, "n1", 40, 40).await, 40);
+        // n1 admitted 15 of its 40 and has not flushed them: returning the
+        // other 25 leaves those 15 reserved.
+        store.release_lease("a", "n1", 25).await.unwrap();
+        assert_eq!(granted(&*store, "n2", 86, 86).await, 0);
+        assert_eq!(granted(&*store, "n2", 85, 85).await, 85);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_reserves_nothing() {
+        let Some((_t, store)) = deny_account().await else {
+            return;
+        };
+        let g = store
+            .acquire_lease(&lease("a", "dead", &packs(), 50, 50, 1))
+            .await
+            .unwrap();
+        assert_eq!(g.granted, 50);
+        // Its expiry (1 µs) has passed by the next statement's clock.
+        assert_eq!(granted(&*store, "n1", 100, 100).await, 100);
+    }
+
+    #[tokio::test]
+    async fn free_tier_packs_without_a_row_count_from_the_request() {
+        let Some((_t, store)) = deny_account().await else {
+            return;
+        };
+        // A free-tier pack with no usage has no row; the node names it.
+        let with_free = vec![("p".to_string(), 100), ("free-calls-x".to_string(), 20)];
+        let g = store
+            .acquire_lease(&lease("a", "n1", &with_free, 120, 120, 60 * SECOND))
+            .await
+            .unwrap();
+        assert_eq!((g.granted, g.free), (120, 0));
+    }
+}

@@ -417,7 +417,8 @@ impl Meter {
             let key = Arc::as_ptr(a) as usize;
             let before = wanted.iter().find(|w| w.0 == key).map_or(0, |w| w.1);
             let want = before.saturating_add(d.calls);
-            if packs::remaining(&packs, Item::Calls, at) < want {
+            if packs::remaining(&packs, Item::Calls, at) < want || !self.lease_covers(a, want, now)
+            {
                 return Some((i, DenyReason::CallsExhausted));
             }
             match wanted.iter_mut().find(|w| w.0 == key) {
@@ -479,6 +480,7 @@ impl Meter {
         let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
         let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
+        self.lease_take(acct, d.calls);
         let hour = hour_start(at);
         self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {

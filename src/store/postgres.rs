@@ -48,8 +48,8 @@ use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, InvalidStoreUrl,
-    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
+    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, InvalidStoreUrl, LeaseGrant,
+    LeaseRequest, LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     calendar::Ts,
@@ -130,6 +130,20 @@ CREATE TABLE changes (
     at         BIGINT NOT NULL            -- µs; rows older than CHANGE_RETENTION are pruned
 );
 CREATE INDEX changes_by_age ON changes (at);
+"#,
+    r#"
+-- Strict mode's leases (src/meter/lease.rs): calls of a deny account's
+-- packs reserved for one node. granted - used is still reserved while
+-- expires_at (µs, the database's clock) has not passed; a flush by the
+-- node adds what it booked into the packs to used.
+CREATE TABLE leases (
+    account_id TEXT COLLATE "C" NOT NULL,
+    node_id    TEXT COLLATE "C" NOT NULL,
+    granted    BIGINT NOT NULL CHECK (granted >= 0),
+    used       BIGINT NOT NULL CHECK (used >= 0),
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (account_id, node_id)
+);
 "#,
 ];
 
@@ -1155,6 +1169,9 @@ impl Store for PostgresStore {
                 applied: true,
                 ..Flushed::default()
             };
+            // Calls the store booked into packs, per account, for the
+            // node's strict-mode leases.
+            let mut lease_calls: (Vec<&str>, Vec<i64>) = Default::default();
             if !ids.is_empty() {
                 let stmt = tx
                     .prepare_cached(
@@ -1240,6 +1257,15 @@ impl Store for PostgresStore {
                         );
                         usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
                         usage.5.push(to_sql(d.amount)?);
+                    }
+                    let calls: u64 = a
+                        .packs
+                        .iter()
+                        .filter(|(spec, _)| spec.item == Item::Calls)
+                        .fold(0u64, |sum, (_, amount)| sum.saturating_add(*amount));
+                    if calls > 0 {
+                        lease_calls.0.push(id);
+                        lease_calls.1.push(to_sql(calls)?);
                     }
                     for (spec, amount) in &a.packs {
                         packs.0.push(id);
@@ -1339,6 +1365,22 @@ impl Store for PostgresStore {
                     )
                     .await?;
                 }
+            }
+            if !lease_calls.0.is_empty() {
+                // What the store booked into the packs from this node's
+                // batch (after capping) leaves its lease's
+                // reservation in the same transaction: never counted twice,
+                // never dropped (strict mode, src/meter/lease.rs).
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE leases SET used = leases.used + b.amount, \
+                         granted = GREATEST(leases.granted, leases.used + b.amount) \
+                         FROM UNNEST($1::text[], $2::bigint[]) AS b (account_id, amount) \
+                         WHERE leases.account_id = b.account_id AND leases.node_id = $3",
+                    )
+                    .await?;
+                tx.execute(&stmt, &[&lease_calls.0, &lease_calls.1, &batch.node_id()])
+                    .await?;
             }
             tx.execute("DELETE FROM dedup WHERE expires_at <= $1", &[&batch.now])
                 .await?;
@@ -1452,6 +1494,117 @@ impl Store for PostgresStore {
                 });
             }
             Ok(out)
+        })
+    }
+
+    async fn acquire_lease(&self, req: &LeaseRequest<'_>) -> Result<LeaseGrant, StoreError> {
+        let ids: Vec<&str> = req.packs.iter().map(|(id, _)| id.as_str()).collect();
+        let caps = req
+            .packs
+            .iter()
+            .map(|(_, cap)| to_sql(*cap))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let capacity = req
+            .packs
+            .iter()
+            .fold(0u64, |sum, (_, cap)| sum.saturating_add(*cap));
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            // Acquirers of one account take turns on its row; flushes only
+            // move calls from a lease's reservation to its packs.
+            let locked = tx
+                .query_opt(
+                    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT \
+                     FROM accounts WHERE account_id = $1 FOR UPDATE",
+                    &[&req.account_id],
+                )
+                .await?;
+            let Some(row) = locked else {
+                // No account row: not a deny account of this store.
+                return Ok(LeaseGrant {
+                    granted: 0,
+                    free: 0,
+                });
+            };
+            let now: Ts = row.try_get(0)?;
+            tx.execute(
+                "DELETE FROM leases WHERE account_id = $1 AND node_id <> $2 AND expires_at <= $3",
+                &[&req.account_id, &req.node_id, &now],
+            )
+            .await?;
+            // One statement, one snapshot: a flush committing in between
+            // moves calls from a lease to the packs atomically.
+            let row = tx
+                .query_one(
+                    "SELECT \
+                     (SELECT COALESCE(SUM(LEAST(p.used, c.cap)), 0)::BIGINT \
+                      FROM packs p JOIN UNNEST($2::text[], $5::bigint[]) AS c (pack_id, cap) \
+                      ON p.pack_id = c.pack_id WHERE p.account_id = $1), \
+                     (SELECT COALESCE(SUM(granted - used), 0)::BIGINT FROM leases \
+                      WHERE account_id = $1 AND expires_at > $3), \
+                     (SELECT expires_at FROM leases WHERE account_id = $1 AND node_id = $4)",
+                    &[&req.account_id, &ids, &now, &req.node_id, &caps],
+                )
+                .await?;
+            let booked = row.try_get::<_, i64>(0)?.max(0) as u64;
+            let reserved = row.try_get::<_, i64>(1)?.max(0) as u64;
+            let mine_expired = row.try_get::<_, Option<Ts>>(2)?.is_some_and(|at| at <= now);
+            let free = capacity.saturating_sub(booked).saturating_sub(reserved);
+            let granted = if free < req.need {
+                0
+            } else {
+                // Never more than half of what is free (unless needed), so
+                // that other nodes find some left.
+                req.want.min(free).min(req.need.max(free.div_ceil(2)))
+            };
+            let expires_at = now.saturating_add(req.ttl);
+            // An expired lease of this node reserved nothing any more: it
+            // starts again from what its flushes booked.
+            tx.execute(
+                "INSERT INTO leases (account_id, node_id, granted, used, expires_at) \
+                 VALUES ($1, $2, $3, 0, $4) \
+                 ON CONFLICT (account_id, node_id) DO UPDATE SET \
+                 granted = CASE WHEN $5 THEN leases.used ELSE leases.granted END + excluded.granted, \
+                 expires_at = excluded.expires_at",
+                &[
+                    &req.account_id,
+                    &req.node_id,
+                    &to_sql(granted)?,
+                    &expires_at,
+                    &mine_expired,
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(LeaseGrant {
+                granted,
+                free: free - granted,
+            })
+        })
+    }
+
+    async fn release_lease(
+        &self,
+        account_id: &str,
+        node_id: &str,
+        unused: u64,
+    ) -> Result<(), StoreError> {
+        let unused = to_sql(unused)?;
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "UPDATE leases SET granted = GREATEST(used, granted - $3) \
+                 WHERE account_id = $1 AND node_id = $2",
+                &[&account_id, &node_id, &unused],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM leases WHERE account_id = $1 AND node_id = $2 AND granted <= used",
+                &[&account_id, &node_id],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 
