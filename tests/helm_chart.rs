@@ -257,7 +257,7 @@ fn assert_store_from_secret(container: &Value, name: &str, key: &str) {
 
 /// `XDG_DATA_HOME` (where the spill file goes) is a writable volume mount
 /// in a container whose root filesystem is read-only; returns the volume.
-fn spill_volume<'a>(workload: &'a Value) -> &'a Value {
+fn spill_volume(workload: &Value) -> &Value {
     let c = packmeter_container(workload);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     let dir = env(c, "XDG_DATA_HOME")["value"]
