@@ -1,9 +1,18 @@
-//! A flush of 100 k dirty accounts to a real SQLite file in a tempdir.
+//! A flush of 100 k dirty accounts to a real SQLite file in a tempdir and,
+//! in the same run, to a fresh PostgreSQL database.
 //!
-//! Scenarios (`BenchmarkId`): `calls/100000` (one delta and one pack row
-//! per account) and `calls_and_egress/100000` (two of each). Every sample
-//! first makes all accounts dirty again with one deduction each (untimed),
-//! then times [`Flusher::flush`], which returns once the rows are durable.
+//! Groups `flush_sqlite` and `flush_postgres`; scenarios (`BenchmarkId`):
+//! `calls/100000` (one delta and one pack row per account) and
+//! `calls_and_egress/100000` (two of each). Every sample first makes all
+//! accounts dirty again with one deduction each (untimed), then times
+//! [`Flusher::flush`], which returns once the rows are durable.
+//!
+//! PostgreSQL: the server `PACKMETER_TEST_POSTGRES_URL` names (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`, as the tests use). Each
+//! scenario creates a database of its own (`pm_bench_<random>`) and drops
+//! it afterwards. With no server answering, the group is skipped with a
+//! printed reason. `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one
+//! store only.
 
 use std::{
     sync::Arc,
@@ -17,21 +26,28 @@ use packmeter::{
     meter::{AccountState, Deduction, Meter, MeterConfig},
     store,
 };
+use tokio::runtime::Runtime;
 
 const ACCOUNTS: usize = 100_000;
+const SCENARIOS: [(&str, u64); 2] = [("calls", 0), ("calls_and_egress", 1_500)];
 
-fn flush(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let mut g = c.benchmark_group("flush_sqlite");
+fn wanted(store: &str) -> bool {
+    std::env::var("PACKMETER_BENCH_STORES")
+        .map(|v| v.split(',').any(|s| s.trim() == store))
+        .unwrap_or(true)
+}
+
+/// Times `Flusher::flush` of `ACCOUNTS` dirty accounts on the store at `url`.
+fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> Option<Url>) {
+    let mut g = c.benchmark_group(group);
     g.sample_size(10);
-    for (name, egress) in [("calls", 0u64), ("calls_and_egress", 1_500)] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let url: store::StoreUrl = url.parse().expect("a store URL");
-        let store = rt.block_on(store::open(&url)).expect("open the store");
+    for (name, egress) in SCENARIOS {
+        let Some(target) = url() else {
+            break;
+        };
+        let store = rt
+            .block_on(store::open(&target.url))
+            .expect("open the store");
         let meter = Arc::new(Meter::new(MeterConfig::default(), store.clone()));
         let flusher = Arc::new(Flusher::new(
             meter.clone(),
@@ -65,7 +81,12 @@ fn flush(c: &mut Criterion) {
         };
         // The first flush inserts the account rows; measure the steady state.
         dirty_all();
+        let t = Instant::now();
         rt.block_on(flusher.flush()).expect("first flush");
+        eprintln!(
+            "{group}/{name}: first flush (inserts {ACCOUNTS} accounts) {:?}",
+            t.elapsed()
+        );
         g.bench_with_input(BenchmarkId::new(name, ACCOUNTS), &ACCOUNTS, |b, _| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -79,8 +100,149 @@ fn flush(c: &mut Criterion) {
                 total
             })
         });
+        // Close the pool before the database is dropped.
+        drop((flusher, meter, accounts));
+        drop(target);
     }
     g.finish();
+}
+
+/// A store URL, and what to clean up once the scenario is done.
+struct Url {
+    url: store::StoreUrl,
+    _dir: Option<tempfile::TempDir>,
+    #[cfg(feature = "postgres")]
+    _db: Option<pg::BenchDb>,
+}
+
+fn flush(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if wanted("sqlite") {
+        bench_store(c, &rt, "flush_sqlite", &|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+            Some(Url {
+                url: url.parse().expect("a store URL"),
+                _dir: Some(dir),
+                #[cfg(feature = "postgres")]
+                _db: None,
+            })
+        });
+    }
+    #[cfg(feature = "postgres")]
+    if wanted("postgres") {
+        bench_store(c, &rt, "flush_postgres", &|| {
+            let db = rt.block_on(pg::BenchDb::create())?;
+            Some(Url {
+                url: db.url.parse().expect("a store URL"),
+                _dir: None,
+                _db: Some(db),
+            })
+        });
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod pg {
+    use packmeter::store::{postgres::PgUrl, redact};
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    /// A fresh database, dropped with this value.
+    pub struct BenchDb {
+        pub url: String,
+        name: String,
+        admin: PgUrl,
+    }
+
+    fn with_database(url: &str, name: &str) -> String {
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url, None), |(b, q)| (b, Some(q)));
+        let (scheme, rest) = base.split_once("://").expect("a URL with ://");
+        let authority = rest.split('/').next().unwrap_or(rest);
+        match query {
+            Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
+            None => format!("{scheme}://{authority}/{name}"),
+        }
+    }
+
+    impl BenchDb {
+        /// `None`, after printing why, when no server answers.
+        pub async fn create() -> Option<BenchDb> {
+            let admin = std::env::var("PACKMETER_TEST_POSTGRES_URL")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| DEFAULT_URL.to_string());
+            let shown = redact(&admin);
+            let parsed = match PgUrl::parse(&admin) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!(
+                        "SKIPPED flush_postgres: {shown} is not a PostgreSQL URL: {}",
+                        e.0
+                    );
+                    return None;
+                }
+            };
+            let client =
+                match tokio::time::timeout(std::time::Duration::from_secs(10), parsed.connect())
+                    .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        eprintln!(
+                            "SKIPPED flush_postgres: no PostgreSQL at {shown}: {}",
+                            e.message
+                        );
+                        return None;
+                    }
+                    Err(_) => {
+                        eprintln!("SKIPPED flush_postgres: {shown} did not answer within 10 s");
+                        return None;
+                    }
+                };
+            let name = format!("pm_bench_{:016x}", packmeter::flush::random_u64());
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e:?}"));
+            Some(BenchDb {
+                url: with_database(&admin, &name),
+                name,
+                admin: parsed,
+            })
+        }
+    }
+
+    impl Drop for BenchDb {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            // Drop runs beside the bench's runtime: use a thread with its own.
+            let dropped = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    let client = admin.connect().await.map_err(|e| e.message)?;
+                    client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .map_err(|e| format!("{e:?}"))
+                })
+            })
+            .join();
+            match dropped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("could not drop database {}: {e}", self.name),
+                Err(_) => eprintln!("could not drop database {}: the thread panicked", self.name),
+            }
+        }
+    }
 }
 
 criterion_group!(benches, flush);

@@ -8,6 +8,7 @@ Helm comes from the PyPI package helm-sdkpy, which embeds the Helm Go library
     python3 helm/lint.py                   # every check below
     python3 helm/lint.py --print-defaults  # JSON the Rust tests compare with the binary
     python3 helm/lint.py --print-default-toml  # the default packmeter.toml, for the binary to parse
+    python3 helm/lint.py --render helm/packmeter/ci/postgres-values.yaml  # rendered objects, as JSON
 
 For the chart defaults and for every `helm/packmeter/ci/*-values.yaml`:
 
@@ -72,6 +73,11 @@ MUST_FAIL = [
      "not available in daemonset mode"),
     ("sqlite-outside-volume", {"store": {"sqlite": {"path": "/data/packmeter.db"}}},
      "must be inside persistence.mountPath"),
+    ("postgres-replicas-sharing-a-claim",
+     {"store": {"type": "postgres", "postgres": {"existingSecret": "pg"}},
+      "deployment": {"replicas": 3},
+      "persistence": {"type": "pvc", "pvc": {"existingClaim": "shared"}}},
+     "the same spill file"),
 ]
 
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
@@ -119,7 +125,7 @@ def persistence_type(v: dict) -> str:
     """Mirror of the chart's packmeter.persistenceType."""
     if v["persistence"]["type"]:
         return v["persistence"]["type"]
-    if v["store"]["type"] == "postgres":
+    if v["store"]["type"] == "postgres" and v["mode"] != "daemonset":
         return "emptyDir"
     return {"deployment": "pvc", "daemonset": "hostPath"}.get(v["mode"], "emptyDir")
 
@@ -489,6 +495,11 @@ class Checker:
             got = base64.b64decode(s.get("data", {}).get(key, "")).decode()
             self.expect(got == v["store"]["postgres"]["url"],
                         f"created Secret key {key!r} does not hold store.postgres.url")
+        url = v["store"]["postgres"]["url"] if pg else ""
+        if url:
+            leaks = [f"{o['kind']}/{o['metadata']['name']}" for o in objects
+                     if o["kind"] != "Secret" and url in json.dumps(o)]
+            self.expect(not leaks, f"the PostgreSQL URL appears outside its Secret: {leaks}")
 
         if sidecar:
             self.check_sidecar_notes(notes)
@@ -586,7 +597,16 @@ class Checker:
         self.expect(v["persistence"]["mountPath"] in mounts, f"{where}: data dir not mounted")
 
         env = {e["name"]: e for e in ctr.get("env", [])}
+        self.expect(not any("postgres://" in str(e.get("value", "")) or "postgresql://" in str(e.get("value", ""))
+                            for e in ctr.get("env", [])),
+                    f"{where}: a PostgreSQL URL in a plain env value")
         if v["store"]["type"] == "postgres":
+            # The spill file goes to $XDG_DATA_HOME/packmeter: the data volume.
+            xdg = (env.get("XDG_DATA_HOME") or {}).get("value")
+            self.expect(xdg == v["persistence"]["mountPath"],
+                        f"{where}: XDG_DATA_HOME is {xdg!r}, expected the data dir {v['persistence']['mountPath']!r}")
+            self.expect(not mounts.get(v["persistence"]["mountPath"], {}).get("readOnly"),
+                        f"{where}: the data dir is mounted read-only")
             ref = ((env.get("PACKMETER_STORE") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
             want_name = v["store"]["postgres"]["existingSecret"] or f"{self.fullname}-store"
             self.expect(ref.get("name") == want_name and ref.get("key") == v["store"]["postgres"]["secretKey"],
@@ -651,6 +671,9 @@ def main() -> int:
                     help="print the chart defaults the binary must match, as JSON, and exit")
     ap.add_argument("--print-default-toml", action="store_true",
                     help="print the packmeter.toml the chart renders from its defaults, and exit")
+    ap.add_argument("--render", metavar="VALUES_YAML",
+                    help="install the chart with these values (as `-f`) into the fake cluster and "
+                         "print the rendered objects as a JSON list, then exit (1 if Helm refused)")
     args = ap.parse_args()
 
     yaml = load_yaml_module()
@@ -684,6 +707,18 @@ def main() -> int:
               "`pip install --ignore-requires-python helm-sdkpy`", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
         return 2
+
+    if args.render:
+        try:
+            overrides = yaml.safe_load(Path(args.render).read_text()) or {}
+            objects, _, err = run_render(helm, yaml, overrides, True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if err:
+            print(f"lint.py: helm refused {args.render}: {err}", file=sys.stderr)
+            return 1
+        print(json.dumps(objects, indent=1))
+        return 0
 
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     chart_meta = yaml.safe_load((CHART / "Chart.yaml").read_text())

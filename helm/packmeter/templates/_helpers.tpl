@@ -70,8 +70,11 @@ app.kubernetes.io/component: metering
 {{- define "packmeter.persistenceType" -}}
 {{- if .Values.persistence.type -}}
 {{- .Values.persistence.type -}}
-{{- else if eq .Values.store.type "postgres" -}}
-{{- /* The binary writes nothing with PostgreSQL: a scratch dir is enough. */ -}}
+{{- else if and (eq .Values.store.type "postgres") (ne .Values.mode "daemonset") -}}
+{{- /* With PostgreSQL only the spill file is local (XDG_DATA_HOME points at
+the data volume). A Deployment's replicas cannot each have a claim of their
+own, so they get scratch space; a DaemonSet keeps hostPath (below), where a
+spill file outlives the pod and the node's next pod replays it. */ -}}
 emptyDir
 {{- else if eq .Values.mode "deployment" -}}
 pvc
@@ -148,8 +151,12 @@ turns that log line into a lint failure.)
 {{- if and (eq $p "pvc") (eq $v.mode "daemonset") -}}
 {{- fail "persistence.type=pvc is not available in daemonset mode (one claim cannot serve every node); use hostPath or emptyDir" -}}
 {{- end -}}
-{{- if and (eq $p "pvc") (eq $v.mode "deployment") (gt (int $v.deployment.replicas) 1) (not $v.persistence.pvc.existingClaim) -}}
+{{- if and (eq $p "pvc") (eq $v.mode "deployment") (gt (int $v.deployment.replicas) 1) -}}
+{{- if not $v.persistence.pvc.existingClaim -}}
 {{- fail "persistence.type=pvc with deployment.replicas > 1 would share one ReadWriteOnce claim; use emptyDir with store.type=postgres" -}}
+{{- else -}}
+{{- fail "persistence.pvc.existingClaim with deployment.replicas > 1 would give every replica the same data directory, and so the same spill file; use emptyDir (or mode=daemonset with hostPath) with store.type=postgres" -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has $v.probes.type (list "grpc" "http")) -}}
 {{- fail (printf "probes.type must be grpc or http, not %q" (toString $v.probes.type)) -}}
@@ -226,6 +233,11 @@ env:
       secretKeyRef:
         name: {{ include "packmeter.storeSecretName" $root }}
         key: {{ $v.store.postgres.secretKey }}
+  # The root filesystem is read-only. A final flush the database refused is
+  # written to the spill file $XDG_DATA_HOME/packmeter/postgres-HOST-PORT-DB.unflushed
+  # and replayed at the next start, so the data directory is the data volume.
+  - name: XDG_DATA_HOME
+    value: {{ $v.persistence.mountPath | quote }}
   {{- else }}
   # SQLite spills big sorts to temp files; the root filesystem is read-only,
   # so point them at the writable data directory.
