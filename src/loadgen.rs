@@ -4,7 +4,7 @@
 //! `DeductBatch` or `ShouldRateLimit`), or one window of `--batch` messages
 //! on their own `DeductStream`. The tasks are spread round-robin over
 //! `--connections` HTTP/2 channels. Accounts are drawn uniformly from
-//! `--accounts` ids with a fixed-seed xorshift, so two runs send the same
+//! `--accounts` ids with a seeded generator (fastrand), so two runs send the same
 //! sequence.
 //!
 //! After `--warmup`, requests that complete within `--duration` count: their
@@ -181,29 +181,18 @@ pub fn main(args: &LoadgenArgs) -> ExitCode {
 
 // === the account sequence ===
 
-/// xorshift64*: a fast, fixed-seed generator; statistical quality is
-/// plenty for picking account ids uniformly.
-struct XorShift(u64);
+/// The account picker: fastrand's seeded generator, so two runs with the
+/// same `--seed` send the same sequence of accounts.
+struct Picker(fastrand::Rng);
 
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        // Zero is xorshift's one fixed point; mix the seed so nearby seeds
-        // give unrelated sequences.
-        XorShift((seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9) | 1)
+impl Picker {
+    fn new(seed: u64) -> Picker {
+        Picker(fastrand::Rng::with_seed(seed))
     }
 
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n`, by multiply-high (no modulo bias worth the name).
+    /// Uniform in `0..n`.
     fn below(&mut self, n: u64) -> usize {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as usize
+        self.0.u64(..n.max(1)) as usize
     }
 }
 
@@ -256,7 +245,7 @@ impl Tally {
 }
 
 impl Plan {
-    fn deduct_request(&self, rng: &mut XorShift) -> proto::DeductRequest {
+    fn deduct_request(&self, rng: &mut Picker) -> proto::DeductRequest {
         let id = &self.ids[rng.below(self.args.accounts)];
         proto::DeductRequest {
             account_id: id.clone(),
@@ -267,7 +256,7 @@ impl Plan {
         }
     }
 
-    fn rls_request(&self, rng: &mut XorShift) -> RateLimitRequest {
+    fn rls_request(&self, rng: &mut Picker) -> RateLimitRequest {
         let id = &self.ids[rng.below(self.args.accounts)];
         RateLimitRequest {
             domain: self.args.domain.clone(),
@@ -310,7 +299,7 @@ impl Plan {
 }
 
 async fn unary_worker(plan: Arc<Plan>, task: usize) -> Tally {
-    let mut rng = XorShift::new(plan.args.seed.wrapping_add(task as u64));
+    let mut rng = Picker::new(plan.args.seed.wrapping_add(task as u64));
     let channel = plan.channels[task % plan.channels.len()].clone();
     let mut meter = MeterClient::new(channel.clone());
     let mut rls = RateLimitServiceClient::new(channel);
@@ -342,7 +331,7 @@ async fn unary_worker(plan: Arc<Plan>, task: usize) -> Tally {
 /// One DeductStream per task; each operation is a window of `--batch`
 /// messages sent, then their `--batch` replies read.
 async fn stream_worker(plan: Arc<Plan>, task: usize) -> Tally {
-    let mut rng = XorShift::new(plan.args.seed.wrapping_add(task as u64));
+    let mut rng = Picker::new(plan.args.seed.wrapping_add(task as u64));
     let mut meter = MeterClient::new(plan.channels[task % plan.channels.len()].clone());
     let mut tally = Tally::new();
     let batch = plan.args.batch;
@@ -708,7 +697,7 @@ mod tests {
     #[test]
     fn the_account_sequence_is_fixed_by_the_seed_and_stays_in_range() {
         let draw = |seed| {
-            let mut r = XorShift::new(seed);
+            let mut r = Picker::new(seed);
             (0..1000).map(|_| r.below(10)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));

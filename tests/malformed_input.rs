@@ -10,18 +10,15 @@ use packmeter::grpc::proto::{self, Item};
 use prost::Message;
 use tonic::Code;
 
-/// A small deterministic generator (xorshift), so a failure replays.
-struct Rng(u64);
+/// A seeded generator (fastrand), so a failure replays.
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.u64(..)
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.u64(..n)
     }
     fn bytes(&mut self, max: u64) -> Vec<u8> {
         (0..self.below(max)).map(|_| self.next() as u8).collect()
@@ -72,14 +69,64 @@ impl Rng {
     }
 }
 
-const METHODS: &[&str] = &[
-    "/packmeter.v1.Meter/Deduct",
-    "/packmeter.v1.Meter/DeductBatch",
-    "/packmeter.v1.Meter/GetUsage",
-    "/packmeter.v1.Admin/PutAccount",
-    "/packmeter.v1.Admin/GetAccount",
-    "/packmeter.v1.Admin/GrantPack",
-    "/packmeter.v1.Admin/ListPacks",
+/// Each unary method, with whether a payload decodes as its request and
+/// whether a reply decodes as its response.
+struct Method {
+    path: &'static str,
+    request_decodes: fn(&[u8]) -> bool,
+    response_decodes: fn(&[u8]) -> bool,
+}
+
+fn decodes<M: Message + Default>(bytes: &[u8]) -> bool {
+    M::decode(bytes).is_ok()
+}
+
+macro_rules! method {
+    ($path:literal, $req:ty, $resp:ty) => {
+        Method {
+            path: $path,
+            request_decodes: decodes::<$req>,
+            response_decodes: decodes::<$resp>,
+        }
+    };
+}
+
+const METHODS: &[Method] = &[
+    method!(
+        "/packmeter.v1.Meter/Deduct",
+        proto::DeductRequest,
+        proto::DeductResponse
+    ),
+    method!(
+        "/packmeter.v1.Meter/DeductBatch",
+        proto::DeductBatchRequest,
+        proto::DeductBatchResponse
+    ),
+    method!(
+        "/packmeter.v1.Meter/GetUsage",
+        proto::GetUsageRequest,
+        proto::GetUsageResponse
+    ),
+    method!(
+        "/packmeter.v1.Admin/PutAccount",
+        proto::PutAccountRequest,
+        proto::Account
+    ),
+    method!(
+        "/packmeter.v1.Admin/GetAccount",
+        proto::GetAccountRequest,
+        proto::Account
+    ),
+    method!(
+        "/packmeter.v1.Admin/GrantPack",
+        proto::GrantPackRequest,
+        proto::Pack
+    ),
+    method!(
+        "/packmeter.v1.Admin/ListPacks",
+        proto::ListPacksRequest,
+        proto::ListPacksResponse
+    ),
 ];
 
 /// Codes a bad request may get. INTERNAL or UNKNOWN would mean a bug.
@@ -102,25 +149,48 @@ async fn random_bytes_and_hostile_fields_get_precise_errors() {
         .into_inner();
     assert_eq!(split(&baseline.calls).0, 1);
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng(fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15));
     let mut raw = tonic::client::Grpc::new(server.channel().await);
+    let (mut accepted, mut refused) = (0, 0);
     for round in 0..300 {
-        let method = METHODS[round % METHODS.len()];
+        let method = &METHODS[round % METHODS.len()];
         let body = if round % 3 == 0 {
             rng.deduct().encode_to_vec()
         } else {
             rng.bytes(64)
         };
+        let valid = (method.request_decodes)(&body);
         raw.ready().await.unwrap();
-        let path = http::uri::PathAndQuery::from_static(method);
+        let path = http::uri::PathAndQuery::from_static(method.path);
         match raw
-            .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body), path, RawCodec)
+            .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body.clone()), path, RawCodec)
             .await
         {
-            Ok(_) => {}
-            Err(s) => assert!(acceptable(s.code()), "{method}: {s:?}"),
+            Ok(reply) => {
+                // Accepted: the payload really was a valid request, and the
+                // reply is a valid response.
+                accepted += 1;
+                assert!(valid, "{}: accepted {body:02x?}", method.path);
+                assert!(
+                    (method.response_decodes)(reply.get_ref()),
+                    "{}",
+                    method.path
+                );
+            }
+            Err(s) if !valid => {
+                // Not a message at all: INVALID_ARGUMENT that says so.
+                refused += 1;
+                assert_eq!(s.code(), Code::InvalidArgument, "{}: {s:?}", method.path);
+                assert!(!s.message().is_empty(), "{}", method.path);
+            }
+            Err(s) => assert!(acceptable(s.code()), "{}: {s:?}", method.path),
         }
     }
+    // The generator reached both sides of the decoder.
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
     for _ in 0..300 {
         let req = rng.deduct();
         if let Err(s) = meter.deduct(req.clone()).await {
