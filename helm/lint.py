@@ -217,6 +217,7 @@ class FakeCluster:
                      ("persistentvolumeclaims", "PersistentVolumeClaim")],
         ("apps", "v1"): [("deployments", "Deployment"), ("daemonsets", "DaemonSet")],
         ("policy", "v1"): [("poddisruptionbudgets", "PodDisruptionBudget")],
+        ("networking.k8s.io", "v1"): [("networkpolicies", "NetworkPolicy")],
         ("monitoring.coreos.com", "v1"): [("servicemonitors", "ServiceMonitor")],
     }
 
@@ -478,6 +479,20 @@ class Checker:
         self.expect(n("PodDisruptionBudget") == want_pdb,
                     f"{n('PodDisruptionBudget')} PodDisruptionBudget(s), expected {int(want_pdb)}")
 
+        want_np = v["networkPolicy"]["enabled"] and not sidecar
+        self.expect(n("NetworkPolicy") == want_np,
+                    f"{n('NetworkPolicy')} NetworkPolicy(s), expected {int(want_np)}")
+        for np in by_kind.get("NetworkPolicy", []):
+            pods = [w["spec"]["template"]["metadata"]["labels"]
+                    for kind in ("Deployment", "DaemonSet") for w in by_kind.get(kind, [])]
+            sel = np["spec"]["podSelector"]["matchLabels"]
+            self.expect(pods and all(all(p.get(k) == val for k, val in sel.items()) for p in pods),
+                        "NetworkPolicy does not select packmeter's pods")
+            ports = sorted(port["port"] for rule in np["spec"]["ingress"] for port in rule["ports"])
+            want_ports = sorted([v["config"]["grpcPort"], v["config"]["adminPort"]])
+            self.expect(ports == want_ports,
+                        f"NetworkPolicy admits ports {ports}, expected {want_ports}")
+
         want_sm = (v["serviceMonitor"]["enabled"] and want_svc and monitoring)
         self.expect(n("ServiceMonitor") == want_sm,
                     f"{n('ServiceMonitor')} ServiceMonitor(s) with monitoring.coreos.com/v1 "
@@ -666,6 +681,7 @@ class Checker:
 # === main ===
 
 def main() -> int:
+    global NAMESPACE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--print-defaults", action="store_true",
                     help="print the chart defaults the binary must match, as JSON, and exit")
@@ -674,7 +690,10 @@ def main() -> int:
     ap.add_argument("--render", metavar="VALUES_YAML",
                     help="install the chart with these values (as `-f`) into the fake cluster and "
                          "print the rendered objects as a JSON list, then exit (1 if Helm refused)")
+    ap.add_argument("--namespace", default=NAMESPACE,
+                    help=f"the release namespace for --render (default {NAMESPACE})")
     args = ap.parse_args()
+    NAMESPACE = args.namespace
 
     yaml = load_yaml_module()
     if args.print_defaults:

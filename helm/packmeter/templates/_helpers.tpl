@@ -347,6 +347,16 @@ only thing in the chart that runs as root, and only with CAP_CHOWN.
       mountPath: {{ $v.persistence.mountPath }}
 {{- end -}}
 
+{{/*
+checkov skip annotations for the workload, one per securityScanSkips entry
+(values.yaml says why each finding is accepted).
+*/}}
+{{- define "packmeter.scanSkips" -}}
+{{- range $i, $skip := .Values.securityScanSkips }}
+checkov.io/skip{{ add1 $i }}: {{ printf "%s=%s" $skip.id $skip.reason | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Pod spec shared by the Deployment and the DaemonSet. */}}
 {{- define "packmeter.podSpec" -}}
 {{- $v := .Values -}}
