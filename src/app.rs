@@ -18,6 +18,7 @@ use crate::{
     calendar::{BillingZone, Ts},
     clock::Clock,
     flush::{FlushReport, Flusher},
+    journal::Journal,
     ledger::AccountRecord,
     meter::{
         validate_account_id, Atomicity, Charge, Decision, DeductOutcome, Deduction, DenyReason,
@@ -118,6 +119,9 @@ pub struct App {
     next_pack: AtomicU64,
     /// Cancelled by [`close`](Self::close): open streams end on it.
     closing: tokio_util::sync::CancellationToken,
+    /// `--durability journal`: set once at start by
+    /// [`enable_journal`](Self::enable_journal).
+    journal: std::sync::OnceLock<Arc<Journal>>,
 }
 
 /// How many times a unary deduction of a `deny` account covers its lease
@@ -170,7 +174,20 @@ impl App {
             admin_writes: tokio::sync::Mutex::new(()),
             next_pack: AtomicU64::new(0),
             closing: tokio_util::sync::CancellationToken::new(),
+            journal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `--durability journal`: from now on every deduction is answered only
+    /// once its record is durable in `journal`, and the flusher checkpoints
+    /// it. Call before serving.
+    pub fn enable_journal(&self, journal: Arc<Journal>) {
+        self.flusher.enable_journal(journal.clone());
+        let _ = self.journal.set(journal);
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
     }
 
     pub fn meter(&self) -> &Arc<Meter> {
@@ -240,6 +257,18 @@ impl App {
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
         }
+        if let Some(j) = self.journal.get() {
+            // Refused before anything is deducted while the journal cannot
+            // be written: nothing is acknowledged that is not durable.
+            if !j.writable() {
+                return Err(refused(
+                    0,
+                    MeterError::JournalUnavailable(
+                        "the journal cannot be written (disk full or I/O error)".into(),
+                    ),
+                ));
+            }
+        }
         let now = self.clock.now();
         for (i, r) in reqs.iter().enumerate() {
             self.meter
@@ -280,8 +309,9 @@ impl App {
         Ok(outcomes.into())
     }
 
-    /// Runs a deduction with a fresh clock, records its outcomes in the
-    /// metrics, and runs it again while a request id it repeats is still
+    /// Runs a deduction with a fresh clock, in journal mode waits until its
+    /// record is durable (this is where a deduction is acknowledged),
+    /// records its outcomes in the metrics, and runs it again while a request id it repeats is still
     /// being deducted elsewhere: the original is a few instructions from
     /// done, unless its thread was preempted, so let it finish, then ask
     /// again (bounded by `IN_FLIGHT_RETRIES`).
@@ -291,8 +321,19 @@ impl App {
     ) -> Result<T, Refused> {
         let mut attempt = 0;
         loop {
-            match deduct(self.clock.now()) {
+            let (deducted, commit) = match self.journal.get() {
+                None => (deduct(self.clock.now()), None),
+                Some(j) => j.capture(|| deduct(self.clock.now())),
+            };
+            match deducted {
                 Ok(outcomes) => {
+                    if let Some(commit) = commit {
+                        // One group commit for the whole group of requests.
+                        commit.wait().await.map_err(|e| Refused {
+                            index: 0,
+                            error: MeterError::JournalUnavailable(e.to_string()),
+                        })?;
+                    }
                     for o in outcomes.as_ref() {
                         self.metrics.record_deduction(o);
                     }

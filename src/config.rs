@@ -15,6 +15,7 @@ use std::{
 
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
+    journal::Durability,
     meter::lease::{LeaseConfig, LeaseOutage},
     meter::{MeterConfig, UnknownAccounts},
     store::StoreUrl,
@@ -74,6 +75,11 @@ pub struct ServeArgs {
     /// lease is spent: deny or allow [default: deny].
     #[arg(long, env = "PACKMETER_LEASE_OUTAGE", value_name = "MODE")]
     pub lease_outage: Option<String>,
+    /// What a SIGKILL may lose: flush (up to one flush interval of usage) or
+    /// journal (nothing acknowledged: each deduction is synced to a local
+    /// journal before it is answered) [default: flush].
+    #[arg(long, env = "PACKMETER_DURABILITY", value_name = "MODE")]
+    pub durability: Option<String>,
     /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
     #[arg(long, env = "PACKMETER_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -140,6 +146,7 @@ struct FileConfig {
     lease_ttl: Option<String>,
     lease_outage: Option<String>,
     shutdown_grace: Option<String>,
+    durability: Option<String>,
     log_format: Option<String>,
     max_calls: Option<u64>,
     max_egress_bytes: Option<u64>,
@@ -162,7 +169,8 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 24] = [
+    const KEYS: [&'static str; 25] = [
+        "durability",
         "strict_deny",
         "lease_ttl",
         "lease_outage",
@@ -207,6 +215,7 @@ impl FileConfig {
             "lease_ttl" => Slot::Text(&mut self.lease_ttl),
             "lease_outage" => Slot::Text(&mut self.lease_outage),
             "shutdown_grace" => Slot::Text(&mut self.shutdown_grace),
+            "durability" => Slot::Text(&mut self.durability),
             "log_format" => Slot::Text(&mut self.log_format),
             "max_calls" => Slot::Number(&mut self.max_calls),
             "max_egress_bytes" => Slot::Number(&mut self.max_egress_bytes),
@@ -322,6 +331,8 @@ pub struct Config {
     /// ledger (a fresh free tier for every account), so `serve` refuses it.
     pub create_store_dir: bool,
     pub flush_interval: Duration,
+    /// `--durability`: see [`crate::journal`].
+    pub durability: Durability,
     pub shutdown_grace: Duration,
     pub idle_evict: Duration,
     pub log_format: LogFormat,
@@ -657,6 +668,10 @@ impl Config {
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
+        let durability = match pick(&args.durability, &file.durability) {
+            None => Durability::default(),
+            Some(v) => v.parse().map_err(|e: String| err("durability", e))?,
+        };
         let strict = match pick(&args.strict_deny, &file.strict_deny)
             .as_deref()
             .map(str::trim)
@@ -901,6 +916,7 @@ impl Config {
             store,
             create_store_dir,
             flush_interval,
+            durability,
             shutdown_grace,
             idle_evict,
             log_format,
