@@ -284,3 +284,179 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
         }
     }
 }
+
+/// A filesystem the test makes itself: a 4 MiB tmpfs where the machine
+/// allows mounting one (root), unmounted on drop.
+struct SmallFs {
+    path: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn mount(at: &Path) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "packmeter-test"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs {
+            path: at.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with a ballast file until it refuses more.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    // Whatever still fits in smaller pieces too.
+    while f.write_all(&chunk[..512]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+async fn health(server: &Server) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "packmeter.v1.Meter".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Sends batches of 50 one-call deductions until one is refused; returns
+/// the refusal. Acknowledged and refused calls go to `tally`.
+async fn until_refused(meter: &mut MeterClient<Channel>, account: &str, tally: &mut Tally) -> tonic::Status {
+    for _ in 0..20_000 {
+        let req = proto::DeductBatchRequest {
+            deductions: vec![deduct(account, 1, 0, None); 50],
+        };
+        match meter.deduct_batch(req).await {
+            Ok(_) => tally.acked.push((Instant::now(), 50)),
+            Err(status) => {
+                tally.in_doubt += 50;
+                return status;
+            }
+        }
+    }
+    panic!("the journal never filled the disk");
+}
+
+/// Sends one deduction a while until one is acknowledged again.
+async fn until_served(meter: &mut MeterClient<Channel>, account: &str, tally: &mut Tally) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match meter.deduct(deduct(account, 1, 0, None)).await {
+            Ok(_) => {
+                tally.acked.push((Instant::now(), 1));
+                return;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                tally.in_doubt += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "service did not resume");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Disk full: the journal's write fails, deductions get UNAVAILABLE and
+/// health goes NOT_SERVING, nothing acknowledged is lost, and service comes
+/// back by itself once space is freed. On a tmpfs of its own where the
+/// machine allows it; otherwise under RLIMIT_FSIZE (the journal's next
+/// file then has room at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_deductions_and_service_resumes_once_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--durability", "journal", "--flush-interval", "1h"];
+    let account = "disk";
+    let mut tally = Tally::default();
+    // PACKMETER_TEST_NO_TMPFS=1 takes the RLIMIT_FSIZE path where a tmpfs would work.
+    let small = std::env::var_os("PACKMETER_TEST_NO_TMPFS")
+        .is_none()
+        .then(|| SmallFs::mount(&dir.path().join("fs")))
+        .flatten();
+    let db;
+    let server = match &small {
+        Some(fs) => {
+            db = fs.path.join("packmeter.db");
+            Server::start_on(&db, &flags)
+        }
+        None => {
+            eprintln!("no tmpfs (it cannot be mounted here, or PACKMETER_TEST_NO_TMPFS is set): using RLIMIT_FSIZE");
+            db = dir.path().join("packmeter.db");
+            Server::start_prepared(&db, &flags, |command| {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: only async-signal-safe calls between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        let limit = libc::rlimit {
+                            rlim_cur: 1 << 20,
+                            rlim_max: 1 << 20,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // EFBIG instead of a signal that kills the process.
+                        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                        Ok(())
+                    });
+                }
+            })
+        }
+    };
+    let mut meter = server.meter().await;
+    meter.deduct(deduct(account, 1, 0, None)).await.unwrap();
+    tally.acked.push((Instant::now(), 1));
+    assert_eq!(health(&server).await, SERVING);
+
+    let ballast = small.as_ref().map(|fs| fill(&fs.path));
+    let refused = until_refused(&mut meter, account, &mut tally).await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("journal"), "{refused:?}");
+    if let Some(ballast) = ballast {
+        // Still full: refused, before anything is deducted, and not serving.
+        let again = meter.deduct(deduct(account, 1, 0, None)).await.unwrap_err();
+        tally.in_doubt += 1;
+        assert_eq!(again.code(), tonic::Code::Unavailable);
+        assert_eq!(health(&server).await, NOT_SERVING);
+        assert_eq!(common::get(&server.admin, "/readyz").await.status, 503);
+        assert_eq!(server.metric("packmeter_journal_writable").await, 0.0);
+        std::fs::remove_file(ballast).unwrap();
+    }
+    until_served(&mut meter, account, &mut tally).await;
+    common::until(Duration::from_secs(5), async || health(&server).await == SERVING).await;
+    assert_eq!(common::get(&server.admin, "/readyz").await.status, 200);
+    assert_eq!(server.metric("packmeter_journal_writable").await, 1.0);
+
+    // A crash now: what was acknowledged must be in the journal, durable.
+    server.kill9();
+    let server = Server::start_on(&db, &flags);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    let b = billed(&db, account);
+    assert!(
+        b >= tally.acked() && b <= tally.acked() + tally.in_doubt,
+        "billed {b}, acknowledged {}, refused {}",
+        tally.acked(),
+        tally.in_doubt
+    );
+    drop(small);
+}
