@@ -121,35 +121,34 @@ async fn load(channel: Channel, kind: Client, account: &'static str, tally: Arc<
             }
         },
         Client::Stream => {
-            // One message in flight at a time, so what is in doubt is known.
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let first = 1 + rng.below(9);
-            if tx.send(deduct(account, first, 0, None)).await.is_err() {
-                return;
-            }
-            let mut sent = first;
+            // A window of up to 8 messages in flight, so the server deducts
+            // several before it answers; what is unanswered is in doubt.
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let mut outstanding = std::collections::VecDeque::new();
             let mut inbound = match meter
                 .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
             {
                 Ok(r) => r.into_inner(),
-                Err(_) => {
-                    tally.lock().unwrap().in_doubt += sent;
-                    return;
-                }
+                Err(_) => return,
             };
             loop {
+                while outstanding.len() < 8 {
+                    let calls = 1 + rng.below(9);
+                    if tx.send(deduct(account, calls, 0, None)).await.is_err() {
+                        break;
+                    }
+                    outstanding.push_back(calls);
+                }
                 match inbound.message().await {
-                    Ok(Some(_)) => tally.lock().unwrap().acked.push((Instant::now(), sent)),
+                    Ok(Some(_)) => {
+                        let calls = outstanding.pop_front().expect("an answer to a message sent");
+                        tally.lock().unwrap().acked.push((Instant::now(), calls));
+                    }
                     _ => {
-                        tally.lock().unwrap().in_doubt += sent;
+                        tally.lock().unwrap().in_doubt += outstanding.iter().sum::<u64>();
                         return;
                     }
-                }
-                sent = 1 + rng.below(9);
-                if tx.send(deduct(account, sent, 0, None)).await.is_err() {
-                    tally.lock().unwrap().in_doubt += sent;
-                    return;
                 }
             }
         }
