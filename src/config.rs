@@ -1109,7 +1109,8 @@ mod tests {
     }
 
     /// Every string field of [`ServeArgs`], by the name errors give it.
-    const STRING_FIELDS: [&str; 21] = [
+    const STRING_FIELDS: [&str; 22] = [
+        "durability",
         "listen",
         "admin_listen",
         "store",
@@ -1135,6 +1136,7 @@ mod tests {
 
     fn slot<'a>(a: &'a mut ServeArgs, field: &str) -> &'a mut Option<String> {
         match field {
+            "durability" => &mut a.durability,
             "listen" => &mut a.listen,
             "admin_listen" => &mut a.admin_listen,
             "store" => &mut a.store,
@@ -1165,6 +1167,31 @@ mod tests {
         let mut args = ServeArgs::default();
         *slot(&mut args, field) = Some(value.to_string());
         args
+    }
+
+    #[test]
+    fn durability_is_flush_by_default_and_a_bad_mode_names_the_field() {
+        assert_eq!(
+            Config::resolve(&ServeArgs::default()).unwrap().durability,
+            Durability::Flush
+        );
+        let c = Config::resolve(&only("durability", " journal ")).unwrap();
+        assert_eq!(c.durability, Durability::Journal);
+        let e = Config::resolve(&only("durability", "fsync")).unwrap_err();
+        assert_eq!(e.field, "durability");
+        assert!(e.message.contains("`fsync` is not flush or journal"), "{}", e.message);
+        // The TOML key, too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        std::fs::write(&path, "durability = \"journal\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args).unwrap().durability,
+            Durability::Journal
+        );
     }
 
     #[test]
@@ -1483,7 +1510,7 @@ mod tests {
 
     fn near_word() -> BoxedStrategy<String> {
         let word = prop::sample::select(vec![
-            "activate", "reject", "text", "json", "account", "item", "",
+            "activate", "reject", "text", "json", "account", "item", "flush", "journal", "",
         ]);
         prop_oneof![
             word.clone().prop_map(String::from),
@@ -1502,7 +1529,7 @@ mod tests {
             "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls" | "free_egress_bytes"
             | "free_months" => near_number(),
             "unknown_accounts" | "log_format" | "rls_domain" | "rls_account_key"
-            | "rls_item_key" => near_word(),
+            | "rls_item_key" | "durability" => near_word(),
             _ => prop_oneof![near_duration(), overflowing_duration()].boxed(),
         };
         prop_oneof![any_text(), near].boxed()

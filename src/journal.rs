@@ -820,40 +820,34 @@ impl Journal {
 
     /// Writes and syncs a group; on any error the file is dropped (the next
     /// write starts a new one, so a torn group is never written over).
-    fn write_group(&self, out: &mut Writer<'_>, records: &[(u64, Vec<u8>)]) -> Result<(), JournalError> {
-        let mut bytes = 0;
-        let mut synced_keys = Vec::new();
-        let result = (|| {
-            let mut i = 0;
-            while i < records.len() {
-                let epoch = records[i].0;
-                let run = records[i..]
-                    .iter()
-                    .take_while(|(e, _)| *e == epoch)
-                    .count();
-                let key = out.open(epoch, &self.segments)?;
-                let mut buf = Vec::new();
-                for (_, r) in &records[i..i + run] {
+    fn write_group(
+        &self,
+        out: &mut Writer<'_>,
+        records: &[(u64, Vec<u8>)],
+    ) -> Result<(), JournalError> {
+        let mut write = || -> Result<(), JournalError> {
+            // One run of records per epoch, each epoch in its own file.
+            for run in records.chunk_by(|a, b| a.0 == b.0) {
+                let key = out.open(run[0].0, &self.segments)?;
+                let mut buf = Vec::with_capacity(run.iter().map(|(_, r)| r.len()).sum());
+                for (_, r) in run {
                     buf.extend_from_slice(r);
                 }
                 let (f, path) = out.file_mut();
                 f.write_all(&buf).map_err(io(path))?;
-                bytes += buf.len();
                 let started = Instant::now();
                 f.sync_data().map_err(io(path))?;
                 let fsync = started.elapsed();
                 *self.segments.lock().entry(key).or_default() += buf.len() as u64;
-                synced_keys.push(key);
-                self.observer.committed(run, buf.len(), fsync);
-                i += run;
+                self.observer.committed(run.len(), buf.len(), fsync);
             }
             Ok(())
-        })();
+        };
+        let result = write();
         if result.is_err() {
             out.file = None;
         }
         self.report_size();
-        let _ = (bytes, synced_keys);
         result
     }
 }
