@@ -1179,7 +1179,11 @@ mod tests {
         assert_eq!(c.durability, Durability::Journal);
         let e = Config::resolve(&only("durability", "fsync")).unwrap_err();
         assert_eq!(e.field, "durability");
-        assert!(e.message.contains("`fsync` is not flush or journal"), "{}", e.message);
+        assert!(
+            e.message.contains("`fsync` is not flush or journal"),
+            "{}",
+            e.message
+        );
         // The TOML key, too.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pm.toml");

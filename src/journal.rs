@@ -331,7 +331,9 @@ pub fn decode(buf: &[u8]) -> Decoded {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len > MAX_BODY {
-            out.stop = Some(stop(format!("record length {len} is past the {MAX_BODY}-byte limit")));
+            out.stop = Some(stop(format!(
+                "record length {len} is past the {MAX_BODY}-byte limit"
+            )));
             break;
         }
         if after.len() < len {
@@ -454,8 +456,11 @@ fn parse_segment_name(name: &str) -> Option<(u64, u32)> {
     Some((e.parse().ok()?, n.parse().ok()?))
 }
 
+/// A segment file: its (epoch, n) and its path.
+type SegmentFile = ((u64, u32), PathBuf);
+
 /// Every segment file of `dir`, in order.
-fn list_segments(dir: &Path) -> Result<Vec<((u64, u32), PathBuf)>, JournalError> {
+fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -652,7 +657,9 @@ impl Journal {
 
     /// Registers a batch of the take of `epoch`.
     pub fn register(&self, batch_id: &str, epoch: u64) {
-        self.batches.lock().insert(batch_id.to_owned(), (epoch, false));
+        self.batches
+            .lock()
+            .insert(batch_id.to_owned(), (epoch, false));
     }
 
     /// A batch made of part of `parent`'s accounts (narrowing a permanent
@@ -677,7 +684,11 @@ impl Journal {
                 epoch,
                 batch_id: batch.batch_id.clone(),
                 now: batch.now,
-                accounts: batch.accounts.iter().map(|a| a.account_id.clone()).collect(),
+                accounts: batch
+                    .accounts
+                    .iter()
+                    .map(|a| a.account_id.clone())
+                    .collect(),
             },
             &mut buf,
         );
@@ -726,9 +737,7 @@ impl Journal {
             for key in covered {
                 let path = this.dir.join(segment_name(key.0, key.1));
                 match std::fs::remove_file(&path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(io(&path)(e))
-                    }
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
                     _ => {
                         this.segments.lock().remove(&key);
                     }
@@ -740,7 +749,9 @@ impl Journal {
         .await;
         match done {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "journal checkpoint failed; the journal is kept and truncated at a later flush"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "journal checkpoint failed; the journal is kept and truncated at a later flush")
+            }
             Err(e) => tracing::warn!(error = %e, "journal checkpoint task failed"),
         }
     }
@@ -861,7 +872,11 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     /// Makes the open file one of `epoch`, creating a new one if needed.
-    fn open(&mut self, epoch: u64, segments: &parking_lot::Mutex<Segments>) -> Result<(u64, u32), JournalError> {
+    fn open(
+        &mut self,
+        epoch: u64,
+        segments: &parking_lot::Mutex<Segments>,
+    ) -> Result<(u64, u32), JournalError> {
         if let Some((e, n, _, _)) = &self.file {
             if *e >= epoch {
                 // Records never go back in epoch; keep writing this file.
@@ -934,7 +949,7 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
     let mut last_epoch = covered;
     // (epoch, account) -> parts, in journal order; intents by take epoch.
     let mut deductions: Vec<(u64, AccountFlush)> = Vec::new();
-    let mut intents: Vec<(u64, String, Ts, Vec<Arc<str>>)> = Vec::new();
+    let mut intents: Vec<IntentOf> = Vec::new();
     for ((epoch, _), path) in &segments {
         last_epoch = last_epoch.max(*epoch);
         if *epoch <= covered {
@@ -995,11 +1010,14 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
     Ok(done)
 }
 
+/// An intent as replay reads it: (take epoch, batch id, batch now, accounts).
+type IntentOf = (u64, String, Ts, Vec<Arc<str>>);
+
 /// Gives each deduction part to the batch that took it, or to new batches.
 /// Deterministic: the same journal yields the same batches and ids.
 fn assign(
     deductions: Vec<(u64, AccountFlush)>,
-    intents: Vec<(u64, String, Ts, Vec<Arc<str>>)>,
+    intents: Vec<IntentOf>,
     journal_id: u64,
     covered: u64,
     last_epoch: u64,

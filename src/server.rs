@@ -40,10 +40,10 @@ use crate::{
     clock::SystemClock,
     config::Config,
     drain::Drain,
-    journal::Durability,
     grpc::{
         admin::AdminService, envoy_rls::RlsService, meter::MeterService, noop::NoopService, proto,
     },
+    journal::Durability,
     meter::Meter,
     metrics::Metrics,
     spill, store,
@@ -172,7 +172,12 @@ pub async fn serve(
     let journaled = if config.durability == Durability::Journal || journal_dir.exists() {
         let r = crate::journal::replay(&journal_dir, &spill_path, crate::calendar::now_ts())?;
         if r.deductions > 0 || r.stopped > 0 {
-            tracing::info!(deductions = r.deductions, batches = r.batches, files_stopped_early = r.stopped, "journal replayed");
+            tracing::info!(
+                deductions = r.deductions,
+                batches = r.batches,
+                files_stopped_early = r.stopped,
+                "journal replayed"
+            );
         }
         Some(r)
     } else {

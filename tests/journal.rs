@@ -91,7 +91,13 @@ const CLIENTS: [(Client, &str); 3] = [
 
 /// Sends deductions of `account` until the server goes away; every answer
 /// is added to `tally` the moment it arrives.
-async fn load(channel: Channel, kind: Client, account: &'static str, tally: Arc<Mutex<Tally>>, seed: u64) {
+async fn load(
+    channel: Channel,
+    kind: Client,
+    account: &'static str,
+    tally: Arc<Mutex<Tally>>,
+    seed: u64,
+) {
     let mut rng = Rng(seed);
     let mut meter = MeterClient::new(channel);
     match kind {
@@ -142,7 +148,9 @@ async fn load(channel: Channel, kind: Client, account: &'static str, tally: Arc<
                 }
                 match inbound.message().await {
                     Ok(Some(_)) => {
-                        let calls = outstanding.pop_front().expect("an answer to a message sent");
+                        let calls = outstanding
+                            .pop_front()
+                            .expect("an answer to a message sent");
                         tally.lock().unwrap().acked.push((Instant::now(), calls));
                     }
                     _ => {
@@ -257,7 +265,10 @@ async fn kill_9_under_load_in_journal_mode_loses_nothing_acknowledged_and_double
         .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert!(left < 64 * 1024, "journal left after a clean stop: {left} bytes");
+    assert!(
+        left < 64 * 1024,
+        "journal left after a clean stop: {left} bytes"
+    );
 }
 
 /// Flush mode: a kill loses at most what was acknowledged within about one
@@ -273,7 +284,10 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
     for round in 0..kills {
         let server = Server::start_on(&db, &flags);
         let before: Vec<u64> = CLIENTS.iter().map(|(_, a)| billed(&db, a)).collect();
-        let tallies: Vec<_> = CLIENTS.iter().map(|_| Arc::<Mutex<Tally>>::default()).collect();
+        let tallies: Vec<_> = CLIENTS
+            .iter()
+            .map(|_| Arc::<Mutex<Tally>>::default())
+            .collect();
         let killed = life(
             server,
             &mut rng,
@@ -333,7 +347,9 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.path).status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
     }
 }
 
@@ -367,7 +383,11 @@ const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus:
 
 /// Sends batches of 50 one-call deductions until one is refused; returns
 /// the refusal. Acknowledged and refused calls go to `tally`.
-async fn until_refused(meter: &mut MeterClient<Channel>, account: &str, tally: &mut Tally) -> tonic::Status {
+async fn until_refused(
+    meter: &mut MeterClient<Channel>,
+    account: &str,
+    tally: &mut Tally,
+) -> tonic::Status {
     for _ in 0..20_000 {
         let req = proto::DeductBatchRequest {
             deductions: vec![deduct(account, 1, 0, None); 50],
@@ -467,7 +487,10 @@ async fn a_full_disk_refuses_deductions_and_service_resumes_once_space_is_freed(
         std::fs::remove_file(ballast).unwrap();
     }
     until_served(&mut meter, account, &mut tally).await;
-    common::until(Duration::from_secs(5), async || health(&server).await == SERVING).await;
+    common::until(Duration::from_secs(5), async || {
+        health(&server).await == SERVING
+    })
+    .await;
     assert_eq!(common::get(&server.admin, "/readyz").await.status, 200);
     assert_eq!(server.metric("packmeter_journal_writable").await, 1.0);
 

@@ -52,7 +52,11 @@ fn records_decode_as_they_were_encoded() {
     let (buf, starts, records) = three();
     let d = decode(&buf);
     assert_eq!(d.stop, None);
-    let got: Vec<_> = d.records.iter().map(|(o, r)| (*o as usize, r.clone())).collect();
+    let got: Vec<_> = d
+        .records
+        .iter()
+        .map(|(o, r)| (*o as usize, r.clone()))
+        .collect();
     let want: Vec<_> = starts.into_iter().zip(records).collect();
     assert_eq!(got, want);
 }
@@ -186,7 +190,9 @@ fn each_deduction_goes_to_the_first_take_of_its_account_at_or_after_its_epoch() 
     };
     assert_eq!(sum("t1"), vec![("a".into(), 1), ("b".into(), 2)]);
     assert_eq!(sum("t1-b"), vec![("b".into(), 2)]);
-    assert!(batches.iter().all(|b| b.batch_id != "t1" || b.accounts.len() == 1));
+    assert!(batches
+        .iter()
+        .all(|b| b.batch_id != "t1" || b.accounts.len() == 1));
     assert_eq!(sum("t2"), vec![("a".into(), 4)]);
     // Nothing took epoch 3: a new batch, named after the journal.
     assert_eq!(

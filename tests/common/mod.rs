@@ -52,7 +52,13 @@ impl Server {
     pub fn start_prepared(db: &Path, extra: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         let mut command = Command::new(BIN);
         prepare(&mut command);
-        Server::launch_command(command, &format!("sqlite://{}", db.display()), None, extra, db)
+        Server::launch_command(
+            command,
+            &format!("sqlite://{}", db.display()),
+            None,
+            extra,
+            db,
+        )
     }
 
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
