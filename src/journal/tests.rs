@@ -189,6 +189,12 @@ fn each_deduction_goes_to_the_first_take_of_its_account_at_or_after_its_epoch() 
             .collect()
     };
     assert_eq!(sum("t1"), vec![("a".into(), 1), ("b".into(), 2)]);
+    // Parts of one account in one batch are merged, amounts summed.
+    let rest = batches
+        .iter()
+        .find(|b| b.batch_id.starts_with("journal-"))
+        .unwrap();
+    assert_eq!(rest.accounts.len(), 2);
     assert_eq!(sum("t1-b"), vec![("b".into(), 2)]);
     assert!(batches
         .iter()
@@ -237,4 +243,34 @@ fn a_corrupt_checkpoint_stops_the_replay_with_its_path() {
     std::fs::write(dir.path().join("checkpoint"), b"\x05\0\0\0garbage").unwrap();
     let e = replay(dir.path(), &dir.path().join("spill"), 0).unwrap_err();
     assert!(e.to_string().contains("checkpoint"), "{e}");
+}
+
+#[test]
+fn parts_of_one_account_merge_into_one_with_summed_amounts() {
+    let mut b = part("a", 5);
+    b.dedup.push(crate::ledger::DedupRecord {
+        request_id: "r1".into(),
+        expires_at: 10,
+        hour: Some(0),
+        calls_covered: 0,
+        calls_overage: 5,
+        egress_covered: 0,
+        egress_overage: 0,
+    });
+    b.account = Some(crate::ledger::AccountRecord {
+        account_id: "a".into(),
+        activated_at: Some(7),
+        suspended: false,
+        deny_on_exhausted: true,
+    });
+    let mut c = part("a", 2);
+    c.deltas[0].hour = 3_600_000_000;
+    let merged = merge_parts(vec![part("b", 1), part("a", 1), b, c]);
+    let ids: Vec<_> = merged.iter().map(|p| p.account_id.to_string()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    let a = &merged[0];
+    let amounts: Vec<_> = a.deltas.iter().map(|d| (d.hour, d.amount)).collect();
+    assert_eq!(amounts, [(0, 6), (3_600_000_000, 2)]);
+    assert_eq!(a.dedup.len(), 1);
+    assert_eq!(a.account.as_ref().unwrap().activated_at, Some(7));
 }
