@@ -14,7 +14,8 @@
 # replay of REPLAY deductions (default 1000000) left in a journal by a kill -9
 # is timed: from the restart to the listening line.
 # Settings (environment): BIN, DURATION (8s), WARMUP (2s), CONCURRENCY (32),
-# CONNECTIONS (2), ACCOUNTS (10000), REPLAY (1000000; 0 to skip).
+# CONNECTIONS (2), ACCOUNTS (10000), REPLAY (1000000; 0 to skip), ONLY_REPLAY
+# (1: the replay measurement alone).
 set -euo pipefail
 
 BIN=${BIN:-target/release/packmeter}
@@ -90,6 +91,7 @@ groups() {
   LAST[s]=$sum LAST[c]=$count LAST[fs]=$fsum LAST[fc]=$fcount
 }
 
+if [ "${ONLY_REPLAY:-0}" != 1 ]; then
 start noop 50571 9571 --noop
 start flush 50572 9572 --durability flush
 start journal 50573 9573 --durability journal
@@ -107,6 +109,7 @@ for rpc in deduct batch stream; do
   groups "$rpc"
 done
 echo "# journal size at the end: $(metric journal packmeter_journal_bytes) bytes"
+fi
 
 if [ "$REPLAY" -gt 0 ]; then
   # A journal of REPLAY deductions that no flush took: flush interval 1h,
