@@ -940,8 +940,9 @@ pub struct Replayed {
     pub journal_id: u64,
 }
 
-/// Deduction records per batch the replay writes for deductions no flush took.
-const REPLAY_BATCH_RECORDS: usize = 5_000;
+/// Accounts per batch the replay writes for deductions no flush took, as
+/// the flusher's batches.
+const REPLAY_BATCH_ACCOUNTS: usize = crate::flush::BATCH_ACCOUNTS;
 
 /// Reads the journal in `dir` and turns what the store may lack into
 /// batches appended to the spill file at `spill`; then moves the
@@ -1063,11 +1064,12 @@ fn assign(
             accounts: merge_parts(parts),
         })
         .collect();
-    for (n, chunk) in rest.chunks(REPLAY_BATCH_RECORDS).enumerate() {
+    let rest = merge_parts(rest);
+    for (n, chunk) in rest.chunks(REPLAY_BATCH_ACCOUNTS).enumerate() {
         out.push(FlushBatch {
             batch_id: format!("journal-{journal_id:016x}-{covered}-{last_epoch}-{n}"),
             now,
-            accounts: merge_parts(chunk.to_vec()),
+            accounts: chunk.to_vec(),
         });
     }
     out
