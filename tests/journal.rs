@@ -292,7 +292,8 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
             server,
             &mut rng,
             &tallies,
-            3 * interval.as_millis() as u64,
+            // Longer than the window below, so the bound says something.
+            1_500,
             End::Kill9,
         )
         .await;
@@ -300,8 +301,8 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
             let t = tallies[i].lock().unwrap().clone();
             let got = billed(&db, account) - before[i];
             // Slack for a flush that started just before the window and
-            // for the time the flush itself takes.
-            let window = interval * 2 + Duration::from_millis(300);
+            // for the time the flush itself takes on a loaded machine.
+            let window = interval * 2 + Duration::from_millis(500);
             let recent: u64 = t
                 .acked
                 .iter()
