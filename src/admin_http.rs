@@ -20,7 +20,9 @@ use crate::{app::App, meter::MeterError, pack_page};
 pub struct AdminState {
     pub app: Arc<App>,
     /// Readiness latch: set once serving starts, cleared when shutdown
-    /// begins, never set again.
+    /// begins, never set again after that. In journal mode it is also
+    /// cleared while the journal cannot be written, and set again once it
+    /// can (`server::journal_health`), until shutdown.
     pub ready: AtomicBool,
 }
 

@@ -18,6 +18,7 @@ use crate::{
     calendar::{BillingZone, Ts},
     clock::Clock,
     flush::{FlushReport, Flusher},
+    journal::{Commit, Journal},
     ledger::AccountRecord,
     meter::{
         validate_account_id, Atomicity, Charge, Decision, DeductOutcome, Deduction, DenyReason,
@@ -102,6 +103,14 @@ const MAX_TS: Ts = 253_402_300_799 * crate::calendar::SECOND;
 /// The outcomes of a group, in order; inline for a group of one.
 pub type Outcomes = smallvec::SmallVec<[DeductOutcome; 1]>;
 
+/// A group deducted but not yet acknowledged: see [`App::deduct_deferred`].
+#[must_use = "a deferred deduction is answered only through App::acknowledge"]
+pub struct Deferred {
+    outcomes: Outcomes,
+    /// Journal mode: the group commit its record is in.
+    commit: Option<Commit>,
+}
+
 /// How often a deduction whose request id is in flight elsewhere waits for
 /// the original before it is refused as retryable.
 const IN_FLIGHT_RETRIES: usize = 64;
@@ -118,6 +127,9 @@ pub struct App {
     next_pack: AtomicU64,
     /// Cancelled by [`close`](Self::close): open streams end on it.
     closing: tokio_util::sync::CancellationToken,
+    /// `--durability journal`: set once at start by
+    /// [`enable_journal`](Self::enable_journal).
+    journal: std::sync::OnceLock<Arc<Journal>>,
 }
 
 /// How many times a unary deduction of a `deny` account covers its lease
@@ -126,20 +138,10 @@ const LEASE_ATTEMPTS: u32 = 3;
 
 /// One deduction of [`App::deduct_one`]: an outcome to answer, or, with
 /// `retry`, a denial for a lease spent meanwhile, which is retried and not
-/// counted (it is an empty slice to the metrics).
+/// counted (only the answered attempt reaches the metrics).
 struct Attempt {
     outcome: [DeductOutcome; 1],
     retry: bool,
-}
-
-impl AsRef<[DeductOutcome]> for Attempt {
-    fn as_ref(&self) -> &[DeductOutcome] {
-        if self.retry {
-            &[]
-        } else {
-            &self.outcome
-        }
-    }
 }
 
 impl App {
@@ -170,7 +172,20 @@ impl App {
             admin_writes: tokio::sync::Mutex::new(()),
             next_pack: AtomicU64::new(0),
             closing: tokio_util::sync::CancellationToken::new(),
+            journal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `--durability journal`: from now on every deduction is answered only
+    /// once its record is durable in `journal`, and the flusher checkpoints
+    /// it. Call before serving.
+    pub fn enable_journal(&self, journal: Arc<Journal>) {
+        self.flusher.enable_journal(journal.clone());
+        let _ = self.journal.set(journal);
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
     }
 
     pub fn meter(&self) -> &Arc<Meter> {
@@ -236,9 +251,34 @@ impl App {
         reqs: &[DeductRequest<'_>],
         atomicity: Atomicity,
     ) -> Result<Outcomes, Refused> {
+        let deferred = self.deduct_deferred(reqs, atomicity).await?;
+        self.acknowledge(deferred).await
+    }
+
+    /// [`deduct`](Self::deduct) up to, not including, the acknowledgement:
+    /// the group is deducted and, in journal mode, its record handed to the
+    /// journal. A stream deducts the messages it has received this way, in
+    /// order, then acknowledges each, so one group commit covers them all.
+    pub async fn deduct_deferred(
+        &self,
+        reqs: &[DeductRequest<'_>],
+        atomicity: Atomicity,
+    ) -> Result<Deferred, Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
+        }
+        if let Some(j) = self.journal.get() {
+            // Refused before anything is deducted while the journal cannot
+            // be written: nothing is acknowledged that is not durable.
+            if !j.writable() {
+                return Err(refused(
+                    0,
+                    MeterError::JournalUnavailable(
+                        "the journal cannot be written (disk full or I/O error)".into(),
+                    ),
+                ));
+            }
         }
         let now = self.clock.now();
         for (i, r) in reqs.iter().enumerate() {
@@ -247,10 +287,10 @@ impl App {
                 .map_err(|e| refused(i, e))?;
         }
         if let [one] = reqs {
-            return self
-                .deduct_one(one, now)
-                .await
-                .map(|o| smallvec::smallvec![o]);
+            return self.deduct_one(one, now).await.map(|(o, commit)| Deferred {
+                outcomes: smallvec::smallvec![o],
+                commit,
+            });
         }
         let mut accounts = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
@@ -274,30 +314,51 @@ impl App {
         self.cover_leases(&charges).await;
         // Fresh: the loads above may have taken long enough for an hour to
         // close (R9).
-        let outcomes = self
+        let (outcomes, commit) = self
             .until_not_in_flight(|now| self.meter.deduct_all(&charges, now, atomicity))
             .await?;
-        Ok(outcomes.into())
+        Ok(Deferred {
+            outcomes: outcomes.into(),
+            commit,
+        })
     }
 
-    /// Runs a deduction with a fresh clock, records its outcomes in the
-    /// metrics, and runs it again while a request id it repeats is still
-    /// being deducted elsewhere: the original is a few instructions from
-    /// done, unless its thread was preempted, so let it finish, then ask
-    /// again (bounded by `IN_FLIGHT_RETRIES`).
-    async fn until_not_in_flight<T: AsRef<[DeductOutcome]>>(
+    /// Acknowledges a deferred group: in journal mode, once its record is
+    /// durable (this is where a deduction is acknowledged); then its
+    /// outcomes count in the metrics. A journal write that failed refuses
+    /// the whole group with UNAVAILABLE.
+    pub async fn acknowledge(&self, deferred: Deferred) -> Result<Outcomes, Refused> {
+        if let Some(commit) = deferred.commit {
+            commit.wait().await.map_err(|e| Refused {
+                index: 0,
+                error: MeterError::JournalUnavailable(e.to_string()),
+            })?;
+        }
+        for o in &deferred.outcomes {
+            self.metrics.record_deduction(o);
+        }
+        Ok(deferred.outcomes)
+    }
+
+    /// Runs a deduction with a fresh clock (in journal mode handing its
+    /// record to the journal), and runs it again while a request id it
+    /// repeats is still being deducted elsewhere: the original is a few
+    /// instructions from done, unless its thread was preempted, so let it
+    /// finish, then ask again (bounded by `IN_FLIGHT_RETRIES`). The caller
+    /// acknowledges it ([`App::acknowledge`]).
+    async fn until_not_in_flight<T>(
         &self,
         mut deduct: impl FnMut(Ts) -> Result<T, (usize, MeterError)>,
-    ) -> Result<T, Refused> {
+    ) -> Result<(T, Option<Commit>), Refused> {
         let mut attempt = 0;
         loop {
-            match deduct(self.clock.now()) {
-                Ok(outcomes) => {
-                    for o in outcomes.as_ref() {
-                        self.metrics.record_deduction(o);
-                    }
-                    return Ok(outcomes);
-                }
+            let (deducted, commit) = match self.journal.get() {
+                None => (deduct(self.clock.now()), None),
+                // One record, so one group commit, for the whole group.
+                Some(j) => j.capture(|| deduct(self.clock.now())),
+            };
+            match deducted {
+                Ok(outcomes) => return Ok((outcomes, commit)),
                 Err((_, MeterError::DuplicateInFlight(_))) if attempt < IN_FLIGHT_RETRIES => {
                     attempt += 1;
                     tokio::task::yield_now().await;
@@ -309,7 +370,11 @@ impl App {
 
     /// A group of one (validated at `now` already): no allocation on the
     /// unary path. The deciding clock is read after the load.
-    async fn deduct_one(&self, r: &DeductRequest<'_>, now: Ts) -> Result<DeductOutcome, Refused> {
+    async fn deduct_one(
+        &self,
+        r: &DeductRequest<'_>,
+        now: Ts,
+    ) -> Result<(DeductOutcome, Option<Commit>), Refused> {
         let refused = |error| Refused { index: 0, error };
         let acct = self
             .meter
@@ -328,7 +393,7 @@ impl App {
             let covered = self.cover_leases(&charge).await;
             attempts += 1;
             let last = !covered || attempts >= LEASE_ATTEMPTS;
-            let attempt = self
+            let (attempt, commit) = self
                 .until_not_in_flight(|now| {
                     self.meter
                         .deduct(&acct, &r.deduction, now)
@@ -347,7 +412,7 @@ impl App {
                 .await?;
             if !attempt.retry {
                 let [o] = attempt.outcome;
-                return Ok(o);
+                return Ok((o, commit));
             }
         }
     }

@@ -15,6 +15,7 @@ use std::{
 
 use crate::{
     calendar::{BillingZone, FreeTierPlan, Ts},
+    journal::Durability,
     meter::lease::{LeaseConfig, LeaseOutage},
     meter::{MeterConfig, UnknownAccounts},
     store::StoreUrl,
@@ -74,6 +75,11 @@ pub struct ServeArgs {
     /// lease is spent: deny or allow [default: deny].
     #[arg(long, env = "PACKMETER_LEASE_OUTAGE", value_name = "MODE")]
     pub lease_outage: Option<String>,
+    /// What a SIGKILL may lose: flush (up to one flush interval of usage) or
+    /// journal (nothing acknowledged: each deduction is synced to a local
+    /// journal before it is answered) [default: flush].
+    #[arg(long, env = "PACKMETER_DURABILITY", value_name = "MODE")]
+    pub durability: Option<String>,
     /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
     #[arg(long, env = "PACKMETER_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -140,6 +146,7 @@ struct FileConfig {
     lease_ttl: Option<String>,
     lease_outage: Option<String>,
     shutdown_grace: Option<String>,
+    durability: Option<String>,
     log_format: Option<String>,
     max_calls: Option<u64>,
     max_egress_bytes: Option<u64>,
@@ -162,7 +169,8 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 24] = [
+    const KEYS: [&'static str; 25] = [
+        "durability",
         "strict_deny",
         "lease_ttl",
         "lease_outage",
@@ -207,6 +215,7 @@ impl FileConfig {
             "lease_ttl" => Slot::Text(&mut self.lease_ttl),
             "lease_outage" => Slot::Text(&mut self.lease_outage),
             "shutdown_grace" => Slot::Text(&mut self.shutdown_grace),
+            "durability" => Slot::Text(&mut self.durability),
             "log_format" => Slot::Text(&mut self.log_format),
             "max_calls" => Slot::Number(&mut self.max_calls),
             "max_egress_bytes" => Slot::Number(&mut self.max_egress_bytes),
@@ -322,6 +331,8 @@ pub struct Config {
     /// ledger (a fresh free tier for every account), so `serve` refuses it.
     pub create_store_dir: bool,
     pub flush_interval: Duration,
+    /// `--durability`: see [`crate::journal`].
+    pub durability: Durability,
     pub shutdown_grace: Duration,
     pub idle_evict: Duration,
     pub log_format: LogFormat,
@@ -657,6 +668,10 @@ impl Config {
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
+        let durability = match pick(&args.durability, &file.durability) {
+            None => Durability::default(),
+            Some(v) => v.parse().map_err(|e: String| err("durability", e))?,
+        };
         let strict = match pick(&args.strict_deny, &file.strict_deny)
             .as_deref()
             .map(str::trim)
@@ -901,6 +916,7 @@ impl Config {
             store,
             create_store_dir,
             flush_interval,
+            durability,
             shutdown_grace,
             idle_evict,
             log_format,
@@ -1093,7 +1109,8 @@ mod tests {
     }
 
     /// Every string field of [`ServeArgs`], by the name errors give it.
-    const STRING_FIELDS: [&str; 21] = [
+    const STRING_FIELDS: [&str; 22] = [
+        "durability",
         "listen",
         "admin_listen",
         "store",
@@ -1119,6 +1136,7 @@ mod tests {
 
     fn slot<'a>(a: &'a mut ServeArgs, field: &str) -> &'a mut Option<String> {
         match field {
+            "durability" => &mut a.durability,
             "listen" => &mut a.listen,
             "admin_listen" => &mut a.admin_listen,
             "store" => &mut a.store,
@@ -1149,6 +1167,35 @@ mod tests {
         let mut args = ServeArgs::default();
         *slot(&mut args, field) = Some(value.to_string());
         args
+    }
+
+    #[test]
+    fn durability_is_flush_by_default_and_a_bad_mode_names_the_field() {
+        assert_eq!(
+            Config::resolve(&ServeArgs::default()).unwrap().durability,
+            Durability::Flush
+        );
+        let c = Config::resolve(&only("durability", " journal ")).unwrap();
+        assert_eq!(c.durability, Durability::Journal);
+        let e = Config::resolve(&only("durability", "fsync")).unwrap_err();
+        assert_eq!(e.field, "durability");
+        assert!(
+            e.message.contains("`fsync` is not flush or journal"),
+            "{}",
+            e.message
+        );
+        // The TOML key, too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.toml");
+        std::fs::write(&path, "durability = \"journal\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&args).unwrap().durability,
+            Durability::Journal
+        );
     }
 
     #[test]
@@ -1467,7 +1514,7 @@ mod tests {
 
     fn near_word() -> BoxedStrategy<String> {
         let word = prop::sample::select(vec![
-            "activate", "reject", "text", "json", "account", "item", "",
+            "activate", "reject", "text", "json", "account", "item", "flush", "journal", "",
         ]);
         prop_oneof![
             word.clone().prop_map(String::from),
@@ -1486,7 +1533,7 @@ mod tests {
             "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls" | "free_egress_bytes"
             | "free_months" => near_number(),
             "unknown_accounts" | "log_format" | "rls_domain" | "rls_account_key"
-            | "rls_item_key" => near_word(),
+            | "rls_item_key" | "durability" => near_word(),
             _ => prop_oneof![near_duration(), overflowing_duration()].boxed(),
         };
         prop_oneof![any_text(), near].boxed()

@@ -132,6 +132,9 @@ pub struct Flusher {
     seq: AtomicU64,
     /// Stamps each batch (the store prunes expired request ids by it).
     clock: Arc<dyn Clock>,
+    /// `--durability journal`: takes are epochs, batches have intents, and
+    /// a complete flush checkpoints the journal (see [`crate::journal`]).
+    journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
 }
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
@@ -173,7 +176,13 @@ impl Flusher {
             node: random_u64(),
             seq: AtomicU64::new(0),
             clock,
+            journal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Journal mode; see [`crate::app::App::enable_journal`].
+    pub fn enable_journal(&self, journal: Arc<crate::journal::Journal>) {
+        let _ = self.journal.set(journal);
     }
 
     /// This process's node id: the part of its batch ids before the `-`.
@@ -232,6 +241,9 @@ impl Flusher {
                 return Err(e);
             }
         }
+        if let Some(journal) = self.journal.get() {
+            return self.flush_journaled(journal, started, report).await;
+        }
         // The accounts queued now; those queued during this flush wait for
         // the next one, so a flush under load still ends.
         let mut left = self.meter.dirty_len();
@@ -245,6 +257,46 @@ impl Flusher {
         self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
         report.elapsed = started.elapsed();
         self.observer.flushed(&report);
+        Ok(report)
+    }
+
+    /// Journal mode: every dirty account's changes are taken in one
+    /// exclusive section of the journal that also ends an epoch, so every
+    /// deduction of that epoch is in this take or an earlier one (see
+    /// [`crate::journal`]); then the batches are written, each after its
+    /// intent is durable, and once all are in the store with nothing left
+    /// to retry, the journal is checkpointed at that epoch.
+    async fn flush_journaled(
+        &self,
+        journal: &Arc<crate::journal::Journal>,
+        started: Instant,
+        mut report: FlushReport,
+    ) -> Result<FlushReport, StoreError> {
+        let (epoch, chunks) = journal.take(|| {
+            let mut chunks = Vec::new();
+            while let Some(chunk) = self.take_chunk(self.batch_accounts) {
+                chunks.push(chunk);
+            }
+            chunks
+        });
+        for (_, batch) in &chunks {
+            journal.register(&batch.batch_id, epoch);
+        }
+        let mut chunks = chunks.into_iter();
+        while let Some((work, batch)) = chunks.next() {
+            if let Err(e) = self.write(work, batch, &mut report).await {
+                // Taken already: they wait, as they are, with the retries.
+                self.in_flight.lock().retry.extend(chunks);
+                return Err(e);
+            }
+        }
+        self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
+        report.elapsed = started.elapsed();
+        self.observer.flushed(&report);
+        if self.in_flight.lock().retry.is_empty() {
+            let set_aside = self.meter.set_aside_accounts().len();
+            journal.checkpoint(epoch, set_aside).await;
+        }
         Ok(report)
     }
 
@@ -279,7 +331,22 @@ impl Flusher {
     ) -> Result<(), StoreError> {
         let mut parts = vec![(work, batch)];
         while let Some((work, batch)) = parts.pop() {
-            let written = self.store.flush_batch(&batch).await;
+            let written = match self.journal.get() {
+                // The intent is durable before the store may commit.
+                Some(j) => match j.before_write(&batch).await {
+                    Ok(()) => self.store.flush_batch(&batch).await,
+                    Err(e) => Err(StoreError {
+                        message: format!("journal: {e}"),
+                        transient: true,
+                    }),
+                },
+                None => self.store.flush_batch(&batch).await,
+            };
+            if let (Some(j), Ok(_)) = (self.journal.get(), &written) {
+                // (A batch refused for good stays known: its halves, if it
+                // is narrowed down, are of its take.)
+                j.resolved(&batch.batch_id);
+            }
             if let Ok(flushed) = &written {
                 // Counters now count every node's usage (see Meter::rebase).
                 let totals: Vec<_> = work
@@ -361,6 +428,9 @@ impl Flusher {
                     let second = first.split_off(first.len() / 2);
                     for half in [second, first] {
                         let b = self.batch(&half);
+                        if let Some(j) = self.journal.get() {
+                            j.derive(&batch.batch_id, &b.batch_id);
+                        }
                         state.batches.push(b.clone());
                         parts.push((half, b));
                     }

@@ -49,6 +49,9 @@ impl From<MeterError> for Status {
             MeterError::LedgerFull { .. } => Status::resource_exhausted(msg),
             // The gateway should send the request to another node.
             MeterError::ShuttingDown => Status::unavailable(msg),
+            // Nothing may be acknowledged that is not durable; another node
+            // (or this one, once its disk takes writes again) can take it.
+            MeterError::JournalUnavailable(_) => Status::unavailable(msg),
             // The store refuses data for good: an operator must look.
             MeterError::SetAside { .. } => Status::internal(msg),
             // UNAVAILABLE rather than INTERNAL or UNKNOWN: the store is

@@ -20,6 +20,8 @@
 //!   deduction path ([`app::App::deduct`]) and one function per admin change.
 //! - [`clock`]: the server clock, replaceable in tests.
 //! - [`spill`]: usage the final flush could not write, replayed at start.
+//! - [`journal`]: `--durability journal`: deductions synced to a local journal before they
+//!   are acknowledged, replayed at start.
 //! - [`flush`]: the background flusher, with put-back and backoff on failure.
 //! - [`changes`]: grants and account changes made through other nodes on a shared store.
 //! - [`store`]: the store trait, the parsed store URL, [`store::sqlite`] and [`store::postgres`].
@@ -45,6 +47,7 @@ pub mod drain;
 pub mod export;
 pub mod flush;
 pub mod grpc;
+pub mod journal;
 pub mod ledger;
 pub mod loadgen;
 pub mod meter;

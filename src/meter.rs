@@ -155,6 +155,10 @@ pub enum MeterError {
     },
     #[error("packmeter is shutting down and takes no more deductions; send them to another node")]
     ShuttingDown,
+    /// `--durability journal`: the journal cannot be written, so nothing
+    /// can be acknowledged durably.
+    #[error("{0}; send the deduction to another node")]
+    JournalUnavailable(String),
     #[error(
         "{count} account(s) set aside because the store refuses their usage (first: `{first}`); \
          their usage is kept in memory and written to the spill file at shutdown; see the log \

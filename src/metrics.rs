@@ -87,6 +87,69 @@ pub struct Metrics {
     dirty_accounts: Gauge,
     set_aside_accounts: Gauge,
     set_aside_total: Counter,
+    journal: JournalMetrics,
+}
+
+/// `--durability journal`: the journal's size and its group commits.
+struct JournalMetrics {
+    bytes: Gauge,
+    fsync: Histogram,
+    group_records: Histogram,
+    writable: Gauge,
+}
+
+impl JournalMetrics {
+    fn register(registry: &mut Registry) -> JournalMetrics {
+        let bytes = Gauge::default();
+        registry.register(
+            "journal_bytes",
+            "Size of the journal's segments on disk (durability = journal)",
+            bytes.clone(),
+        );
+        let fsync = Histogram::new([
+            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
+        registry.register(
+            "journal_fsync_duration_seconds",
+            "Time of one journal fsync (one per group commit)",
+            fsync.clone(),
+        );
+        let group_records = Histogram::new([
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+        ]);
+        registry.register(
+            "journal_group_commit_records",
+            "Deduction groups (a unary call, a batch, a stream message) made durable by one fsync",
+            group_records.clone(),
+        );
+        let writable = Gauge::default();
+        registry.register(
+            "journal_writable",
+            "1 while the journal takes writes; 0 while deductions are refused because it cannot",
+            writable.clone(),
+        );
+        JournalMetrics {
+            bytes,
+            fsync,
+            group_records,
+            writable,
+        }
+    }
+}
+
+impl crate::journal::JournalObserver for Metrics {
+    fn committed(&self, records: usize, _bytes: usize, fsync: std::time::Duration) {
+        self.journal.fsync.observe(fsync.as_secs_f64());
+        self.journal.group_records.observe(records as f64);
+    }
+    fn size(&self, bytes: u64) {
+        self.journal
+            .bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    fn writable(&self, writable: bool) {
+        self.journal.writable.set(i64::from(writable));
+    }
 }
 
 impl Default for Metrics {
@@ -189,6 +252,7 @@ impl Metrics {
             "Accounts set aside after a permanent store error",
             set_aside_total.clone(),
         );
+        let journal = JournalMetrics::register(&mut registry);
         let d = |v| {
             deductions
                 .get_or_create(&DecisionLabel { decision: v })
@@ -216,6 +280,7 @@ impl Metrics {
             dirty_accounts,
             set_aside_accounts,
             set_aside_total,
+            journal,
         }
     }
 

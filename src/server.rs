@@ -43,6 +43,7 @@ use crate::{
     grpc::{
         admin::AdminService, envoy_rls::RlsService, meter::MeterService, noop::NoopService, proto,
     },
+    journal::Durability,
     meter::Meter,
     metrics::Metrics,
     spill, store,
@@ -89,6 +90,16 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Replay(#[from] spill::SpillError),
+    #[error("{0}")]
+    Journal(#[from] crate::journal::JournalError),
+    #[error(
+        "the final flush failed ({error}); the unflushed usage stays in the journal {} and is \
+         replayed at the next start", dir.display()
+    )]
+    FinalFlushJournaled {
+        error: crate::store::StoreError,
+        dir: std::path::PathBuf,
+    },
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
     #[error("reflection setup failed: {0}")]
@@ -153,6 +164,25 @@ pub async fn serve(
         e => ServeError::Open(e),
     })?;
     let spill_path = store::spill_path(&config.store);
+    // The journal first (into the spill file), then the spill file: both
+    // before any port is bound, so nothing is served until the store has
+    // every acknowledged deduction. A journal left by a journal-mode run is
+    // replayed in flush mode too.
+    let journal_dir = crate::journal::journal_dir(&config.store);
+    let journaled = if config.durability == Durability::Journal || journal_dir.exists() {
+        let r = crate::journal::replay(&journal_dir, &spill_path, crate::calendar::now_ts())?;
+        if r.deductions > 0 || r.stopped > 0 {
+            tracing::info!(
+                deductions = r.deductions,
+                batches = r.batches,
+                files_stopped_early = r.stopped,
+                "journal replayed"
+            );
+        }
+        Some(r)
+    } else {
+        None
+    };
     let replayed = spill::replay(&*store, &spill_path).await?;
     if replayed != spill::Replayed::default() {
         tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
@@ -170,6 +200,15 @@ pub async fn serve(
     ));
     let meter: Arc<Meter> = app.meter().clone();
     meter.gate().settle(settled);
+    let journal = match (config.durability, journaled) {
+        (Durability::Journal, Some(r)) => {
+            let j = crate::journal::Journal::open(&journal_dir, &r, metrics.clone())?;
+            tracing::info!(dir = %journal_dir.display(), "durability = journal: deductions are synced to the journal before they are answered");
+            app.enable_journal(j.clone());
+            Some(j)
+        }
+        _ => None,
+    };
     // Many nodes may share the store: read the changes made through the
     // others from here on (accounts load fresh).
     let changes = if store_is_shared(&config.store) {
@@ -254,6 +293,17 @@ pub async fn serve(
         app: app.clone(),
         ready: true.into(),
     });
+    if let Some(j) = &journal {
+        // Health follows the journal: NOT_SERVING while it cannot be
+        // written, SERVING again once it can (until shutdown).
+        tasks.spawn(journal_health(
+            j.watch_writable(),
+            health.clone(),
+            services,
+            admin_state.clone(),
+            stop_background.clone(),
+        ));
+    }
     let stop_admin = CancellationToken::new();
     let admin = {
         let stop = stop_admin.clone();
@@ -390,6 +440,21 @@ pub async fn serve(
             tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
             Ok(())
         }
+        other if journal.is_some() => {
+            // Journal mode: every unflushed deduction is in the journal,
+            // which the next start replays; a spill file now would hold
+            // them twice.
+            let error = other.err().unwrap_or_else(|| {
+                crate::store::StoreError::permanent(format!(
+                    "the store refuses the usage of {set_aside} account(s)"
+                ))
+            });
+            tracing::error!(%error, dir = %journal_dir.display(), "final flush failed; the unflushed usage stays in the journal and is replayed at the next start");
+            Err(ServeError::FinalFlushJournaled {
+                error,
+                dir: journal_dir.clone(),
+            })
+        }
         other => {
             let error = other.err().unwrap_or_else(|| {
                 crate::store::StoreError::permanent(format!(
@@ -410,10 +475,44 @@ pub async fn serve(
             }
         }
     };
+    if let Some(j) = &journal {
+        // Every acknowledged record is synced already; this ends the writer.
+        j.close();
+    }
     stop_admin.cancel();
     let _ = admin.await;
     served?;
     outcome
+}
+
+/// Sets health and readiness from the journal's writability.
+async fn journal_health(
+    mut writable: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    services: [&'static str; 4],
+    admin: Arc<AdminState>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = writable.changed() => if changed.is_err() { return },
+        }
+        let ok = *writable.borrow_and_update();
+        if admin.app.meter().gate().is_closed() {
+            // Shutting down: health stays NOT_SERVING.
+            return;
+        }
+        admin.ready.store(ok, Ordering::Release);
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for s in services {
+            health.set_service_status(s, status).await;
+        }
+    }
 }
 
 /// Whether other nodes may write the store: one SQLite file has one server

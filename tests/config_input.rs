@@ -373,3 +373,11 @@ fn strict_mode_settings_exit_64_naming_their_field() {
         assert_refused(dir.path(), args, field);
     }
 }
+
+/// `--durability`, `PACKMETER_DURABILITY` and the TOML key: anything but
+/// flush or journal exits 64 naming the field.
+#[test]
+fn a_bad_durability_exits_64_naming_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_refused(dir.path(), &["--durability", "fsync"], "durability");
+}

@@ -1,14 +1,14 @@
 //! `packmeter.v1.Meter`: the hot path over gRPC. Converts and calls
 //! [`App`]; every deduction goes through [`App::deduct`].
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, proto};
 use crate::{
-    app::{App, DeductRequest, Refused},
+    app::{App, DeductRequest, Deferred, Refused},
     drain::Drain,
     meter::{Atomicity, Deduction, MeterError},
 };
@@ -49,7 +49,18 @@ fn at_index(i: usize, s: Status) -> Status {
     Status::new(s.code(), format!("deductions[{i}]: {}", s.message()))
 }
 
-/// One deduction, end to end: a unary call or one stream message.
+/// Stream messages deducted ahead of their answers, at most.
+const STREAM_WINDOW: usize = 256;
+
+/// One stream message, deducted; answered through [`App::acknowledge`].
+async fn deduct_deferred(app: &App, r: &proto::DeductRequest) -> Result<Deferred, Status> {
+    let req = request(r)?;
+    app.deduct_deferred(&[req], Atomicity::Each)
+        .await
+        .map_err(|e| Status::from(e.error))
+}
+
+/// One deduction, end to end: a unary call.
 async fn deduct_one(app: &App, r: &proto::DeductRequest) -> Result<proto::DeductResponse, Status> {
     let req = request(r)?;
     let outcomes = app
@@ -106,6 +117,10 @@ impl proto::meter_server::Meter for MeterService {
     /// Replies in order. A bad message ends the stream with its status;
     /// the deductions before it stand. At shutdown the stream answers what
     /// it has taken and then ends with UNAVAILABLE.
+    ///
+    /// Messages that have arrived together (a client's window) are deducted
+    /// one after the other, in order, and then acknowledged: in journal
+    /// mode one group commit covers them, not one per message.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn deduct_stream(
         &self,
@@ -116,6 +131,8 @@ impl proto::meter_server::Meter for MeterService {
             app: Arc<App>,
             next: usize,
             done: bool,
+            /// Deducted, not yet answered, in order; an error last.
+            ready: VecDeque<Result<Deferred, Status>>,
             // Owned by the stream: dropped when the stream ends.
             _in_flight: crate::drain::InFlight,
         }
@@ -124,30 +141,61 @@ impl proto::meter_server::Meter for MeterService {
             app: self.app.clone(),
             next: 0,
             done: false,
+            ready: VecDeque::new(),
             _in_flight: self.drain.enter(),
         };
         let out = futures_util::stream::unfold(state, |mut s| async move {
-            if s.done {
-                return None;
-            }
-            let closing = s.app.closing();
-            let msg = tokio::select! {
-                biased;
-                _ = closing.cancelled() => {
-                    s.done = true;
-                    return Some((Err(MeterError::ShuttingDown.into()), s));
+            if s.ready.is_empty() {
+                if s.done {
+                    return None;
                 }
-                msg = s.inbound.next() => msg,
-            };
-            let reply = match msg? {
+                let closing = s.app.closing();
+                let msg = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => {
+                        s.done = true;
+                        return Some((Err(MeterError::ShuttingDown.into()), s));
+                    }
+                    msg = s.inbound.next() => msg,
+                };
+                let mut msg = msg?;
+                // This message and those already received behind it.
+                loop {
+                    let deferred = match msg {
+                        Err(status) => Err(status),
+                        Ok(r) => deduct_deferred(&s.app, &r).await,
+                    };
+                    let failed = deferred.is_err();
+                    s.ready.push_back(deferred);
+                    if failed || s.ready.len() >= STREAM_WINDOW {
+                        break;
+                    }
+                    match s.inbound.next().now_or_never() {
+                        Some(Some(m)) => msg = m,
+                        Some(None) => {
+                            s.done = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            let reply = match s.ready.pop_front()? {
                 Err(status) => Err(status),
-                Ok(r) => deduct_one(&s.app, &r)
+                Ok(deferred) => s
+                    .app
+                    .acknowledge(deferred)
                     .await
-                    .map_err(|st| at_index(s.next, st)),
-            };
+                    .map(|o| convert::deduct_response(&o[0]))
+                    .map_err(|e| Status::from(e.error)),
+            }
+            .map_err(|st| at_index(s.next, st));
             s.next += 1;
             // Stop after the first error, which tonic sends as the trailer.
-            s.done = reply.is_err();
+            if reply.is_err() {
+                s.done = true;
+                s.ready.clear();
+            }
             Some((reply, s))
         });
         Ok(Response::new(Box::pin(out)))

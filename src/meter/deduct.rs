@@ -453,7 +453,16 @@ impl Meter {
     fn record(&self, acct: &Arc<AccountState>, change: impl FnOnce(&mut crate::ledger::Pending)) {
         let newly_queued = {
             let mut slot = acct.pending.lock();
-            change(slot.changes());
+            if crate::journal::capturing() {
+                // Journal mode: the change goes through a scratch ledger so
+                // the journal gets exactly what the account's ledger gets.
+                let mut change_alone = crate::ledger::Pending::default();
+                change(&mut change_alone);
+                crate::journal::captured(super::account::to_flush(acct, &change_alone));
+                slot.changes().merge(change_alone);
+            } else {
+                change(slot.changes());
+            }
             !std::mem::replace(&mut slot.queued, true)
         };
         if newly_queued {

@@ -47,8 +47,31 @@ impl Server {
         Server::launch(store, Some(data), extra, data)
     }
 
-    fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
+    /// Starts a server on the given SQLite file, with `prepare` applied to
+    /// the command first (limits for the child, environment).
+    pub fn start_prepared(db: &Path, extra: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
         let mut command = Command::new(BIN);
+        prepare(&mut command);
+        Server::launch_command(
+            command,
+            &format!("sqlite://{}", db.display()),
+            None,
+            extra,
+            db,
+        )
+    }
+
+    fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
+        Server::launch_command(Command::new(BIN), store, data, extra, db)
+    }
+
+    fn launch_command(
+        mut command: Command,
+        store: &str,
+        data: Option<&Path>,
+        extra: &[&str],
+        db: &Path,
+    ) -> Server {
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }

@@ -1,0 +1,1117 @@
+//! `--durability journal`: every deduction is appended to a local journal,
+//! and made durable with `fsync`, before it is acknowledged; the journal is
+//! replayed at the next start, so a SIGKILL loses nothing acknowledged.
+//!
+//! # Files
+//!
+//! A directory beside the store (`<store>.journal`, see [`journal_dir`]):
+//! - segments `EEEEEEEEEEEEEEEEEEEE-NNNN.seg`, one or more per *epoch* (a
+//!   new file after a failed write, so a torn group is never written over);
+//! - `checkpoint`: the last epoch whose deductions are all in the store,
+//!   and the journal's random id. Written to a temporary name, synced and
+//!   renamed.
+//!
+//! Every record is `[len u32][crc32 u32][version u8][kind u8][payload]`,
+//! little-endian, the CRC (crc32fast) over everything after it. The
+//! payload is [`Record`]'s fields in postcard's compact serde format. A record that is short (torn), fails its
+//! CRC or does not decode stops the reading of its file there: everything
+//! before it is kept, and the log says at which offset and why.
+//!
+//! # Group commit
+//!
+//! Deductions hand their records to one writer thread and wait. The thread
+//! takes every record waiting, writes them, calls `fsync` (`sync_data`)
+//! once, and wakes the whole group: under load one `fsync` covers many
+//! deductions. A batch or a stream message is one group entry.
+//!
+//! # What the journal knows of the flush: epochs and intents
+//!
+//! The journal must not bring back usage the store already has. Each
+//! deduction record carries the *epoch* it was deducted in. A flush in
+//! journal mode takes every dirty account's changes in one short exclusive
+//! section ([`Journal::take`]) that also moves the epoch on, so a
+//! deduction of epoch `e` is in the take of the first flush with epoch
+//! `k >= e` that includes its account. Before a batch is written to the
+//! store, an *intent* record names its id, its take epoch and its
+//! accounts, and is durable. At replay, each deduction goes to the batch
+//! that took it (the last intent of that epoch naming the account: a batch
+//! narrowed after a permanent error has halves) and is written again
+//! **under that batch's id**: the store skips a batch it applied already,
+//! and applies it otherwise. Deductions no flush took form new batches whose
+//! ids derive from the journal's id and epochs, so a replay interrupted
+//! and run again writes the same ids.
+//!
+//! Once a flush has written every batch of its take, with no batch left to
+//! retry and no account set aside, the store holds every deduction of that
+//! epoch and the ones before: the checkpoint moves there and those
+//! segments are deleted. The journal so holds about one or two flush
+//! intervals of traffic. (While an account is set aside, the journal is not
+//! truncated; the log says so.)
+//!
+//! # Replay
+//!
+//! [`replay`] runs at start, before any port is bound: it turns the
+//! journal into batches, appends them to the spill file (atomically), moves
+//! the checkpoint past them and deletes the segments; the spill file's
+//! replay (the same as after a failed shutdown flush) then writes them to
+//! the store, each batch once by its id.
+//!
+//! # When the journal cannot be written
+//!
+//! A failed write or `fsync` fails its whole group: those deductions are
+//! answered UNAVAILABLE. (They were counted in memory and are flushed and
+//! billed once, like any deduction; the client was told it may retry, so
+//! send request ids.) The journal is then *unwritable*: new deductions are
+//! refused with UNAVAILABLE before they deduct anything, health reports
+//! NOT_SERVING, and the writer probes a fresh file every
+//! [`PROBE_EVERY`] until a write and an `fsync` succeed again.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    calendar::Ts,
+    ledger::{AccountFlush, FlushBatch},
+    meter::gate::Gate,
+    store::StoreUrl,
+};
+
+/// Format version of every record.
+pub const VERSION: u8 = 1;
+/// Bytes before a record's body: length and CRC.
+pub const HEADER: usize = 8;
+/// Larger bodies are taken for corruption, not allocated.
+pub const MAX_BODY: usize = 64 << 20;
+/// How often an unwritable journal tries a write again.
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+const KIND_DEDUCT: u8 = 1;
+const KIND_INTENT: u8 = 2;
+const KIND_PROBE: u8 = 3;
+const KIND_CHECKPOINT: u8 = 4;
+
+/// `--durability`: what a SIGKILL may lose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge from memory; the flush makes usage durable every
+    /// `flush_interval`. A SIGKILL loses at most about one interval.
+    #[default]
+    Flush,
+    /// Acknowledge once the deduction is in the local journal, synced.
+    Journal,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "flush" => Ok(Durability::Flush),
+            "journal" => Ok(Durability::Journal),
+            other => Err(format!("`{other}` is not flush or journal")),
+        }
+    }
+}
+
+/// The journal directory of a store: beside its spill file.
+pub fn journal_dir(url: &StoreUrl) -> PathBuf {
+    crate::store::spill_path(url).with_extension("journal")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal checkpoint {path} is unreadable ({why}); nothing was replayed. Look at the file: replaying without it may bill usage twice")]
+    Checkpoint { path: PathBuf, why: String },
+    #[error("the journal cannot be written ({0}); deductions are refused until it can")]
+    Unwritable(String),
+    #[error("{0}")]
+    Spill(#[from] crate::spill::SpillError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+// === records ===
+
+/// A record's payload.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Record {
+    /// What one deduction group added to the accounts' unflushed changes,
+    /// in the epoch it did so.
+    Deduct {
+        epoch: u64,
+        parts: Vec<AccountFlush>,
+    },
+    /// A flush batch, taken in epoch `epoch`, is about to be written.
+    Intent {
+        epoch: u64,
+        batch_id: String,
+        now: Ts,
+        accounts: Vec<Arc<str>>,
+    },
+    /// A write probe of an unwritable journal; carries nothing.
+    Probe,
+    /// The checkpoint file's content.
+    Checkpoint { epoch: u64, journal_id: u64 },
+}
+
+impl Record {
+    fn kind(&self) -> u8 {
+        match self {
+            Record::Deduct { .. } => KIND_DEDUCT,
+            Record::Intent { .. } => KIND_INTENT,
+            Record::Probe => KIND_PROBE,
+            Record::Checkpoint { .. } => KIND_CHECKPOINT,
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeductBody<'a> {
+    e: u64,
+    #[serde(borrow)]
+    p: std::borrow::Cow<'a, [AccountFlush]>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IntentBody {
+    e: u64,
+    b: String,
+    now: Ts,
+    a: Vec<Arc<str>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckpointBody {
+    e: u64,
+    id: u64,
+}
+
+/// Appends one framed record to `out`.
+pub fn encode(record: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    out.push(VERSION);
+    out.push(record.kind());
+    // postcard: compact and fast (a deduction is about 80 bytes), and
+    // serializing these plain structs into a Vec cannot fail.
+    let encoded = match record {
+        Record::Deduct { epoch, parts } => postcard::to_extend(
+            &DeductBody {
+                e: *epoch,
+                p: std::borrow::Cow::Borrowed(parts),
+            },
+            std::mem::take(out),
+        ),
+        Record::Intent {
+            epoch,
+            batch_id,
+            now,
+            accounts,
+        } => postcard::to_extend(
+            &IntentBody {
+                e: *epoch,
+                b: batch_id.clone(),
+                now: *now,
+                a: accounts.clone(),
+            },
+            std::mem::take(out),
+        ),
+        Record::Probe => Ok(std::mem::take(out)),
+        Record::Checkpoint { epoch, journal_id } => postcard::to_extend(
+            &CheckpointBody {
+                e: *epoch,
+                id: *journal_id,
+            },
+            std::mem::take(out),
+        ),
+    };
+    match encoded {
+        Ok(v) => *out = v,
+        Err(e) => unreachable!("postcard cannot fail to serialize into a Vec: {e}"),
+    }
+    frame(out, start);
+}
+
+/// Fills in the header of the record that starts at `start`.
+fn frame(out: &mut [u8], start: usize) {
+    let body = &out[start + HEADER..];
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let crc = crc32fast::hash(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why reading stopped before the end of a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stop {
+    /// Where the bad record starts.
+    pub offset: u64,
+    pub why: String,
+}
+
+/// What a file holds: the good records with their offsets, and where and
+/// why reading stopped, if before the end.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub records: Vec<(u64, Record)>,
+    pub stop: Option<Stop>,
+}
+
+/// Decodes a payload that must be exactly one value.
+fn whole<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, postcard::Error> {
+    match postcard::take_from_bytes(payload)? {
+        (v, []) => Ok(v),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
+}
+
+/// Decodes one record's body (version, kind, payload).
+fn decode_body(body: &[u8]) -> Result<Record, String> {
+    let [version, kind, payload @ ..] = body else {
+        return Err("body shorter than its version and kind".into());
+    };
+    if *version != VERSION {
+        return Err(format!("unknown record version {version}"));
+    }
+    let bad = |e: postcard::Error| format!("payload does not decode: {e}");
+    Ok(match *kind {
+        KIND_DEDUCT => {
+            let b: DeductBody<'_> = whole(payload).map_err(bad)?;
+            Record::Deduct {
+                epoch: b.e,
+                parts: b.p.into_owned(),
+            }
+        }
+        KIND_INTENT => {
+            let b: IntentBody = whole(payload).map_err(bad)?;
+            Record::Intent {
+                epoch: b.e,
+                batch_id: b.b,
+                now: b.now,
+                accounts: b.a,
+            }
+        }
+        KIND_PROBE if payload.is_empty() => Record::Probe,
+        KIND_CHECKPOINT => {
+            let b: CheckpointBody = whole(payload).map_err(bad)?;
+            Record::Checkpoint {
+                epoch: b.e,
+                journal_id: b.id,
+            }
+        }
+        k => return Err(format!("unknown record kind {k}")),
+    })
+}
+
+/// Decodes every record of `buf` up to the first bad one. Never panics,
+/// whatever `buf` holds.
+pub fn decode(buf: &[u8]) -> Decoded {
+    let mut out = Decoded::default();
+    let mut at = 0usize;
+    while at < buf.len() {
+        let stop = |why: String| Stop {
+            offset: at as u64,
+            why,
+        };
+        let rest = &buf[at..];
+        let Some((header, after)) = rest.split_first_chunk::<HEADER>() else {
+            out.stop = Some(stop(format!(
+                "torn record: {} byte(s) of an {HEADER}-byte header",
+                rest.len()
+            )));
+            break;
+        };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_BODY {
+            out.stop = Some(stop(format!(
+                "record length {len} is past the {MAX_BODY}-byte limit"
+            )));
+            break;
+        }
+        if after.len() < len {
+            out.stop = Some(stop(format!(
+                "torn record: {} of its {len} bytes",
+                after.len()
+            )));
+            break;
+        }
+        let body = &after[..len];
+        if crc32fast::hash(body) != crc {
+            out.stop = Some(stop("CRC mismatch".into()));
+            break;
+        }
+        match decode_body(body) {
+            Ok(r) => out.records.push((at as u64, r)),
+            Err(why) => {
+                out.stop = Some(stop(why));
+                break;
+            }
+        }
+        at += HEADER + len;
+    }
+    out
+}
+
+// === capture ===
+
+thread_local! {
+    /// Set by [`Journal::capture`] around one synchronous deduction: the
+    /// meter's ledger writes (`Meter::record`, the one place a deduction
+    /// changes an account's unflushed changes) are copied here.
+    static CAPTURE: RefCell<Option<Vec<AccountFlush>>> = const { RefCell::new(None) };
+}
+
+/// Whether a deduction on this thread is being journaled.
+pub(crate) fn capturing() -> bool {
+    CAPTURE.with(|c| c.borrow().is_some())
+}
+
+/// Copies what a deduction adds to an account's unflushed changes.
+pub(crate) fn captured(part: AccountFlush) {
+    CAPTURE.with(|c| {
+        if let Some(v) = c.borrow_mut().as_mut() {
+            v.push(part);
+        }
+    });
+}
+
+// === group commit ===
+
+/// One group commit: every record waiting when the writer took them.
+#[derive(Default)]
+pub struct Group {
+    outcome: OnceLock<Result<(), String>>,
+    done: tokio::sync::Notify,
+}
+
+impl Group {
+    fn finish(&self, r: Result<(), String>) {
+        let _ = self.outcome.set(r);
+        self.done.notify_waiters();
+    }
+
+    /// Waits until the group's records are durable, or their write failed.
+    pub async fn wait(&self) -> Result<(), JournalError> {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.outcome.get() {
+                return r.clone().map_err(JournalError::Unwritable);
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A deduction's place in a group: await [`Commit::wait`] before answering.
+pub struct Commit(Arc<Group>);
+
+impl Commit {
+    pub async fn wait(self) -> Result<(), JournalError> {
+        self.0.wait().await
+    }
+}
+
+struct Queue {
+    /// (epoch, framed record) in submission order.
+    records: Vec<(u64, Vec<u8>)>,
+    group: Arc<Group>,
+    stop: bool,
+}
+
+/// Hooks for the journal metrics, so this module needs no metrics crate.
+pub trait JournalObserver: Send + Sync + 'static {
+    /// A group commit: how many records and bytes, and how long `fsync` took.
+    fn committed(&self, records: usize, bytes: usize, fsync: Duration);
+    /// The journal's size on disk.
+    fn size(&self, bytes: u64);
+    fn writable(&self, writable: bool);
+}
+
+impl JournalObserver for () {
+    fn committed(&self, _: usize, _: usize, _: Duration) {}
+    fn size(&self, _: u64) {}
+    fn writable(&self, _: bool) {}
+}
+
+/// The segment files the writer knows: (epoch, n) -> bytes.
+type Segments = BTreeMap<(u64, u32), u64>;
+
+fn segment_name(epoch: u64, n: u32) -> String {
+    format!("{epoch:020}-{n:04}.seg")
+}
+
+fn parse_segment_name(name: &str) -> Option<(u64, u32)> {
+    let stem = name.strip_suffix(".seg")?;
+    let (e, n) = stem.split_once('-')?;
+    Some((e.parse().ok()?, n.parse().ok()?))
+}
+
+/// A segment file: its (epoch, n) and its path.
+type SegmentFile = ((u64, u32), PathBuf);
+
+/// Every segment file of `dir`, in order.
+fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        if let Some(key) = entry.file_name().to_str().and_then(parse_segment_name) {
+            out.push((key, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("checkpoint")
+}
+
+/// Reads the checkpoint: (epoch, journal id), or `None` if there is none.
+fn read_checkpoint(dir: &Path) -> Result<Option<(u64, u64)>, JournalError> {
+    let path = checkpoint_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let d = decode(&bytes);
+    match (d.records.as_slice(), d.stop) {
+        ([(_, Record::Checkpoint { epoch, journal_id })], None) => Ok(Some((*epoch, *journal_id))),
+        (_, Some(stop)) => Err(JournalError::Checkpoint {
+            path,
+            why: format!("at offset {}: {}", stop.offset, stop.why),
+        }),
+        _ => Err(JournalError::Checkpoint {
+            path,
+            why: "not one checkpoint record".into(),
+        }),
+    }
+}
+
+/// Writes the checkpoint atomically: a temporary file, synced, renamed,
+/// and the directory synced.
+fn write_checkpoint(dir: &Path, epoch: u64, journal_id: u64) -> Result<(), JournalError> {
+    let path = checkpoint_path(dir);
+    let tmp = dir.join("checkpoint.tmp");
+    let mut buf = Vec::new();
+    encode(&Record::Checkpoint { epoch, journal_id }, &mut buf);
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&buf).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    sync_dir(dir)
+}
+
+// === the journal ===
+
+pub struct Journal {
+    dir: PathBuf,
+    journal_id: u64,
+    /// Deductions hold a pass from reading the epoch to handing over their
+    /// record; [`take`](Self::take) moves the epoch with no pass held.
+    gate: Gate,
+    epoch: AtomicU64,
+    queue: parking_lot::Mutex<Queue>,
+    wake: parking_lot::Condvar,
+    writable: AtomicBool,
+    writable_tx: tokio::sync::watch::Sender<bool>,
+    segments: parking_lot::Mutex<Segments>,
+    /// Batches taken in journal mode: id -> (take epoch, intent durable).
+    batches: parking_lot::Mutex<HashMap<String, (u64, bool)>>,
+    observer: Arc<dyn JournalObserver>,
+    writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The epoch the last checkpoint covers.
+    checkpointed: AtomicU64,
+    /// Logged once per run of set-aside accounts.
+    warned_set_aside: AtomicBool,
+}
+
+impl Journal {
+    /// Opens the journal in `dir` for writing, after [`replay`] emptied it,
+    /// and starts its writer thread.
+    pub fn open(
+        dir: &Path,
+        replayed: &Replayed,
+        observer: Arc<dyn JournalObserver>,
+    ) -> Result<Arc<Journal>, JournalError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let segments: Segments = list_segments(dir)?
+            .into_iter()
+            .map(|(k, p)| (k, std::fs::metadata(&p).map_or(0, |m| m.len())))
+            .collect();
+        let (writable_tx, _) = tokio::sync::watch::channel(true);
+        let journal = Arc::new(Journal {
+            dir: dir.to_path_buf(),
+            journal_id: replayed.journal_id,
+            gate: Gate::default(),
+            epoch: AtomicU64::new(replayed.next_epoch),
+            queue: parking_lot::Mutex::new(Queue {
+                records: Vec::new(),
+                group: Arc::default(),
+                stop: false,
+            }),
+            wake: parking_lot::Condvar::new(),
+            writable: AtomicBool::new(true),
+            writable_tx,
+            segments: parking_lot::Mutex::new(segments),
+            batches: Default::default(),
+            observer,
+            writer: parking_lot::Mutex::new(None),
+            checkpointed: AtomicU64::new(replayed.next_epoch.saturating_sub(1)),
+            warned_set_aside: AtomicBool::new(false),
+        });
+        journal.report_size();
+        journal.observer.writable(true);
+        let writer = std::thread::Builder::new()
+            .name("packmeter-journal".into())
+            .spawn({
+                let j = journal.clone();
+                move || j.write_loop()
+            })
+            .map_err(io(dir))?;
+        *journal.writer.lock() = Some(writer);
+        Ok(journal)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the last write succeeded: while not, deductions are refused.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Follows [`writable`](Self::writable), for health.
+    pub fn watch_writable(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.writable_tx.subscribe()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Runs one synchronous deduction and journals what it changed: the
+    /// epoch is read and the record handed to the writer under one pass,
+    /// so a flush's [`take`](Self::take) sees the deduction wholly before
+    /// or wholly after it. Returns the deduction's result and, if it
+    /// changed anything, the commit to await before acknowledging it.
+    pub fn capture<R>(&self, deduct: impl FnOnce() -> R) -> (R, Option<Commit>) {
+        // The gate is never closed: it only separates passes from takes.
+        let Ok(pass) = self.gate.enter() else {
+            unreachable!("the journal's gate is never closed")
+        };
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        CAPTURE.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        let r = deduct();
+        let parts = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
+        let commit = (!parts.is_empty()).then(|| {
+            let mut buf = Vec::with_capacity(256);
+            encode(&Record::Deduct { epoch, parts }, &mut buf);
+            self.submit(epoch, buf)
+        });
+        drop(pass);
+        (r, commit)
+    }
+
+    /// Hands a framed record to the writer.
+    fn submit(&self, epoch: u64, buf: Vec<u8>) -> Commit {
+        let mut q = self.queue.lock();
+        q.records.push((epoch, buf));
+        let group = q.group.clone();
+        drop(q);
+        self.wake.notify_one();
+        Commit(group)
+    }
+
+    /// The flusher's take: moves the epoch on and runs `take` (which takes
+    /// every dirty account's changes) while no deduction is between its
+    /// epoch and its record. Returns the epoch the taken changes belong to.
+    pub fn take<R>(&self, take: impl FnOnce() -> R) -> (u64, R) {
+        self.gate.exclusive(|_, _| {
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst);
+            (epoch, take())
+        })
+    }
+
+    /// Registers a batch of the take of `epoch`.
+    pub fn register(&self, batch_id: &str, epoch: u64) {
+        self.batches
+            .lock()
+            .insert(batch_id.to_owned(), (epoch, false));
+    }
+
+    /// A batch made of part of `parent`'s accounts (narrowing a permanent
+    /// error): of the same take.
+    pub fn derive(&self, parent: &str, child: &str) {
+        let mut b = self.batches.lock();
+        if let Some(&(epoch, _)) = b.get(parent) {
+            b.insert(child.to_owned(), (epoch, false));
+        }
+    }
+
+    /// Makes the batch's intent durable before the store is asked to write
+    /// it (once per batch id; a retry under the same id has it already).
+    pub async fn before_write(&self, batch: &FlushBatch) -> Result<(), JournalError> {
+        let epoch = match self.batches.lock().get(&batch.batch_id) {
+            None | Some((_, true)) => return Ok(()),
+            Some(&(epoch, false)) => epoch,
+        };
+        let mut buf = Vec::new();
+        encode(
+            &Record::Intent {
+                epoch,
+                batch_id: batch.batch_id.clone(),
+                now: batch.now,
+                accounts: batch
+                    .accounts
+                    .iter()
+                    .map(|a| a.account_id.clone())
+                    .collect(),
+            },
+            &mut buf,
+        );
+        // In the current epoch's segment: after the take, never before it.
+        self.submit(self.epoch(), buf).wait().await?;
+        if let Some(e) = self.batches.lock().get_mut(&batch.batch_id) {
+            e.1 = true;
+        }
+        Ok(())
+    }
+
+    /// The store applied the batch, or refused it for good.
+    pub fn resolved(&self, batch_id: &str) {
+        self.batches.lock().remove(batch_id);
+    }
+
+    /// After a flush wrote every batch of the take of `epoch` and nothing
+    /// is left to retry: moves the checkpoint there and deletes the
+    /// segments it covers. `set_aside` accounts keep the journal whole.
+    pub async fn checkpoint(self: &Arc<Self>, epoch: u64, set_aside: usize) {
+        if set_aside > 0 {
+            if !self.warned_set_aside.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    set_aside,
+                    "accounts are set aside (the store refuses their usage): the journal is not \
+                     truncated until a restart replays them"
+                );
+            }
+            return;
+        }
+        self.warned_set_aside.store(false, Ordering::Relaxed);
+        let covered: Vec<(u64, u32)> = self
+            .segments
+            .lock()
+            .keys()
+            .filter(|(e, _)| *e <= epoch)
+            .copied()
+            .collect();
+        if covered.is_empty() || self.checkpointed.load(Ordering::Relaxed) >= epoch {
+            return;
+        }
+        let this = self.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<(), JournalError> {
+            write_checkpoint(&this.dir, epoch, this.journal_id)?;
+            this.checkpointed.fetch_max(epoch, Ordering::Relaxed);
+            for key in covered {
+                let path = this.dir.join(segment_name(key.0, key.1));
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
+                    _ => {
+                        this.segments.lock().remove(&key);
+                    }
+                }
+            }
+            this.report_size();
+            Ok(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "journal checkpoint failed; the journal is kept and truncated at a later flush")
+            }
+            Err(e) => tracing::warn!(error = %e, "journal checkpoint task failed"),
+        }
+    }
+
+    fn report_size(&self) {
+        self.observer.size(self.segments.lock().values().sum());
+    }
+
+    /// Stops the writer once every record handed to it is written.
+    pub fn close(&self) {
+        self.queue.lock().stop = true;
+        self.wake.notify_all();
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+    }
+
+    fn set_writable(&self, ok: bool) {
+        if self.writable.swap(ok, Ordering::AcqRel) != ok {
+            self.observer.writable(ok);
+            self.writable_tx.send_replace(ok);
+            if ok {
+                tracing::info!(dir = %self.dir.display(), "the journal is writable again; deductions are accepted");
+            }
+        }
+    }
+
+    // === the writer thread ===
+
+    fn write_loop(&self) {
+        let mut out = Writer {
+            dir: &self.dir,
+            file: None,
+        };
+        loop {
+            let (records, group) = {
+                let mut q = self.queue.lock();
+                while q.records.is_empty() && !q.stop {
+                    if self.writable() {
+                        self.wake.wait(&mut q);
+                    } else if self.wake.wait_for(&mut q, PROBE_EVERY).timed_out() {
+                        break;
+                    }
+                }
+                if q.records.is_empty() && q.stop {
+                    return;
+                }
+                let group = std::mem::take(&mut q.group);
+                (std::mem::take(&mut q.records), group)
+            };
+            if records.is_empty() {
+                // An unwritable journal probes with a record of its own.
+                let mut buf = Vec::new();
+                encode(&Record::Probe, &mut buf);
+                let probe = [(self.epoch(), buf)];
+                if self.write_group(&mut out, &probe).is_ok() {
+                    self.set_writable(true);
+                }
+                continue;
+            }
+            match self.write_group(&mut out, &records) {
+                Ok(()) => {
+                    self.set_writable(true);
+                    group.finish(Ok(()));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.writable() {
+                        tracing::error!(error = %msg, dir = %self.dir.display(), "journal write failed: refusing deductions until it can be written again");
+                    }
+                    self.set_writable(false);
+                    group.finish(Err(msg));
+                }
+            }
+        }
+    }
+
+    /// Writes and syncs a group; on any error the file is dropped (the next
+    /// write starts a new one, so a torn group is never written over).
+    fn write_group(
+        &self,
+        out: &mut Writer<'_>,
+        records: &[(u64, Vec<u8>)],
+    ) -> Result<(), JournalError> {
+        let mut write = || -> Result<(), JournalError> {
+            // One run of records per epoch, each epoch in its own file.
+            for run in records.chunk_by(|a, b| a.0 == b.0) {
+                let key = out.open(run[0].0, &self.segments)?;
+                let mut buf = Vec::with_capacity(run.iter().map(|(_, r)| r.len()).sum());
+                for (_, r) in run {
+                    buf.extend_from_slice(r);
+                }
+                let (f, path) = out.file_mut();
+                f.write_all(&buf).map_err(io(path))?;
+                let started = Instant::now();
+                f.sync_data().map_err(io(path))?;
+                let fsync = started.elapsed();
+                *self.segments.lock().entry(key).or_default() += buf.len() as u64;
+                self.observer.committed(run.len(), buf.len(), fsync);
+            }
+            Ok(())
+        };
+        let result = write();
+        if result.is_err() {
+            out.file = None;
+        }
+        self.report_size();
+        result
+    }
+}
+
+/// The writer thread's open segment.
+struct Writer<'a> {
+    dir: &'a Path,
+    /// (epoch, n, file, path)
+    file: Option<(u64, u32, File, PathBuf)>,
+}
+
+impl Writer<'_> {
+    /// Makes the open file one of `epoch`, creating a new one if needed.
+    fn open(
+        &mut self,
+        epoch: u64,
+        segments: &parking_lot::Mutex<Segments>,
+    ) -> Result<(u64, u32), JournalError> {
+        if let Some((e, n, _, _)) = &self.file {
+            if *e >= epoch {
+                // Records never go back in epoch; keep writing this file.
+                return Ok((*e, *n));
+            }
+        }
+        // A new file: after the highest one of this epoch (a failed write
+        // left its file torn).
+        let n = segments
+            .lock()
+            .range((epoch, 0)..=(epoch, u32::MAX))
+            .next_back()
+            .map_or(0, |((_, n), _)| n + 1);
+        std::fs::create_dir_all(self.dir).map_err(io(self.dir))?;
+        let path = self.dir.join(segment_name(epoch, n));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        // The new name must survive a crash too.
+        sync_dir(self.dir)?;
+        segments.lock().insert((epoch, n), 0);
+        self.file = Some((epoch, n, f, path));
+        Ok((epoch, n))
+    }
+
+    fn file_mut(&mut self) -> (&mut File, &Path) {
+        let Some((_, _, f, p)) = self.file.as_mut() else {
+            unreachable!("open() ran first")
+        };
+        (f, p)
+    }
+}
+
+// === replay ===
+
+/// What [`replay`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Deduction records replayed (their epoch after the checkpoint).
+    pub deductions: usize,
+    /// Batches appended to the spill file.
+    pub batches: usize,
+    /// Files whose reading stopped at a bad record.
+    pub stopped: usize,
+    /// The first epoch of this run.
+    pub next_epoch: u64,
+    pub journal_id: u64,
+}
+
+/// Accounts per batch the replay writes for deductions no flush took, as
+/// the flusher's batches.
+const REPLAY_BATCH_ACCOUNTS: usize = crate::flush::BATCH_ACCOUNTS;
+
+/// Reads the journal in `dir` and turns what the store may lack into
+/// batches appended to the spill file at `spill`; then moves the
+/// checkpoint past them and deletes the segments. Run before the server
+/// starts; [`crate::spill::replay`] then writes them.
+pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalError> {
+    let checkpoint = read_checkpoint(dir)?;
+    let (covered, journal_id) = match checkpoint {
+        Some(c) => c,
+        None => (0, crate::flush::random_u64()),
+    };
+    let mut done = Replayed {
+        journal_id,
+        ..Replayed::default()
+    };
+    let segments = list_segments(dir)?;
+    let mut last_epoch = covered;
+    // (epoch, account) -> parts, in journal order; intents by take epoch.
+    let mut deductions: Vec<(u64, AccountFlush)> = Vec::new();
+    let mut intents: Vec<IntentOf> = Vec::new();
+    for ((epoch, _), path) in &segments {
+        last_epoch = last_epoch.max(*epoch);
+        if *epoch <= covered {
+            continue;
+        }
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let d = decode(&bytes);
+        if let Some(stop) = &d.stop {
+            done.stopped += 1;
+            tracing::warn!(
+                file = %path.display(),
+                offset = stop.offset,
+                why = %stop.why,
+                kept = d.records.len(),
+                "journal replay stops reading this file at a bad record; every record before it is kept"
+            );
+        }
+        for (_, r) in d.records {
+            match r {
+                Record::Deduct { epoch, parts } if epoch > covered => {
+                    last_epoch = last_epoch.max(epoch);
+                    done.deductions += 1;
+                    deductions.extend(parts.into_iter().map(|p| (epoch, p)));
+                }
+                Record::Intent {
+                    epoch,
+                    batch_id,
+                    now,
+                    accounts,
+                } if epoch > covered => {
+                    last_epoch = last_epoch.max(epoch);
+                    intents.push((epoch, batch_id, now, accounts))
+                }
+                _ => {}
+            }
+        }
+    }
+    let batches = assign(deductions, intents, journal_id, covered, last_epoch, now);
+    done.batches = batches.len();
+    if !batches.is_empty() {
+        tracing::info!(
+            deductions = done.deductions,
+            batches = batches.len(),
+            dir = %dir.display(),
+            "journal replay: usage the store may lack goes to the spill file"
+        );
+        let batches: Vec<Arc<FlushBatch>> = batches.into_iter().map(Arc::new).collect();
+        crate::spill::append(spill, &batches)?;
+    }
+    // Everything read is in the spill file now: move past it.
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_checkpoint(dir, last_epoch, journal_id)?;
+    for (_, path) in &segments {
+        std::fs::remove_file(path).map_err(io(path))?;
+    }
+    sync_dir(dir)?;
+    done.next_epoch = last_epoch + 1;
+    Ok(done)
+}
+
+/// An intent as replay reads it: (take epoch, batch id, batch now, accounts).
+type IntentOf = (u64, String, Ts, Vec<Arc<str>>);
+
+/// Gives each deduction part to the batch that took it, or to new batches.
+/// Deterministic: the same journal yields the same batches and ids.
+fn assign(
+    deductions: Vec<(u64, AccountFlush)>,
+    intents: Vec<IntentOf>,
+    journal_id: u64,
+    covered: u64,
+    last_epoch: u64,
+    now: Ts,
+) -> Vec<FlushBatch> {
+    // account -> [(take epoch, intent index)], the last intent of an epoch
+    // winning (the narrowest batch that held the account).
+    let mut takes: HashMap<Arc<str>, BTreeMap<u64, usize>> = HashMap::new();
+    for (i, (epoch, _, _, accounts)) in intents.iter().enumerate() {
+        for a in accounts {
+            takes.entry(a.clone()).or_default().insert(*epoch, i);
+        }
+    }
+    let mut by_intent: BTreeMap<usize, Vec<AccountFlush>> = BTreeMap::new();
+    let mut rest: Vec<AccountFlush> = Vec::new();
+    for (epoch, part) in deductions {
+        let taken = takes
+            .get(&part.account_id)
+            .and_then(|t| t.range(epoch..).next())
+            .map(|(_, i)| *i);
+        match taken {
+            Some(i) => by_intent.entry(i).or_default().push(part),
+            None => rest.push(part),
+        }
+    }
+    let mut out: Vec<FlushBatch> = by_intent
+        .into_iter()
+        .map(|(i, parts)| FlushBatch {
+            batch_id: intents[i].1.clone(),
+            now: intents[i].2,
+            accounts: merge_parts(parts),
+        })
+        .collect();
+    let rest = merge_parts(rest);
+    for (n, chunk) in rest.chunks(REPLAY_BATCH_ACCOUNTS).enumerate() {
+        out.push(FlushBatch {
+            batch_id: format!("journal-{journal_id:016x}-{covered}-{last_epoch}-{n}"),
+            now,
+            accounts: chunk.to_vec(),
+        });
+    }
+    out
+}
+
+/// One part per account, in account order, as a flush would send it:
+/// amounts summed per (hour, item, pack), request ids kept in order, and
+/// the account row with the earliest activation (it only moves back, R1)
+/// and the latest flags. A million deductions of ten thousand accounts
+/// replay as ten thousand parts.
+fn merge_parts(parts: Vec<AccountFlush>) -> Vec<AccountFlush> {
+    let mut by_account: BTreeMap<Arc<str>, AccountFlush> = BTreeMap::new();
+    for p in parts {
+        let Some(m) = by_account.get_mut(&p.account_id) else {
+            by_account.insert(p.account_id.clone(), p);
+            continue;
+        };
+        for d in p.deltas {
+            let same = m.deltas.iter_mut().find(|x| {
+                (x.hour, x.item) == (d.hour, d.item)
+                    && x.pack.as_ref().map(|s| &s.pack_id) == d.pack.as_ref().map(|s| &s.pack_id)
+                    && x.amount.checked_add(d.amount).is_some()
+            });
+            match same {
+                Some(x) => x.amount += d.amount,
+                None => m.deltas.push(d),
+            }
+        }
+        m.dedup.extend(p.dedup);
+        m.account = match (m.account.take(), p.account) {
+            (Some(a), Some(b)) => Some(crate::ledger::AccountRecord {
+                activated_at: match (a.activated_at, b.activated_at) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                },
+                ..b
+            }),
+            (a, b) => b.or(a),
+        };
+    }
+    by_account.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests;

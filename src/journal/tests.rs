@@ -1,0 +1,276 @@
+use super::*;
+use crate::{
+    ledger::{AccountFlush, DeltaRow},
+    packs::Item,
+};
+use proptest::prelude::*;
+
+fn part(account: &str, amount: u64) -> AccountFlush {
+    AccountFlush {
+        account_id: account.into(),
+        account: None,
+        deltas: vec![DeltaRow {
+            hour: 0,
+            item: Item::Calls,
+            pack: None,
+            amount,
+        }],
+        dedup: vec![],
+    }
+}
+
+fn deduct(epoch: u64, account: &str, amount: u64) -> Record {
+    Record::Deduct {
+        epoch,
+        parts: vec![part(account, amount)],
+    }
+}
+
+/// Three records, and where each starts.
+fn three() -> (Vec<u8>, Vec<usize>, Vec<Record>) {
+    let records = vec![
+        deduct(1, "a", 1),
+        Record::Intent {
+            epoch: 1,
+            batch_id: "b-1".into(),
+            now: 5,
+            accounts: vec!["a".into()],
+        },
+        deduct(2, "b", 7),
+    ];
+    let mut buf = Vec::new();
+    let mut starts = Vec::new();
+    for r in &records {
+        starts.push(buf.len());
+        encode(r, &mut buf);
+    }
+    (buf, starts, records)
+}
+
+#[test]
+fn records_decode_as_they_were_encoded() {
+    let (buf, starts, records) = three();
+    let d = decode(&buf);
+    assert_eq!(d.stop, None);
+    let got: Vec<_> = d
+        .records
+        .iter()
+        .map(|(o, r)| (*o as usize, r.clone()))
+        .collect();
+    let want: Vec<_> = starts.into_iter().zip(records).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_last_record_cut_at_every_byte_keeps_every_record_before_it() {
+    let (buf, starts, records) = three();
+    let last = starts[2];
+    for cut in last..buf.len() {
+        let d = decode(&buf[..cut]);
+        let kept: Vec<_> = d.records.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(kept, records[..2], "cut at {cut}");
+        if cut == last {
+            assert_eq!(d.stop, None, "a cut between records is a clean end");
+        } else {
+            let stop = d.stop.expect("a torn record is reported");
+            assert_eq!(stop.offset, last as u64, "cut at {cut}");
+            assert!(stop.why.contains("torn"), "cut at {cut}: {}", stop.why);
+        }
+    }
+}
+
+#[test]
+fn a_flipped_byte_inside_a_record_stops_reading_at_that_record() {
+    let (buf, starts, records) = three();
+    // Every byte of the middle record, header included.
+    for at in starts[1]..starts[2] {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut bad = buf.clone();
+            bad[at] ^= flip;
+            let d = decode(&bad);
+            let kept: Vec<_> = d.records.iter().map(|(_, r)| r.clone()).collect();
+            assert_eq!(kept, records[..1], "byte {at} ^ {flip:#x}");
+            let stop = d.stop.expect("reported");
+            assert_eq!(stop.offset, starts[1] as u64, "byte {at} ^ {flip:#x}");
+        }
+    }
+}
+
+#[test]
+fn a_crc_mismatch_says_so() {
+    let (mut buf, starts, _) = three();
+    let body = starts[2] + HEADER + 3;
+    buf[body] ^= 0x10;
+    let stop = decode(&buf).stop.unwrap();
+    assert_eq!(stop.offset, starts[2] as u64);
+    assert_eq!(stop.why, "CRC mismatch");
+}
+
+#[test]
+fn an_unknown_version_is_refused_even_with_a_good_crc() {
+    let mut buf = Vec::new();
+    encode(&Record::Probe, &mut buf);
+    buf[HEADER] = 9;
+    frame(&mut buf, 0);
+    let stop = decode(&buf).stop.unwrap();
+    assert!(stop.why.contains("version 9"), "{}", stop.why);
+}
+
+proptest! {
+    /// The decoder takes any bytes without panicking, and what it keeps
+    /// re-encodes to exactly the bytes it read.
+    #[test]
+    fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let d = decode(&bytes);
+        let mut again = Vec::new();
+        for (_, r) in &d.records {
+            encode(r, &mut again);
+        }
+        prop_assert!(bytes.starts_with(&again));
+    }
+
+    /// Garbage after good records never loses them.
+    #[test]
+    fn good_records_survive_any_garbage_after_them(
+        amounts in proptest::collection::vec(1u64..1_000_000, 1..8),
+        tail in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut buf = Vec::new();
+        for (i, a) in amounts.iter().enumerate() {
+            encode(&deduct(i as u64, "acct", *a), &mut buf);
+        }
+        let good = buf.len();
+        buf.extend_from_slice(&tail);
+        let d = decode(&buf);
+        prop_assert!(d.records.len() >= amounts.len());
+        for (i, a) in amounts.iter().enumerate() {
+            prop_assert_eq!(&d.records[i].1, &deduct(i as u64, "acct", *a));
+        }
+        if tail.is_empty() {
+            prop_assert_eq!(d.stop, None);
+        } else if d.records.len() == amounts.len() {
+            prop_assert_eq!(d.stop.map(|s| s.offset), Some(good as u64));
+        }
+    }
+}
+
+fn intent(epoch: u64, id: &str, accounts: &[&str]) -> (u64, String, Ts, Vec<Arc<str>>) {
+    (
+        epoch,
+        id.into(),
+        0,
+        accounts.iter().map(|a| Arc::from(*a)).collect(),
+    )
+}
+
+#[test]
+fn each_deduction_goes_to_the_first_take_of_its_account_at_or_after_its_epoch() {
+    let deductions = vec![
+        (1, part("a", 1)),
+        (1, part("b", 2)),
+        (2, part("a", 4)),
+        (3, part("a", 8)),
+        (3, part("c", 16)),
+    ];
+    let intents = vec![
+        // Take 1 held a and b; b's batch was narrowed to b-alone.
+        intent(1, "t1", &["a", "b"]),
+        intent(1, "t1-b", &["b"]),
+        // Take 2 held a.
+        intent(2, "t2", &["a"]),
+    ];
+    let batches = assign(deductions, intents, 0xab, 0, 3, 99);
+    let sum = |id: &str| -> Vec<(String, u64)> {
+        batches
+            .iter()
+            .filter(|b| b.batch_id.starts_with(id))
+            .flat_map(|b| b.accounts.iter())
+            .map(|a| (a.account_id.to_string(), a.deltas[0].amount))
+            .collect()
+    };
+    assert_eq!(sum("t1"), vec![("a".into(), 1), ("b".into(), 2)]);
+    // Parts of one account in one batch are merged, amounts summed.
+    let rest = batches
+        .iter()
+        .find(|b| b.batch_id.starts_with("journal-"))
+        .unwrap();
+    assert_eq!(rest.accounts.len(), 2);
+    assert_eq!(sum("t1-b"), vec![("b".into(), 2)]);
+    assert!(batches
+        .iter()
+        .all(|b| b.batch_id != "t1" || b.accounts.len() == 1));
+    assert_eq!(sum("t2"), vec![("a".into(), 4)]);
+    // Nothing took epoch 3: a new batch, named after the journal.
+    assert_eq!(
+        sum("journal-00000000000000ab-0-3-0"),
+        vec![("a".into(), 8), ("c".into(), 16)]
+    );
+}
+
+#[test]
+fn replay_moves_the_journal_to_the_spill_file_once_and_keeps_what_precedes_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let mut buf = Vec::new();
+    encode(&deduct(1, "a", 5), &mut buf);
+    encode(&deduct(1, "b", 6), &mut buf);
+    let torn = buf.len();
+    encode(&deduct(1, "c", 7), &mut buf);
+    std::fs::write(jdir.join(segment_name(1, 0)), &buf[..torn + 5]).unwrap();
+    let r = replay(&jdir, &spill, 1).unwrap();
+    assert_eq!((r.deductions, r.batches, r.stopped), (2, 1, 1));
+    let spilled = crate::spill::read(&spill).unwrap();
+    let accounts: Vec<_> = spilled[0]
+        .accounts
+        .iter()
+        .map(|a| a.account_id.to_string())
+        .collect();
+    assert_eq!(accounts, ["a", "b"]);
+    // The checkpoint moved past it: a second replay adds nothing.
+    assert!(list_segments(&jdir).unwrap().is_empty());
+    let again = replay(&jdir, &spill, 2).unwrap();
+    assert_eq!(again.deductions, 0);
+    assert_eq!(again.journal_id, r.journal_id);
+    assert!(again.next_epoch >= r.next_epoch);
+    assert_eq!(crate::spill::read(&spill).unwrap().len(), 1);
+}
+
+#[test]
+fn a_corrupt_checkpoint_stops_the_replay_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("checkpoint"), b"\x05\0\0\0garbage").unwrap();
+    let e = replay(dir.path(), &dir.path().join("spill"), 0).unwrap_err();
+    assert!(e.to_string().contains("checkpoint"), "{e}");
+}
+
+#[test]
+fn parts_of_one_account_merge_into_one_with_summed_amounts() {
+    let mut b = part("a", 5);
+    b.dedup.push(crate::ledger::DedupRecord {
+        request_id: "r1".into(),
+        expires_at: 10,
+        hour: Some(0),
+        calls_covered: 0,
+        calls_overage: 5,
+        egress_covered: 0,
+        egress_overage: 0,
+    });
+    b.account = Some(crate::ledger::AccountRecord {
+        account_id: "a".into(),
+        activated_at: Some(7),
+        suspended: false,
+        deny_on_exhausted: true,
+    });
+    let mut c = part("a", 2);
+    c.deltas[0].hour = 3_600_000_000;
+    let merged = merge_parts(vec![part("b", 1), part("a", 1), b, c]);
+    let ids: Vec<_> = merged.iter().map(|p| p.account_id.to_string()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    let a = &merged[0];
+    let amounts: Vec<_> = a.deltas.iter().map(|d| (d.hour, d.amount)).collect();
+    assert_eq!(amounts, [(0, 6), (3_600_000_000, 2)]);
+    assert_eq!(a.dedup.len(), 1);
+    assert_eq!(a.account.as_ref().unwrap().activated_at, Some(7));
+}
