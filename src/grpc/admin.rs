@@ -14,11 +14,16 @@ use crate::{
 
 pub struct AdminService {
     app: Arc<App>,
+    /// `--max-export-range`, in microseconds.
+    max_export_range: crate::calendar::Ts,
 }
 
 impl AdminService {
-    pub fn new(app: Arc<App>) -> Self {
-        AdminService { app }
+    pub fn new(app: Arc<App>, max_export_range: crate::calendar::Ts) -> Self {
+        AdminService {
+            app,
+            max_export_range,
+        }
     }
 }
 
@@ -136,6 +141,15 @@ impl proto::admin_server::Admin for AdminService {
         let to = required("to", convert::ts("to", r.to.as_ref())?)?;
         if to < from {
             return Err(Status::invalid_argument("to: must not be before from"));
+        }
+        if to.saturating_sub(from) > self.max_export_range {
+            return Err(Status::invalid_argument(format!(
+                "to: the range from `from` to `to` is longer than the server's maximum of {} \
+                 (--max-export-range); export it in shorter ranges",
+                humantime::format_duration(std::time::Duration::from_micros(
+                    self.max_export_range.unsigned_abs()
+                ))
+            )));
         }
         let account = (!r.account_id.is_empty()).then_some(r.account_id);
         if let Some(a) = &account {
