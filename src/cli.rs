@@ -494,23 +494,23 @@ impl Bearer {
                 .map(|t| t.trim().as_bytes().to_vec())
                 .filter(|t| !t.is_empty()),
         };
-        Bearer::from_token(token.as_deref()).map_err(|()| {
-            usage("--token-file or PACKMETER_ADMIN_TOKEN: the token must be printable ASCII".into())
-        })
+        Bearer::from_token(token.as_deref())
+            .map_err(|e| usage(format!("--token-file or PACKMETER_ADMIN_TOKEN: {e}")))
     }
 
     /// A header value from a token; printable ASCII only.
-    pub fn from_token(token: Option<&[u8]>) -> Result<Bearer, ()> {
+    pub fn from_token(token: Option<&[u8]>) -> Result<Bearer, String> {
+        let bad = || "the token must be printable ASCII without spaces".to_string();
         let Some(t) = token else {
             return Ok(Bearer(None));
         };
-        if !t.iter().all(|b| b.is_ascii_graphic()) {
-            return Err(());
+        if !t.iter().all(u8::is_ascii_graphic) {
+            return Err(bad());
         }
         let mut value = b"Bearer ".to_vec();
         value.extend_from_slice(t);
-        let value = std::str::from_utf8(&value).map_err(|_| ())?;
-        value.parse().map(|v| Bearer(Some(v))).map_err(|_| ())
+        let value = std::str::from_utf8(&value).map_err(|_| bad())?;
+        value.parse().map(|v| Bearer(Some(v))).map_err(|_| bad())
     }
 }
 

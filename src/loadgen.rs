@@ -420,7 +420,7 @@ async fn prime(plan: &Arc<Plan>) -> Result<(), Status> {
     // flush is an admin call: it carries PACKMETER_ADMIN_TOKEN, if set.
     let token = std::env::var("PACKMETER_ADMIN_TOKEN").ok();
     let bearer = crate::cli::Bearer::from_token(token.as_deref().map(|t| t.trim().as_bytes()))
-        .map_err(|()| Status::invalid_argument("PACKMETER_ADMIN_TOKEN must be printable ASCII"))?;
+        .map_err(|e| Status::invalid_argument(format!("PACKMETER_ADMIN_TOKEN: {e}")))?;
     match AdminClient::with_interceptor(plan.channels[0].clone(), bearer)
         .flush(proto::FlushRequest {})
         .await
