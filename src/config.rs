@@ -125,7 +125,7 @@ pub struct ServeArgs {
     /// in HTTP/2 SETTINGS; clients queue calls beyond it [default: 1024].
     #[arg(long, env = "PACKMETER_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<String>,
-    /// Longest `to - from` range one ExportUsage may ask for [default: 366d].
+    /// Longest `to - from` range one ExportUsage may ask for [default: 731d].
     #[arg(long, env = "PACKMETER_MAX_EXPORT_RANGE", value_name = "DURATION")]
     pub max_export_range: Option<String>,
     /// Benchmark baseline: answer every Meter and Envoy rate-limit RPC with a
@@ -378,7 +378,9 @@ pub struct Limits {
 
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 20;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 1024;
-pub const DEFAULT_MAX_EXPORT_RANGE: Duration = Duration::from_secs(366 * 86_400);
+/// Two years: a whole free window (12 months) and more in one call; the
+/// export is streamed a page at a time, so the bound is on one call's work.
+pub const DEFAULT_MAX_EXPORT_RANGE: Duration = Duration::from_secs(731 * 86_400);
 
 /// How Envoy rate-limit descriptors map to accounts and items.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1396,7 +1398,7 @@ mod tests {
         assert_eq!(c.admin_token_file, None);
         assert_eq!(c.limits.max_message_bytes, 4 << 20);
         assert_eq!(c.limits.max_concurrent_streams, 1024);
-        assert_eq!(c.limits.max_export_range, 366 * 86_400 * 1_000_000);
+        assert_eq!(c.limits.max_export_range, 731 * 86_400 * 1_000_000);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");

@@ -29,6 +29,17 @@ impl AdminService {
 
 type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Send>>;
 
+/// A duration as the flag would be written: whole days as `731d`.
+fn flag_duration(us: crate::calendar::Ts) -> String {
+    const DAY: u64 = 86_400_000_000;
+    let us = us.unsigned_abs();
+    if us % DAY == 0 {
+        format!("{}d", us / DAY)
+    } else {
+        humantime::format_duration(std::time::Duration::from_micros(us)).to_string()
+    }
+}
+
 /// A required field, or INVALID_ARGUMENT naming it.
 fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
     v.ok_or_else(|| Status::invalid_argument(format!("{field}: is required")))
@@ -146,9 +157,7 @@ impl proto::admin_server::Admin for AdminService {
             return Err(Status::invalid_argument(format!(
                 "to: the range from `from` to `to` is longer than the server's maximum of {} \
                  (--max-export-range); export it in shorter ranges",
-                humantime::format_duration(std::time::Duration::from_micros(
-                    self.max_export_range.unsigned_abs()
-                ))
+                flag_duration(self.max_export_range)
             )));
         }
         let account = (!r.account_id.is_empty()).then_some(r.account_id);
