@@ -33,7 +33,7 @@ type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Se
 fn flag_duration(us: crate::calendar::Ts) -> String {
     const DAY: u64 = 86_400_000_000;
     let us = us.unsigned_abs();
-    if us % DAY == 0 {
+    if us.is_multiple_of(DAY) {
         format!("{}d", us / DAY)
     } else {
         humantime::format_duration(std::time::Duration::from_micros(us)).to_string()
