@@ -543,6 +543,15 @@ class Checker:
                          ("unknown_accounts", c["unknownAccounts"]), ("log_format", c["logFormat"])):
             want = str(val) if val not in (None, "") else None
             self.expect(conf.get(key) == want, f"packmeter.toml {key} = {conf.get(key)!r}, expected {want!r}")
+        at = v["adminToken"]
+        if at["existingSecret"]:
+            want = f"{at['mountPath']}/{at['secretKey']}"
+            self.expect(conf.get("admin_token_file") == want,
+                        f"packmeter.toml admin_token_file = {conf.get('admin_token_file')!r}, expected {want!r}")
+        else:
+            # A default install: Admin RPCs answer loopback peers only.
+            self.expect("admin_token_file" not in conf,
+                        "packmeter.toml sets admin_token_file without adminToken.existingSecret")
         if v["store"]["type"] == "sqlite":
             self.expect(conf.get("store") == f"sqlite://{v['store']['sqlite']['path']}",
                         f"packmeter.toml store = {conf.get('store')!r}")
@@ -610,6 +619,16 @@ class Checker:
         mounts = {m["mountPath"]: m for m in ctr.get("volumeMounts", [])}
         self.expect("/etc/packmeter" in mounts, f"{where}: config not mounted at /etc/packmeter")
         self.expect(v["persistence"]["mountPath"] in mounts, f"{where}: data dir not mounted")
+        at = v["adminToken"]
+        tm = mounts.get(at["mountPath"])
+        if at["existingSecret"]:
+            # A subPath mount would never see a rotated Secret.
+            self.expect(tm and tm.get("readOnly") is True and not tm.get("subPath")
+                        and tm.get("name") == "packmeter-admin-token",
+                        f"{where}: admin token mount is {tm}, expected packmeter-admin-token read-only "
+                        f"at {at['mountPath']} without subPath")
+        else:
+            self.expect(tm is None, f"{where}: admin token mounted without adminToken.existingSecret")
 
         env = {e["name"]: e for e in ctr.get("env", [])}
         self.expect(not any("postgres://" in str(e.get("value", "")) or "postgresql://" in str(e.get("value", ""))
@@ -650,6 +669,15 @@ class Checker:
         vols = {vol["name"]: vol for vol in spec.get("volumes", [])}
         cfg = (vols.get("packmeter-config") or {}).get("configMap") or {}
         self.expect(cfg.get("name") == self.fullname, f"{where}: config volume does not use ConfigMap {self.fullname}")
+        at = v["adminToken"]
+        tok = (vols.get("packmeter-admin-token") or {}).get("secret")
+        if at["existingSecret"]:
+            self.expect(tok and tok.get("secretName") == at["existingSecret"]
+                        and [i.get("key") for i in tok.get("items", [])] == [at["secretKey"]],
+                        f"{where}: admin token volume is {tok}, expected Secret {at['existingSecret']} "
+                        f"key {at['secretKey']}")
+        else:
+            self.expect(tok is None, f"{where}: admin token volume without adminToken.existingSecret")
         data = vols.get("packmeter-data") or {}
         ptype = persistence_type(v)
         key = {"pvc": "persistentVolumeClaim"}.get(ptype, ptype)

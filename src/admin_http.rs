@@ -1,20 +1,35 @@
 //! The admin HTTP port: `/livez`, `/readyz`, `/metrics`, and the pack page
 //! (R11): `/` to look an account up, `/packs?account=ID` to list its packs.
+//!
+//! The probes and `/metrics` are open. The pack page shows any account's
+//! usage, so it is an admin interface: with `--admin-token-file` it needs
+//! `Authorization: Bearer TOKEN` (401 and `WWW-Authenticate: Bearer`
+//! without), and without a token file it is served to loopback peers only
+//! (403 otherwise). See [`crate::auth`].
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
 };
 
 use axum::{
-    extract::{RawQuery, State},
+    extract::{ConnectInfo, RawQuery, Request, State},
     http::{header, HeaderValue, StatusCode},
+    middleware::Next,
     response::{IntoResponse, Redirect, Response},
     routing::get,
     Router,
 };
 
-use crate::{app::App, meter::MeterError, pack_page};
+use crate::{
+    app::App,
+    auth::{AdminAuth, Refusal},
+    meter::MeterError,
+    pack_page,
+};
 
 /// What the admin routes read.
 pub struct AdminState {
@@ -24,17 +39,72 @@ pub struct AdminState {
     /// cleared while the journal cannot be written, and set again once it
     /// can (`server::journal_health`), until shutdown.
     pub ready: AtomicBool,
+    /// Who may see the pack page.
+    pub auth: AdminAuth,
 }
 
+/// The admin routes. Serve them with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: without the peer
+/// address the pack page is refused unless a token file is configured.
 pub fn router(state: Arc<AdminState>) -> Router {
+    let pages = Router::new()
+        .route("/", get(index))
+        .route("/packs", get(packs))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/", get(index))
-        .route("/packs", get(packs))
+        .merge(pages)
         .fallback(not_found)
         .with_state(state)
+}
+
+/// The pack page's gate: the same policy as the `Admin` gRPC service.
+async fn require_admin(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match s.auth.check("http", authorization, peer) {
+        Ok(()) => next.run(req).await,
+        Err(Refusal::NotLoopback) => error_page(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "The pack page is served only to this machine when no admin token is configured. \
+             Start packmeter with --admin-token-file (PACKMETER_ADMIN_TOKEN_FILE) and send \
+             `Authorization: Bearer <token>`, or open the page from the server itself.",
+            "",
+        ),
+        Err(refusal) => {
+            let mut r = error_page(
+                StatusCode::UNAUTHORIZED,
+                "Authentication required",
+                &format!(
+                    "The pack page needs `Authorization: Bearer <token>` with a token from the \
+                     server's --admin-token-file. {}",
+                    if refusal == Refusal::Wrong {
+                        "The token sent is not one of them."
+                    } else {
+                        "No usable token was sent."
+                    }
+                ),
+                "",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"packmeter admin\""),
+            );
+            r
+        }
+    }
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -14,7 +14,9 @@
 //! - 74 stdout cannot be written (other than a closed pipe);
 //! - 75 a temporary failure on the server (UNAVAILABLE from the server, e.g.
 //!   its store is down or it is shutting down; ABORTED; RESOURCE_EXHAUSTED;
-//!   DEADLINE_EXCEEDED): retry later.
+//!   DEADLINE_EXCEEDED): retry later;
+//! - 77 the server refused the admin credential (UNAUTHENTICATED): give
+//!   `--token-file` or `PACKMETER_ADMIN_TOKEN`.
 
 use std::{
     io::{self, Write},
@@ -45,6 +47,8 @@ const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 const EX_IOERR: u8 = 74;
 const EX_TEMPFAIL: u8 = 75;
+/// The server refused the admin credential.
+const EX_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,6 +100,13 @@ pub struct ClientOpts {
     /// system's and Mozilla's roots (for a private CA).
     #[arg(long, env = "PACKMETER_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// File whose first token (one a line, # comments ignored: the server's
+    /// --admin-token-file format) is sent as `authorization: Bearer TOKEN`
+    /// on admin commands. Without it, the PACKMETER_ADMIN_TOKEN variable
+    /// is sent, if set. Never a flag value: a token on the command line is
+    /// visible to every user of the machine.
+    #[arg(long, env = "PACKMETER_TOKEN_FILE", global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -241,6 +252,10 @@ impl From<Status> for Failure {
             | Code::Aborted
             | Code::ResourceExhausted
             | Code::DeadlineExceeded => (EX_TEMPFAIL, " (temporary: retry later)"),
+            Code::Unauthenticated => (
+                EX_NOPERM,
+                "; give the admin token with --token-file or PACKMETER_ADMIN_TOKEN",
+            ),
             Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => {
                 (EX_SOFTWARE, " (the server failed; see its log)")
             }
@@ -459,6 +474,61 @@ fn endpoint(opts: &ClientOpts) -> Result<Endpoint, Failure> {
     endpoint
         .tls_config(config)
         .map_err(|e| usage(format!("--tls-ca or --server: cannot set up TLS: {e}")))
+}
+
+/// Sends `authorization: Bearer TOKEN` on every call of an admin client.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    /// The token of `--token-file`, else `PACKMETER_ADMIN_TOKEN`, else none.
+    fn from_opts(opts: &ClientOpts) -> Result<Bearer, Failure> {
+        let token = match &opts.token_file {
+            Some(path) => Some(
+                crate::auth::read_tokens(path)
+                    .map_err(|e| usage(format!("--token-file: {e}")))?
+                    .swap_remove(0),
+            ),
+            None => std::env::var("PACKMETER_ADMIN_TOKEN")
+                .ok()
+                .map(|t| t.trim().as_bytes().to_vec())
+                .filter(|t| !t.is_empty()),
+        };
+        Bearer::from_token(token.as_deref())
+            .map_err(|e| usage(format!("--token-file or PACKMETER_ADMIN_TOKEN: {e}")))
+    }
+
+    /// A header value from a token; printable ASCII only.
+    pub fn from_token(token: Option<&[u8]>) -> Result<Bearer, String> {
+        let bad = || "the token must be printable ASCII without spaces".to_string();
+        let Some(t) = token else {
+            return Ok(Bearer(None));
+        };
+        if !t.iter().all(u8::is_ascii_graphic) {
+            return Err(bad());
+        }
+        let mut value = b"Bearer ".to_vec();
+        value.extend_from_slice(t);
+        let value = std::str::from_utf8(&value).map_err(|_| bad())?;
+        value.parse().map(|v| Bearer(Some(v))).map_err(|_| bad())
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// An admin client carrying the token, if one is given.
+async fn admin(opts: &ClientOpts) -> Result<Admin, Failure> {
+    let bearer = Bearer::from_opts(opts)?;
+    Ok(AdminClient::with_interceptor(connect(opts).await?, bearer))
 }
 
 async fn connect(opts: &ClientOpts) -> Result<Channel, Failure> {
@@ -712,7 +782,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             print_packs(out, &r.packs, c.client.json)?;
         }
         Command::Account(AccountCmd::Get { account, client }) => {
-            let a = AdminClient::new(connect(&client).await?)
+            let a = admin(&client)
+                .await?
                 .get_account(proto::GetAccountRequest {
                     account_id: account,
                 })
@@ -741,7 +812,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                     paths.push(path.to_string());
                 }
             }
-            let a = AdminClient::new(connect(&client).await?)
+            let a = admin(&client)
+                .await?
                 .put_account(proto::PutAccountRequest {
                     account: Some(proto::Account {
                         account_id: account,
@@ -756,7 +828,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             print_account(out, &a, client.json)?;
         }
         Command::Packs(c) => {
-            let r = AdminClient::new(connect(&c.client).await?)
+            let r = admin(&c.client)
+                .await?
                 .list_packs(proto::ListPacksRequest {
                     account_id: c.account,
                 })
@@ -789,7 +862,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                     return Err(usage("grant needs --valid-until or --valid-for".into()))
                 }
             };
-            let p = AdminClient::new(connect(&c.client).await?)
+            let p = admin(&c.client)
+                .await?
                 .grant_pack(proto::GrantPackRequest {
                     account_id: c.account,
                     item: item as i32,
@@ -809,7 +883,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             }
         }
         Command::Flush(client) => {
-            let r = AdminClient::new(connect(&client).await?)
+            let r = admin(&client)
+                .await?
                 .flush(proto::FlushRequest {})
                 .await?
                 .into_inner();
@@ -826,7 +901,8 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
         Command::Export(c) => {
             let from = parse_time("--from", &c.from)?;
             let to = parse_time("--to", &c.to)?;
-            let mut rows = AdminClient::new(connect(&c.client).await?)
+            let mut rows = admin(&c.client)
+                .await?
                 .export_usage(proto::ExportUsageRequest {
                     from: Some(convert::timestamp(from)),
                     to: Some(convert::timestamp(to)),

@@ -117,6 +117,23 @@ pub struct ServeArgs {
     /// calls when the entry is absent [default: item].
     #[arg(long, env = "PACKMETER_RLS_ITEM_KEY", value_name = "KEY")]
     pub rls_item_key: Option<String>,
+    /// File of admin bearer tokens, one a line (blank lines and # comments
+    /// ignored), re-read when it changes. With it, every Admin RPC and the
+    /// pack page need `authorization: Bearer TOKEN`; without it they are
+    /// served to loopback peers only [default: none, loopback only].
+    #[arg(long, env = "PACKMETER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<String>,
+    /// Largest gRPC message accepted, in bytes; a larger one gets
+    /// OUT_OF_RANGE [default: 4194304, 4 MiB].
+    #[arg(long, env = "PACKMETER_MAX_MESSAGE_BYTES", value_name = "N")]
+    pub max_message_bytes: Option<String>,
+    /// Most concurrent gRPC streams (calls) on one connection, advertised
+    /// in HTTP/2 SETTINGS; clients queue calls beyond it [default: 1024].
+    #[arg(long, env = "PACKMETER_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<String>,
+    /// Longest `to - from` range one ExportUsage may ask for [default: 731d].
+    #[arg(long, env = "PACKMETER_MAX_EXPORT_RANGE", value_name = "DURATION")]
+    pub max_export_range: Option<String>,
     /// Benchmark baseline: answer every Meter and Envoy rate-limit RPC with a
     /// fixed response, without touching the meter. Never for production.
     // Deliberately not a TOML key: a baseline switch left in a config file
@@ -158,6 +175,10 @@ struct FileConfig {
     rls_domain: Option<String>,
     rls_account_key: Option<String>,
     rls_item_key: Option<String>,
+    admin_token_file: Option<String>,
+    max_message_bytes: Option<u64>,
+    max_concurrent_streams: Option<u64>,
+    max_export_range: Option<String>,
 }
 
 /// Where a file key's value goes: text (addresses, durations, names) or a
@@ -169,8 +190,12 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 25] = [
+    const KEYS: [&'static str; 29] = [
         "durability",
+        "admin_token_file",
+        "max_message_bytes",
+        "max_concurrent_streams",
+        "max_export_range",
         "strict_deny",
         "lease_ttl",
         "lease_outage",
@@ -227,6 +252,10 @@ impl FileConfig {
             "rls_domain" => Slot::Text(&mut self.rls_domain),
             "rls_account_key" => Slot::Text(&mut self.rls_account_key),
             "rls_item_key" => Slot::Text(&mut self.rls_item_key),
+            "admin_token_file" => Slot::Text(&mut self.admin_token_file),
+            "max_message_bytes" => Slot::Number(&mut self.max_message_bytes),
+            "max_concurrent_streams" => Slot::Number(&mut self.max_concurrent_streams),
+            "max_export_range" => Slot::Text(&mut self.max_export_range),
             _ => return None,
         };
         Some((field, slot))
@@ -339,9 +368,30 @@ pub struct Config {
     pub max_batch: usize,
     pub meter: MeterConfig,
     pub rls: RlsConfig,
+    /// `--admin-token-file`, checked readable and non-empty; `None`:
+    /// admin calls are served to loopback peers only (see [`crate::auth`]).
+    pub admin_token_file: Option<PathBuf>,
+    pub limits: Limits,
     /// `--noop`: serve fixed responses, for benchmark baselines.
     pub noop: bool,
 }
+
+/// What one caller may ask of the gRPC port (README, "Security").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest decoded message, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_concurrent_streams: u32,
+    /// Longest ExportUsage range, in microseconds.
+    pub max_export_range: Ts,
+}
+
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 20;
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 1024;
+/// Two years: a whole free window (12 months) and more in one call; the
+/// export is streamed a page at a time, so the bound is on one call's work.
+pub const DEFAULT_MAX_EXPORT_RANGE: Duration = Duration::from_secs(731 * 86_400);
 
 /// How Envoy rate-limit descriptors map to accounts and items.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -910,6 +960,50 @@ impl Config {
             ));
         }
 
+        let admin_token_file = pick(&args.admin_token_file, &file.admin_token_file)
+            .map(|p| {
+                let p = PathBuf::from(p.trim());
+                crate::auth::read_tokens(&p).map_err(|e| err("admin_token_file", e))?;
+                Ok::<_, ConfigError>(p)
+            })
+            .transpose()?;
+        let max_message_bytes = positive(
+            "max_message_bytes",
+            &args.max_message_bytes,
+            file.max_message_bytes,
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )?;
+        if max_message_bytes > 1 << 30 {
+            return Err(err(
+                "max_message_bytes",
+                format!("{max_message_bytes} is above 1073741824 (1 GiB); use at most 1073741824"),
+            ));
+        }
+        let max_concurrent_streams = positive(
+            "max_concurrent_streams",
+            &args.max_concurrent_streams,
+            file.max_concurrent_streams,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+        )?;
+        let max_concurrent_streams = u32::try_from(max_concurrent_streams).map_err(|_| {
+            err(
+                "max_concurrent_streams",
+                format!("{max_concurrent_streams} is above {}", u32::MAX),
+            )
+        })?;
+        let max_export_range = duration_of(
+            "max_export_range",
+            &args.max_export_range,
+            &file.max_export_range,
+            DEFAULT_MAX_EXPORT_RANGE,
+        )?;
+        if max_export_range < Duration::from_secs(3600) {
+            return Err(err(
+                "max_export_range",
+                "must be at least 1h, one settled hour",
+            ));
+        }
+
         Ok(Config {
             listen,
             admin_listen,
@@ -933,6 +1027,12 @@ impl Config {
                 strict,
             },
             rls,
+            admin_token_file,
+            limits: Limits {
+                max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
+                max_concurrent_streams,
+                max_export_range: micros(max_export_range),
+            },
             noop: args.noop,
         })
     }
@@ -1109,8 +1209,12 @@ mod tests {
     }
 
     /// Every string field of [`ServeArgs`], by the name errors give it.
-    const STRING_FIELDS: [&str; 22] = [
+    const STRING_FIELDS: [&str; 26] = [
         "durability",
+        "admin_token_file",
+        "max_message_bytes",
+        "max_concurrent_streams",
+        "max_export_range",
         "listen",
         "admin_listen",
         "store",
@@ -1158,6 +1262,10 @@ mod tests {
             "rls_domain" => &mut a.rls_domain,
             "rls_account_key" => &mut a.rls_account_key,
             "rls_item_key" => &mut a.rls_item_key,
+            "admin_token_file" => &mut a.admin_token_file,
+            "max_message_bytes" => &mut a.max_message_bytes,
+            "max_concurrent_streams" => &mut a.max_concurrent_streams,
+            "max_export_range" => &mut a.max_export_range,
             other => panic!("no ServeArgs field {other}"),
         }
     }
@@ -1329,6 +1437,43 @@ mod tests {
         assert_eq!(c.store.to_string(), "postgres://pm:***@db:5433/bill");
         let e = Config::resolve(&only("store", "mysql://pm:hunter2@db/x")).unwrap_err();
         assert!(!e.message.contains("hunter2"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_admin_token_file_and_the_limits_are_checked_and_named() {
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.admin_token_file, None);
+        assert_eq!(c.limits.max_message_bytes, 4 << 20);
+        assert_eq!(c.limits.max_concurrent_streams, 1024);
+        assert_eq!(c.limits.max_export_range, 731 * 86_400 * 1_000_000);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let p = path.to_str().unwrap();
+        for (text, says) in [
+            ("# only a comment\n\n", "no token"),
+            ("two words\n", "whitespace"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::resolve(&only("admin_token_file", p)).unwrap_err();
+            assert_eq!(e.field, "admin_token_file");
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let e = Config::resolve(&only("admin_token_file", "/nonexistent/tokens")).unwrap_err();
+        assert_eq!(e.field, "admin_token_file");
+        std::fs::write(&path, "t0ken\n").unwrap();
+        let c = Config::resolve(&only("admin_token_file", p)).unwrap();
+        assert_eq!(c.admin_token_file.as_deref(), Some(path.as_path()));
+
+        for (field, v) in [
+            ("max_message_bytes", "0"),
+            ("max_message_bytes", "2000000000"),
+            ("max_concurrent_streams", "0"),
+            ("max_concurrent_streams", "5000000000"),
+            ("max_export_range", "10m"),
+        ] {
+            assert_eq!(Config::resolve(&only(field, v)).unwrap_err().field, field);
+        }
     }
 
     #[test]
@@ -1530,8 +1675,14 @@ mod tests {
             "listen" | "admin_listen" => near_addr(),
             "store" => near_store(),
             "timezone" => near_zone(),
-            "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls" | "free_egress_bytes"
-            | "free_months" => near_number(),
+            "max_calls"
+            | "max_egress_bytes"
+            | "max_batch"
+            | "free_calls"
+            | "free_egress_bytes"
+            | "free_months"
+            | "max_message_bytes"
+            | "max_concurrent_streams" => near_number(),
             "unknown_accounts" | "log_format" | "rls_domain" | "rls_account_key"
             | "rls_item_key" | "durability" => near_word(),
             _ => prop_oneof![near_duration(), overflowing_duration()].boxed(),
@@ -1683,7 +1834,8 @@ mod tests {
             let numeric = matches!(
                 field,
                 "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls"
-                    | "free_egress_bytes" | "free_months"
+                    | "free_egress_bytes" | "free_months" | "max_message_bytes"
+                    | "max_concurrent_streams"
             );
             let line = if numeric {
                 format!("{field} = {n}\n")

@@ -28,6 +28,7 @@
 //! - [`grpc`]: the `Meter` and `Admin` services, Envoy's rate-limit service ([`grpc::envoy_rls`]),
 //!   the `serve --noop` baseline; proto ⇄ domain conversion and status codes.
 //! - [`admin_http`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`auth`]: who may call the admin interfaces (bearer tokens, or loopback only).
 //! - [`pack_page`]: the HTML pack list (R11) that `admin_http` serves at `/packs?account=ID`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
@@ -38,6 +39,7 @@
 
 pub mod admin_http;
 pub mod app;
+pub mod auth;
 pub mod calendar;
 pub mod changes;
 pub mod cli;

@@ -416,8 +416,12 @@ async fn prime(plan: &Arc<Plan>) -> Result<(), Status> {
         h.await
             .map_err(|e| Status::internal(format!("prime task failed: {e}")))??;
     }
-    // `serve --noop` has no Admin service: nothing to flush there.
-    match AdminClient::new(plan.channels[0].clone())
+    // `serve --noop` has no Admin service: nothing to flush there. The
+    // flush is an admin call: it carries PACKMETER_ADMIN_TOKEN, if set.
+    let token = std::env::var("PACKMETER_ADMIN_TOKEN").ok();
+    let bearer = crate::cli::Bearer::from_token(token.as_deref().map(|t| t.trim().as_bytes()))
+        .map_err(|e| Status::invalid_argument(format!("PACKMETER_ADMIN_TOKEN: {e}")))?;
+    match AdminClient::with_interceptor(plan.channels[0].clone(), bearer)
         .flush(proto::FlushRequest {})
         .await
     {

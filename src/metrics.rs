@@ -30,6 +30,17 @@ struct ItemLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabel {
+    interface: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
     method: &'static str,
 }
@@ -88,6 +99,10 @@ pub struct Metrics {
     set_aside_accounts: Gauge,
     set_aside_total: Counter,
     journal: JournalMetrics,
+    /// Admin calls refused, by interface (grpc, http) and reason.
+    admin_auth_failures: Family<AuthLabel, Counter>,
+    /// Re-reads of a changed admin token file, by result (ok, error).
+    admin_token_reloads: Family<ResultLabel, Counter>,
 }
 
 /// `--durability journal`: the journal's size and its group commits.
@@ -253,6 +268,20 @@ impl Metrics {
             set_aside_total.clone(),
         );
         let journal = JournalMetrics::register(&mut registry);
+        let admin_auth_failures = Family::<AuthLabel, Counter>::default();
+        registry.register(
+            "admin_auth_failures",
+            "Admin calls refused, by interface (grpc, http) and reason (missing, malformed, \
+             wrong, not_loopback)",
+            admin_auth_failures.clone(),
+        );
+        let admin_token_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "admin_token_reloads",
+            "Re-reads of the changed --admin-token-file, by result (ok; error: unreadable or \
+             empty, the tokens read before are kept)",
+            admin_token_reloads.clone(),
+        );
         let d = |v| {
             deductions
                 .get_or_create(&DecisionLabel { decision: v })
@@ -281,7 +310,23 @@ impl Metrics {
             set_aside_accounts,
             set_aside_total,
             journal,
+            admin_auth_failures,
+            admin_token_reloads,
         }
+    }
+
+    /// Counts one re-read of the admin token file: `ok` or `error`.
+    pub fn admin_token_reloaded(&self, result: &'static str) {
+        self.admin_token_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one refused admin call; both labels come from fixed sets.
+    pub fn admin_auth_failed(&self, interface: &'static str, reason: &'static str) {
+        self.admin_auth_failures
+            .get_or_create(&AuthLabel { interface, reason })
+            .inc();
     }
 
     pub fn record_deduction(&self, o: &DeductOutcome) {

@@ -37,6 +37,7 @@ use crate::grpc::rls_server::rate_limit_service_server::RateLimitServiceServer;
 use crate::{
     admin_http::{self, AdminState},
     app::App,
+    auth::{AdminAuth, AdminInterceptor, TokenFile},
     clock::SystemClock,
     config::Config,
     drain::Drain,
@@ -104,6 +105,10 @@ pub enum ServeError {
     Signal(std::io::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The token file was checked at configuration time and has since
+    /// become unreadable or empty.
+    #[error("invalid configuration: admin_token_file: {0}")]
+    AdminTokens(String),
 }
 
 /// An unwritable store is the configuration's fault, and said like one.
@@ -135,7 +140,7 @@ impl ServeError {
                 EX_USAGE
             }
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
-            ServeError::IncompatibleStore { .. } => EX_USAGE,
+            ServeError::IncompatibleStore { .. } | ServeError::AdminTokens(_) => EX_USAGE,
             _ => 1,
         }
     }
@@ -218,6 +223,21 @@ pub async fn serve(
         None
     };
     let flusher = app.flusher().clone();
+    // Who may call Admin and the pack page: one policy for both ports.
+    let admin_auth = {
+        let tokens = match &config.admin_token_file {
+            Some(path) => Some(Arc::new(
+                TokenFile::open(path).map_err(ServeError::AdminTokens)?,
+            )),
+            None => None,
+        };
+        AdminAuth::new(tokens, metrics.clone())
+    };
+    if !admin_auth.has_tokens() {
+        tracing::info!(
+            "no --admin-token-file: admin RPCs and the pack page are served to loopback peers only"
+        );
+    }
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -292,6 +312,7 @@ pub async fn serve(
     let admin_state = Arc::new(AdminState {
         app: app.clone(),
         ready: true.into(),
+        auth: admin_auth.clone(),
     });
     if let Some(j) = &journal {
         // Health follows the journal: NOT_SERVING while it cannot be
@@ -309,6 +330,8 @@ pub async fn serve(
         let stop = stop_admin.clone();
         let router = admin_http::router(admin_state.clone());
         tokio::spawn(async move {
+            // The peer address, for the loopback-only pack page.
+            let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let served = axum::serve(admin_listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
@@ -352,7 +375,12 @@ pub async fn serve(
     println!("packmeter listening grpc={grpc_addr} admin={admin_addr}");
     tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
 
+    let limits = &config.limits;
+    let max_message = limits.max_message_bytes;
     let router = tonic::transport::Server::builder()
+        // Calls beyond it wait on the client (HTTP/2 SETTINGS), rather
+        // than one connection taking every task the server has.
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .layer(tower::layer::layer_fn({
             let metrics = metrics.clone();
             let drain = drain.clone();
@@ -372,22 +400,38 @@ pub async fn serve(
         );
         let noop = Arc::new(NoopService::default());
         router
-            .add_service(proto::meter_server::MeterServer::from_arc(noop.clone()))
-            .add_service(RateLimitServiceServer::from_arc(noop))
+            .add_service(
+                proto::meter_server::MeterServer::from_arc(noop.clone())
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(
+                RateLimitServiceServer::from_arc(noop).max_decoding_message_size(max_message),
+            )
     } else {
+        // Admin alone is behind the credential check; Meter, Envoy's RLS,
+        // health and reflection stay open (README, "Security").
+        let admin = proto::admin_server::AdminServer::new(AdminService::new(
+            app.clone(),
+            limits.max_export_range,
+        ))
+        .max_decoding_message_size(max_message);
         router
-            .add_service(proto::meter_server::MeterServer::new(MeterService::new(
-                app.clone(),
-                config.max_batch,
-                drain.clone(),
-            )))
-            .add_service(proto::admin_server::AdminServer::new(AdminService::new(
-                app.clone(),
-            )))
-            .add_service(RateLimitServiceServer::new(RlsService::new(
-                app.clone(),
-                config.rls.clone(),
-            )))
+            .add_service(
+                proto::meter_server::MeterServer::new(MeterService::new(
+                    app.clone(),
+                    config.max_batch,
+                    drain.clone(),
+                ))
+                .max_decoding_message_size(max_message),
+            )
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                admin,
+                AdminInterceptor(admin_auth),
+            ))
+            .add_service(
+                RateLimitServiceServer::new(RlsService::new(app.clone(), config.rls.clone()))
+                    .max_decoding_message_size(max_message),
+            )
     };
     // TCP_NODELAY on every accepted connection. tonic sets it only on the
     // listeners it binds itself; without it, Nagle holds a response's last

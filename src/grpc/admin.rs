@@ -14,15 +14,31 @@ use crate::{
 
 pub struct AdminService {
     app: Arc<App>,
+    /// `--max-export-range`, in microseconds.
+    max_export_range: crate::calendar::Ts,
 }
 
 impl AdminService {
-    pub fn new(app: Arc<App>) -> Self {
-        AdminService { app }
+    pub fn new(app: Arc<App>, max_export_range: crate::calendar::Ts) -> Self {
+        AdminService {
+            app,
+            max_export_range,
+        }
     }
 }
 
 type RowStream = Pin<Box<dyn Stream<Item = Result<proto::UsageRow, Status>> + Send>>;
+
+/// A duration as the flag would be written: whole days as `731d`.
+fn flag_duration(us: crate::calendar::Ts) -> String {
+    const DAY: u64 = 86_400_000_000;
+    let us = us.unsigned_abs();
+    if us.is_multiple_of(DAY) {
+        format!("{}d", us / DAY)
+    } else {
+        humantime::format_duration(std::time::Duration::from_micros(us)).to_string()
+    }
+}
 
 /// A required field, or INVALID_ARGUMENT naming it.
 fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
@@ -136,6 +152,13 @@ impl proto::admin_server::Admin for AdminService {
         let to = required("to", convert::ts("to", r.to.as_ref())?)?;
         if to < from {
             return Err(Status::invalid_argument("to: must not be before from"));
+        }
+        if to.saturating_sub(from) > self.max_export_range {
+            return Err(Status::invalid_argument(format!(
+                "to: the range from `from` to `to` is longer than the server's maximum of {} \
+                 (--max-export-range); export it in shorter ranges",
+                flag_duration(self.max_export_range)
+            )));
         }
         let account = (!r.account_id.is_empty()).then_some(r.account_id);
         if let Some(a) = &account {

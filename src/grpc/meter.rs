@@ -94,7 +94,8 @@ impl proto::meter_server::Meter for MeterService {
         let reqs = &req.get_ref().deductions;
         if reqs.len() > self.max_batch {
             return Err(Status::invalid_argument(format!(
-                "deductions: {} elements is over the maximum of {} per batch",
+                "deductions: {} elements is over the maximum of {} per batch (the server's \
+                 --max-batch); send them in smaller batches",
                 reqs.len(),
                 self.max_batch
             )));

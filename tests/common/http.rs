@@ -20,10 +20,19 @@ impl Reply {
 
 /// `GET path` on `addr`, one request per connection.
 pub async fn get(addr: &str, path: &str) -> Reply {
+    get_with(addr, path, &[]).await
+}
+
+/// `GET path` on `addr` with extra request headers.
+pub async fn get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut conn = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to the admin port");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     conn.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).await.unwrap();

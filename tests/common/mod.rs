@@ -6,7 +6,8 @@
 mod http;
 #[cfg(feature = "postgres")]
 pub mod pg;
-pub use http::{get, sample};
+#[allow(unused_imports)]
+pub use http::{get, get_with, sample};
 
 use std::{
     io::{BufRead, BufReader},
@@ -54,6 +55,7 @@ impl Server {
         prepare(&mut command);
         Server::launch_command(
             command,
+            "127.0.0.1",
             &format!("sqlite://{}", db.display()),
             None,
             extra,
@@ -61,12 +63,27 @@ impl Server {
         )
     }
 
+    /// Starts a server on a fresh SQLite file in `dir`, listening on `host`
+    /// (both ports, each on a free port) rather than 127.0.0.1.
+    pub fn start_host(dir: &Path, host: &str, extra: &[&str]) -> Server {
+        let db = dir.join("packmeter.db");
+        Server::launch_command(
+            Command::new(BIN),
+            host,
+            &format!("sqlite://{}", db.display()),
+            None,
+            extra,
+            &db,
+        )
+    }
+
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
-        Server::launch_command(Command::new(BIN), store, data, extra, db)
+        Server::launch_command(Command::new(BIN), "127.0.0.1", store, data, extra, db)
     }
 
     fn launch_command(
         mut command: Command,
+        host: &str,
         store: &str,
         data: Option<&Path>,
         extra: &[&str],
@@ -77,11 +94,13 @@ impl Server {
         }
         let mut child = command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("{host}:0")])
+            .args(["--admin-listen", &format!("{host}:0")])
             .arg("--store")
             .arg(store)
             .args(extra)
             .env_remove("PACKMETER_CONFIG")
+            .env_remove("PACKMETER_ADMIN_TOKEN_FILE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

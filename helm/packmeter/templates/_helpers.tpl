@@ -285,6 +285,13 @@ volumeMounts:
     readOnly: true
   - name: packmeter-data
     mountPath: {{ $v.persistence.mountPath }}
+  {{- if $v.adminToken.existingSecret }}
+  # The whole directory, not a subPath: the kubelet swaps in a rotated
+  # Secret and packmeter re-reads the file without a restart.
+  - name: packmeter-admin-token
+    mountPath: {{ $v.adminToken.mountPath }}
+    readOnly: true
+  {{- end }}
   {{- with $v.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -297,6 +304,15 @@ volumeMounts:
 - name: packmeter-config
   configMap:
     name: {{ include "packmeter.fullname" . }}
+{{- if $v.adminToken.existingSecret }}
+- name: packmeter-admin-token
+  secret:
+    secretName: {{ $v.adminToken.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.adminToken.secretKey }}
+        path: {{ $v.adminToken.secretKey }}
+{{- end }}
 - name: packmeter-data
   {{- if eq $p "pvc" }}
   persistentVolumeClaim:
