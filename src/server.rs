@@ -351,12 +351,17 @@ pub async fn serve(
     // Once draining, wait for the requests in flight, not for clients to
     // hang up; and not forever: a client holding a DeductStream open must
     // not keep the process from flushing within its grace period.
+    tokio::pin!(grpc);
+    // Whether to let the connections close by themselves before exiting:
+    // not if they are closed already, nor if a request is still running
+    // after half the grace (its connection is cut).
+    let mut linger = false;
     let served = {
-        tokio::pin!(grpc);
         tokio::select! {
             r = &mut grpc => r,
             _ = async { draining.cancelled().await; drain.idle().await } => {
                 tracing::info!("requests in flight drained; closing connections");
+                linger = true;
                 Ok(())
             }
             _ = async { draining.cancelled().await; tokio::time::sleep(grace / 2).await } => {
@@ -410,6 +415,22 @@ pub async fn serve(
             }
         }
     };
+    // The replies and stream trailers of the requests drained above may
+    // still sit in their connections' buffers: exiting now would drop them
+    // and reset the sockets, so a client would see a broken connection
+    // (UNKNOWN) instead of its answer, or lose an ALLOW for a deduction
+    // that is billed. Each connection got a GOAWAY when draining began and
+    // closes once its streams are done and its frames are written; wait
+    // for that, until the deadline.
+    if linger {
+        match tokio::time::timeout_at(deadline, &mut grpc).await {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "gRPC server failed while closing its connections")
+            }
+            Ok(Ok(())) => tracing::debug!("every gRPC connection closed"),
+            Err(_) => tracing::warn!("gRPC connections still open at the deadline; closing them"),
+        }
+    }
     stop_admin.cancel();
     let _ = admin.await;
     served?;

@@ -48,7 +48,8 @@ impl Server {
     }
 
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
-        let mut command = Command::new(BIN);
+        let mut command =
+            Command::new(std::env::var("PROBE_PACKMETER_BIN").unwrap_or_else(|_| BIN.into())); // PROBE-TEMP
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }
@@ -187,6 +188,11 @@ impl Server {
     /// Sends SIGTERM without waiting.
     pub fn send_term(&self) {
         self.signal("-TERM");
+    }
+
+    /// The exit status if the process has exited; never blocks.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("check packmeter's status")
     }
 
     /// Waits for the process to exit.
