@@ -48,8 +48,7 @@ impl Server {
     }
 
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
-        let mut command =
-            Command::new(std::env::var("PROBE_PACKMETER_BIN").unwrap_or_else(|_| BIN.into())); // PROBE-TEMP
+        let mut command = Command::new(BIN);
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }
