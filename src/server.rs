@@ -342,7 +342,15 @@ pub async fn serve(
     // TCP_NODELAY on every accepted connection. tonic sets it only on the
     // listeners it binds itself; without it, Nagle holds a response's last
     // frame (the trailers) until the client's delayed ACK, up to 40 ms.
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    // Each connection closes with a lingering close (see `crate::linger`).
+    let lingering = TaskTracker::new();
+    let incoming = {
+        use futures_util::StreamExt;
+        let lingering = lingering.clone();
+        TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .map(move |s| s.map(|s| crate::linger::Lingering::new(s, lingering.clone())))
+    };
     let grpc = router.serve_with_incoming_shutdown(incoming, {
         let d = draining.clone();
         async move { d.cancelled().await }
@@ -430,6 +438,8 @@ pub async fn serve(
             Ok(Ok(())) => tracing::debug!("every gRPC connection closed"),
             Err(_) => tracing::warn!("gRPC connections still open at the deadline; closing them"),
         }
+        lingering.close();
+        let _ = tokio::time::timeout_at(deadline, lingering.wait()).await;
     }
     stop_admin.cancel();
     let _ = admin.await;
