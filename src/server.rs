@@ -16,7 +16,12 @@
 //! 4. the background flusher stops (a flush already running finishes, or
 //!    the deadline passes);
 //! 5. the final flush runs, and repeats until nothing is unflushed;
-//! 6. the process exits 0; or, if the store refused the final flush or the
+//! 6. the connections close in order: each got a GOAWAY at step 3, writes
+//!    its last replies and trailers, and closes once the client has them
+//!    (a lingering close, [`crate::linger`]); until the deadline. Exiting
+//!    before would reset them, and a client would lose an answer (a stream
+//!    ending UNKNOWN instead of UNAVAILABLE, or the ALLOW of a billed call);
+//! 7. the process exits 0; or, if the store refused the final flush or the
 //!    deadline passed, it writes what is unflushed to the spill file beside
 //!    the store and exits non-zero. Nothing acknowledged is lost either way.
 
