@@ -1,10 +1,12 @@
 //! Counts requests in flight so shutdown can wait for exactly those.
 //!
-//! tonic's graceful shutdown waits for every *connection* to close, and a
-//! gateway keeps idle HTTP/2 connections open indefinitely, so waiting on it
-//! would always burn the whole grace period. Instead, each RPC holds a
-//! [`InFlight`] guard (a streaming RPC holds it until its stream ends), and
-//! shutdown waits until the count is zero, then closes the connections.
+//! Each RPC holds an [`InFlight`] guard (a streaming RPC holds it until its
+//! stream ends), and shutdown waits until the count is zero, bounded by
+//! half the grace period, before its final flush. Only then does it wait
+//! for the connections to close (GOAWAY sent at the signal; each closes
+//! once its last frames are written, see [`crate::linger`]), until the
+//! deadline: a request still running after half the grace must not hold
+//! the final flush back.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering::SeqCst},

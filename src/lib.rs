@@ -32,7 +32,8 @@
 //! - [`pack_page`]: the HTML pack list (R11) that `admin_http` serves at `/packs?account=ID`.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
-//! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight.
+//! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight;
+//!   [`linger`] closes each gRPC connection without losing what it wrote last.
 //! - [`cli`]: the `packmeter` command line, including the client commands.
 //! - [`loadgen`]: `packmeter loadgen`, the closed-loop load generator for the hot-path RPCs.
 #![forbid(unsafe_code)]
@@ -51,6 +52,7 @@ pub mod flush;
 pub mod grpc;
 pub mod journal;
 pub mod ledger;
+pub mod linger;
 pub mod loadgen;
 pub mod meter;
 pub mod metrics;

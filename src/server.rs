@@ -16,7 +16,12 @@
 //! 4. the background flusher stops (a flush already running finishes, or
 //!    the deadline passes);
 //! 5. the final flush runs, and repeats until nothing is unflushed;
-//! 6. the process exits 0; or, if the store refused the final flush or the
+//! 6. the connections close in order: each got a GOAWAY at step 3, writes
+//!    its last replies and trailers, and closes once the client has them
+//!    (a lingering close, [`crate::linger`]); until the deadline. Exiting
+//!    before would reset them, and a client would lose an answer (a stream
+//!    ending UNKNOWN instead of UNAVAILABLE, or the ALLOW of a billed call);
+//! 7. the process exits 0; or, if the store refused the final flush or the
 //!    deadline passed, it writes what is unflushed to the spill file beside
 //!    the store and exits non-zero. Nothing acknowledged is lost either way.
 
@@ -436,7 +441,15 @@ pub async fn serve(
     // TCP_NODELAY on every accepted connection. tonic sets it only on the
     // listeners it binds itself; without it, Nagle holds a response's last
     // frame (the trailers) until the client's delayed ACK, up to 40 ms.
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    // Each connection closes with a lingering close (see `crate::linger`).
+    let lingering = TaskTracker::new();
+    let incoming = {
+        use futures_util::StreamExt;
+        let lingering = lingering.clone();
+        TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .map(move |s| s.map(|s| crate::linger::Lingering::new(s, lingering.clone())))
+    };
     let grpc = router.serve_with_incoming_shutdown(incoming, {
         let d = draining.clone();
         async move { d.cancelled().await }
@@ -445,12 +458,17 @@ pub async fn serve(
     // Once draining, wait for the requests in flight, not for clients to
     // hang up; and not forever: a client holding a DeductStream open must
     // not keep the process from flushing within its grace period.
+    tokio::pin!(grpc);
+    // Whether to let the connections close by themselves before exiting:
+    // not if they are closed already, nor if a request is still running
+    // after half the grace (its connection is cut).
+    let mut linger = false;
     let served = {
-        tokio::pin!(grpc);
         tokio::select! {
             r = &mut grpc => r,
             _ = async { draining.cancelled().await; drain.idle().await } => {
                 tracing::info!("requests in flight drained; closing connections");
+                linger = true;
                 Ok(())
             }
             _ = async { draining.cancelled().await; tokio::time::sleep(grace / 2).await } => {
@@ -519,6 +537,24 @@ pub async fn serve(
             }
         }
     };
+    // The replies and stream trailers of the requests drained above may
+    // still sit in their connections' buffers: exiting now would drop them
+    // and reset the sockets, so a client would see a broken connection
+    // (UNKNOWN) instead of its answer, or lose an ALLOW for a deduction
+    // that is billed. Each connection got a GOAWAY when draining began and
+    // closes once its streams are done and its frames are written; wait
+    // for that, until the deadline.
+    if linger {
+        match tokio::time::timeout_at(deadline, &mut grpc).await {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "gRPC server failed while closing its connections")
+            }
+            Ok(Ok(())) => tracing::debug!("every gRPC connection closed"),
+            Err(_) => tracing::warn!("gRPC connections still open at the deadline; closing them"),
+        }
+        lingering.close();
+        let _ = tokio::time::timeout_at(deadline, lingering.wait()).await;
+    }
     if let Some(j) = &journal {
         // Every acknowledged record is synced already; this ends the writer.
         j.close();

@@ -278,18 +278,27 @@ async fn accounts_load_lazily_on_first_touch() {
 #[tokio::test]
 async fn idle_accounts_leave_memory_once_flushed_and_come_back_intact() {
     let dir = tempfile::tempdir().unwrap();
+    let idle = std::time::Duration::from_secs(1);
     let server = Server::start(
         dir.path(),
-        &["--idle-evict", "300ms", "--flush-interval", "50ms"],
+        &["--idle-evict", "1s", "--flush-interval", "50ms"],
     );
     let mut meter = server.meter().await;
+    let started = std::time::Instant::now();
     for i in 0..20 {
         meter
             .deduct(deduct(&format!("acct-{i}"), 5, 0, None))
             .await
             .unwrap();
     }
-    assert_eq!(resident(&server).await, 20);
+    let resident_now = resident(&server).await;
+    // None can have been evicted unless the first has been idle for the
+    // whole idle period already (a busy machine); then some may be.
+    if started.elapsed() < idle {
+        assert_eq!(resident_now, 20);
+    } else {
+        assert!(resident_now <= 20, "{resident_now}");
+    }
     common::until(std::time::Duration::from_secs(10), async || {
         resident(&server).await == 0
     })

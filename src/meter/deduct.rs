@@ -68,8 +68,9 @@ impl Meter {
             deduction: *deduction,
         };
         let at = deduction.at.unwrap_or(now);
-        if moves_back(&c, now) {
-            // Rare: the group path, which moves the activation back.
+        if exclusive(&c, now, Atomicity::Each) {
+            // Rare: the group path, which activates or moves the activation
+            // back with no other deduction in progress.
             let [o] = self
                 .deduct_all(std::slice::from_ref(&c), now, Atomicity::Each)
                 .map_err(|(_, e)| e)?[..]
@@ -149,9 +150,10 @@ impl Meter {
         atomicity: Atomicity,
     ) -> Result<Vec<DeductOutcome>, (usize, MeterError)> {
         // An event before its account's activation moves it back (R1),
-        // which replaces counters: that runs with no other deduction in
-        // progress. Envoy's all-or-nothing groups carry no event time.
-        if atomicity == Atomicity::Each && charges.iter().any(|c| moves_back(c, now)) {
+        // which replaces counters, and a first deduction activates the
+        // account: both run with no other deduction in progress (see
+        // `exclusive`). Envoy's all-or-nothing groups carry no event time.
+        if charges.iter().any(|c| exclusive(c, now, atomicity)) {
             return self.gate.exclusive(|settled_before, closed| {
                 if closed {
                     return Err((0, MeterError::ShuttingDown));
@@ -562,8 +564,22 @@ impl Meter {
 
 /// Whether the charge's event is before its account's activation, which
 /// it would move back (R1). A relaxed read: the move itself checks again.
-fn moves_back(c: &Charge<'_>, now: Ts) -> bool {
-    c.deduction.at.unwrap_or(now) < c.account.activated_at.load(Relaxed)
+/// Whether a charge must run with no other deduction in progress (under
+/// [`Gate::exclusive`](super::gate::Gate::exclusive)):
+/// - its event is before its account's activation, which moves back (R1)
+///   and replaces counters (groups of `Each` only);
+/// - or its account is not activated yet, and this deduction activates it.
+///   Two first deductions under passes could otherwise interleave: the one
+///   whose clock was read first finds the account not activated, the other
+///   activates it at its later instant, and the first is then taken at an
+///   instant before the activation, where no free-tier pack is valid, and
+///   billed as overage instead of moving the activation back. Once per
+///   account: the activation never moves forward afterwards, so a pass
+///   that finds `at >= activated_at` stays right.
+fn exclusive(c: &Charge<'_>, now: Ts, atomicity: Atomicity) -> bool {
+    let activated = c.account.activated_at.load(Relaxed);
+    (activated == NOT_ACTIVATED && !c.deduction.is_check())
+        || (atomicity == Atomicity::Each && c.deduction.at.unwrap_or(now) < activated)
 }
 
 fn amounts(o: &DeductOutcome) -> Amounts {

@@ -231,6 +231,11 @@ impl Server {
         self.signal("-TERM");
     }
 
+    /// The exit status if the process has exited; never blocks.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("check packmeter's status")
+    }
+
     /// Waits for the process to exit.
     pub fn wait(&mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait for packmeter");
