@@ -19,7 +19,8 @@
 //!   accept (`INSERT … ON CONFLICT`, `UNNEST`, row comparisons, no stored
 //!   procedures). The one PostgreSQL-only call, the advisory lock, lives in
 //!   `lock_migrations` and is skipped, with a warning, by a server that
-//!   does not implement it. docs/stores.md lists it.
+//!   does not implement it. The `fillfactor` storage parameter of
+//!   migration 5 is PostgreSQL's too. docs/stores.md lists both.
 //!
 //! Amounts are `BIGINT`: a `u64` above 2^63-1 is refused, and a sum that
 //! would exceed it is refused by the upsert's `WHERE`; nothing wraps.
