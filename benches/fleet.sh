@@ -33,7 +33,7 @@
 #
 # Settings (environment): BIN (target/release/packmeter), PG (the server,
 # default PACKMETER_TEST_POSTGRES_URL or postgres://postgres@127.0.0.1:5432/postgres),
-# ACCOUNTS (1000), FREE_CALLS (200), DURATION (10s), WARMUP (2s),
+# ACCOUNTS (1000), FREE_CALLS (100), DURATION (10s), WARMUP (2s),
 # CONCURRENCY (16 per loadgen), CONNECTIONS (2), FLUSH_INTERVAL (1s),
 # BASE_PORT (57300), PHASES ("sqlite pg1 pg3"). Needs psql and jq.
 set -euo pipefail
@@ -41,7 +41,7 @@ set -euo pipefail
 BIN=${BIN:-target/release/packmeter}
 PG=${PG:-${PACKMETER_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}}
 ACCOUNTS=${ACCOUNTS:-1000}
-FREE_CALLS=${FREE_CALLS:-200}
+FREE_CALLS=${FREE_CALLS:-100}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONCURRENCY=${CONCURRENCY:-16}

@@ -14,7 +14,11 @@
 //! rpc=deduct ops/s=… p50=…us p99=…us p999=…us errors=N deductions/s=… [server_cpu_us/op=…]
 //! ```
 //!
-//! or one JSON object with `--json`. With `--server-pid`, the server's
+//! followed, for the Meter RPCs, by `calls_covered=N calls_overage=N`: the
+//! calls the server answered as covered by packs and as overage, summed
+//! over the whole run (priming and warm-up included), to compare with what
+//! the store holds once flushed (benches/fleet.sh). Or one JSON object with
+//! `--json`. With `--server-pid`, the server's
 //! user+system CPU time over the measured window (from `/proc/PID/stat`) is
 //! divided by the operations and deductions completed in it: on a machine
 //! shared with the load generator, that is the number to compare against a
