@@ -351,7 +351,12 @@ async fn unary_worker(plan: Arc<Plan>, task: usize) -> Tally {
                 meter
                     .deduct_batch(proto::DeductBatchRequest { deductions })
                     .await
-                    .map(|r| r.get_ref().results.iter().for_each(|r| plan.answered.count(r)))
+                    .map(|r| {
+                        r.get_ref()
+                            .results
+                            .iter()
+                            .for_each(|r| plan.answered.count(r))
+                    })
             }
             Rpc::Rls => rls
                 .should_rate_limit(plan.rls_request(&mut rng))
@@ -571,9 +576,7 @@ impl Report {
             self.concurrency, self.connections, self.accounts
         ));
         if let Some((covered, overage)) = self.calls_answered {
-            line.push_str(&format!(
-                " calls_covered={covered} calls_overage={overage}"
-            ));
+            line.push_str(&format!(" calls_covered={covered} calls_overage={overage}"));
         }
         line
     }
@@ -802,7 +805,10 @@ mod tests {
         );
         assert!(line.contains("server_cpu_us/op=500.00"), "{line}");
         assert!(line.contains("server_cpu_us/deduction=5.000"), "{line}");
-        assert!(line.ends_with(" calls_covered=70 calls_overage=30"), "{line}");
+        assert!(
+            line.ends_with(" calls_covered=70 calls_overage=30"),
+            "{line}"
+        );
         let v: serde_json::Value = serde_json::from_str(&r.line(true)).unwrap();
         assert_eq!(v["deductions_per_s"], 50_000.0);
         assert_eq!(v["calls_covered"], 70);

@@ -1224,36 +1224,35 @@ impl Store for PostgresStore {
             // they are sent, so the reads see the store after the accounts
             // are locked. If the batch was applied before, what the rest
             // did is rolled back with the transaction.
-            let (fresh, (), account_rows, pack_rows, held_rows) =
-                futures_util::future::try_join5(
-                    tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
-                    async {
-                        if !ids.is_empty() {
-                            tx.execute(&lock_accounts, &[ids, activations]).await?;
-                        }
-                        Ok::<_, tokio_postgres::Error>(())
-                    },
-                    async {
-                        if ids.is_empty() {
-                            return Ok::<_, tokio_postgres::Error>(Vec::new());
-                        }
-                        tx.query(&read_accounts, &[ids]).await
-                    },
-                    async {
-                        if ids.is_empty() {
-                            return Ok::<_, tokio_postgres::Error>(Vec::new());
-                        }
-                        tx.query(&read_packs, &[ids]).await
-                    },
-                    async {
-                        if req_ids.is_empty() {
-                            return Ok::<_, tokio_postgres::Error>(Vec::new());
-                        }
-                        tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
-                            .await
-                    },
-                )
-                .await?;
+            let (fresh, (), account_rows, pack_rows, held_rows) = futures_util::future::try_join5(
+                tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
+                async {
+                    if !ids.is_empty() {
+                        tx.execute(&lock_accounts, &[ids, activations]).await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                async {
+                    if ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_accounts, &[ids]).await
+                },
+                async {
+                    if ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_packs, &[ids]).await
+                },
+                async {
+                    if req_ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
+                        .await
+                },
+            )
+            .await?;
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed);
                 // dropping the transaction rolls it back.
