@@ -31,6 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -246,13 +247,40 @@ impl Flusher {
         }
         // The accounts queued now; those queued during this flush wait for
         // the next one, so a flush under load still ends.
+        //
+        // Up to `Store::flush_concurrency` batches are written at once (a
+        // shared store's server works on several transactions in
+        // parallel). Their accounts are disjoint, so they neither wait for
+        // nor deadlock with each other. After a failure no new batch is
+        // taken, and those already being written are seen through (their
+        // changes are out of their accounts) before the error is returned.
+        let width = self.store.flush_concurrency().max(1);
         let mut left = self.meter.dirty_len();
-        while left > 0 {
-            let Some((work, batch)) = self.take_chunk(left.min(self.batch_accounts)) else {
+        let mut writing = futures_util::stream::FuturesUnordered::new();
+        let mut failed: Option<StoreError> = None;
+        loop {
+            while failed.is_none() && left > 0 && writing.len() < width {
+                let Some((work, batch)) = self.take_chunk(left.min(self.batch_accounts)) else {
+                    left = 0;
+                    break;
+                };
+                left = left.saturating_sub(work.len().max(1));
+                writing.push(async move {
+                    let mut part = FlushReport::default();
+                    let written = self.write(work, batch, &mut part).await;
+                    (part, written)
+                });
+            }
+            let Some((part, written)) = writing.next().await else {
                 break;
             };
-            left = left.saturating_sub(work.len().max(1));
-            self.write(work, batch, &mut report).await?;
+            report.add(&part);
+            if let Err(e) = written {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
         report.elapsed = started.elapsed();
@@ -315,7 +343,9 @@ impl Flusher {
         // forwards instead of jumping around them.
         work.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
         if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since).min() {
-            self.in_flight_since.store(oldest, Ordering::Relaxed);
+            // The oldest of the batches being written (several may be):
+            // reset when the flush ends.
+            self.in_flight_since.fetch_min(oldest, Ordering::Relaxed);
         }
         let batch = self.batch(&work);
         state.batches.push(batch.clone());

@@ -14,7 +14,11 @@
 //! rpc=deduct ops/s=… p50=…us p99=…us p999=…us errors=N deductions/s=… [server_cpu_us/op=…]
 //! ```
 //!
-//! or one JSON object with `--json`. With `--server-pid`, the server's
+//! followed, for the Meter RPCs, by `calls_covered=N calls_overage=N`: the
+//! calls the server answered as covered by packs and as overage, summed
+//! over the whole run (priming and warm-up included), to compare with what
+//! the store holds once flushed (benches/fleet.sh). Or one JSON object with
+//! `--json`. With `--server-pid`, the server's
 //! user+system CPU time over the measured window (from `/proc/PID/stat`) is
 //! divided by the operations and deductions completed in it: on a machine
 //! shared with the load generator, that is the number to compare against a
@@ -211,6 +215,24 @@ struct Plan {
     end: Instant,
     /// Completed operations since the start, warm-up included, for the progress display.
     done: AtomicU64,
+    /// Calls the server answered as covered by packs, and as overage, over
+    /// the whole run (priming and warm-up included).
+    answered: Answered,
+}
+
+/// What the server answered, summed over every acknowledged deduction.
+#[derive(Default)]
+struct Answered {
+    calls_covered: AtomicU64,
+    calls_overage: AtomicU64,
+}
+
+impl Answered {
+    fn count(&self, r: &proto::DeductResponse) {
+        let calls = r.calls.unwrap_or_default();
+        self.calls_covered.fetch_add(calls.covered, Relaxed);
+        self.calls_overage.fetch_add(calls.overage, Relaxed);
+    }
 }
 
 /// What one task saw in the measured window.
@@ -307,7 +329,10 @@ async fn unary_worker(plan: Arc<Plan>, task: usize) -> Tally {
     while Instant::now() < plan.end {
         let started = Instant::now();
         let r = match plan.args.rpc {
-            Rpc::Deduct => meter.deduct(plan.deduct_request(&mut rng)).await.map(drop),
+            Rpc::Deduct => meter
+                .deduct(plan.deduct_request(&mut rng))
+                .await
+                .map(|r| plan.answered.count(r.get_ref())),
             Rpc::Batch => {
                 let deductions = (0..plan.args.batch)
                     .map(|_| plan.deduct_request(&mut rng))
@@ -315,7 +340,12 @@ async fn unary_worker(plan: Arc<Plan>, task: usize) -> Tally {
                 meter
                     .deduct_batch(proto::DeductBatchRequest { deductions })
                     .await
-                    .map(drop)
+                    .map(|r| {
+                        r.get_ref()
+                            .results
+                            .iter()
+                            .for_each(|r| plan.answered.count(r))
+                    })
             }
             Rpc::Rls => rls
                 .should_rate_limit(plan.rls_request(&mut rng))
@@ -359,7 +389,7 @@ async fn stream_worker(plan: Arc<Plan>, task: usize) -> Tally {
             let mut r = Ok(());
             for _ in 0..batch {
                 match replies.message().await {
-                    Ok(Some(_)) => {}
+                    Ok(Some(m)) => plan.answered.count(&m),
                     Ok(None) => {
                         r = Err(Status::new(Code::Aborted, "the server ended the stream"));
                         break;
@@ -406,9 +436,13 @@ async fn prime(plan: &Arc<Plan>) -> Result<(), Status> {
                         request_id: String::new(),
                     })
                     .collect();
-                meter
+                let r = meter
                     .deduct_batch(proto::DeductBatchRequest { deductions })
                     .await?;
+                r.get_ref()
+                    .results
+                    .iter()
+                    .for_each(|r| plan.answered.count(r));
             }
         }));
     }
@@ -472,6 +506,10 @@ pub struct Report {
     pub concurrency: usize,
     pub connections: usize,
     pub accounts: u64,
+    /// Calls answered as covered by packs and as overage, over the whole
+    /// run (priming and warm-up included); `None` for `ShouldRateLimit`,
+    /// whose answer does not say.
+    pub calls_answered: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -505,6 +543,8 @@ impl Report {
                 "concurrency": self.concurrency,
                 "connections": self.connections,
                 "accounts": self.accounts,
+                "calls_covered": self.calls_answered.map(|a| a.0),
+                "calls_overage": self.calls_answered.map(|a| a.1),
             })
             .to_string();
         }
@@ -528,6 +568,9 @@ impl Report {
             " concurrency={} connections={} accounts={}",
             self.concurrency, self.connections, self.accounts
         ));
+        if let Some((covered, overage)) = self.calls_answered {
+            line.push_str(&format!(" calls_covered={covered} calls_overage={overage}"));
+        }
         line
     }
 }
@@ -574,6 +617,7 @@ async fn run(args: LoadgenArgs) -> Result<Option<Report>, (u8, String)> {
         warm_end: Instant::now(),
         end: Instant::now(),
         done: AtomicU64::new(0),
+        answered: Answered::default(),
     };
     if args.prime {
         let started = Instant::now();
@@ -691,6 +735,12 @@ async fn run(args: LoadgenArgs) -> Result<Option<Report>, (u8, String)> {
         concurrency: args.concurrency,
         connections: args.connections,
         accounts: args.accounts,
+        calls_answered: (args.rpc != Rpc::Rls).then(|| {
+            (
+                plan.answered.calls_covered.load(Relaxed),
+                plan.answered.calls_overage.load(Relaxed),
+            )
+        }),
     }))
 }
 
@@ -737,6 +787,7 @@ mod tests {
             concurrency: 8,
             connections: 2,
             accounts: 10,
+            calls_answered: Some((70, 30)),
         };
         let line = r.line(false);
         assert!(
@@ -747,7 +798,13 @@ mod tests {
         );
         assert!(line.contains("server_cpu_us/op=500.00"), "{line}");
         assert!(line.contains("server_cpu_us/deduction=5.000"), "{line}");
+        assert!(
+            line.ends_with(" calls_covered=70 calls_overage=30"),
+            "{line}"
+        );
         let v: serde_json::Value = serde_json::from_str(&r.line(true)).unwrap();
         assert_eq!(v["deductions_per_s"], 50_000.0);
+        assert_eq!(v["calls_covered"], 70);
+        assert_eq!(v["calls_overage"], 30);
     }
 }

@@ -175,6 +175,13 @@ pub trait Store: Send + Sync + 'static {
     /// that have recorded usage.
     async fn list_packs(&self, account_id: &str) -> Result<Vec<StoredPack>, StoreError>;
 
+    /// How many [`flush_batch`](Self::flush_batch) transactions the
+    /// flusher may run at once, on disjoint accounts. 1 (the default) for a
+    /// store that writes one transaction at a time anyway.
+    fn flush_concurrency(&self) -> usize {
+        1
+    }
+
     /// Applies a flush in one transaction: all of it or nothing. Returns
     /// false, changing nothing, if a batch with the same id was applied
     /// before. [`flush_batch`](Self::flush_batch) without the totals.

@@ -1666,3 +1666,65 @@ mod leases {
         assert_eq!((g.granted, g.free), (120, 0));
     }
 }
+
+/// PostgreSQL only (issue 8, the flush benchmark): a flush of known
+/// accounts locks their rows without writing new versions of them (before,
+/// every flush rewrote every account row: `xmin`, the transaction that
+/// wrote a row's version, changed), and the tables whose rows a flush
+/// updates over and over leave room on their pages for HOT updates
+/// (migration 5). Whether the updates then are HOT under load is measured
+/// by benches/flush.rs, not asserted here.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_flushes_rewrite_no_account_rows_and_leave_room_for_hot_updates() {
+    let Some(target) = Target::postgres().await else {
+        return;
+    };
+    let store = target.open().await;
+    store.grant_pack("acct", &spec("p1")).await.unwrap();
+    let flush = |id: &'static str| {
+        let mut a = account("acct", vec![delta(0, Some(spec("p1")), 1)], vec![]);
+        a.account = Some(record("acct", Some(7)));
+        batch(id, 10, vec![a])
+    };
+    assert!(store.write_batch(&flush("b1")).await.unwrap());
+    let db = target._db.as_ref().unwrap();
+    let client = db.client().await;
+    let version = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one(sql, &[]).await.unwrap();
+            (row.get::<_, String>(0), row.get::<_, String>(1))
+        }
+    };
+    let account_sql = "SELECT xmin::text, ctid::text FROM accounts WHERE account_id = 'acct'";
+    let usage_sql = "SELECT xmin::text, ctid::text FROM usage_hourly WHERE account_id = 'acct'";
+    let account_before = version(account_sql).await;
+    let usage_before = version(usage_sql).await;
+    assert!(store.write_batch(&flush("b2")).await.unwrap());
+    assert_eq!(used(&*store, "acct", "p1").await, 2);
+    assert_eq!(
+        version(account_sql).await,
+        account_before,
+        "the account row was rewritten by a flush that changed nothing in it"
+    );
+    assert_ne!(
+        version(usage_sql).await.0,
+        usage_before.0,
+        "the usage row was updated"
+    );
+    for table in ["usage_hourly", "packs", "leases"] {
+        let row = client
+            .query_one(
+                "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = $1",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, Option<String>>(0).as_deref(),
+            Some("fillfactor=50"),
+            "{table}"
+        );
+    }
+}

@@ -19,7 +19,8 @@
 //!   accept (`INSERT … ON CONFLICT`, `UNNEST`, row comparisons, no stored
 //!   procedures). The one PostgreSQL-only call, the advisory lock, lives in
 //!   `lock_migrations` and is skipped, with a warning, by a server that
-//!   does not implement it. docs/stores.md lists it.
+//!   does not implement it. The `fillfactor` storage parameter of
+//!   migration 5 is PostgreSQL's too. docs/stores.md lists both.
 //!
 //! Amounts are `BIGINT`: a `u64` above 2^63-1 is refused, and a sum that
 //! would exceed it is refused by the upsert's `WHERE`; nothing wraps.
@@ -144,6 +145,20 @@ CREATE TABLE leases (
     expires_at BIGINT NOT NULL,
     PRIMARY KEY (account_id, node_id)
 );
+"#,
+    r#"
+-- Room on every page for the flush's updates (BENCHMARKS.md, issue 8):
+-- each flush adds to the current hour's usage rows and to the packs' used,
+-- the same rows again and again. With free space on the page PostgreSQL
+-- writes the new row version beside the old one (a HOT update: no new
+-- index entries, and the old version is pruned on the next visit) instead
+-- of on another page with a new entry in every index. 50 leaves room for
+-- every row of a page to be updated once per transaction. Rows written
+-- before this migration keep their pages until VACUUM FULL (docs/stores.md).
+-- PostgreSQL storage parameters: see docs/stores.md for other servers.
+ALTER TABLE usage_hourly SET (fillfactor = 50);
+ALTER TABLE packs SET (fillfactor = 50);
+ALTER TABLE leases SET (fillfactor = 50);
 "#,
 ];
 
@@ -938,6 +953,13 @@ async fn record_change(
 
 #[async_trait]
 impl Store for PostgresStore {
+    /// Half the pool, 1 to 4: the server runs each flush transaction on a
+    /// backend (a core) of its own, and the other half of the pool stays
+    /// free for loads, leases and the change cursor.
+    fn flush_concurrency(&self) -> usize {
+        (self.pool.status().max_size / 2).clamp(1, 4)
+    }
+
     async fn load_account(
         &self,
         id: &str,
@@ -1121,15 +1143,18 @@ impl Store for PostgresStore {
     }
 
     /// One transaction, a fixed number of statements whatever the batch's
-    /// size (column arrays through `UNNEST`):
-    /// 1. record the batch id (a batch seen before changes nothing);
-    /// 2. upsert every account row of the batch, in account-id order: the
-    ///    upsert locks the rows until commit, so concurrent flushes of the
-    ///    same account (from other nodes) run one after the other and
-    ///    never deadlock (every flush locks in the same order);
-    /// 3. read the accounts' packs and the batch's request ids the store
-    ///    holds, then attribute in Rust ([`crate::ledger::attribute`]);
-    /// 4. add the usage, pack uses and new request ids.
+    /// size (column arrays through `UNNEST`), in two round trips besides
+    /// `BEGIN` and `COMMIT` (statements are pipelined):
+    /// 1. record the batch id (a batch seen before changes nothing), lock
+    ///    the batch's account rows in account-id order (inserting new
+    ///    ones), and read their settings, packs and the batch's request ids
+    ///    the store holds;
+    /// 2. attribute in Rust ([`crate::ledger::attribute`]);
+    /// 3. add the usage, pack uses and new request ids, move what was booked
+    ///    into packs out of this node's leases, and prune expired rows.
+    ///
+    /// The tables it updates leave room on their pages (migration 5), so
+    /// the updates are HOT: no new index entries (BENCHMARKS.md, issue 8).
     async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
         let grouped = crate::ledger::by_account(batch);
         let ids: Vec<&str> = grouped.keys().copied().collect();
@@ -1153,13 +1178,81 @@ impl Store for PostgresStore {
             (&ids, &activations, &req_accounts, &req_ids, &grouped);
         on_client!(self, |c| {
             let tx = c.transaction().await?;
-            let fresh = tx
-                .execute(
+            let record_batch = tx
+                .prepare_cached(
                     "INSERT INTO flush_batches (batch_id, applied_at) VALUES ($1, $2) \
                      ON CONFLICT (batch_id) DO NOTHING",
-                    &[&batch.batch_id, &batch.now],
                 )
                 .await?;
+            // Inserts the new accounts and moves an activation earlier. Rows
+            // it would leave as they are are not rewritten (a flush of known
+            // accounts writes no row versions here) but are locked all the
+            // same ("all rows will be locked when the ON CONFLICT DO UPDATE
+            // action is taken"), in account-id order, until commit: flushes
+            // of the same account by other nodes run one after the other
+            // and never deadlock (every flush locks in the same order).
+            let lock_accounts = tx
+                .prepare_cached(
+                    "INSERT INTO accounts (account_id, activated_at) \
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+                     ON CONFLICT (account_id) DO UPDATE SET \
+                     activated_at = excluded.activated_at \
+                     WHERE excluded.activated_at < accounts.activated_at \
+                     OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
+                )
+                .await?;
+            let read_accounts = tx
+                .prepare_cached(
+                    "SELECT account_id, activated_at, suspended, deny_on_exhausted \
+                     FROM accounts WHERE account_id = ANY($1)",
+                )
+                .await?;
+            let read_packs = tx
+                .prepare_cached(&format!(
+                    "SELECT account_id, {PACK_COLUMNS} FROM packs WHERE account_id = ANY($1)"
+                ))
+                .await?;
+            let read_held = tx
+                .prepare_cached(
+                    "SELECT d.account_id, d.request_id FROM dedup d \
+                     JOIN UNNEST($1::text[], $2::text[]) AS k(a, r) \
+                     ON d.account_id = k.a AND d.request_id = k.r \
+                     WHERE d.expires_at > $3",
+                )
+                .await?;
+            // One round trip: the server runs the statements in the order
+            // they are sent, so the reads see the store after the accounts
+            // are locked. If the batch was applied before, what the rest
+            // did is rolled back with the transaction.
+            let (fresh, (), account_rows, pack_rows, held_rows) = futures_util::future::try_join5(
+                tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
+                async {
+                    if !ids.is_empty() {
+                        tx.execute(&lock_accounts, &[ids, activations]).await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                async {
+                    if ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_accounts, &[ids]).await
+                },
+                async {
+                    if ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_packs, &[ids]).await
+                },
+                async {
+                    if req_ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
+                        .await
+                },
+            )
+            .await?;
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed);
                 // dropping the transaction rolls it back.
@@ -1169,226 +1262,217 @@ impl Store for PostgresStore {
                 applied: true,
                 ..Flushed::default()
             };
+            let mut records: BTreeMap<String, AccountRecord> = BTreeMap::new();
+            for row in &account_rows {
+                let r = read_account(row)?;
+                records.insert(r.account_id.clone(), r);
+            }
+            let mut stored: BTreeMap<String, Vec<StoredPack>> = BTreeMap::new();
+            for row in &pack_rows {
+                stored
+                    .entry(row.try_get("account_id")?)
+                    .or_default()
+                    .push(read_pack(row)?);
+            }
+            let mut held: std::collections::HashSet<(String, String)> = Default::default();
+            for row in &held_rows {
+                held.insert((row.try_get(0)?, row.try_get(1)?));
+            }
             // Calls the store booked into packs, per account, for the
             // node's strict-mode leases.
             let mut lease_calls: (Vec<&str>, Vec<i64>) = Default::default();
-            if !ids.is_empty() {
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO accounts (account_id, activated_at) \
-                         SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
-                         ON CONFLICT (account_id) DO UPDATE SET \
-                         activated_at = COALESCE(LEAST(accounts.activated_at, excluded.activated_at), \
-                         accounts.activated_at, excluded.activated_at) \
-                         RETURNING account_id, activated_at, suspended, deny_on_exhausted",
-                    )
-                    .await?;
-                let mut records: BTreeMap<String, AccountRecord> = BTreeMap::new();
-                for row in tx.query(&stmt, &[&ids, &activations]).await? {
-                    let r = read_account(&row)?;
-                    records.insert(r.account_id.clone(), r);
+            let mut usage: (
+                Vec<&str>,
+                Vec<Ts>,
+                Vec<i64>,
+                Vec<String>,
+                Vec<i64>,
+                Vec<i64>,
+            ) = Default::default();
+            let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
+                Default::default();
+            let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) = Default::default();
+            let mut dedup: (
+                Vec<&str>,
+                Vec<String>,
+                Vec<Ts>,
+                Vec<i64>,
+                Vec<i64>,
+                Vec<i64>,
+                Vec<i64>,
+            ) = Default::default();
+            for (&id, parts) in grouped {
+                let a = crate::ledger::attribute(
+                    stored.remove(id).unwrap_or_default(),
+                    parts.iter().flat_map(|a| &a.deltas),
+                    parts.iter().flat_map(|a| &a.dedup),
+                    |r| held.contains(&(id.to_string(), r.to_string())),
+                )
+                .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
+                for d in &a.usage {
+                    usage.0.push(id);
+                    usage.1.push(d.hour);
+                    usage.2.push(d.item.code());
+                    usage.3.push(
+                        d.pack
+                            .as_ref()
+                            .map_or(String::new(), |p| p.pack_id.to_string()),
+                    );
+                    usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
+                    usage.5.push(to_sql(d.amount)?);
                 }
-                let stmt = tx
-                    .prepare_cached(&format!(
-                        "SELECT account_id, {PACK_COLUMNS} FROM packs WHERE account_id = ANY($1)"
-                    ))
-                    .await?;
-                let mut stored: BTreeMap<String, Vec<StoredPack>> = BTreeMap::new();
-                for row in tx.query(&stmt, &[&ids]).await? {
-                    stored
-                        .entry(row.try_get("account_id")?)
-                        .or_default()
-                        .push(read_pack(&row)?);
+                let calls: u64 = a
+                    .packs
+                    .iter()
+                    .filter(|(spec, _)| spec.item == Item::Calls)
+                    .fold(0u64, |sum, (_, amount)| sum.saturating_add(*amount));
+                if calls > 0 {
+                    lease_calls.0.push(id);
+                    lease_calls.1.push(to_sql(calls)?);
                 }
-                let mut held: std::collections::HashSet<(String, String)> = Default::default();
-                if !req_ids.is_empty() {
-                    let stmt = tx
-                        .prepare_cached(
-                            "SELECT d.account_id, d.request_id FROM dedup d \
-                             JOIN UNNEST($1::text[], $2::text[]) AS k(a, r) \
-                             ON d.account_id = k.a AND d.request_id = k.r \
-                             WHERE d.expires_at > $3",
-                        )
-                        .await?;
-                    for row in tx
-                        .query(&stmt, &[&req_accounts, &req_ids, &batch.now])
-                        .await?
-                    {
-                        held.insert((row.try_get(0)?, row.try_get(1)?));
-                    }
+                for (spec, amount) in &a.packs {
+                    packs.0.push(id);
+                    packs.1.push(spec.pack_id.to_string());
+                    packs.2.push(spec.source.code());
+                    packs.3.push(spec.item.code());
+                    packs.4.push(to_sql(spec.capacity)?);
+                    packs2.0.push(spec.valid_from);
+                    packs2.1.push(spec.valid_until);
+                    packs2.2.push(i64::from(spec.priority));
+                    packs2.3.push(spec.created_at);
+                    packs2.4.push(to_sql(*amount)?);
                 }
-                let mut usage: (
-                    Vec<&str>,
-                    Vec<Ts>,
-                    Vec<i64>,
-                    Vec<String>,
-                    Vec<i64>,
-                    Vec<i64>,
-                ) = Default::default();
-                let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
-                    Default::default();
-                let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) =
-                    Default::default();
-                let mut dedup: (
-                    Vec<&str>,
-                    Vec<String>,
-                    Vec<Ts>,
-                    Vec<i64>,
-                    Vec<i64>,
-                    Vec<i64>,
-                    Vec<i64>,
-                ) = Default::default();
-                for (&id, parts) in grouped {
-                    let a = crate::ledger::attribute(
-                        stored.remove(id).unwrap_or_default(),
-                        parts.iter().flat_map(|a| &a.deltas),
-                        parts.iter().flat_map(|a| &a.dedup),
-                        |r| held.contains(&(id.to_string(), r.to_string())),
-                    )
-                    .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
-                    for d in &a.usage {
-                        usage.0.push(id);
-                        usage.1.push(d.hour);
-                        usage.2.push(d.item.code());
-                        usage.3.push(
-                            d.pack
-                                .as_ref()
-                                .map_or(String::new(), |p| p.pack_id.to_string()),
-                        );
-                        usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
-                        usage.5.push(to_sql(d.amount)?);
-                    }
-                    let calls: u64 = a
-                        .packs
-                        .iter()
-                        .filter(|(spec, _)| spec.item == Item::Calls)
-                        .fold(0u64, |sum, (_, amount)| sum.saturating_add(*amount));
-                    if calls > 0 {
-                        lease_calls.0.push(id);
-                        lease_calls.1.push(to_sql(calls)?);
-                    }
-                    for (spec, amount) in &a.packs {
-                        packs.0.push(id);
-                        packs.1.push(spec.pack_id.to_string());
-                        packs.2.push(spec.source.code());
-                        packs.3.push(spec.item.code());
-                        packs.4.push(to_sql(spec.capacity)?);
-                        packs2.0.push(spec.valid_from);
-                        packs2.1.push(spec.valid_until);
-                        packs2.2.push(i64::from(spec.priority));
-                        packs2.3.push(spec.created_at);
-                        packs2.4.push(to_sql(*amount)?);
-                    }
-                    for r in &a.dedup {
-                        dedup.0.push(id);
-                        dedup.1.push(r.request_id.to_string());
-                        dedup.2.push(r.expires_at);
-                        dedup.3.push(to_sql(r.calls_covered)?);
-                        dedup.4.push(to_sql(r.calls_overage)?);
-                        dedup.5.push(to_sql(r.egress_covered)?);
-                        dedup.6.push(to_sql(r.egress_overage)?);
-                    }
-                    let account_id = parts[0].account_id.clone();
-                    flushed
-                        .reversed
-                        .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
-                    flushed.accounts.push(AccountTotals {
-                        account: records.remove(id),
-                        account_id,
-                        packs: a.totals,
-                    });
+                for r in &a.dedup {
+                    dedup.0.push(id);
+                    dedup.1.push(r.request_id.to_string());
+                    dedup.2.push(r.expires_at);
+                    dedup.3.push(to_sql(r.calls_covered)?);
+                    dedup.4.push(to_sql(r.calls_overage)?);
+                    dedup.5.push(to_sql(r.egress_covered)?);
+                    dedup.6.push(to_sql(r.egress_overage)?);
                 }
-                if !usage.0.is_empty() {
-                    let stmt = tx
-                        .prepare_cached(
-                            "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
-                             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
-                             $4::text[], $5::bigint[], $6::bigint[]) \
-                             ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
-                             amount = usage_hourly.amount + excluded.amount \
-                             WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
-                        )
-                        .await?;
-                    let n = tx
-                        .execute(
-                            &stmt,
-                            &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
-                        )
-                        .await?;
-                    if n != usage.0.len() as u64 {
-                        return Err(StoreError::permanent(format!(
-                            "{who}: an hour's usage would exceed 2^63-1"
-                        )));
-                    }
-                }
-                if !packs.0.is_empty() {
-                    // Never past 2^63-1: a pack takes at most its capacity.
-                    let stmt = tx
-                        .prepare_cached(&format!(
-                            "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
-                             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
-                             $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
-                             $9::bigint[], $10::bigint[]) \
-                             ON CONFLICT (account_id, pack_id) DO UPDATE SET \
-                             used = packs.used + excluded.used"
-                        ))
-                        .await?;
-                    tx.execute(
-                        &stmt,
-                        &[
-                            &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0, &packs2.1,
-                            &packs2.2, &packs2.3, &packs2.4,
-                        ],
-                    )
-                    .await?;
-                }
-                if !dedup.0.is_empty() {
-                    let stmt = tx
-                        .prepare_cached(
-                            "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
-                             calls_overage, egress_covered, egress_overage) \
-                             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
-                             $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) \
-                             ON CONFLICT (account_id, request_id) DO UPDATE SET \
-                             expires_at = excluded.expires_at, \
-                             calls_covered = excluded.calls_covered, \
-                             calls_overage = excluded.calls_overage, \
-                             egress_covered = excluded.egress_covered, \
-                             egress_overage = excluded.egress_overage",
-                        )
-                        .await?;
-                    tx.execute(
-                        &stmt,
-                        &[
-                            &dedup.0, &dedup.1, &dedup.2, &dedup.3, &dedup.4, &dedup.5, &dedup.6,
-                        ],
-                    )
-                    .await?;
-                }
+                let account_id = parts[0].account_id.clone();
+                flushed
+                    .reversed
+                    .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
+                flushed.accounts.push(AccountTotals {
+                    account: records.remove(id),
+                    account_id,
+                    packs: a.totals,
+                });
             }
-            if !lease_calls.0.is_empty() {
-                // What the store booked into the packs from this node's
-                // batch (after capping) leaves its lease's
-                // reservation in the same transaction: never counted twice,
-                // never dropped (strict mode, src/meter/lease.rs).
-                let stmt = tx
-                    .prepare_cached(
-                        "UPDATE leases SET used = leases.used + b.amount, \
-                         granted = GREATEST(leases.granted, leases.used + b.amount) \
-                         FROM UNNEST($1::text[], $2::bigint[]) AS b (account_id, amount) \
-                         WHERE leases.account_id = b.account_id AND leases.node_id = $3",
-                    )
-                    .await?;
-                tx.execute(&stmt, &[&lease_calls.0, &lease_calls.1, &batch.node_id()])
-                    .await?;
-            }
-            tx.execute("DELETE FROM dedup WHERE expires_at <= $1", &[&batch.now])
+            let add_usage = tx
+                .prepare_cached(
+                    "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+                     $4::text[], $5::bigint[], $6::bigint[]) \
+                     ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
+                     amount = usage_hourly.amount + excluded.amount \
+                     WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
+                )
                 .await?;
-            tx.execute(
-                "DELETE FROM flush_batches WHERE applied_at < $1",
-                &[&batch.now.saturating_sub(BATCH_ID_RETENTION)],
+            // Never past 2^63-1: a pack takes at most its capacity.
+            let add_packs = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                     $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
+                     $9::bigint[], $10::bigint[]) \
+                     ON CONFLICT (account_id, pack_id) DO UPDATE SET \
+                     used = packs.used + excluded.used"
+                ))
+                .await?;
+            let add_dedup = tx
+                .prepare_cached(
+                    "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
+                     calls_overage, egress_covered, egress_overage) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], \
+                     $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) \
+                     ON CONFLICT (account_id, request_id) DO UPDATE SET \
+                     expires_at = excluded.expires_at, \
+                     calls_covered = excluded.calls_covered, \
+                     calls_overage = excluded.calls_overage, \
+                     egress_covered = excluded.egress_covered, \
+                     egress_overage = excluded.egress_overage",
+                )
+                .await?;
+            // What the store booked into the packs from this node's batch
+            // (after capping) leaves its lease's reservation in the same
+            // transaction: never counted twice, never dropped (strict mode,
+            // src/meter/lease.rs).
+            let use_leases = tx
+                .prepare_cached(
+                    "UPDATE leases SET used = leases.used + b.amount, \
+                     granted = GREATEST(leases.granted, leases.used + b.amount) \
+                     FROM UNNEST($1::text[], $2::bigint[]) AS b (account_id, amount) \
+                     WHERE leases.account_id = b.account_id AND leases.node_id = $3",
+                )
+                .await?;
+            let prune_dedup = tx
+                .prepare_cached("DELETE FROM dedup WHERE expires_at <= $1")
+                .await?;
+            let prune_batches = tx
+                .prepare_cached("DELETE FROM flush_batches WHERE applied_at < $1")
+                .await?;
+            let node_id = batch.node_id();
+            let batches_before = batch.now.saturating_sub(BATCH_ID_RETENTION);
+            // The writes, pipelined: one round trip, run in this order.
+            let (added, (), (), (), _) = futures_util::future::try_join5(
+                async {
+                    if usage.0.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(0);
+                    }
+                    tx.execute(
+                        &add_usage,
+                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
+                    )
+                    .await
+                },
+                async {
+                    if !packs.0.is_empty() {
+                        tx.execute(
+                            &add_packs,
+                            &[
+                                &packs.0, &packs.1, &packs.2, &packs.3, &packs.4, &packs2.0,
+                                &packs2.1, &packs2.2, &packs2.3, &packs2.4,
+                            ],
+                        )
+                        .await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                async {
+                    if !dedup.0.is_empty() {
+                        tx.execute(
+                            &add_dedup,
+                            &[
+                                &dedup.0, &dedup.1, &dedup.2, &dedup.3, &dedup.4, &dedup.5,
+                                &dedup.6,
+                            ],
+                        )
+                        .await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                async {
+                    if !lease_calls.0.is_empty() {
+                        tx.execute(&use_leases, &[&lease_calls.0, &lease_calls.1, &node_id])
+                            .await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                futures_util::future::try_join(
+                    tx.execute(&prune_dedup, &[&batch.now]),
+                    tx.execute(&prune_batches, &[&batches_before]),
+                ),
             )
-            .await?;
+            .await
+            .map_err(StoreError::from)?;
+            if added != usage.0.len() as u64 {
+                return Err(StoreError::permanent(format!(
+                    "{who}: an hour's usage would exceed 2^63-1"
+                )));
+            }
             tx.commit().await?;
             Ok(flushed)
         })
