@@ -6,6 +6,9 @@
 mod http;
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "postgres")]
+pub mod fleet;
+pub mod proxy;
 pub use http::{get, sample};
 
 use std::{
@@ -47,14 +50,36 @@ impl Server {
         Server::launch(store, Some(data), extra, data)
     }
 
+    /// As [`start_store`](Self::start_store), on the given gRPC and admin
+    /// addresses (to restart a node where it was).
+    pub fn start_store_at(
+        store: &str,
+        data: &Path,
+        grpc: &str,
+        admin: &str,
+        extra: &[&str],
+    ) -> Server {
+        Server::launch_at(store, Some(data), (grpc, admin), extra, data)
+    }
+
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
+        Server::launch_at(store, data, ("127.0.0.1:0", "127.0.0.1:0"), extra, db)
+    }
+
+    fn launch_at(
+        store: &str,
+        data: Option<&Path>,
+        (grpc, admin): (&str, &str),
+        extra: &[&str],
+        db: &Path,
+    ) -> Server {
         let mut command = Command::new(BIN);
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }
         let mut child = command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", grpc, "--admin-listen", admin])
             .arg("--store")
             .arg(store)
             .args(extra)
