@@ -154,7 +154,7 @@ async fn client(
                     }
                     Err(e) => {
                         assert!(plan.failover, "node {target} failed {id}: {e:?}");
-                        log.errors.push((target, e.code(), e.message().to_string()));
+                        log.errors.push((target, e.code(), format!("{e:?}")));
                         failures += 1;
                         // One node restarts at a time: another answers.
                         assert!(failures < 50, "no node answered {id}: {e:?}");
@@ -309,7 +309,13 @@ pub async fn check_ledger(
             admitted <= *holds as i64,
             "{account}: a deny account was admitted {admitted} calls of {holds}"
         );
-        assert_eq!(stored.get(*account).map_or(0, |s| s.overage), 0, "{account}");
+        let s = stored.get(*account);
+        assert_eq!(
+            s.map_or(0, |s| s.overage),
+            0,
+            "{account}: a deny account has no overage; admitted {admitted}, stored {:?}",
+            s.map(|s| (s.total, &s.packs))
+        );
     }
     out
 }
