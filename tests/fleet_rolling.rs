@@ -133,6 +133,24 @@ async fn a_rolling_restart_under_load_loses_and_doubles_nothing() {
         nodes[i] = Some(new);
     }
     let log = load.stop().await;
+    if std::env::var_os("FLEET_TRACE").is_some() {
+        let start = log.acks.iter().map(|a| a.at).min().unwrap();
+        let mut buckets: BTreeMap<(u128, usize), (u32, u32, String)> = BTreeMap::new();
+        for a in log.acks.iter().filter(|a| a.account == DENY) {
+            let b = buckets
+                .entry(((a.at - start).as_millis() / 500, a.node))
+                .or_default();
+            if a.allowed {
+                b.0 += 1;
+            } else {
+                b.1 += 1;
+                b.2 = a.reason.clone();
+            }
+        }
+        for ((t, n), (allowed, denied, reason)) in buckets {
+            eprintln!("{:>5} ms node {n}: {allowed} allowed, {denied} denied {reason}", t * 500);
+        }
+    }
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for (_, code, _) in &log.errors {
         *codes.entry(format!("{code:?}")).or_default() += 1;

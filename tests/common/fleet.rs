@@ -26,6 +26,8 @@ pub struct Ack {
     pub allowed: bool,
     pub covered: u64,
     pub overage: u64,
+    /// Why it was denied, empty when allowed.
+    pub reason: String,
     pub at: Instant,
 }
 
@@ -148,6 +150,7 @@ async fn client(
                             allowed: r.decision == Decision::Allow as i32,
                             covered,
                             overage,
+                            reason: r.deny_reason.clone(),
                             at: Instant::now(),
                         });
                         break;
