@@ -485,12 +485,20 @@ pub fn attribute<'b>(
         .collect();
 
     let mut out = Attributed::default();
+    // Where each request id's record is in `out.dedup`: a batch written
+    // after an outage holds every request id of the outage, and a search
+    // of the list per record made such a flush take minutes (quadratic).
+    let mut kept: std::collections::HashMap<&str, usize> = Default::default();
     for r in dedup {
         if !held(&r.request_id) {
             // The last record of an id in the batch wins.
-            out.dedup
-                .retain(|d: &DedupRecord| d.request_id != r.request_id);
-            out.dedup.push(r.clone());
+            match kept.entry(&r.request_id) {
+                std::collections::hash_map::Entry::Occupied(e) => out.dedup[*e.get()] = r.clone(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(out.dedup.len());
+                    out.dedup.push(r.clone());
+                }
+            }
             continue;
         }
         out.reversed.push(r.request_id.clone());
@@ -669,7 +677,60 @@ mod tests {
         p.add(3600, Item::EgressBytes, None, 0, 9, 3600);
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
+        // The event times the delta holds, for the flush's re-attribution.
+        assert_eq!((p.deltas[0].first, p.deltas[0].last), (10, 11));
         assert_eq!(p.since, Some(5));
+    }
+
+    /// A batch after an outage holds every request id of the outage: the
+    /// last record of each id wins, the held ones are reversed, and the
+    /// work grows with the number of records, not its square.
+    #[test]
+    fn a_batch_with_many_request_ids_keeps_the_last_record_of_each() {
+        let n = 60_000u64;
+        let records: Vec<DedupRecord> = (0..n)
+            .map(|i| DedupRecord {
+                // Every tenth id twice, the second record with 2 calls.
+                request_id: format!("r{}", i - u64::from(i % 10 == 9)).into(),
+                expires_at: 10,
+                hour: Some(0),
+                calls_covered: 0,
+                calls_overage: 1 + u64::from(i % 10 == 9),
+                egress_covered: 0,
+                egress_overage: 0,
+            })
+            .collect();
+        let deltas = [DeltaRow {
+            hour: 0,
+            item: Item::Calls,
+            pack: None,
+            amount: records.iter().map(|r| r.calls_overage).sum(),
+            span: None,
+        }];
+        let started = std::time::Instant::now();
+        // Ids ending in 7 are held: another batch billed them.
+        let a = attribute(vec![], &deltas, &records, |id| id.ends_with('7')).unwrap();
+        eprintln!("attribute of {n} request records: {:?}", started.elapsed());
+        let kept: u64 = a.dedup.iter().map(|r| r.calls_overage).sum();
+        assert_eq!(a.dedup.len() + a.reversed.len(), 54_000, "distinct ids");
+        assert!(a.dedup.iter().all(|r| !r.request_id.ends_with('7')));
+        let doubled = a.dedup.iter().filter(|r| r.calls_overage == 2).count();
+        assert_eq!(doubled, 6_000, "the second record of each repeated id");
+        assert_eq!(kept, 48_000 + 6_000);
+        // What is stored: all records' calls less the held ids' ones.
+        let reversed: u64 = records
+            .iter()
+            .filter(|r| r.request_id.ends_with('7'))
+            .map(|r| r.calls_overage)
+            .sum();
+        assert_eq!(a.usage[0].amount, deltas[0].amount - reversed);
+    }
+
+    #[test]
+    fn a_delta_row_from_an_older_spill_file_reads_without_its_span() {
+        let old = r#"{"hour":0,"item":"calls","pack":null,"amount":3}"#;
+        let d: DeltaRow = serde_json::from_str(old).unwrap();
+        assert_eq!((d.amount, d.span), (3, None));
     }
 
     #[test]

@@ -89,12 +89,10 @@ const FLUSHES: &str = "packmeter_flush_duration_seconds_count";
 async fn flush_all(nodes: &[Server]) {
     for (n, node) in nodes.iter().enumerate() {
         let mut admin = node.admin().await;
-        let flushed = tokio::time::timeout(
-            Duration::from_secs(60),
-            admin.flush(proto::FlushRequest {}),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("node {n}: Flush hung"));
+        let flushed =
+            tokio::time::timeout(Duration::from_secs(60), admin.flush(proto::FlushRequest {}))
+                .await
+                .unwrap_or_else(|_| panic!("node {n}: Flush hung"));
         flushed.unwrap_or_else(|e| panic!("node {n}: Flush failed: {e:?}"));
     }
 }
@@ -144,7 +142,10 @@ async fn thirty_seconds_without_the_store_lose_and_double_nothing() {
     let down_at = Instant::now();
     proxy.set(Mode::Blackhole);
     until(Duration::from_secs(10), async || {
-        metric_of_all(&nodes, STORE_UP).await.iter().all(|u| *u == 0.0)
+        metric_of_all(&nodes, STORE_UP)
+            .await
+            .iter()
+            .all(|u| *u == 0.0)
     })
     .await;
     // The oldest unflushed usage ages on every node.

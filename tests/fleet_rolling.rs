@@ -114,13 +114,16 @@ async fn a_rolling_restart_under_load_loses_and_doubles_nothing() {
             .await
             .unwrap();
         assert!(status.success(), "node {i} on SIGTERM: {status}\n{stderr}");
-        let (data, g, a) = (dirs[i].path().to_path_buf(), grpc[i].clone(), admin[i].clone());
+        let (data, g, a) = (
+            dirs[i].path().to_path_buf(),
+            grpc[i].clone(),
+            admin[i].clone(),
+        );
         let url = db.url.clone();
-        let new = tokio::task::spawn_blocking(move || {
-            Server::start_store_at(&url, &data, &g, &a, ARGS)
-        })
-        .await
-        .unwrap();
+        let new =
+            tokio::task::spawn_blocking(move || Server::start_store_at(&url, &data, &g, &a, ARGS))
+                .await
+                .unwrap();
         until(Duration::from_secs(10), async || {
             get(&new.admin, "/readyz").await.status == 200
         })
@@ -148,17 +151,17 @@ async fn a_rolling_restart_under_load_loses_and_doubles_nothing() {
             }
         }
         for ((t, n), (allowed, denied, reason)) in buckets {
-            eprintln!("{:>5} ms node {n}: {allowed} allowed, {denied} denied {reason}", t * 500);
+            eprintln!(
+                "{:>5} ms node {n}: {allowed} allowed, {denied} denied {reason}",
+                t * 500
+            );
         }
     }
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for (_, code, _) in &log.errors {
         *codes.entry(format!("{code:?}")).or_default() += 1;
     }
-    eprintln!(
-        "{} answers; failed over on {codes:?}",
-        log.acks.len()
-    );
+    eprintln!("{} answers; failed over on {codes:?}", log.acks.len());
     // A draining node answers UNAVAILABLE. A request the client had
     // queued on a connection that the node's GOAWAY then closed, never
     // sent, is reported by tonic (hyper) as CANCELLED "connection closed":

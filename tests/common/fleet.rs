@@ -285,7 +285,10 @@ pub async fn check_ledger(
         );
         let mut used = 0;
         for (pack, (u, capacity, rows)) in &s.packs {
-            assert!(u <= capacity, "{account}/{pack}: used {u} > capacity {capacity}");
+            assert!(
+                u <= capacity,
+                "{account}/{pack}: used {u} > capacity {capacity}"
+            );
             assert_eq!(u, rows, "{account}/{pack}: pack used and usage rows agree");
             used += u;
         }

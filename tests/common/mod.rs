@@ -3,11 +3,11 @@
 //! [`pg`] gives a test a PostgreSQL database of its own.
 #![allow(dead_code)]
 
+#[cfg(feature = "postgres")]
+pub mod fleet;
 mod http;
 #[cfg(feature = "postgres")]
 pub mod pg;
-#[cfg(feature = "postgres")]
-pub mod fleet;
 pub mod proxy;
 pub use http::{get, sample};
 
