@@ -162,14 +162,21 @@ async fn a_rolling_restart_under_load_loses_and_doubles_nothing() {
         *codes.entry(format!("{code:?}")).or_default() += 1;
     }
     eprintln!("{} answers; failed over on {codes:?}", log.acks.len());
-    // A draining node answers UNAVAILABLE. A request the client had
-    // queued on a connection that the node's GOAWAY then closed, never
-    // sent, is reported by tonic (hyper) as CANCELLED "connection closed":
-    // safe to send elsewhere too. Nothing else.
+    // A draining node answers UNAVAILABLE. Its GOAWAY also races the
+    // client's requests; tonic (hyper) reports a request it had queued on
+    // the closing connection, never sent, as CANCELLED "connection
+    // closed", and one on a stream the GOAWAY refused as INTERNAL "h2
+    // protocol error" (GoAway NO_ERROR). No deduction was acknowledged for
+    // any of them; the same request id goes to another node, and the
+    // ledger check below proves none was billed twice. Nothing else.
     for (n, code, message) in &log.errors {
+        let goaway_race = (*code == tonic::Code::Cancelled
+            && message.contains("connection closed"))
+            || (*code == tonic::Code::Internal
+                && message.contains("GoAway")
+                && message.contains("NO_ERROR"));
         assert!(
-            *code == tonic::Code::Unavailable
-                || (*code == tonic::Code::Cancelled && message.contains("connection closed")),
+            *code == tonic::Code::Unavailable || goaway_race,
             "node {n}: {message}"
         );
     }
