@@ -246,6 +246,7 @@ mod tests {
                             item,
                             pack,
                             amount,
+                            span: None,
                         })
                     })
                     .collect();

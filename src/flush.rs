@@ -145,6 +145,9 @@ pub const BATCH_ACCOUNTS: usize = 5_000;
 /// First retry delay after a failed flush; it doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// While backing off longer than this, the store is probed this often, so
+/// that the flush resumes within about this long of an outage's end.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// A random 64-bit number from the standard library's per-process keys.
 pub fn random_u64() -> u64 {
@@ -497,6 +500,9 @@ impl Flusher {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.meter.flush_wanted(), if backoff.is_none() => {}
+                _ = self.store_back(), if backoff.is_some_and(|b| b > PROBE_EVERY) => {
+                    tracing::info!("the store answers again; flushing");
+                }
             }
             match self.flush().await {
                 Ok(_) => backoff = None,
@@ -506,6 +512,30 @@ impl Flusher {
                     backoff = Some(next);
                 }
             }
+        }
+    }
+
+    /// Returns once the store, having failed to answer a probe, answers
+    /// one: probed at once and then every [`PROBE_EVERY`], each probe
+    /// bounded by as much. While backing off after failed flushes, this
+    /// ends the wait within about a second of an outage's end, instead of
+    /// up to [`MAX_BACKOFF`] later. A store that answers probes all along
+    /// (and refuses writes) never ends it: the flusher then keeps to its
+    /// backoff rather than retry every second.
+    async fn store_back(&self) {
+        let mut was_down = false;
+        for probe in 0u64.. {
+            if probe > 0 {
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            let up = matches!(
+                tokio::time::timeout(PROBE_EVERY, self.store.ping()).await,
+                Ok(Ok(()))
+            );
+            if up && was_down {
+                return;
+            }
+            was_down |= !up;
         }
     }
 

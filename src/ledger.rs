@@ -24,6 +24,9 @@ pub struct Delta {
     /// The pack that covered the amount, or `None` for overage.
     pub pack: Option<Arc<PackCounter>>,
     pub amount: u64,
+    /// The earliest and latest event time of the amount (within `hour`).
+    pub first: Ts,
+    pub last: Ts,
 }
 
 impl Delta {
@@ -220,6 +223,7 @@ impl Pending {
         self.deltas.is_empty() && self.dedup.is_empty() && !self.account_dirty
     }
 
+    /// Adds `amount` for events at `at` (within `hour`).
     pub fn add(
         &mut self,
         hour: Ts,
@@ -227,6 +231,20 @@ impl Pending {
         pack: Option<&Arc<PackCounter>>,
         amount: u64,
         now: Ts,
+        at: Ts,
+    ) {
+        self.add_span(hour, item, pack, amount, now, (at, at));
+    }
+
+    /// Adds `amount` for events between `first` and `last` (within `hour`).
+    fn add_span(
+        &mut self,
+        hour: Ts,
+        item: Item,
+        pack: Option<&Arc<PackCounter>>,
+        amount: u64,
+        now: Ts,
+        (first, last): (Ts, Ts),
     ) {
         if amount == 0 {
             return;
@@ -242,12 +260,18 @@ impl Pending {
             .iter_mut()
             .find(|d| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some())
         {
-            Some(d) => d.amount += amount,
+            Some(d) => {
+                d.amount += amount;
+                d.first = d.first.min(first);
+                d.last = d.last.max(last);
+            }
             None => self.deltas.push(Delta {
                 hour,
                 item,
                 pack: pack.cloned(),
                 amount,
+                first,
+                last,
             }),
         }
     }
@@ -255,12 +279,13 @@ impl Pending {
     /// Puts back changes from a failed flush.
     pub fn merge(&mut self, failed: Pending) {
         for d in failed.deltas {
-            self.add(
+            self.add_span(
                 d.hour,
                 d.item,
                 d.pack.as_ref(),
                 d.amount,
                 failed.since.unwrap_or(0),
+                (d.first, d.last),
             );
         }
         self.dedup.extend(failed.dedup);
@@ -285,6 +310,12 @@ pub struct DeltaRow {
     /// `None` for overage.
     pub pack: Option<PackSpec>,
     pub amount: u64,
+    /// The earliest and latest event time of the amount, so that the
+    /// flush may move what a pack cannot take to packs valid over that
+    /// span (see [`attribute`]). `None` in batches written before it
+    /// existed (`serde(default)`): only packs valid for the whole hour.
+    #[serde(default)]
+    pub span: Option<(Ts, Ts)>,
 }
 
 /// An account row.
@@ -381,9 +412,14 @@ pub struct Attributed {
 ///    the pack's room in the store (`capacity - used`, the capacity the
 ///    store holds), in R6 order.
 /// 3. **Re-attribution.** What a pack could not take goes to the account's
-///    other packs of the item that are valid for the **whole** hour (the
-///    batch knows the hour, not the instant), in R6 order, each up to its
-///    room; the rest is overage.
+///    other packs of the item that were valid at **every** event of the
+///    (hour, item): over the span from its earliest to its latest event
+///    time, as the node recorded them (over the whole hour for rows
+///    without a span, from older spill files), in R6 order, each up to its
+///    room; the rest is overage. (Without the span, a pack granted during
+///    the hour could take nothing of that hour, and calls past a shared
+///    free tier would be booked as overage, even for a `deny` account,
+///    while the pack had room.)
 /// 4. **Overage** the node booked stays overage.
 ///
 /// So the amounts stored per (hour, item) equal the batch's, less reversed
@@ -398,8 +434,15 @@ pub fn attribute<'b>(
     // (hour, item) -> (overage, [(pack, amount)]), in (hour, item) order.
     type Group = (u64, Vec<(PackSpec, u64)>);
     let mut groups: std::collections::BTreeMap<(Ts, Item), Group> = Default::default();
+    // (hour, item) -> the span of its events, `None` once a row has none.
+    let mut spans: std::collections::BTreeMap<(Ts, Item), Option<(Ts, Ts)>> = Default::default();
     let too_big = |what: &str| format!("the {what} would exceed 2^64");
     for d in deltas {
+        let span = spans.entry((d.hour, d.item)).or_insert(d.span);
+        *span = match (*span, d.span) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            _ => None,
+        };
         let g = groups.entry((d.hour, d.item)).or_default();
         match &d.pack {
             None => {
@@ -442,12 +485,20 @@ pub fn attribute<'b>(
         .collect();
 
     let mut out = Attributed::default();
+    // Where each request id's record is in `out.dedup`: a batch written
+    // after an outage holds every request id of the outage, and a search
+    // of the list per record made such a flush take minutes (quadratic).
+    let mut kept: std::collections::HashMap<&str, usize> = Default::default();
     for r in dedup {
         if !held(&r.request_id) {
             // The last record of an id in the batch wins.
-            out.dedup
-                .retain(|d: &DedupRecord| d.request_id != r.request_id);
-            out.dedup.push(r.clone());
+            match kept.entry(&r.request_id) {
+                std::collections::hash_map::Entry::Occupied(e) => out.dedup[*e.get()] = r.clone(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(out.dedup.len());
+                    out.dedup.push(r.clone());
+                }
+            }
             continue;
         }
         out.reversed.push(r.request_id.clone());
@@ -476,11 +527,16 @@ pub fn attribute<'b>(
 
     let mut taken: Vec<u64> = vec![0; stored.len()];
     for ((hour, item), (overage, rows)) in groups {
-        // Packs valid for the whole hour, in R6 order.
-        let whole_hour: Vec<usize> = (0..stored.len())
+        // Packs valid at every event of the group (for the whole hour when
+        // the events' span is not known), in R6 order.
+        let (from, until) = match spans.get(&(hour, item)).copied().flatten() {
+            Some((first, last)) => (first, last.saturating_add(1)),
+            None => (hour, hour.saturating_add(HOUR)),
+        };
+        let valid_throughout: Vec<usize> = (0..stored.len())
             .filter(|&i| {
                 let s = &stored[i].spec;
-                s.item == item && s.valid_from <= hour && hour.saturating_add(HOUR) <= s.valid_until
+                s.item == item && s.valid_from <= from && until <= s.valid_until
             })
             .collect();
         // What pack `i` takes of `want`, up to its room in the store.
@@ -499,6 +555,7 @@ pub fn attribute<'b>(
                         item,
                         pack: Some(s.spec.clone()),
                         amount: t,
+                        span: None,
                     }),
                 }
             }
@@ -510,7 +567,7 @@ pub fn attribute<'b>(
                 .checked_add(amount - take(i, amount))
                 .ok_or_else(|| too_big("overage"))?;
         }
-        for i in whole_hour {
+        for i in valid_throughout {
             if spill == 0 {
                 break;
             }
@@ -525,6 +582,7 @@ pub fn attribute<'b>(
                 item,
                 pack: None,
                 amount: overage,
+                span: None,
             });
         }
     }
@@ -611,15 +669,68 @@ mod tests {
     fn merges_deltas_by_hour_item_and_pack() {
         let (a, b) = (pack("a"), pack("b"));
         let mut p = Pending::default();
-        p.add(0, Item::Calls, Some(&a), 1, 5);
-        p.add(0, Item::Calls, Some(&a), 2, 6);
-        p.add(0, Item::Calls, Some(&b), 3, 7);
-        p.add(0, Item::Calls, None, 4, 8);
-        p.add(3600, Item::Calls, None, 5, 9);
-        p.add(3600, Item::EgressBytes, None, 0, 9);
+        p.add(0, Item::Calls, Some(&a), 1, 5, 10);
+        p.add(0, Item::Calls, Some(&a), 2, 6, 11);
+        p.add(0, Item::Calls, Some(&b), 3, 7, 12);
+        p.add(0, Item::Calls, None, 4, 8, 13);
+        p.add(3600, Item::Calls, None, 5, 9, 3600);
+        p.add(3600, Item::EgressBytes, None, 0, 9, 3600);
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
+        // The event times the delta holds, for the flush's re-attribution.
+        assert_eq!((p.deltas[0].first, p.deltas[0].last), (10, 11));
         assert_eq!(p.since, Some(5));
+    }
+
+    /// A batch after an outage holds every request id of the outage: the
+    /// last record of each id wins, the held ones are reversed, and the
+    /// work grows with the number of records, not its square.
+    #[test]
+    fn a_batch_with_many_request_ids_keeps_the_last_record_of_each() {
+        let n = 60_000u64;
+        let records: Vec<DedupRecord> = (0..n)
+            .map(|i| DedupRecord {
+                // Every tenth id twice, the second record with 2 calls.
+                request_id: format!("r{}", i - u64::from(i % 10 == 9)).into(),
+                expires_at: 10,
+                hour: Some(0),
+                calls_covered: 0,
+                calls_overage: 1 + u64::from(i % 10 == 9),
+                egress_covered: 0,
+                egress_overage: 0,
+            })
+            .collect();
+        let deltas = [DeltaRow {
+            hour: 0,
+            item: Item::Calls,
+            pack: None,
+            amount: records.iter().map(|r| r.calls_overage).sum(),
+            span: None,
+        }];
+        let started = std::time::Instant::now();
+        // Ids ending in 7 are held: another batch billed them.
+        let a = attribute(vec![], &deltas, &records, |id| id.ends_with('7')).unwrap();
+        eprintln!("attribute of {n} request records: {:?}", started.elapsed());
+        let kept: u64 = a.dedup.iter().map(|r| r.calls_overage).sum();
+        assert_eq!(a.dedup.len() + a.reversed.len(), 54_000, "distinct ids");
+        assert!(a.dedup.iter().all(|r| !r.request_id.ends_with('7')));
+        let doubled = a.dedup.iter().filter(|r| r.calls_overage == 2).count();
+        assert_eq!(doubled, 6_000, "the second record of each repeated id");
+        assert_eq!(kept, 48_000 + 6_000);
+        // What is stored: all records' calls less the held ids' ones.
+        let reversed: u64 = records
+            .iter()
+            .filter(|r| r.request_id.ends_with('7'))
+            .map(|r| r.calls_overage)
+            .sum();
+        assert_eq!(a.usage[0].amount, deltas[0].amount - reversed);
+    }
+
+    #[test]
+    fn a_delta_row_from_an_older_spill_file_reads_without_its_span() {
+        let old = r#"{"hour":0,"item":"calls","pack":null,"amount":3}"#;
+        let d: DeltaRow = serde_json::from_str(old).unwrap();
+        assert_eq!((d.amount, d.span), (3, None));
     }
 
     #[test]
@@ -642,10 +753,10 @@ mod tests {
             queued: true,
             ..PendingSlot::default()
         };
-        slot.changes().add(0, Item::Calls, Some(&a), 7, 1);
+        slot.changes().add(0, Item::Calls, Some(&a), 7, 1, 0);
         let taken = slot.take();
         assert!(slot.is_empty() && slot.get().is_none() && slot.queued);
-        slot.changes().add(0, Item::Calls, Some(&a), 1, 2);
+        slot.changes().add(0, Item::Calls, Some(&a), 1, 2, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);

@@ -205,6 +205,7 @@ mod tests {
                     item: Item::Calls,
                     pack: None,
                     amount,
+                    span: None,
                 }],
                 dedup: vec![],
             }],

@@ -106,6 +106,7 @@ conformance!(
     concurrent_changes_get_distinct_numbers_and_all_show,
     a_flush_caps_every_pack_and_books_the_rest_as_overage,
     excess_moves_to_the_next_pack_valid_for_the_whole_hour_in_r6_order,
+    excess_moves_to_a_pack_granted_during_the_hour_before_its_events,
     a_request_id_another_batch_recorded_is_billed_once,
     a_flush_returns_the_global_totals,
 );
@@ -138,6 +139,7 @@ fn delta(hour: Ts, pack: Option<PackSpec>, amount: u64) -> DeltaRow {
         item: pack.as_ref().map_or(Item::Calls, |p| p.item),
         pack,
         amount,
+        span: None,
     }
 }
 
@@ -790,6 +792,7 @@ async fn store_with_fixture(t: &Target) -> (Arc<dyn Store>, Vec<UsageRow>) {
             item: r.item,
             pack,
             amount: r.amount,
+            span: None,
         };
         let b = batch(
             &format!("fixture-{i}"),
@@ -1388,6 +1391,44 @@ async fn excess_moves_to_the_next_pack_valid_for_the_whole_hour_in_r6_order(t: &
             ("partial".to_string(), 3),
             ("second".to_string(), 10),
             ("third".to_string(), 10)
+        ]
+    );
+}
+
+/// Issue 8, found by `tests/fleet_rolling.rs`: nodes each cover calls
+/// from their own view of a shared free tier; the flush caps it, and the
+/// excess must move to a pack granted earlier in the same hour, because
+/// every event the node recorded came after the grant. Events before the
+/// grant keep the whole-hour rule: overage.
+async fn excess_moves_to_a_pack_granted_during_the_hour_before_its_events(t: &Target) {
+    let store = t.open().await;
+    let free = pack("free", 40, 9, (0, 10 * HOUR));
+    // Granted at 10:20 of hour 0.
+    let bought = pack("bought", 1_000, 1, (HOUR / 3, 10 * HOUR));
+    for p in [&free, &bought] {
+        store.grant_pack("acct", p).await.unwrap();
+    }
+    let spanned = |amount, span| DeltaRow {
+        span: Some(span),
+        ..delta(0, Some(free.clone()), amount)
+    };
+    // Two nodes each took 30 from the free tier, after the grant.
+    for (id, n) in [("a-0", 30), ("b-0", 30)] {
+        let b = account("acct", vec![spanned(n, (HOUR / 2, HOUR / 2 + 9))], vec![]);
+        assert!(store.write_batch(&batch(id, 10, vec![b])).await.unwrap());
+    }
+    assert_eq!(used(&*store, "acct", "free").await, 40);
+    assert_eq!(used(&*store, "acct", "bought").await, 20);
+    // A third node's events started before the grant: overage.
+    let b = account("acct", vec![spanned(5, (HOUR / 4, HOUR / 2))], vec![]);
+    assert!(store.write_batch(&batch("c-0", 10, vec![b])).await.unwrap());
+    assert_eq!(used(&*store, "acct", "bought").await, 20);
+    assert_eq!(
+        rows_of(&*store, "acct").await,
+        [
+            ("".to_string(), 5),
+            ("bought".to_string(), 20),
+            ("free".to_string(), 40)
         ]
     );
 }

@@ -192,6 +192,7 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
                 item: d.item,
                 pack: d.pack.as_ref().map(|p| p.spec.clone()),
                 amount: d.amount,
+                span: Some((d.first, d.last)),
             })
             .collect(),
         dedup: pending.dedup.clone(),

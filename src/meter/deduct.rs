@@ -496,9 +496,9 @@ impl Meter {
         self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
                 for (pack, amount) in &split.takes {
-                    p.add(hour, item, Some(pack), *amount, now);
+                    p.add(hour, item, Some(pack), *amount, now, at);
                 }
-                p.add(hour, item, None, split.overage, now);
+                p.add(hour, item, None, split.overage, now, at);
             }
             if claimed {
                 p.dedup.push(DedupRecord {

@@ -3,9 +3,12 @@
 //! [`pg`] gives a test a PostgreSQL database of its own.
 #![allow(dead_code)]
 
+#[cfg(feature = "postgres")]
+pub mod fleet;
 mod http;
 #[cfg(feature = "postgres")]
 pub mod pg;
+pub mod proxy;
 #[allow(unused_imports)]
 pub use http::{get, get_with, sample};
 
@@ -48,6 +51,25 @@ impl Server {
         Server::launch(store, Some(data), extra, data)
     }
 
+    /// As [`start_store`](Self::start_store), on the given gRPC and admin
+    /// addresses (to restart a node where it was).
+    pub fn start_store_at(
+        store: &str,
+        data: &Path,
+        grpc: &str,
+        admin: &str,
+        extra: &[&str],
+    ) -> Server {
+        Server::launch_command(
+            Command::new(BIN),
+            (grpc, admin),
+            store,
+            Some(data),
+            extra,
+            data,
+        )
+    }
+
     /// Starts a server on the given SQLite file, with `prepare` applied to
     /// the command first (limits for the child, environment).
     pub fn start_prepared(db: &Path, extra: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
@@ -55,7 +77,7 @@ impl Server {
         prepare(&mut command);
         Server::launch_command(
             command,
-            "127.0.0.1",
+            ("127.0.0.1:0", "127.0.0.1:0"),
             &format!("sqlite://{}", db.display()),
             None,
             extra,
@@ -67,9 +89,10 @@ impl Server {
     /// (both ports, each on a free port) rather than 127.0.0.1.
     pub fn start_host(dir: &Path, host: &str, extra: &[&str]) -> Server {
         let db = dir.join("packmeter.db");
+        let (grpc, admin) = (format!("{host}:0"), format!("{host}:0"));
         Server::launch_command(
             Command::new(BIN),
-            host,
+            (&grpc, &admin),
             &format!("sqlite://{}", db.display()),
             None,
             extra,
@@ -78,12 +101,19 @@ impl Server {
     }
 
     fn launch(store: &str, data: Option<&Path>, extra: &[&str], db: &Path) -> Server {
-        Server::launch_command(Command::new(BIN), "127.0.0.1", store, data, extra, db)
+        Server::launch_command(
+            Command::new(BIN),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            store,
+            data,
+            extra,
+            db,
+        )
     }
 
     fn launch_command(
         mut command: Command,
-        host: &str,
+        (grpc, admin): (&str, &str),
         store: &str,
         data: Option<&Path>,
         extra: &[&str],
@@ -94,8 +124,7 @@ impl Server {
         }
         let mut child = command
             .arg("serve")
-            .args(["--listen", &format!("{host}:0")])
-            .args(["--admin-listen", &format!("{host}:0")])
+            .args(["--listen", grpc, "--admin-listen", admin])
             .arg("--store")
             .arg(store)
             .args(extra)

@@ -129,3 +129,28 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// The TCP address of the server `url` names (its first host), for a
+/// [`super::proxy::Proxy`] to forward to; `None` for a Unix socket.
+pub async fn tcp_addr(url: &str) -> Option<std::net::SocketAddr> {
+    let config: tokio_postgres::Config = url.parse().ok()?;
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first()? {
+        tokio_postgres::config::Host::Tcp(host) => tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .ok()?
+            .next(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// `url` with its host and port replaced by `addr` (user, database and
+/// parameters kept): the same database, reached through a proxy.
+pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with ://");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+    format!("{scheme}://{}{addr}{tail}", user.unwrap_or_default())
+}
