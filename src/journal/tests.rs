@@ -14,6 +14,7 @@ fn part(account: &str, amount: u64) -> AccountFlush {
             item: Item::Calls,
             pack: None,
             amount,
+            span: None,
         }],
         dedup: vec![],
     }
