@@ -27,6 +27,7 @@ use axum::{
 use crate::{
     app::App,
     auth::{AdminAuth, Refusal},
+    daily,
     meter::MeterError,
     pack_page,
 };
@@ -229,7 +230,8 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 /// `/packs?account=ID`: the account's packs, read exactly as the gRPC
-/// `ListPacks` handler reads them.
+/// `ListPacks` handler reads them, and its usage by day over the last
+/// [`daily::DEFAULT_DAYS`] days, as `Admin.GetDailyUsage` reads it.
 async fn packs(State(s): State<Arc<AdminState>>, RawQuery(query): RawQuery) -> Response {
     let account = match account_param(query.as_deref()) {
         Ok(a) => a,
@@ -246,10 +248,15 @@ async fn packs(State(s): State<Arc<AdminState>>, RawQuery(query): RawQuery) -> R
     let Some(id) = account else {
         return Redirect::to("/").into_response();
     };
-    match s.app.list_packs(&id).await {
-        Ok(views) => html(
+    let page = async {
+        let views = s.app.list_packs(&id).await?;
+        let days = s.app.daily_usage(&id, daily::DEFAULT_DAYS).await?;
+        Ok::<_, MeterError>((views, days))
+    };
+    match page.await {
+        Ok((views, days)) => html(
             StatusCode::OK,
-            pack_page::render(&id, &views, &s.app.config().zone, s.app.now()),
+            pack_page::render(&id, &views, &days, &s.app.config().zone, s.app.now()),
         ),
         Err(e) => {
             let (status, title) = match &e {

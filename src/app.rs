@@ -17,6 +17,7 @@ use std::sync::{
 use crate::{
     calendar::{BillingZone, Ts},
     clock::Clock,
+    daily,
     flush::{FlushReport, Flusher},
     journal::{Commit, Journal},
     ledger::AccountRecord,
@@ -26,7 +27,7 @@ use crate::{
     },
     metrics::Metrics,
     packs::{Item, PackSource, PackSpec},
-    store::{Granted, Store},
+    store::{Granted, Store, StoreError},
 };
 
 /// One deduction for one account, as a transport hands it over.
@@ -679,6 +680,54 @@ impl App {
             .await?;
         let stored = self.store.list_packs(account_id).await?;
         Ok(self.meter.pack_views(&acct, stored))
+    }
+
+    /// `account_id`'s usage in the last `days` days of the billing zone
+    /// (1 to [`daily::MAX_DAYS`]), by day and item, covered and overage:
+    /// the rows the store holds (settled or not) plus what this node has
+    /// not flushed yet. Read while no flush runs, so no usage is in flight
+    /// between the two and none is counted twice or missed. Other nodes'
+    /// unflushed usage shows up once they flush.
+    pub async fn daily_usage(
+        &self,
+        account_id: &str,
+        days: u32,
+    ) -> Result<Vec<daily::Day>, MeterError> {
+        use futures_util::TryStreamExt;
+        let days = days.clamp(1, daily::MAX_DAYS);
+        let acct = self
+            .meter
+            .known_account(account_id, self.clock.now())
+            .await?;
+        let zone = &self.meter.config().zone;
+        let (first, from, to) = daily::window(zone, self.clock.now(), days);
+        let entries = self
+            .flusher
+            .quiesced(async {
+                // Not a settled export: the bound is the window's end, and
+                // rows of open hours are read as they stand.
+                let stored: Vec<_> = crate::export::settled_rows(
+                    self.store.clone(),
+                    from,
+                    to,
+                    Some(account_id.to_string()),
+                    crate::export::PAGE_ROWS,
+                )
+                .map_ok(|r| daily::Entry {
+                    hour: r.hour,
+                    item: r.item,
+                    covered: !r.pack_id.is_empty(),
+                    amount: r.amount,
+                })
+                .try_collect()
+                .await?;
+                let mut entries = stored;
+                entries.extend(acct.unflushed());
+                entries.extend(self.flusher.retrying(account_id));
+                Ok::<_, StoreError>(entries)
+            })
+            .await?;
+        Ok(daily::by_day(zone, first, days, entries))
     }
 
     // --- flush and settlement ---

@@ -133,8 +133,17 @@ pub struct DeductCmd {
 pub struct UsageCmd {
     pub account: String,
     /// Instant to look at, RFC 3339; default: now.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "daily")]
     pub at: Option<String>,
+    /// Usage by day in the billing zone instead of the packs: covered and
+    /// overage per item, for the days with usage (an admin call:
+    /// Admin.GetDailyUsage).
+    #[arg(long)]
+    pub daily: bool,
+    /// With --daily: how many days, ending today (1 to 731).
+    #[arg(long, requires = "daily", default_value_t = crate::daily::DEFAULT_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::daily::MAX_DAYS)))]
+    pub days: u32,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -628,6 +637,76 @@ fn print_table(out: Out, headers: &[&str], rows: &[Vec<String>]) -> io::Result<(
     Ok(())
 }
 
+/// `usage --daily`: one line per day with usage, oldest first, then the
+/// totals; `--json` gives every day, zeros included.
+fn print_daily(out: Out, r: &proto::GetDailyUsageResponse, json_out: bool) -> io::Result<()> {
+    if json_out {
+        let days = r
+            .days
+            .iter()
+            .map(|d| {
+                json!({
+                    "date": d.date,
+                    "calls_covered": d.calls_covered,
+                    "calls_overage": d.calls_overage,
+                    "egress_bytes_covered": d.egress_bytes_covered,
+                    "egress_bytes_overage": d.egress_bytes_overage,
+                })
+            })
+            .collect();
+        return print_json(out, &json!({ "zone": r.zone, "days": Value::Array(days) }));
+    }
+    let amounts = |d: &proto::DailyUsage| {
+        [
+            d.calls_covered,
+            d.calls_overage,
+            d.egress_bytes_covered,
+            d.egress_bytes_overage,
+        ]
+    };
+    let used: Vec<&proto::DailyUsage> = r
+        .days
+        .iter()
+        .filter(|d| amounts(d).iter().any(|&a| a > 0))
+        .collect();
+    let mut total = [0u128; 4];
+    let mut rows: Vec<Vec<String>> = Vec::with_capacity(used.len() + 1);
+    for d in &used {
+        let a = amounts(d);
+        for (t, v) in total.iter_mut().zip(a) {
+            *t += u128::from(v);
+        }
+        rows.push(
+            std::iter::once(d.date.clone())
+                .chain(a.iter().map(|v| v.to_string()))
+                .collect(),
+        );
+    }
+    rows.push(
+        std::iter::once("total".to_string())
+            .chain(total.iter().map(|v| v.to_string()))
+            .collect(),
+    );
+    writeln!(
+        out,
+        "usage by day in the billing zone {}: {} of {} days had usage",
+        r.zone,
+        used.len(),
+        r.days.len()
+    )?;
+    print_table(
+        out,
+        &[
+            "DAY",
+            "CALLS COVERED",
+            "CALLS OVERAGE",
+            "EGRESS COVERED",
+            "EGRESS OVERAGE",
+        ],
+        &rows,
+    )
+}
+
 fn pack_json(p: &proto::Pack) -> Value {
     json!({
         "pack_id": p.pack_id,
@@ -770,6 +849,17 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             if r.decision == proto::Decision::Deny as i32 {
                 return Ok(EX_DENIED);
             }
+        }
+        Command::Usage(c) if c.daily => {
+            let r = admin(&c.client)
+                .await?
+                .get_daily_usage(proto::GetDailyUsageRequest {
+                    account_id: c.account,
+                    days: c.days,
+                })
+                .await?
+                .into_inner();
+            print_daily(out, &r, c.client.json)?;
         }
         Command::Usage(c) => {
             let r = MeterClient::new(connect(&c.client).await?)

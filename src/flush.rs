@@ -231,6 +231,25 @@ impl Flusher {
         f.await
     }
 
+    /// `account_id`'s usage in batches that failed and wait to be written
+    /// again: taken from the account, not yet in the store.
+    pub fn retrying(&self, account_id: &str) -> Vec<crate::daily::Entry> {
+        let in_flight = self.in_flight.lock();
+        in_flight
+            .retry
+            .iter()
+            .flat_map(|(_, batch)| batch.accounts.iter())
+            .filter(|a| &*a.account_id == account_id)
+            .flat_map(|a| a.deltas.iter())
+            .map(|d| crate::daily::Entry {
+                hour: d.hour,
+                item: d.item,
+                covered: d.pack.is_some(),
+                amount: d.amount,
+            })
+            .collect()
+    }
+
     async fn flush_inner(&self) -> Result<FlushReport, StoreError> {
         let _guard = self.running.lock().await;
         let started = Instant::now();

@@ -46,6 +46,7 @@ pub mod changes;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daily;
 pub mod drain;
 pub mod export;
 pub mod flush;

@@ -59,6 +59,7 @@ const RPC_METHODS: &[&str] = &[
     "ListPacks",
     "Flush",
     "ExportUsage",
+    "GetDailyUsage",
     "ShouldRateLimit",
     "Check",
     "Watch",

@@ -1,50 +1,29 @@
 //! The pack page (R11): an account's resource packs as HTML, the way a cloud
-//! console lists them, served by [`admin_http`](crate::admin_http) at
-//! `/packs?account=ID`, plus the admin port's index page and error pages.
+//! console lists them, with a chart of its usage by day, served by
+//! [`admin_http`](crate::admin_http) at `/packs?account=ID`, plus the admin
+//! port's index page and error pages.
 //!
-//! Everything here is a pure function from data to a `String`, so the pages
-//! are tested without a server. The pages need no external asset: the CSS is
-//! inline and there is no script, so they work offline and under a
-//! `default-src 'none'` Content-Security-Policy. Every interpolated value goes
-//! through [`Esc`], which escapes `& < > " '`, so an account id (which may hold
-//! any printable character) cannot inject markup.
+//! The pages are [maud](https://maud.lambda.xyz) templates: checked at
+//! compile time, and every interpolated value is HTML-escaped unless it is
+//! wrapped in `PreEscaped` (only the compile-time style sheet is), so an
+//! account id (which may hold any printable character) cannot inject
+//! markup. They are pure functions from data to a `String`, tested without
+//! a server. They need no external asset: the style sheet
+//! (`pack_page.css`, included at compile time) is inline, the chart is
+//! inline SVG, and there is no script, so they work offline and under a
+//! `default-src 'none'` Content-Security-Policy.
 
-use std::fmt::{self, Write};
+use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use crate::{
     calendar::{to_datetime, BillingZone, Ts},
+    daily::Day,
     meter::PackView,
     packs::{deduction_order, Item, PackSource},
 };
 
-// === escaping ===
-
-/// Displays a string with the HTML special characters escaped. Safe both in
-/// text and in a quoted attribute value.
-pub struct Esc<'a>(pub &'a str);
-
-impl fmt::Display for Esc<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rest = self.0;
-        while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
-            f.write_str(&rest[..i])?;
-            f.write_str(match rest.as_bytes()[i] {
-                b'&' => "&amp;",
-                b'<' => "&lt;",
-                b'>' => "&gt;",
-                b'"' => "&quot;",
-                _ => "&#39;",
-            })?;
-            rest = &rest[i + 1..];
-        }
-        f.write_str(rest)
-    }
-}
-
-/// `s` with `& < > " '` escaped, for HTML text and quoted attributes.
-pub fn escape_html(s: &str) -> String {
-    Esc(s).to_string()
-}
+/// The pages' only style sheet. System fonts only: nothing is fetched.
+const CSS: &str = include_str!("pack_page.css");
 
 // === amounts ===
 
@@ -106,17 +85,21 @@ pub fn grouped(n: u128) -> String {
     format!("{},{:03}", grouped(n / 1000), n % 1000)
 }
 
-/// Writes an amount of `item`: calls as a grouped count, egress in binary
-/// units with the exact byte count in a tooltip.
-fn amount(out: &mut String, item: Item, n: u128) -> fmt::Result {
+/// An amount of `item` as text: calls as a grouped count, egress in binary
+/// units.
+fn amount_text(item: Item, n: u128) -> String {
     match item {
-        Item::Calls => write!(out, "{}", grouped(n)),
-        Item::EgressBytes => write!(
-            out,
-            r#"<span title="{} bytes">{}</span>"#,
-            grouped(n),
-            human_bytes(n)
-        ),
+        Item::Calls => grouped(n),
+        Item::EgressBytes => human_bytes(n),
+    }
+}
+
+/// An amount of `item`: calls as a grouped count, egress in binary units
+/// with the exact byte count in a tooltip.
+fn amount(item: Item, n: u128) -> Markup {
+    match item {
+        Item::Calls => html! { (grouped(n)) },
+        Item::EgressBytes => html! { span title={ (grouped(n)) " bytes" } { (human_bytes(n)) } },
     }
 }
 
@@ -139,14 +122,17 @@ fn local_time(zone: &BillingZone, ts: Ts) -> (String, String) {
     }
 }
 
-fn time(out: &mut String, zone: &BillingZone, ts: Ts) -> fmt::Result {
+fn time(zone: &BillingZone, ts: Ts) -> Markup {
     let (shown, machine) = local_time(zone, ts);
-    write!(
-        out,
-        r#"<time datetime="{}">{}</time>"#,
-        Esc(&machine),
-        Esc(&shown)
-    )
+    html! { time datetime=(machine) { (shown) } }
+}
+
+/// `UTC+08:00`, or an IANA name as is.
+fn zone_label(zone: &BillingZone) -> String {
+    match zone {
+        BillingZone::Fixed(o) => format!("UTC{o}"),
+        BillingZone::Named(tz) => tz.name().to_string(),
+    }
 }
 
 // === the pack list ===
@@ -205,96 +191,69 @@ fn item_label(i: Item) -> &'static str {
 }
 
 /// The page listing `account_id`'s packs as they stand at `now`, with times
-/// shown in the billing `zone`.
-pub fn render(account_id: &str, packs: &[PackView], zone: &BillingZone, now: Ts) -> String {
-    let mut out = String::with_capacity(8192 + packs.len() * 1024);
-    write_pack_page(&mut out, account_id, packs, zone, now)
-        .expect("writing to a String cannot fail");
-    out
-}
-
-fn write_pack_page(
-    out: &mut String,
+/// shown in the billing `zone`, and a chart of its usage over `days`
+/// (oldest first, as [`App::daily_usage`](crate::app::App::daily_usage)
+/// returns them).
+pub fn render(
     account_id: &str,
     packs: &[PackView],
+    days: &[Day],
     zone: &BillingZone,
     now: Ts,
-) -> fmt::Result {
-    let id = Esc(account_id);
-    head(out, &format!("Resource packs · {account_id}"))?;
-    nav(out, account_id)?;
+) -> String {
     let (as_of, as_of_machine) = local_time(zone, now);
-    write!(
-        out,
-        r#"<main>
-<h1>Resource packs <span class="account">{id}</span></h1>
-<p class="meta">As of <time datetime="{}">{}</time> · times in the billing zone <b>{}</b> · each validity ends just before its end time</p>
-"#,
-        Esc(&as_of_machine),
-        Esc(&as_of),
-        Esc(&zone_label(zone)),
-    )?;
-    summary(out, packs, now)?;
-    if packs.is_empty() {
-        out.push_str(
-            r#"<p class="empty">This account has no packs: it has not been activated yet, so it has no free-tier packs, and no pack has been purchased for it.</p>
-"#,
-        );
-    } else {
-        table(out, packs, zone, now)?;
-    }
-    out.push_str("</main>\n");
-    foot(out)
-}
-
-/// `UTC+08:00`, or an IANA name as is.
-fn zone_label(zone: &BillingZone) -> String {
-    match zone {
-        BillingZone::Fixed(o) => format!("UTC{o}"),
-        BillingZone::Named(tz) => tz.name().to_string(),
-    }
+    let main = html! {
+        main {
+            h1 { "Resource packs " span.account { (account_id) } }
+            p.meta {
+                "As of " time datetime=(as_of_machine) { (as_of) }
+                " · times in the billing zone " b { (zone_label(zone)) }
+                " · each validity ends just before its end time"
+            }
+            (summary(packs, now))
+            (usage_charts(days, zone))
+            @if packs.is_empty() {
+                p.empty { "This account has no packs: it has not been activated yet, so it has no free-tier packs, and no pack has been purchased for it." }
+            } @else {
+                (table(packs, zone, now))
+            }
+        }
+    };
+    page(&format!("Resource packs · {account_id}"), account_id, main)
 }
 
 /// One card per item: what the packs valid now hold in total.
-fn summary(out: &mut String, packs: &[PackView], now: Ts) -> fmt::Result {
-    out.push_str(r#"<section class="cards" aria-label="Valid now">"#);
-    for item in Item::ALL {
-        let current = packs
-            .iter()
-            .filter(|p| p.spec.item == item && Validity::of(p, now) == Validity::Current);
-        // u128: the capacities of a few packs near 2^63 already pass 2^64,
-        // and a saturated total would misstate what remains.
-        let (mut capacity, mut used, mut n) = (0u128, 0u128, 0usize);
-        for p in current {
-            capacity += u128::from(p.spec.capacity);
-            used += u128::from(p.used.min(p.spec.capacity));
-            n += 1;
+fn summary(packs: &[PackView], now: Ts) -> Markup {
+    html! {
+        section.cards aria-label="Valid now" {
+            @for item in Item::ALL {
+                @let current = packs.iter().filter(|p| p.spec.item == item && Validity::of(p, now) == Validity::Current);
+                // u128: the capacities of a few packs near 2^63 already pass
+                // 2^64, and a saturated total would misstate what remains.
+                @let (capacity, used, n) = current.fold((0u128, 0u128, 0usize), |(c, u, n), p| {
+                    (c + u128::from(p.spec.capacity), u + u128::from(p.used.min(p.spec.capacity)), n + 1)
+                });
+                div.card {
+                    div.card-title { (item_label(item)) " · valid now" }
+                    @if n == 0 {
+                        div.card-big { "–" }
+                        div.card-sub { "No pack is valid now: usage is billed as overage." }
+                    } @else {
+                        div.card-big { (amount(item, capacity - used)) }
+                        div.card-sub {
+                            "remaining of " (amount(item, capacity)) " in " (n) " pack" @if n != 1 { "s" }
+                        }
+                        (bar(used, capacity))
+                    }
+                }
+            }
         }
-        write!(
-            out,
-            r#"<div class="card"><div class="card-title">{} · valid now</div><div class="card-big">"#,
-            item_label(item)
-        )?;
-        if n == 0 {
-            out.push_str(
-                r#"–</div><div class="card-sub">No pack is valid now: usage is billed as overage.</div></div>"#,
-            );
-            continue;
-        }
-        amount(out, item, capacity - used)?;
-        out.push_str(r#"</div><div class="card-sub">remaining of "#);
-        amount(out, item, capacity)?;
-        write!(out, " in {n} pack{}</div>", if n == 1 { "" } else { "s" })?;
-        bar(out, used, capacity)?;
-        out.push_str("</div>");
     }
-    out.push_str("</section>\n");
-    Ok(())
 }
 
 /// The usage bar: a track, a fill as wide as the used share, and the share
 /// as text; screen readers get it as a labelled progress bar.
-fn bar(out: &mut String, used: u128, capacity: u128) -> fmt::Result {
+fn bar(used: u128, capacity: u128) -> Markup {
     let p = used_permille(used, capacity);
     let level = match p {
         1000 => "full",
@@ -302,15 +261,15 @@ fn bar(out: &mut String, used: u128, capacity: u128) -> fmt::Result {
         _ => "ok",
     };
     let text = used_text(used, capacity);
-    write!(
-        out,
-        r#"<div class="usage"><div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="{}.{}" aria-label="{} used"><div class="fill {level}" style="width:{}"></div></div><span class="pct">{}</span></div>"#,
-        p / 10,
-        p % 10,
-        Esc(&text),
-        bar_width(used, capacity),
-        Esc(&text),
-    )
+    html! {
+        div.usage {
+            div.bar role="progressbar" aria-valuemin="0" aria-valuemax="100"
+                aria-valuenow={ (p / 10) "." (p % 10) } aria-label={ (text) " used" } {
+                div.fill.(level) style={ "width:" (bar_width(used, capacity)) } {}
+            }
+            span.pct { (text) }
+        }
+    }
 }
 
 /// The rows' order: packs valid now first, in the order deductions reach
@@ -348,80 +307,239 @@ fn display_order(packs: &[PackView], now: Ts) -> Vec<(Validity, &PackView)> {
 
 const COLUMNS: usize = 9;
 
-fn table(out: &mut String, packs: &[PackView], zone: &BillingZone, now: Ts) -> fmt::Result {
-    out.push_str(
-        r#"<div class="table-wrap"><table>
-<caption>Every pack of the account, free tier and purchased: valid now (in the order deductions use them), upcoming, then expired.</caption>
-<thead><tr><th scope="col">Status</th><th scope="col">Source</th><th scope="col">Pack ID</th><th scope="col">Item</th><th scope="col" class="num">Capacity</th><th scope="col" class="num">Used</th><th scope="col" class="num">Remaining</th><th scope="col">Validity</th><th scope="col">Usage</th></tr></thead>
-"#,
-    );
+fn table(packs: &[PackView], zone: &BillingZone, now: Ts) -> Markup {
     let rows = display_order(packs, now);
-    let mut group = None;
-    for (validity, p) in rows.iter().copied() {
-        if group != Some(validity) {
-            if group.is_some() {
-                out.push_str("</tbody>\n");
+    let groups = [Validity::Current, Validity::Upcoming, Validity::Expired];
+    html! {
+        div.table-wrap {
+            table {
+                caption { "Every pack of the account, free tier and purchased: valid now (in the order deductions use them), upcoming, then expired." }
+                thead { tr {
+                    th scope="col" { "Status" }
+                    th scope="col" { "Source" }
+                    th scope="col" { "Pack ID" }
+                    th scope="col" { "Item" }
+                    th.num scope="col" { "Capacity" }
+                    th.num scope="col" { "Used" }
+                    th.num scope="col" { "Remaining" }
+                    th scope="col" { "Validity" }
+                    th scope="col" { "Usage" }
+                } }
+                @for validity in groups {
+                    @let group: Vec<&PackView> = rows.iter().filter(|(v, _)| *v == validity).map(|(_, p)| *p).collect();
+                    @if !group.is_empty() {
+                        tbody {
+                            tr.group {
+                                th scope="rowgroup" colspan=(COLUMNS) {
+                                    (validity.label()) " " span.count { (group.len()) }
+                                }
+                            }
+                            @for p in group { (row(validity, p, zone)) }
+                        }
+                    }
+                }
             }
-            group = Some(validity);
-            let n = rows.iter().filter(|(v, _)| *v == validity).count();
-            writeln!(
-                out,
-                r#"<tbody><tr class="group"><th scope="rowgroup" colspan="{COLUMNS}">{} <span class="count">{n}</span></th></tr>"#,
-                validity.label()
-            )?;
         }
-        row(out, validity, p, zone)?;
     }
-    if group.is_some() {
-        out.push_str("</tbody>");
-    }
-    out.push_str("</table></div>\n");
-    Ok(())
 }
 
-fn row(out: &mut String, validity: Validity, p: &PackView, zone: &BillingZone) -> fmt::Result {
+fn row(validity: Validity, p: &PackView, zone: &BillingZone) -> Markup {
     let used = p.used.min(p.spec.capacity);
     let (source, source_class) = source_label(p.spec.source);
-    write!(
-        out,
-        r#"<tr class="{}"><td><div class="status"><span class="badge {}">{}</span>"#,
-        validity.class(),
-        validity.class(),
-        validity.label()
-    )?;
-    if validity == Validity::Current && used >= p.spec.capacity {
-        out.push_str(r#"<span class="badge exhausted">Used up</span>"#);
+    let item = p.spec.item;
+    html! {
+        tr.(validity.class()) {
+            td { div.status {
+                span.badge.(validity.class()) { (validity.label()) }
+                @if validity == Validity::Current && used >= p.spec.capacity {
+                    span.badge.exhausted { "Used up" }
+                }
+            } }
+            td { span.src.(source_class) { (source) } }
+            td {
+                code { (p.spec.pack_id) }
+                @if p.spec.source == PackSource::Purchased {
+                    div.sub { "priority " (p.spec.priority) }
+                }
+            }
+            td { (item_label(item)) }
+            td.num { (amount(item, p.spec.capacity.into())) }
+            td.num { (amount(item, used.into())) }
+            td.num { (amount(item, (p.spec.capacity - used).into())) }
+            td.validity {
+                (time(zone, p.spec.valid_from)) " " span.to { "–" } " " (time(zone, p.spec.valid_until))
+            }
+            td { (bar(used.into(), p.spec.capacity.into())) }
+        }
     }
-    write!(
-        out,
-        r#"</div></td><td><span class="src {source_class}">{source}</span></td><td><code>{}</code>"#,
-        Esc(&p.spec.pack_id)
-    )?;
-    if p.spec.source == PackSource::Purchased {
-        write!(
-            out,
-            r#"<div class="sub">priority {}</div>"#,
-            p.spec.priority
-        )?;
+}
+
+// === the usage chart ===
+
+/// The chart's drawing area, in SVG user units (the SVG scales to the
+/// page's width).
+const CHART_W: f64 = 960.0;
+const CHART_H: f64 = 120.0;
+/// Room on the left for the axis labels, above for the top label, and
+/// below for the dates.
+const CHART_LEFT: f64 = 72.0;
+const CHART_TOP: f64 = 10.0;
+const CHART_BOTTOM: f64 = 20.0;
+
+/// The usage of the last days, one stacked-bar chart per item: covered
+/// (solid) under overage (hatched), so the two read apart without colour;
+/// every bar carries its date and amounts as a tooltip and as `data-`
+/// attributes, and a table below lists the days with usage as text.
+fn usage_charts(days: &[Day], zone: &BillingZone) -> Markup {
+    let (Some(first), Some(last)) = (days.first(), days.last()) else {
+        return html! {};
+    };
+    html! {
+        section.chart-panel aria-labelledby="usage-title" {
+            h2 #usage-title { "Usage by day" }
+            p.meta {
+                "The last " (days.len()) " days, " (first.date) " to " (last.date)
+                ", by day in the billing zone " (zone_label(zone))
+                ": settled and open hours, and what this node has not flushed yet."
+            }
+            // The hatch pattern, defined once for every chart and the legend.
+            svg.defs width="0" height="0" aria-hidden="true" focusable="false" { (hatch_defs()) }
+            div.charts {
+                @for item in Item::ALL { (chart(days, item)) }
+            }
+            ul.legend {
+                li { (swatch("covered")) "Covered by packs (solid)" }
+                li { (swatch("overage")) "Overage, billed pay-as-you-go (hatched)" }
+            }
+            (daily_table(days))
+        }
     }
-    write!(
-        out,
-        r#"</td><td>{}</td><td class="num">"#,
-        item_label(p.spec.item)
-    )?;
-    amount(out, p.spec.item, p.spec.capacity.into())?;
-    out.push_str(r#"</td><td class="num">"#);
-    amount(out, p.spec.item, used.into())?;
-    out.push_str(r#"</td><td class="num">"#);
-    amount(out, p.spec.item, (p.spec.capacity - used).into())?;
-    out.push_str(r#"</td><td class="validity">"#);
-    time(out, zone, p.spec.valid_from)?;
-    out.push_str(r#" <span class="to">–</span> "#);
-    time(out, zone, p.spec.valid_until)?;
-    out.push_str("</td><td>");
-    bar(out, used.into(), p.spec.capacity.into())?;
-    out.push_str("</td></tr>\n");
-    Ok(())
+}
+
+fn swatch(class: &str) -> Markup {
+    html! {
+        svg.swatch viewBox="0 0 14 10" aria-hidden="true" {
+            rect class=(class) x="0" y="0" width="14" height="10" {}
+        }
+    }
+}
+
+/// The hatch pattern that marks overage, `#hatch-overage`.
+fn hatch_defs() -> Markup {
+    html! {
+        defs {
+            pattern #hatch-overage width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(45)" {
+                rect width="6" height="6" fill="#fdecec" {}
+                line x1="0" y1="0" x2="0" y2="6" stroke="#d64545" stroke-width="3" {}
+            }
+        }
+    }
+}
+
+/// A number for an SVG attribute: one decimal is plenty at this scale.
+fn px(v: f64) -> String {
+    format!("{v:.1}")
+}
+
+fn chart(days: &[Day], item: Item) -> Markup {
+    let max = days.iter().map(|d| d.item(item).total()).max().unwrap_or(0);
+    let slot = (CHART_W - CHART_LEFT) / days.len() as f64;
+    let width = (slot * 0.75).max(1.0);
+    let height = |v: u128| -> f64 {
+        if max == 0 {
+            0.0
+        } else {
+            (v as f64 / max as f64) * CHART_H
+        }
+    };
+    let total: u128 = days.iter().map(|d| d.item(item).total()).sum();
+    let label = format!(
+        "{} per day: {} in all over {} days, at most {} in one day",
+        item_label(item),
+        amount_text(item, total),
+        days.len(),
+        amount_text(item, max),
+    );
+    // Dates under the axis: the first, then about every two weeks, and the last.
+    let every = (days.len() / 6).max(1);
+    html! {
+        figure.chart-figure data-item=(item.as_str()) {
+            figcaption.chart-title { (item_label(item)) }
+            svg.chart viewBox={ "0 0 " (CHART_W) " " (CHART_TOP + CHART_H + CHART_BOTTOM + 4.0) }
+                role="img" aria-label=(label) {
+                @for (frac, text) in [(0.0, "0".to_string()), (0.5, amount_text(item, max / 2)), (1.0, amount_text(item, max))] {
+                    @let y = CHART_TOP + CHART_H - frac * CHART_H;
+                    line.grid x1=(px(CHART_LEFT)) x2=(px(CHART_W)) y1=(px(y)) y2=(px(y)) {}
+                    text.axis x=(px(CHART_LEFT - 6.0)) y=(px(y + 4.0)) text-anchor="end" { (text) }
+                }
+                @if max == 0 {
+                    text.empty-note x=(px(CHART_LEFT + 12.0)) y=(px(CHART_TOP + CHART_H / 2.0)) { "No usage in these days." }
+                }
+                @for (i, d) in days.iter().enumerate() {
+                    @let s = d.item(item);
+                    @let x = CHART_LEFT + slot * i as f64 + (slot - width) / 2.0;
+                    @let hc = height(s.covered);
+                    @let ho = height(s.overage);
+                    g.day data-date=(d.date) data-covered=(s.covered) data-overage=(s.overage) {
+                        title {
+                            (d.date) ": " (amount_text(item, s.covered)) " covered, "
+                            (amount_text(item, s.overage)) " overage"
+                        }
+                        @if s.covered > 0 {
+                            rect.covered x=(px(x)) width=(px(width)) y=(px(CHART_TOP + CHART_H - hc)) height=(px(hc)) {}
+                        }
+                        @if s.overage > 0 {
+                            rect.overage x=(px(x)) width=(px(width)) y=(px(CHART_TOP + CHART_H - hc - ho)) height=(px(ho)) {}
+                        }
+                    }
+                    @if i % every == 0 || i + 1 == days.len() {
+                        // The last date ends at the bar, so it is not cut off.
+                        text.axis x=(px(x + width / 2.0)) y=(px(CHART_TOP + CHART_H + CHART_BOTTOM))
+                            text-anchor=(if i + 1 == days.len() && days.len() > 1 { "end" } else { "middle" }) {
+                            (d.date.format("%m-%d"))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The chart's numbers as text, for readers and screen readers: the days
+/// with any usage, newest first.
+fn daily_table(days: &[Day]) -> Markup {
+    let used: Vec<&Day> = days
+        .iter()
+        .rev()
+        .filter(|d| d.calls.total() + d.egress_bytes.total() > 0)
+        .collect();
+    html! {
+        details.daily-table {
+            summary { "The numbers (" (used.len()) " days with usage)" }
+            @if !used.is_empty() {
+                table {
+                    thead { tr {
+                        th scope="col" { "Day" }
+                        th.num scope="col" { "Calls covered" }
+                        th.num scope="col" { "Calls overage" }
+                        th.num scope="col" { "Egress covered" }
+                        th.num scope="col" { "Egress overage" }
+                    } }
+                    tbody {
+                        @for d in used {
+                            tr {
+                                td { (d.date) }
+                                td.num { (amount(Item::Calls, d.calls.covered)) }
+                                td.num { (amount(Item::Calls, d.calls.overage)) }
+                                td.num { (amount(Item::EgressBytes, d.egress_bytes.covered)) }
+                                td.num { (amount(Item::EgressBytes, d.egress_bytes.overage)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 // === index and error pages ===
@@ -429,172 +547,86 @@ fn row(out: &mut String, validity: Validity, p: &PackView, zone: &BillingZone) -
 /// The admin port's front page: what this is, a form to look an account up,
 /// and the operational endpoints.
 pub fn render_index() -> String {
-    let mut out = String::with_capacity(4096);
-    write_index(&mut out).expect("writing to a String cannot fail");
-    out
-}
-
-fn write_index(out: &mut String) -> fmt::Result {
-    head(out, "packmeter")?;
-    nav(out, "")?;
-    out.push_str(
-        r#"<main>
-<h1>packmeter</h1>
-<p class="lead">packmeter meters API-gateway usage, calls and public-network egress bytes, against each account's resource packs: the monthly free-tier packs of the first year after activation, then purchased packs, then pay-as-you-go overage.</p>
-<section class="panel">
-<h2>Look up an account's packs</h2>
-"#,
-    );
-    lookup_form(out, "")?;
-    out.push_str(
-        r#"</section>
-<section class="panel">
-<h2>Operations</h2>
-<ul class="links">
-<li><a href="/metrics">/metrics</a> · Prometheus metrics</li>
-<li><a href="/livez">/livez</a> · liveness: 200 while the process runs</li>
-<li><a href="/readyz">/readyz</a> · readiness: 200 while serving, 503 once shutdown begins</li>
-</ul>
-</section>
-</main>
-"#,
-    );
-    foot(out)
+    let main = html! {
+        main {
+            h1 { "packmeter" }
+            p.lead { "packmeter meters API-gateway usage, calls and public-network egress bytes, against each account's resource packs: the monthly free-tier packs of the first year after activation, then purchased packs, then pay-as-you-go overage." }
+            section.panel {
+                h2 { "Look up an account's packs" }
+                (lookup_form(""))
+            }
+            section.panel {
+                h2 { "Operations" }
+                ul.links {
+                    li { a href="/metrics" { "/metrics" } " · Prometheus metrics" }
+                    li { a href="/livez" { "/livez" } " · liveness: 200 while the process runs" }
+                    li { a href="/readyz" { "/readyz" } " · readiness: 200 while serving, 503 once shutdown begins" }
+                }
+            }
+        }
+    };
+    page("packmeter", "", main)
 }
 
 /// An error page: `title` as the heading, `message` below it, and the lookup
 /// form prefilled with what was asked for.
 pub fn render_error(title: &str, message: &str, account_id: &str) -> String {
-    let mut out = String::with_capacity(4096);
-    write_error(&mut out, title, message, account_id).expect("writing to a String cannot fail");
-    out
+    let main = html! {
+        main {
+            h1 { (title) }
+            p.error { (message) }
+            section.panel {
+                h2 { "Look up an account's packs" }
+                (lookup_form(account_id))
+            }
+        }
+    };
+    page(title, account_id, main)
 }
 
-fn write_error(out: &mut String, title: &str, message: &str, account_id: &str) -> fmt::Result {
-    head(out, title)?;
-    nav(out, account_id)?;
-    write!(
-        out,
-        r#"<main>
-<h1>{}</h1>
-<p class="error">{}</p>
-<section class="panel">
-<h2>Look up an account's packs</h2>
-"#,
-        Esc(title),
-        Esc(message)
-    )?;
-    lookup_form(out, account_id)?;
-    out.push_str("</section>\n</main>\n");
-    foot(out)
-}
-
-fn lookup_form(out: &mut String, account_id: &str) -> fmt::Result {
-    writeln!(
-        out,
-        r#"<form class="lookup" method="get" action="/packs"><label for="account">Account ID</label> <input id="account" name="account" type="text" maxlength="128" required autofocus value="{}"> <button type="submit">Show packs</button></form>"#,
-        Esc(account_id),
-    )
+fn lookup_form(account_id: &str) -> Markup {
+    html! {
+        form.lookup method="get" action="/packs" {
+            label for="account" { "Account ID" } " "
+            input #account name="account" type="text" maxlength="128" required autofocus value=(account_id);
+            " "
+            button type="submit" { "Show packs" }
+        }
+    }
 }
 
 // === shared chrome ===
 
-fn head(out: &mut String, title: &str) -> fmt::Result {
-    write!(
-        out,
-        r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>{}</title>
-<style>{CSS}</style>
-</head>
-<body>
-"#,
-        Esc(title)
-    )
+/// A whole page: head, the top bar with its search box (prefilled with
+/// `account_id`), `main`, and the footer.
+fn page(title: &str, account_id: &str, main: Markup) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="referrer" content="no-referrer";
+                title { (title) }
+                style { (PreEscaped(CSS)) }
+            }
+            body {
+                header.top {
+                    a.brand href="/" { "packmeter" }
+                    form.search method="get" action="/packs" {
+                        input name="account" type="text" maxlength="128" placeholder="Account ID" aria-label="Account ID" value=(account_id);
+                        button type="submit" { "Go" }
+                    }
+                }
+                (main)
+                footer {
+                    "packmeter · " a href="/metrics" { "metrics" } " · " a href="/livez" { "livez" } " · " a href="/readyz" { "readyz" }
+                }
+            }
+        }
+    }
+    .into_string()
 }
-
-fn nav(out: &mut String, account_id: &str) -> fmt::Result {
-    writeln!(
-        out,
-        r#"<header class="top"><a class="brand" href="/">packmeter</a><form class="search" method="get" action="/packs"><input name="account" type="text" maxlength="128" placeholder="Account ID" aria-label="Account ID" value="{}"><button type="submit">Go</button></form></header>"#,
-        Esc(account_id)
-    )
-}
-
-fn foot(out: &mut String) -> fmt::Result {
-    out.push_str(
-        r#"<footer>packmeter · <a href="/metrics">metrics</a> · <a href="/livez">livez</a> · <a href="/readyz">readyz</a></footer>
-</body>
-</html>
-"#,
-    );
-    Ok(())
-}
-
-/// The pages' only style sheet. System fonts only: nothing is fetched.
-const CSS: &str = r#"
-:root{--bg:#f3f5f8;--card:#fff;--ink:#1f2933;--muted:#66727f;--line:#e1e6ec;--accent:#1467d6;--ok:#1f9d55;--warn:#e08a00;--bad:#d64545}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans","Liberation Sans",sans-serif}
-a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
-.top{display:flex;align-items:center;gap:24px;background:#16202c;color:#fff;padding:10px 24px}
-.brand{color:#fff;font-weight:600;font-size:16px;letter-spacing:.2px}
-.search{margin-left:auto;display:flex;gap:6px}
-.search input{width:260px;padding:5px 8px;border:1px solid #3b4a5c;border-radius:4px;background:#233140;color:#fff}
-.search input::placeholder{color:#9aa8b6}
-button{padding:5px 12px;border:1px solid var(--accent);border-radius:4px;background:var(--accent);color:#fff;font:inherit;cursor:pointer}
-main{max-width:1280px;margin:0 auto;padding:20px 24px 32px}
-h1{font-size:20px;font-weight:600;margin:4px 0 4px}
-h1 .account{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,"Liberation Mono",monospace;font-weight:500;background:#e7edf5;border-radius:4px;padding:1px 8px;margin-left:6px;word-break:break-all}
-h2{font-size:15px;font-weight:600;margin:0 0 10px}
-.meta,.lead{color:var(--muted);margin:0 0 16px}
-.lead{max-width:760px;color:var(--ink)}
-.panel{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:16px 20px;margin-bottom:16px;max-width:760px}
-.lookup input{width:320px;padding:6px 8px;border:1px solid #c3ccd6;border-radius:4px;font:inherit}
-.links{margin:0;padding-left:18px}.links li{margin:4px 0}
-.error{background:#fdecec;border:1px solid #f3c2c2;color:#8a1f1f;border-radius:6px;padding:10px 14px;max-width:760px;word-break:break-all}
-.cards{display:flex;gap:16px;margin-bottom:16px;flex-wrap:wrap}
-.card{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:14px 18px;min-width:280px}
-.card-title{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.5px}
-.card-big{font-size:24px;font-weight:600;margin:2px 0}
-.card-sub{color:var(--muted);font-size:12px;margin-bottom:8px}
-.table-wrap{background:var(--card);border:1px solid var(--line);border-radius:6px;overflow-x:auto}
-table{border-collapse:collapse;width:100%}
-caption{caption-side:top;text-align:left;color:var(--muted);font-size:12px;padding:10px 14px;border-bottom:1px solid var(--line)}
-th{background:#f7f9fb;color:var(--muted);font-weight:600;font-size:12px;text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);white-space:nowrap}
-td{padding:7px 10px;border-bottom:1px solid var(--line);vertical-align:middle;white-space:nowrap}
-tbody:last-child tr:last-child td{border-bottom:0}
-tbody tr:hover td{background:#f9fbfd}
-tr.group th{background:#eef2f6;color:var(--ink);font-size:12px;padding:6px 10px;border-top:1px solid var(--line)}
-tr.group .count{display:inline-block;min-width:18px;text-align:center;background:#d9e1ea;color:#3d4b59;border-radius:9px;padding:0 6px;margin-left:4px;font-weight:600}
-.status{display:flex;flex-direction:column;align-items:flex-start;gap:3px}
-tr.current td:first-child{box-shadow:inset 3px 0 0 var(--ok)}
-tr.expired td{color:#8a96a3}
-tr.upcoming td{color:#4a5866}
-.num{text-align:right;font-variant-numeric:tabular-nums}
-code{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,"Liberation Mono",monospace;font-size:12px}
-.sub{color:var(--muted);font-size:11px}
-.validity{font-variant-numeric:tabular-nums;font-size:12px}.to{color:var(--muted)}
-.badge{display:inline-block;font-size:11px;font-weight:600;border-radius:10px;padding:1px 8px;border:1px solid}
-.badge.current{color:#17693c;background:#e6f6ec;border-color:#b7e2c7}
-.badge.expired{color:#6b7682;background:#eef1f4;border-color:#d9dee4}
-.badge.upcoming{color:#1c5aa8;background:#e8f0fb;border-color:#c0d5f2}
-.badge.exhausted{color:#9b2c2c;background:#fdecec;border-color:#f3c2c2}
-.src{font-size:12px}.src.free{color:#0f7b6c}.src.purchased{color:#6b3fb5}
-.src::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:6px;background:currentColor}
-.usage{display:flex;align-items:center;gap:8px}
-.bar{width:96px;height:8px;background:#e4e9ef;border-radius:4px;overflow:hidden;flex:none}
-.fill{height:100%;background:var(--accent);border-radius:4px}
-.fill.high{background:var(--warn)}.fill.full{background:var(--bad)}
-.pct{font-size:12px;font-variant-numeric:tabular-nums;min-width:42px;color:inherit}
-.card .bar{width:160px}
-.empty{background:var(--card);border:1px dashed #c3ccd6;border-radius:6px;padding:24px;color:var(--muted);text-align:center}
-footer{max-width:1280px;margin:0 auto;padding:0 24px 24px;color:var(--muted);font-size:12px}
-"#;
 
 #[cfg(test)]
 mod tests {
@@ -621,14 +653,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn escapes_the_five_special_characters() {
-        assert_eq!(
-            escape_html(r#"<script>alert(1)</script>"'&"#),
-            "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"
-        );
-        assert_eq!(escape_html("plain-id_1"), "plain-id_1");
-        assert_eq!(escape_html("ü→✓"), "ü→✓");
+    /// `render` with no usage chart.
+    fn render(account_id: &str, packs: &[PackView], zone: &BillingZone, now: Ts) -> String {
+        super::render(account_id, packs, &[], zone, now)
     }
 
     #[test]
@@ -643,7 +670,12 @@ mod tests {
         ] {
             assert!(!page.contains("<script"), "{page}");
             assert!(!page.contains(hostile));
-            assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"));
+            assert!(
+                page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;'&amp;"),
+                "{page}"
+            );
+            // In an attribute too: the quote cannot end the value early.
+            assert!(page.contains(r#"value="&lt;script&gt;alert(1)&lt;/script&gt;&quot;'&amp;""#));
         }
     }
 
@@ -781,5 +813,60 @@ mod tests {
             T0,
         );
         assert!(page.contains(">2023-11-14 22:13:20</time>"));
+    }
+    fn day(date: &str, calls: (u128, u128), egress: (u128, u128)) -> Day {
+        use crate::daily::Split;
+        Day {
+            date: date.parse().unwrap(),
+            calls: Split {
+                covered: calls.0,
+                overage: calls.1,
+            },
+            egress_bytes: Split {
+                covered: egress.0,
+                overage: egress.1,
+            },
+        }
+    }
+
+    #[test]
+    fn the_chart_has_a_bar_per_day_with_overage_stacked_on_covered() {
+        let days = [
+            day("2026-12-01", (600, 200), (0, 0)),
+            day("2026-12-02", (0, 0), (0, 0)),
+            day("2026-12-03", (400, 0), (1 << 30, 0)),
+        ];
+        let page = super::render("acme", &[], &days, &BillingZone::default(), T0);
+        assert_eq!(page.matches(r#"<g class="day""#).count(), 6, "{page}");
+        assert!(page.contains(
+            r#"<g class="day" data-date="2026-12-01" data-covered="600" data-overage="200">"#
+        ));
+        // The busiest day (800 calls) fills the chart's height; its covered
+        // part is 600/800 of it, and the overage sits on top.
+        assert!(
+            page.contains(r#"class="covered" x="109.0" width="222.0" y="40.0" height="90.0""#),
+            "{page}"
+        );
+        assert!(page.contains(r#"class="overage" x="109.0" width="222.0" y="10.0" height="30.0""#));
+        // A day without usage has no rect, only its tooltip.
+        assert!(page.contains("2026-12-02: 0 covered, 0 overage"));
+        assert!(page.contains("2026-12-03: 1.00 GiB covered, 0 B overage"));
+        // Overage is hatched, defined once, and the legend says which is which.
+        assert_eq!(page.matches(r#"id="hatch-overage""#).count(), 1);
+        assert!(page.contains("Overage, billed pay-as-you-go (hatched)"));
+        // The numbers as text, newest first, only days with usage.
+        assert!(page.contains("The numbers (2 days with usage)"));
+        assert!(
+            page.find("<td>2026-12-03</td>").unwrap() < page.find("<td>2026-12-01</td>").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_chart_without_usage_says_so() {
+        let days = [day("2026-12-01", (0, 0), (0, 0))];
+        let page = super::render("acme", &[], &days, &BillingZone::default(), T0);
+        assert_eq!(page.matches("No usage in these days.").count(), 2);
+        // Only the legend's swatch: no bar.
+        assert_eq!(page.matches(r#"<rect class="covered""#).count(), 1);
     }
 }

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, proto};
 use crate::{
     app::{App, Grant, Validity},
+    daily,
     meter::validate_account_id,
 };
 
@@ -123,6 +124,39 @@ impl proto::admin_server::Admin for AdminService {
             .map(convert::pack)
             .collect();
         Ok(Response::new(proto::ListPacksResponse { packs }))
+    }
+
+    /// An account's usage by day (`days` 0 means [`daily::DEFAULT_DAYS`]).
+    async fn get_daily_usage(
+        &self,
+        req: Request<proto::GetDailyUsageRequest>,
+    ) -> Result<Response<proto::GetDailyUsageResponse>, Status> {
+        let req = req.get_ref();
+        let days = match req.days {
+            0 => daily::DEFAULT_DAYS,
+            n if n > daily::MAX_DAYS => {
+                return Err(Status::invalid_argument(format!(
+                    "days = {n} is over the maximum of {}; ask for fewer days",
+                    daily::MAX_DAYS
+                )))
+            }
+            n => n,
+        };
+        let days = self.app.daily_usage(&req.account_id, days).await?;
+        let n = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        Ok(Response::new(proto::GetDailyUsageResponse {
+            zone: self.app.config().zone.to_string(),
+            days: days
+                .iter()
+                .map(|d| proto::DailyUsage {
+                    date: d.date.to_string(),
+                    calls_covered: n(d.calls.covered),
+                    calls_overage: n(d.calls.overage),
+                    egress_bytes_covered: n(d.egress_bytes.covered),
+                    egress_bytes_overage: n(d.egress_bytes.overage),
+                })
+                .collect(),
+        }))
     }
 
     /// Returns once everything acknowledged before the call is durable.

@@ -177,6 +177,22 @@ impl AccountState {
         slot.get()
             .map_or((None, None), |p| (p.oldest_hour(), p.since))
     }
+    /// This account's changes not yet taken by a flush, as usage entries
+    /// (covered when a pack took them, as this node deducted them).
+    pub fn unflushed(&self) -> Vec<crate::daily::Entry> {
+        let slot = self.pending.lock();
+        slot.get().map_or_else(Vec::new, |p| {
+            p.deltas
+                .iter()
+                .map(|d| crate::daily::Entry {
+                    hour: d.hour,
+                    item: d.item,
+                    covered: d.pack.is_some(),
+                    amount: d.amount,
+                })
+                .collect()
+        })
+    }
 }
 
 /// Turns an account's taken changes into the rows a store writes.
