@@ -29,7 +29,8 @@
 //!   the `serve --noop` baseline; proto ⇄ domain conversion and status codes.
 //! - [`admin_http`]: `/livez`, `/readyz`, `/metrics`.
 //! - [`auth`]: who may call the admin interfaces (bearer tokens, or loopback only).
-//! - [`pack_page`]: the HTML pack list (R11) that `admin_http` serves at `/packs?account=ID`.
+//! - [`pack_page`]: the HTML pack list (R11) and usage chart that `admin_http` serves at
+//!   `/packs?account=ID`; [`daily`]: an account's usage by day, for the chart and the CLI.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
 //! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight;

@@ -502,3 +502,44 @@ async fn the_pack_page_remaining_figure_is_exact_for_capacities_past_2_pow_64() 
         page.body
     );
 }
+
+/// `Admin.GetDailyUsage` refuses what it cannot answer, precisely, and
+/// answers every day of the range.
+#[tokio::test]
+async fn daily_usage_over_grpc_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    server
+        .meter()
+        .await
+        .deduct(deduct("acme", 5, 7, None))
+        .await
+        .unwrap();
+    let mut admin = server.admin().await;
+    let ask = |account: &str, days: u32| proto::GetDailyUsageRequest {
+        account_id: account.into(),
+        days,
+    };
+    let e = admin.get_daily_usage(ask("acme", 732)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("days = 732"), "{}", e.message());
+    let e = admin.get_daily_usage(ask("nobody", 3)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
+    let e = admin.get_daily_usage(ask("", 3)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    // 0 means the default 90 days; today is last, with the usage.
+    let r = admin
+        .get_daily_usage(ask("acme", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.days.len(), 90);
+    let today = r.days.last().unwrap();
+    assert_eq!((today.calls_covered, today.egress_bytes_covered), (5, 7));
+    let r = admin
+        .get_daily_usage(ask("acme", 731))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.days.len(), 731);
+}

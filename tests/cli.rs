@@ -905,3 +905,87 @@ fn account_put_changes_only_the_flags_given() {
     let a = json(&server, &["account", "get", "acme"]);
     assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
 }
+
+/// `usage ACCOUNT --daily`: the days with usage in the billing zone, covered
+/// and overage per item, as a table and as JSON (every day), from what the
+/// server has flushed and what it has not.
+#[test]
+fn usage_daily_prints_the_days_with_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--late-grace", "3650d", "--dedup-window", "3650d"],
+    );
+    let now = chrono::Utc::now();
+    let day = |days_ago: i64| (now - chrono::Duration::days(days_ago)).to_rfc3339();
+    for (days_ago, calls, egress) in [(4, "700000", "100"), (4, "500000", "0"), (1, "7", "0")] {
+        ok(
+            &server,
+            &[
+                "deduct",
+                "acme",
+                "--calls",
+                calls,
+                "--egress-bytes",
+                egress,
+                "--at",
+                &day(days_ago),
+            ],
+        );
+    }
+    // Flushed or not, each deduction counts once.
+    ok(&server, &["flush"]);
+    ok(&server, &["deduct", "acme", "--calls", "3"]);
+
+    let local = |days_ago: i64| {
+        (now - chrono::Duration::days(days_ago))
+            .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap())
+            .date_naive()
+            .to_string()
+    };
+    let v = json(&server, &["usage", "acme", "--daily", "--days", "7"]);
+    assert_eq!(v["zone"], "+08:00");
+    let days = v["days"].as_array().unwrap();
+    assert_eq!(days.len(), 7, "{v}");
+    assert_eq!(days[6]["date"], local(0));
+    let on = |date: String| days.iter().find(|d| d["date"] == date.as_str()).unwrap();
+    let four = on(local(4));
+    // A new account's first month: 1,000,000 free calls, then overage —
+    // unless the four days span a month change, which starts a new pack.
+    let calls = four["calls_covered"].as_u64().unwrap() + four["calls_overage"].as_u64().unwrap();
+    assert_eq!(calls, 1_200_000, "{four}");
+    assert_eq!(four["egress_bytes_covered"], 100);
+    let recent: u64 = days[5..]
+        .iter()
+        .map(|d| d["calls_covered"].as_u64().unwrap() + d["calls_overage"].as_u64().unwrap())
+        .sum();
+    assert_eq!(recent, 10, "7 a day ago and 3 now: {v}");
+
+    let table = ok(&server, &["usage", "acme", "--daily", "--days", "7"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("of 7 days had usage"), "{table}");
+    assert!(lines[1].starts_with("DAY"), "{table}");
+    assert!(lines.iter().any(|l| l.starts_with(&local(4))), "{table}");
+    let total = lines.last().unwrap();
+    assert!(total.starts_with("total"), "{table}");
+    assert_eq!(
+        total.split_whitespace().skip(1).collect::<Vec<_>>().len(),
+        4,
+        "{table}"
+    );
+
+    // Bad usage, before anything is sent.
+    for args in [
+        &["usage", "acme", "--daily", "--days", "0"][..],
+        &["usage", "acme", "--daily", "--days", "732"],
+        &["usage", "acme", "--days", "3"],
+        &["usage", "acme", "--daily", "--at", "2026-01-01T00:00:00Z"],
+    ] {
+        let out = run(&server, args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+    }
+    // An unknown account is named.
+    let out = run(&server, &["usage", "nobody", "--daily"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("nobody"), "{}", stderr(&out));
+}

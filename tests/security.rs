@@ -110,16 +110,25 @@ async fn every_admin_rpc(a: &mut Admin) -> Vec<(&'static str, Code)> {
         Err(s) => s.code(),
     };
     out.push(("ExportUsage", export));
+    let daily = a
+        .get_daily_usage(proto::GetDailyUsageRequest {
+            account_id: "acme".into(),
+            days: 7,
+        })
+        .await
+        .map(|_| Code::Ok);
+    out.push(("GetDailyUsage", code(daily)));
     out
 }
 
-const RPCS: [&str; 6] = [
+const RPCS: [&str; 7] = [
     "PutAccount",
     "GetAccount",
     "GrantPack",
     "ListPacks",
     "Flush",
     "ExportUsage",
+    "GetDailyUsage",
 ];
 
 fn all(code: Code) -> Vec<(&'static str, Code)> {
@@ -207,8 +216,8 @@ async fn with_a_token_file_every_admin_rpc_needs_the_token_and_meter_and_rls_sta
             ),
         )
     };
-    assert_eq!(failures("missing"), 6.0);
-    assert_eq!(failures("wrong"), 6.0);
+    assert_eq!(failures("missing"), RPCS.len() as f64);
+    assert_eq!(failures("wrong"), RPCS.len() as f64);
     assert_eq!(failures("malformed"), 1.0);
 
     // No token, right or wrong, reaches the log.
@@ -441,7 +450,8 @@ async fn without_a_token_file_a_non_loopback_peer_is_refused() {
             &metrics,
             "packmeter_admin_auth_failures_total{interface=\"grpc\",reason=\"not_loopback\"}"
         ),
-        8.0
+        // Every admin RPC, then the two Flush calls.
+        (RPCS.len() + 2) as f64
     );
 }
 

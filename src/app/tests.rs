@@ -167,3 +167,42 @@ async fn racing_retries_through_the_app_deduct_once() {
         .sum();
     assert_eq!(used, 20);
 }
+
+/// The daily usage counts each deduction once, whether it is still in
+/// memory, being flushed, or in the store: it is read while no flush runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daily_usage_counts_each_deduction_once_while_flushes_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(at("2024-05-10T10:00:00Z")));
+    let app = Arc::new(open(&dir.path().join("pm.db"), &clock));
+    let total = |days: &[crate::daily::Day]| -> u128 { days.iter().map(|d| d.calls.total()).sum() };
+    let mut deducted = 0u128;
+    for round in 0..200u64 {
+        // Spread over two days, and past the free tier into overage.
+        clock.set(at("2024-05-09T10:00:00Z") + (round % 2) as i64 * 86_400_000_000);
+        app.deduct(&[req("acme", 10_000, None, "")], Atomicity::Each)
+            .await
+            .unwrap();
+        deducted += 10_000;
+        clock.set(at("2024-05-10T12:00:00Z"));
+        let flusher = {
+            let app = app.clone();
+            tokio::spawn(async move { app.flush().await.unwrap() })
+        };
+        let days = app.daily_usage("acme", 3).await.unwrap();
+        assert_eq!(total(&days), deducted, "round {round}: {days:?}");
+        flusher.await.unwrap();
+    }
+    let days = app.daily_usage("acme", 3).await.unwrap();
+    assert_eq!(days.len(), 3);
+    assert_eq!(days[0].date.to_string(), "2024-05-08");
+    assert_eq!(days[1].calls.total() + days[2].calls.total(), deducted);
+    // 2,000,000 calls over one month: half of it past the free tier.
+    let overage: u128 = days.iter().map(|d| d.calls.overage).sum();
+    assert_eq!(overage, 1_000_000);
+    // An unknown account is an error, not an empty chart.
+    assert!(matches!(
+        app.daily_usage("nobody", 3).await,
+        Err(MeterError::NotFound(_))
+    ));
+}
