@@ -110,6 +110,32 @@ fn certificates(
     Ok(certs)
 }
 
+/// The certificates in a PEM text (none if it holds none or is not PEM).
+pub fn pem_certificates(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_default()
+}
+
+/// Checks a client's certificate and key (PEM): both parse, and the key is
+/// the certificate's.
+pub fn check_identity(cert: &[u8], key: &[u8]) -> Result<(), String> {
+    let certs = pem_certificates(cert);
+    if certs.is_empty() {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| format!("the key file holds no usable PEM private key ({e})"))?;
+    rustls::sign::CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
+        .map(|_| ())
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "the key does not match the certificate".to_string()
+            }
+            e => e.to_string(),
+        })
+}
+
 /// Builds the rustls configuration from the files, checking every one: the
 /// certificates parse, the key parses and matches the certificate, and the
 /// client CA (if any) holds usable CA certificates.
