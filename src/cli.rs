@@ -272,6 +272,14 @@ impl From<Status> for Failure {
                 EX_UNAVAILABLE,
                 "; is `packmeter serve` running? Set --server or PACKMETER_SERVER",
             ),
+            // A plaintext client on a TLS port: the server's TLS stack
+            // drops what is not a ClientHello, and h2 sees the connection
+            // end mid-handshake.
+            Code::Internal if is_transport_error(&s) && s.message().contains("h2 protocol") => (
+                EX_UNAVAILABLE,
+                "; the server closed the connection without speaking gRPC: if it serves TLS \
+                 (packmeter serve --tls-cert-file), use --server https://HOST:PORT",
+            ),
             Code::Unavailable
             | Code::Aborted
             | Code::ResourceExhausted

@@ -304,7 +304,8 @@ fn the_grpc_port_serves_tls_clients_and_refuses_plaintext() {
     assert!(stderr(&out).contains("--tls-ca-file"), "{}", stderr(&out));
     // http:// to a TLS port fails, with the hint.
     let out = cli(&["packs", "acme", "--server", &server.url()]);
-    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(stderr(&out).contains("https://"), "{}", stderr(&out));
 
     // loadgen over TLS, for a second.
     let out = cli(&[
@@ -350,7 +351,7 @@ fn the_grpc_port_serves_tls_clients_and_refuses_plaintext() {
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let out = Command::new(&bin)
-            .args(["-plaintext", &server.grpc, "list"])
+            .args(["-plaintext", "-connect-timeout", "1", &server.grpc, "list"])
             .output()
             .unwrap();
         assert!(!out.status.success(), "grpcurl -plaintext was served");
