@@ -623,3 +623,86 @@ async fn concurrent_streams_per_connection_are_limited_in_the_http2_settings() {
         c.await.unwrap().expect("each stream completes");
     }
 }
+
+/// `--max-stream-in-flight`: a client that sends more DeductStream
+/// messages than the limit before reading a reply gets the replies of
+/// those in flight, then RESOURCE_EXHAUSTED naming the flag and the first
+/// message not deducted; nothing after it is deducted. A client that keeps
+/// within the limit is never refused.
+#[tokio::test]
+async fn a_stream_with_more_messages_in_flight_than_the_limit_gets_resource_exhausted() {
+    const LIMIT: usize = 8;
+    const SENT: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-stream-in-flight", &LIMIT.to_string()]);
+    let mut meter = MeterClient::new(server.channel().await);
+    let message = |i: usize| proto::DeductRequest {
+        request_id: format!("r{i}"),
+        ..deduct("acme", 1, 0, None)
+    };
+    // All at once, before any reply is read: they reach the server together.
+    let requests: Vec<_> = (0..SENT).map(message).collect();
+    let mut replies = meter
+        .deduct_stream(tokio_stream::iter(requests))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let mut answered = 0;
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(_)) => answered += 1,
+            Ok(None) => panic!("all {answered} messages were answered: no limit"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-stream-in-flight")
+            && status
+                .message()
+                .starts_with(&format!("deductions[{answered}]")),
+        "{status:?}"
+    );
+    assert!((LIMIT..SENT).contains(&answered), "{answered} answered");
+    // Exactly the answered messages were deducted.
+    let usage = |meter: &mut MeterClient<Channel>| {
+        let mut meter = meter.clone();
+        async move {
+            let packs = meter
+                .get_usage(proto::GetUsageRequest {
+                    account_id: "acme".into(),
+                    at: None,
+                })
+                .await
+                .expect("GetUsage")
+                .into_inner()
+                .packs;
+            common::used(&packs, proto::Item::Calls)
+        }
+    };
+    assert_eq!(usage(&mut meter).await, answered as u64);
+
+    // Within the limit, on the same connection: LIMIT sent, LIMIT read,
+    // five times over; all answered.
+    let (tx, rx) = tokio::sync::mpsc::channel(SENT);
+    let mut replies = meter
+        .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    for round in 0..5 {
+        for i in 0..LIMIT {
+            tx.send(message(1000 + round * LIMIT + i)).await.unwrap();
+        }
+        for _ in 0..LIMIT {
+            replies
+                .message()
+                .await
+                .expect("within the limit")
+                .expect("a reply");
+        }
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    assert_eq!(usage(&mut meter).await, answered as u64 + 5 * LIMIT as u64);
+}
