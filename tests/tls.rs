@@ -13,52 +13,14 @@ use std::{
     time::Duration,
 };
 
-use common::{deduct, get, until, Server, BIN};
+use common::{
+    deduct, get,
+    pki::{Ca, Leaf},
+    until, Server, BIN,
+};
 use packmeter::grpc::proto::{self, admin_client::AdminClient, meter_client::MeterClient};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_rustls::rustls::{self, pki_types::CertificateDer};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// A CA that signs server and client certificates, written as PEM files.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A certificate and its key, as PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `localhost` and 127.0.0.1, named `cn`.
-    fn leaf(&self, cn: &str) -> Leaf {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-}
 
 /// Replaces a file as a Secret volume or cert-manager does: a new file
 /// moved into place.
