@@ -460,7 +460,7 @@ fn init_tracing(format: LogFormat) {
 
 // === client commands ===
 
-/// Checks `--server` and `--tls-ca` before any connection is tried: a
+/// Checks `--server` and the TLS files before any connection is tried: a
 /// malformed address is bad usage (64), not an unreachable server.
 fn endpoint(opts: &ClientOpts) -> Result<Endpoint, Failure> {
     let server = opts.server.trim();
