@@ -661,3 +661,41 @@ fn bad_tls_files_are_refused_at_start_naming_the_setting() {
         stderr(&out)
     );
 }
+
+/// SIGTERM with a DeductStream open over TLS: the stream answers what it
+/// took and ends with UNAVAILABLE (its trailers reach the client through
+/// TLS and the lingering close), and the server exits 0.
+#[test]
+fn sigterm_ends_an_open_tls_stream_with_unavailable() {
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca, &ca.leaf("server"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), &files.server_args());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let end = rt.block_on(async {
+        let channel = tls_channel(&server, &ca.pem, None).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut replies = MeterClient::new(channel)
+            .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the stream opens")
+            .into_inner();
+        for _ in 0..3 {
+            tx.send(deduct("acme", 1, 0, None)).await.unwrap();
+            replies.message().await.unwrap().expect("a reply");
+        }
+        server.send_term();
+        let end = loop {
+            match replies.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(s) => break Some(s.code()),
+            }
+        };
+        drop(tx);
+        end
+    });
+    assert_eq!(end, Some(tonic::Code::Unavailable));
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{status:?}\n{stderr}");
+}
