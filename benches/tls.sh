@@ -23,9 +23,15 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# A CA, and a server certificate it signs (webpki refuses a CA certificate
+# as the server's own).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-  -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+  -subj /CN=bench-ca -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$work/tls.key" -out "$work/tls.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$work/ext"
+openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" \
+  -CAcreateserial -days 2 -extfile "$work/ext" -out "$work/tls.crt" 2>/dev/null
 TLS=(--tls-cert-file "$work/tls.crt" --tls-key-file "$work/tls.key")
 start() { # name scheme port admin [flags...]
   local name=$1 scheme=$2 port=$3 admin=$4
@@ -51,9 +57,9 @@ for round in $(seq "$ROUNDS"); do
     prime=() ca=()
     [[ $name != noop* && $round == 1 ]] && prime=(--prime)
     # --tls-ca-file is refused for an http:// server.
-    [[ ${SCHEME[$name]} == https ]] && ca=(--tls-ca-file "$work/tls.crt")
+    [[ ${SCHEME[$name]} == https ]] && ca=(--tls-ca-file "$work/ca.crt")
     line=$(taskset -c 1 "$BIN" loadgen --server "${SCHEME[$name]}://127.0.0.1:${PORT[$name]}" \
-      "${ca[@]}" --rpc "$RPC" --concurrency 32 --connections 2 \
+      --server-pid "${PID[$name]}" "${ca[@]}" --rpc "$RPC" --concurrency 32 --connections 2 \
       --duration "$DURATION" --warmup 1s --accounts "$ACCOUNTS" "${prime[@]}" --json 2>/dev/null | tail -1)
     echo "$RPC $round $name $line"
   done
