@@ -78,6 +78,10 @@ MUST_FAIL = [
       "deployment": {"replicas": 3},
       "persistence": {"type": "pvc", "pvc": {"existingClaim": "shared"}}},
      "the same spill file"),
+    ("tls-with-grpc-probes", {"tls": {"existingSecret": "packmeter-grpc-tls"}},
+     "kubelet's gRPC probes speak plaintext"),
+    ("tls-client-auth-without-secret", {"tls": {"clientAuth": True}},
+     "tls.clientAuth needs tls.existingSecret"),
 ]
 
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
@@ -552,6 +556,15 @@ class Checker:
             # A default install: Admin RPCs answer loopback peers only.
             self.expect("admin_token_file" not in conf,
                         "packmeter.toml sets admin_token_file without adminToken.existingSecret")
+        tls = v["tls"]
+        want_tls = {}
+        if tls["existingSecret"]:
+            want_tls = {"tls_cert_file": f"{tls['mountPath']}/tls.crt",
+                        "tls_key_file": f"{tls['mountPath']}/tls.key"}
+            if tls["clientAuth"]:
+                want_tls["tls_client_ca_file"] = f"{tls['mountPath']}/ca.crt"
+        got_tls = {k: conf[k] for k in ("tls_cert_file", "tls_key_file", "tls_client_ca_file") if k in conf}
+        self.expect(got_tls == want_tls, f"packmeter.toml TLS keys are {got_tls}, expected {want_tls}")
         if v["store"]["type"] == "sqlite":
             self.expect(conf.get("store") == f"sqlite://{v['store']['sqlite']['path']}",
                         f"packmeter.toml store = {conf.get('store')!r}")
@@ -629,6 +642,19 @@ class Checker:
                         f"at {at['mountPath']} without subPath")
         else:
             self.expect(tm is None, f"{where}: admin token mounted without adminToken.existingSecret")
+        tls = v["tls"]
+        lm = mounts.get(tls["mountPath"])
+        if tls["existingSecret"]:
+            # A subPath mount would never see a renewed certificate.
+            self.expect(lm and lm.get("readOnly") is True and not lm.get("subPath")
+                        and lm.get("name") == "packmeter-tls",
+                        f"{where}: TLS mount is {lm}, expected packmeter-tls read-only at {tls['mountPath']} "
+                        f"without subPath")
+            # Kubelet's gRPC probes cannot speak TLS.
+            for key in ("livenessProbe", "readinessProbe", "startupProbe"):
+                self.expect("grpc" not in (ctr.get(key) or {}), f"{where}: {key} is a gRPC probe on a TLS port")
+        else:
+            self.expect(lm is None, f"{where}: TLS Secret mounted without tls.existingSecret")
 
         env = {e["name"]: e for e in ctr.get("env", [])}
         self.expect(not any("postgres://" in str(e.get("value", "")) or "postgresql://" in str(e.get("value", ""))
@@ -678,6 +704,15 @@ class Checker:
                         f"key {at['secretKey']}")
         else:
             self.expect(tok is None, f"{where}: admin token volume without adminToken.existingSecret")
+        tls = v["tls"]
+        tv = (vols.get("packmeter-tls") or {}).get("secret")
+        if tls["existingSecret"]:
+            keys = ["tls.crt", "tls.key"] + (["ca.crt"] if tls["clientAuth"] else [])
+            self.expect(tv and tv.get("secretName") == tls["existingSecret"]
+                        and [i.get("key") for i in tv.get("items", [])] == keys,
+                        f"{where}: TLS volume is {tv}, expected Secret {tls['existingSecret']} keys {keys}")
+        else:
+            self.expect(tv is None, f"{where}: TLS volume without tls.existingSecret")
         data = vols.get("packmeter-data") or {}
         ptype = persistence_type(v)
         key = {"pvc": "persistentVolumeClaim"}.get(ptype, ptype)

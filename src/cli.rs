@@ -88,7 +88,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// The server's gRPC address: http://HOST:PORT, or https://HOST:PORT for
-    /// TLS (checked against the system's and Mozilla's roots, and --tls-ca).
+    /// TLS (checked against the system's and Mozilla's roots, and --tls-ca-file).
     #[arg(
         long,
         env = "PACKMETER_SERVER",
@@ -97,9 +97,33 @@ pub struct ClientOpts {
     )]
     pub server: String,
     /// PEM file of a CA to trust for an https:// --server, besides the
-    /// system's and Mozilla's roots (for a private CA).
-    #[arg(long, env = "PACKMETER_TLS_CA", global = true)]
+    /// system's and Mozilla's roots (for a private CA). `--tls-ca` and
+    /// PACKMETER_TLS_CA are accepted too.
+    #[arg(
+        long = "tls-ca-file",
+        alias = "tls-ca",
+        env = "PACKMETER_TLS_CA_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for a server that asks for one (its
+    /// --tls-client-ca-file), with --tls-key-file; https:// only.
+    #[arg(
+        long,
+        env = "PACKMETER_TLS_CLIENT_CERT_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(
+        long,
+        env = "PACKMETER_TLS_CLIENT_KEY_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub tls_key_file: Option<PathBuf>,
     /// File whose first token (one a line, # comments ignored: the server's
     /// --admin-token-file format) is sent as `authorization: Bearer TOKEN`
     /// on admin commands. Without it, the PACKMETER_ADMIN_TOKEN variable
@@ -256,6 +280,14 @@ impl From<Status> for Failure {
             Code::Unavailable if is_transport_error(&s) => (
                 EX_UNAVAILABLE,
                 "; is `packmeter serve` running? Set --server or PACKMETER_SERVER",
+            ),
+            // A plaintext client on a TLS port: the server's TLS stack
+            // drops what is not a ClientHello, and h2 sees the connection
+            // end mid-handshake.
+            Code::Internal if is_transport_error(&s) && s.message().contains("h2 protocol") => (
+                EX_UNAVAILABLE,
+                "; the server closed the connection without speaking gRPC: if it serves TLS \
+                 (packmeter serve --tls-cert-file), use --server https://HOST:PORT",
             ),
             Code::Unavailable
             | Code::Aborted
@@ -437,7 +469,7 @@ fn init_tracing(format: LogFormat) {
 
 // === client commands ===
 
-/// Checks `--server` and `--tls-ca` before any connection is tried: a
+/// Checks `--server` and the TLS files before any connection is tried: a
 /// malformed address is bad usage (64), not an unreachable server.
 fn endpoint(opts: &ClientOpts) -> Result<Endpoint, Failure> {
     let server = opts.server.trim();
@@ -465,24 +497,96 @@ fn endpoint(opts: &ClientOpts) -> Result<Endpoint, Failure> {
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(bad("has a path; gRPC needs only scheme://host:port"));
     }
+    let files = ClientTlsFiles {
+        ca: opts.tls_ca.clone(),
+        cert: opts.tls_cert_file.clone(),
+        key: opts.tls_key_file.clone(),
+    };
     let endpoint = Endpoint::from(uri);
-    if !tls {
-        if opts.tls_ca.is_some() {
-            return Err(usage(format!(
-                "--tls-ca is only for an https:// --server, and --server is `{server}`"
-            )));
-        }
-        return Ok(endpoint);
+    match client_tls(tls, server, &files).map_err(usage)? {
+        None => Ok(endpoint),
+        Some(config) => endpoint
+            .tls_config(config)
+            .map_err(|e| usage(format!("--tls-ca-file or --server: cannot set up TLS: {e}"))),
     }
+}
+
+/// The TLS files of a client command (the CLI's, loadgen's).
+#[derive(Clone, Debug, Default)]
+pub struct ClientTlsFiles {
+    /// `--tls-ca-file`, else the older PACKMETER_TLS_CA.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The client's TLS settings for `server` (`https` says whether it is
+/// https://): `None` for plaintext. Every file is read and checked here,
+/// so a bad one is a usage error (64) naming its flag, not a failed
+/// connection. The client's certificate variables are not the server's
+/// PACKMETER_TLS_CERT_FILE/KEY_FILE: a CLI run beside `serve` (in its
+/// container) must not present the server's certificate as its own.
+pub fn client_tls(
+    https: bool,
+    server: &str,
+    files: &ClientTlsFiles,
+) -> Result<Option<ClientTlsConfig>, String> {
+    let ca = files
+        .ca
+        .clone()
+        .or_else(|| std::env::var_os("PACKMETER_TLS_CA").map(PathBuf::from));
+    if !https {
+        let given = [
+            (ca.is_some(), "--tls-ca-file"),
+            (files.cert.is_some(), "--tls-cert-file"),
+            (files.key.is_some(), "--tls-key-file"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+            return Err(format!(
+                "{flag} is only for an https:// --server, and --server is `{server}`; \
+                 use https://HOST:PORT for a server with TLS"
+            ));
+        }
+        return Ok(None);
+    }
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))
+    };
     let mut config = ClientTlsConfig::new().with_enabled_roots();
-    if let Some(path) = &opts.tls_ca {
-        let pem = std::fs::read(path)
-            .map_err(|e| usage(format!("--tls-ca: cannot read {}: {e}", path.display())))?;
+    if let Some(path) = &ca {
+        let pem = read("--tls-ca-file", path)?;
+        if crate::tls::pem_certificates(&pem).is_empty() {
+            return Err(format!(
+                "--tls-ca-file: {} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)",
+                path.display()
+            ));
+        }
         config = config.ca_certificate(Certificate::from_pem(pem));
     }
-    endpoint
-        .tls_config(config)
-        .map_err(|e| usage(format!("--tls-ca or --server: cannot set up TLS: {e}")))
+    match (&files.cert, &files.key) {
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err("--tls-cert-file needs --tls-key-file, its private key".into());
+        }
+        (None, Some(_)) => {
+            return Err(
+                "--tls-key-file needs --tls-cert-file, the certificate it belongs to".into(),
+            );
+        }
+        (Some(cert_path), Some(key_path)) => {
+            let cert = read("--tls-cert-file", cert_path)?;
+            let key = read("--tls-key-file", key_path)?;
+            crate::tls::check_identity(&cert, &key).map_err(|e| {
+                format!(
+                    "--tls-cert-file {} and --tls-key-file {}: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?;
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+    }
+    Ok(Some(config))
 }
 
 /// Sends `authorization: Bearer TOKEN` on every call of an admin client.
@@ -546,8 +650,9 @@ async fn connect(opts: &ClientOpts) -> Result<Channel, Failure> {
     endpoint.connect().await.map_err(|e| {
         let cause = error_chain(&e);
         let hint = if tls {
-            "is the server serving TLS on that port? packmeter serve itself speaks plaintext \
-             gRPC (http://); for a TLS proxy with a private CA give --tls-ca"
+            "is the server serving TLS on that port (packmeter serve --tls-cert-file)? Without \
+             it, it speaks plaintext gRPC (http://); for a private CA give --tls-ca-file, and \
+             if the server asks for a client certificate, --tls-cert-file and --tls-key-file"
         } else {
             "is `packmeter serve` running? Set --server or PACKMETER_SERVER"
         };

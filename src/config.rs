@@ -134,6 +134,25 @@ pub struct ServeArgs {
     /// Longest `to - from` range one ExportUsage may ask for [default: 731d].
     #[arg(long, env = "PACKMETER_MAX_EXPORT_RANGE", value_name = "DURATION")]
     pub max_export_range: Option<String>,
+    /// Most messages in flight on one DeductStream: received by the server
+    /// and not yet answered. A client that sends more before reading the
+    /// replies gets the replies of those in flight, then RESOURCE_EXHAUSTED
+    /// [default: 256].
+    #[arg(long, env = "PACKMETER_MAX_STREAM_IN_FLIGHT", value_name = "N")]
+    pub max_stream_in_flight: Option<String>,
+    /// PEM certificate chain for TLS on the gRPC port (Meter, Admin, Envoy
+    /// RLS, health), with --tls-key-file; re-read when it changes. The admin
+    /// HTTP port stays plaintext [default: none, plaintext gRPC].
+    #[arg(long, env = "PACKMETER_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of --tls-cert-file; re-read when it changes.
+    #[arg(long, env = "PACKMETER_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<String>,
+    /// PEM CA certificates for client authentication (mTLS): a client
+    /// without a certificate chaining to one of them is refused. Needs
+    /// --tls-cert-file; re-read when it changes [default: none, any client].
+    #[arg(long, env = "PACKMETER_TLS_CLIENT_CA_FILE", value_name = "FILE")]
+    pub tls_client_ca_file: Option<String>,
     /// Benchmark baseline: answer every Meter and Envoy rate-limit RPC with a
     /// fixed response, without touching the meter. Never for production.
     // Deliberately not a TOML key: a baseline switch left in a config file
@@ -179,6 +198,10 @@ struct FileConfig {
     max_message_bytes: Option<u64>,
     max_concurrent_streams: Option<u64>,
     max_export_range: Option<String>,
+    max_stream_in_flight: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
 }
 
 /// Where a file key's value goes: text (addresses, durations, names) or a
@@ -190,8 +213,12 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 29] = [
+    const KEYS: [&'static str; 33] = [
         "durability",
+        "max_stream_in_flight",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
         "admin_token_file",
         "max_message_bytes",
         "max_concurrent_streams",
@@ -256,6 +283,10 @@ impl FileConfig {
             "max_message_bytes" => Slot::Number(&mut self.max_message_bytes),
             "max_concurrent_streams" => Slot::Number(&mut self.max_concurrent_streams),
             "max_export_range" => Slot::Text(&mut self.max_export_range),
+            "max_stream_in_flight" => Slot::Number(&mut self.max_stream_in_flight),
+            "tls_cert_file" => Slot::Text(&mut self.tls_cert_file),
+            "tls_key_file" => Slot::Text(&mut self.tls_key_file),
+            "tls_client_ca_file" => Slot::Text(&mut self.tls_client_ca_file),
             _ => return None,
         };
         Some((field, slot))
@@ -372,6 +403,8 @@ pub struct Config {
     /// admin calls are served to loopback peers only (see [`crate::auth`]).
     pub admin_token_file: Option<PathBuf>,
     pub limits: Limits,
+    /// TLS on the gRPC port, checked loadable; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// `--noop`: serve fixed responses, for benchmark baselines.
     pub noop: bool,
 }
@@ -385,10 +418,18 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Longest ExportUsage range, in microseconds.
     pub max_export_range: Ts,
+    /// Most DeductStream messages received and not yet answered, per
+    /// stream (see [`crate::grpc::meter`]).
+    pub max_stream_in_flight: usize,
 }
 
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 20;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 1024;
+/// A client's window of 256 unanswered messages is the most one group
+/// commit covers in journal mode; more buys no throughput.
+pub const DEFAULT_MAX_STREAM_IN_FLIGHT: u64 = 256;
+/// Above it, one stream could hold a large share of the server's memory.
+pub const MAX_STREAM_IN_FLIGHT: u64 = 65_536;
 /// Two years: a whole free window (12 months) and more in one call; the
 /// export is streamed a page at a time, so the bound is on one call's work.
 pub const DEFAULT_MAX_EXPORT_RANGE: Duration = Duration::from_secs(731 * 86_400);
@@ -1003,6 +1044,23 @@ impl Config {
                 "must be at least 1h, one settled hour",
             ));
         }
+        let max_stream_in_flight = positive(
+            "max_stream_in_flight",
+            &args.max_stream_in_flight,
+            file.max_stream_in_flight,
+            DEFAULT_MAX_STREAM_IN_FLIGHT,
+        )?;
+        if max_stream_in_flight > MAX_STREAM_IN_FLIGHT {
+            return Err(err(
+                "max_stream_in_flight",
+                format!("{max_stream_in_flight} is above {MAX_STREAM_IN_FLIGHT}; use at most {MAX_STREAM_IN_FLIGHT}"),
+            ));
+        }
+        let tls = tls_files(
+            pick(&args.tls_cert_file, &file.tls_cert_file),
+            pick(&args.tls_key_file, &file.tls_key_file),
+            pick(&args.tls_client_ca_file, &file.tls_client_ca_file),
+        )?;
 
         Ok(Config {
             listen,
@@ -1032,10 +1090,55 @@ impl Config {
                 max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
                 max_concurrent_streams,
                 max_export_range: micros(max_export_range),
+                max_stream_in_flight: usize::try_from(max_stream_in_flight).unwrap_or(usize::MAX),
             },
+            tls,
             noop: args.noop,
         })
     }
+}
+
+/// The TLS settings: the certificate and key together, the client CA only
+/// with them, and every file loadable now (so a bad file stops the start,
+/// not the first handshake). An error names the setting that was given.
+fn tls_files(
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+    let path = |p: String| PathBuf::from(p.trim());
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            return match client_ca {
+                None => Ok(None),
+                Some(_) => Err(err(
+                    "tls_client_ca_file",
+                    "needs tls_cert_file and tls_key_file: client certificates are checked \
+                     only on a TLS port",
+                )),
+            }
+        }
+        (Some(_), None) => {
+            return Err(err(
+                "tls_cert_file",
+                "needs tls_key_file too (the certificate's private key)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                "tls_key_file",
+                "needs tls_cert_file too (the certificate the key belongs to)",
+            ))
+        }
+        (Some(c), Some(k)) => (path(c), path(k)),
+    };
+    let files = crate::tls::TlsFiles {
+        cert,
+        key,
+        client_ca: client_ca.map(path),
+    };
+    crate::tls::server_config(&files).map_err(|e| err(e.field, e.message))?;
+    Ok(Some(files))
 }
 
 #[cfg(test)]
@@ -1209,8 +1312,12 @@ mod tests {
     }
 
     /// Every string field of [`ServeArgs`], by the name errors give it.
-    const STRING_FIELDS: [&str; 26] = [
+    const STRING_FIELDS: [&str; 30] = [
         "durability",
+        "max_stream_in_flight",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
         "admin_token_file",
         "max_message_bytes",
         "max_concurrent_streams",
@@ -1266,6 +1373,10 @@ mod tests {
             "max_message_bytes" => &mut a.max_message_bytes,
             "max_concurrent_streams" => &mut a.max_concurrent_streams,
             "max_export_range" => &mut a.max_export_range,
+            "max_stream_in_flight" => &mut a.max_stream_in_flight,
+            "tls_cert_file" => &mut a.tls_cert_file,
+            "tls_key_file" => &mut a.tls_key_file,
+            "tls_client_ca_file" => &mut a.tls_client_ca_file,
             other => panic!("no ServeArgs field {other}"),
         }
     }
@@ -1682,6 +1793,7 @@ mod tests {
             | "free_egress_bytes"
             | "free_months"
             | "max_message_bytes"
+            | "max_stream_in_flight"
             | "max_concurrent_streams" => near_number(),
             "unknown_accounts" | "log_format" | "rls_domain" | "rls_account_key"
             | "rls_item_key" | "durability" => near_word(),
@@ -1835,7 +1947,7 @@ mod tests {
                 field,
                 "max_calls" | "max_egress_bytes" | "max_batch" | "free_calls"
                     | "free_egress_bytes" | "free_months" | "max_message_bytes"
-                    | "max_concurrent_streams"
+                    | "max_concurrent_streams" | "max_stream_in_flight"
             );
             let line = if numeric {
                 format!("{field} = {n}\n")

@@ -34,7 +34,8 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
 //! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight;
-//!   [`linger`] closes each gRPC connection without losing what it wrote last.
+//!   [`linger`] closes each gRPC connection without losing what it wrote last; [`tls`]
+//!   serves the gRPC port over TLS, re-reading rotated certificates.
 //! - [`cli`]: the `packmeter` command line, including the client commands.
 //! - [`loadgen`]: `packmeter loadgen`, the closed-loop load generator for the hot-path RPCs.
 #![forbid(unsafe_code)]
@@ -63,3 +64,4 @@ pub mod packs;
 pub mod server;
 pub mod spill;
 pub mod store;
+pub mod tls;

@@ -77,13 +77,28 @@ impl Rpc {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadgenArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address: http://HOST:PORT, or https://HOST:PORT
+    /// for a server with TLS.
     #[arg(
         long,
         env = "PACKMETER_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+    /// PEM file of a CA to trust for an https:// --server (as the CLI's).
+    #[arg(
+        long = "tls-ca-file",
+        alias = "tls-ca",
+        env = "PACKMETER_TLS_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for a server that asks for one, with --tls-key-file.
+    #[arg(long, env = "PACKMETER_TLS_CLIENT_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "PACKMETER_TLS_CLIENT_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// The RPC to drive.
     #[arg(long, value_enum, default_value = "deduct")]
     pub rpc: Rpc,
@@ -575,9 +590,25 @@ impl Report {
     }
 }
 
-async fn connect(server: &str, n: usize) -> Result<Vec<Channel>, (u8, String)> {
+async fn connect(args: &LoadgenArgs) -> Result<Vec<Channel>, (u8, String)> {
+    let (server, n) = (args.server.as_str(), args.connections);
     let endpoint = Endpoint::from_shared(server.to_string())
         .map_err(|e| (EX_USAGE, format!("--server `{server}` is not a URL: {e}")))?;
+    let files = crate::cli::ClientTlsFiles {
+        ca: args.tls_ca_file.clone(),
+        cert: args.tls_cert_file.clone(),
+        key: args.tls_key_file.clone(),
+    };
+    let https = endpoint.uri().scheme_str() == Some("https");
+    let endpoint = match crate::cli::client_tls(https, server, &files).map_err(|e| (EX_USAGE, e))? {
+        None => endpoint,
+        Some(tls) => endpoint.tls_config(tls).map_err(|e| {
+            (
+                EX_USAGE,
+                format!("--server `{server}`: cannot set up TLS: {e}"),
+            )
+        })?,
+    };
     let mut channels = Vec::with_capacity(n);
     for _ in 0..n {
         // One connect per channel: each is its own HTTP/2 connection.
@@ -608,7 +639,7 @@ fn progress(total: Duration) -> ProgressBar {
 }
 
 async fn run(args: LoadgenArgs) -> Result<Option<Report>, (u8, String)> {
-    let channels = connect(&args.server, args.connections).await?;
+    let channels = connect(&args).await?;
     let ids: Vec<String> = (0..args.accounts).map(account_id).collect();
     let mut plan = Plan {
         args: args.clone(),

@@ -104,6 +104,10 @@ pub struct Metrics {
     admin_auth_failures: Family<AuthLabel, Counter>,
     /// Re-reads of a changed admin token file, by result (ok, error).
     admin_token_reloads: Family<ResultLabel, Counter>,
+    /// Re-reads of changed TLS files, by result (ok, error).
+    tls_reloads: Family<ResultLabel, Counter>,
+    /// TLS handshakes on the gRPC port that failed or timed out.
+    tls_handshake_failures: Counter,
 }
 
 /// `--durability journal`: the journal's size and its group commits.
@@ -283,6 +287,21 @@ impl Metrics {
              empty, the tokens read before are kept)",
             admin_token_reloads.clone(),
         );
+        let tls_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Re-reads of the changed --tls-cert-file, --tls-key-file or --tls-client-ca-file, by \
+             result (ok; error: unreadable, unparsable or a key that does not match, the \
+             certificate served before is kept)",
+            tls_reloads.clone(),
+        );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the gRPC port that failed (a plaintext or untrusting client, no \
+             or an unknown client certificate) or did not finish in time",
+            tls_handshake_failures.clone(),
+        );
         let d = |v| {
             deductions
                 .get_or_create(&DecisionLabel { decision: v })
@@ -313,7 +332,21 @@ impl Metrics {
             journal,
             admin_auth_failures,
             admin_token_reloads,
+            tls_reloads,
+            tls_handshake_failures,
         }
+    }
+
+    /// Counts one re-read of the changed TLS files: `ok` or `error`.
+    pub fn tls_reloaded(&self, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one failed TLS handshake on the gRPC port.
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     /// Counts one re-read of the admin token file: `ok` or `error`.

@@ -35,7 +35,6 @@ use std::{
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::grpc::rls_server::rate_limit_service_server::RateLimitServiceServer;
@@ -114,6 +113,10 @@ pub enum ServeError {
     /// become unreadable or empty.
     #[error("invalid configuration: admin_token_file: {0}")]
     AdminTokens(String),
+    /// The TLS files were checked at configuration time and have since
+    /// become unusable.
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// An unwritable store is the configuration's fault, and said like one.
@@ -145,7 +148,9 @@ impl ServeError {
                 EX_USAGE
             }
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
-            ServeError::IncompatibleStore { .. } | ServeError::AdminTokens(_) => EX_USAGE,
+            ServeError::IncompatibleStore { .. }
+            | ServeError::AdminTokens(_)
+            | ServeError::Tls(_) => EX_USAGE,
             _ => 1,
         }
     }
@@ -243,6 +248,21 @@ pub async fn serve(
             "no --admin-token-file: admin RPCs and the pack page are served to loopback peers only"
         );
     }
+
+    // TLS: the files were checked at configuration time; load them again
+    // (they may have changed since) before any port is bound.
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = crate::tls::TlsReloader::new(files.clone(), metrics.clone())?;
+            tracing::info!(
+                cert = %files.cert.display(),
+                client_auth = tls.client_auth(),
+                "TLS on the gRPC port; the admin HTTP port stays plaintext"
+            );
+            Some(Arc::new(tls))
+        }
+        None => None,
+    };
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -425,6 +445,7 @@ pub async fn serve(
                 proto::meter_server::MeterServer::new(MeterService::new(
                     app.clone(),
                     config.max_batch,
+                    limits.max_stream_in_flight,
                     drain.clone(),
                 ))
                 .max_decoding_message_size(max_message),
@@ -438,18 +459,10 @@ pub async fn serve(
                     .max_decoding_message_size(max_message),
             )
     };
-    // TCP_NODELAY on every accepted connection. tonic sets it only on the
-    // listeners it binds itself; without it, Nagle holds a response's last
-    // frame (the trailers) until the client's delayed ACK, up to 40 ms.
-    // Each connection closes with a lingering close (see `crate::linger`).
+    // Each connection closes with a lingering close (see `crate::linger`),
+    // with TLS too (see `crate::tls`).
     let lingering = TaskTracker::new();
-    let incoming = {
-        use futures_util::StreamExt;
-        let lingering = lingering.clone();
-        TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true))
-            .map(move |s| s.map(|s| crate::linger::Lingering::new(s, lingering.clone())))
-    };
+    let incoming = crate::tls::incoming(grpc_listener, lingering.clone(), tls, metrics.clone());
     let grpc = router.serve_with_incoming_shutdown(incoming, {
         let d = draining.clone();
         async move { d.cancelled().await }

@@ -573,3 +573,96 @@ async fn the_chart_pod_serves_on_postgres_and_spills_into_its_data_volume() {
     assert!(status.success(), "{stderr}");
     assert_eq!(calls_of("acme").await, 12, "{stderr}");
 }
+
+/// `tls.existingSecret` with `tls.clientAuth`: the Secret's directory is
+/// mounted whole (a renewal reaches the pod), the TOML points at its
+/// `tls.crt`, `tls.key` and `ca.crt`, the probes are HTTP; and the real
+/// binary, given that TOML over files laid out as the kubelet mounts the
+/// Secret, serves TLS to a client with a certificate and refuses one without.
+#[tokio::test]
+async fn the_chart_serves_tls_from_a_cert_manager_secret() {
+    use common::pki::Ca;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let Some(objects) = render("tls-values.yaml") else {
+        return;
+    };
+    let d = the(&objects, "Deployment");
+    let c = packmeter_container(d);
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "packmeter-tls")
+        .expect("the TLS Secret is mounted");
+    assert_eq!(mount["readOnly"], true);
+    assert!(mount.get("subPath").is_none(), "{mount}");
+    let dir_in_pod = mount["mountPath"].as_str().unwrap();
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert!(c[probe].get("httpGet").is_some(), "{probe}: {}", c[probe]);
+    }
+    let volume = d["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "packmeter-tls")
+        .expect("the TLS volume");
+    assert_eq!(volume["secret"]["secretName"], "packmeter-grpc-tls");
+    let toml = toml_of(&objects);
+    let key = |k: &str| toml[k].as_str().unwrap().to_string();
+    assert_eq!(key("tls_cert_file"), format!("{dir_in_pod}/tls.crt"));
+    assert_eq!(key("tls_key_file"), format!("{dir_in_pod}/tls.key"));
+    assert_eq!(key("tls_client_ca_file"), format!("{dir_in_pod}/ca.crt"));
+
+    // The Secret as the kubelet lays it out, at a path of our own.
+    let ca = Ca::new("cluster issuer");
+    let leaf = ca.leaf("packmeter");
+    let gateway = ca.leaf("gateway");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("tls");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::write(secret.join("tls.crt"), &leaf.cert).unwrap();
+    std::fs::write(secret.join("tls.key"), &leaf.key).unwrap();
+    std::fs::write(secret.join("ca.crt"), &ca.pem).unwrap();
+    let mut toml = toml.clone();
+    for k in ["tls_cert_file", "tls_key_file", "tls_client_ca_file"] {
+        let moved = key(k).replace(dir_in_pod, secret.to_str().unwrap());
+        toml.insert(k.into(), moved.into());
+    }
+    // The admin token Secret is another test's matter.
+    toml.remove("admin_token_file");
+    let file = dir.path().join("packmeter.toml");
+    std::fs::write(&file, toml.to_string()).unwrap();
+    let server = Server::start(dir.path(), &["--config", file.to_str().unwrap()]);
+    let channel = |id: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca.pem))
+            .domain_name("localhost");
+        if let Some(id) = id {
+            tls = tls.identity(id);
+        }
+        let url = format!("https://{}", server.grpc);
+        async move {
+            let channel = Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            packmeter::grpc::proto::meter_client::MeterClient::new(channel)
+                .deduct(common::deduct("acme", 1, 0, None))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    };
+    channel(Some(Identity::from_pem(&gateway.cert, &gateway.key)))
+        .await
+        .expect("a gateway with a certificate from the issuer is served");
+    assert!(
+        channel(None).await.is_err(),
+        "a client without a certificate was served"
+    );
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{status:?}\n{stderr}");
+}

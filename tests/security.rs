@@ -633,3 +633,224 @@ async fn concurrent_streams_per_connection_are_limited_in_the_http2_settings() {
         c.await.unwrap().expect("each stream completes");
     }
 }
+
+/// `--max-stream-in-flight`: a client that sends more DeductStream
+/// messages than the limit before reading a reply gets the replies of
+/// those in flight, then RESOURCE_EXHAUSTED naming the flag and the first
+/// message not deducted; nothing after it is deducted. A client that keeps
+/// within the limit is never refused.
+#[tokio::test]
+async fn a_stream_with_more_messages_in_flight_than_the_limit_gets_resource_exhausted() {
+    const LIMIT: usize = 8;
+    const SENT: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-stream-in-flight", &LIMIT.to_string()]);
+    let mut meter = MeterClient::new(server.channel().await);
+    let message = |i: usize| proto::DeductRequest {
+        request_id: format!("r{i}"),
+        ..deduct("acme", 1, 0, None)
+    };
+    // All at once, before any reply is read: they reach the server together.
+    let requests: Vec<_> = (0..SENT).map(message).collect();
+    let mut replies = meter
+        .deduct_stream(tokio_stream::iter(requests))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let mut answered = 0;
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(_)) => answered += 1,
+            Ok(None) => panic!("all {answered} messages were answered: no limit"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-stream-in-flight")
+            && status
+                .message()
+                .starts_with(&format!("deductions[{answered}]")),
+        "{status:?}"
+    );
+    assert!((LIMIT..SENT).contains(&answered), "{answered} answered");
+    // Exactly the answered messages were deducted.
+    let usage = |meter: &mut MeterClient<Channel>| {
+        let mut meter = meter.clone();
+        async move {
+            let packs = meter
+                .get_usage(proto::GetUsageRequest {
+                    account_id: "acme".into(),
+                    at: None,
+                })
+                .await
+                .expect("GetUsage")
+                .into_inner()
+                .packs;
+            common::used(&packs, proto::Item::Calls)
+        }
+    };
+    assert_eq!(usage(&mut meter).await, answered as u64);
+
+    // Within the limit, on the same connection: LIMIT sent, LIMIT read,
+    // five times over; all answered.
+    let (tx, rx) = tokio::sync::mpsc::channel(SENT);
+    let mut replies = meter
+        .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    for round in 0..5 {
+        for i in 0..LIMIT {
+            tx.send(message(1000 + round * LIMIT + i)).await.unwrap();
+        }
+        for _ in 0..LIMIT {
+            replies
+                .message()
+                .await
+                .expect("within the limit")
+                .expect("a reply");
+        }
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    assert_eq!(usage(&mut meter).await, answered as u64 + 5 * LIMIT as u64);
+}
+
+/// A network namespace with a veth pair to this one, made for one test and
+/// deleted when dropped (deleting the namespace deletes the pair too).
+struct Netns {
+    name: String,
+    host_if: String,
+    /// This side's address; the namespace's is the next one.
+    host_ip: std::net::Ipv4Addr,
+    ns_ip: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// `Err(why)` where the machine does not allow it (not root, no `ip`,
+    /// no namespaces in this container).
+    fn create() -> Result<Netns, String> {
+        let pid = std::process::id();
+        // Unique per process: names of at most 15 bytes, a /30 of its own.
+        let (a, b) = (((pid >> 8) & 0xff) as u8, (pid & 0xfc) as u8);
+        let ns = Netns {
+            name: format!("pmtest{pid}"),
+            host_if: format!("pmh{pid}"),
+            host_ip: std::net::Ipv4Addr::new(10, 213, a, b + 1),
+            ns_ip: std::net::Ipv4Addr::new(10, 213, a, b + 2),
+        };
+        let peer_if = format!("pmn{pid}");
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run `ip`: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`ip {}` failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip(&["netns", "add", &ns.name])?;
+        // From here on, Drop cleans up whatever was made.
+        let (host, peer) = (format!("{}/30", ns.host_ip), format!("{}/30", ns.ns_ip));
+        let n = ns.name.as_str();
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+        ])?;
+        ip(&["link", "set", &peer_if, "netns", n])?;
+        ip(&["addr", "add", &host, "dev", &ns.host_if])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        ip(&["-n", n, "addr", "add", &peer, "dev", &peer_if])?;
+        ip(&["-n", n, "link", "set", &peer_if, "up"])?;
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command run inside the namespace.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Without a token file, a peer in another network namespace (a real
+/// non-loopback peer, as a pod on the cluster network is) is refused every
+/// admin call with a message saying how to configure a token (through the
+/// real CLI, run inside the namespace), and still gets Meter.
+#[tokio::test]
+async fn without_a_token_file_a_peer_in_another_network_namespace_is_refused() {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            assert!(
+                !common::required(),
+                "a network namespace is required under CI=true (run as root with `ip`): {why}"
+            );
+            eprintln!("SKIPPED: cannot make a network namespace: {why}; set CI=true to make this a failure");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_host(dir.path(), &ns.host_ip.to_string(), &[]);
+    let url = format!("http://{}", server.grpc);
+    let cli = |args: &[&str]| {
+        ns.command(BIN)
+            .args(args)
+            .args(["--server", &url])
+            .env_remove("PACKMETER_ADMIN_TOKEN")
+            .env_remove("PACKMETER_TOKEN_FILE")
+            .output()
+            .unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    for args in [
+        &["flush"][..],
+        &["account", "put", "acme"],
+        &["packs", "acme"],
+    ] {
+        let out = cli(args);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("Unauthenticated") && stderr(&out).contains("--admin-token-file"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = cli(&["deduct", "acme", "--calls", "1"]);
+    assert!(out.status.success(), "Meter is open: {}", stderr(&out));
+    // The refusals were for the namespace's address, not loopback.
+    let metrics = get(&server.admin, "/metrics").await.body;
+    assert_eq!(
+        sample(
+            &metrics,
+            "packmeter_admin_auth_failures_total{interface=\"grpc\",reason=\"not_loopback\"}"
+        ),
+        3.0
+    );
+}

@@ -55,10 +55,21 @@ async fn sigterm_under_load_keeps_exactly_the_acknowledged_deductions() {
         let (mut meter, acked) = (server.meter().await, acked.clone());
         tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
-            let feeder =
-                tokio::spawn(
-                    async move { while tx.send(deduct("load", 1, 0, None)).await.is_ok() {} },
-                );
+            // As many unanswered as the server allows by default
+            // (--max-stream-in-flight): a client sending without bound is
+            // refused with RESOURCE_EXHAUSTED once the server falls behind.
+            let window = Arc::new(tokio::sync::Semaphore::new(256));
+            let feeder = tokio::spawn({
+                let window = window.clone();
+                async move {
+                    while let Ok(permit) = window.acquire().await {
+                        permit.forget();
+                        if tx.send(deduct("load", 1, 0, None)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
             let mut replies = meter
                 .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
@@ -68,6 +79,7 @@ async fn sigterm_under_load_keeps_exactly_the_acknowledged_deductions() {
                 match replies.message().await {
                     Ok(Some(_)) => {
                         acked.fetch_add(1, Ordering::SeqCst);
+                        window.add_permits(1);
                     }
                     Ok(None) => break None,
                     Err(status) => break Some(status.code()),

@@ -16,16 +16,19 @@ use crate::{
 pub struct MeterService {
     app: Arc<App>,
     max_batch: usize,
+    /// `--max-stream-in-flight`: see [`Meter::deduct_stream`](proto::meter_server::Meter::deduct_stream).
+    max_in_flight: usize,
     /// A DeductStream counts as in flight until it ends, so shutdown lets
     /// it finish (within the grace period).
     drain: Arc<Drain>,
 }
 
 impl MeterService {
-    pub fn new(app: Arc<App>, max_batch: usize, drain: Arc<Drain>) -> Self {
+    pub fn new(app: Arc<App>, max_batch: usize, max_in_flight: usize, drain: Arc<Drain>) -> Self {
         MeterService {
             app,
             max_batch,
+            max_in_flight: max_in_flight.max(1),
             drain,
         }
     }
@@ -49,8 +52,16 @@ fn at_index(i: usize, s: Status) -> Status {
     Status::new(s.code(), format!("deductions[{i}]: {}", s.message()))
 }
 
-/// Stream messages deducted ahead of their answers, at most.
-const STREAM_WINDOW: usize = 256;
+/// The status of a DeductStream that has more messages in flight than
+/// `--max-stream-in-flight`.
+fn too_many_in_flight(max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "more than {max} messages in flight on this DeductStream (the server's \
+         --max-stream-in-flight): the replies above answer the first {max}; this message and \
+         the ones after it were not deducted. Read replies before sending more, and resend \
+         the rest with their request_ids"
+    ))
+}
 
 /// One stream message, deducted; answered through [`App::acknowledge`].
 async fn deduct_deferred(app: &App, r: &proto::DeductRequest) -> Result<Deferred, Status> {
@@ -122,6 +133,17 @@ impl proto::meter_server::Meter for MeterService {
     /// Messages that have arrived together (a client's window) are deducted
     /// one after the other, in order, and then acknowledged: in journal
     /// mode one group commit covers them, not one per message.
+    ///
+    /// **In flight** are the messages the server has received and not yet
+    /// answered (a reply counts as answered once the connection has taken
+    /// it, which HTTP/2 flow control allows only as fast as the client
+    /// reads). The server reads only while fewer than
+    /// `--max-stream-in-flight` are in flight; if the next message is
+    /// already there when that many are, the client is sending ahead of
+    /// the limit: the stream answers those in flight and ends with
+    /// RESOURCE_EXHAUSTED, and the extra message and any after it are not
+    /// deducted. A client that keeps at most that many unanswered is never
+    /// refused.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn deduct_stream(
         &self,
@@ -130,6 +152,7 @@ impl proto::meter_server::Meter for MeterService {
         struct State {
             inbound: Streaming<proto::DeductRequest>,
             app: Arc<App>,
+            max_in_flight: usize,
             next: usize,
             done: bool,
             /// Deducted, not yet answered, in order; an error last.
@@ -140,6 +163,7 @@ impl proto::meter_server::Meter for MeterService {
         let state = State {
             inbound: req.into_inner(),
             app: self.app.clone(),
+            max_in_flight: self.max_in_flight,
             next: 0,
             done: false,
             ready: VecDeque::new(),
@@ -168,10 +192,15 @@ impl proto::meter_server::Meter for MeterService {
                     };
                     let failed = deferred.is_err();
                     s.ready.push_back(deferred);
-                    if failed || s.ready.len() >= STREAM_WINDOW {
+                    if failed {
                         break;
                     }
                     match s.inbound.next().now_or_never() {
+                        Some(Some(_)) if s.ready.len() >= s.max_in_flight => {
+                            // One more than the limit has arrived unanswered.
+                            s.ready.push_back(Err(too_many_in_flight(s.max_in_flight)));
+                            break;
+                        }
                         Some(Some(m)) => msg = m,
                         Some(None) => {
                             s.done = true;

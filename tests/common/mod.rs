@@ -8,6 +8,7 @@ pub mod fleet;
 mod http;
 #[cfg(feature = "postgres")]
 pub mod pg;
+pub mod pki;
 pub mod proxy;
 #[allow(unused_imports)]
 pub use http::{get, get_with, sample};

@@ -161,6 +161,12 @@ turns that log line into a lint failure.)
 {{- if not (has $v.probes.type (list "grpc" "http")) -}}
 {{- fail (printf "probes.type must be grpc or http, not %q" (toString $v.probes.type)) -}}
 {{- end -}}
+{{- if and $v.tls.existingSecret (eq $v.probes.type "grpc") -}}
+{{- fail "tls.existingSecret with probes.type=grpc: kubelet's gRPC probes speak plaintext and cannot check a TLS port; set probes.type=http (/livez and /readyz on the admin port, which stays plaintext)" -}}
+{{- end -}}
+{{- if and $v.tls.clientAuth (not $v.tls.existingSecret) -}}
+{{- fail "tls.clientAuth needs tls.existingSecret: client certificates are checked only on a TLS port" -}}
+{{- end -}}
 {{- if le (int $v.config.shutdownGraceSeconds) 0 -}}
 {{- fail "config.shutdownGraceSeconds must be positive" -}}
 {{- end -}}
@@ -292,6 +298,13 @@ volumeMounts:
     mountPath: {{ $v.adminToken.mountPath }}
     readOnly: true
   {{- end }}
+  {{- if $v.tls.existingSecret }}
+  # The whole directory: the kubelet swaps in a renewed certificate and
+  # packmeter picks it up without a restart.
+  - name: packmeter-tls
+    mountPath: {{ $v.tls.mountPath }}
+    readOnly: true
+  {{- end }}
   {{- with $v.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -312,6 +325,21 @@ volumeMounts:
     items:
       - key: {{ $v.adminToken.secretKey }}
         path: {{ $v.adminToken.secretKey }}
+{{- end }}
+{{- if $v.tls.existingSecret }}
+- name: packmeter-tls
+  secret:
+    secretName: {{ $v.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- if $v.tls.clientAuth }}
+      - key: ca.crt
+        path: ca.crt
+      {{- end }}
 {{- end }}
 - name: packmeter-data
   {{- if eq $p "pvc" }}
