@@ -25,14 +25,15 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
     Code, Status,
 };
 
 use crate::{
-    calendar::{self, Ts},
+    calendar::{self, BillingZone, Ts},
     config::{Config, LogFormat, ServeArgs},
     grpc::{
         convert,
@@ -134,6 +135,10 @@ pub struct ClientOpts {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Show times in UTC instead of the server's billing zone (the zone the
+    /// pack page uses, which the server reports with each pack and account).
+    #[arg(long, global = true)]
+    pub utc: bool,
 }
 
 #[derive(Debug, Args)]
@@ -209,9 +214,9 @@ pub struct PacksCmd {
 #[derive(Debug, Args)]
 pub struct GrantCmd {
     pub account: String,
-    /// calls or egress_bytes.
-    #[arg(long)]
-    pub item: String,
+    /// The item the pack holds (`egress` is accepted for egress-bytes).
+    #[arg(long, value_enum)]
+    pub item: ItemArg,
     #[arg(long)]
     pub capacity: u64,
     /// RFC 3339; default (or `now`): when the server takes the grant. A
@@ -237,6 +242,32 @@ pub struct GrantCmd {
     pub client: ClientOpts,
 }
 
+/// A metered item, as `--item` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ItemArg {
+    Calls,
+    #[value(name = "egress_bytes", alias = "egress", alias = "egress-bytes")]
+    EgressBytes,
+}
+
+impl From<ItemArg> for proto::Item {
+    fn from(i: ItemArg) -> proto::Item {
+        match i {
+            ItemArg::Calls => proto::Item::Calls,
+            ItemArg::EgressBytes => proto::Item::EgressBytes,
+        }
+    }
+}
+
+/// `export --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// RFC 4180 CSV with a header line; cells that start like a formula get a leading `'`.
+    Csv,
+    /// One JSON object per line, never altered.
+    Jsonl,
+}
+
 #[derive(Debug, Args)]
 pub struct ExportCmd {
     /// First hour, RFC 3339 (inclusive).
@@ -245,8 +276,8 @@ pub struct ExportCmd {
     /// End, RFC 3339 (exclusive).
     #[arg(long)]
     pub to: String,
-    #[arg(long, value_parser = ["csv", "jsonl"], default_value = "csv")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+    pub format: ExportFormat,
     /// One account only.
     #[arg(long)]
     pub account: Option<String>,
@@ -698,11 +729,30 @@ fn opt_time(flag: &str, v: &Option<String>) -> Result<Option<prost_types::Timest
         .transpose()
 }
 
-fn show_ts(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref()
+/// Where the CLI shows times: the server's billing zone (`zone`, as the
+/// server reports it), or UTC with `--utc` or when the server names none.
+fn shown_zone(zone: &str, utc: bool) -> Option<BillingZone> {
+    if utc {
+        return None;
+    }
+    zone.parse().ok()
+}
+
+/// An instant as RFC 3339 in `zone` (with its offset), or in UTC (`Z`).
+fn show_ts(t: &Option<prost_types::Timestamp>, zone: Option<&BillingZone>) -> String {
+    let Some(ts) = t
+        .as_ref()
         .and_then(|t| convert::ts("", Some(t)).ok().flatten())
-        .map(|ts| calendar::to_datetime(ts).to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    else {
+        return String::new();
+    };
+    let utc = calendar::to_datetime(ts);
+    let secs = chrono::SecondsFormat::Secs;
+    match zone {
+        None => utc.to_rfc3339_opts(secs, true),
+        Some(BillingZone::Fixed(o)) => utc.with_timezone(o).to_rfc3339_opts(secs, true),
+        Some(BillingZone::Named(tz)) => utc.with_timezone(tz).to_rfc3339_opts(secs, true),
+    }
 }
 
 fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(E) -> &'static str) -> String {
@@ -711,35 +761,191 @@ fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(E) -> &'static str) -> Strin
 
 type Out<'a> = &'a mut dyn Write;
 
-fn print_json(out: Out, v: &Value) -> io::Result<()> {
-    writeln!(
+fn print_json(out: Out, v: &impl Serialize) -> io::Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(io::Error::other)?;
+    writeln!(out, "{text}")
+}
+
+/// Prints rows as a plain table: no borders, left-aligned columns two
+/// spaces apart, never wrapped (scripts cut columns with awk).
+fn print_table(out: Out, headers: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(headers.iter().copied())
+        .add_rows(rows.iter().cloned());
+    let last = headers.len().saturating_sub(1);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
+    }
+    for line in table.lines() {
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// A pack as `--json` prints it.
+#[derive(Serialize)]
+struct PackOut {
+    pack_id: String,
+    account_id: String,
+    source: String,
+    item: String,
+    capacity: u64,
+    used: u64,
+    remaining: u64,
+    valid_from: String,
+    valid_until: String,
+    priority: u32,
+}
+
+impl PackOut {
+    fn new(p: &proto::Pack, utc: bool) -> PackOut {
+        let zone = shown_zone(&p.billing_zone, utc);
+        PackOut {
+            pack_id: p.pack_id.clone(),
+            account_id: p.account_id.clone(),
+            source: enum_name(p.source, |s: proto::PackSource| s.as_str_name()),
+            item: enum_name(p.item, |s: proto::Item| s.as_str_name()),
+            capacity: p.capacity,
+            used: p.used,
+            remaining: p.capacity.saturating_sub(p.used),
+            valid_from: show_ts(&p.valid_from, zone.as_ref()),
+            valid_until: show_ts(&p.valid_until, zone.as_ref()),
+            priority: p.priority,
+        }
+    }
+}
+
+fn print_packs(out: Out, packs: &[proto::Pack], opts: &ClientOpts) -> io::Result<()> {
+    let packs: Vec<PackOut> = packs.iter().map(|p| PackOut::new(p, opts.utc)).collect();
+    if opts.json {
+        return print_json(out, &packs);
+    }
+    let rows: Vec<Vec<String>> = packs
+        .into_iter()
+        .map(|p| {
+            vec![
+                p.pack_id,
+                p.source,
+                p.item,
+                p.capacity.to_string(),
+                p.used.to_string(),
+                p.remaining.to_string(),
+                p.valid_from,
+                p.valid_until,
+            ]
+        })
+        .collect();
+    print_table(
         out,
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_default()
+        &[
+            "PACK",
+            "SOURCE",
+            "ITEM",
+            "CAPACITY",
+            "USED",
+            "REMAINING",
+            "VALID FROM",
+            "VALID UNTIL",
+        ],
+        &rows,
     )
 }
 
-/// Prints rows as a table with left-aligned columns.
-fn print_table(out: Out, headers: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+/// An account as `--json` prints it.
+#[derive(Serialize)]
+struct AccountOut {
+    account_id: String,
+    activated_at: String,
+    suspended: bool,
+    deny_on_exhausted: bool,
+}
+
+fn print_account(out: Out, a: &proto::Account, opts: &ClientOpts) -> io::Result<()> {
+    let zone = shown_zone(&a.billing_zone, opts.utc);
+    let a = AccountOut {
+        account_id: a.account_id.clone(),
+        activated_at: show_ts(&a.activated_at, zone.as_ref()),
+        suspended: a.suspended,
+        deny_on_exhausted: a.deny_on_exhausted,
+    };
+    if opts.json {
+        return print_json(out, &a);
+    }
+    let rows = [
+        ("account_id", a.account_id),
+        ("activated_at", a.activated_at),
+        ("suspended", a.suspended.to_string()),
+        ("deny_on_exhausted", a.deny_on_exhausted.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![k.to_string(), v])
+    .collect::<Vec<_>>();
+    print_table(out, &["FIELD", "VALUE"], &rows)
+}
+
+/// One item's outcome of a deduction, as `--json` prints it.
+#[derive(Serialize)]
+struct OutcomeOut {
+    covered: u64,
+    overage: u64,
+    remaining: u64,
+}
+
+impl From<&proto::Outcome> for OutcomeOut {
+    fn from(o: &proto::Outcome) -> OutcomeOut {
+        OutcomeOut {
+            covered: o.covered,
+            overage: o.overage,
+            remaining: o.remaining,
         }
     }
-    let mut line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        writeln!(out, "{}", s.join("  ").trim_end())
-    };
-    line(headers.to_vec())?;
-    for row in rows {
-        line(row.iter().map(String::as_str).collect())?;
-    }
-    Ok(())
+}
+
+/// A deduction's answer, as `--json` prints it.
+#[derive(Serialize)]
+struct DeductOut {
+    decision: String,
+    duplicate: bool,
+    deny_reason: String,
+    calls: OutcomeOut,
+    egress_bytes: OutcomeOut,
+}
+
+/// `flush --json`.
+#[derive(Serialize)]
+struct FlushOut {
+    accounts_flushed: u64,
+}
+
+/// One exported row, as CSV and JSON lines write it.
+#[derive(Serialize)]
+struct UsageRowOut {
+    account_id: String,
+    hour: String,
+    item: String,
+    pack_id: String,
+    source: String,
+    amount: u64,
+}
+
+/// One day of `usage --daily --json`.
+#[derive(Serialize)]
+struct DayOut<'a> {
+    date: &'a str,
+    calls_covered: u64,
+    calls_overage: u64,
+    egress_bytes_covered: u64,
+    egress_bytes_overage: u64,
+}
+
+/// `usage --daily --json`.
+#[derive(Serialize)]
+struct DailyOut<'a> {
+    zone: &'a str,
+    days: Vec<DayOut<'a>>,
 }
 
 /// `usage --daily`: one line per day with usage, oldest first, then the
@@ -749,17 +955,21 @@ fn print_daily(out: Out, r: &proto::GetDailyUsageResponse, json_out: bool) -> io
         let days = r
             .days
             .iter()
-            .map(|d| {
-                json!({
-                    "date": d.date,
-                    "calls_covered": d.calls_covered,
-                    "calls_overage": d.calls_overage,
-                    "egress_bytes_covered": d.egress_bytes_covered,
-                    "egress_bytes_overage": d.egress_bytes_overage,
-                })
+            .map(|d| DayOut {
+                date: &d.date,
+                calls_covered: d.calls_covered,
+                calls_overage: d.calls_overage,
+                egress_bytes_covered: d.egress_bytes_covered,
+                egress_bytes_overage: d.egress_bytes_overage,
             })
             .collect();
-        return print_json(out, &json!({ "zone": r.zone, "days": Value::Array(days) }));
+        return print_json(
+            out,
+            &DailyOut {
+                zone: &r.zone,
+                days,
+            },
+        );
     }
     let amounts = |d: &proto::DailyUsage| {
         [
@@ -812,81 +1022,6 @@ fn print_daily(out: Out, r: &proto::GetDailyUsageResponse, json_out: bool) -> io
     )
 }
 
-fn pack_json(p: &proto::Pack) -> Value {
-    json!({
-        "pack_id": p.pack_id,
-        "account_id": p.account_id,
-        "source": enum_name(p.source, |s: proto::PackSource| s.as_str_name()),
-        "item": enum_name(p.item, |s: proto::Item| s.as_str_name()),
-        "capacity": p.capacity,
-        "used": p.used,
-        "remaining": p.capacity.saturating_sub(p.used),
-        "valid_from": show_ts(&p.valid_from),
-        "valid_until": show_ts(&p.valid_until),
-        "priority": p.priority,
-    })
-}
-
-fn print_packs(out: Out, packs: &[proto::Pack], json_out: bool) -> io::Result<()> {
-    if json_out {
-        return print_json(out, &Value::Array(packs.iter().map(pack_json).collect()));
-    }
-    let rows: Vec<Vec<String>> = packs
-        .iter()
-        .map(|p| {
-            vec![
-                p.pack_id.clone(),
-                enum_name(p.source, |s: proto::PackSource| s.as_str_name()),
-                enum_name(p.item, |s: proto::Item| s.as_str_name()),
-                p.capacity.to_string(),
-                p.used.to_string(),
-                p.capacity.saturating_sub(p.used).to_string(),
-                show_ts(&p.valid_from),
-                show_ts(&p.valid_until),
-            ]
-        })
-        .collect();
-    print_table(
-        out,
-        &[
-            "PACK",
-            "SOURCE",
-            "ITEM",
-            "CAPACITY",
-            "USED",
-            "REMAINING",
-            "VALID FROM",
-            "VALID UNTIL",
-        ],
-        &rows,
-    )
-}
-
-fn account_json(a: &proto::Account) -> Value {
-    json!({
-        "account_id": a.account_id,
-        "activated_at": show_ts(&a.activated_at),
-        "suspended": a.suspended,
-        "deny_on_exhausted": a.deny_on_exhausted,
-    })
-}
-
-fn print_account(out: Out, a: &proto::Account, json_out: bool) -> io::Result<()> {
-    if json_out {
-        return print_json(out, &account_json(a));
-    }
-    let rows = [
-        ("account_id", a.account_id.clone()),
-        ("activated_at", show_ts(&a.activated_at)),
-        ("suspended", a.suspended.to_string()),
-        ("deny_on_exhausted", a.deny_on_exhausted.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| vec![k.to_string(), v])
-    .collect::<Vec<_>>();
-    print_table(out, &["FIELD", "VALUE"], &rows)
-}
-
 /// Runs a client command; the exit code on success (2 for a DENY).
 async fn client(cmd: Command) -> Result<u8, Failure> {
     let stdout = io::stdout();
@@ -916,16 +1051,15 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
             let outcome = |o: &Option<proto::Outcome>| o.unwrap_or_default();
             let (calls, egress) = (outcome(&r.calls), outcome(&r.egress_bytes));
             if c.client.json {
-                let o = |o: &proto::Outcome| json!({"covered": o.covered, "overage": o.overage, "remaining": o.remaining});
                 print_json(
                     out,
-                    &json!({
-                        "decision": decision,
-                        "duplicate": r.duplicate,
-                        "deny_reason": r.deny_reason,
-                        "calls": o(&calls),
-                        "egress_bytes": o(&egress),
-                    }),
+                    &DeductOut {
+                        decision,
+                        duplicate: r.duplicate,
+                        deny_reason: r.deny_reason.clone(),
+                        calls: (&calls).into(),
+                        egress_bytes: (&egress).into(),
+                    },
                 )?;
             } else {
                 let mut head = format!("decision: {decision}");
@@ -974,7 +1108,7 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 })
                 .await?
                 .into_inner();
-            print_packs(out, &r.packs, c.client.json)?;
+            print_packs(out, &r.packs, &c.client)?;
         }
         Command::Account(AccountCmd::Get { account, client }) => {
             let a = admin(&client)
@@ -984,7 +1118,7 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 })
                 .await?
                 .into_inner();
-            print_account(out, &a, client.json)?;
+            print_account(out, &a, &client)?;
         }
         Command::Account(AccountCmd::Put {
             account,
@@ -1015,12 +1149,13 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                         activated_at,
                         suspended: suspended.unwrap_or_default(),
                         deny_on_exhausted: deny_on_exhausted.unwrap_or_default(),
+                        billing_zone: String::new(),
                     }),
                     update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?
                 .into_inner();
-            print_account(out, &a, client.json)?;
+            print_account(out, &a, &client)?;
         }
         Command::Packs(c) => {
             let r = admin(&c.client)
@@ -1030,18 +1165,10 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 })
                 .await?
                 .into_inner();
-            print_packs(out, &r.packs, c.client.json)?;
+            print_packs(out, &r.packs, &c.client)?;
         }
         Command::Grant(c) => {
-            let item = match c.item.as_str() {
-                "calls" => proto::Item::Calls,
-                "egress_bytes" | "egress" => proto::Item::EgressBytes,
-                other => {
-                    return Err(usage(format!(
-                        "--item: `{other}` is not calls or egress_bytes"
-                    )))
-                }
-            };
+            let item = proto::Item::from(c.item);
             // `now` is left to the server, like an omitted --valid-from, so
             // that a retry is the same grant.
             let from = c
@@ -1072,9 +1199,9 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 .await?
                 .into_inner();
             if c.client.json {
-                print_json(out, &pack_json(&p))?;
+                print_json(out, &PackOut::new(&p, c.client.utc))?;
             } else {
-                print_packs(out, &[p], false)?;
+                print_packs(out, &[p], &c.client)?;
             }
         }
         Command::Flush(client) => {
@@ -1084,7 +1211,12 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 .await?
                 .into_inner();
             if client.json {
-                print_json(out, &json!({"accounts_flushed": r.accounts_flushed}))?;
+                print_json(
+                    out,
+                    &FlushOut {
+                        accounts_flushed: r.accounts_flushed,
+                    },
+                )?;
             } else {
                 writeln!(
                     out,
@@ -1105,30 +1237,39 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 })
                 .await?
                 .into_inner();
-            if c.format == "csv" {
-                writeln!(out, "account_id,hour,item,pack_id,source,amount")?;
-            }
-            while let Some(r) = rows.message().await? {
-                let hour = show_ts(&r.hour);
-                let item = enum_name(r.item, |i: proto::Item| i.as_str_name());
-                let source = enum_name(r.source, |s: proto::PackSource| s.as_str_name());
-                if c.format == "csv" {
-                    writeln!(
-                        out,
-                        "{},{},{},{},{},{}",
-                        csv_field(&r.account_id),
-                        hour,
-                        item,
-                        csv_field(&r.pack_id),
-                        source,
-                        r.amount
-                    )?;
-                } else {
-                    let v = json!({
-                        "account_id": r.account_id, "hour": hour, "item": item,
-                        "pack_id": r.pack_id, "source": source, "amount": r.amount,
-                    });
-                    writeln!(out, "{v}")?;
+            // Exports are keyed by UTC hour, whatever --utc says: billing
+            // systems join them on it.
+            let row = |r: proto::UsageRow| UsageRowOut {
+                hour: show_ts(&r.hour, None),
+                item: enum_name(r.item, |i: proto::Item| i.as_str_name()),
+                source: enum_name(r.source, |s: proto::PackSource| s.as_str_name()),
+                account_id: r.account_id,
+                pack_id: r.pack_id,
+                amount: r.amount,
+            };
+            match c.format {
+                ExportFormat::Csv => {
+                    // Flushed per row: a consumer sees rows as they arrive.
+                    // The header is written by hand, so an empty export has one too.
+                    let mut csv = csv::WriterBuilder::new()
+                        .has_headers(false)
+                        .from_writer(out);
+                    csv.write_record(["account_id", "hour", "item", "pack_id", "source", "amount"])
+                        .map_err(csv_error)?;
+                    csv.flush()?;
+                    while let Some(r) = rows.message().await? {
+                        let mut r = row(r);
+                        r.account_id = neutralise_formula(r.account_id);
+                        r.pack_id = neutralise_formula(r.pack_id);
+                        csv.serialize(r).map_err(csv_error)?;
+                        csv.flush()?;
+                    }
+                }
+                ExportFormat::Jsonl => {
+                    while let Some(r) = rows.message().await? {
+                        let line = serde_json::to_string(&row(r)).map_err(io::Error::other)?;
+                        writeln!(out, "{line}")?;
+                    }
                 }
             }
         }
@@ -1202,19 +1343,23 @@ fn parse_validity(v: &str) -> Result<proto::Validity, Failure> {
 /// and carriage return, that some strip before doing so).
 const FORMULA_START: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
 
-/// A CSV field: neutralised against formula injection when it starts like
-/// a formula (a `'` is put before it, which spreadsheets show as text), then
-/// quoted when it holds a comma, quote or line break.
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(FORMULA_START) {
+/// A CSV cell neutralised against formula injection when it starts like a
+/// formula: a `'` is put before it, which spreadsheets show as text. The
+/// `csv` writer then quotes it if it holds a comma, quote or line break.
+fn neutralise_formula(s: String) -> String {
+    if s.starts_with(FORMULA_START) {
         format!("'{s}")
     } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
         s
+    }
+}
+
+/// A CSV write failure: only the output can fail (the rows are plain
+/// strings and numbers).
+fn csv_error(e: csv::Error) -> io::Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => e,
+        other => io::Error::other(format!("{other:?}")),
     }
 }
 
@@ -1224,16 +1369,21 @@ mod tests {
 
     #[test]
     fn csv_cells_that_start_like_formulas_are_neutralised() {
-        assert_eq!(csv_field("acme"), "acme");
-        assert_eq!(csv_field("=1+1"), "'=1+1");
-        assert_eq!(csv_field("+1"), "'+1");
-        assert_eq!(csv_field("-1"), "'-1");
-        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        let cell = |v: &str| {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record([neutralise_formula(v.to_string())]).unwrap();
+            String::from_utf8(w.into_inner().unwrap()).unwrap()
+        };
+        assert_eq!(cell("acme"), "acme\n");
+        assert_eq!(cell("=1+1"), "'=1+1\n");
+        assert_eq!(cell("+1"), "'+1\n");
+        assert_eq!(cell("-1"), "'-1\n");
+        assert_eq!(cell("@SUM(A1)"), "'@SUM(A1)\n");
         assert_eq!(
-            csv_field("=HYPERLINK(\"x\",\"y\")"),
-            "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\""
+            cell("=HYPERLINK(\"x\",\"y\")"),
+            "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\"\n"
         );
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(cell("a,b"), "\"a,b\"\n");
     }
 
     #[test]

@@ -132,6 +132,7 @@ async fn deny_on_exhausted_and_suspended_accounts() {
             activated_at: None,
             suspended,
             deny_on_exhausted: deny,
+            billing_zone: String::new(),
         }),
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["suspended".into(), "deny_on_exhausted".into()],

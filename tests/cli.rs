@@ -52,7 +52,11 @@ fn client_commands_print_tables_and_json() {
             "false",
         ],
     );
-    assert_eq!(put["activated_at"], "2019-11-10T09:13:14Z");
+    // Times are shown in the server's billing zone (+08:00 by default) ...
+    assert_eq!(put["activated_at"], "2019-11-10T17:13:14+08:00");
+    // ... or in UTC with --utc.
+    let utc = json(&server, &["account", "get", "acme", "--utc"]);
+    assert_eq!(utc["activated_at"], "2019-11-10T09:13:14Z");
     assert_eq!(put["suspended"], false);
 
     let table = ok(
@@ -139,7 +143,7 @@ fn client_commands_print_tables_and_json() {
     );
     assert_eq!(g["pack_id"], "promo");
     assert_eq!(g["source"], "PURCHASED");
-    assert_eq!(g["valid_until"], "2019-11-30T16:00:00Z");
+    assert_eq!(g["valid_until"], "2019-12-01T00:00:00+08:00");
 
     let acct = ok(&server, &["account", "get", "acme"]);
     assert!(acct.contains("deny_on_exhausted  false"), "{acct}");
@@ -449,6 +453,7 @@ fn valid_for_months_are_calendar_months_in_the_billing_zone() {
                 valid_for,
                 "--pack-id",
                 id,
+                "--utc",
             ],
         )
     };
@@ -482,6 +487,7 @@ fn valid_for_months_are_calendar_months_in_the_billing_zone() {
             "1month",
         ],
     );
+    // Shown in that server's zone, UTC.
     assert_eq!(g["valid_until"], "2026-03-28T20:00:00Z");
 
     let out = run(
@@ -862,14 +868,14 @@ fn account_put_changes_only_the_flags_given() {
         (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
         (Some(true), Some(true))
     );
-    let a = put(&["--activated-at", "2019-11-10T17:13:14+08:00"]);
-    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+    let a = put(&["--activated-at", "2019-11-10T09:13:14Z"]);
+    assert_eq!(a["activated_at"], "2019-11-10T17:13:14+08:00");
     assert_eq!(
         (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
         (Some(true), Some(true))
     );
     let a = put(&["--suspended", "false"]);
-    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+    assert_eq!(a["activated_at"], "2019-11-10T17:13:14+08:00");
     assert_eq!(
         (a["suspended"].as_bool(), a["deny_on_exhausted"].as_bool()),
         (Some(false), Some(true))
@@ -903,7 +909,7 @@ fn account_put_changes_only_the_flags_given() {
         "{err}"
     );
     let a = json(&server, &["account", "get", "acme"]);
-    assert_eq!(a["activated_at"], "2019-11-10T09:13:14Z");
+    assert_eq!(a["activated_at"], "2019-11-10T17:13:14+08:00");
 }
 
 /// `usage ACCOUNT --daily`: the days with usage in the billing zone, covered

@@ -185,6 +185,7 @@ async fn over_limit_only_where_a_deny_account_runs_out_and_the_denial_changes_no
                 activated_at: None,
                 suspended: false,
                 deny_on_exhausted: true,
+                billing_zone: String::new(),
             }),
             update_mask: None,
         })

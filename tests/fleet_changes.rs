@@ -231,6 +231,7 @@ async fn a_put_through_a_node_that_has_not_yet_seen_a_change_keeps_it() {
                 activated_at: None,
                 suspended: true,
                 deny_on_exhausted: false,
+                billing_zone: String::new(),
             }),
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["suspended".into()],
@@ -296,6 +297,7 @@ async fn an_activation_put_through_one_node_starts_the_free_tier_on_another() {
                 activated_at: Some(activated_at),
                 suspended: false,
                 deny_on_exhausted: false,
+                billing_zone: String::new(),
             }),
             update_mask: None,
         })

@@ -226,6 +226,7 @@ async fn random_bytes_and_hostile_fields_get_precise_errors() {
                 activated_at: rng.timestamp(),
                 suspended: false,
                 deny_on_exhausted: false,
+                billing_zone: String::new(),
             }),
             update_mask: None,
         };

@@ -61,7 +61,10 @@ impl proto::admin_server::Admin for AdminService {
         validate_account_id(&a.account_id)?;
         let change = convert::account_change(a, r.update_mask.as_ref())?;
         let record = self.app.put_account(change).await?;
-        Ok(Response::new(convert::account(&record)))
+        Ok(Response::new(convert::account(
+            &record,
+            &self.app.config().zone,
+        )))
     }
 
     #[tracing::instrument(skip_all)]
@@ -70,7 +73,10 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::GetAccountRequest>,
     ) -> Result<Response<proto::Account>, Status> {
         let record = self.app.get_account(&req.get_ref().account_id).await?;
-        Ok(Response::new(convert::account(&record)))
+        Ok(Response::new(convert::account(
+            &record,
+            &self.app.config().zone,
+        )))
     }
 
     /// Grants a purchased pack. A repeated `pack_id` with the same terms
@@ -108,7 +114,7 @@ impl proto::admin_server::Admin for AdminService {
             priority: r.priority,
         };
         let view = self.app.grant_pack(grant).await?;
-        Ok(Response::new(convert::pack(&view)))
+        Ok(Response::new(convert::pack(&view, &self.app.config().zone)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -121,7 +127,7 @@ impl proto::admin_server::Admin for AdminService {
             .list_packs(&req.get_ref().account_id)
             .await?
             .iter()
-            .map(convert::pack)
+            .map(|v| convert::pack(v, &self.app.config().zone))
             .collect();
         Ok(Response::new(proto::ListPacksResponse { packs }))
     }

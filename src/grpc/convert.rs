@@ -103,7 +103,8 @@ pub fn deduct_response(o: &DeductOutcome) -> proto::DeductResponse {
     }
 }
 
-pub fn pack(v: &PackView) -> proto::Pack {
+/// A pack as the API shows it; `zone` is the server's billing zone.
+pub fn pack(v: &PackView, zone: &crate::calendar::BillingZone) -> proto::Pack {
     proto::Pack {
         pack_id: v.spec.pack_id.to_string(),
         account_id: v.account_id.clone(),
@@ -114,15 +115,18 @@ pub fn pack(v: &PackView) -> proto::Pack {
         valid_from: Some(timestamp(v.spec.valid_from)),
         valid_until: Some(timestamp(v.spec.valid_until)),
         priority: v.spec.priority,
+        billing_zone: zone.to_string(),
     }
 }
 
-pub fn account(r: &AccountRecord) -> proto::Account {
+/// An account as the API shows it; `zone` is the server's billing zone.
+pub fn account(r: &AccountRecord, zone: &crate::calendar::BillingZone) -> proto::Account {
     proto::Account {
         account_id: r.account_id.clone(),
         activated_at: r.activated_at.map(timestamp),
         suspended: r.suspended,
         deny_on_exhausted: r.deny_on_exhausted,
+        billing_zone: zone.to_string(),
     }
 }
 

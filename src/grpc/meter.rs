@@ -243,7 +243,7 @@ impl proto::meter_server::Meter for MeterService {
             .usage(&r.account_id, at)
             .await?
             .iter()
-            .map(convert::pack)
+            .map(|v| convert::pack(v, &self.app.config().zone))
             .collect();
         Ok(Response::new(proto::GetUsageResponse { packs }))
     }

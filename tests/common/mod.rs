@@ -220,6 +220,7 @@ impl Server {
                     activated_at: None,
                     suspended,
                     deny_on_exhausted: deny,
+                    billing_zone: String::new(),
                 }),
                 // Both flags as given; the activation kept (or now).
                 update_mask: Some(prost_types::FieldMask {
