@@ -111,14 +111,44 @@ impl Server {
         )
     }
 
-    fn launch_command(
+    /// Starts a server on the given SQLite file at the given addresses
+    /// (see [`free_addr`]) and returns at once, before it is ready: the
+    /// ports are bound early, and the returned stdout gives the listening
+    /// line once start-up (the replay of the journal) is done. For watching
+    /// start-up from outside.
+    pub fn spawn_on_at(
+        db: &Path,
+        (grpc, admin): (&str, &str),
+        extra: &[&str],
+    ) -> (Server, BufReader<std::process::ChildStdout>) {
+        let (child, stdout, stderr) = Server::spawn(
+            Command::new(BIN),
+            (grpc, admin),
+            &format!("sqlite://{}", db.display()),
+            None,
+            extra,
+        );
+        let server = Server {
+            child,
+            grpc: grpc.to_string(),
+            admin: admin.to_string(),
+            db: db.to_path_buf(),
+            stderr: Some(stderr),
+        };
+        (server, BufReader::new(stdout))
+    }
+
+    fn spawn(
         mut command: Command,
         (grpc, admin): (&str, &str),
         store: &str,
         data: Option<&Path>,
         extra: &[&str],
-        db: &Path,
-    ) -> Server {
+    ) -> (
+        Child,
+        std::process::ChildStdout,
+        std::thread::JoinHandle<String>,
+    ) {
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }
@@ -146,7 +176,20 @@ impl Server {
             }
             all
         });
-        // The server prints one line once both ports are bound.
+        (child, stdout, stderr)
+    }
+
+    fn launch_command(
+        command: Command,
+        (grpc, admin): (&str, &str),
+        store: &str,
+        data: Option<&Path>,
+        extra: &[&str],
+        db: &Path,
+    ) -> Server {
+        let (mut child, stdout, stderr) = Server::spawn(command, (grpc, admin), store, data, extra);
+        // The server prints one line once it is ready: its ports bound, and
+        // the journal and the spill file replayed.
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
@@ -341,6 +384,13 @@ pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
         );
     }
     found
+}
+
+/// A free address on 127.0.0.1: bound and released at once, for a server
+/// that must be reachable before it prints its listening line.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").to_string()
 }
 
 /// Polls `f` until it returns true; panics after `limit`. For waiting on
