@@ -265,6 +265,26 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_stopped_replay_starts_no_batch_and_keeps_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db").to_str().unwrap()).unwrap();
+        let path = dir.path().join("s.db.unflushed");
+        append(&path, &[batch("b0", "a", 5), batch("b1", "a", 7)]).unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let r = replay(&store, &path, &stop).await.unwrap();
+        assert!(r.interrupted);
+        assert_eq!((r.applied, r.skipped), (0, 0));
+        assert_eq!(read(&path).unwrap().len(), 2);
+        // The next start replays it all.
+        let r = replay(&store, &path, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.skipped, r.interrupted), (2, 0, false));
+        assert!(read(&path).unwrap().is_empty());
+    }
+
     #[test]
     fn a_corrupt_line_is_named_and_nothing_is_read() {
         let dir = tempfile::tempdir().unwrap();

@@ -65,7 +65,7 @@ impl Load {
     async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("the load ran to its end");
-        self.acked()
+        self.acked.load(Ordering::Relaxed)
     }
 }
 
@@ -100,8 +100,15 @@ async fn locked_sqlite(mode: &'static str) {
     })
     .await;
     assert_eq!(server.metric("packmeter_store_up").await, 0.0, "{mode}");
-    assert_eq!(billed(&db, "locked"), before.1, "{mode}: nothing got past the lock");
-    assert!(load.acked() > before.0, "{mode}: deductions answered meanwhile");
+    assert_eq!(
+        billed(&db, "locked"),
+        before.1,
+        "{mode}: nothing got past the lock"
+    );
+    assert!(
+        load.acked() > before.0,
+        "{mode}: deductions answered meanwhile"
+    );
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
 
@@ -206,6 +213,10 @@ async fn killed_inside_the_flush(mode: &'static str) {
     .await;
     assert!(during > billed_before, "{mode}: the load went on");
     let acked = load.stop().await;
+    eprintln!(
+        "{mode}: {} backend(s) killed inside the flush; {acked} calls acknowledged",
+        waiting.len()
+    );
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{mode}: {stderr}");
     assert_eq!(
