@@ -489,7 +489,9 @@ pub async fn serve(
                 // What the leases admitted is booked: return the rest.
                 leases.release_all(&**app.store()).await;
             }
-            tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
+            if matches!(started_up, Ok(true)) {
+                tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
+            }
             Ok(())
         }
         other if app.journal().is_some() => {
