@@ -186,7 +186,7 @@ pub async fn serve(
     })?;
     let spill_path = store::spill_path(&config.store);
     let journal_dir = crate::journal::journal_dir(&config.store);
-    // Built now, reached only once start-up is done (see `start_up`).
+    // Built now, reached only once start-up is done (`StartUp::run`).
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App::new(
         config.meter.clone(),
@@ -484,14 +484,14 @@ pub async fn serve(
     };
     let set_aside = meter.set_aside_accounts().len();
     let outcome = match flushed {
+        // (Before start-up was done nothing was leased or flushed.)
+        Ok(_) if !matches!(started_up, Ok(true)) => Ok(()),
         Ok(report) if set_aside == 0 => {
             if let Some(leases) = meter.leases() {
                 // What the leases admitted is booked: return the rest.
                 leases.release_all(&**app.store()).await;
             }
-            if matches!(started_up, Ok(true)) {
-                tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
-            }
+            tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
             Ok(())
         }
         other if app.journal().is_some() => {
@@ -633,9 +633,13 @@ impl StartUp {
         let settled = store.settled_before().await?;
         let meter = app.meter().clone();
         meter.gate().settle(settled);
+        // Watched from its opening, so that health sees a change of its
+        // writability before the flip below too.
+        let mut writable = None;
         if let (Durability::Journal, Some(r)) = (config.durability, &journaled) {
             let j = crate::journal::Journal::open(&journal_dir, r, app.metrics().clone())?;
             tracing::info!(dir = %journal_dir.display(), "durability = journal: deductions are synced to the journal before they are answered");
+            writable = Some(j.watch_writable());
             app.enable_journal(j);
         }
         // Many nodes may share the store: read the changes made through the
@@ -697,11 +701,11 @@ impl StartUp {
             }
             return Ok(true);
         }
-        if let Some(j) = app.journal() {
+        if let Some(writable) = writable {
             // Health follows the journal: NOT_SERVING while it cannot be
             // written, SERVING again once it can (until shutdown).
             tasks.spawn(journal_health(
-                j.watch_writable(),
+                writable,
                 health.clone(),
                 services,
                 admin_state.clone(),
