@@ -707,10 +707,13 @@ struct StartUpSeen {
     refused: usize,
     /// Deductions of `probe` answered (only once start-up is done).
     probe_acked: u64,
+    /// Envoy `ShouldRateLimit` calls refused as starting.
+    rls_refused: usize,
 }
 
 /// Watches a starting server from the moment its gRPC port accepts: health,
-/// `/readyz`, `/livez`, a deduction, `Admin.Flush` and the pack page, again
+/// `/livez`, `/metrics`, `/readyz`, a deduction, `Admin.Flush`, Envoy's
+/// `ShouldRateLimit` and the pack page, again
 /// and again, until health reports SERVING (or, with `first_only`, until it
 /// was seen NOT_SERVING once). Every refusal must be UNAVAILABLE (or 503)
 /// and say that the journal is being replayed.
@@ -727,7 +730,8 @@ async fn watch_start_up(server: &Server, first_only: bool) -> StartUpSeen {
     };
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let mut meter = MeterClient::new(channel.clone());
-    let mut admin = proto::admin_client::AdminClient::new(channel);
+    let mut admin = proto::admin_client::AdminClient::new(channel.clone());
+    let mut rls = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel);
     let mut seen = StartUpSeen::default();
     let starting = |s: &tonic::Status| {
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
@@ -757,6 +761,7 @@ async fn watch_start_up(server: &Server, first_only: bool) -> StartUpSeen {
         // Start-up may end between any two of these: then a call is
         // served, and health says SERVING at the next turn.
         assert_eq!(common::get(&server.admin, "/livez").await.status, 200);
+        assert_eq!(common::get(&server.admin, "/metrics").await.status, 200);
         if common::get(&server.admin, "/readyz").await.status == 503 {
             seen.not_ready += 1;
         }
@@ -770,6 +775,18 @@ async fn watch_start_up(server: &Server, first_only: bool) -> StartUpSeen {
         if let Err(s) = admin.flush(proto::FlushRequest {}).await {
             starting(&s);
             seen.refused += 1;
+        }
+        // (Once start-up is done, this empty request is refused as invalid.)
+        let rls_request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+            domain: "packmeter".into(),
+            hits_addend: 1,
+            ..Default::default()
+        };
+        if let Err(s) = rls.should_rate_limit(rls_request).await {
+            if s.code() == tonic::Code::Unavailable {
+                starting(&s);
+                seen.rls_refused += 1;
+            }
         }
         let page = common::get(&server.admin, "/packs?account=acct-0").await;
         if page.status == 503 {
@@ -818,6 +835,7 @@ async fn the_journal_is_replayed_with_the_ports_bound_and_nothing_served_until_i
     assert!(seen.not_serving > 0, "{seen:?}");
     assert!(seen.not_ready > 0, "{seen:?}");
     assert!(seen.refused > 0, "{seen:?}");
+    assert!(seen.rls_refused > 0, "{seen:?}");
     stdout.read_line(&mut line).unwrap();
     assert!(line.starts_with("packmeter listening"), "{line:?}");
     assert_eq!(common::get(&server.admin, "/readyz").await.status, 200);
