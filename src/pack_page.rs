@@ -453,7 +453,7 @@ fn write_index(out: &mut String) -> fmt::Result {
 <ul class="links">
 <li><a href="/metrics">/metrics</a> · Prometheus metrics</li>
 <li><a href="/livez">/livez</a> · liveness: 200 while the process runs</li>
-<li><a href="/readyz">/readyz</a> · readiness: 200 while serving, 503 once shutdown begins</li>
+<li><a href="/readyz">/readyz</a> · readiness: 503 while start-up replays the journal, 200 while serving, 503 once shutdown begins</li>
 </ul>
 </section>
 </main>
