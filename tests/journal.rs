@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{deduct, Server};
+use common::{deduct, fill, Server, SmallFs};
 use packmeter::grpc::proto::{self, meter_client::MeterClient};
 use tonic::transport::Channel;
 
@@ -323,48 +323,6 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
             );
         }
     }
-}
-
-/// A filesystem the test makes itself: a 4 MiB tmpfs where the machine
-/// allows mounting one (root), unmounted on drop.
-struct SmallFs {
-    path: std::path::PathBuf,
-}
-
-impl SmallFs {
-    fn mount(at: &Path) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "packmeter-test"])
-            .arg(at)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| SmallFs {
-            path: at.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.path)
-            .status();
-    }
-}
-
-/// Fills the filesystem of `dir` with a ballast file until it refuses more.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("ballast");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 16 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    // Whatever still fits in smaller pieces too.
-    while f.write_all(&chunk[..512]).is_ok() {}
-    let _ = f.sync_all();
-    path
 }
 
 async fn health(server: &Server) -> i32 {

@@ -1,6 +1,7 @@
 //! Issue 9: store failures in the middle of flushing, through the real
-//! binary, in both durability modes, under load: a locked SQLite database,
-//! and a PostgreSQL connection killed inside the flush's transaction.
+//! binary, under load: a locked SQLite database and a PostgreSQL connection
+//! killed inside the flush's transaction (both durability modes), and a
+//! full disk under the SQLite store (`flush` mode).
 //! Deductions keep being answered, the flusher retries, and in the end the
 //! store bills every acknowledged deduction exactly once.
 //!
@@ -21,13 +22,15 @@ use std::{
     time::Duration,
 };
 
-use common::{deduct, until, Server};
+use common::{deduct, fill, until, Server, SmallFs};
 use packmeter::grpc::proto;
 
 const MODES: [&str; 2] = ["flush", "journal"];
 
-/// Unary deductions of `account` until stopped; every one must be
-/// answered. Counts the calls acknowledged.
+/// Unary deductions of `account` until stopped (with `spread`, of a new
+/// account `account-N` each, so that every flush writes new rows and the
+/// store's files grow); every one must be answered. Counts the calls
+/// acknowledged.
 struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
@@ -35,7 +38,7 @@ struct Load {
 }
 
 impl Load {
-    async fn start(server: &Server, account: &'static str) -> Load {
+    async fn start(server: &Server, account: &'static str, spread: bool) -> Load {
         let mut meter = server.meter().await;
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
@@ -46,8 +49,13 @@ impl Load {
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let calls = 1 + n % 7;
+                    let id = if spread {
+                        format!("{account}-{n}")
+                    } else {
+                        account.to_string()
+                    };
                     meter
-                        .deduct(deduct(account, calls, 0, None))
+                        .deduct(deduct(&id, calls, 0, None))
                         .await
                         .expect("every deduction is answered while the store fails");
                     acked.fetch_add(calls, Ordering::Relaxed);
@@ -87,7 +95,7 @@ async fn locked_sqlite(mode: &'static str) {
     let flags = ["--durability", mode, "--flush-interval", "50ms"];
     let server = Server::start(dir.path(), &flags);
     let db = server.db.clone();
-    let load = Load::start(&server, "locked").await;
+    let load = Load::start(&server, "locked", false).await;
     until(Duration::from_secs(10), async || billed(&db, "locked") > 0).await;
 
     let blocker = rusqlite::Connection::open(&db).unwrap();
@@ -157,7 +165,7 @@ async fn killed_inside_the_flush(mode: &'static str) {
     let flags = ["--durability", mode, "--flush-interval", "50ms"];
     let server = Server::start_store(&db.url, data.path(), &flags);
     let reader = db.client().await;
-    let load = Load::start(&server, "killed").await;
+    let load = Load::start(&server, "killed", false).await;
     until(Duration::from_secs(10), async || {
         billed_pg(&reader, "killed").await > 0
     })
@@ -234,4 +242,60 @@ async fn killed_inside_the_flush(mode: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgresql_connection_killed_inside_the_flush_loses_and_doubles_nothing() {
     futures_util::future::join_all(MODES.map(killed_inside_the_flush)).await;
+}
+
+/// Calls billed over every account in a SQLite store.
+fn billed_all(db: &Path) -> u64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT COALESCE(SUM(amount), 0) FROM usage_hourly WHERE item = ?1",
+        [proto::Item::Calls as i64],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap() as u64
+}
+
+/// `flush` mode, SQLite on a full disk: the flush's writes fail inside its
+/// transaction (SQLITE_FULL), deductions are answered from memory
+/// meanwhile, and once space is freed the flusher catches up: the store
+/// ends with exactly what was acknowledged. (In `journal` mode a full disk
+/// refuses deductions first: tests/journal.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_sqlite_store_fails_flushes_and_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&dir.path().join("fs")) else {
+        assert!(
+            !common::required(),
+            "mounting a tmpfs is required under CI=true (run as root)"
+        );
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (not root); set CI=true to make this a failure"
+        );
+        return;
+    };
+    let db = fs.path.join("packmeter.db");
+    let server = Server::start_on(&db, &["--flush-interval", "50ms"]);
+    let load = Load::start(&server, "spread", true).await;
+    until(Duration::from_secs(10), async || billed_all(&db) > 0).await;
+    let failures = server.metric("packmeter_flush_failures_total").await;
+    let ballast = fill(&fs.path);
+    // A few flushes fail (their transaction cannot grow the WAL), and
+    // deductions are answered meanwhile.
+    let before = load.acked();
+    until(Duration::from_secs(20), async || {
+        server.metric("packmeter_flush_failures_total").await >= failures + 3.0
+    })
+    .await;
+    assert!(load.acked() > before, "deductions answered on a full disk");
+    std::fs::remove_file(ballast).unwrap();
+    let acked = load.stop().await;
+    until(Duration::from_secs(30), async || billed_all(&db) >= acked).await;
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("database or disk is full"),
+        "the flushes failed for the full disk: {stderr}"
+    );
+    assert_eq!(billed_all(&db), acked, "billed exactly once");
+    drop(fs);
 }
