@@ -712,8 +712,17 @@ impl StartUp {
                 stop_background.clone(),
             ));
         }
-        // Scripts and tests wait for this line: the server is ready.
-        println!("packmeter listening grpc={grpc_addr} admin={admin_addr}");
+        // Scripts and tests wait for this line: the server is ready. (Not
+        // println!: a closed stdout must not stop the server.)
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "packmeter listening grpc={grpc_addr} admin={admin_addr}"
+            )
+            .and_then(|()| out.flush());
+        }
         tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
         Ok(true)
     }
