@@ -12,7 +12,8 @@
 # 10 k accounts, primed (resident and flushed) before measuring. After each
 # journal scenario the group-commit histogram's mean is printed. Last, the
 # replay of REPLAY deductions (default 1000000) left in a journal by a kill -9
-# is timed: from the restart to the listening line.
+# is timed: from the restart to the ports bound (/readyz answers 503) and to
+# ready (the listening line).
 # Settings (environment): BIN, DURATION (8s), WARMUP (2s), CONCURRENCY (32),
 # CONNECTIONS (2), ACCOUNTS (10000), REPLAY (1000000; 0 to skip), ONLY_REPLAY
 # (1: the replay measurement alone).
@@ -129,9 +130,20 @@ if [ "$REPLAY" -gt 0 ]; then
   kill -KILL "${PID[replay]}"
   wait "${PID[replay]}" 2>/dev/null || true
   : >"$work/replay.out"
+  # The ports are bound before the replay: note when /readyz first answers,
+  # and what (503 while replaying).
+  (
+    until code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:9574/readyz") && [ "$code" != 000 ]; do
+      sleep 0.005
+    done
+    echo "$(date +%s.%N) $code" >"$work/bound"
+  ) &
+  poller=$!
   t0=$(date +%s.%N)
   start replay 50574 9574 --durability journal --flush-interval 1h
   t1=$(date +%s.%N)
-  echo "# replay: ~$n deductions, journal $bytes bytes, restart to listening $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
+  wait "$poller"
+  read -r tb code <"$work/bound"
+  echo "# replay: ~$n deductions, journal $bytes bytes, restart to ports bound (/readyz $code) $(awk -v a="$t0" -v b="$tb" 'BEGIN { printf "%.3f", b - a }') s, to ready (listening line) $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
 fi
 grep -h '"level":"WARN"\|"level":"ERROR"' "$work"/*.err | head -5 >&2 || true

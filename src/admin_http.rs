@@ -40,6 +40,11 @@ pub struct AdminState {
     /// cleared while the journal cannot be written, and set again once it
     /// can (`server::journal_health`), until shutdown.
     pub ready: AtomicBool,
+    /// Set once start-up (the replay of the journal and the spill file) is
+    /// done, never cleared. Until then the pack page answers 503, as the
+    /// gRPC services answer UNAVAILABLE ([`crate::grpc::StartGate`] shares
+    /// this flag): the store may still lack acknowledged usage.
+    pub started: Arc<AtomicBool>,
     /// Who may see the pack page.
     pub auth: AdminAuth,
 }
@@ -249,6 +254,9 @@ async fn packs(State(s): State<Arc<AdminState>>, RawQuery(query): RawQuery) -> R
         return Redirect::to("/").into_response();
     };
     let page = async {
+        if !s.started.load(Ordering::Acquire) {
+            return Err(MeterError::Starting);
+        }
         let views = s.app.list_packs(&id).await?;
         let days = s.app.daily_usage(&id, daily::DEFAULT_DAYS).await?;
         Ok::<_, MeterError>((views, days))
@@ -264,6 +272,7 @@ async fn packs(State(s): State<Arc<AdminState>>, RawQuery(query): RawQuery) -> R
                 MeterError::NotFound(_) => (StatusCode::NOT_FOUND, "Unknown account"),
                 // As over gRPC: the store is outside this process and may come back.
                 MeterError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "Store unavailable"),
+                MeterError::Starting => (StatusCode::SERVICE_UNAVAILABLE, "Starting"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "Cannot list packs"),
             };
             if status.is_server_error() {

@@ -49,6 +49,10 @@ impl From<MeterError> for Status {
             MeterError::LedgerFull { .. } => Status::resource_exhausted(msg),
             // The gateway should send the request to another node.
             MeterError::ShuttingDown => Status::unavailable(msg),
+            // Not ready yet (start-up replays the journal): health says
+            // NOT_SERVING, and the call may be retried here shortly or sent
+            // to another node.
+            MeterError::Starting => Status::unavailable(msg),
             // Nothing may be acknowledged that is not durable; another node
             // (or this one, once its disk takes writes again) can take it.
             MeterError::JournalUnavailable(_) => Status::unavailable(msg),
@@ -58,6 +62,25 @@ impl From<MeterError> for Status {
             // outside this process and may come back, and gateways (Envoy's
             // failure_mode_deny among them) treat UNAVAILABLE as retryable.
             MeterError::Store(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+/// Refuses every call with UNAVAILABLE ([`MeterError::Starting`]) until
+/// start-up is done: while the journal and the spill file are replayed, the
+/// store (and so the meter's view of it) lacks acknowledged usage, and no
+/// call may be answered from that state. Health and reflection are not
+/// behind it. Once `started` is set it never clears (shutdown has its own
+/// gate, [`crate::meter::gate::Gate`]).
+#[derive(Clone)]
+pub struct StartGate(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl tonic::service::Interceptor for StartGate {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if self.0.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(req)
+        } else {
+            Err(MeterError::Starting.into())
         }
     }
 }

@@ -50,11 +50,15 @@
 //!
 //! # Replay
 //!
-//! [`replay`] runs at start, before any port is bound: it turns the
-//! journal into batches, appends them to the spill file (atomically), moves
-//! the checkpoint past them and deletes the segments; the spill file's
-//! replay (the same as after a failed shutdown flush) then writes them to
-//! the store, each batch once by its id.
+//! [`replay`] runs at start, with both ports bound but before the server
+//! reports ready (health NOT_SERVING, `/readyz` 503, calls UNAVAILABLE:
+//! see [`crate::server`]): it turns the journal into batches, appends them
+//! to the spill file (atomically), moves the checkpoint past them and
+//! deletes the segments; the spill file's replay (the same as after a
+//! failed shutdown flush) then writes them to the store, each batch once by
+//! its id. Each step can be cut short (a SIGTERM stops the spill file's
+//! replay between two batches; a SIGKILL anywhere) and run again: the same
+//! journal gives the same batch ids.
 //!
 //! # When the journal cannot be written
 //!

@@ -155,6 +155,14 @@ pub enum MeterError {
     },
     #[error("packmeter is shutting down and takes no more deductions; send them to another node")]
     ShuttingDown,
+    /// Start-up is not done: the journal and the spill file are being
+    /// replayed into the store, and nothing is served from the state
+    /// before them.
+    #[error(
+        "packmeter is starting: replaying the journal and the spill file into the store; retry \
+         shortly or send the call to another node"
+    )]
+    Starting,
     /// `--durability journal`: the journal cannot be written, so nothing
     /// can be acknowledged durably.
     #[error("{0}; send the deduction to another node")]

@@ -560,7 +560,7 @@ pub fn render_index() -> String {
                 ul.links {
                     li { a href="/metrics" { "/metrics" } " · Prometheus metrics" }
                     li { a href="/livez" { "/livez" } " · liveness: 200 while the process runs" }
-                    li { a href="/readyz" { "/readyz" } " · readiness: 200 while serving, 503 once shutdown begins" }
+                    li { a href="/readyz" { "/readyz" } " · readiness: 503 while start-up replays the journal, 200 while serving, 503 once shutdown begins" }
                 }
             }
         }

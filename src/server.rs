@@ -2,8 +2,15 @@
 //! and the admin port together, and owns start-up and the shutdown
 //! sequence.
 //!
-//! Start-up replays the spill file a previous shutdown may have left (see
-//! [`crate::spill`]) before it binds any port.
+//! Start-up binds both ports first, then replays the journal (see
+//! [`crate::journal`]) and the spill file a previous shutdown may have left
+//! (see [`crate::spill`]) into the store. Until that is done health reports
+//! NOT_SERVING, `/readyz` 503 (`/livez` and `/metrics` answer), and every
+//! Meter, Admin and Envoy call gets UNAVAILABLE ([`crate::grpc::StartGate`]):
+//! nothing is served from a store that may lack acknowledged usage. Then
+//! health flips to SERVING and the listening line is printed. A signal
+//! during the replay stops it between two batches (it is idempotent, and the
+//! next start goes on) and the process exits 0.
 //!
 //! Shutdown, all within `--shutdown-grace` from the signal:
 //! 1. SIGTERM or SIGINT arrives;
@@ -47,6 +54,7 @@ use crate::{
     drain::Drain,
     grpc::{
         admin::AdminService, envoy_rls::RlsService, meter::MeterService, noop::NoopService, proto,
+        StartGate,
     },
     journal::Durability,
     meter::Meter,
@@ -105,6 +113,9 @@ pub enum ServeError {
         error: crate::store::StoreError,
         dir: std::path::PathBuf,
     },
+    /// The start-up task (the replay) ended without an answer: a panic.
+    #[error("start-up failed: {0}; the next start replays the journal and the spill file again")]
+    StartUp(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
     #[error("reflection setup failed: {0}")]
@@ -158,8 +169,8 @@ impl ServeError {
 
 /// Runs the server until `shutdown` resolves, then drains and flushes.
 ///
-/// Prints one line to stdout once both ports are bound:
-/// `packmeter listening grpc=ADDR admin=ADDR`.
+/// Binds both ports at once; prints one line to stdout once start-up (the
+/// replay) is done and it serves: `packmeter listening grpc=ADDR admin=ADDR`.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -179,32 +190,8 @@ pub async fn serve(
         e => ServeError::Open(e),
     })?;
     let spill_path = store::spill_path(&config.store);
-    // The journal first (into the spill file), then the spill file: both
-    // before any port is bound, so nothing is served until the store has
-    // every acknowledged deduction. A journal left by a journal-mode run is
-    // replayed in flush mode too.
     let journal_dir = crate::journal::journal_dir(&config.store);
-    let journaled = if config.durability == Durability::Journal || journal_dir.exists() {
-        let r = crate::journal::replay(&journal_dir, &spill_path, crate::calendar::now_ts())?;
-        if r.deductions > 0 || r.stopped > 0 {
-            tracing::info!(
-                deductions = r.deductions,
-                batches = r.batches,
-                files_stopped_early = r.stopped,
-                "journal replayed"
-            );
-        }
-        Some(r)
-    } else {
-        None
-    };
-    let replayed = spill::replay(&*store, &spill_path).await?;
-    if replayed != spill::Replayed::default() {
-        tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
-    }
-    // Hours an earlier run settled stay settled, whatever --late-grace
-    // says now (R12).
-    let settled = store.settled_before().await?;
+    // Built now, reached only once start-up is done (`StartUp::run`).
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App::new(
         config.meter.clone(),
@@ -214,24 +201,6 @@ pub async fn serve(
         crate::flush::BATCH_ACCOUNTS,
     ));
     let meter: Arc<Meter> = app.meter().clone();
-    meter.gate().settle(settled);
-    let journal = match (config.durability, journaled) {
-        (Durability::Journal, Some(r)) => {
-            let j = crate::journal::Journal::open(&journal_dir, &r, metrics.clone())?;
-            tracing::info!(dir = %journal_dir.display(), "durability = journal: deductions are synced to the journal before they are answered");
-            app.enable_journal(j.clone());
-            Some(j)
-        }
-        _ => None,
-    };
-    // Many nodes may share the store: read the changes made through the
-    // others from here on (accounts load fresh).
-    let changes = if store_is_shared(&config.store) {
-        let last = app.store().last_change().await?;
-        Some(crate::changes::ChangeCursor::starting_after(last))
-    } else {
-        None
-    };
     let flusher = app.flusher().clone();
     // Who may call Admin and the pack page: one policy for both ports.
     let admin_auth = {
@@ -291,8 +260,11 @@ pub async fn serve(
         "packmeter.v1.Admin",
         "envoy.service.ratelimit.v3.RateLimitService",
     ];
+    // NOT_SERVING until start-up is done (the reporter starts "" SERVING).
     for s in services {
-        health.set_service_status(s, ServingStatus::Serving).await;
+        health
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
     }
     // Both reflection versions: grpcurl and older tools still ask v1alpha.
     let reflection = || {
@@ -306,50 +278,14 @@ pub async fn serve(
     let drain = Arc::new(Drain::default());
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
-    tasks.spawn(
-        flusher
-            .clone()
-            .run(config.flush_interval, stop_background.clone()),
-    );
-    if let Some(cursor) = changes {
-        tasks.spawn(crate::changes::run(
-            app.clone(),
-            cursor,
-            config.flush_interval,
-            stop_background.clone(),
-        ));
-    }
-    if let Some(leases) = meter.leases() {
-        // Strict mode: renew leases in use, return idle ones.
-        tasks.spawn(leases.clone().run(
-            meter.clone(),
-            app.store().clone(),
-            app.clock().clone(),
-            stop_background.clone(),
-        ));
-    }
-    tasks.spawn(evict_loop(
-        meter.clone(),
-        config.idle_evict,
-        stop_background.clone(),
-    ));
 
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin_state = Arc::new(AdminState {
         app: app.clone(),
-        ready: true.into(),
+        ready: false.into(),
+        started: started.clone(),
         auth: admin_auth.clone(),
     });
-    if let Some(j) = &journal {
-        // Health follows the journal: NOT_SERVING while it cannot be
-        // written, SERVING again once it can (until shutdown).
-        tasks.spawn(journal_health(
-            j.watch_writable(),
-            health.clone(),
-            services,
-            admin_state.clone(),
-            stop_background.clone(),
-        ));
-    }
     let stop_admin = CancellationToken::new();
     let admin = {
         let stop = stop_admin.clone();
@@ -384,10 +320,12 @@ pub async fn serve(
             shutdown.await;
             let _ = deadline.set(tokio::time::Instant::now() + grace);
             tracing::info!("shutdown requested: refusing new deductions and draining");
-            admin_state.ready.store(false, Ordering::Release);
             // Waits (microseconds) for deductions between their checks and
-            // their ledger entry; every later one is refused.
+            // their ledger entry; every later one is refused. Before
+            // readiness clears: start-up, flipping to ready, checks the
+            // gate after (see `StartUp::run`).
             app.close();
+            admin_state.ready.store(false, Ordering::Release);
             for s in services {
                 health
                     .set_service_status(s, ServingStatus::NotServing)
@@ -397,8 +335,7 @@ pub async fn serve(
         });
     }
 
-    println!("packmeter listening grpc={grpc_addr} admin={admin_addr}");
-    tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
+    tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "ports bound; not ready until the journal and the spill file are replayed");
 
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
@@ -440,8 +377,11 @@ pub async fn serve(
             limits.max_export_range,
         ))
         .max_decoding_message_size(max_message);
+        // Every one of them refuses calls until start-up is done.
+        use tonic::service::interceptor::InterceptedService;
+        let start_gate = StartGate(started.clone());
         router
-            .add_service(
+            .add_service(InterceptedService::new(
                 proto::meter_server::MeterServer::new(MeterService::new(
                     app.clone(),
                     config.max_batch,
@@ -449,15 +389,17 @@ pub async fn serve(
                     drain.clone(),
                 ))
                 .max_decoding_message_size(max_message),
-            )
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                admin,
-                AdminInterceptor(admin_auth),
+                start_gate.clone(),
             ))
-            .add_service(
+            .add_service(InterceptedService::new(
+                InterceptedService::new(admin, AdminInterceptor(admin_auth)),
+                start_gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 RateLimitServiceServer::new(RlsService::new(app.clone(), config.rls.clone()))
                     .max_decoding_message_size(max_message),
-            )
+                start_gate,
+            ))
     };
     // Each connection closes with a lingering close (see `crate::linger`),
     // with TLS too (see `crate::tls`).
@@ -466,6 +408,32 @@ pub async fn serve(
     let grpc = router.serve_with_incoming_shutdown(incoming, {
         let d = draining.clone();
         async move { d.cancelled().await }
+    });
+
+    // Start-up runs beside the server, which answers health and refuses
+    // calls meanwhile. A failed start-up stops the server (draining).
+    let mut startup = tokio::spawn({
+        let s = StartUp {
+            app: app.clone(),
+            config: config.clone(),
+            spill_path: spill_path.clone(),
+            journal_dir: journal_dir.clone(),
+            health: health.clone(),
+            services,
+            admin_state: admin_state.clone(),
+            tasks: tasks.clone(),
+            stop_background: stop_background.clone(),
+            draining: draining.clone(),
+            addrs: (grpc_addr, admin_addr),
+        };
+        let draining = draining.clone();
+        async move {
+            let r = s.run().await;
+            if r.is_err() {
+                draining.cancel();
+            }
+            r
+        }
     });
 
     // Once draining, wait for the requests in flight, not for clients to
@@ -495,6 +463,24 @@ pub async fn serve(
     // Nothing is acknowledged any more once the gate is closed (it already
     // is after a signal).
     app.close();
+    // Start-up stops at its next step once draining (a replay between two
+    // batches: the next start goes on from the file, skipping what is
+    // applied); it spawns no background task after this.
+    draining.cancel();
+    let started_up = match tokio::time::timeout_at(deadline, &mut startup).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(ServeError::StartUp(e.to_string())),
+        Err(_) => {
+            // Cut at an await: a batch being written either commits or
+            // not, and its id makes the next start's replay skip it or
+            // apply it.
+            startup.abort();
+            tracing::warn!(
+                "start-up did not stop before the deadline; the next start replays what is left"
+            );
+            Ok(false)
+        }
+    };
     let started = Instant::now();
     stop_background.cancel();
     tasks.close();
@@ -504,9 +490,15 @@ pub async fn serve(
     {
         tracing::warn!("the running flush did not finish before the deadline");
     }
-    let flushed = flusher.final_flush(deadline).await;
+    // Nothing was deducted unless start-up was done (calls were refused).
+    let flushed = match started_up {
+        Ok(true) => flusher.final_flush(deadline).await,
+        _ => Ok(Default::default()),
+    };
     let set_aside = meter.set_aside_accounts().len();
     let outcome = match flushed {
+        // (Before start-up was done nothing was leased or flushed.)
+        Ok(_) if !matches!(started_up, Ok(true)) => Ok(()),
         Ok(report) if set_aside == 0 => {
             if let Some(leases) = meter.leases() {
                 // What the leases admitted is booked: return the rest.
@@ -515,7 +507,7 @@ pub async fn serve(
             tracing::info!(accounts = report.accounts, elapsed = ?started.elapsed(), "final flush done; exiting");
             Ok(())
         }
-        other if journal.is_some() => {
+        other if app.journal().is_some() => {
             // Journal mode: every unflushed deduction is in the journal,
             // which the next start replays; a spill file now would hold
             // them twice.
@@ -568,14 +560,185 @@ pub async fn serve(
         lingering.close();
         let _ = tokio::time::timeout_at(deadline, lingering.wait()).await;
     }
-    if let Some(j) = &journal {
+    if let Some(j) = app.journal() {
         // Every acknowledged record is synced already; this ends the writer.
         j.close();
     }
     stop_admin.cancel();
     let _ = admin.await;
     served?;
+    if !started_up? {
+        tracing::info!("stopped before start-up was done; the next start replays what is left");
+    }
     outcome
+}
+
+// === start-up ===
+
+/// What start-up needs, beside the server already listening.
+struct StartUp {
+    app: Arc<App>,
+    config: Config,
+    spill_path: std::path::PathBuf,
+    journal_dir: std::path::PathBuf,
+    health: tonic_health::server::HealthReporter,
+    services: [&'static str; 4],
+    admin_state: Arc<AdminState>,
+    tasks: TaskTracker,
+    stop_background: CancellationToken,
+    /// Cancelled once shutdown begins: start-up stops at its next step.
+    draining: CancellationToken,
+    addrs: (std::net::SocketAddr, std::net::SocketAddr),
+}
+
+impl StartUp {
+    /// Replays the journal and the spill file, starts the background
+    /// tasks, then lets calls through and reports SERVING. `Ok(false)` if
+    /// shutdown began first.
+    async fn run(self) -> Result<bool, ServeError> {
+        let StartUp {
+            app,
+            config,
+            spill_path,
+            journal_dir,
+            health,
+            services,
+            admin_state,
+            tasks,
+            stop_background,
+            draining,
+            addrs: (grpc_addr, admin_addr),
+        } = self;
+        let store = app.store().clone();
+        // The journal first (into the spill file), then the spill file. A
+        // journal left by a journal-mode run is replayed in flush mode too.
+        // Its replay is file work: off the runtime's threads, and not
+        // stopped half-way by a signal.
+        let journaled = if config.durability == Durability::Journal || journal_dir.exists() {
+            let (dir, spill) = (journal_dir.clone(), spill_path.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                crate::journal::replay(&dir, &spill, crate::calendar::now_ts())
+            })
+            .await
+            .map_err(|e| ServeError::StartUp(format!("the journal's replay: {e}")))??;
+            if r.deductions > 0 || r.stopped > 0 {
+                tracing::info!(
+                    deductions = r.deductions,
+                    batches = r.batches,
+                    files_stopped_early = r.stopped,
+                    "journal replayed"
+                );
+            }
+            Some(r)
+        } else {
+            None
+        };
+        let replayed = spill::replay(&*store, &spill_path, &draining).await?;
+        if replayed.interrupted {
+            tracing::info!(?replayed, path = %spill_path.display(), "shutdown during the spill file's replay: the rest stays in it for the next start");
+            return Ok(false);
+        }
+        if replayed != spill::Replayed::default() {
+            tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
+        }
+        // Hours an earlier run settled stay settled, whatever --late-grace
+        // says now (R12).
+        let settled = store.settled_before().await?;
+        let meter = app.meter().clone();
+        meter.gate().settle(settled);
+        // Watched from its opening, so that health sees a change of its
+        // writability before the flip below too.
+        let mut writable = None;
+        if let (Durability::Journal, Some(r)) = (config.durability, &journaled) {
+            let j = crate::journal::Journal::open(&journal_dir, r, app.metrics().clone())?;
+            tracing::info!(dir = %journal_dir.display(), "durability = journal: deductions are synced to the journal before they are answered");
+            writable = Some(j.watch_writable());
+            app.enable_journal(j);
+        }
+        // Many nodes may share the store: read the changes made through the
+        // others from here on (accounts load fresh).
+        let changes = if store_is_shared(&config.store) {
+            let last = store.last_change().await?;
+            Some(crate::changes::ChangeCursor::starting_after(last))
+        } else {
+            None
+        };
+        if draining.is_cancelled() {
+            return Ok(false);
+        }
+
+        tasks.spawn(
+            app.flusher()
+                .clone()
+                .run(config.flush_interval, stop_background.clone()),
+        );
+        if let Some(cursor) = changes {
+            tasks.spawn(crate::changes::run(
+                app.clone(),
+                cursor,
+                config.flush_interval,
+                stop_background.clone(),
+            ));
+        }
+        if let Some(leases) = meter.leases() {
+            // Strict mode: renew leases in use, return idle ones.
+            tasks.spawn(leases.clone().run(
+                meter.clone(),
+                store.clone(),
+                app.clock().clone(),
+                stop_background.clone(),
+            ));
+        }
+        tasks.spawn(evict_loop(
+            meter.clone(),
+            config.idle_evict,
+            stop_background.clone(),
+        ));
+
+        // Serving: calls pass, then health and readiness flip. Shutdown
+        // closes the gate before it clears readiness and reports
+        // NOT_SERVING, so checking the gate after the flip undoes one that
+        // raced it: either the check sees the gate closed, or the flip came
+        // before shutdown's own writes.
+        admin_state.started.store(true, Ordering::Release);
+        for s in services {
+            health.set_service_status(s, ServingStatus::Serving).await;
+        }
+        admin_state.ready.store(true, Ordering::Release);
+        if meter.gate().is_closed() {
+            admin_state.ready.store(false, Ordering::Release);
+            for s in services {
+                health
+                    .set_service_status(s, ServingStatus::NotServing)
+                    .await;
+            }
+            return Ok(true);
+        }
+        if let Some(writable) = writable {
+            // Health follows the journal: NOT_SERVING while it cannot be
+            // written, SERVING again once it can (until shutdown).
+            tasks.spawn(journal_health(
+                writable,
+                health.clone(),
+                services,
+                admin_state.clone(),
+                stop_background.clone(),
+            ));
+        }
+        // Scripts and tests wait for this line: the server is ready. (Not
+        // println!: a closed stdout must not stop the server.)
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "packmeter listening grpc={grpc_addr} admin={admin_addr}"
+            )
+            .and_then(|()| out.flush());
+        }
+        tracing::info!(%grpc_addr, %admin_addr, store = %config.store, "serving");
+        Ok(true)
+    }
 }
 
 /// Sets health and readiness from the journal's writability.

@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     ledger::FlushBatch,
     store::{Store, StoreError},
@@ -48,6 +50,9 @@ pub struct Replayed {
     pub skipped: usize,
     /// Accounts the store refused for good: kept in the file.
     pub kept: usize,
+    /// Shutdown stopped the replay between two batches: the file is kept
+    /// whole, and the next start replays it (skipping what was applied).
+    pub interrupted: bool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
@@ -140,7 +145,14 @@ async fn write(store: &dyn Store, batch: &FlushBatch) -> Result<bool, StoreError
 /// refuses for good is split by account; the accounts it still refuses stay
 /// in the file (logged), and the rest is applied. Their split ids derive
 /// from the batch's, so a second replay is as idempotent as the first.
-pub async fn replay(store: &dyn Store, path: &Path) -> Result<Replayed, SpillError> {
+///
+/// Once `stop` is cancelled (shutdown began), no further batch is started:
+/// the file is left as it is and [`Replayed::interrupted`] is set.
+pub async fn replay(
+    store: &dyn Store,
+    path: &Path,
+    stop: &CancellationToken,
+) -> Result<Replayed, SpillError> {
     let batches = read(path)?;
     let mut done = Replayed::default();
     if batches.is_empty() {
@@ -153,6 +165,10 @@ pub async fn replay(store: &dyn Store, path: &Path) -> Result<Replayed, SpillErr
     };
     let mut kept = Vec::new();
     for batch in batches {
+        if stop.is_cancelled() {
+            done.interrupted = true;
+            return Ok(done);
+        }
         match write(store, &batch).await {
             Ok(true) => done.applied += 1,
             Ok(false) => done.skipped += 1,
@@ -222,7 +238,9 @@ mod tests {
         append(&path, &[batch("b0", "a", 5), batch("b1", "a", 7)]).unwrap();
         append(&path, &[batch("b2", "b", u64::MAX)]).unwrap();
         assert_eq!(read(&path).unwrap().len(), 3);
-        let r = replay(&store, &path).await.unwrap();
+        let r = replay(&store, &path, &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!((r.applied, r.skipped, r.kept), (1, 1, 1));
         let rows = store
             .usage_rows_page(0, 1, Some("a"), None, 100)
@@ -231,7 +249,9 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 12);
         // The refused account stays in the file; replaying again changes nothing.
         assert_eq!(read(&path).unwrap().len(), 1);
-        let r = replay(&store, &path).await.unwrap();
+        let r = replay(&store, &path, &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!((r.applied, r.skipped, r.kept), (0, 0, 1));
         assert_eq!(
             store
@@ -243,6 +263,26 @@ mod tests {
                 .sum::<u64>(),
             12
         );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_replay_starts_no_batch_and_keeps_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db").to_str().unwrap()).unwrap();
+        let path = dir.path().join("s.db.unflushed");
+        append(&path, &[batch("b0", "a", 5), batch("b1", "a", 7)]).unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let r = replay(&store, &path, &stop).await.unwrap();
+        assert!(r.interrupted);
+        assert_eq!((r.applied, r.skipped), (0, 0));
+        assert_eq!(read(&path).unwrap().len(), 2);
+        // The next start replays it all.
+        let r = replay(&store, &path, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.skipped, r.interrupted), (2, 0, false));
+        assert!(read(&path).unwrap().is_empty());
     }
 
     #[test]

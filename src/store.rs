@@ -241,7 +241,7 @@ pub trait Store: Send + Sync + 'static {
     /// `Ts::MIN` until something has been settled.
     ///
     /// `serve` reads it once at start and closes those hours to deductions
-    /// before binding any port; an export records the mark it settles
+    /// before it serves any call; an export records the mark it settles
     /// with [`record_settled`](Self::record_settled) before it reads a row.
     async fn settled_before(&self) -> Result<Ts, StoreError>;
 

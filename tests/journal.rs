@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{deduct, Server};
+use common::{deduct, fill, Server, SmallFs};
 use packmeter::grpc::proto::{self, meter_client::MeterClient};
 use tonic::transport::Channel;
 
@@ -325,48 +325,6 @@ async fn kill_9_under_load_in_flush_mode_loses_at_most_one_flush_interval() {
     }
 }
 
-/// A filesystem the test makes itself: a 4 MiB tmpfs where the machine
-/// allows mounting one (root), unmounted on drop.
-struct SmallFs {
-    path: std::path::PathBuf,
-}
-
-impl SmallFs {
-    fn mount(at: &Path) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "packmeter-test"])
-            .arg(at)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| SmallFs {
-            path: at.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.path)
-            .status();
-    }
-}
-
-/// Fills the filesystem of `dir` with a ballast file until it refuses more.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("ballast");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 16 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    // Whatever still fits in smaller pieces too.
-    while f.write_all(&chunk[..512]).is_ok() {}
-    let _ = f.sync_all();
-    path
-}
-
 async fn health(server: &Server) -> i32 {
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     health
@@ -627,4 +585,244 @@ async fn kill_9_under_load_on_postgresql_in_journal_mode_loses_nothing_and_doubl
     assert!(status.success(), "{stderr}");
     check("after a clean stop", &tallies).await;
     assert!(tallies.iter().any(|t| t.lock().unwrap().acked() > 0));
+}
+
+// === start-up: the replay, with the ports bound ===
+
+/// Deductions and accounts of the journal the start-up test replays:
+/// about a second of replay in a debug build, long enough to watch (a
+/// client sees NOT_SERVING dozens of times).
+/// `PACKMETER_REPLAY_RECORDS` sets another size.
+fn replay_records() -> usize {
+    std::env::var("PACKMETER_REPLAY_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+const REPLAY_ACCOUNTS: usize = 10_000;
+
+/// Writes the journal a journal-mode server killed before any flush would
+/// leave beside `db`, with the library's own record encoder: `records`
+/// deductions over `accounts` accounts (`acct-N`), none flushed. Returns
+/// the calls each account must be billed.
+fn write_journal(db: &Path, records: usize, accounts: usize) -> Vec<u64> {
+    use packmeter::{
+        calendar::{now_ts, HOUR},
+        journal::{encode, Record},
+        ledger::{AccountFlush, AccountRecord, DeltaRow},
+        packs::Item,
+    };
+    let dir = db.with_extension("db.journal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let now = now_ts();
+    let hour = now - now.rem_euclid(HOUR);
+    let mut calls = vec![0; accounts];
+    let mut buf = Vec::with_capacity(records * 100);
+    let mut rng = Rng(0x5eed);
+    for i in 0..records {
+        let a = i % accounts;
+        let amount = 1 + rng.below(9);
+        calls[a] += amount;
+        let id = format!("acct-{a}");
+        let part = AccountFlush {
+            account_id: id.as_str().into(),
+            // As the first deduction of an account carries its row.
+            account: (i < accounts).then(|| AccountRecord {
+                account_id: id.clone(),
+                activated_at: Some(hour),
+                suspended: false,
+                deny_on_exhausted: false,
+            }),
+            deltas: vec![DeltaRow {
+                hour,
+                item: Item::Calls,
+                pack: None,
+                amount,
+                span: Some((now, now)),
+            }],
+            dedup: vec![],
+        };
+        encode(
+            &Record::Deduct {
+                epoch: 1,
+                parts: vec![part],
+            },
+            &mut buf,
+        );
+    }
+    std::fs::write(dir.join(format!("{:020}-{:04}.seg", 1, 0)), buf).unwrap();
+    calls
+}
+
+/// What a client saw of a server while it started.
+#[derive(Debug, Default)]
+struct StartUpSeen {
+    /// Health checks that answered NOT_SERVING.
+    not_serving: usize,
+    /// `/readyz` answers 503.
+    not_ready: usize,
+    /// Deductions, `Admin.Flush` calls and pack pages refused as starting.
+    refused: usize,
+    /// Deductions of `probe` answered (only once start-up is done).
+    probe_acked: u64,
+    /// Envoy `ShouldRateLimit` calls refused as starting.
+    rls_refused: usize,
+}
+
+/// Watches a starting server from the moment its gRPC port accepts: health,
+/// `/livez`, `/metrics`, `/readyz`, a deduction, `Admin.Flush`, Envoy's
+/// `ShouldRateLimit` and the pack page, again
+/// and again, until health reports SERVING (or, with `first_only`, until it
+/// was seen NOT_SERVING once). Every refusal must be UNAVAILABLE (or 503)
+/// and say that the journal is being replayed.
+async fn watch_start_up(server: &Server, first_only: bool) -> StartUpSeen {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = loop {
+        match Channel::from_shared(server.url()).unwrap().connect().await {
+            Ok(c) => break c,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "the gRPC port never accepted");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut meter = MeterClient::new(channel.clone());
+    let mut admin = proto::admin_client::AdminClient::new(channel.clone());
+    let mut rls = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel);
+    let mut seen = StartUpSeen::default();
+    let starting = |s: &tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(s.message().contains("replaying the journal"), "{s:?}");
+    };
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "not serving within a minute: {seen:?}"
+        );
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "packmeter.v1.Meter".into(),
+            })
+            .await
+            .expect("health answers during start-up")
+            .into_inner()
+            .status;
+        if status == SERVING {
+            return seen;
+        }
+        assert_eq!(status, NOT_SERVING);
+        seen.not_serving += 1;
+        if first_only {
+            return seen;
+        }
+        // Start-up may end between any two of these: then a call is
+        // served, and health says SERVING at the next turn.
+        assert_eq!(common::get(&server.admin, "/livez").await.status, 200);
+        assert_eq!(common::get(&server.admin, "/metrics").await.status, 200);
+        if common::get(&server.admin, "/readyz").await.status == 503 {
+            seen.not_ready += 1;
+        }
+        match meter.deduct(deduct("probe", 1, 0, None)).await {
+            Ok(_) => seen.probe_acked += 1,
+            Err(s) => {
+                starting(&s);
+                seen.refused += 1;
+            }
+        }
+        if let Err(s) = admin.flush(proto::FlushRequest {}).await {
+            starting(&s);
+            seen.refused += 1;
+        }
+        // (Once start-up is done, this empty request is refused as invalid.)
+        let rls_request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+            domain: "packmeter".into(),
+            hits_addend: 1,
+            ..Default::default()
+        };
+        if let Err(s) = rls.should_rate_limit(rls_request).await {
+            if s.code() == tonic::Code::Unavailable {
+                starting(&s);
+                seen.rls_refused += 1;
+            }
+        }
+        let page = common::get(&server.admin, "/packs?account=acct-0").await;
+        if page.status == 503 {
+            assert!(page.body.contains("replaying the journal"), "{}", page.body);
+            seen.refused += 1;
+        }
+    }
+}
+
+/// Issue 9: the journal is replayed with both ports bound, before the
+/// server reports ready. While it runs, health says NOT_SERVING, `/readyz`
+/// 503 (`/livez` 200), and Meter and Admin calls and the pack page are
+/// refused as UNAVAILABLE: nothing is answered from a store that lacks the
+/// journal. A SIGTERM during the replay exits 0 before ready and loses
+/// nothing; the next start finishes the replay, and every deduction is
+/// billed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_is_replayed_with_the_ports_bound_and_nothing_served_until_it_is_done() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("packmeter.db");
+    let expected = write_journal(&db, replay_records(), REPLAY_ACCOUNTS);
+    let flags = ["--durability", "journal", "--flush-interval", "1h"];
+
+    // A SIGTERM while the replay runs.
+    let (grpc, admin) = (common::free_addr(), common::free_addr());
+    let (mut server, mut stdout) = Server::spawn_on_at(&db, (&grpc, &admin), &flags);
+    let seen = watch_start_up(&server, true).await;
+    assert_eq!(seen.not_serving, 1, "{seen:?}");
+    server.send_term();
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("stopped before start-up was done"),
+        "{stderr}"
+    );
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "", "it never reported ready");
+
+    // The next start replays it all, and is watched while it does.
+    let (grpc, admin) = (common::free_addr(), common::free_addr());
+    let (server, mut stdout) = Server::spawn_on_at(&db, (&grpc, &admin), &flags);
+    let seen = watch_start_up(&server, false).await;
+    eprintln!("during the replay: {seen:?}");
+    assert!(seen.not_serving > 0, "{seen:?}");
+    assert!(seen.not_ready > 0, "{seen:?}");
+    assert!(seen.refused > 0, "{seen:?}");
+    assert!(seen.rls_refused > 0, "{seen:?}");
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("packmeter listening"), "{line:?}");
+    assert_eq!(common::get(&server.admin, "/readyz").await.status, 200);
+
+    let check = |when: &str| {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT account_id, SUM(amount) FROM usage_hourly WHERE item = ?1 \
+                 GROUP BY account_id",
+            )
+            .unwrap();
+        let billed: std::collections::HashMap<String, u64> = stmt
+            .query_map([proto::Item::Calls as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (a, calls) in expected.iter().enumerate() {
+            let got = billed.get(&format!("acct-{a}")).copied().unwrap_or(0);
+            assert_eq!(got, *calls, "{when}: acct-{a}");
+        }
+        billed.get("probe").copied().unwrap_or(0)
+    };
+    check("once ready");
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    // The refused probes are not billed; one answered once start-up was
+    // done is.
+    assert_eq!(check("after a clean stop"), seen.probe_acked);
 }

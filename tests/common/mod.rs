@@ -112,14 +112,44 @@ impl Server {
         )
     }
 
-    fn launch_command(
+    /// Starts a server on the given SQLite file at the given addresses
+    /// (see [`free_addr`]) and returns at once, before it is ready: the
+    /// ports are bound early, and the returned stdout gives the listening
+    /// line once start-up (the replay of the journal) is done. For watching
+    /// start-up from outside.
+    pub fn spawn_on_at(
+        db: &Path,
+        (grpc, admin): (&str, &str),
+        extra: &[&str],
+    ) -> (Server, BufReader<std::process::ChildStdout>) {
+        let (child, stdout, stderr) = Server::spawn(
+            Command::new(BIN),
+            (grpc, admin),
+            &format!("sqlite://{}", db.display()),
+            None,
+            extra,
+        );
+        let server = Server {
+            child,
+            grpc: grpc.to_string(),
+            admin: admin.to_string(),
+            db: db.to_path_buf(),
+            stderr: Some(stderr),
+        };
+        (server, BufReader::new(stdout))
+    }
+
+    fn spawn(
         mut command: Command,
         (grpc, admin): (&str, &str),
         store: &str,
         data: Option<&Path>,
         extra: &[&str],
-        db: &Path,
-    ) -> Server {
+    ) -> (
+        Child,
+        std::process::ChildStdout,
+        std::thread::JoinHandle<String>,
+    ) {
         if let Some(data) = data {
             command.env("XDG_DATA_HOME", data);
         }
@@ -147,7 +177,20 @@ impl Server {
             }
             all
         });
-        // The server prints one line once both ports are bound.
+        (child, stdout, stderr)
+    }
+
+    fn launch_command(
+        command: Command,
+        (grpc, admin): (&str, &str),
+        store: &str,
+        data: Option<&Path>,
+        extra: &[&str],
+        db: &Path,
+    ) -> Server {
+        let (mut child, stdout, stderr) = Server::spawn(command, (grpc, admin), store, data, extra);
+        // The server prints one line once it is ready: its ports bound, and
+        // the journal and the spill file replayed.
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
@@ -343,6 +386,54 @@ pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
         );
     }
     found
+}
+
+/// A filesystem the test makes itself: a 4 MiB tmpfs where the machine
+/// allows mounting one (root), unmounted on drop.
+pub struct SmallFs {
+    pub path: std::path::PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(at: &Path) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "packmeter-test"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs {
+            path: at.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with a ballast file until it refuses more.
+pub fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&chunk[..512]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+/// A free address on 127.0.0.1: bound and released at once, for a server
+/// that must be reachable before it prints its listening line.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").to_string()
 }
 
 /// Polls `f` until it returns true; panics after `limit`. For waiting on
