@@ -32,7 +32,7 @@ use tonic::{
     Code, Status,
 };
 
-use crate::{
+use packmeter::{
     calendar::{self, BillingZone, Ts},
     config::{Config, LogFormat, ServeArgs},
     grpc::{
@@ -170,8 +170,8 @@ pub struct UsageCmd {
     #[arg(long)]
     pub daily: bool,
     /// With --daily: how many days, ending today (1 to 731).
-    #[arg(long, requires = "daily", default_value_t = crate::daily::DEFAULT_DAYS,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::daily::MAX_DAYS)))]
+    #[arg(long, requires = "daily", default_value_t = packmeter::daily::DEFAULT_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(packmeter::daily::MAX_DAYS)))]
     pub days: u32,
     #[command(flatten)]
     pub client: ClientOpts,
@@ -428,7 +428,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let config = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
-            let format = crate::config::requested_log_format(args);
+            let format = packmeter::config::requested_log_format(args);
             return fatal(format, &format!("invalid configuration: {e}"), EX_USAGE);
         }
     };
@@ -449,8 +449,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let log_format = config.log_format;
     let served = rt.block_on(async {
         // Before anything is bound, so an early SIGTERM still drains.
-        let signal = crate::server::shutdown_signal().map_err(crate::server::ServeError::Signal)?;
-        crate::server::serve(config, signal).await
+        let signal = packmeter::server::shutdown_signal().map_err(packmeter::server::ServeError::Signal)?;
+        packmeter::server::serve(config, signal).await
     });
     // A store call still blocked (SQLite waiting for a lock it will not get)
     // must not hold the exit past the grace period. Its transaction rolls
@@ -586,7 +586,7 @@ pub fn client_tls(
     let mut config = ClientTlsConfig::new().with_enabled_roots();
     if let Some(path) = &ca {
         let pem = read("--tls-ca-file", path)?;
-        if crate::tls::pem_certificates(&pem).is_empty() {
+        if packmeter::tls::pem_certificates(&pem).is_empty() {
             return Err(format!(
                 "--tls-ca-file: {} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)",
                 path.display()
@@ -607,7 +607,7 @@ pub fn client_tls(
         (Some(cert_path), Some(key_path)) => {
             let cert = read("--tls-cert-file", cert_path)?;
             let key = read("--tls-key-file", key_path)?;
-            crate::tls::check_identity(&cert, &key).map_err(|e| {
+            packmeter::tls::check_identity(&cert, &key).map_err(|e| {
                 format!(
                     "--tls-cert-file {} and --tls-key-file {}: {e}",
                     cert_path.display(),
@@ -629,7 +629,7 @@ impl Bearer {
     fn from_opts(opts: &ClientOpts) -> Result<Bearer, Failure> {
         let token = match &opts.token_file {
             Some(path) => Some(
-                crate::auth::read_tokens(path)
+                packmeter::auth::read_tokens(path)
                     .map_err(|e| usage(format!("--token-file: {e}")))?
                     .swap_remove(0),
             ),
@@ -1327,7 +1327,7 @@ fn parse_validity(v: &str) -> Result<proto::Validity, Failure> {
     let seconds = if exact.is_empty() {
         0
     } else {
-        let d = crate::config::parse_duration(&exact).map_err(bad)?;
+        let d = packmeter::config::parse_duration(&exact).map_err(bad)?;
         if d.subsec_nanos() != 0 {
             return Err(bad("is not a whole number of seconds".into()));
         }

@@ -36,8 +36,11 @@
 //! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight;
 //!   [`linger`] closes each gRPC connection without losing what it wrote last; [`tls`]
 //!   serves the gRPC port over TLS, re-reading rotated certificates.
-//! - [`cli`]: the `packmeter` command line, including the client commands.
-//! - [`loadgen`]: `packmeter loadgen`, the closed-loop load generator for the hot-path RPCs.
+//!
+//! The binary (`src/main.rs`) holds the client tooling, so that the library
+//! does not link it: `cli`, the `packmeter` command line with the client
+//! commands, and `loadgen`, `packmeter loadgen`, the closed-loop load
+//! generator for the hot-path RPCs (indicatif, hdrhistogram).
 #![forbid(unsafe_code)]
 
 pub mod admin_http;
@@ -45,7 +48,6 @@ pub mod app;
 pub mod auth;
 pub mod calendar;
 pub mod changes;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daily;
@@ -56,7 +58,6 @@ pub mod grpc;
 pub mod journal;
 pub mod ledger;
 pub mod linger;
-pub mod loadgen;
 pub mod meter;
 pub mod metrics;
 pub mod pack_page;

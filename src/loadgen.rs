@@ -46,7 +46,7 @@ use tonic::{
     Code, Status,
 };
 
-use crate::grpc::proto::{self, admin_client::AdminClient, meter_client::MeterClient};
+use packmeter::grpc::proto::{self, admin_client::AdminClient, meter_client::MeterClient};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -109,10 +109,10 @@ pub struct LoadgenArgs {
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
     /// How long to measure, after the warm-up (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = packmeter::config::parse_duration)]
     pub duration: Duration,
     /// How long to run before measuring.
-    #[arg(long, default_value = "2s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = packmeter::config::parse_duration)]
     pub warmup: Duration,
     /// Distinct account ids, drawn uniformly.
     #[arg(long, default_value_t = 10_000)]
