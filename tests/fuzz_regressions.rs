@@ -382,7 +382,6 @@ fn grpc_seeds() -> Seeds {
                         activated_at: ts(T),
                         suspended: true,
                         deny_on_exhausted: true,
-                        ..Default::default()
                     }),
                     update_mask: Some(prost_types::FieldMask {
                         paths: vec!["activated_at".into(), "deny_on_exhausted".into()],
