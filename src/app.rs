@@ -72,6 +72,42 @@ pub struct Grant {
     pub priority: u32,
 }
 
+impl Grant {
+    /// Checks the grant's ids, capacity and validity, and returns when the
+    /// pack starts and ends, with "from now" read at `now`. Changes nothing.
+    /// Public for the fuzz targets (`fuzz/fuzz_targets/grpc_request.rs`).
+    #[doc(hidden)]
+    pub fn terms(&self, now: Ts, zone: &BillingZone) -> Result<(Ts, Ts), MeterError> {
+        validate_account_id(&self.account_id)?;
+        validate_pack_id(&self.pack_id)?;
+        if self.capacity == 0 {
+            return Err(MeterError::InvalidPack(
+                "capacity: must be at least 1".into(),
+            ));
+        }
+        if i64::try_from(self.capacity).is_err() {
+            return Err(MeterError::InvalidPack(
+                "capacity: must be below 2^63".into(),
+            ));
+        }
+        let valid_from = self.valid_from.unwrap_or(now);
+        let Some(valid_until) = self.validity.until(valid_from, zone) else {
+            return Err(MeterError::InvalidPack(
+                "valid_for: ends after year 9999; give a shorter length".into(),
+            ));
+        };
+        if valid_until <= valid_from {
+            return Err(MeterError::InvalidPack(match self.validity {
+                Validity::Until(_) => {
+                    "valid_until: must be after valid_from (valid_until is exclusive)".into()
+                }
+                Validity::For { .. } => "valid_for: must be longer than zero".into(),
+            }));
+        }
+        Ok((valid_from, valid_until))
+    }
+}
+
 /// When a granted pack ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Validity {
@@ -605,34 +641,9 @@ impl App {
     /// Grants a purchased pack. A repeated `pack_id` with the same terms
     /// returns the existing pack; with other terms it is a conflict.
     pub async fn grant_pack(&self, g: Grant) -> Result<PackView, MeterError> {
-        validate_account_id(&g.account_id)?;
-        validate_pack_id(&g.pack_id)?;
-        if g.capacity == 0 {
-            return Err(MeterError::InvalidPack(
-                "capacity: must be at least 1".into(),
-            ));
-        }
-        if i64::try_from(g.capacity).is_err() {
-            return Err(MeterError::InvalidPack(
-                "capacity: must be below 2^63".into(),
-            ));
-        }
         let now = self.clock.now();
-        let valid_from = g.valid_from.unwrap_or(now);
         let zone = self.config().zone;
-        let Some(valid_until) = g.validity.until(valid_from, &zone) else {
-            return Err(MeterError::InvalidPack(
-                "valid_for: ends after year 9999; give a shorter length".into(),
-            ));
-        };
-        if valid_until <= valid_from {
-            return Err(MeterError::InvalidPack(match g.validity {
-                Validity::Until(_) => {
-                    "valid_until: must be after valid_from (valid_until is exclusive)".into()
-                }
-                Validity::For { .. } => "valid_for: must be longer than zero".into(),
-            }));
-        }
+        let (valid_from, valid_until) = g.terms(now, &zone)?;
         let spec = PackSpec {
             pack_id: if g.pack_id.is_empty() {
                 let n = self.next_pack.fetch_add(1, Ordering::Relaxed);

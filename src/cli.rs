@@ -449,7 +449,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let log_format = config.log_format;
     let served = rt.block_on(async {
         // Before anything is bound, so an early SIGTERM still drains.
-        let signal = packmeter::server::shutdown_signal().map_err(packmeter::server::ServeError::Signal)?;
+        let signal =
+            packmeter::server::shutdown_signal().map_err(packmeter::server::ServeError::Signal)?;
         packmeter::server::serve(config, signal).await
     });
     // A store call still blocked (SQLite waiting for a lock it will not get)

@@ -14,7 +14,7 @@
 //! Every record is `[len u32][crc32 u32][version u8][kind u8][payload]`,
 //! little-endian, the CRC (crc32fast) over everything after it. The
 //! payload is [`Record`]'s fields in postcard's compact serde format. A record that is short (torn), fails its
-//! CRC or does not decode stops the reading of its file there: everything
+//! CRC, does not decode or carries an epoch past [`MAX_EPOCH`] stops the reading of its file there: everything
 //! before it is kept, and the log says at which offset and why.
 //!
 //! # Group commit
@@ -96,6 +96,12 @@ pub const VERSION: u8 = 1;
 pub const HEADER: usize = 8;
 /// Larger bodies are taken for corruption, not allocated.
 pub const MAX_BODY: usize = 64 << 20;
+/// The largest epoch a record, a checkpoint or a segment name may carry:
+/// epochs advance once per flush, so no journal counts past 2^63 (it would
+/// take 292,000 years at one flush a microsecond), and a larger one is
+/// corruption. It also leaves room to count on: replay starts the next run
+/// at the last epoch plus one.
+pub const MAX_EPOCH: u64 = i64::MAX as u64;
 /// How often an unwritable journal tries a write again.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -297,18 +303,27 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
         return Err(format!("unknown record version {version}"));
     }
     let bad = |e: postcard::Error| format!("payload does not decode: {e}");
+    let epoch = |e: u64| {
+        if e > MAX_EPOCH {
+            Err(format!(
+                "epoch {e} is past {MAX_EPOCH}, further than any journal counts"
+            ))
+        } else {
+            Ok(e)
+        }
+    };
     Ok(match *kind {
         KIND_DEDUCT => {
             let b: DeductBody<'_> = whole(payload).map_err(bad)?;
             Record::Deduct {
-                epoch: b.e,
+                epoch: epoch(b.e)?,
                 parts: b.p.into_owned(),
             }
         }
         KIND_INTENT => {
             let b: IntentBody = whole(payload).map_err(bad)?;
             Record::Intent {
-                epoch: b.e,
+                epoch: epoch(b.e)?,
                 batch_id: b.b,
                 now: b.now,
                 accounts: b.a,
@@ -318,7 +333,7 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
         KIND_CHECKPOINT => {
             let b: CheckpointBody = whole(payload).map_err(bad)?;
             Record::Checkpoint {
-                epoch: b.e,
+                epoch: epoch(b.e)?,
                 journal_id: b.id,
             }
         }
@@ -466,10 +481,12 @@ fn segment_name(epoch: u64, n: u32) -> String {
     format!("{epoch:020}-{n:04}.seg")
 }
 
+/// `None` for a name the writer never makes, among them an epoch past
+/// [`MAX_EPOCH`]: such a file is not the journal's and is left alone.
 fn parse_segment_name(name: &str) -> Option<(u64, u32)> {
     let stem = name.strip_suffix(".seg")?;
     let (e, n) = stem.split_once('-')?;
-    Some((e.parse().ok()?, n.parse().ok()?))
+    Some((e.parse().ok().filter(|e| *e <= MAX_EPOCH)?, n.parse().ok()?))
 }
 
 /// A segment file: its (epoch, n) and its path.

@@ -46,6 +46,64 @@ fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
     v.ok_or_else(|| Status::invalid_argument(format!("{field}: is required")))
 }
 
+/// Converts a `GrantPack` request; changes nothing. Public for the fuzz
+/// targets (`fuzz/fuzz_targets/grpc_request.rs`), which run what the server runs.
+#[doc(hidden)]
+pub fn grant(r: proto::GrantPackRequest) -> Result<Grant, Status> {
+    validate_account_id(&r.account_id)?;
+    let until = convert::ts("valid_until", r.valid_until.as_ref())?;
+    let validity = match (until, r.valid_for) {
+        (Some(t), None) => Validity::Until(t),
+        (None, Some(v)) => convert::validity("valid_for", &v)?,
+        (Some(_), Some(_)) => {
+            return Err(Status::invalid_argument(
+                "valid_for: set valid_until or valid_for, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(Status::invalid_argument(
+                "valid_until: is required (or give valid_for)",
+            ))
+        }
+    };
+    Ok(Grant {
+        item: convert::item("item", r.item)?,
+        valid_from: convert::ts("valid_from", r.valid_from.as_ref())?,
+        validity,
+        account_id: r.account_id,
+        pack_id: r.pack_id,
+        capacity: r.capacity,
+        priority: r.priority,
+    })
+}
+
+/// Checks an `ExportUsage` request against `--max-export-range`: its
+/// range and the account, if one is named. Changes nothing. Public for the
+/// fuzz targets.
+#[doc(hidden)]
+pub fn export_range(
+    r: proto::ExportUsageRequest,
+    max_export_range: crate::calendar::Ts,
+) -> Result<(crate::calendar::Ts, crate::calendar::Ts, Option<String>), Status> {
+    let from = required("from", convert::ts("from", r.from.as_ref())?)?;
+    let to = required("to", convert::ts("to", r.to.as_ref())?)?;
+    if to < from {
+        return Err(Status::invalid_argument("to: must not be before from"));
+    }
+    if to.saturating_sub(from) > max_export_range {
+        return Err(Status::invalid_argument(format!(
+            "to: the range from `from` to `to` is longer than the server's maximum of {} \
+             (--max-export-range); export it in shorter ranges",
+            flag_duration(max_export_range)
+        )));
+    }
+    let account = (!r.account_id.is_empty()).then_some(r.account_id);
+    if let Some(a) = &account {
+        validate_account_id(a)?;
+    }
+    Ok((from, to, account))
+}
+
 #[tonic::async_trait]
 impl proto::admin_server::Admin for AdminService {
     /// Creates an account or changes the settings its `update_mask` names
@@ -87,32 +145,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::GrantPackRequest>,
     ) -> Result<Response<proto::Pack>, Status> {
-        let r = req.into_inner();
-        validate_account_id(&r.account_id)?;
-        let until = convert::ts("valid_until", r.valid_until.as_ref())?;
-        let validity = match (until, r.valid_for) {
-            (Some(t), None) => Validity::Until(t),
-            (None, Some(v)) => convert::validity("valid_for", &v)?,
-            (Some(_), Some(_)) => {
-                return Err(Status::invalid_argument(
-                    "valid_for: set valid_until or valid_for, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(Status::invalid_argument(
-                    "valid_until: is required (or give valid_for)",
-                ))
-            }
-        };
-        let grant = Grant {
-            item: convert::item("item", r.item)?,
-            valid_from: convert::ts("valid_from", r.valid_from.as_ref())?,
-            validity,
-            account_id: r.account_id,
-            pack_id: r.pack_id,
-            capacity: r.capacity,
-            priority: r.priority,
-        };
+        let grant = grant(req.into_inner())?;
         let view = self.app.grant_pack(grant).await?;
         Ok(Response::new(convert::pack(&view, &self.app.config().zone)))
     }
@@ -187,23 +220,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::ExportUsageRequest>,
     ) -> Result<Response<Self::ExportUsageStream>, Status> {
-        let r = req.into_inner();
-        let from = required("from", convert::ts("from", r.from.as_ref())?)?;
-        let to = required("to", convert::ts("to", r.to.as_ref())?)?;
-        if to < from {
-            return Err(Status::invalid_argument("to: must not be before from"));
-        }
-        if to.saturating_sub(from) > self.max_export_range {
-            return Err(Status::invalid_argument(format!(
-                "to: the range from `from` to `to` is longer than the server's maximum of {} \
-                 (--max-export-range); export it in shorter ranges",
-                flag_duration(self.max_export_range)
-            )));
-        }
-        let account = (!r.account_id.is_empty()).then_some(r.account_id);
-        if let Some(a) = &account {
-            validate_account_id(a)?;
-        }
+        let (from, to, account) = export_range(req.into_inner(), self.max_export_range)?;
         // Read outside the flusher's lock, a page at a time as the client
         // takes rows: a slow client holds up neither flushes nor loads.
         let out = self.app.export(from, to, account).await.map(|row| {

@@ -62,10 +62,11 @@ impl RlsService {
 }
 
 /// One descriptor, mapped to the domain.
-struct Wanted<'a> {
-    account_id: &'a str,
-    item: Item,
-    deduction: Deduction<'a>,
+#[doc(hidden)]
+pub struct Wanted<'a> {
+    pub account_id: &'a str,
+    pub item: Item,
+    pub deduction: Deduction<'a>,
 }
 
 /// Adds the descriptor's position to a status, keeping the code.
@@ -141,6 +142,33 @@ fn map_descriptor<'a>(
     })
 }
 
+/// Checks a request's domain and maps every descriptor. Changes nothing.
+/// Public for the fuzz targets (`fuzz/fuzz_targets/grpc_request.rs`).
+#[doc(hidden)]
+pub fn map_request<'a>(
+    mapping: &RlsConfig,
+    r: &'a RateLimitRequest,
+) -> Result<Vec<Wanted<'a>>, Status> {
+    if let Some(want) = &mapping.domain {
+        if &r.domain != want {
+            return Err(Status::invalid_argument(format!(
+                "domain: `{}` is not the configured rls_domain `{want}`",
+                r.domain
+            )));
+        }
+    }
+    if r.descriptors.is_empty() {
+        return Err(Status::invalid_argument(
+            "descriptors: is empty; send at least one",
+        ));
+    }
+    let mut wanted = Vec::with_capacity(r.descriptors.len());
+    for (i, d) in r.descriptors.iter().enumerate() {
+        wanted.push(map_descriptor(mapping, d, r.hits_addend).map_err(|s| at_index(i, s))?);
+    }
+    Ok(wanted)
+}
+
 fn status(item: Item, o: &DeductOutcome, until_reset: &PbDuration) -> DescriptorStatus {
     let item_outcome = match item {
         Item::Calls => &o.calls,
@@ -177,24 +205,7 @@ impl RateLimitService for RlsService {
         req: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let r = req.get_ref();
-        if let Some(want) = &self.mapping.domain {
-            if &r.domain != want {
-                return Err(Status::invalid_argument(format!(
-                    "domain: `{}` is not the configured rls_domain `{want}`",
-                    r.domain
-                )));
-            }
-        }
-        if r.descriptors.is_empty() {
-            return Err(Status::invalid_argument(
-                "descriptors: is empty; send at least one",
-            ));
-        }
-        let mut wanted = Vec::with_capacity(r.descriptors.len());
-        for (i, d) in r.descriptors.iter().enumerate() {
-            wanted
-                .push(map_descriptor(&self.mapping, d, r.hits_addend).map_err(|s| at_index(i, s))?);
-        }
+        let wanted = map_request(&self.mapping, r)?;
         let group: Vec<DeductRequest<'_>> = wanted
             .iter()
             .map(|w| DeductRequest {

@@ -34,8 +34,10 @@ impl MeterService {
     }
 }
 
-/// Converts one request; changes nothing.
-fn request(r: &proto::DeductRequest) -> Result<DeductRequest<'_>, Status> {
+/// Converts one request; changes nothing. Public for the fuzz targets
+/// (`fuzz/fuzz_targets/grpc_request.rs`), which run what the server runs.
+#[doc(hidden)]
+pub fn request(r: &proto::DeductRequest) -> Result<DeductRequest<'_>, Status> {
     Ok(DeductRequest {
         account_id: &r.account_id,
         deduction: Deduction {

@@ -238,6 +238,55 @@ fn replay_moves_the_journal_to_the_spill_file_once_and_keeps_what_precedes_a_tor
     assert_eq!(crate::spill::read(&spill).unwrap().len(), 1);
 }
 
+/// Found by `fuzz/run.sh` (journal_decode; the input is in
+/// fuzz/regressions/journal_decode/): a CRC-valid record with epoch
+/// u64::MAX made replay's `last_epoch + 1` overflow, a panic at start.
+#[test]
+fn an_epoch_no_journal_reaches_stops_reading_there_and_replay_keeps_what_precedes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let mut buf = Vec::new();
+    encode(&deduct(1, "a", 5), &mut buf);
+    let bad = buf.len();
+    encode(&deduct(u64::MAX, "b", 6), &mut buf);
+    encode(&deduct(2, "c", 7), &mut buf);
+
+    let d = decode(&buf);
+    assert_eq!(d.records.len(), 1);
+    let stop = d.stop.expect("the record with epoch u64::MAX is refused");
+    assert_eq!(stop.offset, bad as u64);
+    assert!(stop.why.contains("epoch"), "{}", stop.why);
+
+    std::fs::write(jdir.join(segment_name(1, 0)), &buf).unwrap();
+    let r = replay(&jdir, &spill, 1).unwrap();
+    assert_eq!((r.deductions, r.batches, r.stopped), (1, 1, 1));
+    assert_eq!(r.next_epoch, 2);
+
+    // The largest epoch accepted still leaves the next one countable, and
+    // one past it is refused, in a checkpoint too.
+    for (epoch, ok) in [(MAX_EPOCH, true), (MAX_EPOCH + 1, false)] {
+        let mut one = Vec::new();
+        encode(&deduct(epoch, "a", 1), &mut one);
+        assert_eq!(decode(&one).stop.is_none(), ok, "epoch {epoch}");
+        let mut cp = Vec::new();
+        encode(
+            &Record::Checkpoint {
+                epoch,
+                journal_id: 1,
+            },
+            &mut cp,
+        );
+        assert_eq!(decode(&cp).stop.is_none(), ok, "checkpoint epoch {epoch}");
+    }
+    assert_eq!(
+        parse_segment_name(&segment_name(MAX_EPOCH, 0)),
+        Some((MAX_EPOCH, 0))
+    );
+    assert_eq!(parse_segment_name(&segment_name(u64::MAX, 0)), None);
+}
+
 #[test]
 fn a_corrupt_checkpoint_stops_the_replay_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
