@@ -21,13 +21,16 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 
-use crate::metrics::Metrics;
+use crate::{
+    file_stamp::{stamp, Stamp},
+    metrics::Metrics,
+};
 
 /// How often the token file's metadata is looked at, at most.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -101,24 +104,6 @@ pub fn read_tokens(path: &Path) -> Result<Vec<Vec<u8>>, String> {
         ));
     }
     Ok(tokens)
-}
-
-/// What identifies a version of the file without reading it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    ino: u64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        ino: m.ino(),
-    })
 }
 
 struct Loaded {

@@ -53,6 +53,7 @@ pub mod config;
 pub mod daily;
 pub mod drain;
 pub mod export;
+mod file_stamp;
 pub mod flush;
 pub mod grpc;
 pub mod journal;

@@ -30,7 +30,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -50,7 +50,11 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
-use crate::{linger::Lingering, metrics::Metrics};
+use crate::{
+    file_stamp::{stamp, Stamp},
+    linger::Lingering,
+    metrics::Metrics,
+};
 
 /// How often the files' metadata is looked at, at most (on a new
 /// connection).
@@ -191,26 +195,6 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
-}
-
-/// What identifies a version of a file without reading it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    ino: u64,
-}
-
-/// Follows symlinks: a Kubernetes Secret volume swaps a `..data` link, so
-/// the target's inode changes at each rotation.
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        ino: m.ino(),
-    })
 }
 
 struct Checked {
