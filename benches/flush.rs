@@ -12,7 +12,9 @@
 //! scenario creates a database of its own (`pm_bench_<random>`) and drops
 //! it afterwards. With no server answering, the group is skipped with a
 //! printed reason. `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one
-//! store only.
+//! store only; `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one
+//! scenario only (criterion's own filter still loads and first-flushes the
+//! others).
 
 use std::{
     sync::Arc,
@@ -31,9 +33,10 @@ use tokio::runtime::Runtime;
 const ACCOUNTS: usize = 100_000;
 const SCENARIOS: [(&str, u64); 2] = [("calls", 0), ("calls_and_egress", 1_500)];
 
-fn wanted(store: &str) -> bool {
-    std::env::var("PACKMETER_BENCH_STORES")
-        .map(|v| v.split(',').any(|s| s.trim() == store))
+/// Whether the comma-separated list in `var` names `what` (yes if unset).
+fn wanted(var: &str, what: &str) -> bool {
+    std::env::var(var)
+        .map(|v| v.split(',').any(|s| s.trim() == what))
         .unwrap_or(true)
 }
 
@@ -42,6 +45,9 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
     let mut g = c.benchmark_group(group);
     g.sample_size(10);
     for (name, egress) in SCENARIOS {
+        if !wanted("PACKMETER_BENCH_SCENARIOS", name) {
+            continue;
+        }
         let Some(target) = url() else {
             break;
         };
@@ -120,7 +126,7 @@ fn flush(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    if wanted("sqlite") {
+    if wanted("PACKMETER_BENCH_STORES", "sqlite") {
         bench_store(c, &rt, "flush_sqlite", &|| {
             let dir = tempfile::tempdir().expect("tempdir");
             let url = format!("sqlite://{}", dir.path().join("bench.db").display());
@@ -133,7 +139,7 @@ fn flush(c: &mut Criterion) {
         });
     }
     #[cfg(feature = "postgres")]
-    if wanted("postgres") {
+    if wanted("PACKMETER_BENCH_STORES", "postgres") {
         bench_store(c, &rt, "flush_postgres", &|| {
             let db = rt.block_on(pg::BenchDb::create())?;
             Some(Url {

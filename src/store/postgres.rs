@@ -1289,6 +1289,10 @@ impl Store for PostgresStore {
                 Vec<i64>,
                 Vec<i64>,
             ) = Default::default();
+            // Packs the store holds (read above, under the account's lock):
+            // their `used` is updated in place. Packs it does not hold yet
+            // (a free-tier month's first flush) are inserted with their spec.
+            let mut known_packs: (Vec<&str>, Vec<String>, Vec<i64>) = Default::default();
             let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
                 Default::default();
             let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) = Default::default();
@@ -1302,8 +1306,13 @@ impl Store for PostgresStore {
                 Vec<i64>,
             ) = Default::default();
             for (&id, parts) in grouped {
+                let account_packs = stored.remove(id).unwrap_or_default();
+                let held_packs: std::collections::HashSet<Arc<str>> = account_packs
+                    .iter()
+                    .map(|p| p.spec.pack_id.clone())
+                    .collect();
                 let a = crate::ledger::attribute(
-                    stored.remove(id).unwrap_or_default(),
+                    account_packs,
                     parts.iter().flat_map(|a| &a.deltas),
                     parts.iter().flat_map(|a| &a.dedup),
                     |r| held.contains(&(id.to_string(), r.to_string())),
@@ -1331,6 +1340,12 @@ impl Store for PostgresStore {
                     lease_calls.1.push(to_sql(calls)?);
                 }
                 for (spec, amount) in &a.packs {
+                    if held_packs.contains(&spec.pack_id) {
+                        known_packs.0.push(id);
+                        known_packs.1.push(spec.pack_id.to_string());
+                        known_packs.2.push(to_sql(*amount)?);
+                        continue;
+                    }
                     packs.0.push(id);
                     packs.1.push(spec.pack_id.to_string());
                     packs.2.push(spec.source.code());
@@ -1361,14 +1376,29 @@ impl Store for PostgresStore {
                     packs: a.totals,
                 });
             }
+            // Usage is added in place where the row exists (the current
+            // hour's rows, after the hour's first flush): an `UPDATE` does
+            // not lock the row before it updates it, as `ON CONFLICT DO
+            // UPDATE` does (one WAL record less per row). Rows it did not
+            // find are inserted after it, below.
             let add_usage = tx
                 .prepare_cached(
-                    "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
-                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
-                     $4::text[], $5::bigint[], $6::bigint[]) \
-                     ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
-                     amount = usage_hourly.amount + excluded.amount \
-                     WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
+                    "UPDATE usage_hourly SET amount = usage_hourly.amount + b.amount \
+                     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], \
+                     $5::bigint[]) AS b (account_id, hour, item, pack_id, amount) \
+                     WHERE usage_hourly.account_id = b.account_id \
+                     AND usage_hourly.hour = b.hour AND usage_hourly.item = b.item \
+                     AND usage_hourly.pack_id = b.pack_id \
+                     AND usage_hourly.amount <= 9223372036854775807 - b.amount",
+                )
+                .await?;
+            // Never past 2^63-1: a pack takes at most its capacity.
+            let use_packs = tx
+                .prepare_cached(
+                    "UPDATE packs SET used = packs.used + b.used \
+                     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+                     AS b (account_id, pack_id, used) \
+                     WHERE packs.account_id = b.account_id AND packs.pack_id = b.pack_id",
                 )
                 .await?;
             // Never past 2^63-1: a pack takes at most its capacity.
@@ -1417,17 +1447,27 @@ impl Store for PostgresStore {
             let node_id = batch.node_id();
             let batches_before = batch.now.saturating_sub(BATCH_ID_RETENTION);
             // The writes, pipelined: one round trip, run in this order.
-            let (added, (), (), (), _) = futures_util::future::try_join5(
-                async {
-                    if usage.0.is_empty() {
-                        return Ok::<_, tokio_postgres::Error>(0);
-                    }
-                    tx.execute(
-                        &add_usage,
-                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
-                    )
-                    .await
-                },
+            let (expected, expected_known) = (usage.0.len() as u64, known_packs.0.len() as u64);
+            let ((mut added, known), (), (), (), _) = futures_util::future::try_join5(
+                futures_util::future::try_join(
+                    async {
+                        if usage.0.is_empty() {
+                            return Ok::<_, tokio_postgres::Error>(0);
+                        }
+                        tx.execute(
+                            &add_usage,
+                            &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.5],
+                        )
+                        .await
+                    },
+                    async {
+                        if known_packs.0.is_empty() {
+                            return Ok::<_, tokio_postgres::Error>(0);
+                        }
+                        tx.execute(&use_packs, &[&known_packs.0, &known_packs.1, &known_packs.2])
+                            .await
+                    },
+                ),
                 async {
                     if !packs.0.is_empty() {
                         tx.execute(
@@ -1468,9 +1508,39 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(StoreError::from)?;
-            if added != usage.0.len() as u64 {
+            if added < expected {
+                // Some rows are new (an hour's first flush of the account),
+                // or would pass 2^63-1 and were left alone. The new ones
+                // are inserted; the rest, which exist, are skipped and
+                // counted short. No other transaction writes these rows
+                // meanwhile: flushes of an account take turns on its lock.
+                let insert_usage = tx
+                    .prepare_cached(
+                        "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+                         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+                         $4::text[], $5::bigint[], $6::bigint[]) \
+                         ON CONFLICT (account_id, hour, item, pack_id) DO NOTHING",
+                    )
+                    .await?;
+                added += tx
+                    .execute(
+                        &insert_usage,
+                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
+                    )
+                    .await?;
+            }
+            if added != expected {
                 return Err(StoreError::permanent(format!(
                     "{who}: an hour's usage would exceed 2^63-1"
+                )));
+            }
+            if known != expected_known {
+                // A pack row read under the lock is gone: nothing deletes
+                // pack rows, so the store was changed behind packmeter.
+                return Err(StoreError::permanent(format!(
+                    "{who}: {} of {expected_known} pack rows read for this flush are no longer \
+                     in the store; was the packs table changed by hand?",
+                    expected_known - known.min(expected_known)
                 )));
             }
             tx.commit().await?;
