@@ -11,10 +11,13 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, as the tests use). Each
 //! scenario creates a database of its own (`pm_bench_<random>`) and drops
 //! it afterwards. With no server answering, the group is skipped with a
-//! printed reason. `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one
-//! store only; `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one
-//! scenario only (criterion's own filter still loads and first-flushes the
-//! others).
+//! printed reason. After the first flush the tables are `ANALYZE`d, as
+//! autovacuum would on a server with default settings
+//! (`PACKMETER_BENCH_ANALYZE=0` skips it).
+//!
+//! `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one store only;
+//! `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one scenario
+//! only (criterion's own filter still loads and first-flushes the others).
 
 use std::{
     sync::Arc,
@@ -93,6 +96,15 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
             "{group}/{name}: first flush (inserts {ACCOUNTS} accounts) {:?}",
             t.elapsed()
         );
+        #[cfg(feature = "postgres")]
+        if let Some(db) = &target._db {
+            // What autovacuum does on a server with its default settings;
+            // the test server runs with autovacuum off (BENCHMARKS.md).
+            if std::env::var("PACKMETER_BENCH_ANALYZE").as_deref() != Ok("0") {
+                rt.block_on(db.analyze());
+                eprintln!("{group}/{name}: tables analyzed");
+            }
+        }
         g.bench_with_input(BenchmarkId::new(name, ACCOUNTS), &ACCOUNTS, |b, _| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -177,6 +189,17 @@ mod pg {
     }
 
     impl BenchDb {
+        /// `ANALYZE` on the bench's database: statistics for the planner.
+        pub async fn analyze(&self) {
+            let url = PgUrl::parse(&self.url).expect("the bench database's URL");
+            url.connect()
+                .await
+                .expect("connect to the bench database")
+                .batch_execute("ANALYZE")
+                .await
+                .expect("ANALYZE");
+        }
+
         /// `None`, after printing why, when no server answers.
         pub async fn create() -> Option<BenchDb> {
             let admin = std::env::var("PACKMETER_TEST_POSTGRES_URL")
