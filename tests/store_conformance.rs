@@ -1051,6 +1051,21 @@ mod postgres_only {
             .get(0)
     }
 
+    /// PostgreSQL has `ctid`: its flushes update rows by address, and
+    /// [`Target::postgres_keyed`] tests the other path.
+    #[tokio::test]
+    async fn postgresql_flushes_update_rows_by_ctid() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let StoreUrl::Postgres(url) = db.url.parse::<StoreUrl>().unwrap() else {
+            panic!("a PostgreSQL URL");
+        };
+        let store = store::postgres::PostgresStore::open(&url).await.unwrap();
+        assert!(store.updates_by_tid());
+        assert!(!store.with_keyed_updates().updates_by_tid());
+    }
+
     #[tokio::test]
     async fn a_schema_newer_than_the_binary_is_refused() {
         let Some(db) = TestDb::create().await else {

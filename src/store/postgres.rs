@@ -855,6 +855,11 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Whether flushes update rows by `ctid` ([`Tid`]): found out at open.
+    pub fn updates_by_tid(&self) -> bool {
+        self.by_tid
+    }
+
     /// Flushes update rows by primary key rather than by `ctid`, as on a
     /// server without `ctid`: for tests of that path on PostgreSQL.
     pub fn with_keyed_updates(mut self) -> PostgresStore {
