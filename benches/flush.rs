@@ -11,8 +11,13 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, as the tests use). Each
 //! scenario creates a database of its own (`pm_bench_<random>`) and drops
 //! it afterwards. With no server answering, the group is skipped with a
-//! printed reason. `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one
-//! store only.
+//! printed reason. After the first flush the tables are `ANALYZE`d, as
+//! autovacuum would on a server with default settings
+//! (`PACKMETER_BENCH_ANALYZE=0` skips it).
+//!
+//! `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one store only;
+//! `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one scenario
+//! only (criterion's own filter still loads and first-flushes the others).
 
 use std::{
     sync::Arc,
@@ -31,9 +36,10 @@ use tokio::runtime::Runtime;
 const ACCOUNTS: usize = 100_000;
 const SCENARIOS: [(&str, u64); 2] = [("calls", 0), ("calls_and_egress", 1_500)];
 
-fn wanted(store: &str) -> bool {
-    std::env::var("PACKMETER_BENCH_STORES")
-        .map(|v| v.split(',').any(|s| s.trim() == store))
+/// Whether the comma-separated list in `var` names `what` (yes if unset).
+fn wanted(var: &str, what: &str) -> bool {
+    std::env::var(var)
+        .map(|v| v.split(',').any(|s| s.trim() == what))
         .unwrap_or(true)
 }
 
@@ -42,6 +48,9 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
     let mut g = c.benchmark_group(group);
     g.sample_size(10);
     for (name, egress) in SCENARIOS {
+        if !wanted("PACKMETER_BENCH_SCENARIOS", name) {
+            continue;
+        }
         let Some(target) = url() else {
             break;
         };
@@ -87,6 +96,15 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
             "{group}/{name}: first flush (inserts {ACCOUNTS} accounts) {:?}",
             t.elapsed()
         );
+        #[cfg(feature = "postgres")]
+        if let Some(db) = &target._db {
+            // What autovacuum does on a server with its default settings;
+            // the test server runs with autovacuum off (BENCHMARKS.md).
+            if std::env::var("PACKMETER_BENCH_ANALYZE").as_deref() != Ok("0") {
+                rt.block_on(db.analyze());
+                eprintln!("{group}/{name}: tables analyzed");
+            }
+        }
         g.bench_with_input(BenchmarkId::new(name, ACCOUNTS), &ACCOUNTS, |b, _| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -120,7 +138,7 @@ fn flush(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    if wanted("sqlite") {
+    if wanted("PACKMETER_BENCH_STORES", "sqlite") {
         bench_store(c, &rt, "flush_sqlite", &|| {
             let dir = tempfile::tempdir().expect("tempdir");
             let url = format!("sqlite://{}", dir.path().join("bench.db").display());
@@ -133,7 +151,7 @@ fn flush(c: &mut Criterion) {
         });
     }
     #[cfg(feature = "postgres")]
-    if wanted("postgres") {
+    if wanted("PACKMETER_BENCH_STORES", "postgres") {
         bench_store(c, &rt, "flush_postgres", &|| {
             let db = rt.block_on(pg::BenchDb::create())?;
             Some(Url {
@@ -171,6 +189,17 @@ mod pg {
     }
 
     impl BenchDb {
+        /// `ANALYZE` on the bench's database: statistics for the planner.
+        pub async fn analyze(&self) {
+            let url = PgUrl::parse(&self.url).expect("the bench database's URL");
+            url.connect()
+                .await
+                .expect("connect to the bench database")
+                .batch_execute("ANALYZE")
+                .await
+                .expect("ANALYZE");
+        }
+
         /// `None`, after printing why, when no server answers.
         pub async fn create() -> Option<BenchDb> {
             let admin = std::env::var("PACKMETER_TEST_POSTGRES_URL")

@@ -26,6 +26,10 @@ struct Target {
     _dir: Option<tempfile::TempDir>,
     #[cfg(feature = "postgres")]
     _db: Option<common::pg::TestDb>,
+    /// PostgreSQL with flushes updating rows by key, as on servers without
+    /// `ctid` (CockroachDB, YugabyteDB).
+    #[cfg(feature = "postgres")]
+    keyed: bool,
 }
 
 impl Target {
@@ -37,6 +41,8 @@ impl Target {
             _dir: Some(dir),
             #[cfg(feature = "postgres")]
             _db: None,
+            #[cfg(feature = "postgres")]
+            keyed: false,
         }
     }
 
@@ -47,11 +53,29 @@ impl Target {
             url: db.url.parse().unwrap(),
             _dir: None,
             _db: Some(db),
+            keyed: false,
+        })
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn postgres_keyed() -> Option<Target> {
+        Some(Target {
+            keyed: true,
+            ..Target::postgres().await?
         })
     }
 
     /// Opens the store; again for a reopen.
     async fn open(&self) -> Arc<dyn Store> {
+        #[cfg(feature = "postgres")]
+        if let (true, StoreUrl::Postgres(url)) = (self.keyed, &self.url) {
+            return Arc::new(
+                store::postgres::PostgresStore::open(url)
+                    .await
+                    .expect("open the store")
+                    .with_keyed_updates(),
+            );
+        }
         store::open(&self.url).await.expect("open the store")
     }
 }
@@ -110,6 +134,37 @@ conformance!(
     a_request_id_another_batch_recorded_is_billed_once,
     a_flush_returns_the_global_totals,
 );
+
+/// The flush's behaviours again on PostgreSQL, with rows updated by key
+/// rather than by `ctid` (what servers without `ctid` get).
+#[cfg(feature = "postgres")]
+mod postgres_keyed {
+    macro_rules! keyed {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(target) = super::Target::postgres_keyed().await else {
+                        return;
+                    };
+                    super::$name(&target).await;
+                }
+            )*
+        };
+    }
+    keyed!(
+        a_flushed_batch_is_read_back_after_reopening,
+        a_batch_is_applied_once_by_its_id,
+        a_batch_is_all_or_nothing,
+        sums_beyond_2_63_are_refused_never_wrapped,
+        a_batch_may_name_a_key_twice,
+        concurrent_batches_on_the_same_rows_sum_exactly,
+        loading_sums_what_the_open_hours_hold,
+        a_flush_caps_every_pack_and_books_the_rest_as_overage,
+        a_request_id_another_batch_recorded_is_billed_once,
+        a_flush_returns_the_global_totals,
+    );
+}
 
 fn spec(id: &str) -> PackSpec {
     PackSpec {
@@ -994,6 +1049,21 @@ mod postgres_only {
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// PostgreSQL has `ctid`: its flushes update rows by address, and
+    /// [`Target::postgres_keyed`] tests the other path.
+    #[tokio::test]
+    async fn postgresql_flushes_update_rows_by_ctid() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let StoreUrl::Postgres(url) = db.url.parse::<StoreUrl>().unwrap() else {
+            panic!("a PostgreSQL URL");
+        };
+        let store = store::postgres::PostgresStore::open(&url).await.unwrap();
+        assert!(store.updates_by_tid());
+        assert!(!store.with_keyed_updates().updates_by_tid());
     }
 
     #[tokio::test]

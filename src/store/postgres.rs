@@ -26,7 +26,7 @@
 //! would exceed it is refused by the upsert's `WHERE`; nothing wraps.
 
 use std::{
-    collections::BTreeMap,
+    collections::{HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
@@ -759,10 +759,59 @@ fn finish<T>(
     }
 }
 
+/// A row version's physical address, PostgreSQL's `ctid` (`tid`: block
+/// number and line pointer, 6 bytes, sent and read as they are).
+///
+/// A flush reads the `ctid` of the usage and pack rows it is about to add
+/// to, with the accounts locked, and updates them by it: a TID scan goes
+/// straight to the row, where an update by key descends the primary key's
+/// B-tree once more for every row (BENCHMARKS.md, issue 8). No other
+/// transaction updates those rows while the lock is held, so the
+/// addresses stay valid until the update; a row changed all the same would
+/// not match its old address, and the flush fails and is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tid([u8; 6]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Tid {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Tid, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Tid(raw.try_into().map_err(|_| {
+            format!("a tid of {} bytes, not 6", raw.len())
+        })?))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TID
+    }
+}
+
+impl ToSql for Tid {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TID
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// The shared store. Cheap to share: the pool is internally reference
 /// counted.
 pub struct PostgresStore {
     pool: Pool,
+    /// Whether flushes update rows by their `ctid` ([`Tid`]), which only
+    /// PostgreSQL has; by primary key otherwise (CockroachDB, YugabyteDB).
+    /// Found out at open.
+    by_tid: bool,
 }
 
 impl PostgresStore {
@@ -786,7 +835,10 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::permanent(format!("postgres: pool: {e}")))?;
-        let store = PostgresStore { pool };
+        let mut store = PostgresStore {
+            pool,
+            by_tid: false,
+        };
         let mut delay = Duration::from_millis(100);
         for attempt in 1.. {
             match store.migrate().await {
@@ -799,7 +851,43 @@ impl PostgresStore {
                 Err(e) => return Err(e),
             }
         }
+        store.by_tid = store.has_tid().await?;
         Ok(store)
+    }
+
+    /// Whether flushes update rows by `ctid` ([`Tid`]): found out at open.
+    pub fn updates_by_tid(&self) -> bool {
+        self.by_tid
+    }
+
+    /// Flushes update rows by primary key rather than by `ctid`, as on a
+    /// server without `ctid`: for tests of that path on PostgreSQL.
+    pub fn with_keyed_updates(mut self) -> PostgresStore {
+        self.by_tid = false;
+        self
+    }
+
+    /// Whether the server has PostgreSQL's `ctid` system column. One that
+    /// refuses it (CockroachDB, YugabyteDB) gets updates by key.
+    async fn has_tid(&self) -> Result<bool, StoreError> {
+        on_client!(self, |c| {
+            match c
+                .query_opt("SELECT ctid FROM packmeter_schema LIMIT 1", &[])
+                .await
+            {
+                Ok(row) => {
+                    if let Some(row) = row {
+                        row.try_get::<_, Tid>(0)?;
+                    }
+                    Ok(true)
+                }
+                Err(e) if e.as_db_error().is_some() => {
+                    tracing::info!(error = %describe(&e), "no ctid on this server; flushes update rows by key");
+                    Ok(false)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
@@ -1147,14 +1235,19 @@ impl Store for PostgresStore {
     /// `BEGIN` and `COMMIT` (statements are pipelined):
     /// 1. record the batch id (a batch seen before changes nothing), lock
     ///    the batch's account rows in account-id order (inserting new
-    ///    ones), and read their settings, packs and the batch's request ids
-    ///    the store holds;
+    ///    ones), and read their settings, packs, usage rows of the batch's
+    ///    hours and the batch's request ids the store holds;
     /// 2. attribute in Rust ([`crate::ledger::attribute`]);
-    /// 3. add the usage, pack uses and new request ids, move what was booked
-    ///    into packs out of this node's leases, and prune expired rows.
+    /// 3. add the usage and pack uses, insert new rows and request ids, move
+    ///    what was booked into packs out of this node's leases, and prune
+    ///    expired rows.
     ///
-    /// The tables it updates leave room on their pages (migration 5), so
-    /// the updates are HOT: no new index entries (BENCHMARKS.md, issue 8).
+    /// Rows read in 1 are updated in place, by their `ctid` where the
+    /// server has one ([`Tid`]), else by key: an `UPDATE`, not an upsert,
+    /// which would lock each row before updating it. Only rows the store
+    /// did not hold are inserted. The tables it updates leave room on their
+    /// pages (migration 5), so the updates are HOT: no new index entries.
+    /// BENCHMARKS.md, issue 8, has the measurements.
     async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
         let grouped = crate::ledger::by_account(batch);
         let ids: Vec<&str> = grouped.keys().copied().collect();
@@ -1170,10 +1263,19 @@ impl Store for PostgresStore {
                     .flat_map(|a| a.dedup.iter().map(|r| (*id, &*r.request_id)))
             })
             .unzip();
+        // Attribution writes to the hours of the batch's deltas only.
+        let first_hour: Option<Ts> = batch
+            .accounts
+            .iter()
+            .flat_map(|a| a.deltas.iter().map(|d| d.hour))
+            .min();
         let who = match &ids[..] {
             [one] => format!("account `{one}`"),
             many => format!("one of {} accounts", many.len()),
         };
+        let by_tid = self.by_tid;
+        // With `ctid` last, where the server has it.
+        let address = if by_tid { ", ctid" } else { "" };
         let (ids, activations, req_accounts, req_ids, grouped) =
             (&ids, &activations, &req_accounts, &req_ids, &grouped);
         on_client!(self, |c| {
@@ -1209,7 +1311,14 @@ impl Store for PostgresStore {
                 .await?;
             let read_packs = tx
                 .prepare_cached(&format!(
-                    "SELECT account_id, {PACK_COLUMNS} FROM packs WHERE account_id = ANY($1)"
+                    "SELECT account_id, {PACK_COLUMNS}{address} FROM packs \
+                     WHERE account_id = ANY($1)"
+                ))
+                .await?;
+            let read_usage = tx
+                .prepare_cached(&format!(
+                    "SELECT account_id, hour, item, pack_id, amount{address} FROM usage_hourly \
+                     WHERE account_id = ANY($1) AND hour >= $2"
                 ))
                 .await?;
             let read_held = tx
@@ -1224,35 +1333,46 @@ impl Store for PostgresStore {
             // they are sent, so the reads see the store after the accounts
             // are locked. If the batch was applied before, what the rest
             // did is rolled back with the transaction.
-            let (fresh, (), account_rows, pack_rows, held_rows) = futures_util::future::try_join5(
-                tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
-                async {
-                    if !ids.is_empty() {
-                        tx.execute(&lock_accounts, &[ids, activations]).await?;
-                    }
-                    Ok::<_, tokio_postgres::Error>(())
-                },
-                async {
-                    if ids.is_empty() {
-                        return Ok::<_, tokio_postgres::Error>(Vec::new());
-                    }
-                    tx.query(&read_accounts, &[ids]).await
-                },
-                async {
-                    if ids.is_empty() {
-                        return Ok::<_, tokio_postgres::Error>(Vec::new());
-                    }
-                    tx.query(&read_packs, &[ids]).await
-                },
-                async {
-                    if req_ids.is_empty() {
-                        return Ok::<_, tokio_postgres::Error>(Vec::new());
-                    }
-                    tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
-                        .await
-                },
-            )
-            .await?;
+            let (fresh, (), (account_rows, pack_rows), usage_rows, held_rows) =
+                futures_util::future::try_join5(
+                    tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
+                    async {
+                        if !ids.is_empty() {
+                            tx.execute(&lock_accounts, &[ids, activations]).await?;
+                        }
+                        Ok::<_, tokio_postgres::Error>(())
+                    },
+                    futures_util::future::try_join(
+                        async {
+                            if ids.is_empty() {
+                                return Ok::<_, tokio_postgres::Error>(Vec::new());
+                            }
+                            tx.query(&read_accounts, &[ids]).await
+                        },
+                        async {
+                            if ids.is_empty() {
+                                return Ok::<_, tokio_postgres::Error>(Vec::new());
+                            }
+                            tx.query(&read_packs, &[ids]).await
+                        },
+                    ),
+                    async {
+                        match first_hour {
+                            Some(hour) if !ids.is_empty() => {
+                                tx.query(&read_usage, &[ids, &hour]).await
+                            }
+                            _ => Ok::<_, tokio_postgres::Error>(Vec::new()),
+                        }
+                    },
+                    async {
+                        if req_ids.is_empty() {
+                            return Ok::<_, tokio_postgres::Error>(Vec::new());
+                        }
+                        tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
+                            .await
+                    },
+                )
+                .await?;
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed);
                 // dropping the transaction rolls it back.
@@ -1262,26 +1382,71 @@ impl Store for PostgresStore {
                 applied: true,
                 ..Flushed::default()
             };
-            let mut records: BTreeMap<String, AccountRecord> = BTreeMap::new();
+            // Columns by position: the statements above fix them.
+            let mut records: HashMap<&str, AccountRecord> = HashMap::with_capacity(ids.len());
             for row in &account_rows {
-                let r = read_account(row)?;
-                records.insert(r.account_id.clone(), r);
+                records.insert(
+                    row.try_get(0)?,
+                    AccountRecord {
+                        account_id: row.try_get(0)?,
+                        activated_at: row.try_get(1)?,
+                        suspended: row.try_get(2)?,
+                        deny_on_exhausted: row.try_get(3)?,
+                    },
+                );
             }
-            let mut stored: BTreeMap<String, Vec<StoredPack>> = BTreeMap::new();
+            // Per account: its packs, each with its address (or none).
+            let mut stored: HashMap<&str, (Vec<StoredPack>, Vec<Option<Tid>>)> =
+                HashMap::with_capacity(ids.len());
             for row in &pack_rows {
-                stored
-                    .entry(row.try_get("account_id")?)
-                    .or_default()
-                    .push(read_pack(row)?);
+                let (packs, tids) = stored.entry(row.try_get(0)?).or_default();
+                packs.push(StoredPack {
+                    spec: PackSpec {
+                        pack_id: row.try_get::<_, &str>(1)?.into(),
+                        source: PackSource::from_code(row.try_get(2)?)
+                            .unwrap_or(PackSource::Purchased),
+                        item: Item::from_code(row.try_get(3)?).unwrap_or(Item::Calls),
+                        capacity: from_sql(row.try_get(4)?),
+                        valid_from: row.try_get(5)?,
+                        valid_until: row.try_get(6)?,
+                        priority: u32::try_from(row.try_get::<_, i64>(7)?).unwrap_or(0),
+                        created_at: row.try_get(8)?,
+                    },
+                    used: from_sql(row.try_get(9)?),
+                });
+                tids.push(if by_tid { Some(row.try_get(10)?) } else { None });
             }
-            let mut held: std::collections::HashSet<(String, String)> = Default::default();
+            // (account, hour, item, pack) -> (amount, address).
+            type UsageKeyRef<'r> = (&'r str, Ts, i64, &'r str);
+            let mut usage_held: HashMap<UsageKeyRef<'_>, (i64, Option<Tid>)> =
+                HashMap::with_capacity(usage_rows.len());
+            for row in &usage_rows {
+                usage_held.insert(
+                    (
+                        row.try_get(0)?,
+                        row.try_get(1)?,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                    ),
+                    (
+                        row.try_get(4)?,
+                        if by_tid { Some(row.try_get(5)?) } else { None },
+                    ),
+                );
+            }
+            let mut held: HashSet<(&str, &str)> = HashSet::with_capacity(held_rows.len());
             for row in &held_rows {
                 held.insert((row.try_get(0)?, row.try_get(1)?));
             }
             // Calls the store booked into packs, per account, for the
             // node's strict-mode leases.
             let mut lease_calls: (Vec<&str>, Vec<i64>) = Default::default();
-            let mut usage: (
+            // Usage rows the store holds: by address, or by key.
+            let mut usage_tid: (Vec<Tid>, Vec<i64>) = Default::default();
+            let mut usage_key: (Vec<&str>, Vec<Ts>, Vec<i64>, Vec<String>, Vec<i64>) =
+                Default::default();
+            // Usage rows it does not hold yet: inserted.
+            let mut usage_new: (
                 Vec<&str>,
                 Vec<Ts>,
                 Vec<i64>,
@@ -1289,6 +1454,11 @@ impl Store for PostgresStore {
                 Vec<i64>,
                 Vec<i64>,
             ) = Default::default();
+            // Packs the store holds: their `used` is updated in place, by
+            // address or by key. Packs it does not hold yet (a free-tier
+            // month's first flush) are inserted with their spec.
+            let mut packs_tid: (Vec<Tid>, Vec<i64>) = Default::default();
+            let mut packs_key: (Vec<&str>, Vec<String>, Vec<i64>) = Default::default();
             let mut packs: (Vec<&str>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
                 Default::default();
             let mut packs2: (Vec<Ts>, Vec<Ts>, Vec<i64>, Vec<Ts>, Vec<i64>) = Default::default();
@@ -1302,24 +1472,55 @@ impl Store for PostgresStore {
                 Vec<i64>,
             ) = Default::default();
             for (&id, parts) in grouped {
+                let (account_packs, pack_tids) = stored.remove(id).unwrap_or_default();
+                let pack_tids: HashMap<Arc<str>, Option<Tid>> = account_packs
+                    .iter()
+                    .map(|p| p.spec.pack_id.clone())
+                    .zip(pack_tids)
+                    .collect();
                 let a = crate::ledger::attribute(
-                    stored.remove(id).unwrap_or_default(),
+                    account_packs,
                     parts.iter().flat_map(|a| &a.deltas),
                     parts.iter().flat_map(|a| &a.dedup),
-                    |r| held.contains(&(id.to_string(), r.to_string())),
+                    |r| held.contains(&(id, r)),
                 )
                 .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
                 for d in &a.usage {
-                    usage.0.push(id);
-                    usage.1.push(d.hour);
-                    usage.2.push(d.item.code());
-                    usage.3.push(
-                        d.pack
-                            .as_ref()
-                            .map_or(String::new(), |p| p.pack_id.to_string()),
-                    );
-                    usage.4.push(d.pack.as_ref().map_or(0, |p| p.source.code()));
-                    usage.5.push(to_sql(d.amount)?);
+                    let pack_id = d.pack.as_ref().map_or("", |p| &*p.pack_id);
+                    let amount = to_sql(d.amount)?;
+                    match usage_held.get(&(id, d.hour, d.item.code(), pack_id)) {
+                        Some(&(stored, tid)) => {
+                            if stored.checked_add(amount).is_none() {
+                                return Err(StoreError::permanent(format!(
+                                    "account `{id}`: the usage of hour {} would exceed 2^63-1",
+                                    d.hour
+                                )));
+                            }
+                            match tid {
+                                Some(tid) => {
+                                    usage_tid.0.push(tid);
+                                    usage_tid.1.push(amount);
+                                }
+                                None => {
+                                    usage_key.0.push(id);
+                                    usage_key.1.push(d.hour);
+                                    usage_key.2.push(d.item.code());
+                                    usage_key.3.push(pack_id.to_string());
+                                    usage_key.4.push(amount);
+                                }
+                            }
+                        }
+                        None => {
+                            usage_new.0.push(id);
+                            usage_new.1.push(d.hour);
+                            usage_new.2.push(d.item.code());
+                            usage_new.3.push(pack_id.to_string());
+                            usage_new
+                                .4
+                                .push(d.pack.as_ref().map_or(0, |p| p.source.code()));
+                            usage_new.5.push(amount);
+                        }
+                    }
                 }
                 let calls: u64 = a
                     .packs
@@ -1331,16 +1532,29 @@ impl Store for PostgresStore {
                     lease_calls.1.push(to_sql(calls)?);
                 }
                 for (spec, amount) in &a.packs {
-                    packs.0.push(id);
-                    packs.1.push(spec.pack_id.to_string());
-                    packs.2.push(spec.source.code());
-                    packs.3.push(spec.item.code());
-                    packs.4.push(to_sql(spec.capacity)?);
-                    packs2.0.push(spec.valid_from);
-                    packs2.1.push(spec.valid_until);
-                    packs2.2.push(i64::from(spec.priority));
-                    packs2.3.push(spec.created_at);
-                    packs2.4.push(to_sql(*amount)?);
+                    match pack_tids.get(&spec.pack_id) {
+                        Some(Some(tid)) => {
+                            packs_tid.0.push(*tid);
+                            packs_tid.1.push(to_sql(*amount)?);
+                        }
+                        Some(None) => {
+                            packs_key.0.push(id);
+                            packs_key.1.push(spec.pack_id.to_string());
+                            packs_key.2.push(to_sql(*amount)?);
+                        }
+                        None => {
+                            packs.0.push(id);
+                            packs.1.push(spec.pack_id.to_string());
+                            packs.2.push(spec.source.code());
+                            packs.3.push(spec.item.code());
+                            packs.4.push(to_sql(spec.capacity)?);
+                            packs2.0.push(spec.valid_from);
+                            packs2.1.push(spec.valid_until);
+                            packs2.2.push(i64::from(spec.priority));
+                            packs2.3.push(spec.created_at);
+                            packs2.4.push(to_sql(*amount)?);
+                        }
+                    }
                 }
                 for r in &a.dedup {
                     dedup.0.push(id);
@@ -1361,17 +1575,63 @@ impl Store for PostgresStore {
                     packs: a.totals,
                 });
             }
-            let add_usage = tx
+            // The guard against 2^63-1 is checked above too; here it keeps
+            // a row that changed meanwhile from wrapping.
+            // Only where the server has `ctid`: preparing it elsewhere would
+            // fail the transaction.
+            let add_usage_tid = match by_tid {
+                false => None,
+                true => Some(
+                    tx.prepare_cached(
+                        "UPDATE usage_hourly SET amount = usage_hourly.amount + b.amount \
+                         FROM UNNEST($1::tid[], $2::bigint[]) AS b (tid, amount) \
+                         WHERE usage_hourly.ctid = b.tid \
+                         AND usage_hourly.amount <= 9223372036854775807 - b.amount",
+                    )
+                    .await?,
+                ),
+            };
+            let add_usage_key = tx
+                .prepare_cached(
+                    "UPDATE usage_hourly SET amount = usage_hourly.amount + b.amount \
+                     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], \
+                     $5::bigint[]) AS b (account_id, hour, item, pack_id, amount) \
+                     WHERE usage_hourly.account_id = b.account_id \
+                     AND usage_hourly.hour = b.hour AND usage_hourly.item = b.item \
+                     AND usage_hourly.pack_id = b.pack_id \
+                     AND usage_hourly.amount <= 9223372036854775807 - b.amount",
+                )
+                .await?;
+            let insert_usage = tx
                 .prepare_cached(
                     "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
                      SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
                      $4::text[], $5::bigint[], $6::bigint[]) \
-                     ON CONFLICT (account_id, hour, item, pack_id) DO UPDATE SET \
-                     amount = usage_hourly.amount + excluded.amount \
-                     WHERE usage_hourly.amount <= 9223372036854775807 - excluded.amount",
+                     ON CONFLICT (account_id, hour, item, pack_id) DO NOTHING",
                 )
                 .await?;
             // Never past 2^63-1: a pack takes at most its capacity.
+            // Only where the server has `ctid`: preparing it elsewhere would
+            // fail the transaction.
+            let use_packs_tid = match by_tid {
+                false => None,
+                true => Some(
+                    tx.prepare_cached(
+                        "UPDATE packs SET used = packs.used + b.used \
+                         FROM UNNEST($1::tid[], $2::bigint[]) AS b (tid, used) \
+                         WHERE packs.ctid = b.tid",
+                    )
+                    .await?,
+                ),
+            };
+            let use_packs_key = tx
+                .prepare_cached(
+                    "UPDATE packs SET used = packs.used + b.used \
+                     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+                     AS b (account_id, pack_id, used) \
+                     WHERE packs.account_id = b.account_id AND packs.pack_id = b.pack_id",
+                )
+                .await?;
             let add_packs = tx
                 .prepare_cached(&format!(
                     "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
@@ -1416,18 +1676,70 @@ impl Store for PostgresStore {
                 .await?;
             let node_id = batch.node_id();
             let batches_before = batch.now.saturating_sub(BATCH_ID_RETENTION);
+            // Each statement that updates rows read above must find every
+            // one of them: `(rows, expected)`.
+            let expect = [
+                (usage_tid.0.len() + usage_key.0.len(), "usage"),
+                (usage_new.0.len(), "new usage"),
+                (packs_tid.0.len() + packs_key.0.len(), "pack"),
+            ];
             // The writes, pipelined: one round trip, run in this order.
-            let (added, (), (), (), _) = futures_util::future::try_join5(
-                async {
-                    if usage.0.is_empty() {
-                        return Ok::<_, tokio_postgres::Error>(0);
-                    }
-                    tx.execute(
-                        &add_usage,
-                        &[&usage.0, &usage.1, &usage.2, &usage.3, &usage.4, &usage.5],
-                    )
-                    .await
-                },
+            let (counts, (), (), (), _) = futures_util::future::try_join5(
+                futures_util::future::try_join3(
+                    async {
+                        let mut n = 0;
+                        if let (false, Some(stmt)) = (usage_tid.0.is_empty(), &add_usage_tid) {
+                            n += tx.execute(stmt, &[&usage_tid.0, &usage_tid.1]).await?;
+                        }
+                        if !usage_key.0.is_empty() {
+                            n += tx
+                                .execute(
+                                    &add_usage_key,
+                                    &[
+                                        &usage_key.0,
+                                        &usage_key.1,
+                                        &usage_key.2,
+                                        &usage_key.3,
+                                        &usage_key.4,
+                                    ],
+                                )
+                                .await?;
+                        }
+                        Ok::<_, tokio_postgres::Error>(n)
+                    },
+                    async {
+                        if usage_new.0.is_empty() {
+                            return Ok::<_, tokio_postgres::Error>(0);
+                        }
+                        tx.execute(
+                            &insert_usage,
+                            &[
+                                &usage_new.0,
+                                &usage_new.1,
+                                &usage_new.2,
+                                &usage_new.3,
+                                &usage_new.4,
+                                &usage_new.5,
+                            ],
+                        )
+                        .await
+                    },
+                    async {
+                        let mut n = 0;
+                        if let (false, Some(stmt)) = (packs_tid.0.is_empty(), &use_packs_tid) {
+                            n += tx.execute(stmt, &[&packs_tid.0, &packs_tid.1]).await?;
+                        }
+                        if !packs_key.0.is_empty() {
+                            n += tx
+                                .execute(
+                                    &use_packs_key,
+                                    &[&packs_key.0, &packs_key.1, &packs_key.2],
+                                )
+                                .await?;
+                        }
+                        Ok::<_, tokio_postgres::Error>(n)
+                    },
+                ),
                 async {
                     if !packs.0.is_empty() {
                         tx.execute(
@@ -1468,10 +1780,20 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(StoreError::from)?;
-            if added != usage.0.len() as u64 {
-                return Err(StoreError::permanent(format!(
-                    "{who}: an hour's usage would exceed 2^63-1"
-                )));
+            let counts = [counts.0, counts.1, counts.2];
+            for (done, (expected, what)) in counts.into_iter().zip(expect) {
+                if done != expected as u64 {
+                    // The accounts are locked and nothing else writes these
+                    // rows, so the store was changed behind packmeter: try
+                    // again from a fresh read.
+                    return Err(StoreError {
+                        message: format!(
+                            "{who}: {done} of {expected} {what} rows were written; rows read \
+                             under the accounts' lock changed before the update; retrying"
+                        ),
+                        transient: true,
+                    });
+                }
             }
             tx.commit().await?;
             Ok(flushed)

@@ -607,12 +607,14 @@ impl Store for SqliteStore {
                 // earlier event); an operator's change is written by
                 // put_account, never while a flush runs. Every account of
                 // the batch gets its row, as on PostgreSQL, where the row
-                // is the lock that serializes flushes of the account.
+                // is the lock that serializes flushes of the account. A row
+                // the flush would leave as it is is not rewritten (most
+                // flushes change no activation).
                 let mut account = tx.prepare_cached(
                     "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
-                     ON CONFLICT (account_id) DO UPDATE SET activated_at = COALESCE(\
-                     MIN(accounts.activated_at, excluded.activated_at), \
-                     accounts.activated_at, excluded.activated_at)",
+                     ON CONFLICT (account_id) DO UPDATE SET activated_at = excluded.activated_at \
+                     WHERE excluded.activated_at < accounts.activated_at \
+                     OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
                 )?;
                 let mut packs = tx.prepare_cached(&format!(
                     "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
