@@ -740,6 +740,53 @@ macro_rules! on_client {
     }};
 }
 
+/// As [`on_client!`], for a read that can simply run again: if it failed
+/// fast with a transient error (its connection died under it, or a new one
+/// was closed as it opened: a killed backend, a failover, `57P01`), it runs
+/// again on another pooled connection, up to [`READ_ATTEMPTS`] times in
+/// all, so that a gateway's request loading an account does not fail on
+/// the pool's dead connections. A closed connection is not handed out
+/// again (the pool checks at checkout). A try that took [`READ_RETRY_WITHIN`]
+/// or longer (a timeout, an unreachable server) is not repeated, so an
+/// outage costs a caller no more waiting than one try. `$body` may run more
+/// than once: it must move nothing.
+macro_rules! on_client_read {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = std::time::Instant::now();
+            let tried = match $store.client().await {
+                Ok(mut object) => {
+                    let outcome = {
+                        let $c: &mut Object = &mut object;
+                        tokio::time::timeout(OP_TIMEOUT, async move { $body }).await
+                    };
+                    finish(object, outcome)
+                }
+                Err(e) => Err(e),
+            };
+            match tried {
+                Err(e)
+                    if e.transient
+                        && attempt < READ_ATTEMPTS
+                        && started.elapsed() < READ_RETRY_WITHIN =>
+                {
+                    tracing::debug!(error = %e, attempt, "postgres: a read failed on its connection; reading again on another");
+                }
+                result => break result,
+            }
+        }
+    }};
+}
+
+/// Tries of a read that failed on its connection ([`on_client_read!`]):
+/// one more than the default pool size, so that a read may meet every
+/// pooled connection a failover killed, then a new one.
+const READ_ATTEMPTS: u32 = DEFAULT_POOL_SIZE as u32 + 1;
+/// A read that failed within this is tried again ([`on_client_read!`]).
+const READ_RETRY_WITHIN: Duration = Duration::from_secs(1);
+
 fn finish<T>(
     object: Object,
     outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
@@ -1054,7 +1101,7 @@ impl Store for PostgresStore {
         since: Ts,
         now: Ts,
     ) -> Result<LoadedAccount, StoreError> {
-        on_client!(self, |c| {
+        on_client_read!(self, |c| {
             // One snapshot for the three reads, sent together.
             let tx = c
                 .build_transaction()
