@@ -299,3 +299,63 @@ async fn a_full_disk_under_the_sqlite_store_fails_flushes_and_loses_and_doubles_
     assert_eq!(billed_all(&db), acked, "billed exactly once");
     drop(fs);
 }
+
+/// `flush` mode, the SQLite store's volume turning read-only under load
+/// (an ext4 error with `errors=remount-ro`, as when a cloud volume fails):
+/// flushes fail with EROFS and are counted, `packmeter_store_up` is 0 and
+/// deductions are answered from memory meanwhile. The filesystem cannot
+/// come back in-process, so the operator's recovery is SIGTERM (the final
+/// flush fails; the unflushed usage must go to a spill file somewhere
+/// writable), unmount, fsck, mount read-write, restart on the same file:
+/// the store then bills exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_whose_volume_turns_read_only_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fs = match common::ReadOnlyFs::mount(dir.path()) {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(
+                !common::required(),
+                "a loop-device ext4 filesystem is required under CI=true (run as root): {why}"
+            );
+            eprintln!("SKIPPED: cannot mount an ext4 loop device here ({why}); set CI=true to make this a failure");
+            return;
+        }
+    };
+    let data = dir.path().join("data");
+    let db = fs.path.join("packmeter.db");
+    let flags = ["--flush-interval", "50ms"];
+    let start = |db: &Path| {
+        Server::start_prepared(db, &flags, |c| {
+            c.env("XDG_DATA_HOME", &data);
+        })
+    };
+    let server = start(&db);
+    let load = Load::start(&server, "rofs", false).await;
+    until(Duration::from_secs(10), async || billed(&db, "rofs") > 0).await;
+
+    let failures = server.metric("packmeter_flush_failures_total").await;
+    fs.go_read_only();
+    let before = load.acked();
+    until(Duration::from_secs(10), async || {
+        server.metric("packmeter_flush_failures_total").await >= failures + 3.0
+    })
+    .await;
+    assert_eq!(server.metric("packmeter_store_up").await, 0.0);
+    assert!(load.acked() > before, "deductions answered meanwhile");
+    let acked = load.stop().await;
+
+    let (status, stderr) = server.terminate();
+    eprintln!("{stderr}");
+    assert!(!status.success(), "the final flush cannot succeed: {stderr}");
+    assert!(
+        stderr.contains("read-only"),
+        "the flushes failed for the read-only volume: {stderr}"
+    );
+
+    fs.repair();
+    let server = start(&db);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(billed(&db, "rofs"), acked, "billed exactly once");
+}
