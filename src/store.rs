@@ -547,6 +547,36 @@ pub fn spill_path(url: &StoreUrl) -> PathBuf {
     }
 }
 
+/// Where shutdown writes the spill file when it cannot be written beside
+/// the store ([`spill_path`]): SQLite only, for a store whose filesystem
+/// failed or turned read-only. In the data directory ([`default_data_dir`]),
+/// named after the store's whole path (`/`, `%` and anything but ASCII
+/// letters, digits, `.`, `-` and `_` %-escaped), so that two stores never
+/// share it: `sqlite-%2Fvar%2Flib%2Fpackmeter.db.unflushed`. Start-up
+/// replays it after the one beside the store. `None` for PostgreSQL, whose
+/// spill file is in the data directory already.
+pub fn fallback_spill_path(url: &StoreUrl) -> Option<PathBuf> {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(ref path) => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let mut name = String::from("sqlite-");
+            for b in path.as_os_str().as_encoded_bytes() {
+                match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => {
+                        name.push(*b as char)
+                    }
+                    _ => name.push_str(&format!("%{b:02X}")),
+                }
+            }
+            name.push_str(".unflushed");
+            Some(default_data_dir().join(name))
+        }
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(_) => None,
+    }
+}
+
 /// Where a page starts: `from`, and the cursor if it narrows that further.
 /// A cursor before `from`, or (with an account filter) on another account,
 /// is turned into a plain hour bound, so that every query a store runs

@@ -324,7 +324,8 @@ async fn a_sqlite_store_whose_volume_turns_read_only_loses_and_doubles_nothing()
     };
     let data = dir.path().join("data");
     let db = fs.path.join("packmeter.db");
-    let flags = ["--flush-interval", "50ms"];
+    // (The final flush retries a failing store for the whole grace.)
+    let flags = ["--flush-interval", "50ms", "--shutdown-grace", "1s"];
     let start = |db: &Path| {
         Server::start_prepared(db, &flags, |c| {
             c.env("XDG_DATA_HOME", &data);
@@ -345,17 +346,38 @@ async fn a_sqlite_store_whose_volume_turns_read_only_loses_and_doubles_nothing()
     assert!(load.acked() > before, "deductions answered meanwhile");
     let acked = load.stop().await;
 
+    // The final flush fails, and so does the spill file beside the store:
+    // it goes to the data directory instead.
     let (status, stderr) = server.terminate();
-    eprintln!("{stderr}");
-    assert!(!status.success(), "the final flush cannot succeed: {stderr}");
+    assert_eq!(status.code(), Some(1), "the final flush failed: {stderr}");
     assert!(
-        stderr.contains("read-only"),
+        stderr.contains("disk I/O error"),
         "the flushes failed for the read-only volume: {stderr}"
+    );
+    assert!(
+        stderr.contains("Read-only file system"),
+        "the spill file beside the store was refused: {stderr}"
+    );
+    let spilled: Vec<_> = std::fs::read_dir(data.join("packmeter"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        spilled.len(),
+        1,
+        "one spill file in the data directory: {stderr}"
     );
 
     fs.repair();
     let server = start(&db);
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("spill file replayed"), "{stderr}");
     assert_eq!(billed(&db, "rofs"), acked, "billed exactly once");
+    assert!(
+        std::fs::read_dir(data.join("packmeter"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the replayed spill file is gone"
+    );
 }

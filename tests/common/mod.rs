@@ -573,9 +573,7 @@ impl ReadOnlyFs {
         // (Newer kernels list it as `rw,…,emergency_ro`.)
         let options = line.split_whitespace().nth(3).unwrap();
         assert!(
-            options
-                .split(',')
-                .any(|o| o == "ro" || o == "emergency_ro"),
+            options.split(',').any(|o| o == "ro" || o == "emergency_ro"),
             "remounted read-only: {line}"
         );
     }
@@ -605,7 +603,9 @@ impl Drop for ReadOnlyFs {
         if self.mounted {
             let _ = Command::new("umount").arg(&self.path).status();
         }
-        let _ = Command::new("losetup").args(["-d", &self.loop_dev]).status();
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
         let _ = std::fs::remove_file(&self.image);
     }
 }
