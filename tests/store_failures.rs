@@ -5,11 +5,15 @@
 //! Deductions keep being answered, the flusher retries, and in the end the
 //! store bills every acknowledged deduction exactly once.
 //!
-//! (A read-only file *while the store is open* is not among them: Linux
-//! refuses to remount a filesystem read-only while a file on it is open for
-//! writing (EBUSY), and neither permissions nor the immutable flag stop
-//! writes through descriptors already open. A store that is read-only at
-//! start is refused with exit 64: tests/store_startup.rs.)
+//! A store that turns read-only *while it is open* is the SQLite file on a
+//! small ext4 filesystem on a loop device, mounted `errors=remount-ro`,
+//! whose error the test raises through `/sys/fs/ext4/loopN/trigger_fs_error`:
+//! the kernel aborts the journal and remounts it read-only, as a failing
+//! volume does. (`mount -o remount,ro` fails with EBUSY while a file is open
+//! for writing; permissions and the immutable flag do not stop writes
+//! through open descriptors; `blockdev --setro` only warns on recent
+//! kernels, and device-mapper may be missing.) A store that is read-only at
+//! start is refused with exit 64: tests/store_startup.rs.
 
 mod common;
 
