@@ -385,3 +385,73 @@ async fn a_sqlite_store_whose_volume_turns_read_only_loses_and_doubles_nothing()
         "the replayed spill file is gone"
     );
 }
+
+/// `journal` mode, the same read-only volume: the journal is beside the
+/// store, so once the volume turns read-only deductions are refused with
+/// UNAVAILABLE (nothing is acknowledged that is not durable). SIGTERM
+/// leaves the unflushed usage in the journal; after the repair the restart
+/// replays it, and the store bills exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_mode_on_a_volume_that_turns_read_only_refuses_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fs = match common::ReadOnlyFs::mount(dir.path()) {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(
+                !common::required(),
+                "a loop-device ext4 filesystem is required under CI=true (run as root): {why}"
+            );
+            eprintln!("SKIPPED: cannot mount an ext4 loop device here ({why}); set CI=true to make this a failure");
+            return;
+        }
+    };
+    let db = fs.path.join("packmeter.db");
+    let flags = [
+        "--durability",
+        "journal",
+        "--flush-interval",
+        "50ms",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let server = Server::start_on(&db, &flags);
+    let mut meter = server.meter().await;
+    let mut acked = 0u64;
+    for n in 1..=20 {
+        meter.deduct(deduct("rofs", n, 0, None)).await.unwrap();
+        acked += n;
+    }
+    until(Duration::from_secs(10), async || {
+        billed(&db, "rofs") == acked
+    })
+    .await;
+
+    fs.go_read_only();
+    // Answered while the journal's last group commit holds, then refused.
+    let refused = {
+        let mut n = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            n += 1;
+            match meter.deduct(deduct("rofs", 1 + n % 7, 0, None)).await {
+                Ok(_) => acked += 1 + n % 7,
+                Err(s) => break s,
+            }
+            assert!(std::time::Instant::now() < deadline, "never refused");
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let again = meter.deduct(deduct("rofs", 1, 0, None)).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+
+    let (status, stderr) = server.terminate();
+    assert!(
+        !status.success(),
+        "the final flush cannot succeed: {stderr}"
+    );
+    fs.repair();
+    let server = Server::start_on(&db, &flags);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(billed(&db, "rofs"), acked, "billed exactly once");
+}
