@@ -628,4 +628,25 @@ mod tests {
             assert_eq!(redact(url), shown, "{url}");
         }
     }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_fallback_spill_file_is_named_after_the_whole_store_path() {
+        use super::{fallback_spill_path, StoreUrl};
+        let name = |url: &str| {
+            fallback_spill_path(&StoreUrl::parse(url).unwrap())
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(
+            name("sqlite:///var/lib/pm_1.db"),
+            "sqlite-%2Fvar%2Flib%2Fpm_1.db.unflushed"
+        );
+        // Escaped, so that no two paths share a name.
+        assert_ne!(name("sqlite:///a/b.db"), name("sqlite:///a%2Fb.db"));
+        assert_ne!(name("sqlite:///a/b.db"), name("sqlite:///a_b.db"));
+    }
 }
