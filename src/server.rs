@@ -190,6 +190,7 @@ pub async fn serve(
         e => ServeError::Open(e),
     })?;
     let spill_path = store::spill_path(&config.store);
+    let spill_fallback = store::fallback_spill_path(&config.store);
     let journal_dir = crate::journal::journal_dir(&config.store);
     // Built now, reached only once start-up is done (`StartUp::run`).
     let metrics = Arc::new(Metrics::new());
@@ -417,6 +418,7 @@ pub async fn serve(
             app: app.clone(),
             config: config.clone(),
             spill_path: spill_path.clone(),
+            spill_fallback: spill_fallback.clone(),
             journal_dir: journal_dir.clone(),
             health: health.clone(),
             services,
@@ -530,13 +532,27 @@ pub async fn serve(
             });
             let batches = flusher.spill();
             let accounts: usize = batches.iter().map(|b| b.accounts.len()).sum();
-            match spill::append(&spill_path, &batches) {
-                Ok(()) => {
-                    tracing::error!(%error, accounts, path = %spill_path.display(), "final flush failed; unflushed usage written to the spill file");
-                    Err(ServeError::FinalFlush {
-                        error,
-                        path: spill_path.clone(),
-                    })
+            // Beside the store; if its filesystem refuses (failed, or
+            // turned read-only), in the data directory.
+            let spilled = match spill::append(&spill_path, &batches) {
+                Ok(()) => Ok(spill_path.clone()),
+                Err(beside) => match &spill_fallback {
+                    Some(fallback) => {
+                        tracing::error!(error = %beside, fallback = %fallback.display(), "cannot write the spill file beside the store; writing it to the data directory");
+                        spill::append(fallback, &batches)
+                            .map(|()| fallback.clone())
+                            .map_err(|e| {
+                                tracing::error!(error = %e, "cannot write the spill file to the data directory either");
+                                beside
+                            })
+                    }
+                    None => Err(beside),
+                },
+            };
+            match spilled {
+                Ok(path) => {
+                    tracing::error!(%error, accounts, path = %path.display(), "final flush failed; unflushed usage written to the spill file");
+                    Err(ServeError::FinalFlush { error, path })
                 }
                 Err(spill) => Err(ServeError::SpillFailed { error, spill }),
             }
@@ -580,6 +596,9 @@ struct StartUp {
     app: Arc<App>,
     config: Config,
     spill_path: std::path::PathBuf,
+    /// Where shutdown spilled when it could not write beside the store
+    /// (see [`store::fallback_spill_path`]).
+    spill_fallback: Option<std::path::PathBuf>,
     journal_dir: std::path::PathBuf,
     health: tonic_health::server::HealthReporter,
     services: [&'static str; 4],
@@ -600,6 +619,7 @@ impl StartUp {
             app,
             config,
             spill_path,
+            spill_fallback,
             journal_dir,
             health,
             services,
@@ -633,13 +653,15 @@ impl StartUp {
         } else {
             None
         };
-        let replayed = spill::replay(&*store, &spill_path, &draining).await?;
-        if replayed.interrupted {
-            tracing::info!(?replayed, path = %spill_path.display(), "shutdown during the spill file's replay: the rest stays in it for the next start");
-            return Ok(false);
-        }
-        if replayed != spill::Replayed::default() {
-            tracing::info!(?replayed, path = %spill_path.display(), "spill file replayed");
+        for path in std::iter::once(&spill_path).chain(&spill_fallback) {
+            let replayed = spill::replay(&*store, path, &draining).await?;
+            if replayed.interrupted {
+                tracing::info!(?replayed, path = %path.display(), "shutdown during the spill file's replay: the rest stays in it for the next start");
+                return Ok(false);
+            }
+            if replayed != spill::Replayed::default() {
+                tracing::info!(?replayed, path = %path.display(), "spill file replayed");
+            }
         }
         // Hours an earlier run settled stay settled, whatever --late-grace
         // says now (R12).

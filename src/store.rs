@@ -547,6 +547,36 @@ pub fn spill_path(url: &StoreUrl) -> PathBuf {
     }
 }
 
+/// Where shutdown writes the spill file when it cannot be written beside
+/// the store ([`spill_path`]): SQLite only, for a store whose filesystem
+/// failed or turned read-only. In the data directory ([`default_data_dir`]),
+/// named after the store's whole path (`/`, `%` and anything but ASCII
+/// letters, digits, `.`, `-` and `_` %-escaped), so that two stores never
+/// share it: `sqlite-%2Fvar%2Flib%2Fpackmeter.db.unflushed`. Start-up
+/// replays it after the one beside the store. `None` for PostgreSQL, whose
+/// spill file is in the data directory already.
+pub fn fallback_spill_path(url: &StoreUrl) -> Option<PathBuf> {
+    match *url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(ref path) => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let mut name = String::from("sqlite-");
+            for b in path.as_os_str().as_encoded_bytes() {
+                match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => {
+                        name.push(*b as char)
+                    }
+                    _ => name.push_str(&format!("%{b:02X}")),
+                }
+            }
+            name.push_str(".unflushed");
+            Some(default_data_dir().join(name))
+        }
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(_) => None,
+    }
+}
+
 /// Where a page starts: `from`, and the cursor if it narrows that further.
 /// A cursor before `from`, or (with an account filter) on another account,
 /// is turned into a plain hour bound, so that every query a store runs
@@ -597,5 +627,26 @@ mod tests {
         ] {
             assert_eq!(redact(url), shown, "{url}");
         }
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_fallback_spill_file_is_named_after_the_whole_store_path() {
+        use super::{fallback_spill_path, StoreUrl};
+        let name = |url: &str| {
+            fallback_spill_path(&StoreUrl::parse(url).unwrap())
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(
+            name("sqlite:///var/lib/pm_1.db"),
+            "sqlite-%2Fvar%2Flib%2Fpm_1.db.unflushed"
+        );
+        // Escaped, so that no two paths share a name.
+        assert_ne!(name("sqlite:///a/b.db"), name("sqlite:///a%2Fb.db"));
+        assert_ne!(name("sqlite:///a/b.db"), name("sqlite:///a_b.db"));
     }
 }

@@ -5,11 +5,15 @@
 //! Deductions keep being answered, the flusher retries, and in the end the
 //! store bills every acknowledged deduction exactly once.
 //!
-//! (A read-only file *while the store is open* is not among them: Linux
-//! refuses to remount a filesystem read-only while a file on it is open for
-//! writing (EBUSY), and neither permissions nor the immutable flag stop
-//! writes through descriptors already open. A store that is read-only at
-//! start is refused with exit 64: tests/store_startup.rs.)
+//! A store that turns read-only *while it is open* is the SQLite file on a
+//! small ext4 filesystem on a loop device, mounted `errors=remount-ro`,
+//! whose error the test raises through `/sys/fs/ext4/loopN/trigger_fs_error`:
+//! the kernel aborts the journal and remounts it read-only, as a failing
+//! volume does. (`mount -o remount,ro` fails with EBUSY while a file is open
+//! for writing; permissions and the immutable flag do not stop writes
+//! through open descriptors; `blockdev --setro` only warns on recent
+//! kernels, and device-mapper may be missing.) A store that is read-only at
+//! start is refused with exit 64: tests/store_startup.rs.
 
 mod common;
 
@@ -298,4 +302,156 @@ async fn a_full_disk_under_the_sqlite_store_fails_flushes_and_loses_and_doubles_
     );
     assert_eq!(billed_all(&db), acked, "billed exactly once");
     drop(fs);
+}
+
+/// `flush` mode, the SQLite store's volume turning read-only under load
+/// (an ext4 error with `errors=remount-ro`, as when a cloud volume fails):
+/// flushes fail with EROFS and are counted, `packmeter_store_up` is 0 and
+/// deductions are answered from memory meanwhile. The filesystem cannot
+/// come back in-process, so the operator's recovery is SIGTERM (the final
+/// flush fails; the unflushed usage must go to a spill file somewhere
+/// writable), unmount, fsck, mount read-write, restart on the same file:
+/// the store then bills exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_whose_volume_turns_read_only_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fs = match common::ReadOnlyFs::mount(dir.path()) {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(
+                !common::required(),
+                "a loop-device ext4 filesystem is required under CI=true (run as root): {why}"
+            );
+            eprintln!("SKIPPED: cannot mount an ext4 loop device here ({why}); set CI=true to make this a failure");
+            return;
+        }
+    };
+    let data = dir.path().join("data");
+    let db = fs.path.join("packmeter.db");
+    // (The final flush retries a failing store for the whole grace.)
+    let flags = ["--flush-interval", "50ms", "--shutdown-grace", "1s"];
+    let start = |db: &Path| {
+        Server::start_prepared(db, &flags, |c| {
+            c.env("XDG_DATA_HOME", &data);
+        })
+    };
+    let server = start(&db);
+    let load = Load::start(&server, "rofs", false).await;
+    until(Duration::from_secs(10), async || billed(&db, "rofs") > 0).await;
+
+    let failures = server.metric("packmeter_flush_failures_total").await;
+    fs.go_read_only();
+    let before = load.acked();
+    until(Duration::from_secs(10), async || {
+        server.metric("packmeter_flush_failures_total").await >= failures + 3.0
+    })
+    .await;
+    assert_eq!(server.metric("packmeter_store_up").await, 0.0);
+    assert!(load.acked() > before, "deductions answered meanwhile");
+    let acked = load.stop().await;
+
+    // The final flush fails, and so does the spill file beside the store:
+    // it goes to the data directory instead.
+    let (status, stderr) = server.terminate();
+    assert_eq!(status.code(), Some(1), "the final flush failed: {stderr}");
+    assert!(
+        stderr.contains("disk I/O error"),
+        "the flushes failed for the read-only volume: {stderr}"
+    );
+    assert!(
+        stderr.contains("Read-only file system"),
+        "the spill file beside the store was refused: {stderr}"
+    );
+    let spilled: Vec<_> = std::fs::read_dir(data.join("packmeter"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        spilled.len(),
+        1,
+        "one spill file in the data directory: {stderr}"
+    );
+
+    fs.repair();
+    let server = start(&db);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("spill file replayed"), "{stderr}");
+    assert_eq!(billed(&db, "rofs"), acked, "billed exactly once");
+    assert!(
+        std::fs::read_dir(data.join("packmeter"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the replayed spill file is gone"
+    );
+}
+
+/// `journal` mode, the same read-only volume: the journal is beside the
+/// store, so once the volume turns read-only deductions are refused with
+/// UNAVAILABLE (nothing is acknowledged that is not durable). SIGTERM
+/// leaves the unflushed usage in the journal; after the repair the restart
+/// replays it, and the store bills exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_mode_on_a_volume_that_turns_read_only_refuses_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fs = match common::ReadOnlyFs::mount(dir.path()) {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(
+                !common::required(),
+                "a loop-device ext4 filesystem is required under CI=true (run as root): {why}"
+            );
+            eprintln!("SKIPPED: cannot mount an ext4 loop device here ({why}); set CI=true to make this a failure");
+            return;
+        }
+    };
+    let db = fs.path.join("packmeter.db");
+    let flags = [
+        "--durability",
+        "journal",
+        "--flush-interval",
+        "50ms",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let server = Server::start_on(&db, &flags);
+    let mut meter = server.meter().await;
+    let mut acked = 0u64;
+    for n in 1..=20 {
+        meter.deduct(deduct("rofs", n, 0, None)).await.unwrap();
+        acked += n;
+    }
+    until(Duration::from_secs(10), async || {
+        billed(&db, "rofs") == acked
+    })
+    .await;
+
+    fs.go_read_only();
+    // Answered while the journal's last group commit holds, then refused.
+    let refused = {
+        let mut n = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            n += 1;
+            match meter.deduct(deduct("rofs", 1 + n % 7, 0, None)).await {
+                Ok(_) => acked += 1 + n % 7,
+                Err(s) => break s,
+            }
+            assert!(std::time::Instant::now() < deadline, "never refused");
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let again = meter.deduct(deduct("rofs", 1, 0, None)).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+
+    let (status, stderr) = server.terminate();
+    assert!(
+        !status.success(),
+        "the final flush cannot succeed: {stderr}"
+    );
+    fs.repair();
+    let server = Server::start_on(&db, &flags);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(billed(&db, "rofs"), acked, "billed exactly once");
 }

@@ -493,3 +493,119 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(v))
     }
 }
+
+/// A small ext4 filesystem on a loop device, mounted with
+/// `errors=remount-ro`, that the test can turn read-only while files on it
+/// are open for writing ([`go_read_only`](Self::go_read_only)): what a
+/// failing volume does. Root only; unmounted and detached on drop.
+pub struct ReadOnlyFs {
+    pub path: PathBuf,
+    image: PathBuf,
+    loop_dev: String,
+    mounted: bool,
+}
+
+impl ReadOnlyFs {
+    /// Makes a 32 MiB image in `dir`, attaches it and mounts it at
+    /// `dir/fs`; `Err` says why the machine does not allow it.
+    pub fn mount(dir: &Path) -> Result<ReadOnlyFs, String> {
+        let run = |cmd: &mut Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            } else {
+                Err(format!(
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let image = dir.join("fs.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(32 << 20))
+            .map_err(|e| e.to_string())?;
+        run(Command::new("mkfs.ext4").arg("-q").arg(&image))?;
+        let loop_dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&image))?;
+        let mut fs = ReadOnlyFs {
+            path: dir.join("fs"),
+            image,
+            loop_dev,
+            mounted: false,
+        };
+        std::fs::create_dir_all(&fs.path).map_err(|e| e.to_string())?;
+        fs.mount_rw()?;
+        Ok(fs)
+    }
+
+    fn mount_rw(&mut self) -> Result<(), String> {
+        let out = Command::new("mount")
+            .args(["-o", "errors=remount-ro", &self.loop_dev])
+            .arg(&self.path)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount {}: {}",
+                self.loop_dev,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        self.mounted = true;
+        Ok(())
+    }
+
+    /// Raises an ext4 error (`/sys/fs/ext4/loopN/trigger_fs_error`): the
+    /// journal aborts and the kernel remounts the filesystem read-only;
+    /// from then on every write through every open descriptor fails with
+    /// EROFS, while reads still work.
+    pub fn go_read_only(&self) {
+        let name = self.loop_dev.trim_start_matches("/dev/");
+        std::fs::write(
+            format!("/sys/fs/ext4/{name}/trigger_fs_error"),
+            "packmeter test: the store's volume fails",
+        )
+        .expect("trigger an ext4 error");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let line = mounts
+            .lines()
+            .find(|l| l.starts_with(&format!("{} ", self.loop_dev)))
+            .expect("still mounted");
+        // (Newer kernels list it as `rw,…,emergency_ro`.)
+        let options = line.split_whitespace().nth(3).unwrap();
+        assert!(
+            options.split(',').any(|o| o == "ro" || o == "emergency_ro"),
+            "remounted read-only: {line}"
+        );
+    }
+
+    /// The operator's recovery: unmount, `e2fsck -fy`, mount read-write
+    /// again. Nothing may have the filesystem open.
+    pub fn repair(&mut self) {
+        let ok = Command::new("umount").arg(&self.path).status().unwrap();
+        assert!(ok.success(), "umount {}", self.path.display());
+        self.mounted = false;
+        let fsck = Command::new("e2fsck")
+            .args(["-fy", &self.loop_dev])
+            .output()
+            .unwrap();
+        // 0: clean, 1: errors corrected.
+        assert!(
+            matches!(fsck.status.code(), Some(0 | 1)),
+            "e2fsck: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        self.mount_rw().expect("mount the repaired filesystem");
+    }
+}
+
+impl Drop for ReadOnlyFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.path).status();
+        }
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
