@@ -35,9 +35,17 @@ fn json(server: &Server, args: &[&str]) -> serde_json::Value {
 #[test]
 fn client_commands_print_tables_and_json() {
     let dir = tempfile::tempdir().unwrap();
+    // No background flush: `flush` below must find the account unflushed.
     let server = Server::start(
         dir.path(),
-        &["--late-grace", "3650d", "--dedup-window", "3650d"],
+        &[
+            "--late-grace",
+            "3650d",
+            "--dedup-window",
+            "3650d",
+            "--flush-interval",
+            "1h",
+        ],
     );
 
     let put = json(
