@@ -706,12 +706,10 @@ impl App {
     ) -> Result<Vec<daily::Day>, MeterError> {
         use futures_util::TryStreamExt;
         let days = days.clamp(1, daily::MAX_DAYS);
-        let acct = self
-            .meter
-            .known_account(account_id, self.clock.now())
-            .await?;
+        let now = self.clock.now();
+        let acct = self.meter.known_account(account_id, now).await?;
         let zone = &self.meter.config().zone;
-        let (first, from, to) = daily::window(zone, self.clock.now(), days);
+        let (first, from, to) = daily::window(zone, now, days);
         let entries = self
             .flusher
             .quiesced(async {

@@ -559,18 +559,13 @@ pub fn fallback_spill_path(url: &StoreUrl) -> Option<PathBuf> {
     match *url {
         #[cfg(feature = "sqlite")]
         StoreUrl::Sqlite(ref path) => {
+            use percent_encoding::{percent_encode, NON_ALPHANUMERIC};
+            // Every byte but ASCII letters, digits, `.`, `-` and `_`.
+            const ESCAPED: &percent_encoding::AsciiSet =
+                &NON_ALPHANUMERIC.remove(b'.').remove(b'-').remove(b'_');
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            let mut name = String::from("sqlite-");
-            for b in path.as_os_str().as_encoded_bytes() {
-                match b {
-                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => {
-                        name.push(*b as char)
-                    }
-                    _ => name.push_str(&format!("%{b:02X}")),
-                }
-            }
-            name.push_str(".unflushed");
-            Some(default_data_dir().join(name))
+            let name = percent_encode(path.as_os_str().as_encoded_bytes(), ESCAPED);
+            Some(default_data_dir().join(format!("sqlite-{name}.unflushed")))
         }
         #[cfg(feature = "postgres")]
         StoreUrl::Postgres(_) => None,

@@ -756,16 +756,8 @@ macro_rules! on_client_read {
         loop {
             attempt += 1;
             let started = std::time::Instant::now();
-            let tried = match $store.client().await {
-                Ok(mut object) => {
-                    let outcome = {
-                        let $c: &mut Object = &mut object;
-                        tokio::time::timeout(OP_TIMEOUT, async move { $body }).await
-                    };
-                    finish(object, outcome)
-                }
-                Err(e) => Err(e),
-            };
+            // One try, as `on_client!` makes it; its `?` ends the block.
+            let tried: Result<_, StoreError> = async { on_client!($store, |$c| $body) }.await;
             match tried {
                 Err(e)
                     if e.transient
