@@ -362,3 +362,65 @@ async fn rebases_under_concurrent_deductions_keep_ledger_and_counters_exact() {
         );
     }
 }
+
+/// Usage by day (`Admin.GetDailyUsage`, the pack page's chart) on a fleet:
+/// two nodes deduct from one account at once, with retries of the same
+/// request ids sent to the other node. Once both have flushed, every node
+/// shows the same days: each call once, split against the one global free
+/// tier exactly, whichever node deducted it.
+#[tokio::test]
+async fn daily_usage_is_the_same_on_every_node_once_each_has_flushed() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Server> = data
+        .iter()
+        .map(|d| Server::start_store(&db.url, d.path(), &args()))
+        .collect();
+    nodes[0].put_account("acme", false, false).await;
+
+    // Node 0 takes ids 0..30 and node 1 ids 15..45, at once: 15 retries
+    // reach the other node, 45 distinct calls in all.
+    let mut tasks = Vec::new();
+    for (node, ids) in nodes.iter().zip([0..30u64, 15..45]) {
+        let mut meter = node.meter().await;
+        tasks.push(tokio::spawn(async move {
+            for i in ids {
+                let mut r = deduct("acme", 1, 0, None);
+                r.request_id = format!("r-{i}");
+                meter.deduct(r).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for node in &nodes {
+        node.admin()
+            .await
+            .flush(proto::FlushRequest {})
+            .await
+            .unwrap();
+    }
+
+    let mut seen = Vec::new();
+    for node in &nodes {
+        // Two days, in case the test runs across midnight in the billing zone.
+        let r = node
+            .admin()
+            .await
+            .get_daily_usage(proto::GetDailyUsageRequest {
+                account_id: "acme".into(),
+                days: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let covered: u64 = r.days.iter().map(|d| d.calls_covered).sum();
+        let overage: u64 = r.days.iter().map(|d| d.calls_overage).sum();
+        seen.push((covered, overage));
+    }
+    // The free tier holds 40 calls (`args`); the other 5 are overage.
+    assert_eq!(seen, vec![(40, 5), (40, 5)]);
+}
