@@ -35,11 +35,12 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    background::Background,
     calendar::Ts,
     clock::Clock,
     ledger::{FlushBatch, Pending},
     meter::{to_flush, AccountState, Meter},
-    store::{Store, StoreError},
+    store::{Flushed, Store, StoreError},
 };
 
 /// What one flush did.
@@ -136,6 +137,12 @@ pub struct Flusher {
     /// `--durability journal`: takes are epochs, batches have intents, and
     /// a complete flush checkpoints the journal (see [`crate::journal`]).
     journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
+    /// Where the flush's own CPU work runs (taking changes out of the
+    /// accounts, building batches, rebasing counters): a thread at a lower
+    /// priority than the serving threads, so a flush of thousands of
+    /// accounts does not hold up the calls in flight (see
+    /// [`crate::background`]).
+    background: Background,
 }
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
@@ -181,6 +188,7 @@ impl Flusher {
             seq: AtomicU64::new(0),
             clock,
             journal: std::sync::OnceLock::new(),
+            background: Background::start("packmeter-flush"),
         }
     }
 
@@ -250,7 +258,7 @@ impl Flusher {
             .collect()
     }
 
-    async fn flush_inner(&self) -> Result<FlushReport, StoreError> {
+    async fn flush_inner(self: &Arc<Self>) -> Result<FlushReport, StoreError> {
         let _guard = self.running.lock().await;
         let started = Instant::now();
         let mut report = FlushReport::default();
@@ -282,7 +290,10 @@ impl Flusher {
         let mut failed: Option<StoreError> = None;
         loop {
             while failed.is_none() && left > 0 && writing.len() < width {
-                let Some((work, batch)) = self.take_chunk(left.min(self.batch_accounts)) else {
+                let n = left.min(self.batch_accounts);
+                let this = self.clone();
+                let taken = self.background.run(move || this.take_chunk(n)).await;
+                let Some((work, batch)) = taken else {
                     left = 0;
                     break;
                 };
@@ -317,18 +328,24 @@ impl Flusher {
     /// intent is durable, and once all are in the store with nothing left
     /// to retry, the journal is checkpointed at that epoch.
     async fn flush_journaled(
-        &self,
+        self: &Arc<Self>,
         journal: &Arc<crate::journal::Journal>,
         started: Instant,
         mut report: FlushReport,
     ) -> Result<FlushReport, StoreError> {
-        let (epoch, chunks) = journal.take(|| {
-            let mut chunks = Vec::new();
-            while let Some(chunk) = self.take_chunk(self.batch_accounts) {
-                chunks.push(chunk);
-            }
-            chunks
-        });
+        let (this, j) = (self.clone(), journal.clone());
+        let (epoch, chunks) = self
+            .background
+            .run(move || {
+                j.take(|| {
+                    let mut chunks = Vec::new();
+                    while let Some(chunk) = this.take_chunk(this.batch_accounts) {
+                        chunks.push(chunk);
+                    }
+                    chunks
+                })
+            })
+            .await;
         for (_, batch) in &chunks {
             journal.register(&batch.batch_id, epoch);
         }
@@ -376,7 +393,7 @@ impl Flusher {
 
     /// Writes one chunk; on a permanent error, narrows it down by halves.
     async fn write(
-        &self,
+        self: &Arc<Self>,
         work: Work,
         batch: Arc<FlushBatch>,
         report: &mut FlushReport,
@@ -399,46 +416,35 @@ impl Flusher {
                 // is narrowed down, are of its take.)
                 j.resolved(&batch.batch_id);
             }
-            if let Ok(flushed) = &written {
-                // Counters now count every node's usage (see Meter::rebase).
-                let totals: Vec<_> = work
-                    .iter()
-                    .filter_map(|(a, _)| {
-                        let i = flushed
-                            .accounts
-                            .binary_search_by(|t| (*t.account_id).cmp(a.id()))
-                            .ok()?;
-                        Some((a.clone(), &flushed.accounts[i].packs[..]))
-                    })
-                    .collect();
-                self.meter.rebase(&totals);
-                for (account, id) in &flushed.reversed {
-                    tracing::info!(
-                        %account,
-                        request_id = %id,
-                        "a retry another node billed first: this node's usage for it was reversed"
-                    );
-                }
-            }
-            // Whatever happened, this batch is no longer in flight: its
-            // changes are in the store, back in their accounts, or in the
-            // halves below, all within this one critical section.
-            let mut state = self.in_flight.lock();
-            state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
-            match written {
-                Ok(_) => {
-                    let again: Vec<_> = work
-                        .into_iter()
-                        .filter(|(a, _)| a.finish_flush())
-                        .map(|(a, _)| a)
-                        .collect();
-                    drop(state);
-                    self.meter.requeue(again);
+            let e = match written {
+                Ok(flushed) => {
+                    let this = self.clone();
+                    let b = batch.clone();
+                    let reversed = self
+                        .background
+                        .run(move || this.written(work, &b, flushed))
+                        .await;
+                    for (account, id) in &reversed {
+                        tracing::info!(
+                            %account,
+                            request_id = %id,
+                            "a retry another node billed first: this node's usage for it was reversed"
+                        );
+                    }
                     report.batches += 1;
                     report.accounts += batch.accounts.len();
                     report.deltas += batch.accounts.iter().map(|a| a.deltas.len()).sum::<usize>();
+                    continue;
                 }
-                Err(e) if e.transient => {
+                Err(e) => e,
+            };
+            // This batch is no longer in flight: its changes are back in
+            // their accounts, or in the halves below, all within this one
+            // critical section.
+            let mut state = self.in_flight.lock();
+            state.batches.retain(|b| !Arc::ptr_eq(b, &batch));
+            match e {
+                e if e.transient => {
                     if state.halted {
                         // Once spilled, the changes are in the spill file.
                         let mut back: Vec<_> = parts
@@ -473,7 +479,7 @@ impl Flusher {
                     self.observer.failed(&e);
                     return Err(e);
                 }
-                Err(e) if work.len() > 1 => {
+                e if work.len() > 1 => {
                     // Permanent: one of these accounts holds what the store
                     // refuses. Try each half on its own.
                     let mut first = work;
@@ -488,7 +494,7 @@ impl Flusher {
                     }
                     tracing::debug!(error = %e, "permanent flush error; narrowing the batch down");
                 }
-                Err(e) => {
+                e => {
                     for (a, p) in work {
                         tracing::error!(
                             account = %a.id(),
@@ -507,6 +513,42 @@ impl Flusher {
             }
         }
         Ok(())
+    }
+
+    /// After `batch` is in the store: rebases its accounts' counters on the
+    /// store's totals, takes the batch out of flight, and queues again the
+    /// accounts that changed meanwhile. Returns the request ids whose usage
+    /// the store reversed. Runs on the background thread: it touches every
+    /// account of the batch.
+    fn written(
+        &self,
+        work: Work,
+        batch: &Arc<FlushBatch>,
+        flushed: Flushed,
+    ) -> Vec<(Arc<str>, Box<str>)> {
+        // Counters now count every node's usage (see Meter::rebase).
+        let totals: Vec<_> = work
+            .iter()
+            .filter_map(|(a, _)| {
+                let i = flushed
+                    .accounts
+                    .binary_search_by(|t| (*t.account_id).cmp(a.id()))
+                    .ok()?;
+                Some((a.clone(), &flushed.accounts[i].packs[..]))
+            })
+            .collect();
+        self.meter.rebase(&totals);
+        // This batch is no longer in flight: its changes are in the store.
+        let mut state = self.in_flight.lock();
+        state.batches.retain(|b| !Arc::ptr_eq(b, batch));
+        let again: Vec<_> = work
+            .into_iter()
+            .filter(|(a, _)| a.finish_flush())
+            .map(|(a, _)| a)
+            .collect();
+        drop(state);
+        self.meter.requeue(again);
+        flushed.reversed
     }
 
     /// Flushes every `interval`, or when the meter asks for it, until

@@ -46,6 +46,7 @@
 pub mod admin_http;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod calendar;
 pub mod changes;
 pub mod clock;

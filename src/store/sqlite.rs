@@ -1,10 +1,16 @@
 //! The embedded SQLite store: one file in WAL mode.
 //!
-//! Two connections, each behind a mutex and used from `spawn_blocking`: one
-//! writes (SQLite allows one writer at a time anyway, and a flush is one
-//! transaction per batch), the other reads. In WAL mode readers never wait
-//! for a writer, so an account's first load and the health check do not
-//! queue behind a large flush.
+//! Two connections, each behind a mutex: one writes (SQLite allows one
+//! writer at a time anyway, and a flush is one transaction per batch), the
+//! other reads. In WAL mode readers never wait for a writer, so an
+//! account's first load and the health check do not queue behind a large
+//! flush.
+//!
+//! Reads run in tokio's blocking pool, at the serving threads' priority:
+//! a call may be waiting for its account. Writes run on the store's own
+//! writer thread, at a lower priority (see [`crate::background`]): a flush
+//! transaction of thousands of accounts then takes the core only when the
+//! serving threads leave it, instead of stalling the calls in flight.
 //! `synchronous = FULL` makes a committed flush survive power loss, which is
 //! what `Admin.Flush` promises.
 
@@ -22,6 +28,7 @@ use super::{
     Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
+    background::Background,
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
     packs::{Item, PackSource, PackSpec},
@@ -104,6 +111,8 @@ const BATCH_ID_RETENTION: Ts = 30 * 24 * crate::calendar::HOUR;
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
+    /// Runs every use of `writer`.
+    writer_thread: Background,
     reader: Arc<Mutex<Connection>>,
     /// `PATH.lock`, exclusively locked for as long as the store is open:
     /// a second server on the same file would count every pack, the free
@@ -210,18 +219,22 @@ impl SqliteStore {
             .map_err(refused)?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
+            writer_thread: Background::start("packmeter-sqlite-writer"),
             reader: Arc::new(Mutex::new(reader)),
             _lock: lock,
         })
     }
 
-    /// Runs `f` on the writing connection in the blocking pool.
+    /// Runs `f` on the writing connection, on the writer thread.
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        Self::run(self.writer.clone(), f).await
+        let conn = self.writer.clone();
+        self.writer_thread
+            .run(move || f(&mut lock_conn(&conn)))
+            .await
     }
 
     /// Runs `f` on the reading connection in the blocking pool.
@@ -238,16 +251,17 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave SQLite itself
-            // inconsistent (the transaction rolls back), so a poisoned lock is
-            // still usable.
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::permanent(format!("store task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&mut lock_conn(&conn)))
+            .await
+            .map_err(|e| StoreError::permanent(format!("store task failed: {e}")))?
     }
+}
+
+/// Locks a connection. A panic while holding the lock cannot leave SQLite
+/// itself inconsistent (the transaction rolls back), so a poisoned lock is
+/// still usable.
+fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why `PATH.lock` could not be taken.

@@ -1,0 +1,156 @@
+//! A thread for background work that must not stall the calls in flight.
+//!
+//! The flush moves thousands of accounts' changes at a time: it takes them
+//! out of the accounts, sorts them into batches, writes each batch in one
+//! SQLite transaction and rebases the accounts' counters. Done on the
+//! runtime's worker threads, a chunk of that work holds up every call
+//! queued behind it (with the server pinned to one core there is a single
+//! worker); done in tokio's blocking pool, it competes with the workers
+//! for the core as an equal, and calls wait a scheduler slice behind it.
+//! Either way it showed up as the serving tail (issue 14, BENCHMARKS.md).
+//!
+//! A [`Background`] is one named OS thread that runs such jobs in order,
+//! at a **lower scheduling priority** than the serving threads: on Linux
+//! its nice value is raised by [`NICE`], which any unprivileged process
+//! may do. The kernel then runs the workers first whenever both want the
+//! core, and the job gets the rest; when the core has idle time (a
+//! sidecar's usual state) the job runs at full speed. Under a load that
+//! saturates the core the flush still gets a share (about a tenth of a
+//! contended core at nice 10) and its batches simply grow: each account's
+//! changes are merged in its ledger until they are taken, so a slower
+//! flush costs memory for at most one ledger per account and hour, never
+//! a lost or repeated call.
+//!
+//! Lock discipline: a job may take the short locks the hot path takes
+//! (an account's ledger, the flush queue) but must never wait for the
+//! runtime, so a worker that waits for such a lock only waits for a job
+//! that is running.
+
+use std::{
+    panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
+    sync::mpsc,
+};
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// How much the background thread's nice value is raised (Linux nice
+/// values run from -20, most favoured, to 19). At 10 the kernel's weight
+/// for the thread is about a ninth of a default thread's.
+pub const NICE: i32 = 10;
+
+/// One background thread; it ends when the last handle is dropped and its
+/// queued jobs are done.
+#[derive(Clone)]
+pub struct Background {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Background {
+    /// Starts the thread, named `name` (as `top -H` and `perf` show it).
+    ///
+    /// # Panics
+    /// If the OS cannot start a thread, as `std::thread::spawn` does.
+    pub fn start(name: &str) -> Background {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                lower_priority();
+                for job in queue {
+                    job();
+                }
+            })
+            .expect("failed to start a background thread");
+        Background { jobs }
+    }
+
+    /// Runs `f` on the background thread and returns what it returns. A
+    /// panic in `f` is raised again here, in the caller, as if `f` had run
+    /// in place (the thread itself carries on with the next job).
+    pub async fn run<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
+        });
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            // The thread is gone (it cannot be while a handle exists, but a
+            // job must run regardless): run it here.
+            job();
+        }
+        match rx.await {
+            Ok(Ok(value)) => value,
+            Ok(Err(panic)) => resume_unwind(panic),
+            // The job was dropped unrun: only if the thread died, which
+            // `job()` above and `catch_unwind` leave no way for.
+            Err(_) => unreachable!("the background thread dropped a job"),
+        }
+    }
+}
+
+/// Raises the calling thread's nice value by [`NICE`]. A failure (a
+/// seccomp profile that forbids it, say) is logged and otherwise ignored:
+/// the work is the same, only its priority is not lowered.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // On Linux the nice value is per thread, and `PRIO_PROCESS` with a
+        // thread id changes that thread alone.
+        use rustix::{process, thread};
+        let tid = Some(thread::gettid());
+        let lowered = process::getpriority_process(tid)
+            .and_then(|now| process::setpriority_process(tid, (now + NICE).min(19)));
+        if let Err(error) = lowered {
+            tracing::warn!(
+                %error,
+                "could not lower the background thread's priority; flushes compete with calls for the CPU"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_run_in_order_on_the_named_thread() {
+        let bg = Background::start("packmeter-test-bg");
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            seen.push(
+                bg.run(move || (i, std::thread::current().name().map(str::to_owned)))
+                    .await,
+            );
+        }
+        for (i, (n, name)) in seen.into_iter().enumerate() {
+            assert_eq!(n, i);
+            assert_eq!(name.as_deref(), Some("packmeter-test-bg"));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_thread_runs_at_a_lower_priority_than_its_caller() {
+        let bg = Background::start("packmeter-test-nice");
+        let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let here = nice();
+        let there = bg.run(nice).await;
+        assert_eq!(there, (here + NICE).min(19));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_panics_in_the_caller_and_the_thread_goes_on() {
+        let bg = Background::start("packmeter-test-panic");
+        let caller = tokio::spawn({
+            let bg = bg.clone();
+            async move { bg.run(|| panic!("boom")).await }
+        });
+        let err = caller.await.unwrap_err();
+        assert!(err.is_panic());
+        assert_eq!(bg.run(|| 7).await, 7);
+    }
+}
