@@ -337,13 +337,31 @@ impl Flusher {
         let (epoch, chunks) = self
             .background
             .run(move || {
-                j.take(|| {
-                    let mut chunks = Vec::new();
-                    while let Some(chunk) = this.take_chunk(this.batch_accounts) {
-                        chunks.push(chunk);
+                // Every deduction waits while the journal's section is
+                // exclusive, so only the changes leave the accounts inside
+                // it; the batches are sorted and built after it. (In the
+                // gap the changes are in no account and in no batch in
+                // flight, where `spill` would miss them; journal mode never
+                // spills: the journal holds them.)
+                let (epoch, taken) = j.take(|| {
+                    let mut taken = Vec::new();
+                    if !this.in_flight.lock().halted {
+                        loop {
+                            let work = take_work(this.meter.take_dirty(this.batch_accounts));
+                            if work.is_empty() {
+                                break;
+                            }
+                            taken.push(work);
+                        }
                     }
-                    chunks
-                })
+                    taken
+                });
+                let mut state = this.in_flight.lock();
+                let chunks: Vec<_> = taken
+                    .into_iter()
+                    .map(|work| this.publish(&mut state, work))
+                    .collect();
+                (epoch, chunks)
             })
             .await;
         for (_, batch) in &chunks {
@@ -374,10 +392,15 @@ impl Flusher {
         if state.halted {
             return None;
         }
-        let mut work = take_work(self.meter.take_dirty(n));
+        let work = take_work(self.meter.take_dirty(n));
         if work.is_empty() {
             return None;
         }
+        Some(self.publish(&mut state, work))
+    }
+
+    /// Makes `work` a batch, published as in flight.
+    fn publish(&self, state: &mut InFlight, mut work: Work) -> (Work, Arc<FlushBatch>) {
         // In key order, each transaction's upserts walk the tables' B-trees
         // forwards instead of jumping around them.
         work.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
@@ -388,7 +411,7 @@ impl Flusher {
         }
         let batch = self.batch(&work);
         state.batches.push(batch.clone());
-        Some((work, batch))
+        (work, batch)
     }
 
     /// Writes one chunk; on a permanent error, narrows it down by halves.

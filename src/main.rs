@@ -6,6 +6,14 @@
 mod cli;
 mod loadgen;
 
+/// mimalloc instead of glibc's allocator: a call allocates and frees a
+/// few dozen small buffers (HTTP/2 frames, headers, the decoded message),
+/// and glibc's `malloc`, `free` and `malloc_consolidate` were about a tenth
+/// of the server's CPU under load (BENCHMARKS.md, issue 14). The library
+/// leaves the choice to the binary that links it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
