@@ -367,20 +367,6 @@ impl Flusher {
         for (_, batch) in &chunks {
             journal.register(&batch.batch_id, epoch);
         }
-        // Every batch's intent in one write and one `fsync`, encoded off
-        // the serving threads. If that fails, each batch's own
-        // `before_write` tries again and handles the error.
-        let batches: Vec<_> = chunks.iter().map(|(_, b)| b.clone()).collect();
-        let j = journal.clone();
-        let (buf, batches) = self
-            .background
-            .run(move || (j.encode_intents(&batches), batches))
-            .await;
-        if let Some(buf) = buf {
-            if let Err(e) = journal.write_intents(buf, &batches).await {
-                tracing::debug!(error = %e, "the take's intents could not be written at once");
-            }
-        }
         let mut chunks = chunks.into_iter();
         while let Some((work, batch)) = chunks.next() {
             if let Err(e) = self.write(work, batch, &mut report).await {

@@ -707,68 +707,28 @@ impl Journal {
     /// Makes the batch's intent durable before the store is asked to write
     /// it (once per batch id; a retry under the same id has it already).
     pub async fn before_write(&self, batch: &FlushBatch) -> Result<(), JournalError> {
-        let Some(buf) = self.encode_intents(std::slice::from_ref(batch)) else {
-            return Ok(());
-        };
-        self.write_intents(buf, std::slice::from_ref(batch)).await
-    }
-
-    /// The intent records of those of `batches` whose intent is not yet
-    /// durable, framed one after another in one buffer; `None` if there
-    /// are none. Encoding a take's intents names every account it took, so
-    /// the flusher runs this on its background thread.
-    pub fn encode_intents<B: std::borrow::Borrow<FlushBatch>>(
-        &self,
-        batches: &[B],
-    ) -> Option<Vec<u8>> {
-        let epochs: Vec<Option<u64>> = {
-            let registered = self.batches.lock();
-            batches
-                .iter()
-                .map(|b| match registered.get(&b.borrow().batch_id) {
-                    Some(&(epoch, false)) => Some(epoch),
-                    None | Some((_, true)) => None,
-                })
-                .collect()
+        let epoch = match self.batches.lock().get(&batch.batch_id) {
+            None | Some((_, true)) => return Ok(()),
+            Some(&(epoch, false)) => epoch,
         };
         let mut buf = Vec::new();
-        for (batch, epoch) in batches.iter().zip(epochs) {
-            let (batch, Some(epoch)) = (batch.borrow(), epoch) else {
-                continue;
-            };
-            encode(
-                &Record::Intent {
-                    epoch,
-                    batch_id: batch.batch_id.clone(),
-                    now: batch.now,
-                    accounts: batch
-                        .accounts
-                        .iter()
-                        .map(|a| a.account_id.clone())
-                        .collect(),
-                },
-                &mut buf,
-            );
-        }
-        (!buf.is_empty()).then_some(buf)
-    }
-
-    /// Makes intents from [`encode_intents`](Self::encode_intents) durable
-    /// in one write and one `fsync`. A flush hands all of a take's intents
-    /// at once: one at a time, each batch's would be a write and an `fsync`
-    /// of its own ahead of the deductions waiting for the same writer.
-    pub async fn write_intents<B: std::borrow::Borrow<FlushBatch>>(
-        &self,
-        buf: Vec<u8>,
-        batches: &[B],
-    ) -> Result<(), JournalError> {
+        encode(
+            &Record::Intent {
+                epoch,
+                batch_id: batch.batch_id.clone(),
+                now: batch.now,
+                accounts: batch
+                    .accounts
+                    .iter()
+                    .map(|a| a.account_id.clone())
+                    .collect(),
+            },
+            &mut buf,
+        );
         // In the current epoch's segment: after the take, never before it.
         self.submit(self.epoch(), buf).wait().await?;
-        let mut registered = self.batches.lock();
-        for b in batches {
-            if let Some(e) = registered.get_mut(&b.borrow().batch_id) {
-                e.1 = true;
-            }
+        if let Some(e) = self.batches.lock().get_mut(&batch.batch_id) {
+            e.1 = true;
         }
         Ok(())
     }
