@@ -1089,7 +1089,8 @@ fn tls_files(
     Ok(Some(files))
 }
 
-#[cfg(test)]
+// The tests give settings as flags, through clap.
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -1136,8 +1137,7 @@ mod tests {
         // A flag wins over the file.
         let flagged = Config::resolve(&ServeArgs {
             config: Some(path),
-            rls_domain: Some("gateway".into()),
-            ..Default::default()
+            ..only("rls_domain", "gateway")
         })
         .unwrap();
         assert_eq!(flagged.rls.domain.as_deref(), Some("gateway"));
@@ -1145,24 +1145,15 @@ mod tests {
 
         let cases = [
             (
-                ServeArgs {
-                    rls_domain: Some(String::new()),
-                    ..Default::default()
-                },
+                only("rls_domain", ""),
                 "rls_domain",
             ),
             (
-                ServeArgs {
-                    rls_account_key: Some("acc\tount".into()),
-                    ..Default::default()
-                },
+                only("rls_account_key", "acc\tount"),
                 "rls_account_key",
             ),
             (
-                ServeArgs {
-                    rls_item_key: Some("account".into()),
-                    ..Default::default()
-                },
+                only("rls_item_key", "account"),
                 "rls_item_key",
             ),
         ];
@@ -1175,53 +1166,31 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (
-                ServeArgs {
-                    flush_interval: Some("soon".into()),
-                    ..Default::default()
-                },
+                only("flush_interval", "soon"),
                 "flush_interval",
             ),
             (
-                ServeArgs {
-                    listen: Some("nope".into()),
-                    ..Default::default()
-                },
+                only("listen", "nope"),
                 "listen",
             ),
             (
-                ServeArgs {
-                    timezone: Some("Mars/Base".into()),
-                    ..Default::default()
-                },
+                only("timezone", "Mars/Base"),
                 "timezone",
             ),
             (
-                ServeArgs {
-                    late_grace: Some("2h".into()),
-                    dedup_window: Some("1h".into()),
-                    ..Default::default()
-                },
+                flags(&[("late_grace", "2h"), ("dedup_window", "1h")]),
                 "dedup_window",
             ),
             (
-                ServeArgs {
-                    store: Some("redis://x".into()),
-                    ..Default::default()
-                },
+                only("store", "redis://x"),
                 "store",
             ),
             (
-                ServeArgs {
-                    unknown_accounts: Some("maybe".into()),
-                    ..Default::default()
-                },
+                only("unknown_accounts", "maybe"),
                 "unknown_accounts",
             ),
             (
-                ServeArgs {
-                    max_calls: Some("0".into()),
-                    ..Default::default()
-                },
+                only("max_calls", "0"),
                 "max_calls",
             ),
         ];
@@ -1241,8 +1210,7 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             config: Some(path.clone()),
-            late_grace: Some("30m".into()),
-            ..Default::default()
+            ..only("late_grace", "30m")
         };
         let c = Config::resolve(&args).unwrap();
         assert_eq!(c.flush_interval, Duration::from_millis(250));
@@ -1293,47 +1261,22 @@ mod tests {
         "rls_item_key",
     ];
 
-    fn slot<'a>(a: &'a mut ServeArgs, field: &str) -> &'a mut Option<String> {
-        match field {
-            "durability" => &mut a.durability,
-            "listen" => &mut a.listen,
-            "admin_listen" => &mut a.admin_listen,
-            "store" => &mut a.store,
-            "flush_interval" => &mut a.flush_interval,
-            "late_grace" => &mut a.late_grace,
-            "dedup_window" => &mut a.dedup_window,
-            "timezone" => &mut a.timezone,
-            "max_future_skew" => &mut a.max_future_skew,
-            "unknown_accounts" => &mut a.unknown_accounts,
-            "shutdown_grace" => &mut a.shutdown_grace,
-            "log_format" => &mut a.log_format,
-            "max_calls" => &mut a.max_calls,
-            "max_egress_bytes" => &mut a.max_egress_bytes,
-            "max_batch" => &mut a.max_batch,
-            "free_calls" => &mut a.free_calls,
-            "free_egress_bytes" => &mut a.free_egress_bytes,
-            "free_months" => &mut a.free_months,
-            "idle_evict" => &mut a.idle_evict,
-            "rls_domain" => &mut a.rls_domain,
-            "rls_account_key" => &mut a.rls_account_key,
-            "rls_item_key" => &mut a.rls_item_key,
-            "admin_token_file" => &mut a.admin_token_file,
-            "max_message_bytes" => &mut a.max_message_bytes,
-            "max_concurrent_streams" => &mut a.max_concurrent_streams,
-            "max_export_range" => &mut a.max_export_range,
-            "max_stream_in_flight" => &mut a.max_stream_in_flight,
-            "tls_cert_file" => &mut a.tls_cert_file,
-            "tls_key_file" => &mut a.tls_key_file,
-            "tls_client_ca_file" => &mut a.tls_client_ca_file,
-            other => panic!("no ServeArgs field {other}"),
-        }
+    /// `serve`'s arguments as clap parses `--FIELD=VALUE` for each pair.
+    fn flags(pairs: &[(&str, &str)]) -> ServeArgs {
+        use clap::{Args, FromArgMatches};
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve").no_binary_name(true));
+        let argv = pairs
+            .iter()
+            .map(|(field, v)| format!("--{}={v}", field.replace('_', "-")));
+        let matches = cmd
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{pairs:?}: {e}"));
+        ServeArgs::from_arg_matches(&matches).unwrap()
     }
 
-    /// `ServeArgs` with only `field` set.
+    /// `ServeArgs` with only `field` set, as its flag sets it.
     fn only(field: &str, value: &str) -> ServeArgs {
-        let mut args = ServeArgs::default();
-        *slot(&mut args, field) = Some(value.to_string());
-        args
+        flags(&[(field, value)])
     }
 
     #[test]
@@ -1394,10 +1337,7 @@ mod tests {
     fn durations_are_accepted_up_to_what_the_microsecond_clock_holds() {
         let longest = humantime::format_duration(MAX_DURATION).to_string();
         assert_eq!(duration("late_grace", &longest), Ok(MAX_DURATION));
-        let c = Config::resolve(&ServeArgs {
-            late_grace: Some(longest),
-            ..Default::default()
-        })
+        let c = Config::resolve(&only("late_grace", &longest))
         .unwrap();
         assert_eq!(c.meter.late_grace, Ts::MAX);
         assert_eq!(c.meter.dedup_window, Ts::MAX);
