@@ -386,8 +386,7 @@ fn usage(message: String) -> Failure {
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     // `serve`'s variables are named after its settings (config::with_env).
-    let command =
-        Cli::command().mut_subcommand("serve", packmeter::config::with_env);
+    let command = Cli::command().mut_subcommand("serve", packmeter::config::with_env);
     let cli = match command
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m))

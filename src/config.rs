@@ -667,17 +667,12 @@ impl Config {
          -> Result<Duration, ConfigError> {
             v.as_deref().map_or(Ok(default), |v| duration(field, v))
         };
-        let number_of = |field: &'static str,
-                         v: &Option<Number>,
-                         default: u64|
-         -> Result<u64, ConfigError> {
-            v.as_deref().map_or(Ok(default), |v| number(field, v))
-        };
+        let number_of =
+            |field: &'static str, v: &Option<Number>, default: u64| -> Result<u64, ConfigError> {
+                v.as_deref().map_or(Ok(default), |v| number(field, v))
+            };
 
-        let listen = addr(
-            "listen",
-            &given(&s.listen).unwrap_or(DEFAULT_LISTEN.into()),
-        )?;
+        let listen = addr("listen", &given(&s.listen).unwrap_or(DEFAULT_LISTEN.into()))?;
         let admin_listen = addr(
             "admin_listen",
             &given(&s.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
@@ -711,11 +706,8 @@ impl Config {
             #[allow(unreachable_patterns)]
             _ => false,
         };
-        let flush_interval = duration_of(
-            "flush_interval",
-            &s.flush_interval,
-            Duration::from_secs(1),
-        )?;
+        let flush_interval =
+            duration_of("flush_interval", &s.flush_interval, Duration::from_secs(1))?;
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
@@ -723,10 +715,7 @@ impl Config {
             None => Durability::default(),
             Some(v) => v.parse().map_err(|e: String| err("durability", e))?,
         };
-        let strict = match given(&s.strict_deny)
-            .as_deref()
-            .map(str::trim)
-        {
+        let strict = match given(&s.strict_deny).as_deref().map(str::trim) {
             None | Some("auto") => shared_store,
             Some("on") if !shared_store => {
                 return Err(err(
@@ -744,18 +733,11 @@ impl Config {
                 ))
             }
         };
-        let lease_ttl = duration_of(
-            "lease_ttl",
-            &s.lease_ttl,
-            Duration::from_secs(10),
-        )?;
+        let lease_ttl = duration_of("lease_ttl", &s.lease_ttl, Duration::from_secs(10))?;
         if lease_ttl < Duration::from_millis(100) || lease_ttl > Duration::from_secs(3600) {
             return Err(err("lease_ttl", "must be at least 100ms and at most 1h"));
         }
-        let outage = match given(&s.lease_outage)
-            .as_deref()
-            .map(str::trim)
-        {
+        let outage = match given(&s.lease_outage).as_deref().map(str::trim) {
             None | Some("deny") => LeaseOutage::Deny,
             Some("allow") => LeaseOutage::Allow,
             Some(other) => {
@@ -771,16 +753,8 @@ impl Config {
             outage,
         });
 
-        let late_grace = duration_of(
-            "late_grace",
-            &s.late_grace,
-            Duration::from_secs(3600),
-        )?;
-        let dedup_window = duration_of(
-            "dedup_window",
-            &s.dedup_window,
-            late_grace,
-        )?;
+        let late_grace = duration_of("late_grace", &s.late_grace, Duration::from_secs(3600))?;
+        let dedup_window = duration_of("dedup_window", &s.dedup_window, late_grace)?;
         if dedup_window < MIN_DEDUP_WINDOW {
             // With no dedup window an immediate retry of a request_id is
             // charged again: idempotency (R10) would be silently off.
@@ -824,10 +798,7 @@ impl Config {
                 .map_err(|e: crate::calendar::InvalidZone| err("timezone", e.to_string()))?,
             None => BillingZone::default(),
         };
-        let unknown_accounts = match given(&s.unknown_accounts)
-            .as_deref()
-            .map(str::trim)
-        {
+        let unknown_accounts = match given(&s.unknown_accounts).as_deref().map(str::trim) {
             None | Some("activate") => UnknownAccounts::Activate,
             Some("reject") => UnknownAccounts::Reject,
             Some(other) => {
@@ -837,22 +808,15 @@ impl Config {
                 ))
             }
         };
-        let shutdown_grace = duration_of(
-            "shutdown_grace",
-            &s.shutdown_grace,
-            DEFAULT_SHUTDOWN_GRACE,
-        )?;
+        let shutdown_grace =
+            duration_of("shutdown_grace", &s.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)?;
         if shutdown_grace < Duration::from_secs(1) {
             return Err(err(
                 "shutdown_grace",
                 "must be at least 1s to drain and flush",
             ));
         }
-        let idle_evict = duration_of(
-            "idle_evict",
-            &s.idle_evict,
-            Duration::from_secs(900),
-        )?;
+        let idle_evict = duration_of("idle_evict", &s.idle_evict, Duration::from_secs(900))?;
         // Eviction never drops unflushed usage, so any positive value is safe.
         if idle_evict.is_zero() {
             return Err(err("idle_evict", "must be more than 0"));
@@ -862,25 +826,20 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(err("log_format", format!("`{other}` is not text or json"))),
         };
-        let positive =
-            |field, v: &Option<Number>, default: u64| -> Result<u64, ConfigError> {
-                let n = number_of(field, v, default)?;
-                if n == 0 {
-                    return Err(err(field, "must be at least 1"));
-                }
-                Ok(n)
-            };
+        let positive = |field, v: &Option<Number>, default: u64| -> Result<u64, ConfigError> {
+            let n = number_of(field, v, default)?;
+            if n == 0 {
+                return Err(err(field, "must be at least 1"));
+            }
+            Ok(n)
+        };
         let max_calls = per_deduction(
             "max_calls",
             positive("max_calls", &s.max_calls, 1_000_000_000)?,
         )?;
         let max_egress_bytes = per_deduction(
             "max_egress_bytes",
-            positive(
-                "max_egress_bytes",
-                &s.max_egress_bytes,
-                1 << 40,
-            )?,
+            positive("max_egress_bytes", &s.max_egress_bytes, 1 << 40)?,
         )?;
         let max_batch = positive("max_batch", &s.max_batch, 10_000)?;
         let plan = FreeTierPlan {
@@ -890,11 +849,7 @@ impl Config {
             )?,
             egress_bytes: amount(
                 "free_egress_bytes",
-                number_of(
-                    "free_egress_bytes",
-                    &s.free_egress_bytes,
-                    1 << 30,
-                )?,
+                number_of("free_egress_bytes", &s.free_egress_bytes, 1 << 30)?,
             )?,
             months: {
                 let m = number_of("free_months", &s.free_months, 12)?;
@@ -923,8 +878,7 @@ impl Config {
                 .transpose()?,
             account_key: rls_text(
                 "rls_account_key",
-                given(&s.rls_account_key)
-                    .unwrap_or(rls_defaults.account_key),
+                given(&s.rls_account_key).unwrap_or(rls_defaults.account_key),
             )?,
             item_key: rls_text(
                 "rls_item_key",
@@ -1144,18 +1098,9 @@ mod tests {
         assert_eq!(flagged.rls.account_key, "tenant");
 
         let cases = [
-            (
-                only("rls_domain", ""),
-                "rls_domain",
-            ),
-            (
-                only("rls_account_key", "acc\tount"),
-                "rls_account_key",
-            ),
-            (
-                only("rls_item_key", "account"),
-                "rls_item_key",
-            ),
+            (only("rls_domain", ""), "rls_domain"),
+            (only("rls_account_key", "acc\tount"), "rls_account_key"),
+            (only("rls_item_key", "account"), "rls_item_key"),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
@@ -1165,34 +1110,16 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (
-                only("flush_interval", "soon"),
-                "flush_interval",
-            ),
-            (
-                only("listen", "nope"),
-                "listen",
-            ),
-            (
-                only("timezone", "Mars/Base"),
-                "timezone",
-            ),
+            (only("flush_interval", "soon"), "flush_interval"),
+            (only("listen", "nope"), "listen"),
+            (only("timezone", "Mars/Base"), "timezone"),
             (
                 flags(&[("late_grace", "2h"), ("dedup_window", "1h")]),
                 "dedup_window",
             ),
-            (
-                only("store", "redis://x"),
-                "store",
-            ),
-            (
-                only("unknown_accounts", "maybe"),
-                "unknown_accounts",
-            ),
-            (
-                only("max_calls", "0"),
-                "max_calls",
-            ),
+            (only("store", "redis://x"), "store"),
+            (only("unknown_accounts", "maybe"), "unknown_accounts"),
+            (only("max_calls", "0"), "max_calls"),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
@@ -1337,8 +1264,7 @@ mod tests {
     fn durations_are_accepted_up_to_what_the_microsecond_clock_holds() {
         let longest = humantime::format_duration(MAX_DURATION).to_string();
         assert_eq!(duration("late_grace", &longest), Ok(MAX_DURATION));
-        let c = Config::resolve(&only("late_grace", &longest))
-        .unwrap();
+        let c = Config::resolve(&only("late_grace", &longest)).unwrap();
         assert_eq!(c.meter.late_grace, Ts::MAX);
         assert_eq!(c.meter.dedup_window, Ts::MAX);
 
@@ -1472,6 +1398,43 @@ mod tests {
             ("max_export_range", "10m"),
         ] {
             assert_eq!(Config::resolve(&only(field, v)).unwrap_err().field, field);
+        }
+    }
+
+    /// Each field of `Settings` is a flag, a variable and a TOML key named
+    /// after it, and a row of the README's table; `--config` and `--noop`
+    /// are flags and variables but not keys.
+    #[test]
+    fn every_setting_is_a_flag_a_variable_a_toml_key_and_a_readme_row() {
+        use clap::Args;
+        let serve = with_env(ServeArgs::augment_args(clap::Command::new("serve")));
+        let readme = include_str!("../README.md");
+        let keys = Settings::keys();
+        assert_eq!(keys.len(), 33, "{keys:?}");
+        for key in keys.iter().chain(&["config", "noop"]) {
+            let flag = key.replace('_', "-");
+            let env = format!("PACKMETER_{}", key.to_uppercase());
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_id() == key)
+                .unwrap_or_else(|| panic!("no argument {key}"));
+            assert_eq!(arg.get_long(), Some(flag.as_str()));
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)));
+            let row = format!("| `--{flag}` | `{env}` | ");
+            let is_key = keys.contains(key);
+            assert!(
+                readme.lines().any(|l| l.starts_with(&row)
+                    && (!is_key || l[row.len()..].starts_with(&format!("`{key}` |")))),
+                "README has no row {row}`{key}` |"
+            );
+            // The file takes it as a key (a boolean is no setting's type,
+            // so the error names it), or refuses it as unknown.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pm.toml");
+            std::fs::write(&path, format!("{key} = true\n")).unwrap();
+            let e = Settings::read(&path).unwrap_err();
+            let want = if is_key { *key } else { "config" };
+            assert_eq!(e.field, want, "{e}");
         }
     }
 

@@ -403,7 +403,10 @@ fn the_binary_takes_a_flag_over_its_variable_over_the_file() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
         let out = Command::new(BIN)
             .arg("serve")
-            .args(["--store", &format!("sqlite://{}/pm.db", dir.path().display())])
+            .args([
+                "--store",
+                &format!("sqlite://{}/pm.db", dir.path().display()),
+            ])
             .args(config)
             .args(args)
             .args(last)
@@ -451,7 +454,11 @@ fn the_binary_takes_a_flag_over_its_variable_over_the_file() {
     // Sizes: each source's value in turn is the one refused.
     let size = |stderr: &str| -> String {
         let start = stderr.find("max_message_bytes: ").expect(stderr);
-        stderr[start..].split_whitespace().nth(1).unwrap().to_string()
+        stderr[start..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
     };
     let late = ["--late-grace", "1h"];
     assert_eq!(size(&run(&late, &[])), "3000000000", "the file's");
@@ -498,7 +505,10 @@ fn an_unknown_key_or_a_bad_variable_exits_64_naming_the_field() {
     ] {
         let out = Command::new(BIN)
             .arg("serve")
-            .args(["--store", &format!("sqlite://{}/pm.db", dir.path().display())])
+            .args([
+                "--store",
+                &format!("sqlite://{}/pm.db", dir.path().display()),
+            ])
             .args(["--tls-client-ca-file", "ca.pem"])
             .env(name, value)
             .env_remove("RUST_BACKTRACE")
