@@ -24,7 +24,7 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 use tonic::{
@@ -385,7 +385,12 @@ fn usage(message: String) -> Failure {
 
 /// The binary's entry point.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // `serve`'s variables are named after its settings (config::with_env).
+    let command = Cli::command().mut_subcommand("serve", packmeter::config::with_env);
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

@@ -2,9 +2,25 @@
 //! TOML file, parsed and validated into a typed [`Config`] before any socket
 //! is bound.
 //!
+//! Each setting is declared once, as a field of [`Settings`]: its name is
+//! the TOML key, with `-` for `_` the flag (`--late-grace`), and in upper
+//! case after `PACKMETER_` the variable (`PACKMETER_LATE_GRACE`, see
+//! [`with_env`]). [`Config::resolve`] then validates it into [`Config`].
+//!
 //! Precedence: flag, then environment variable (clap reads both), then the
 //! file, then the default. Every error names the field it is about; `main`
 //! turns it into exit code 64 (`EX_USAGE`).
+//!
+//! # Adding a setting
+//!
+//! 1. Add a field `pub my_setting: Option<Text>` (or `Option<Number>` for a
+//!    whole number, a TOML integer in the file) to [`Settings`], with a doc
+//!    comment (its `--help`) and `#[cfg_attr(feature = "cli", arg(long,
+//!    value_name = "..."))]`. That gives `--my-setting`,
+//!    `PACKMETER_MY_SETTING` and the TOML key `my_setting`.
+//! 2. Read and validate it in [`Config::resolve`] (`s.my_setting.as_deref()`,
+//!    errors named `"my_setting"`) into a field of [`Config`].
+//! 3. Add its row to the README's configuration table.
 
 use std::{
     net::SocketAddr,
@@ -21,346 +37,289 @@ use crate::{
     store::StoreUrl,
 };
 
-/// `packmeter serve` flags. Each is optional here so that the TOML file can
-/// fill what the command line and environment leave out.
-#[derive(Debug, Default, Clone, clap::Args)]
+/// `packmeter serve`'s arguments: the file, the settings, and `--noop`.
+#[derive(Debug, Default, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys are the flag names with `_`).
-    #[arg(long, env = "PACKMETER_CONFIG", value_name = "FILE")]
+    // Not a TOML key itself.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:50051].
-    #[arg(long, env = "PACKMETER_LISTEN", value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Admin HTTP listen address: /livez, /readyz, /metrics, /packs [default: 127.0.0.1:9090].
-    #[arg(long, env = "PACKMETER_ADMIN_LISTEN", value_name = "ADDR")]
-    pub admin_listen: Option<String>,
-    /// Store URL: sqlite://PATH, or postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=MODE
-    /// to share one store among nodes (docs/stores.md) [default: a SQLite file under
-    /// $XDG_DATA_HOME/packmeter].
-    #[arg(long, env = "PACKMETER_STORE", value_name = "URL")]
-    pub store: Option<String>,
-    /// How often usage is flushed to the store [default: 1s].
-    #[arg(long, env = "PACKMETER_FLUSH_INTERVAL", value_name = "DURATION")]
-    pub flush_interval: Option<String>,
-    /// How long after an hour ends late events are still accepted (R9) [default: 1h].
-    #[arg(long, env = "PACKMETER_LATE_GRACE", value_name = "DURATION")]
-    pub late_grace: Option<String>,
-    /// How long a request_id is remembered (R10); at least --late-grace and
-    /// at least 1m [default: --late-grace].
-    #[arg(long, env = "PACKMETER_DEDUP_WINDOW", value_name = "DURATION")]
-    pub dedup_window: Option<String>,
-    /// Billing time zone: a UTC offset like +08:00 or an IANA name [default: +08:00].
-    // A negative offset (`--timezone -05:00`) is a value, not a flag.
-    #[arg(
-        long,
-        env = "PACKMETER_TIMEZONE",
-        value_name = "TZ",
-        allow_hyphen_values = true
-    )]
-    pub timezone: Option<String>,
-    /// How far ahead of the server clock `at` may be [default: 5m].
-    #[arg(long, env = "PACKMETER_MAX_FUTURE_SKEW", value_name = "DURATION")]
-    pub max_future_skew: Option<String>,
-    /// What to do with unknown accounts: activate or reject [default: activate].
-    #[arg(long, env = "PACKMETER_UNKNOWN_ACCOUNTS", value_name = "MODE")]
-    pub unknown_accounts: Option<String>,
-    /// Strict mode for deny accounts (leases in the shared store): auto, on
-    /// or off [default: auto, on for postgres://, off for sqlite://].
-    #[arg(long, env = "PACKMETER_STRICT_DENY", value_name = "MODE")]
-    pub strict_deny: Option<String>,
-    /// How long a strict-mode lease lasts without renewal [default: 10s].
-    #[arg(long, env = "PACKMETER_LEASE_TTL", value_name = "DURATION")]
-    pub lease_ttl: Option<String>,
-    /// What a deny account gets while the store is unreachable and its
-    /// lease is spent: deny or allow [default: deny].
-    #[arg(long, env = "PACKMETER_LEASE_OUTAGE", value_name = "MODE")]
-    pub lease_outage: Option<String>,
-    /// What a SIGKILL may lose: flush (up to one flush interval of usage) or
-    /// journal (nothing acknowledged: each deduction is synced to a local
-    /// journal before it is answered) [default: flush].
-    #[arg(long, env = "PACKMETER_DURABILITY", value_name = "MODE")]
-    pub durability: Option<String>,
-    /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
-    #[arg(long, env = "PACKMETER_SHUTDOWN_GRACE", value_name = "DURATION")]
-    pub shutdown_grace: Option<String>,
-    /// Log format: text or json [default: text]. The level comes from RUST_LOG.
-    #[arg(long, env = "PACKMETER_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<String>,
-    /// Most calls one deduction may carry, at most 2^48 [default: 1000000000].
-    #[arg(long, env = "PACKMETER_MAX_CALLS", value_name = "N")]
-    pub max_calls: Option<String>,
-    /// Most egress bytes one deduction may carry, at most 2^48 [default: 1099511627776, 1 TiB].
-    #[arg(long, env = "PACKMETER_MAX_EGRESS_BYTES", value_name = "N")]
-    pub max_egress_bytes: Option<String>,
-    /// Most deductions in one DeductBatch [default: 10000].
-    #[arg(long, env = "PACKMETER_MAX_BATCH", value_name = "N")]
-    pub max_batch: Option<String>,
-    /// Free-tier calls per month [default: 1000000].
-    #[arg(long, env = "PACKMETER_FREE_CALLS", value_name = "N")]
-    pub free_calls: Option<String>,
-    /// Free-tier egress bytes per month [default: 1073741824, 1 GiB].
-    #[arg(long, env = "PACKMETER_FREE_EGRESS_BYTES", value_name = "N")]
-    pub free_egress_bytes: Option<String>,
-    /// Length of the free window in calendar months [default: 12].
-    #[arg(long, env = "PACKMETER_FREE_MONTHS", value_name = "N")]
-    pub free_months: Option<String>,
-    /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
-    #[arg(long, env = "PACKMETER_IDLE_EVICT", value_name = "DURATION")]
-    pub idle_evict: Option<String>,
-    /// Envoy rate-limit requests must name this domain [default: any domain].
-    #[arg(long, env = "PACKMETER_RLS_DOMAIN", value_name = "DOMAIN")]
-    pub rls_domain: Option<String>,
-    /// Envoy descriptor entry key that names the account [default: account].
-    #[arg(long, env = "PACKMETER_RLS_ACCOUNT_KEY", value_name = "KEY")]
-    pub rls_account_key: Option<String>,
-    /// Envoy descriptor entry key that names the item, calls or egress_bytes;
-    /// calls when the entry is absent [default: item].
-    #[arg(long, env = "PACKMETER_RLS_ITEM_KEY", value_name = "KEY")]
-    pub rls_item_key: Option<String>,
-    /// File of admin bearer tokens, one a line (blank lines and # comments
-    /// ignored), re-read when it changes. With it, every Admin RPC and the
-    /// pack page need `authorization: Bearer TOKEN`; without it they are
-    /// served to loopback peers only [default: none, loopback only].
-    #[arg(long, env = "PACKMETER_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    pub admin_token_file: Option<String>,
-    /// Largest gRPC message accepted, in bytes; a larger one gets
-    /// OUT_OF_RANGE [default: 4194304, 4 MiB].
-    #[arg(long, env = "PACKMETER_MAX_MESSAGE_BYTES", value_name = "N")]
-    pub max_message_bytes: Option<String>,
-    /// Most concurrent gRPC streams (calls) on one connection, advertised
-    /// in HTTP/2 SETTINGS; clients queue calls beyond it [default: 1024].
-    #[arg(long, env = "PACKMETER_MAX_CONCURRENT_STREAMS", value_name = "N")]
-    pub max_concurrent_streams: Option<String>,
-    /// Longest `to - from` range one ExportUsage may ask for [default: 731d].
-    #[arg(long, env = "PACKMETER_MAX_EXPORT_RANGE", value_name = "DURATION")]
-    pub max_export_range: Option<String>,
-    /// Most messages in flight on one DeductStream: received by the server
-    /// and not yet answered. A client that sends more before reading the
-    /// replies gets the replies of those in flight, then RESOURCE_EXHAUSTED
-    /// [default: 256].
-    #[arg(long, env = "PACKMETER_MAX_STREAM_IN_FLIGHT", value_name = "N")]
-    pub max_stream_in_flight: Option<String>,
-    /// PEM certificate chain for TLS on the gRPC port (Meter, Admin, Envoy
-    /// RLS, health), with --tls-key-file; re-read when it changes. The admin
-    /// HTTP port stays plaintext [default: none, plaintext gRPC].
-    #[arg(long, env = "PACKMETER_TLS_CERT_FILE", value_name = "FILE")]
-    pub tls_cert_file: Option<String>,
-    /// PEM private key of --tls-cert-file; re-read when it changes.
-    #[arg(long, env = "PACKMETER_TLS_KEY_FILE", value_name = "FILE")]
-    pub tls_key_file: Option<String>,
-    /// PEM CA certificates for client authentication (mTLS): a client
-    /// without a certificate chaining to one of them is refused. Needs
-    /// --tls-cert-file; re-read when it changes [default: none, any client].
-    #[arg(long, env = "PACKMETER_TLS_CLIENT_CA_FILE", value_name = "FILE")]
-    pub tls_client_ca_file: Option<String>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub settings: Settings,
     /// Benchmark baseline: answer every Meter and Envoy rate-limit RPC with a
     /// fixed response, without touching the meter. Never for production.
     // Deliberately not a TOML key: a baseline switch left in a config file
     // would silently stop metering.
-    #[arg(long, env = "PACKMETER_NOOP")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub noop: bool,
 }
 
-/// The TOML file: the same keys as the flags, with `_` for `-`. Unknown keys
-/// are refused, so a typo is an error rather than a silent default.
-///
-/// Read key by key (see [`FileConfig::read`]) rather than with a serde
-/// derive, so that every error, a value of the wrong type included, names
-/// its key as the field, with the file and line.
-#[derive(Debug, Default)]
-struct FileConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    store: Option<String>,
-    flush_interval: Option<String>,
-    late_grace: Option<String>,
-    dedup_window: Option<String>,
-    timezone: Option<String>,
-    max_future_skew: Option<String>,
-    unknown_accounts: Option<String>,
-    strict_deny: Option<String>,
-    lease_ttl: Option<String>,
-    lease_outage: Option<String>,
-    shutdown_grace: Option<String>,
-    durability: Option<String>,
-    log_format: Option<String>,
-    max_calls: Option<u64>,
-    max_egress_bytes: Option<u64>,
-    max_batch: Option<u64>,
-    free_calls: Option<u64>,
-    free_egress_bytes: Option<u64>,
-    free_months: Option<u64>,
-    idle_evict: Option<String>,
-    rls_domain: Option<String>,
-    rls_account_key: Option<String>,
-    rls_item_key: Option<String>,
-    admin_token_file: Option<String>,
-    max_message_bytes: Option<u64>,
-    max_concurrent_streams: Option<u64>,
-    max_export_range: Option<String>,
-    max_stream_in_flight: Option<u64>,
-    tls_cert_file: Option<String>,
-    tls_key_file: Option<String>,
-    tls_client_ca_file: Option<String>,
+/// Every setting of `packmeter serve`, declared once: the field's name is
+/// the TOML key, its flag (`_` as `-`) and its variable (`PACKMETER_` and
+/// the name in upper case, see [`with_env`]); the doc comment is its
+/// `--help`. Each is optional, as given: the flags and variables (clap),
+/// and the file (serde, unknown keys refused), are merged field by field
+/// ([`merge::Merge`]: what the command line leaves unset, the file fills),
+/// and [`Config::resolve`] validates the result and fills in the defaults.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Deserialize, merge::Merge)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
+pub struct Settings {
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "ADDR"))]
+    pub listen: Option<Text>,
+    /// Admin HTTP listen address: /livez, /readyz, /metrics, /packs [default: 127.0.0.1:9090].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "ADDR"))]
+    pub admin_listen: Option<Text>,
+    /// Store URL: sqlite://PATH, or postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=MODE
+    /// to share one store among nodes (docs/stores.md) [default: a SQLite file under
+    /// $XDG_DATA_HOME/packmeter].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "URL"))]
+    pub store: Option<Text>,
+    /// How often usage is flushed to the store [default: 1s].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub flush_interval: Option<Text>,
+    /// How long after an hour ends late events are still accepted (R9) [default: 1h].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub late_grace: Option<Text>,
+    /// How long a request_id is remembered (R10); at least --late-grace and
+    /// at least 1m [default: --late-grace].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub dedup_window: Option<Text>,
+    /// Billing time zone: a UTC offset like +08:00 or an IANA name [default: +08:00].
+    // A negative offset (`--timezone -05:00`) is a value, not a flag.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "TZ", allow_hyphen_values = true)
+    )]
+    pub timezone: Option<Text>,
+    /// How far ahead of the server clock `at` may be [default: 5m].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub max_future_skew: Option<Text>,
+    /// What to do with unknown accounts: activate or reject [default: activate].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
+    pub unknown_accounts: Option<Text>,
+    /// Strict mode for deny accounts (leases in the shared store): auto, on
+    /// or off [default: auto, on for postgres://, off for sqlite://].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
+    pub strict_deny: Option<Text>,
+    /// How long a strict-mode lease lasts without renewal [default: 10s].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub lease_ttl: Option<Text>,
+    /// What a deny account gets while the store is unreachable and its
+    /// lease is spent: deny or allow [default: deny].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
+    pub lease_outage: Option<Text>,
+    /// What a SIGKILL may lose: flush (up to one flush interval of usage) or
+    /// journal (nothing acknowledged: each deduction is synced to a local
+    /// journal before it is answered) [default: flush].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
+    pub durability: Option<Text>,
+    /// Time allowed after SIGTERM to drain requests and flush [default: 20s].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub shutdown_grace: Option<Text>,
+    /// Log format: text or json [default: text]. The level comes from RUST_LOG.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FORMAT"))]
+    pub log_format: Option<Text>,
+    /// Most calls one deduction may carry, at most 2^48 [default: 1000000000].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_calls: Option<Number>,
+    /// Most egress bytes one deduction may carry, at most 2^48 [default: 1099511627776, 1 TiB].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_egress_bytes: Option<Number>,
+    /// Most deductions in one DeductBatch [default: 10000].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_batch: Option<Number>,
+    /// Free-tier calls per month [default: 1000000].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub free_calls: Option<Number>,
+    /// Free-tier egress bytes per month [default: 1073741824, 1 GiB].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub free_egress_bytes: Option<Number>,
+    /// Length of the free window in calendar months [default: 12].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub free_months: Option<Number>,
+    /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub idle_evict: Option<Text>,
+    /// Envoy rate-limit requests must name this domain [default: any domain].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DOMAIN"))]
+    pub rls_domain: Option<Text>,
+    /// Envoy descriptor entry key that names the account [default: account].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "KEY"))]
+    pub rls_account_key: Option<Text>,
+    /// Envoy descriptor entry key that names the item, calls or egress_bytes;
+    /// calls when the entry is absent [default: item].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "KEY"))]
+    pub rls_item_key: Option<Text>,
+    /// File of admin bearer tokens, one a line (blank lines and # comments
+    /// ignored), re-read when it changes. With it, every Admin RPC and the
+    /// pack page need `authorization: Bearer TOKEN`; without it they are
+    /// served to loopback peers only [default: none, loopback only].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub admin_token_file: Option<Text>,
+    /// Largest gRPC message accepted, in bytes; a larger one gets
+    /// OUT_OF_RANGE [default: 4194304, 4 MiB].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_message_bytes: Option<Number>,
+    /// Most concurrent gRPC streams (calls) on one connection, advertised
+    /// in HTTP/2 SETTINGS; clients queue calls beyond it [default: 1024].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_concurrent_streams: Option<Number>,
+    /// Longest `to - from` range one ExportUsage may ask for [default: 731d].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
+    pub max_export_range: Option<Text>,
+    /// Most messages in flight on one DeductStream: received by the server
+    /// and not yet answered. A client that sends more before reading the
+    /// replies gets the replies of those in flight, then RESOURCE_EXHAUSTED
+    /// [default: 256].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub max_stream_in_flight: Option<Number>,
+    /// PEM certificate chain for TLS on the gRPC port (Meter, Admin, Envoy
+    /// RLS, health), with --tls-key-file; re-read when it changes. The admin
+    /// HTTP port stays plaintext [default: none, plaintext gRPC].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub tls_cert_file: Option<Text>,
+    /// PEM private key of --tls-cert-file; re-read when it changes.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub tls_key_file: Option<Text>,
+    /// PEM CA certificates for client authentication (mTLS): a client
+    /// without a certificate chaining to one of them is refused. Needs
+    /// --tls-cert-file; re-read when it changes [default: none, any client].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub tls_client_ca_file: Option<Text>,
 }
 
-/// Where a file key's value goes: text (addresses, durations, names) or a
-/// whole number.
-enum Slot<'a> {
-    Text(&'a mut Option<String>),
-    Number(&'a mut Option<u64>),
+/// A text setting as given: a flag's or variable's value, or a TOML string
+/// (anything else in the file is refused, naming the key).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Text(pub String);
+
+/// A whole-number setting as given: a flag's or variable's text, read when
+/// the configuration is resolved (so its error names the field), or a TOML
+/// integer from 0 (a string, a fraction or a negative number in the file is
+/// refused, naming the key).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Number(pub String);
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
-impl FileConfig {
-    /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 33] = [
-        "durability",
-        "max_stream_in_flight",
-        "tls_cert_file",
-        "tls_key_file",
-        "tls_client_ca_file",
-        "admin_token_file",
-        "max_message_bytes",
-        "max_concurrent_streams",
-        "max_export_range",
-        "strict_deny",
-        "lease_ttl",
-        "lease_outage",
-        "listen",
-        "admin_listen",
-        "store",
-        "flush_interval",
-        "late_grace",
-        "dedup_window",
-        "timezone",
-        "max_future_skew",
-        "unknown_accounts",
-        "shutdown_grace",
-        "log_format",
-        "max_calls",
-        "max_egress_bytes",
-        "max_batch",
-        "free_calls",
-        "free_egress_bytes",
-        "free_months",
-        "idle_evict",
-        "rls_domain",
-        "rls_account_key",
-        "rls_item_key",
-    ];
+impl std::ops::Deref for Number {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
 
-    /// The key's name as a `&'static str` (the field of its errors) and
-    /// where its value goes; `None` for an unknown key.
-    fn slot(&mut self, key: &str) -> Option<(&'static str, Slot<'_>)> {
-        let field = *Self::KEYS.iter().find(|k| **k == key)?;
-        let slot = match field {
-            "listen" => Slot::Text(&mut self.listen),
-            "admin_listen" => Slot::Text(&mut self.admin_listen),
-            "store" => Slot::Text(&mut self.store),
-            "flush_interval" => Slot::Text(&mut self.flush_interval),
-            "late_grace" => Slot::Text(&mut self.late_grace),
-            "dedup_window" => Slot::Text(&mut self.dedup_window),
-            "timezone" => Slot::Text(&mut self.timezone),
-            "max_future_skew" => Slot::Text(&mut self.max_future_skew),
-            "unknown_accounts" => Slot::Text(&mut self.unknown_accounts),
-            "strict_deny" => Slot::Text(&mut self.strict_deny),
-            "lease_ttl" => Slot::Text(&mut self.lease_ttl),
-            "lease_outage" => Slot::Text(&mut self.lease_outage),
-            "shutdown_grace" => Slot::Text(&mut self.shutdown_grace),
-            "durability" => Slot::Text(&mut self.durability),
-            "log_format" => Slot::Text(&mut self.log_format),
-            "max_calls" => Slot::Number(&mut self.max_calls),
-            "max_egress_bytes" => Slot::Number(&mut self.max_egress_bytes),
-            "max_batch" => Slot::Number(&mut self.max_batch),
-            "free_calls" => Slot::Number(&mut self.free_calls),
-            "free_egress_bytes" => Slot::Number(&mut self.free_egress_bytes),
-            "free_months" => Slot::Number(&mut self.free_months),
-            "idle_evict" => Slot::Text(&mut self.idle_evict),
-            "rls_domain" => Slot::Text(&mut self.rls_domain),
-            "rls_account_key" => Slot::Text(&mut self.rls_account_key),
-            "rls_item_key" => Slot::Text(&mut self.rls_item_key),
-            "admin_token_file" => Slot::Text(&mut self.admin_token_file),
-            "max_message_bytes" => Slot::Number(&mut self.max_message_bytes),
-            "max_concurrent_streams" => Slot::Number(&mut self.max_concurrent_streams),
-            "max_export_range" => Slot::Text(&mut self.max_export_range),
-            "max_stream_in_flight" => Slot::Number(&mut self.max_stream_in_flight),
-            "tls_cert_file" => Slot::Text(&mut self.tls_cert_file),
-            "tls_key_file" => Slot::Text(&mut self.tls_key_file),
-            "tls_client_ca_file" => Slot::Text(&mut self.tls_client_ca_file),
-            _ => return None,
-        };
-        Some((field, slot))
+// clap reads a flag's or variable's value through `From<String>`.
+impl From<String> for Text {
+    fn from(v: String) -> Self {
+        Text(v)
+    }
+}
+
+impl From<String> for Number {
+    fn from(v: String) -> Self {
+        Number(v)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(v) => Ok(Text(v)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a string in quotes, found {} `{other}`",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::Integer(v) if v < 0 => Err(serde::de::Error::custom(format!(
+                "{v} is negative; use a whole number from 0"
+            ))),
+            toml::Value::Integer(v) => Ok(Number(v.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a whole number, found {} `{other}`",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+impl Settings {
+    /// Every setting's name: the TOML keys, from the struct's serde fields.
+    pub fn keys() -> &'static [&'static str] {
+        serde_aux::serde_introspection::serde_introspect::<Settings>()
     }
 
-    /// Reads and checks the file. Every error names a key as its field
+    /// Reads and checks a TOML file. Every error names a key as its field
     /// when one is at fault (a value of the wrong type, a repeated key, a
     /// number TOML cannot hold), else `config`, and says `FILE line N`.
-    fn read(path: &Path) -> Result<FileConfig, ConfigError> {
+    fn read(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
         let at = |span: Option<std::ops::Range<usize>>| -> String {
             format!("{}{}", path.display(), toml_line(&text, span))
         };
+        let key = |k: &str| Self::keys().iter().copied().find(|key| *key == k);
         let table: std::collections::BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
             toml::from_str(&text).map_err(|e| {
                 // A syntax error or a repeated key: name the key of the
                 // line it is on, if that is one of ours.
-                let mut probe = FileConfig::default();
                 let field = key_on_line(&text, e.span())
-                    .and_then(|k| probe.slot(k).map(|(f, _)| f))
+                    .and_then(key)
                     .unwrap_or("config");
                 err(
                     field,
                     format!("{}: {}", at(e.span()), e.message().trim_end()),
                 )
             })?;
-        let mut file = FileConfig::default();
-        for (key, value) in table {
-            let place = at(Some(value.span()));
-            let Some((field, slot)) = file.slot(key.get_ref()) else {
+        let mut file = toml::Table::new();
+        for (k, value) in table {
+            let Some(field) = key(k.get_ref()) else {
                 return Err(err(
                     "config",
                     format!(
                         "{}: unknown key `{}`; the keys are {}",
-                        at(Some(key.span())),
-                        key.get_ref().escape_debug(),
-                        Self::KEYS.join(", ")
+                        at(Some(k.span())),
+                        k.get_ref().escape_debug(),
+                        Self::keys().join(", ")
                     ),
                 ));
             };
-            let value = value.into_inner();
-            match (slot, value) {
-                (Slot::Text(s), toml::Value::String(v)) => *s = Some(v),
-                (Slot::Number(n), toml::Value::Integer(v)) => {
-                    *n = Some(u64::try_from(v).map_err(|_| {
-                        err(
-                            field,
-                            format!("{place}: {v} is negative; use a whole number from 0"),
-                        )
-                    })?)
-                }
-                (Slot::Text(_), other) => {
-                    return Err(err(
-                        field,
-                        format!(
-                            "{place}: expected a string in quotes, found {} `{other}`",
-                            other.type_str()
-                        ),
-                    ))
-                }
-                (Slot::Number(_), other) => {
-                    return Err(err(
-                        field,
-                        format!(
-                            "{place}: expected a whole number, found {} `{other}`",
-                            other.type_str()
-                        ),
-                    ))
-                }
-            }
+            // Each key on its own, so that its error names it and its line.
+            let place = at(Some(value.span()));
+            let one = toml::Table::from_iter([(field.to_string(), value.into_inner())]);
+            <Settings as serde::Deserialize>::deserialize(toml::Value::Table(one.clone()))
+                .map_err(|e| err(field, format!("{place}: {}", e.message())))?;
+            file.extend(one);
         }
-        Ok(file)
+        <Settings as serde::Deserialize>::deserialize(toml::Value::Table(file))
+            .map_err(|e| err("config", format!("{}: {}", path.display(), e.message())))
     }
+}
+
+/// Names each `serve` argument's variable after it: `PACKMETER_` and the
+/// argument's name in upper case (`--late-grace`: `PACKMETER_LATE_GRACE`).
+/// clap then reads a flag first, else its variable.
+#[cfg(feature = "cli")]
+pub fn with_env(serve: clap::Command) -> clap::Command {
+    serve.mut_args(|arg| {
+        let env = format!("PACKMETER_{}", arg.get_id().as_str().to_uppercase());
+        arg.env(env)
+    })
 }
 
 /// The key of the `key = value` line a TOML error points into, unquoted.
@@ -671,10 +630,11 @@ pub fn requested_log_format(args: &ServeArgs) -> LogFormat {
     let file = || {
         args.config
             .as_deref()
-            .and_then(|p| FileConfig::read(p).ok())
+            .and_then(|p| Settings::read(p).ok())
             .and_then(|f| f.log_format)
     };
     match args
+        .settings
         .log_format
         .clone()
         .or_else(file)
@@ -686,45 +646,41 @@ pub fn requested_log_format(args: &ServeArgs) -> LogFormat {
     }
 }
 
+/// A setting's value as given, if it was.
+fn given<T: std::ops::Deref<Target = str>>(v: &Option<T>) -> Option<String> {
+    v.as_deref().map(str::to_string)
+}
+
 impl Config {
     /// Merges flags, environment and the TOML file, then validates.
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => FileConfig::read(path)?,
-            None => FileConfig::default(),
-        };
-        // A flag or variable wins over the file; file numbers arrive typed.
-        let pick = |flag: &Option<String>, file: &Option<String>| flag.clone().or(file.clone());
-        let pick_n =
-            |flag: &Option<String>, file: Option<u64>| flag.clone().or(file.map(|n| n.to_string()));
-        // A duration or whole-number setting: flag or variable, else file, else default.
+        use merge::Merge;
+        // A flag or variable (already in `args`) wins over the file.
+        let mut s = args.settings.clone();
+        if let Some(path) = &args.config {
+            s.merge(Settings::read(path)?);
+        }
+        // A duration or whole-number setting: as given, else the default.
         let duration_of = |field: &'static str,
-                           flag: &Option<String>,
-                           file: &Option<String>,
+                           v: &Option<Text>,
                            default: Duration|
          -> Result<Duration, ConfigError> {
-            pick(flag, file).map_or(Ok(default), |v| duration(field, &v))
+            v.as_deref().map_or(Ok(default), |v| duration(field, v))
         };
-        let number_of = |field: &'static str,
-                         flag: &Option<String>,
-                         file: Option<u64>,
-                         default: u64|
-         -> Result<u64, ConfigError> {
-            pick_n(flag, file).map_or(Ok(default), |v| number(field, &v))
-        };
+        let number_of =
+            |field: &'static str, v: &Option<Number>, default: u64| -> Result<u64, ConfigError> {
+                v.as_deref().map_or(Ok(default), |v| number(field, v))
+            };
 
-        let listen = addr(
-            "listen",
-            &pick(&args.listen, &file.listen).unwrap_or(DEFAULT_LISTEN.into()),
-        )?;
+        let listen = addr("listen", &given(&s.listen).unwrap_or(DEFAULT_LISTEN.into()))?;
         let admin_listen = addr(
             "admin_listen",
-            &pick(&args.admin_listen, &file.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
+            &given(&s.admin_listen).unwrap_or(DEFAULT_ADMIN_LISTEN.into()),
         )?;
         if listen.port() != 0 && same_socket(listen, admin_listen) {
             // Name the one that was set: with only --listen given, the
             // clash is with admin_listen's default.
-            let admin_given = pick(&args.admin_listen, &file.admin_listen).is_some();
+            let admin_given = given(&s.admin_listen).is_some();
             let (field, other) = if admin_given {
                 ("admin_listen", "listen")
             } else {
@@ -739,7 +695,7 @@ impl Config {
                 ),
             ));
         }
-        let store_given = pick(&args.store, &file.store);
+        let store_given = given(&s.store);
         let create_store_dir = store_given.is_none();
         let store = store_given.unwrap_or_else(default_store_url);
         let store = StoreUrl::parse(&store).map_err(|e| err("store", e.0))?;
@@ -750,23 +706,16 @@ impl Config {
             #[allow(unreachable_patterns)]
             _ => false,
         };
-        let flush_interval = duration_of(
-            "flush_interval",
-            &args.flush_interval,
-            &file.flush_interval,
-            Duration::from_secs(1),
-        )?;
+        let flush_interval =
+            duration_of("flush_interval", &s.flush_interval, Duration::from_secs(1))?;
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
-        let durability = match pick(&args.durability, &file.durability) {
+        let durability = match given(&s.durability) {
             None => Durability::default(),
             Some(v) => v.parse().map_err(|e: String| err("durability", e))?,
         };
-        let strict = match pick(&args.strict_deny, &file.strict_deny)
-            .as_deref()
-            .map(str::trim)
-        {
+        let strict = match given(&s.strict_deny).as_deref().map(str::trim) {
             None | Some("auto") => shared_store,
             Some("on") if !shared_store => {
                 return Err(err(
@@ -784,19 +733,11 @@ impl Config {
                 ))
             }
         };
-        let lease_ttl = duration_of(
-            "lease_ttl",
-            &args.lease_ttl,
-            &file.lease_ttl,
-            Duration::from_secs(10),
-        )?;
+        let lease_ttl = duration_of("lease_ttl", &s.lease_ttl, Duration::from_secs(10))?;
         if lease_ttl < Duration::from_millis(100) || lease_ttl > Duration::from_secs(3600) {
             return Err(err("lease_ttl", "must be at least 100ms and at most 1h"));
         }
-        let outage = match pick(&args.lease_outage, &file.lease_outage)
-            .as_deref()
-            .map(str::trim)
-        {
+        let outage = match given(&s.lease_outage).as_deref().map(str::trim) {
             None | Some("deny") => LeaseOutage::Deny,
             Some("allow") => LeaseOutage::Allow,
             Some(other) => {
@@ -812,22 +753,12 @@ impl Config {
             outage,
         });
 
-        let late_grace = duration_of(
-            "late_grace",
-            &args.late_grace,
-            &file.late_grace,
-            Duration::from_secs(3600),
-        )?;
-        let dedup_window = duration_of(
-            "dedup_window",
-            &args.dedup_window,
-            &file.dedup_window,
-            late_grace,
-        )?;
+        let late_grace = duration_of("late_grace", &s.late_grace, Duration::from_secs(3600))?;
+        let dedup_window = duration_of("dedup_window", &s.dedup_window, late_grace)?;
         if dedup_window < MIN_DEDUP_WINDOW {
             // With no dedup window an immediate retry of a request_id is
             // charged again: idempotency (R10) would be silently off.
-            let given = pick(&args.dedup_window, &file.dedup_window).is_some();
+            let given = given(&s.dedup_window).is_some();
             return Err(err(
                 if given { "dedup_window" } else { "late_grace" },
                 format!(
@@ -858,20 +789,16 @@ impl Config {
         }
         let max_future_skew = duration_of(
             "max_future_skew",
-            &args.max_future_skew,
-            &file.max_future_skew,
+            &s.max_future_skew,
             Duration::from_secs(300),
         )?;
-        let zone: BillingZone = match pick(&args.timezone, &file.timezone) {
+        let zone: BillingZone = match given(&s.timezone) {
             Some(v) => v
                 .parse()
                 .map_err(|e: crate::calendar::InvalidZone| err("timezone", e.to_string()))?,
             None => BillingZone::default(),
         };
-        let unknown_accounts = match pick(&args.unknown_accounts, &file.unknown_accounts)
-            .as_deref()
-            .map(str::trim)
-        {
+        let unknown_accounts = match given(&s.unknown_accounts).as_deref().map(str::trim) {
             None | Some("activate") => UnknownAccounts::Activate,
             Some("reject") => UnknownAccounts::Reject,
             Some(other) => {
@@ -881,71 +808,51 @@ impl Config {
                 ))
             }
         };
-        let shutdown_grace = duration_of(
-            "shutdown_grace",
-            &args.shutdown_grace,
-            &file.shutdown_grace,
-            DEFAULT_SHUTDOWN_GRACE,
-        )?;
+        let shutdown_grace =
+            duration_of("shutdown_grace", &s.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)?;
         if shutdown_grace < Duration::from_secs(1) {
             return Err(err(
                 "shutdown_grace",
                 "must be at least 1s to drain and flush",
             ));
         }
-        let idle_evict = duration_of(
-            "idle_evict",
-            &args.idle_evict,
-            &file.idle_evict,
-            Duration::from_secs(900),
-        )?;
+        let idle_evict = duration_of("idle_evict", &s.idle_evict, Duration::from_secs(900))?;
         // Eviction never drops unflushed usage, so any positive value is safe.
         if idle_evict.is_zero() {
             return Err(err("idle_evict", "must be more than 0"));
         }
-        let log_format = match pick(&args.log_format, &file.log_format).as_deref() {
+        let log_format = match given(&s.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => return Err(err("log_format", format!("`{other}` is not text or json"))),
         };
-        let positive =
-            |field, flag: &Option<String>, file, default: u64| -> Result<u64, ConfigError> {
-                let n = number_of(field, flag, file, default)?;
-                if n == 0 {
-                    return Err(err(field, "must be at least 1"));
-                }
-                Ok(n)
-            };
+        let positive = |field, v: &Option<Number>, default: u64| -> Result<u64, ConfigError> {
+            let n = number_of(field, v, default)?;
+            if n == 0 {
+                return Err(err(field, "must be at least 1"));
+            }
+            Ok(n)
+        };
         let max_calls = per_deduction(
             "max_calls",
-            positive("max_calls", &args.max_calls, file.max_calls, 1_000_000_000)?,
+            positive("max_calls", &s.max_calls, 1_000_000_000)?,
         )?;
         let max_egress_bytes = per_deduction(
             "max_egress_bytes",
-            positive(
-                "max_egress_bytes",
-                &args.max_egress_bytes,
-                file.max_egress_bytes,
-                1 << 40,
-            )?,
+            positive("max_egress_bytes", &s.max_egress_bytes, 1 << 40)?,
         )?;
-        let max_batch = positive("max_batch", &args.max_batch, file.max_batch, 10_000)?;
+        let max_batch = positive("max_batch", &s.max_batch, 10_000)?;
         let plan = FreeTierPlan {
             calls: amount(
                 "free_calls",
-                number_of("free_calls", &args.free_calls, file.free_calls, 1_000_000)?,
+                number_of("free_calls", &s.free_calls, 1_000_000)?,
             )?,
             egress_bytes: amount(
                 "free_egress_bytes",
-                number_of(
-                    "free_egress_bytes",
-                    &args.free_egress_bytes,
-                    file.free_egress_bytes,
-                    1 << 30,
-                )?,
+                number_of("free_egress_bytes", &s.free_egress_bytes, 1 << 30)?,
             )?,
             months: {
-                let m = number_of("free_months", &args.free_months, file.free_months, 12)?;
+                let m = number_of("free_months", &s.free_months, 12)?;
                 u32::try_from(m)
                     .ok()
                     .filter(|m| *m <= 1200)
@@ -966,23 +873,22 @@ impl Config {
         };
         let rls_defaults = RlsConfig::default();
         let rls = RlsConfig {
-            domain: pick(&args.rls_domain, &file.rls_domain)
+            domain: given(&s.rls_domain)
                 .map(|v| rls_text("rls_domain", v))
                 .transpose()?,
             account_key: rls_text(
                 "rls_account_key",
-                pick(&args.rls_account_key, &file.rls_account_key)
-                    .unwrap_or(rls_defaults.account_key),
+                given(&s.rls_account_key).unwrap_or(rls_defaults.account_key),
             )?,
             item_key: rls_text(
                 "rls_item_key",
-                pick(&args.rls_item_key, &file.rls_item_key).unwrap_or(rls_defaults.item_key),
+                given(&s.rls_item_key).unwrap_or(rls_defaults.item_key),
             )?,
         };
         if rls.account_key == rls.item_key {
             // Name the key that was set: with only rls_account_key given,
             // the clash is with rls_item_key's default.
-            let item_key_given = pick(&args.rls_item_key, &file.rls_item_key).is_some();
+            let item_key_given = given(&s.rls_item_key).is_some();
             if !item_key_given {
                 return Err(err(
                     "rls_account_key",
@@ -1001,7 +907,7 @@ impl Config {
             ));
         }
 
-        let admin_token_file = pick(&args.admin_token_file, &file.admin_token_file)
+        let admin_token_file = given(&s.admin_token_file)
             .map(|p| {
                 let p = PathBuf::from(p.trim());
                 crate::auth::read_tokens(&p).map_err(|e| err("admin_token_file", e))?;
@@ -1010,8 +916,7 @@ impl Config {
             .transpose()?;
         let max_message_bytes = positive(
             "max_message_bytes",
-            &args.max_message_bytes,
-            file.max_message_bytes,
+            &s.max_message_bytes,
             DEFAULT_MAX_MESSAGE_BYTES,
         )?;
         if max_message_bytes > 1 << 30 {
@@ -1022,8 +927,7 @@ impl Config {
         }
         let max_concurrent_streams = positive(
             "max_concurrent_streams",
-            &args.max_concurrent_streams,
-            file.max_concurrent_streams,
+            &s.max_concurrent_streams,
             DEFAULT_MAX_CONCURRENT_STREAMS,
         )?;
         let max_concurrent_streams = u32::try_from(max_concurrent_streams).map_err(|_| {
@@ -1034,8 +938,7 @@ impl Config {
         })?;
         let max_export_range = duration_of(
             "max_export_range",
-            &args.max_export_range,
-            &file.max_export_range,
+            &s.max_export_range,
             DEFAULT_MAX_EXPORT_RANGE,
         )?;
         if max_export_range < Duration::from_secs(3600) {
@@ -1046,8 +949,7 @@ impl Config {
         }
         let max_stream_in_flight = positive(
             "max_stream_in_flight",
-            &args.max_stream_in_flight,
-            file.max_stream_in_flight,
+            &s.max_stream_in_flight,
             DEFAULT_MAX_STREAM_IN_FLIGHT,
         )?;
         if max_stream_in_flight > MAX_STREAM_IN_FLIGHT {
@@ -1057,9 +959,9 @@ impl Config {
             ));
         }
         let tls = tls_files(
-            pick(&args.tls_cert_file, &file.tls_cert_file),
-            pick(&args.tls_key_file, &file.tls_key_file),
-            pick(&args.tls_client_ca_file, &file.tls_client_ca_file),
+            given(&s.tls_cert_file),
+            given(&s.tls_key_file),
+            given(&s.tls_client_ca_file),
         )?;
 
         Ok(Config {
@@ -1141,7 +1043,8 @@ fn tls_files(
     Ok(Some(files))
 }
 
-#[cfg(test)]
+// The tests give settings as flags, through clap.
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -1188,35 +1091,16 @@ mod tests {
         // A flag wins over the file.
         let flagged = Config::resolve(&ServeArgs {
             config: Some(path),
-            rls_domain: Some("gateway".into()),
-            ..Default::default()
+            ..only("rls_domain", "gateway")
         })
         .unwrap();
         assert_eq!(flagged.rls.domain.as_deref(), Some("gateway"));
         assert_eq!(flagged.rls.account_key, "tenant");
 
         let cases = [
-            (
-                ServeArgs {
-                    rls_domain: Some(String::new()),
-                    ..Default::default()
-                },
-                "rls_domain",
-            ),
-            (
-                ServeArgs {
-                    rls_account_key: Some("acc\tount".into()),
-                    ..Default::default()
-                },
-                "rls_account_key",
-            ),
-            (
-                ServeArgs {
-                    rls_item_key: Some("account".into()),
-                    ..Default::default()
-                },
-                "rls_item_key",
-            ),
+            (only("rls_domain", ""), "rls_domain"),
+            (only("rls_account_key", "acc\tount"), "rls_account_key"),
+            (only("rls_item_key", "account"), "rls_item_key"),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
@@ -1226,56 +1110,16 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
+            (only("flush_interval", "soon"), "flush_interval"),
+            (only("listen", "nope"), "listen"),
+            (only("timezone", "Mars/Base"), "timezone"),
             (
-                ServeArgs {
-                    flush_interval: Some("soon".into()),
-                    ..Default::default()
-                },
-                "flush_interval",
-            ),
-            (
-                ServeArgs {
-                    listen: Some("nope".into()),
-                    ..Default::default()
-                },
-                "listen",
-            ),
-            (
-                ServeArgs {
-                    timezone: Some("Mars/Base".into()),
-                    ..Default::default()
-                },
-                "timezone",
-            ),
-            (
-                ServeArgs {
-                    late_grace: Some("2h".into()),
-                    dedup_window: Some("1h".into()),
-                    ..Default::default()
-                },
+                flags(&[("late_grace", "2h"), ("dedup_window", "1h")]),
                 "dedup_window",
             ),
-            (
-                ServeArgs {
-                    store: Some("redis://x".into()),
-                    ..Default::default()
-                },
-                "store",
-            ),
-            (
-                ServeArgs {
-                    unknown_accounts: Some("maybe".into()),
-                    ..Default::default()
-                },
-                "unknown_accounts",
-            ),
-            (
-                ServeArgs {
-                    max_calls: Some("0".into()),
-                    ..Default::default()
-                },
-                "max_calls",
-            ),
+            (only("store", "redis://x"), "store"),
+            (only("unknown_accounts", "maybe"), "unknown_accounts"),
+            (only("max_calls", "0"), "max_calls"),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
@@ -1293,8 +1137,7 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             config: Some(path.clone()),
-            late_grace: Some("30m".into()),
-            ..Default::default()
+            ..only("late_grace", "30m")
         };
         let c = Config::resolve(&args).unwrap();
         assert_eq!(c.flush_interval, Duration::from_millis(250));
@@ -1345,47 +1188,22 @@ mod tests {
         "rls_item_key",
     ];
 
-    fn slot<'a>(a: &'a mut ServeArgs, field: &str) -> &'a mut Option<String> {
-        match field {
-            "durability" => &mut a.durability,
-            "listen" => &mut a.listen,
-            "admin_listen" => &mut a.admin_listen,
-            "store" => &mut a.store,
-            "flush_interval" => &mut a.flush_interval,
-            "late_grace" => &mut a.late_grace,
-            "dedup_window" => &mut a.dedup_window,
-            "timezone" => &mut a.timezone,
-            "max_future_skew" => &mut a.max_future_skew,
-            "unknown_accounts" => &mut a.unknown_accounts,
-            "shutdown_grace" => &mut a.shutdown_grace,
-            "log_format" => &mut a.log_format,
-            "max_calls" => &mut a.max_calls,
-            "max_egress_bytes" => &mut a.max_egress_bytes,
-            "max_batch" => &mut a.max_batch,
-            "free_calls" => &mut a.free_calls,
-            "free_egress_bytes" => &mut a.free_egress_bytes,
-            "free_months" => &mut a.free_months,
-            "idle_evict" => &mut a.idle_evict,
-            "rls_domain" => &mut a.rls_domain,
-            "rls_account_key" => &mut a.rls_account_key,
-            "rls_item_key" => &mut a.rls_item_key,
-            "admin_token_file" => &mut a.admin_token_file,
-            "max_message_bytes" => &mut a.max_message_bytes,
-            "max_concurrent_streams" => &mut a.max_concurrent_streams,
-            "max_export_range" => &mut a.max_export_range,
-            "max_stream_in_flight" => &mut a.max_stream_in_flight,
-            "tls_cert_file" => &mut a.tls_cert_file,
-            "tls_key_file" => &mut a.tls_key_file,
-            "tls_client_ca_file" => &mut a.tls_client_ca_file,
-            other => panic!("no ServeArgs field {other}"),
-        }
+    /// `serve`'s arguments as clap parses `--FIELD=VALUE` for each pair.
+    fn flags(pairs: &[(&str, &str)]) -> ServeArgs {
+        use clap::{Args, FromArgMatches};
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve").no_binary_name(true));
+        let argv = pairs
+            .iter()
+            .map(|(field, v)| format!("--{}={v}", field.replace('_', "-")));
+        let matches = cmd
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{pairs:?}: {e}"));
+        ServeArgs::from_arg_matches(&matches).unwrap()
     }
 
-    /// `ServeArgs` with only `field` set.
+    /// `ServeArgs` with only `field` set, as its flag sets it.
     fn only(field: &str, value: &str) -> ServeArgs {
-        let mut args = ServeArgs::default();
-        *slot(&mut args, field) = Some(value.to_string());
-        args
+        flags(&[(field, value)])
     }
 
     #[test]
@@ -1446,11 +1264,7 @@ mod tests {
     fn durations_are_accepted_up_to_what_the_microsecond_clock_holds() {
         let longest = humantime::format_duration(MAX_DURATION).to_string();
         assert_eq!(duration("late_grace", &longest), Ok(MAX_DURATION));
-        let c = Config::resolve(&ServeArgs {
-            late_grace: Some(longest),
-            ..Default::default()
-        })
-        .unwrap();
+        let c = Config::resolve(&only("late_grace", &longest)).unwrap();
         assert_eq!(c.meter.late_grace, Ts::MAX);
         assert_eq!(c.meter.dedup_window, Ts::MAX);
 
@@ -1584,6 +1398,49 @@ mod tests {
             ("max_export_range", "10m"),
         ] {
             assert_eq!(Config::resolve(&only(field, v)).unwrap_err().field, field);
+        }
+    }
+
+    /// Each field of `Settings` is a flag, a variable and a TOML key named
+    /// after it, and a row of the README's table; `--config` and `--noop`
+    /// are flags and variables but not keys.
+    #[test]
+    fn every_setting_is_a_flag_a_variable_a_toml_key_and_a_readme_row() {
+        use clap::Args;
+        let serve = with_env(ServeArgs::augment_args(clap::Command::new("serve")));
+        let readme = include_str!("../README.md");
+        let keys = Settings::keys();
+        // The TOML keys (serde's fields) are the flags but --config and --noop.
+        let flags: Vec<&str> = serve
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !["config", "noop"].contains(id))
+            .collect();
+        assert_eq!(flags, keys);
+        for key in keys.iter().chain(&["config", "noop"]) {
+            let flag = key.replace('_', "-");
+            let env = format!("PACKMETER_{}", key.to_uppercase());
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_id() == key)
+                .unwrap_or_else(|| panic!("no argument {key}"));
+            assert_eq!(arg.get_long(), Some(flag.as_str()));
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)));
+            let row = format!("| `--{flag}` | `{env}` | ");
+            let is_key = keys.contains(key);
+            assert!(
+                readme.lines().any(|l| l.starts_with(&row)
+                    && (!is_key || l[row.len()..].starts_with(&format!("`{key}` |")))),
+                "README has no row {row}`{key}` |"
+            );
+            // The file takes it as a key (a boolean is no setting's type,
+            // so the error names it), or refuses it as unknown.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pm.toml");
+            std::fs::write(&path, format!("{key} = true\n")).unwrap();
+            let e = Settings::read(&path).unwrap_err();
+            let want = if is_key { *key } else { "config" };
+            assert_eq!(e.field, want, "{e}");
         }
     }
 

@@ -32,7 +32,8 @@
 //! - [`pack_page`]: the HTML pack list (R11) and usage chart that `admin_http` serves at
 //!   `/packs?account=ID`; [`daily`]: an account's usage by day, for the chart and the CLI.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, validated.
+//! - [`config`]: flags, `PACKMETER_*` variables and the TOML file, each setting declared
+//!   once ([`config::Settings`]), validated.
 //! - [`server`]: start-up and the shutdown sequence; [`drain`] counts requests in flight;
 //!   [`linger`] closes each gRPC connection without losing what it wrote last; [`tls`]
 //!   serves the gRPC port over TLS, re-reading rotated certificates.
@@ -41,6 +42,8 @@
 //! does not link it: `cli`, the `packmeter` command line with the client
 //! commands, and `loadgen`, `packmeter loadgen`, the closed-loop load
 //! generator for the hot-path RPCs (indicatif, hdrhistogram).
+//! Those crates and clap are behind the `cli` feature (default), which the
+//! binary requires; the library builds without it.
 #![forbid(unsafe_code)]
 
 pub mod admin_http;

@@ -47,7 +47,7 @@ use crate::{
 };
 
 /// What to do with an account seen for the first time (R1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownAccounts {
     /// Activate it at the event time of its first deduction.

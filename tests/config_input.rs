@@ -381,3 +381,145 @@ fn a_bad_durability_exits_64_naming_its_field() {
     let dir = tempfile::tempdir().unwrap();
     assert_refused(dir.path(), &["--durability", "fsync"], "durability");
 }
+
+/// Issue 12 item 5: through the real binary, a flag wins over its
+/// `PACKMETER_*` variable, which wins over the file's key. Each source
+/// gives a value the start refuses, and the error quotes the one used.
+#[test]
+fn the_binary_takes_a_flag_over_its_variable_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packmeter.toml");
+    std::fs::write(
+        &file,
+        "late_grace = \"9h\"\ndedup_window = \"20h\"\nmax_message_bytes = 3000000000\n\
+         rls_item_key = \"kind\"\n",
+    )
+    .unwrap();
+    let config = ["--config", file.to_str().unwrap()];
+    // A client CA without a server certificate is refused after every
+    // other setting is checked: a value wrongly accepted ends the run
+    // naming tls_client_ca_file rather than starting a server.
+    let last = ["--tls-client-ca-file", "ca.pem"];
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .args([
+                "--store",
+                &format!("sqlite://{}/pm.db", dir.path().display()),
+            ])
+            .args(config)
+            .args(args)
+            .args(last)
+            .envs(env.iter().copied())
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run packmeter");
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}");
+        assert!(out.stdout.is_empty(), "{args:?} {env:?}: nothing was bound");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // Durations: late_grace from the flag (not the variable's 7h nor the
+    // file's 9h), dedup_window from the variable (not the file's 20h).
+    let stderr = run(
+        &["--late-grace", "1h"],
+        &[
+            ("PACKMETER_LATE_GRACE", "7h"),
+            ("PACKMETER_DEDUP_WINDOW", "30m"),
+        ],
+    );
+    assert!(
+        stderr.contains("invalid configuration: dedup_window: 30m is shorter than late_grace (1h)"),
+        "{stderr}"
+    );
+    // Without the flag, the variable's late_grace; without the variables,
+    // the file's.
+    let stderr = run(
+        &[],
+        &[
+            ("PACKMETER_LATE_GRACE", "7h"),
+            ("PACKMETER_DEDUP_WINDOW", "2h"),
+        ],
+    );
+    assert!(
+        stderr.contains("dedup_window: 2h is shorter than late_grace (7h)"),
+        "{stderr}"
+    );
+    let stderr = run(&["--dedup-window", "8h"], &[]);
+    assert!(
+        stderr.contains("dedup_window: 8h is shorter than late_grace (9h)"),
+        "{stderr}"
+    );
+
+    // Sizes: each source's value in turn is the one refused.
+    let size = |stderr: &str| -> String {
+        let start = stderr.find("max_message_bytes: ").expect(stderr);
+        stderr[start..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let late = ["--late-grace", "1h"];
+    assert_eq!(size(&run(&late, &[])), "3000000000", "the file's");
+    let env = [("PACKMETER_MAX_MESSAGE_BYTES", "2000000000")];
+    assert_eq!(size(&run(&late, &env)), "2000000000", "the variable's");
+    let flag = ["--late-grace", "1h", "--max-message-bytes", "5000000000"];
+    assert_eq!(size(&run(&flag, &env)), "5000000000", "the flag's");
+
+    // Text: the file's rls_item_key `kind` is valid, but `serve` here also
+    // gets --rls-item-key account, which wins and is refused.
+    let file_ok = dir.path().join("ok.toml");
+    std::fs::write(&file_ok, "rls_item_key = \"kind\"\n").unwrap();
+    assert_refused(
+        dir.path(),
+        &["--config", file_ok.to_str().unwrap()],
+        "rls_item_key",
+    );
+}
+
+/// An unknown key in the file, or a bad value in a variable, exits 64
+/// naming the field, through the real binary.
+#[test]
+fn an_unknown_key_or_a_bad_variable_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packmeter.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_batchh = 5\n").unwrap();
+    let out = serve(dir.path(), &["--config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "invalid configuration: config: {} line 2 (`max_batchh = 5`): unknown key `max_batchh`; the keys are listen, ",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    for (name, value, field) in [
+        ("PACKMETER_MAX_BATCH", "lots", "max_batch"),
+        ("PACKMETER_FREE_EGRESS_BYTES", "-1", "free_egress_bytes"),
+        ("PACKMETER_IDLE_EVICT", "0s", "idle_evict"),
+        ("PACKMETER_LISTEN", "localhost", "listen"),
+    ] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .args([
+                "--store",
+                &format!("sqlite://{}/pm.db", dir.path().display()),
+            ])
+            .args(["--tls-client-ca-file", "ca.pem"])
+            .env(name, value)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run packmeter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}={value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid configuration: {field}: ")),
+            "{name}={value}: {stderr}"
+        );
+        assert!(!dir.path().join("pm.db").exists(), "{name}: no store");
+    }
+}
