@@ -192,7 +192,7 @@ impl Meter {
             .ok_or_else(|| MeterError::NotFound(id.to_string()))
     }
 
-    fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
+    pub(super) fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
         self.intern(Arc::new(AccountState::new(key, None, now)))
     }
 

@@ -48,11 +48,7 @@ fn calls_used(a: &AccountState) -> u64 {
 }
 
 fn new_account(m: &Meter, id: &str, now: Ts) -> Arc<AccountState> {
-    let key: Arc<str> = id.into();
-    m.accounts
-        .entry(key.clone())
-        .or_insert_with(|| Arc::new(AccountState::new(key, None, now)))
-        .clone()
+    m.insert_new(id.into(), now)
 }
 
 fn calls(n: u64, t: Ts) -> Deduction<'static> {
