@@ -16,20 +16,46 @@ use crate::{
 };
 
 /// Usage not yet in the store, for one (hour, item, pack) of an account.
+///
+/// 40 bytes: the earliest and latest event times are kept as offsets into
+/// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), so that two
+/// deltas (calls and egress, each covered by one pack) fit inline in
+/// [`Pending`] within a small footprint.
 #[derive(Clone, Debug)]
 pub struct Delta {
     /// Start of the UTC hour.
     pub hour: Ts,
-    pub item: Item,
     /// The pack that covered the amount, or `None` for overage.
     pub pack: Option<Arc<PackCounter>>,
     pub amount: u64,
-    /// The earliest and latest event time of the amount (within `hour`).
-    pub first: Ts,
-    pub last: Ts,
+    /// The earliest and latest event time of the amount, as offsets from
+    /// `hour` (see [`first`](Self::first) and [`last`](Self::last)).
+    first_offset: u32,
+    last_offset: u32,
+    pub item: Item,
+}
+
+/// `t` as an offset into the hour starting at `hour`. Events of a delta
+/// lie within its hour; anything else is clamped rather than wrapped.
+fn offset(hour: Ts, t: Ts) -> u32 {
+    debug_assert!(
+        (hour..hour.saturating_add(HOUR)).contains(&t),
+        "event {t} outside its hour {hour}"
+    );
+    u32::try_from(t.saturating_sub(hour).clamp(0, HOUR - 1)).unwrap_or(u32::MAX)
 }
 
 impl Delta {
+    /// The earliest event time of the amount (within `hour`).
+    pub fn first(&self) -> Ts {
+        self.hour + Ts::from(self.first_offset)
+    }
+
+    /// The latest event time of the amount (within `hour`).
+    pub fn last(&self) -> Ts {
+        self.hour + Ts::from(self.last_offset)
+    }
+
     fn same_key(&self, hour: Ts, item: Item, pack: Option<&Arc<PackCounter>>) -> bool {
         self.hour == hour
             && self.item == item
@@ -168,52 +194,60 @@ impl HourTotals {
     }
 }
 
-/// Where an account keeps its [`Pending`] changes: boxed while there are
-/// any, so an account with nothing unflushed (most of them, most of the
-/// time) holds two words instead of the whole ledger (about 110 bytes).
+/// Where an account keeps its [`Pending`] changes and its open hours'
+/// totals, inline in the account. (They were boxed, so that an account with
+/// nothing unflushed held two words instead of the whole ledger; but every
+/// deduction then followed two more pointers to memory no other account
+/// shares, each a cache miss among a million accounts, and a dirty account
+/// paid two allocations' headers. Inline, an account costs the same dirty
+/// or flushed, and a deduction reads its ledger from the lines of the
+/// account it already holds: see BENCHMARKS.md, issue 10.)
 #[derive(Debug, Default)]
 pub struct PendingSlot {
-    changes: Option<Box<Pending>>,
+    changes: Pending,
     /// Whether the account sits in the meter's dirty queue.
     pub queued: bool,
-    /// The open hours' totals, for the ledger cap. Boxed and created on the
-    /// first deduction, like `changes`; unlike them, a flush leaves them.
-    totals: Option<Box<HourTotals>>,
+    /// The open hours' totals, for the ledger cap. Unlike `changes`, a
+    /// flush leaves them.
+    totals: HourTotals,
 }
 
 impl PendingSlot {
-    /// The changes, created empty on first use.
+    /// The changes.
     pub fn changes(&mut self) -> &mut Pending {
-        self.changes.get_or_insert_with(Box::default)
+        &mut self.changes
     }
 
+    /// The changes, if there are any.
     pub fn get(&self) -> Option<&Pending> {
-        self.changes.as_deref()
+        (!self.changes.is_empty()).then_some(&self.changes)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.changes.as_ref().is_none_or(|p| p.is_empty())
+        self.changes.is_empty()
     }
 
-    /// The open hours' totals, created empty on first use.
+    /// The open hours' totals.
     pub fn totals(&mut self) -> &mut HourTotals {
-        self.totals.get_or_insert_with(Box::default)
+        &mut self.totals
     }
 
     /// Takes everything out for a flush, leaving `queued` as it was.
     pub fn take(&mut self) -> Pending {
-        self.changes.take().map(|b| *b).unwrap_or_default()
+        std::mem::take(&mut self.changes)
     }
 
     /// Puts back changes from a failed flush.
     pub fn merge(&mut self, failed: Pending) {
-        self.changes().merge(failed);
+        self.changes.merge(failed);
     }
 
-    /// Frees an emptied box.
+    /// Frees what an emptied ledger still holds on the heap (deltas past
+    /// the inline ones, request-id records).
     pub fn shrink(&mut self) {
-        if self.changes.as_ref().is_some_and(|p| p.is_empty()) {
-            self.changes = None;
+        if self.changes.is_empty() {
+            self.changes.deltas.shrink_to_fit();
+            self.changes.dedup.shrink_to_fit();
         }
     }
 }
@@ -262,16 +296,16 @@ impl Pending {
         {
             Some(d) => {
                 d.amount += amount;
-                d.first = d.first.min(first);
-                d.last = d.last.max(last);
+                d.first_offset = d.first_offset.min(offset(hour, first));
+                d.last_offset = d.last_offset.max(offset(hour, last));
             }
             None => self.deltas.push(Delta {
                 hour,
-                item,
                 pack: pack.cloned(),
                 amount,
-                first,
-                last,
+                first_offset: offset(hour, first),
+                last_offset: offset(hour, last),
+                item,
             }),
         }
     }
@@ -285,7 +319,7 @@ impl Pending {
                 d.pack.as_ref(),
                 d.amount,
                 failed.since.unwrap_or(0),
-                (d.first, d.last),
+                (d.first(), d.last()),
             );
         }
         self.dedup.extend(failed.dedup);
@@ -678,7 +712,7 @@ mod tests {
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
         // The event times the delta holds, for the flush's re-attribution.
-        assert_eq!((p.deltas[0].first, p.deltas[0].last), (10, 11));
+        assert_eq!((p.deltas[0].first(), p.deltas[0].last()), (10, 11));
         assert_eq!(p.since, Some(5));
     }
 

@@ -214,17 +214,20 @@ impl PackCounter {
 
 /// How one item of a deduction was split: per pack, then overage.
 #[derive(Debug, Default)]
-pub struct Split {
-    /// (pack, amount) in deduction order; inline for the common case of one or two packs.
-    pub takes: smallvec::SmallVec<[(Arc<PackCounter>, u64); 2]>,
+pub struct Split<'a> {
+    /// (pack, amount) in deduction order; inline for the common case of one
+    /// or two packs. Borrowed from the pack list the deduction read, so a
+    /// split touches no reference count (the ledger clones a counter only
+    /// for a delta it has not seen yet).
+    pub takes: smallvec::SmallVec<[(&'a Arc<PackCounter>, u64); 2]>,
     pub covered: u64,
     pub overage: u64,
 }
 
-impl Split {
+impl<'a> Split<'a> {
     /// Deducts `want` of `item` at `ts` from `packs` (already in R6 order);
     /// what no pack covers is overage.
-    pub fn deduct(packs: &[Arc<PackCounter>], item: Item, ts: Ts, want: u64) -> Split {
+    pub fn deduct(packs: &'a [Arc<PackCounter>], item: Item, ts: Ts, want: u64) -> Split<'a> {
         let mut split = Split::default();
         let mut left = want;
         for pack in packs {
@@ -236,7 +239,7 @@ impl Split {
             }
             let took = pack.take(left);
             if took > 0 {
-                split.takes.push((pack.clone(), took));
+                split.takes.push((pack, took));
                 left -= took;
             }
         }

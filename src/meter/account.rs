@@ -19,6 +19,21 @@ use crate::{
 
 pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
 
+/// An account's resident packs, in R6 order. Up to four live inline in the
+/// list's own allocation (the free tier's calls and egress packs of the
+/// month, and of the month before while its late events are still
+/// accepted), so a deduction reads the list without following a further
+/// pointer to its elements' array.
+pub type PackList = smallvec::SmallVec<[Arc<PackCounter>; 4]>;
+
+/// The list of an account with no resident pack, shared by all of them:
+/// a new account allocates no list until its first deduction.
+fn no_packs() -> Arc<PackList> {
+    static EMPTY: std::sync::LazyLock<Arc<PackList>> =
+        std::sync::LazyLock::new(|| Arc::new(PackList::new()));
+    EMPTY.clone()
+}
+
 #[derive(Debug)]
 pub struct AccountState {
     pub(super) id: Arc<str>,
@@ -31,7 +46,7 @@ pub struct AccountState {
     /// Packs that can still take deductions, in R6 order. Replaced whole
     /// (copy-on-write) when a month's free-tier pack appears or a pack is
     /// granted; the counters inside are shared between versions.
-    pub(super) packs: ArcSwap<Vec<Arc<PackCounter>>>,
+    pub(super) packs: ArcSwap<PackList>,
     /// Unflushed usage. A short, synchronous critical section.
     pub(super) pending: Mutex<PendingSlot>,
     /// Request ids seen (R10). Boxed and created on the first request id:
@@ -55,7 +70,7 @@ impl AccountState {
             ),
             suspended: AtomicBool::new(record.is_some_and(|r| r.suspended)),
             deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
-            packs: ArcSwap::from_pointee(Vec::new()),
+            packs: ArcSwap::new(no_packs()),
             pending: Mutex::new(PendingSlot::default()),
             dedup: Mutex::new(None),
             deny_lock: Mutex::new(()),
@@ -81,7 +96,7 @@ impl AccountState {
     }
 
     /// The resident packs, in R6 order.
-    pub fn packs(&self) -> arc_swap::Guard<Arc<Vec<Arc<PackCounter>>>> {
+    pub fn packs(&self) -> arc_swap::Guard<Arc<PackList>> {
         self.packs.load()
     }
 
@@ -89,7 +104,7 @@ impl AccountState {
     /// no longer take deductions, and keeps R6 order.
     pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<Arc<PackCounter>>, keep_after: Ts) {
         self.packs.rcu(|cur| {
-            let mut next: Vec<Arc<PackCounter>> = cur
+            let mut next: PackList = cur
                 .iter()
                 .filter(|p| p.spec.valid_until > keep_after)
                 .cloned()
@@ -208,7 +223,7 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
                 item: d.item,
                 pack: d.pack.as_ref().map(|p| p.spec.clone()),
                 amount: d.amount,
-                span: Some((d.first, d.last)),
+                span: Some((d.first(), d.last())),
             })
             .collect(),
         dedup: pending.dedup.clone(),

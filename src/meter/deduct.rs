@@ -21,8 +21,11 @@ use super::{
 use crate::{
     calendar::{self, hour_start, Ts},
     ledger::{DedupRecord, LEDGER_CAP},
-    packs::{self, Item, PackCounter, Split},
+    packs::{self, Item, PackCounter, PackSource, Split},
 };
+use arc_swap::Guard;
+
+use super::account::PackList;
 
 /// One deduction of a group, with its resident account.
 #[derive(Clone, Copy)]
@@ -486,8 +489,7 @@ impl Meter {
             return self.check(acct, at, now);
         }
         self.activate(acct, at, now);
-        self.ensure_free_month(acct, at, now);
-        let packs = acct.packs.load();
+        let packs = self.packs_at(acct, at, now);
         let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
         let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
@@ -495,8 +497,8 @@ impl Meter {
         let hour = hour_start(at);
         self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
-                for (pack, amount) in &split.takes {
-                    p.add(hour, item, Some(pack), *amount, now, at);
+                for &(pack, amount) in &split.takes {
+                    p.add(hour, item, Some(pack), amount, now, at);
                 }
                 p.add(hour, item, None, split.overage, now, at);
             }
@@ -520,6 +522,22 @@ impl Meter {
         outcome(&packs, at, Decision::Allow, Some(&calls), Some(&egress))
     }
 
+    /// The account's packs, with the free-tier month of `at` made resident
+    /// ([`ensure_free_month`](Self::ensure_free_month)). In the common case,
+    /// a resident free-tier pack valid at `at`, the list is read once.
+    fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<Arc<PackList>> {
+        let packs = acct.packs.load();
+        if packs
+            .iter()
+            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_at(at))
+        {
+            return packs;
+        }
+        drop(packs);
+        self.ensure_free_month(acct, at, now);
+        acct.packs.load()
+    }
+
     /// A repeat of a processed request id: nothing is deducted again.
     fn duplicate(&self, acct: &AccountState, at: Ts, now: Ts, r: Amounts) -> DeductOutcome {
         let mut o = self.check(acct, at, now);
@@ -533,8 +551,7 @@ impl Meter {
     /// `calls = 0, egress_bytes = 0`: the decision the next call would get,
     /// and the balances. Deducts, activates and records nothing.
     fn check(&self, acct: &AccountState, at: Ts, now: Ts) -> DeductOutcome {
-        self.ensure_free_month(acct, at, now);
-        let packs = acct.packs.load();
+        let packs = self.packs_at(acct, at, now);
         let mut o = outcome(&packs, at, Decision::Allow, None, None);
         if acct.activated_at().is_none()
             && self.cfg.unknown_accounts == UnknownAccounts::Activate

@@ -17,7 +17,7 @@ use crate::{
 /// the event that moved it takes nothing.
 pub(super) struct Saved {
     activated_at: Ts,
-    packs: Arc<Vec<Arc<PackCounter>>>,
+    packs: Arc<super::account::PackList>,
 }
 
 impl Meter {
@@ -176,7 +176,7 @@ impl Meter {
                 .filter(|p| p.spec.source == PackSource::FreeTier)
                 .map(|p| (&*p.spec.pack_id, p.used()))
                 .collect();
-            let mut next: Vec<_> = cur
+            let mut next: super::account::PackList = cur
                 .iter()
                 .filter(|p| p.spec.source != PackSource::FreeTier)
                 .cloned()

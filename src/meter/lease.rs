@@ -310,7 +310,7 @@ impl Leases {
                 };
                 let _one = slot.acquiring.lock().await;
                 let now = clock.now();
-                let acct = meter.accounts.get(&id).map(|a| a.clone());
+                let acct = meter.resident_account(&id);
                 if !slot.busy.swap(false, Relaxed) {
                     // Idle for a whole pass: give the rest back.
                     let unused = match &acct {

@@ -22,7 +22,7 @@ impl Meter {
 
     /// The account if it is in memory; never loads it.
     pub fn resident_account(&self, id: &str) -> Option<Arc<AccountState>> {
-        self.accounts.get(id).map(|a| a.clone())
+        self.accounts.get(id).map(|a| a.key().0.clone())
     }
 
     /// Number of accounts waiting for a flush.
@@ -110,7 +110,12 @@ impl Meter {
         now: Ts,
     ) -> Result<Option<Arc<AccountState>>, MeterError> {
         if let Some(a) = self.accounts.get(id) {
-            a.last_touch.store(now, Relaxed);
+            let a = &a.key().0;
+            // Load first: most requests come within the same second, and a
+            // store of the same value would still take the line exclusively.
+            if a.last_touch.load(Relaxed) != now {
+                a.last_touch.store(now, Relaxed);
+            }
             return Ok(Some(a.clone()));
         }
         let key: Arc<str> = id.into();
@@ -187,17 +192,25 @@ impl Meter {
             .ok_or_else(|| MeterError::NotFound(id.to_string()))
     }
 
-    fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
+    pub(super) fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
+        self.intern(Arc::new(AccountState::new(key, None, now)))
+    }
+
+    /// Makes `state` resident, or returns the account already resident
+    /// under its id (a concurrent load or creation won).
+    fn intern(&self, state: Arc<AccountState>) -> Arc<AccountState> {
         self.accounts
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(AccountState::new(key, None, now)))
+            .entry(super::Resident(state))
+            .or_insert(())
+            .key()
+            .0
             .clone()
     }
 
     async fn load(&self, id: Arc<str>, now: Ts) -> Result<Option<Arc<AccountState>>, MeterError> {
         // Another load may have finished between our map miss and now.
-        if let Some(a) = self.accounts.get(&id) {
-            return Ok(Some(a.clone()));
+        if let Some(a) = self.accounts.get(&*id) {
+            return Ok(Some(a.key().0.clone()));
         }
         let keep_after = self.keep_after(now);
         let loaded = self.store.load_account(&id, keep_after, now).await?;
@@ -241,8 +254,7 @@ impl Meter {
                 table.remember(r);
             }
         }
-        let state = Arc::new(state);
-        Ok(Some(self.accounts.entry(id).or_insert(state).clone()))
+        Ok(Some(self.intern(Arc::new(state))))
     }
 
     /// Drops accounts idle since `idle_before` that have nothing unflushed
@@ -251,7 +263,7 @@ impl Meter {
         let before = self.accounts.len();
         // `retain` holds each shard's write lock, so no request can clone an
         // account while we look at its reference count.
-        self.accounts.retain(|_, a| {
+        self.accounts.retain(|super::Resident(a), _| {
             a.last_touch.load(Relaxed) >= idle_before
                 || Arc::strong_count(a) > 1
                 || a.pending

@@ -48,11 +48,7 @@ fn calls_used(a: &AccountState) -> u64 {
 }
 
 fn new_account(m: &Meter, id: &str, now: Ts) -> Arc<AccountState> {
-    let key: Arc<str> = id.into();
-    m.accounts
-        .entry(key.clone())
-        .or_insert_with(|| Arc::new(AccountState::new(key, None, now)))
-        .clone()
+    m.insert_new(id.into(), now)
 }
 
 fn calls(n: u64, t: Ts) -> Deduction<'static> {
@@ -985,5 +981,25 @@ fn racing_first_deductions_all_fall_in_the_free_tier() {
     for a in accounts.iter() {
         assert_eq!(a.activated_at(), Some(t), "{}", a.id());
         assert_eq!(calls_used(a), 2, "{}", a.id());
+    }
+}
+
+/// The footprint of a resident account (issue 10): every byte here is paid
+/// a million times at a million accounts. The bounds are the sizes on
+/// x86-64 when this was written (they were 288, 48 and 48 bytes with the
+/// ledger and the hour totals boxed, which cost their own allocations on
+/// top), so a change that grows the account fails here first.
+#[test]
+fn a_resident_account_stays_small() {
+    use std::mem::size_of;
+    let sizes = [
+        ("AccountState", size_of::<AccountState>(), 272),
+        ("PendingSlot", size_of::<crate::ledger::PendingSlot>(), 200),
+        ("Delta", size_of::<crate::ledger::Delta>(), 40),
+        ("HourTotals", size_of::<crate::ledger::HourTotals>(), 56),
+        ("PackList", size_of::<super::PackList>(), 40),
+    ];
+    for (name, size, bound) in sizes {
+        assert!(size <= bound, "{name} is {size} bytes, over {bound}");
     }
 }
