@@ -799,6 +799,8 @@ struct PackOut {
     valid_from: String,
     valid_until: String,
     priority: u32,
+    /// The plan that issued a free-tier pack (R8); null for a purchased one.
+    plan: Option<String>,
 }
 
 impl PackOut {
@@ -815,6 +817,7 @@ impl PackOut {
             valid_from: show_ts(&p.valid_from, zone.as_ref()),
             valid_until: show_ts(&p.valid_until, zone.as_ref()),
             priority: p.priority,
+            plan: (!p.plan.is_empty()).then(|| p.plan.clone()),
         }
     }
 }
@@ -836,6 +839,7 @@ fn print_packs(out: Out, packs: &[proto::Pack], opts: &ClientOpts) -> io::Result
                 p.remaining.to_string(),
                 p.valid_from,
                 p.valid_until,
+                p.plan.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -850,6 +854,7 @@ fn print_packs(out: Out, packs: &[proto::Pack], opts: &ClientOpts) -> io::Result
             "REMAINING",
             "VALID FROM",
             "VALID UNTIL",
+            "PLAN",
         ],
         &rows,
     )

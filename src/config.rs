@@ -104,6 +104,12 @@ pub struct ServeArgs {
     /// Length of the free window in calendar months [default: 12].
     #[arg(long, env = "PACKMETER_FREE_MONTHS", value_name = "N")]
     pub free_months: Option<String>,
+    /// Plans file (R8): one TOML `[[plan]]` table per version of the free
+    /// tier, with name, effective, months, calls, egress_bytes and
+    /// optionally zone. Replaces --free-calls, --free-egress-bytes and
+    /// --free-months [default: none, one plan from those settings].
+    #[arg(long, env = "PACKMETER_PLANS", value_name = "FILE")]
+    pub plans: Option<String>,
     /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
     #[arg(long, env = "PACKMETER_IDLE_EVICT", value_name = "DURATION")]
     pub idle_evict: Option<String>,
@@ -190,6 +196,7 @@ struct FileConfig {
     free_calls: Option<u64>,
     free_egress_bytes: Option<u64>,
     free_months: Option<u64>,
+    plans: Option<String>,
     idle_evict: Option<String>,
     rls_domain: Option<String>,
     rls_account_key: Option<String>,
@@ -213,7 +220,8 @@ enum Slot<'a> {
 
 impl FileConfig {
     /// Every key the file accepts, for the unknown-key message.
-    const KEYS: [&'static str; 33] = [
+    const KEYS: [&'static str; 34] = [
+        "plans",
         "durability",
         "max_stream_in_flight",
         "tls_cert_file",
@@ -275,6 +283,7 @@ impl FileConfig {
             "free_calls" => Slot::Number(&mut self.free_calls),
             "free_egress_bytes" => Slot::Number(&mut self.free_egress_bytes),
             "free_months" => Slot::Number(&mut self.free_months),
+            "plans" => Slot::Text(&mut self.plans),
             "idle_evict" => Slot::Text(&mut self.idle_evict),
             "rls_domain" => Slot::Text(&mut self.rls_domain),
             "rls_account_key" => Slot::Text(&mut self.rls_account_key),
@@ -453,6 +462,37 @@ impl Default for RlsConfig {
             item_key: "item".into(),
         }
     }
+}
+
+/// The plans file, if one is set, read and validated (crate::plans); its
+/// errors name the plan and its field. It replaces the `free_*` settings,
+/// so setting both is refused, naming the `free_*` one.
+fn resolve_plans(
+    args: &ServeArgs,
+    file: &FileConfig,
+    zone: BillingZone,
+) -> Result<Option<std::sync::Arc<crate::plans::Plans>>, ConfigError> {
+    let Some(path) = args.plans.clone().or_else(|| file.plans.clone()) else {
+        return Ok(None);
+    };
+    for (field, given) in [
+        ("free_calls", args.free_calls.is_some() || file.free_calls.is_some()),
+        (
+            "free_egress_bytes",
+            args.free_egress_bytes.is_some() || file.free_egress_bytes.is_some(),
+        ),
+        ("free_months", args.free_months.is_some() || file.free_months.is_some()),
+    ] {
+        if given {
+            return Err(err(
+                field,
+                "cannot be combined with plans: the plans file sets the free tier; put it in a [[plan]] table there",
+            ));
+        }
+    }
+    crate::plans::Plans::load(Path::new(&path), zone)
+        .map(|p| Some(std::sync::Arc::new(p)))
+        .map_err(|e| err("plans", format!("{path}: {e}")))
 }
 
 /// An invalid setting, named.
@@ -952,6 +992,7 @@ impl Config {
                     .ok_or_else(|| err("free_months", "must be at most 1200"))?
             },
         };
+        let plans = resolve_plans(&args, &file, zone)?;
 
         // Envoy sends descriptor keys and the domain verbatim; an empty or
         // control-character key could never match, so refuse it up front.
@@ -1076,6 +1117,7 @@ impl Config {
             meter: MeterConfig {
                 zone,
                 plan,
+                plans,
                 late_grace: micros(late_grace),
                 dedup_window: micros(dedup_window),
                 max_future_skew: micros(max_future_skew),
