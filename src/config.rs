@@ -476,12 +476,18 @@ fn resolve_plans(
         return Ok(None);
     };
     for (field, given) in [
-        ("free_calls", args.free_calls.is_some() || file.free_calls.is_some()),
+        (
+            "free_calls",
+            args.free_calls.is_some() || file.free_calls.is_some(),
+        ),
         (
             "free_egress_bytes",
             args.free_egress_bytes.is_some() || file.free_egress_bytes.is_some(),
         ),
-        ("free_months", args.free_months.is_some() || file.free_months.is_some()),
+        (
+            "free_months",
+            args.free_months.is_some() || file.free_months.is_some(),
+        ),
     ] {
         if given {
             return Err(err(

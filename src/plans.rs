@@ -106,7 +106,14 @@ impl PlansError {
     }
 }
 
-const KEYS: [&str; 6] = ["name", "effective", "months", "calls", "egress_bytes", "zone"];
+const KEYS: [&str; 6] = [
+    "name",
+    "effective",
+    "months",
+    "calls",
+    "egress_bytes",
+    "zone",
+];
 
 impl Plans {
     /// One plan from the beginning of time: packmeter's behaviour without a
@@ -284,7 +291,11 @@ fn label(name: Option<&str>, position: usize) -> String {
 /// Most plans a file may hold (pack months carry the index as a `u16`).
 const MAX_PLANS: usize = 1000;
 
-fn parse_plan(t: &toml::Table, position: usize, default_zone: BillingZone) -> Result<Plan, PlansError> {
+fn parse_plan(
+    t: &toml::Table,
+    position: usize,
+    default_zone: BillingZone,
+) -> Result<Plan, PlansError> {
     if position > MAX_PLANS {
         return Err(PlansError::Syntax(format!(
             "more than {MAX_PLANS} plans; keep at most {MAX_PLANS}"
@@ -346,12 +357,12 @@ fn parse_plan(t: &toml::Table, position: usize, default_zone: BillingZone) -> Re
         }
     };
     let months = match required("months")? {
-        toml::Value::Integer(n) if *n < 1 => {
-            return Err(fail(
-                "months",
-                format!("{n}: must be at least 1 (a plan without free months has no free tier to issue)"),
-            ))
-        }
+        toml::Value::Integer(n) if *n < 1 => return Err(fail(
+            "months",
+            format!(
+                "{n}: must be at least 1 (a plan without free months has no free tier to issue)"
+            ),
+        )),
         toml::Value::Integer(n) => u32::try_from(*n)
             .ok()
             .filter(|m| *m <= MAX_MONTHS)
@@ -391,7 +402,9 @@ fn parse_plan(t: &toml::Table, position: usize, default_zone: BillingZone) -> Re
     if egress_bytes > MAX_AMOUNT {
         return Err(fail(
             "egress_bytes",
-            format!("{egress_bytes} is above {MAX_AMOUNT} (i64::MAX), the most the stores can hold"),
+            format!(
+                "{egress_bytes} is above {MAX_AMOUNT} (i64::MAX), the most the stores can hold"
+            ),
         ));
     }
     let zone = match t.get("zone") {
@@ -520,9 +533,12 @@ zone = "+08:00"
         assert_eq!(new[0].valid_until, at("2020-11-01T00:00:00+08:00"));
         assert_eq!(new[1].valid_until, at("2020-11-11T00:00:00+08:00"));
         // September 2020 has no pack under either plan.
-        assert!(p.free_month_at(a, at("2020-09-15T00:00:00+08:00")).is_none());
+        assert!(p
+            .free_month_at(a, at("2020-09-15T00:00:00+08:00"))
+            .is_none());
         assert_eq!(
-            p.free_month_at(a, at("2020-10-02T00:00:00+08:00")).map(|m| m.plan),
+            p.free_month_at(a, at("2020-10-02T00:00:00+08:00"))
+                .map(|m| m.plan),
             Some(1)
         );
     }
@@ -549,22 +565,58 @@ zone = "+08:00"
     fn bad_files_name_the_plan_and_the_field() {
         let a = plan("a", "2020-01-01T00:00:00Z", "");
         let cases = [
-            (format!("{a}{}", plan("b", "2019-01-01T00:00:00Z", "")), "plan \"b\" (#2): effective"),
-            (format!("{a}{}", plan("b", "2020-01-01T00:00:00Z", "")), "plan \"b\" (#2): effective"),
-            (a.replace("months = 12", "months = 0"), "plan \"a\" (#1): months"),
-            (format!("{a}colour = \"red\"\n"), "plan \"a\" (#1): plan: unknown key `colour`"),
-            (a.replace("egress_bytes = 1", "egress_bytes = \"lots\""), "plan \"a\" (#1): egress_bytes"),
-            (a.replace("egress_bytes = 1", "egress_bytes = \"1QiB\""), "plan \"a\" (#1): egress_bytes"),
-            (a.replace("calls = 1", "calls = -1"), "plan \"a\" (#1): calls"),
-            (a.replace("calls = 1\n", ""), "plan \"a\" (#1): calls: missing"),
-            (a.replace("2020-01-01T00:00:00Z", "2020-01-01"), "plan \"a\" (#1): effective"),
-            (format!("{a}zone = \"Mars/Base\"\n"), "plan \"a\" (#1): zone"),
+            (
+                format!("{a}{}", plan("b", "2019-01-01T00:00:00Z", "")),
+                "plan \"b\" (#2): effective",
+            ),
+            (
+                format!("{a}{}", plan("b", "2020-01-01T00:00:00Z", "")),
+                "plan \"b\" (#2): effective",
+            ),
+            (
+                a.replace("months = 12", "months = 0"),
+                "plan \"a\" (#1): months",
+            ),
+            (
+                format!("{a}colour = \"red\"\n"),
+                "plan \"a\" (#1): plan: unknown key `colour`",
+            ),
+            (
+                a.replace("egress_bytes = 1", "egress_bytes = \"lots\""),
+                "plan \"a\" (#1): egress_bytes",
+            ),
+            (
+                a.replace("egress_bytes = 1", "egress_bytes = \"1QiB\""),
+                "plan \"a\" (#1): egress_bytes",
+            ),
+            (
+                a.replace("calls = 1", "calls = -1"),
+                "plan \"a\" (#1): calls",
+            ),
+            (
+                a.replace("calls = 1\n", ""),
+                "plan \"a\" (#1): calls: missing",
+            ),
+            (
+                a.replace("2020-01-01T00:00:00Z", "2020-01-01"),
+                "plan \"a\" (#1): effective",
+            ),
+            (
+                format!("{a}zone = \"Mars/Base\"\n"),
+                "plan \"a\" (#1): zone",
+            ),
             (a.replace("name = \"a\"", "name = \"a b\""), "plan #1: name"),
-            (format!("{a}{}", plan("a", "2021-01-01T00:00:00Z", "")), "plan \"a\" (#2): name"),
+            (
+                format!("{a}{}", plan("a", "2021-01-01T00:00:00Z", "")),
+                "plan \"a\" (#2): name",
+            ),
         ];
         for (text, want) in cases {
             let e = refused(&text).to_string();
-            assert!(e.starts_with(want), "{e:?} should start with {want:?}\n{text}");
+            assert!(
+                e.starts_with(want),
+                "{e:?} should start with {want:?}\n{text}"
+            );
         }
         assert_eq!(refused(""), PlansError::Empty);
         assert!(matches!(refused("plan = 3"), PlansError::Syntax(_)));

@@ -1,0 +1,408 @@
+//! Versioned plans (R8, issue 11) through the real interface: `packmeter
+//! serve --plans FILE` spawned, driven over gRPC and the CLI, and bad plans
+//! files refused with exit 64 naming the plan and the field.
+//!
+//! The server runs with a 10-year late grace so that 2019–2021 events are
+//! still accepted (R9), as in tests/seed_example.rs.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use common::{deduct, split, ts, Server, BIN};
+use packmeter::grpc::proto::{self, Item, PackSource};
+
+const REPLAY: &[&str] = &["--late-grace", "3650d", "--dedup-window", "3650d"];
+
+/// The issue's plans file: the launch plan, then the seed's change.
+const SEED_PLANS: &str = r#"
+[[plan]]
+name = "launch"
+effective = "2019-01-01T00:00:00+08:00"
+months = 6
+calls = 500000
+egress_bytes = "512MiB"
+
+[[plan]]
+name = "2020-10"
+effective = "2020-10-12T23:59:59+08:00"
+months = 12
+calls = 1000000
+egress_bytes = "1GiB"
+zone = "+08:00"
+"#;
+
+fn write_plans(dir: &Path, text: &str) -> String {
+    let path = dir.join("plans.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn start(dir: &Path, plans: &str) -> Server {
+    let file = write_plans(dir, plans);
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", &file]);
+    Server::start(dir, &args)
+}
+
+fn of_item(packs: &[proto::Pack], item: Item) -> Vec<&proto::Pack> {
+    packs.iter().filter(|p| p.item == item as i32).collect()
+}
+
+/// The free-tier pack of `item` valid at `at`, if any.
+fn pack_at<'a>(packs: &'a [proto::Pack], item: Item, at: &str) -> Option<&'a proto::Pack> {
+    let t = ts(at);
+    let key = |x: &prost_types::Timestamp| (x.seconds, x.nanos);
+    packs.iter().find(|p| {
+        p.item == item as i32
+            && p.source == PackSource::FreeTier as i32
+            && key(p.valid_from.as_ref().unwrap()) <= key(&t)
+            && key(&t) < key(p.valid_until.as_ref().unwrap())
+    })
+}
+
+/// The seed's change: an account activated 2019-11-10 17:13:14 +08:00 under
+/// the launch plan, with usage in September and early October 2020.
+#[tokio::test]
+async fn the_seed_change_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), SEED_PLANS);
+    let mut meter = server.meter().await;
+
+    // Activation under the launch plan: 500,000 calls a month.
+    let r = meter
+        .deduct(deduct("acme", 1, 1, Some("2019-11-10T17:13:14+08:00")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 499_999));
+
+    // September 2020: the launch plan's 6 months ended on 10 May 2020, and
+    // the change applies only from October, so it is overage.
+    let r = meter
+        .deduct(deduct(
+            "acme",
+            300_000,
+            0,
+            Some("2020-09-15T12:00:00+08:00"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (0, 300_000, 0));
+
+    // Early October, before the change's instant: the month holding the
+    // instant gets the new plan's complete pack from its first second.
+    let r = meter
+        .deduct(deduct(
+            "acme",
+            200_000,
+            0,
+            Some("2020-10-01T00:00:00+08:00"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (200_000, 0, 800_000));
+    let r = meter
+        .deduct(deduct("acme", 50_000, 0, Some("2020-10-12T23:59:58+08:00")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (50_000, 0, 750_000));
+
+    let packs = server.packs("acme").await;
+    let calls = of_item(&packs, Item::Calls);
+    // Launch: Nov 2019 .. Apr 2020, and 1–10 May 2020; then October and
+    // 1–10 November 2020 under 2020-10.
+    assert_eq!(calls.len(), 9, "{calls:#?}");
+    for p in &calls[..7] {
+        assert_eq!(p.plan, "launch");
+        assert_eq!(p.capacity, 500_000);
+    }
+    assert_eq!(calls[0].valid_from, Some(ts("2019-11-10T17:13:14+08:00")));
+    assert_eq!(calls[0].used, 1);
+    assert_eq!(calls[6].valid_until, Some(ts("2020-05-11T00:00:00+08:00")));
+    let egress = of_item(&packs, Item::EgressBytes);
+    assert_eq!(egress[0].capacity, 512 << 20);
+    assert_eq!(egress[0].plan, "launch");
+
+    // September: no pack, as before the change.
+    assert!(pack_at(&packs, Item::Calls, "2020-09-15T12:00:00+08:00").is_none());
+
+    // October: a complete 1,000,000 calls, not pro-rated, holding the usage
+    // recorded since 1 October.
+    let october = pack_at(&packs, Item::Calls, "2020-10-01T00:00:00+08:00").unwrap();
+    assert_eq!(october.plan, "2020-10");
+    assert_eq!(october.pack_id, "free-2020-10-calls@2020-10");
+    assert_eq!(october.capacity, 1_000_000);
+    assert_eq!(october.valid_from, Some(ts("2020-10-01T00:00:00+08:00")));
+    assert_eq!(october.valid_until, Some(ts("2020-11-01T00:00:00+08:00")));
+    assert_eq!(october.used, 250_000);
+    let october_egress = pack_at(&packs, Item::EgressBytes, "2020-10-20T00:00:00+08:00").unwrap();
+    assert_eq!(october_egress.capacity, 1 << 30);
+
+    // November 2020 runs to the 10th (the 12 months count from the
+    // original activation).
+    let november = pack_at(&packs, Item::Calls, "2020-11-10T23:59:59+08:00").unwrap();
+    assert_eq!(november.plan, "2020-10");
+    assert_eq!(november.valid_until, Some(ts("2020-11-11T00:00:00+08:00")));
+    assert!(pack_at(&packs, Item::Calls, "2020-11-11T00:00:00+08:00").is_none());
+    let r = meter
+        .deduct(deduct("acme", 1, 0, Some("2020-11-11T00:00:00+08:00")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (0, 1, 0));
+
+    // The same after a restart: the plans and the stored usage agree.
+    let db = server.db.clone();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let file = write_plans(dir.path(), SEED_PLANS);
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", &file]);
+    let server = Server::start_on(&db, &args);
+    let packs = server.packs("acme").await;
+    let october = pack_at(&packs, Item::Calls, "2020-10-01T00:00:00+08:00").unwrap();
+    assert_eq!((october.plan.as_str(), october.used), ("2020-10", 250_000));
+}
+
+#[tokio::test]
+async fn an_account_activated_after_the_change_gets_only_the_new_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), SEED_PLANS);
+    let mut meter = server.meter().await;
+    let r = meter
+        .deduct(deduct("late", 10, 0, Some("2021-03-05T08:00:00+08:00")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (10, 0, 999_990));
+    let packs = server.packs("late").await;
+    let calls = of_item(&packs, Item::Calls);
+    assert_eq!(calls.len(), 13);
+    assert!(packs.iter().all(|p| p.plan == "2020-10"), "{packs:#?}");
+    assert!(calls.iter().all(|p| p.capacity == 1_000_000));
+    assert_eq!(calls[12].valid_until, Some(ts("2022-03-06T00:00:00+08:00")));
+}
+
+/// An account activated in the month of the change, before its instant,
+/// is under the new plan from its activation: the change's cut (1 October)
+/// is before it.
+#[tokio::test]
+async fn an_account_activated_in_the_month_of_the_change_is_under_the_new_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), SEED_PLANS);
+    let mut meter = server.meter().await;
+    meter
+        .deduct(deduct("oct", 1, 0, Some("2020-10-05T10:00:00+08:00")))
+        .await
+        .unwrap();
+    let packs = server.packs("oct").await;
+    assert!(packs.iter().all(|p| p.plan == "2020-10"), "{packs:#?}");
+    assert_eq!(of_item(&packs, Item::Calls)[0].capacity, 1_000_000);
+}
+
+/// Without a plans file, one plan named `default` issues every free-tier
+/// pack, with the ids packmeter has always used; purchased packs name none.
+#[tokio::test]
+async fn without_a_plans_file_every_free_pack_names_the_default_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), REPLAY);
+    let mut meter = server.meter().await;
+    meter
+        .deduct(deduct("acme", 1, 1, Some("2019-11-10T17:13:14+08:00")))
+        .await
+        .unwrap();
+    server
+        .admin()
+        .await
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "acme".into(),
+            pack_id: "bought".into(),
+            item: Item::Calls as i32,
+            capacity: 5,
+            valid_until: Some(ts("2040-01-01T00:00:00Z")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let packs = server.packs("acme").await;
+    assert_eq!(packs.len(), 27);
+    for p in &packs {
+        if p.source == PackSource::FreeTier as i32 {
+            assert_eq!(p.plan, "default");
+            assert!(!p.pack_id.contains('@'), "{}", p.pack_id);
+        } else {
+            assert_eq!(p.plan, "", "{p:?}");
+        }
+    }
+}
+
+/// `packmeter packs` names the plan in its table and in --json.
+#[tokio::test]
+async fn the_cli_names_the_plan_of_each_free_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), SEED_PLANS);
+    let mut meter = server.meter().await;
+    meter
+        .deduct(deduct("acme", 1, 1, Some("2019-11-10T17:13:14+08:00")))
+        .await
+        .unwrap();
+    let cli = |args: &[&str]| -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("PACKMETER_SERVER", server.url())
+            .output()
+            .expect("run packmeter")
+    };
+    let out = cli(&["packs", "acme", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["plan"].as_str().unwrap())
+        .collect();
+    assert_eq!(plans.iter().filter(|p| **p == "launch").count(), 14);
+    assert_eq!(plans.iter().filter(|p| **p == "2020-10").count(), 4);
+    let out = cli(&["packs", "acme"]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("PLAN"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("free-2020-10-calls@2020-10") && l.contains("2020-10 ")),
+        "{table}"
+    );
+}
+
+// === bad plans files ===
+
+/// Runs `packmeter serve` with `args`; `--rls-item-key account` is always
+/// invalid and checked after the plans, so a plans file wrongly accepted
+/// exits 64 naming rls_item_key instead of starting a server.
+fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.arg("serve")
+        .args(["--store", &format!("sqlite://{}/pm.db", dir.display())])
+        .args(args)
+        .args(["--rls-item-key", "account"])
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("PACKMETER_CONFIG")
+        .env_remove("PACKMETER_PLANS");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run packmeter")
+}
+
+fn assert_refused(dir: &Path, args: &[&str], env: &[(&str, &str)], want: &str) {
+    let out = serve(dir, args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+    assert!(stderr.contains(want), "{args:?}: want {want:?} in {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !dir.join("pm.db").exists(),
+        "a refused config creates no store"
+    );
+}
+
+fn plan(name: &str, effective: &str) -> String {
+    format!(
+        "[[plan]]\nname = \"{name}\"\neffective = \"{effective}\"\nmonths = 12\ncalls = 1000000\negress_bytes = \"1GiB\"\n\n"
+    )
+}
+
+#[test]
+fn bad_plans_files_exit_64_naming_the_plan_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = plan("launch", "2019-01-01T00:00:00+08:00");
+    let cases = [
+        // Unordered effective instants.
+        (
+            format!("{a}{}", plan("2018", "2018-01-01T00:00:00+08:00")),
+            "plan \"2018\" (#2): effective: ",
+        ),
+        // Overlapping: the same instant twice.
+        (
+            format!("{a}{}", plan("again", "2019-01-01T00:00:00+08:00")),
+            "plan \"again\" (#2): effective: ",
+        ),
+        (
+            a.replace("months = 12", "months = 0"),
+            "plan \"launch\" (#1): months: ",
+        ),
+        (
+            a.replace("months = 12", "months = 12\nmonth = 12"),
+            "plan \"launch\" (#1): plan: unknown key `month`",
+        ),
+        (
+            a.replace("\"1GiB\"", "\"1 gigglebyte\""),
+            "plan \"launch\" (#1): egress_bytes: ",
+        ),
+        (
+            a.replace("+08:00\"", "\"")
+                .replace("2019-01-01T00:00:00\"", "yesterday\""),
+            "plan \"launch\" (#1): effective: ",
+        ),
+        (
+            format!("{a}zone = \"Mars/Base\"\n"),
+            "plan \"launch\" (#1): zone: ",
+        ),
+        (String::new(), "no [[plan]] table"),
+    ];
+    for (text, want) in cases {
+        let file = write_plans(dir.path(), &text);
+        assert_refused(
+            dir.path(),
+            &["--plans", &file],
+            &[],
+            &format!("invalid configuration: plans: {file}: {want}"),
+        );
+    }
+    // A missing file, through the environment.
+    let missing = dir.path().join("nope.toml").display().to_string();
+    assert_refused(
+        dir.path(),
+        &[],
+        &[("PACKMETER_PLANS", &missing)],
+        &format!("invalid configuration: plans: {missing}: cannot read"),
+    );
+    // Through the config file's `plans` key.
+    let file = write_plans(dir.path(), &a.replace("months = 12", "months = 0"));
+    let config = dir.path().join("packmeter.toml");
+    std::fs::write(&config, format!("plans = {file:?}\n")).unwrap();
+    assert_refused(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[],
+        "invalid configuration: plans: ",
+    );
+    // The plans file sets the free tier: --free-calls beside it is refused.
+    let file = write_plans(dir.path(), &a);
+    assert_refused(
+        dir.path(),
+        &["--plans", &file, "--free-calls", "5"],
+        &[],
+        "invalid configuration: free_calls: cannot be combined with plans",
+    );
+    // A good file gets past the plans (and stops at the deliberate error).
+    assert_refused(
+        dir.path(),
+        &["--plans", &file],
+        &[],
+        "invalid configuration: rls_item_key: ",
+    );
+}
