@@ -471,7 +471,7 @@ fn resolve_plans(
     args: &ServeArgs,
     file: &FileConfig,
     zone: BillingZone,
-) -> Result<Option<std::sync::Arc<crate::plans::Plans>>, ConfigError> {
+) -> Result<Option<std::sync::Arc<crate::plans::LivePlans>>, ConfigError> {
     let Some(path) = args.plans.clone().or_else(|| file.plans.clone()) else {
         return Ok(None);
     };
@@ -496,7 +496,7 @@ fn resolve_plans(
             ));
         }
     }
-    crate::plans::Plans::load(Path::new(&path), zone)
+    crate::plans::LivePlans::open(Path::new(&path), zone)
         .map(|p| Some(std::sync::Arc::new(p)))
         .map_err(|e| err("plans", format!("{path}: {e}")))
 }

@@ -43,7 +43,7 @@ pub use validate::{validate_account_id, MAX_ACCOUNT_ID_BYTES, MAX_REQUEST_ID_BYT
 use crate::{
     calendar::{self, BillingZone, FreeMonth, FreeTierPlan, Ts, HOUR, SECOND},
     packs::PackSpec,
-    plans::Plans,
+    plans::LivePlans,
     store::StoreError,
 };
 
@@ -67,7 +67,7 @@ pub struct MeterConfig {
     pub plan: FreeTierPlan,
     /// The plans file's plans (R8); `None` without one, when `plan` and
     /// `zone` apply (see [`MeterConfig::free_months`]).
-    pub plans: Option<Arc<Plans>>,
+    pub plans: Option<Arc<LivePlans>>,
     /// How long after an hour ends it still accepts events (R9).
     pub late_grace: Ts,
     /// How long a request id is remembered after it was processed (R10); at
@@ -106,7 +106,7 @@ impl MeterConfig {
     pub fn free_months(&self, a: Ts) -> Vec<FreeMonth> {
         match &self.plans {
             None => calendar::free_months(a, &self.plan, &self.zone),
-            Some(p) => p.free_months(a),
+            Some(p) => p.load().free_months(a),
         }
     }
 
@@ -114,7 +114,7 @@ impl MeterConfig {
     pub fn free_month_at(&self, a: Ts, ts: Ts) -> Option<FreeMonth> {
         match &self.plans {
             None => calendar::free_month_at(a, ts, &self.plan, &self.zone),
-            Some(p) => p.free_month_at(a, ts),
+            Some(p) => p.load().free_month_at(a, ts),
         }
     }
 
@@ -122,7 +122,7 @@ impl MeterConfig {
     pub fn free_window_end(&self, a: Ts) -> Ts {
         match &self.plans {
             None => calendar::free_window(a, &self.plan, &self.zone).1,
-            Some(p) => p.window_end(a),
+            Some(p) => p.load().window_end(a),
         }
     }
 
@@ -131,18 +131,21 @@ impl MeterConfig {
     pub fn tier_at(&self, ts: Ts) -> FreeTierPlan {
         match &self.plans {
             None => self.plan,
-            Some(p) => p.plans()[p.in_effect_at(ts)].tier,
+            Some(p) => {
+                let p = p.load();
+                p.plans()[p.in_effect_at(ts)].tier
+            }
         }
     }
 
     /// The capacities and name of the plan that issued month `m`, and the
     /// suffix its pack ids carry (empty for the first plan).
-    pub fn month_plan(&self, m: &FreeMonth) -> (FreeTierPlan, &str, bool) {
+    pub fn month_plan(&self, m: &FreeMonth) -> (FreeTierPlan, Arc<str>, bool) {
         match &self.plans {
-            None => (self.plan, crate::plans::DEFAULT_PLAN_NAME, false),
+            None => (self.plan, crate::plans::DEFAULT_PLAN_NAME.into(), false),
             Some(p) => {
-                let plan = p.plan(m.plan);
-                (plan.tier, &plan.name, m.plan > 0)
+                let plan = p.load().plan(m.plan).clone();
+                (plan.tier, plan.name, m.plan > 0)
             }
         }
     }

@@ -41,7 +41,12 @@
 //! default 1,000,000 calls, 1 GiB, 12 months) applies from the beginning of
 //! time, exactly as before plans existed.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
 
 use crate::calendar::{self, from_datetime, BillingZone, FreeMonth, FreeTierPlan, Ts};
 
@@ -87,6 +92,8 @@ pub enum PlansError {
     UnknownTopLevel(String),
     #[error("no [[plan]] table; give at least one, or leave out the plans setting to use the default plan")]
     Empty,
+    #[error("{0}")]
+    Reload(String),
     #[error("{plan}: {field}: {message}")]
     Field {
         /// `plan "2020-10" (#2)` or `plan #2`.
@@ -266,6 +273,97 @@ impl Plans {
     }
 }
 
+/// The plans in force, which a reload of the plans file (SIGHUP) may
+/// replace; see [`LivePlans::reload`].
+#[derive(Debug)]
+pub struct LivePlans {
+    current: ArcSwap<Plans>,
+    path: PathBuf,
+    default_zone: BillingZone,
+}
+
+impl LivePlans {
+    /// Reads and validates the plans file at `path`.
+    pub fn open(path: &Path, default_zone: BillingZone) -> Result<LivePlans, PlansError> {
+        Ok(LivePlans {
+            current: ArcSwap::from_pointee(Plans::load(path, default_zone)?),
+            path: path.to_path_buf(),
+            default_zone,
+        })
+    }
+
+    /// The plans now. A reload between two calls replaces only plans whose
+    /// months have not begun (see [`reload`](Self::reload)), so months an
+    /// account can use come out the same from either.
+    pub fn load(&self) -> Arc<Plans> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the file. The new plans replace the current ones only if
+    /// every plan whose month has begun by `not_before` (the clock plus the
+    /// future skew: the latest instant an event may carry), and the first
+    /// plan (which covers everything before its instant), are unchanged and
+    /// still first, and every other plan's month begins after `not_before`.
+    /// So a reload never changes a month that may have usage, and needs no
+    /// recalculation. Otherwise the current plans stay, and the error says
+    /// which plan and why. Returns the number of plans now in force.
+    pub fn reload(&self, not_before: Ts) -> Result<usize, PlansError> {
+        let new = Plans::load(&self.path, self.default_zone)?;
+        let old = self.load();
+        old.check_reload(&new, not_before)?;
+        let n = new.plans.len();
+        self.current.store(Arc::new(new));
+        Ok(n)
+    }
+}
+
+impl Plans {
+    /// The first instant of a plan's span: the start of the month holding
+    /// its instant (the beginning of time for the first plan).
+    fn cut(&self, i: usize) -> Ts {
+        if i == 0 {
+            return Ts::MIN;
+        }
+        let p = &self.plans[i];
+        p.zone.month_start(p.effective)
+    }
+
+    /// Whether `new` may replace these plans at `not_before` (see
+    /// [`LivePlans::reload`]).
+    fn check_reload(&self, new: &Plans, not_before: Ts) -> Result<(), PlansError> {
+        let begun = (0..self.plans.len())
+            .take_while(|i| self.cut(*i) <= not_before)
+            .count();
+        for (i, old) in self.plans[..begun].iter().enumerate() {
+            if new.plans.get(i) != Some(old) {
+                return Err(PlansError::Reload(format!(
+                    "plan \"{}\" (#{}) is in force (its months began {}): a reload must keep it as it is, in its place; the plans file was not reloaded, so restart to change it (usage already recorded is not re-deducted)",
+                    old.name,
+                    i + 1,
+                    if i == 0 { "with the first activation".to_string() } else { rfc3339(self.cut(i)) },
+                )));
+            }
+        }
+        for i in begun..new.plans.len() {
+            let cut = new.cut(i);
+            if cut <= not_before {
+                let p = &new.plans[i];
+                return Err(PlansError::Reload(format!(
+                    "plan \"{}\" (#{}) would apply from {}, a month that has begun: a reload adds or changes only plans whose month has not begun; the plans file was not reloaded (usage recorded since then would not be re-deducted)",
+                    p.name,
+                    i + 1,
+                    rfc3339(cut),
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn clip(m: FreeMonth, plan: usize, from: Ts, until: Ts) -> Option<FreeMonth> {
     let valid_from = m.valid_from.max(from);
     let valid_until = m.valid_until.min(until);
@@ -357,12 +455,14 @@ fn parse_plan(
         }
     };
     let months = match required("months")? {
-        toml::Value::Integer(n) if *n < 1 => return Err(fail(
-            "months",
-            format!(
+        toml::Value::Integer(n) if *n < 1 => {
+            return Err(fail(
+                "months",
+                format!(
                 "{n}: must be at least 1 (a plan without free months has no free tier to issue)"
             ),
-        )),
+            ))
+        }
         toml::Value::Integer(n) => u32::try_from(*n)
             .ok()
             .filter(|m| *m <= MAX_MONTHS)

@@ -118,6 +118,8 @@ pub enum ServeError {
     StartUp(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
+    #[error("cannot listen for SIGHUP (reloads of the plans file): {0}")]
+    HangupSignal(std::io::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The token file was checked at configuration time and has since
@@ -203,6 +205,10 @@ pub async fn serve(
     ));
     let meter: Arc<Meter> = app.meter().clone();
     let flusher = app.flusher().clone();
+    if let Some(plans) = config.meter.plans.clone() {
+        reload_plans_on_hangup(plans, app.clone(), metrics.clone())
+            .map_err(ServeError::HangupSignal)?;
+    }
     // Who may call Admin and the pack page: one policy for both ports.
     let admin_auth = {
         let tokens = match &config.admin_token_file {
@@ -842,6 +848,42 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
             _ = int.recv() => {}
         }
     })
+}
+
+/// Reloads the plans file on each SIGHUP (R8): the new plans replace the
+/// current ones only if no month that has begun (or begins within the
+/// future skew) changes, so nothing recorded needs re-deducting; otherwise
+/// the current plans stay and the error is logged (see
+/// [`crate::plans::LivePlans::reload`]). Each reload is counted in
+/// `packmeter_plans_reloads_total`. Registered before binding, so a SIGHUP
+/// never takes its default action (ending the process) once serving.
+/// Without a plans file no handler is installed.
+fn reload_plans_on_hangup(
+    plans: Arc<crate::plans::LivePlans>,
+    app: Arc<App>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let not_before = app
+                .clock()
+                .now()
+                .saturating_add(app.config().max_future_skew);
+            match plans.reload(not_before) {
+                Ok(n) => {
+                    metrics.plans_reloaded("ok");
+                    tracing::info!(file = %plans.path().display(), plans = n, "plans file reloaded");
+                }
+                Err(e) => {
+                    metrics.plans_reloaded("error");
+                    tracing::error!(file = %plans.path().display(), error = %e, "plans file not reloaded; the plans in force are kept");
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 // === impl Timed ===

@@ -287,6 +287,107 @@ async fn the_cli_names_the_plan_of_each_free_pack() {
     );
 }
 
+// === SIGHUP ===
+
+fn hangup(server: &Server) {
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+async fn reloads(server: &Server, result: &str, n: f64) {
+    let series = format!("packmeter_plans_reloads_total{{result=\"{result}\"}}");
+    common::until(std::time::Duration::from_secs(20), async || {
+        server.metric(&series).await >= n
+    })
+    .await;
+    assert_eq!(server.metric(&series).await, n, "{series}");
+}
+
+/// A plan added to the file is picked up on SIGHUP and issues the packs of
+/// its month on; a reload that would change a plan in force, or add one
+/// whose month has begun, is refused and changes nothing. Driven by the
+/// real clock: the added plan takes effect in the month after next.
+#[tokio::test]
+async fn a_plan_added_on_sighup_applies_from_its_month_and_one_in_force_cannot_change() {
+    use chrono::{Datelike, FixedOffset, Months, NaiveDate, TimeZone, Utc};
+    let dir = tempfile::tempdir().unwrap();
+    let launch = "[[plan]]\nname = \"launch\"\neffective = \"2019-01-01T00:00:00+08:00\"\nmonths = 24\ncalls = 1000\negress_bytes = 1000\n\n";
+    let server = start(dir.path(), launch);
+    let mut meter = server.meter().await;
+    let r = meter
+        .deduct(deduct("now", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 999));
+
+    let zone = FixedOffset::east_opt(8 * 3600).unwrap();
+    let today = Utc::now().with_timezone(&zone).date_naive();
+    let first = |d: NaiveDate, n: u32| {
+        NaiveDate::from_ymd_opt(d.year(), d.month(), 1).unwrap() + Months::new(n)
+    };
+    let rfc = |d: NaiveDate, h: u32| {
+        zone.from_local_datetime(&d.and_hms_opt(h, 0, 0).unwrap())
+            .unwrap()
+            .to_rfc3339()
+    };
+    let cut = rfc(first(today, 2), 0);
+    let next = format!(
+        "[[plan]]\nname = \"next\"\neffective = \"{}\"\nmonths = 24\ncalls = 2000\negress_bytes = 2000\n",
+        rfc(first(today, 2) + chrono::Days::new(1), 12)
+    );
+    write_plans(dir.path(), &format!("{launch}{next}"));
+    hangup(&server);
+    reloads(&server, "ok", 1.0).await;
+    let packs = server.packs("now").await;
+    let at_cut = pack_at(&packs, Item::Calls, &cut).expect("a pack from the cut");
+    assert_eq!((at_cut.plan.as_str(), at_cut.capacity), ("next", 2000));
+    assert_eq!(at_cut.valid_from, Some(ts(&cut)));
+    let now = Utc::now().to_rfc3339();
+    let current = pack_at(&packs, Item::Calls, &now).unwrap();
+    assert_eq!(
+        (current.plan.as_str(), current.capacity, current.used),
+        ("launch", 1000, 1)
+    );
+
+    // Changing the plan in force is refused: the plans stay.
+    write_plans(
+        dir.path(),
+        &format!("{}{next}", launch.replace("calls = 1000", "calls = 5")),
+    );
+    hangup(&server);
+    reloads(&server, "error", 1.0).await;
+    // So is adding a plan whose month has begun (this month).
+    let late = format!(
+        "[[plan]]\nname = \"late\"\neffective = \"{}\"\nmonths = 24\ncalls = 3\negress_bytes = 3\n",
+        rfc(first(today, 0), 0)
+    );
+    write_plans(dir.path(), &format!("{launch}{late}"));
+    hangup(&server);
+    reloads(&server, "error", 2.0).await;
+    // And a file that does not parse.
+    write_plans(dir.path(), "[[plan]\n");
+    hangup(&server);
+    reloads(&server, "error", 3.0).await;
+
+    assert_eq!(server.packs("now").await, packs);
+    let r = meter
+        .deduct(deduct("now", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 998));
+    assert_eq!(
+        server
+            .metric("packmeter_plans_reloads_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+}
+
 // === bad plans files ===
 
 /// Runs `packmeter serve` with `args`; `--rls-item-key account` is always

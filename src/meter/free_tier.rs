@@ -291,7 +291,7 @@ impl Meter {
         let mut views: Vec<PackView> = Vec::new();
         if let Some(a) = acct.activated_at() {
             for m in self.cfg.free_months(a) {
-                let plan: Arc<str> = self.cfg.month_plan(&m).1.into();
+                let plan = self.cfg.month_plan(&m).1;
                 for spec in self.free_specs(&m) {
                     let stored_used = stored
                         .iter()
