@@ -998,7 +998,7 @@ impl Config {
                     .ok_or_else(|| err("free_months", "must be at most 1200"))?
             },
         };
-        let plans = resolve_plans(&args, &file, zone)?;
+        let plans = resolve_plans(args, &file, zone)?;
 
         // Envoy sends descriptor keys and the domain verbatim; an empty or
         // control-character key could never match, so refuse it up front.
