@@ -48,7 +48,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use crate::calendar::{self, from_datetime, BillingZone, FreeMonth, FreeTierPlan, Ts};
+use crate::{
+    calendar::{self, from_datetime, BillingZone, FreeMonth, FreeTierPlan, Ts},
+    store::RecordedPlan,
+};
 
 /// The name of the single plan in force when no plans file is given.
 pub const DEFAULT_PLAN_NAME: &str = "default";
@@ -94,6 +97,13 @@ pub enum PlansError {
     Empty,
     #[error("{0}")]
     Reload(String),
+    /// The file disagrees with the plans recorded in force in the store
+    /// (see [`reconcile`]).
+    #[error("{0}")]
+    InForce(String),
+    /// The store could not be read or written.
+    #[error("the plans in force could not be checked against the store: {0}")]
+    Store(String),
     #[error("{plan}: {field}: {message}")]
     Field {
         /// `plan "2020-10" (#2)` or `plan #2`.
@@ -311,10 +321,20 @@ impl LivePlans {
     /// So a reload never changes a month that may have usage, and needs no
     /// recalculation. Otherwise the current plans stay, and the error says
     /// which plan and why. Returns the number of plans now in force.
-    pub fn reload(&self, not_before: Ts) -> Result<usize, PlansError> {
+    ///
+    /// The new plans are then checked against, and recorded in, the store
+    /// ([`reconcile`]), so a reload on one node agrees with every other.
+    pub async fn reload(
+        &self,
+        store: &dyn crate::store::Store,
+        default: &Plan,
+        not_before: Ts,
+        now: Ts,
+    ) -> Result<usize, PlansError> {
         let new = Plans::load(&self.path, self.default_zone)?;
         let old = self.load();
         old.check_reload(&new, not_before)?;
+        reconcile(store, &new, default, not_before, now).await?;
         let n = new.plans.len();
         self.current.store(Arc::new(new));
         Ok(n)
@@ -362,6 +382,155 @@ impl Plans {
         }
         Ok(())
     }
+}
+
+impl Plan {
+    /// This plan as the store records it, at `position` (0-based).
+    pub fn record(&self, position: usize) -> RecordedPlan {
+        RecordedPlan {
+            position: i64::try_from(position).unwrap_or(i64::MAX),
+            name: self.name.to_string(),
+            effective: self.effective,
+            months: i64::from(self.tier.months),
+            calls: i64::try_from(self.tier.calls).unwrap_or(i64::MAX),
+            egress_bytes: i64::try_from(self.tier.egress_bytes).unwrap_or(i64::MAX),
+            zone: self.zone.to_string(),
+        }
+    }
+}
+
+/// The first field in which `file` differs from `recorded`, with both values.
+fn changed_field(
+    recorded: &RecordedPlan,
+    file: &RecordedPlan,
+) -> Option<(&'static str, String, String)> {
+    let when = |ts: Ts| rfc3339(ts);
+    [
+        (
+            "name",
+            format!("{:?}", recorded.name),
+            format!("{:?}", file.name),
+        ),
+        ("effective", when(recorded.effective), when(file.effective)),
+        (
+            "months",
+            recorded.months.to_string(),
+            file.months.to_string(),
+        ),
+        ("calls", recorded.calls.to_string(), file.calls.to_string()),
+        (
+            "egress_bytes",
+            recorded.egress_bytes.to_string(),
+            file.egress_bytes.to_string(),
+        ),
+        ("zone", recorded.zone.clone(), file.zone.clone()),
+    ]
+    .into_iter()
+    .find(|(_, a, b)| a != b)
+}
+
+/// Checks every plan the store records as in force against the file's:
+/// each must be there, unchanged, at the same place.
+fn check_recorded(recorded: &[RecordedPlan], file: &[RecordedPlan]) -> Result<(), PlansError> {
+    for r in recorded {
+        let place = usize::try_from(r.position).unwrap_or(usize::MAX);
+        let Some(f) = file.get(place) else {
+            return Err(PlansError::InForce(format!(
+                "plan \"{}\" (#{}) is recorded in the store as in force but is not in the plans file; a plan in force cannot be removed: put it back, unchanged, in its place",
+                r.name,
+                place.saturating_add(1),
+            )));
+        };
+        if let Some((field, from, to)) = changed_field(r, f) {
+            return Err(PlansError::InForce(format!(
+                "plan \"{}\" (#{}): {field} changed from {from} to {to}; a plan in force cannot change (the store records it as in force): put it back as it was, and add a new plan effective in a month that has not begun instead",
+                r.name,
+                place.saturating_add(1),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Compares a plans file with the plans the store records as in force (R8,
+/// issue 11), at start and on each reload, so that every node and every
+/// restart agrees, and records the file's new plans:
+///
+/// - a plan the store records must be in the file unchanged, at its place;
+/// - a plan the store does not record is recorded if its month begins after
+///   `not_before` (the clock plus the future skew); if its month has begun it
+///   is refused, because packmeter cannot yet recalculate usage already
+///   recorded under an earlier plan, and its new packs would grant that
+///   month's free tier a second time;
+/// - a new store (no plan recorded, no usage row, no activated account)
+///   records every plan of the file as it is: there is nothing to recalculate;
+/// - a store with usage but no plan recorded was run without a plans file,
+///   under `default` (the `--free-*` settings): the file's first plan must
+///   have its months, calls, egress_bytes and zone (its name and instant are
+///   free), and the others must begin in months that have not begun.
+///
+/// Recording is `INSERT ... ON CONFLICT DO NOTHING` then a read-back and a
+/// second comparison, so two nodes starting at once with different files
+/// cannot both win: the later one is refused.
+pub async fn reconcile(
+    store: &dyn crate::store::Store,
+    plans: &Plans,
+    default: &Plan,
+    not_before: Ts,
+    now: Ts,
+) -> Result<(), PlansError> {
+    let failed = |e: crate::store::StoreError| PlansError::Store(e.to_string());
+    let file: Vec<RecordedPlan> = plans
+        .plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.record(i))
+        .collect();
+    let recorded = store.recorded_plans().await.map_err(failed)?;
+    let new: Vec<RecordedPlan> = if recorded.is_empty()
+        && !store.holds_usage().await.map_err(failed)?
+    {
+        file.clone()
+    } else {
+        let mut new = Vec::new();
+        let first_new = if recorded.is_empty() {
+            let implicit = RecordedPlan {
+                name: file[0].name.clone(),
+                effective: file[0].effective,
+                ..default.record(0)
+            };
+            if let Some((field, from, to)) = changed_field(&implicit, &file[0]) {
+                return Err(PlansError::InForce(format!(
+                    "plan \"{}\" (#1): {field} is {to}, but the store holds usage recorded without a plans file, under the default plan ({field} {from}); the first plan of a plans file added later must keep the default plan's months, calls, egress_bytes and zone (packmeter cannot yet recalculate usage already recorded, issue 11): make the first plan equal the default plan, and add the new one after it, effective in a month that has not begun",
+                    file[0].name,
+                )));
+            }
+            new.push(file[0].clone());
+            1
+        } else {
+            check_recorded(&recorded, &file)?;
+            recorded.len()
+        };
+        for (i, p) in file.iter().enumerate().skip(first_new) {
+            let cut = plans.cut(i);
+            if cut <= not_before {
+                return Err(PlansError::InForce(format!(
+                    "plan \"{}\" (#{}) is not recorded in the store as in force, and its month began at {}: packmeter cannot yet recalculate usage already recorded under an earlier plan (issue 11), and the new plan's packs would grant that month's free tier a second time; give it an effective instant in a month that has not begun",
+                    p.name,
+                    i + 1,
+                    rfc3339(cut),
+                )));
+            }
+            new.push(p.clone());
+        }
+        new
+    };
+    if !new.is_empty() {
+        store.record_plans(&new, now).await.map_err(failed)?;
+    }
+    // Another node may have recorded other plans meanwhile.
+    let recorded = store.recorded_plans().await.map_err(failed)?;
+    check_recorded(&recorded, &file)
 }
 
 fn clip(m: FreeMonth, plan: usize, from: Ts, until: Ts) -> Option<FreeMonth> {

@@ -118,6 +118,11 @@ pub enum ServeError {
     StartUp(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
+    /// The plans file disagrees with the plans the store records in force.
+    #[error("invalid configuration: plans: {0}")]
+    PlansInForce(String),
+    #[error("{0}")]
+    PlansStore(String),
     #[error("cannot listen for SIGHUP (reloads of the plans file): {0}")]
     HangupSignal(std::io::Error),
     #[error("reflection setup failed: {0}")]
@@ -163,6 +168,7 @@ impl ServeError {
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
             ServeError::IncompatibleStore { .. }
             | ServeError::AdminTokens(_)
+            | ServeError::PlansInForce(_)
             | ServeError::Tls(_) => EX_USAGE,
             _ => 1,
         }
@@ -191,6 +197,21 @@ pub async fn serve(
         },
         e => ServeError::Open(e),
     })?;
+    if let Some(plans) = &config.meter.plans {
+        let now = crate::calendar::now_ts();
+        crate::plans::reconcile(
+            &*store,
+            &plans.load(),
+            &default_plan(&config.meter),
+            now.saturating_add(config.meter.max_future_skew),
+            now,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::plans::PlansError::Store(_) => ServeError::PlansStore(e.to_string()),
+            e => ServeError::PlansInForce(format!("{}: {e}", plans.path().display())),
+        })?;
+    }
     let spill_path = store::spill_path(&config.store);
     let spill_fallback = store::fallback_spill_path(&config.store);
     let journal_dir = crate::journal::journal_dir(&config.store);
@@ -871,7 +892,12 @@ fn reload_plans_on_hangup(
                 .clock()
                 .now()
                 .saturating_add(app.config().max_future_skew);
-            match plans.reload(not_before) {
+            let default = default_plan(app.config());
+            let now = app.clock().now();
+            match plans
+                .reload(&**app.store(), &default, not_before, now)
+                .await
+            {
                 Ok(n) => {
                     metrics.plans_reloaded("ok");
                     tracing::info!(file = %plans.path().display(), plans = n, "plans file reloaded");
@@ -884,6 +910,12 @@ fn reload_plans_on_hangup(
         }
     });
     Ok(())
+}
+
+/// The plan in force without a plans file (the `--free-*` settings): what a
+/// store holding usage but no recorded plan was run under.
+fn default_plan(meter: &crate::meter::MeterConfig) -> crate::plans::Plan {
+    crate::plans::Plans::single(meter.plan.clone(), meter.zone.clone()).plans()[0].clone()
 }
 
 // === impl Timed ===
