@@ -298,10 +298,16 @@ impl Metrics {
             tls_reloads.clone(),
         );
         let plans_reloads = Family::<ResultLabel, Counter>::default();
+        // Both results exposed from the start, at 0: a reload checks the
+        // store (it takes a moment), and a dashboard sees no gap.
+        for result in ["ok", "error"] {
+            plans_reloads.get_or_create(&ResultLabel { result });
+        }
         registry.register(
             "plans_reloads",
             "Reloads of the --plans file on SIGHUP, by result (ok; error: unreadable, invalid, or \
-             a change to a plan whose month has begun, the plans in force before are kept)",
+             a change to a plan whose month has begun or one the store records in force disagreeing, \
+             the plans in force before are kept)",
             plans_reloads.clone(),
         );
         let tls_handshake_failures = Counter::default();

@@ -507,3 +507,334 @@ fn bad_plans_files_exit_64_naming_the_plan_and_the_field() {
         "invalid configuration: rls_item_key: ",
     );
 }
+
+// === plans in force, recorded in the store (issue 11 follow-up) ===
+
+/// `packmeter serve` on `store` with the plans file `file`, expected to be
+/// refused before it serves: returns its exit code and stderr. A server
+/// that starts instead is killed after 30 s and the test fails.
+fn refused_at_start(store: &str, data: &Path, file: &str) -> (Option<i32>, String) {
+    use std::{io::Read, process::Stdio, time::Duration};
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--store", store])
+        .args(REPLAY)
+        .args(["--plans", file])
+        .env("XDG_DATA_HOME", data)
+        .env_remove("PACKMETER_CONFIG")
+        .env_remove("PACKMETER_PLANS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn packmeter");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("packmeter serve --plans {file} was not refused: it is still running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (status.code(), stderr)
+}
+
+fn start_store(store: &str, data: &Path, file: &str) -> Server {
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", file]);
+    Server::start_store(store, data, &args)
+}
+
+/// The first instant of the UTC month `n` months from now, in RFC 3339.
+fn month_from_now(n: u32) -> chrono::DateTime<chrono::Utc> {
+    use chrono::{Datelike, Months, NaiveDate, Utc};
+    let today = Utc::now().date_naive();
+    let first = NaiveDate::from_ymd_opt(today.year(), today.month(), 1).unwrap() + Months::new(n);
+    first.and_hms_opt(0, 0, 0).unwrap().and_utc()
+}
+
+fn utc_plan(name: &str, effective: chrono::DateTime<chrono::Utc>, calls: u64) -> String {
+    format!(
+        "[[plan]]\nname = \"{name}\"\neffective = \"{}\"\nmonths = 24\ncalls = {calls}\negress_bytes = {calls}\nzone = \"+00:00\"\n\n",
+        effective.to_rfc3339()
+    )
+}
+
+const UTC_LAUNCH: &str = "[[plan]]\nname = \"launch\"\neffective = \"2019-01-01T00:00:00+00:00\"\nmonths = 1200\ncalls = 1000\negress_bytes = 1000\nzone = \"+00:00\"\n\n";
+
+/// A fresh store takes the seed's file with its past plans as it is; a
+/// restart with the same file serves the same packs; a restart with a
+/// recorded plan changed, or removed, is refused with exit 64 naming the
+/// plan and the field, and changes nothing.
+#[tokio::test]
+async fn a_restart_keeps_the_recorded_plans_and_refuses_a_changed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("packmeter.db");
+    let store = format!("sqlite://{}", db.display());
+    let file = write_plans(dir.path(), SEED_PLANS);
+    let server = start_store(&store, dir.path(), &file);
+    let mut meter = server.meter().await;
+    meter
+        .deduct(deduct("acme", 1, 1, Some("2019-11-10T17:13:14+08:00")))
+        .await
+        .unwrap();
+    meter
+        .deduct(deduct("acme", 7, 1, Some("2020-10-02T00:00:00+08:00")))
+        .await
+        .unwrap();
+    let packs = server.packs("acme").await;
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // The same file again: it starts, and the packs are the same.
+    let server = start_store(&store, dir.path(), &file);
+    assert_eq!(server.packs("acme").await, packs);
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // A plan in force changed.
+    write_plans(
+        dir.path(),
+        &SEED_PLANS.replace("calls = 1000000", "calls = 5"),
+    );
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "invalid configuration: plans: {file}: plan \"2020-10\" (#2): calls changed from 1000000 to 5; a plan in force cannot change"
+        )),
+        "{stderr}"
+    );
+    // One moved to another instant.
+    write_plans(
+        dir.path(),
+        &SEED_PLANS.replace("2020-10-12T23:59:59+08:00", "2020-11-12T23:59:59+08:00"),
+    );
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("plan \"2020-10\" (#2): effective changed from 2020-10-12T15:59:59+00:00 to 2020-11-12T15:59:59+00:00"),
+        "{stderr}"
+    );
+    // One removed.
+    let launch_only = SEED_PLANS
+        .split("\n[[plan]]\nname = \"2020-10\"")
+        .next()
+        .unwrap();
+    write_plans(dir.path(), launch_only);
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("plan \"2020-10\" (#2) is recorded in the store as in force but is not in the plans file"),
+        "{stderr}"
+    );
+
+    // Nothing changed: the original file still serves the same packs.
+    write_plans(dir.path(), SEED_PLANS);
+    let server = start_store(&store, dir.path(), &file);
+    assert_eq!(server.packs("acme").await, packs);
+}
+
+/// The hazard: a plan added to the file after its month began would start
+/// that month with new, empty packs while the month's usage stays booked
+/// to the earlier plan's pack, granting the month's free tier twice. It is
+/// refused at start (exit 64, saying when its month began and how to fix
+/// it) and on SIGHUP; the same plan placed in a month that has not begun
+/// is accepted.
+#[tokio::test]
+async fn a_plan_added_after_its_month_began_is_refused_at_start_and_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("packmeter.db").display());
+    let file = write_plans(dir.path(), UTC_LAUNCH);
+    let server = start_store(&store, dir.path(), &file);
+    let mut meter = server.meter().await;
+    let r = meter
+        .deduct(deduct("now", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 999));
+    let packs = server.packs("now").await;
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // Effective at noon on the 1st of this month: its month has begun.
+    let this_month = month_from_now(0);
+    let late = utc_plan("late", this_month + chrono::Duration::hours(12), 5000);
+    write_plans(dir.path(), &format!("{UTC_LAUNCH}{late}"));
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    let began = this_month.to_rfc3339();
+    for want in [
+        format!("invalid configuration: plans: {file}: plan \"late\" (#2) is not recorded in the store as in force, and its month began at {began}"),
+        "packmeter cannot yet recalculate usage already recorded under an earlier plan (issue 11)".to_string(),
+        "give it an effective instant in a month that has not begun".to_string(),
+    ] {
+        assert!(stderr.contains(&want), "want {want:?} in {stderr}");
+    }
+
+    // On SIGHUP: refused, the plans in force kept.
+    write_plans(dir.path(), UTC_LAUNCH);
+    let server = start_store(&store, dir.path(), &file);
+    write_plans(dir.path(), &format!("{UTC_LAUNCH}{late}"));
+    hangup(&server);
+    reloads(&server, "error", 1.0).await;
+    assert_eq!(server.packs("now").await, packs);
+
+    // The same plan next month is recorded, and a restart keeps it.
+    let ahead = utc_plan(
+        "late",
+        month_from_now(1) + chrono::Duration::hours(12),
+        5000,
+    );
+    write_plans(dir.path(), &format!("{UTC_LAUNCH}{ahead}"));
+    hangup(&server);
+    reloads(&server, "ok", 1.0).await;
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = start_store(&store, dir.path(), &file);
+    let packs = server.packs("now").await;
+    let next = pack_at(&packs, Item::Calls, &month_from_now(1).to_rfc3339()).unwrap();
+    assert_eq!((next.plan.as_str(), next.capacity), ("late", 5000));
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    // ...and, recorded now, it cannot be dropped or changed.
+    write_plans(dir.path(), UTC_LAUNCH);
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(
+            "plan \"late\" (#2) is recorded in the store as in force but is not in the plans file"
+        ),
+        "{stderr}"
+    );
+}
+
+/// A store run without a plans file was under the default plan: a plans
+/// file added later must begin with it (months, calls, egress_bytes and
+/// zone), or it is refused.
+#[tokio::test]
+async fn a_plans_file_added_to_a_store_with_usage_must_begin_with_the_default_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("packmeter.db").display());
+    let server = Server::start_store(&store, dir.path(), REPLAY);
+    let mut meter = server.meter().await;
+    meter.deduct(deduct("now", 1, 0, None)).await.unwrap();
+    let packs = server.packs("now").await;
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    let file = write_plans(
+        dir.path(),
+        &plan("smaller", "2019-01-01T00:00:00+08:00").replace("calls = 1000000", "calls = 500000"),
+    );
+    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("plan \"smaller\" (#1): calls is 500000, but the store holds usage recorded without a plans file, under the default plan (calls 1000000)"),
+        "{stderr}"
+    );
+
+    // The default plan, named: accepted, the packs keep their ids.
+    write_plans(dir.path(), &plan("original", "2019-01-01T00:00:00+08:00"));
+    let server = start_store(&store, dir.path(), &file);
+    let now: Vec<_> = server
+        .packs("now")
+        .await
+        .into_iter()
+        .map(|p| (p.pack_id, p.capacity, p.used))
+        .collect();
+    let before: Vec<_> = packs
+        .into_iter()
+        .map(|p| (p.pack_id, p.capacity, p.used))
+        .collect();
+    assert_eq!(now, before);
+}
+
+/// Many nodes on one PostgreSQL agree on the plans in force: a plan added
+/// ahead of its month on one node (SIGHUP) is recorded; a second node
+/// accepts the same file, and a node with a different version of that plan
+/// is refused, at start (exit 64) and on SIGHUP.
+#[tokio::test]
+async fn nodes_on_one_postgresql_agree_on_the_plans_in_force() {
+    let Some(db) = common::pg::TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir, c_dir) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    for d in [&a_dir, &b_dir, &c_dir] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let a_file = write_plans(&a_dir, UTC_LAUNCH);
+    let b_file = write_plans(&b_dir, UTC_LAUNCH);
+    let a = start_store(&db.url, &a_dir, &a_file);
+    let b = start_store(&db.url, &b_dir, &b_file);
+    let mut meter = a.meter().await;
+    meter.deduct(deduct("now", 1, 0, None)).await.unwrap();
+
+    let when = month_from_now(2) + chrono::Duration::hours(12);
+    let next = utc_plan("next", when, 2000);
+    let other = utc_plan("next", when, 3000);
+    write_plans(&a_dir, &format!("{UTC_LAUNCH}{next}"));
+    hangup(&a);
+    reloads(&a, "ok", 1.0).await;
+
+    // Node B's file disagrees: its reload is refused.
+    write_plans(&b_dir, &format!("{UTC_LAUNCH}{other}"));
+    hangup(&b);
+    reloads(&b, "error", 1.0).await;
+    // With A's file it is accepted.
+    write_plans(&b_dir, &format!("{UTC_LAUNCH}{next}"));
+    hangup(&b);
+    reloads(&b, "ok", 1.0).await;
+
+    // A third node: the other version is refused at start, A's accepted.
+    let c_file = write_plans(&c_dir, &format!("{UTC_LAUNCH}{other}"));
+    let (code, stderr) = refused_at_start(&db.url, &c_dir, &c_file);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(
+            "plan \"next\" (#2): calls changed from 2000 to 3000; a plan in force cannot change"
+        ),
+        "{stderr}"
+    );
+    write_plans(&c_dir, &format!("{UTC_LAUNCH}{next}"));
+    // A's final flush stores the account, for C to read.
+    let (status, _) = a.terminate();
+    assert!(status.success());
+    let c = start_store(&db.url, &c_dir, &c_file);
+    let packs = c.packs("now").await;
+    let at = pack_at(&packs, Item::Calls, &month_from_now(2).to_rfc3339()).unwrap();
+    assert_eq!((at.plan.as_str(), at.capacity), ("next", 2000));
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT name, calls FROM plans_in_force ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows,
+        [("launch".to_string(), 1000), ("next".to_string(), 2000)]
+    );
+}
