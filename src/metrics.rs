@@ -301,7 +301,7 @@ impl Metrics {
         // Both results exposed from the start, at 0: a reload checks the
         // store (it takes a moment), and a dashboard sees no gap.
         for result in ["ok", "error"] {
-            plans_reloads.get_or_create(&ResultLabel { result });
+            let _ = plans_reloads.get_or_create(&ResultLabel { result });
         }
         registry.register(
             "plans_reloads",

@@ -915,7 +915,7 @@ fn reload_plans_on_hangup(
 /// The plan in force without a plans file (the `--free-*` settings): what a
 /// store holding usage but no recorded plan was run under.
 fn default_plan(meter: &crate::meter::MeterConfig) -> crate::plans::Plan {
-    crate::plans::Plans::single(meter.plan.clone(), meter.zone.clone()).plans()[0].clone()
+    crate::plans::Plans::single(meter.plan, meter.zone).plans()[0].clone()
 }
 
 // === impl Timed ===
