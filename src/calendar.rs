@@ -245,6 +245,9 @@ pub struct FreeMonth {
     pub month: u32,
     pub valid_from: Ts,
     pub valid_until: Ts,
+    /// Which plan issued it: an index into [`crate::plans::Plans`], 0 for
+    /// the first (and, without a plans file, only) plan.
+    pub plan: u16,
 }
 
 impl FreeMonth {
@@ -290,6 +293,7 @@ pub fn free_month(
         month: first.month(),
         valid_from,
         valid_until,
+        plan: 0,
     })
 }
 

@@ -804,6 +804,8 @@ struct PackOut {
     valid_from: String,
     valid_until: String,
     priority: u32,
+    /// The plan that issued a free-tier pack (R8); null for a purchased one.
+    plan: Option<String>,
 }
 
 impl PackOut {
@@ -820,6 +822,7 @@ impl PackOut {
             valid_from: show_ts(&p.valid_from, zone.as_ref()),
             valid_until: show_ts(&p.valid_until, zone.as_ref()),
             priority: p.priority,
+            plan: (!p.plan.is_empty()).then(|| p.plan.clone()),
         }
     }
 }
@@ -841,6 +844,7 @@ fn print_packs(out: Out, packs: &[proto::Pack], opts: &ClientOpts) -> io::Result
                 p.remaining.to_string(),
                 p.valid_from,
                 p.valid_until,
+                p.plan.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -855,6 +859,7 @@ fn print_packs(out: Out, packs: &[proto::Pack], opts: &ClientOpts) -> io::Result
             "REMAINING",
             "VALID FROM",
             "VALID UNTIL",
+            "PLAN",
         ],
         &rows,
     )

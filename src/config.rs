@@ -141,6 +141,12 @@ pub struct Settings {
     /// Length of the free window in calendar months [default: 12].
     #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub free_months: Option<Number>,
+    /// Plans file (R8): one TOML `[[plan]]` table per version of the free
+    /// tier, with name, effective, months, calls, egress_bytes and
+    /// optionally zone. Replaces --free-calls, --free-egress-bytes and
+    /// --free-months [default: none, one plan from those settings].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub plans: Option<Text>,
     /// Accounts idle this long, with nothing unflushed, leave memory [default: 15m].
     #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
     pub idle_evict: Option<Text>,
@@ -412,6 +418,33 @@ impl Default for RlsConfig {
             item_key: "item".into(),
         }
     }
+}
+
+/// The plans file, if one is set, read and validated (crate::plans); its
+/// errors name the plan and its field. It replaces the `free_*` settings,
+/// so setting both is refused, naming the `free_*` one.
+fn resolve_plans(
+    s: &Settings,
+    zone: BillingZone,
+) -> Result<Option<std::sync::Arc<crate::plans::LivePlans>>, ConfigError> {
+    let Some(path) = given(&s.plans) else {
+        return Ok(None);
+    };
+    for (field, given) in [
+        ("free_calls", s.free_calls.is_some()),
+        ("free_egress_bytes", s.free_egress_bytes.is_some()),
+        ("free_months", s.free_months.is_some()),
+    ] {
+        if given {
+            return Err(err(
+                field,
+                "cannot be combined with plans: the plans file sets the free tier; put it in a [[plan]] table there",
+            ));
+        }
+    }
+    crate::plans::LivePlans::open(Path::new(&path), zone)
+        .map(|p| Some(std::sync::Arc::new(p)))
+        .map_err(|e| err("plans", format!("{path}: {e}")))
 }
 
 /// An invalid setting, named.
@@ -859,6 +892,7 @@ impl Config {
                     .ok_or_else(|| err("free_months", "must be at most 1200"))?
             },
         };
+        let plans = resolve_plans(&s, zone)?;
 
         // Envoy sends descriptor keys and the domain verbatim; an empty or
         // control-character key could never match, so refuse it up front.
@@ -978,6 +1012,7 @@ impl Config {
             meter: MeterConfig {
                 zone,
                 plan,
+                plans,
                 late_grace: micros(late_grace),
                 dedup_window: micros(dedup_window),
                 max_future_skew: micros(max_future_skew),

@@ -67,6 +67,7 @@ pub mod meter;
 pub mod metrics;
 pub mod pack_page;
 pub mod packs;
+pub mod plans;
 pub mod server;
 pub mod spill;
 pub mod store;

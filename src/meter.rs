@@ -41,8 +41,9 @@ pub use deduct::{Atomicity, Charge};
 pub use validate::{validate_account_id, MAX_ACCOUNT_ID_BYTES, MAX_REQUEST_ID_BYTES};
 
 use crate::{
-    calendar::{BillingZone, FreeTierPlan, Ts, HOUR, SECOND},
+    calendar::{self, BillingZone, FreeMonth, FreeTierPlan, Ts, HOUR, SECOND},
     packs::PackSpec,
+    plans::LivePlans,
     store::StoreError,
 };
 
@@ -61,7 +62,12 @@ pub enum UnknownAccounts {
 #[derive(Clone, Debug)]
 pub struct MeterConfig {
     pub zone: BillingZone,
+    /// The free tier without a plans file: one plan from the beginning of
+    /// time, in `zone`.
     pub plan: FreeTierPlan,
+    /// The plans file's plans (R8); `None` without one, when `plan` and
+    /// `zone` apply (see [`MeterConfig::free_months`]).
+    pub plans: Option<Arc<LivePlans>>,
     /// How long after an hour ends it still accepts events (R9).
     pub late_grace: Ts,
     /// How long a request id is remembered after it was processed (R10); at
@@ -81,6 +87,7 @@ impl Default for MeterConfig {
         MeterConfig {
             zone: BillingZone::default(),
             plan: FreeTierPlan::default(),
+            plans: None,
             late_grace: HOUR,
             dedup_window: HOUR,
             max_future_skew: 300 * SECOND,
@@ -88,6 +95,58 @@ impl Default for MeterConfig {
             max_calls: 1_000_000_000,
             max_egress_bytes: 1 << 40,
             strict: None,
+        }
+    }
+}
+
+impl MeterConfig {
+    /// Every free-tier month of an account activated at `a` (R3, R8), each
+    /// naming its plan. Without a plans file, exactly
+    /// [`calendar::free_months`] under `plan` and `zone`.
+    pub fn free_months(&self, a: Ts) -> Vec<FreeMonth> {
+        match &self.plans {
+            None => calendar::free_months(a, &self.plan, &self.zone),
+            Some(p) => p.load().free_months(a),
+        }
+    }
+
+    /// The free-tier month valid at `ts`, if any.
+    pub fn free_month_at(&self, a: Ts, ts: Ts) -> Option<FreeMonth> {
+        match &self.plans {
+            None => calendar::free_month_at(a, ts, &self.plan, &self.zone),
+            Some(p) => p.load().free_month_at(a, ts),
+        }
+    }
+
+    /// The end of the free window of an account activated at `a` (R2).
+    pub fn free_window_end(&self, a: Ts) -> Ts {
+        match &self.plans {
+            None => calendar::free_window(a, &self.plan, &self.zone).1,
+            Some(p) => p.load().window_end(a),
+        }
+    }
+
+    /// The capacities of the plan in effect at `ts` (for an account that
+    /// would be activated then).
+    pub fn tier_at(&self, ts: Ts) -> FreeTierPlan {
+        match &self.plans {
+            None => self.plan,
+            Some(p) => {
+                let p = p.load();
+                p.plans()[p.in_effect_at(ts)].tier
+            }
+        }
+    }
+
+    /// The capacities and name of the plan that issued month `m`, and the
+    /// suffix its pack ids carry (empty for the first plan).
+    pub fn month_plan(&self, m: &FreeMonth) -> (FreeTierPlan, Arc<str>, bool) {
+        match &self.plans {
+            None => (self.plan, crate::plans::DEFAULT_PLAN_NAME.into(), false),
+            Some(p) => {
+                let plan = p.load().plan(m.plan).clone();
+                (plan.tier, plan.name, m.plan > 0)
+            }
         }
     }
 }
@@ -244,6 +303,8 @@ pub struct PackView {
     pub account_id: String,
     pub spec: PackSpec,
     pub used: u64,
+    /// The plan that issued a free-tier pack (R8); `None` for a purchased one.
+    pub plan: Option<Arc<str>>,
 }
 
 /// A first load in progress; `None` once done means the store does not know the account.

@@ -106,6 +106,8 @@ pub struct Metrics {
     admin_token_reloads: Family<ResultLabel, Counter>,
     /// Re-reads of changed TLS files, by result (ok, error).
     tls_reloads: Family<ResultLabel, Counter>,
+    /// Reloads of the plans file on SIGHUP, by result (ok, error).
+    plans_reloads: Family<ResultLabel, Counter>,
     /// TLS handshakes on the gRPC port that failed or timed out.
     tls_handshake_failures: Counter,
 }
@@ -295,6 +297,19 @@ impl Metrics {
              certificate served before is kept)",
             tls_reloads.clone(),
         );
+        let plans_reloads = Family::<ResultLabel, Counter>::default();
+        // Both results exposed from the start, at 0: a reload checks the
+        // store (it takes a moment), and a dashboard sees no gap.
+        for result in ["ok", "error"] {
+            let _ = plans_reloads.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            "plans_reloads",
+            "Reloads of the --plans file on SIGHUP, by result (ok; error: unreadable, invalid, or \
+             a change to a plan whose month has begun or one the store records in force disagreeing, \
+             the plans in force before are kept)",
+            plans_reloads.clone(),
+        );
         let tls_handshake_failures = Counter::default();
         registry.register(
             "tls_handshake_failures",
@@ -333,6 +348,7 @@ impl Metrics {
             admin_auth_failures,
             admin_token_reloads,
             tls_reloads,
+            plans_reloads,
             tls_handshake_failures,
         }
     }
@@ -340,6 +356,13 @@ impl Metrics {
     /// Counts one re-read of the changed TLS files: `ok` or `error`.
     pub fn tls_reloaded(&self, result: &'static str) {
         self.tls_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one reload of the plans file; `result` is `ok` or `error`.
+    pub fn plans_reloaded(&self, result: &'static str) {
+        self.plans_reloads
             .get_or_create(&ResultLabel { result })
             .inc();
     }

@@ -361,6 +361,9 @@ fn row(validity: Validity, p: &PackView, zone: &BillingZone) -> Markup {
                 @if p.spec.source == PackSource::Purchased {
                     div.sub { "priority " (p.spec.priority) }
                 }
+                @if let Some(plan) = &p.plan {
+                    div.sub { "plan " (plan) }
+                }
             }
             td { (item_label(item)) }
             td.num { (amount(item, p.spec.capacity.into())) }
@@ -650,6 +653,7 @@ mod tests {
                 created_at: T0,
             },
             used,
+            plan: (source == PackSource::FreeTier).then(|| "default".into()),
         }
     }
 

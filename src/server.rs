@@ -118,6 +118,13 @@ pub enum ServeError {
     StartUp(String),
     #[error("cannot listen for SIGTERM/SIGINT: {0}")]
     Signal(std::io::Error),
+    /// The plans file disagrees with the plans the store records in force.
+    #[error("invalid configuration: plans: {0}")]
+    PlansInForce(String),
+    #[error("{0}")]
+    PlansStore(String),
+    #[error("cannot listen for SIGHUP (reloads of the plans file): {0}")]
+    HangupSignal(std::io::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The token file was checked at configuration time and has since
@@ -161,6 +168,7 @@ impl ServeError {
             ServeError::Open(OpenError::InUse { .. }) => EX_UNAVAILABLE,
             ServeError::IncompatibleStore { .. }
             | ServeError::AdminTokens(_)
+            | ServeError::PlansInForce(_)
             | ServeError::Tls(_) => EX_USAGE,
             _ => 1,
         }
@@ -189,6 +197,21 @@ pub async fn serve(
         },
         e => ServeError::Open(e),
     })?;
+    if let Some(plans) = &config.meter.plans {
+        let now = crate::calendar::now_ts();
+        crate::plans::reconcile(
+            &*store,
+            &plans.load(),
+            &default_plan(&config.meter),
+            now.saturating_add(config.meter.max_future_skew),
+            now,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::plans::PlansError::Store(_) => ServeError::PlansStore(e.to_string()),
+            e => ServeError::PlansInForce(format!("{}: {e}", plans.path().display())),
+        })?;
+    }
     let spill_path = store::spill_path(&config.store);
     let spill_fallback = store::fallback_spill_path(&config.store);
     let journal_dir = crate::journal::journal_dir(&config.store);
@@ -203,6 +226,10 @@ pub async fn serve(
     ));
     let meter: Arc<Meter> = app.meter().clone();
     let flusher = app.flusher().clone();
+    if let Some(plans) = config.meter.plans.clone() {
+        reload_plans_on_hangup(plans, app.clone(), metrics.clone())
+            .map_err(ServeError::HangupSignal)?;
+    }
     // Who may call Admin and the pack page: one policy for both ports.
     let admin_auth = {
         let tokens = match &config.admin_token_file {
@@ -842,6 +869,53 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
             _ = int.recv() => {}
         }
     })
+}
+
+/// Reloads the plans file on each SIGHUP (R8): the new plans replace the
+/// current ones only if no month that has begun (or begins within the
+/// future skew) changes, so nothing recorded needs re-deducting; otherwise
+/// the current plans stay and the error is logged (see
+/// [`crate::plans::LivePlans::reload`]). Each reload is counted in
+/// `packmeter_plans_reloads_total`. Registered before binding, so a SIGHUP
+/// never takes its default action (ending the process) once serving.
+/// Without a plans file no handler is installed.
+fn reload_plans_on_hangup(
+    plans: Arc<crate::plans::LivePlans>,
+    app: Arc<App>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let not_before = app
+                .clock()
+                .now()
+                .saturating_add(app.config().max_future_skew);
+            let default = default_plan(app.config());
+            let now = app.clock().now();
+            match plans
+                .reload(&**app.store(), &default, not_before, now)
+                .await
+            {
+                Ok(n) => {
+                    metrics.plans_reloaded("ok");
+                    tracing::info!(file = %plans.path().display(), plans = n, "plans file reloaded");
+                }
+                Err(e) => {
+                    metrics.plans_reloaded("error");
+                    tracing::error!(file = %plans.path().display(), error = %e, "plans file not reloaded; the plans in force are kept");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The plan in force without a plans file (the `--free-*` settings): what a
+/// store holding usage but no recorded plan was run under.
+fn default_plan(meter: &crate::meter::MeterConfig) -> crate::plans::Plan {
+    crate::plans::Plans::single(meter.plan, meter.zone).plans()[0].clone()
 }
 
 // === impl Timed ===

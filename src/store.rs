@@ -154,6 +154,22 @@ pub enum Granted {
     Existing(StoredPack),
 }
 
+/// One plan as recorded in the store (table `plans_in_force`): its full
+/// definition, field by field, so a changed one is refused naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedPlan {
+    /// 0-based place in the plans file.
+    pub position: i64,
+    pub name: String,
+    /// µs since epoch, UTC.
+    pub effective: Ts,
+    pub months: i64,
+    pub calls: i64,
+    pub egress_bytes: i64,
+    /// As [`crate::calendar::BillingZone`] displays it.
+    pub zone: String,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Loads an account, its packs valid after `since`, and its idempotency
@@ -235,6 +251,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check for readiness and metrics.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The plans in force (R8, issue 11), in order of `position`: what
+    /// every node and restart checks its plans file against
+    /// (crate::plans::reconcile). Empty until a plans file is first used.
+    async fn recorded_plans(&self) -> Result<Vec<RecordedPlan>, StoreError> {
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
+    /// Records plans at their positions, keeping any already recorded at a
+    /// position (`INSERT ... ON CONFLICT DO NOTHING`): the caller reads them
+    /// back and compares, so two nodes racing agree or one is refused.
+    async fn record_plans(&self, _plans: &[RecordedPlan], _at: Ts) -> Result<(), StoreError> {
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
+    /// Whether the store holds any usage row or activated account: a store
+    /// that holds neither has nothing a plan could need recalculating.
+    async fn holds_usage(&self) -> Result<bool, StoreError> {
+        Err(StoreError::permanent("this store does not record plans"))
+    }
 
     /// The settled mark (R12): hours that start before it are settled, and
     /// no deduction may add to them, whatever `--late-grace` says later.

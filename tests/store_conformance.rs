@@ -133,6 +133,7 @@ conformance!(
     excess_moves_to_a_pack_granted_during_the_hour_before_its_events,
     a_request_id_another_batch_recorded_is_billed_once,
     a_flush_returns_the_global_totals,
+    plans_are_recorded_once_per_place_and_survive_a_reopen,
 );
 
 /// The flush's behaviours again on PostgreSQL, with rows updated by key
@@ -1838,4 +1839,47 @@ async fn postgres_flushes_rewrite_no_account_rows_and_leave_room_for_hot_updates
             "{table}"
         );
     }
+}
+
+fn recorded_plan(position: i64, name: &str, calls: i64) -> store::RecordedPlan {
+    store::RecordedPlan {
+        position,
+        name: name.into(),
+        effective: 1_600_000_000_000_000 + position,
+        months: 12,
+        calls,
+        egress_bytes: 1 << 30,
+        zone: "+08:00".into(),
+    }
+}
+
+/// The plans in force (R8): a place, once recorded, keeps its plan (a
+/// second node's different plan at that place is ignored, for it to read
+/// back and refuse); new places are added; all of it survives a reopen.
+/// `holds_usage` sees an activated account, not an unactivated one.
+async fn plans_are_recorded_once_per_place_and_survive_a_reopen(t: &Target) {
+    let store = t.open().await;
+    assert!(store.recorded_plans().await.unwrap().is_empty());
+    assert!(!store.holds_usage().await.unwrap());
+    let first = [
+        recorded_plan(0, "launch", 500_000),
+        recorded_plan(1, "2020-10", 1_000_000),
+    ];
+    store.record_plans(&first, 7).await.unwrap();
+    assert_eq!(store.recorded_plans().await.unwrap(), first);
+    // Again, and a different plan at place 1 with a new one at place 2.
+    store.record_plans(&first, 8).await.unwrap();
+    let third = recorded_plan(2, "2021", 2_000_000);
+    store
+        .record_plans(&[recorded_plan(1, "other", 5), third.clone()], 9)
+        .await
+        .unwrap();
+    let want = [first[0].clone(), first[1].clone(), third];
+    assert_eq!(store.recorded_plans().await.unwrap(), want);
+    store.put_account(&record("idle", None)).await.unwrap();
+    assert!(!store.holds_usage().await.unwrap());
+    store.put_account(&record("active", Some(1))).await.unwrap();
+    assert!(store.holds_usage().await.unwrap());
+    drop(store);
+    assert_eq!(t.open().await.recorded_plans().await.unwrap(), want);
 }

@@ -116,6 +116,7 @@ pub fn pack(v: &PackView, zone: &crate::calendar::BillingZone) -> proto::Pack {
         valid_until: Some(timestamp(v.spec.valid_until)),
         priority: v.spec.priority,
         billing_zone: zone.to_string(),
+        plan: v.plan.as_deref().unwrap_or_default().to_string(),
     }
 }
 

@@ -555,12 +555,13 @@ impl Meter {
         let mut o = outcome(&packs, at, Decision::Allow, None, None);
         if acct.activated_at().is_none()
             && self.cfg.unknown_accounts == UnknownAccounts::Activate
-            && self.cfg.plan.months > 0
+            && self.cfg.free_month_at(at, at).is_some()
         {
             // The first deduction would activate the account at `at`.
+            let tier = self.cfg.tier_at(at);
             for (o, plan) in [
-                (&mut o.calls, self.cfg.plan.calls),
-                (&mut o.egress_bytes, self.cfg.plan.egress_bytes),
+                (&mut o.calls, tier.calls),
+                (&mut o.egress_bytes, tier.egress_bytes),
             ] {
                 o.remaining = o.remaining.saturating_add(plan);
                 o.limit = o.limit.saturating_add(plan);

@@ -21,12 +21,18 @@ pub(super) struct Saved {
 }
 
 impl Meter {
+    /// The month's two packs, with the capacities of the plan that issued
+    /// it; a plan after the first names itself in the ids (crate::plans).
     pub(super) fn free_specs(&self, m: &FreeMonth) -> [PackSpec; 2] {
+        let (tier, name, suffixed) = self.cfg.month_plan(m);
         [
-            PackSpec::free_tier(m, Item::Calls, self.cfg.plan.calls),
-            PackSpec::free_tier(m, Item::EgressBytes, self.cfg.plan.egress_bytes),
+            PackSpec::free_tier(m, Item::Calls, tier.calls),
+            PackSpec::free_tier(m, Item::EgressBytes, tier.egress_bytes),
         ]
         .map(|mut spec| {
+            if suffixed {
+                spec.pack_id = format!("{}@{name}", spec.pack_id).into();
+            }
             spec.pack_id = self.shared_pack_id(&spec.pack_id);
             spec
         })
@@ -67,7 +73,7 @@ impl Meter {
         {
             return;
         }
-        let Some(m) = calendar::free_month_at(a, at, &self.cfg.plan, &self.cfg.zone) else {
+        let Some(m) = self.cfg.free_month_at(a, at) else {
             return;
         };
         if acct.free_pack_present(m.valid_from) {
@@ -140,7 +146,7 @@ impl Meter {
     /// skew), which needs a late grace of about the window's length.
     pub(super) fn move_back(&self, acct: &AccountState, t: Ts, now: Ts) -> Option<Saved> {
         let a = acct.activated_at().filter(|a| t < *a)?;
-        let (_, end) = calendar::free_window(t, &self.cfg.plan, &self.cfg.zone);
+        let end = self.cfg.free_window_end(t);
         if end <= now.saturating_add(self.cfg.max_future_skew) {
             return None;
         }
@@ -167,7 +173,7 @@ impl Meter {
     /// counters are replaced.
     fn rebuild_free_months(&self, acct: &AccountState, activated_at: Option<Ts>, now: Ts) {
         let months = activated_at
-            .map(|a| calendar::free_months(a, &self.cfg.plan, &self.cfg.zone))
+            .map(|a| self.cfg.free_months(a))
             .unwrap_or_default();
         let keep_after = self.keep_after(now);
         acct.packs.rcu(|cur| {
@@ -284,7 +290,8 @@ impl Meter {
         };
         let mut views: Vec<PackView> = Vec::new();
         if let Some(a) = acct.activated_at() {
-            for m in calendar::free_months(a, &self.cfg.plan, &self.cfg.zone) {
+            for m in self.cfg.free_months(a) {
+                let plan = self.cfg.month_plan(&m).1;
                 for spec in self.free_specs(&m) {
                     let stored_used = stored
                         .iter()
@@ -295,6 +302,7 @@ impl Meter {
                         account_id: acct.id.to_string(),
                         spec,
                         used,
+                        plan: Some(plan.clone()),
                     });
                 }
             }
@@ -308,6 +316,7 @@ impl Meter {
                 account_id: acct.id.to_string(),
                 spec: s.spec,
                 used,
+                plan: None,
             });
         }
         // R6 order, the order deductions use them: the free tier first

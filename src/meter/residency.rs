@@ -9,7 +9,7 @@ use std::{
 
 use super::{AccountState, Meter, MeterError, UnknownAccounts};
 use crate::{
-    calendar::{self, Ts},
+    calendar::Ts,
     packs::{PackCounter, PackSource},
     store::StoredPack,
 };
@@ -229,7 +229,7 @@ impl Meter {
         if let Some(a) = state.activated_at() {
             // Free-tier months that can still take deductions, with what the
             // store already recorded for them.
-            for m in calendar::free_months(a, &self.cfg.plan, &self.cfg.zone) {
+            for m in self.cfg.free_months(a) {
                 if !self.month_is_live(&m, now) {
                     continue;
                 }

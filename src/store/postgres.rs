@@ -160,6 +160,20 @@ ALTER TABLE usage_hourly SET (fillfactor = 50);
 ALTER TABLE packs SET (fillfactor = 50);
 ALTER TABLE leases SET (fillfactor = 50);
 "#,
+    r#"
+-- The plans in force (R8, issue 11), one row per plan of the plans file,
+-- by its 0-based place; never updated (src/plans.rs, reconcile).
+CREATE TABLE plans_in_force (
+    position     BIGINT PRIMARY KEY,
+    name         TEXT COLLATE "C" NOT NULL,
+    effective    BIGINT NOT NULL,         -- µs since epoch, UTC
+    months       BIGINT NOT NULL,
+    calls        BIGINT NOT NULL,
+    egress_bytes BIGINT NOT NULL,
+    zone         TEXT COLLATE "C" NOT NULL,
+    recorded_at  BIGINT NOT NULL          -- µs since epoch, UTC
+);
+"#,
 ];
 
 /// The schema version this binary writes and reads.
@@ -1891,6 +1905,71 @@ impl Store for PostgresStore {
                 Some(row) => row.try_get(0)?,
                 None => Ts::MIN,
             })
+        })
+    }
+
+    async fn recorded_plans(&self) -> Result<Vec<super::RecordedPlan>, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT position, name, effective, months, calls, egress_bytes, zone \
+                     FROM plans_in_force ORDER BY position",
+                )
+                .await?;
+            let mut out = Vec::new();
+            for r in c.query(&stmt, &[]).await? {
+                out.push(super::RecordedPlan {
+                    position: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    effective: r.try_get(2)?,
+                    months: r.try_get(3)?,
+                    calls: r.try_get(4)?,
+                    egress_bytes: r.try_get(5)?,
+                    zone: r.try_get(6)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn record_plans(&self, plans: &[super::RecordedPlan], at: Ts) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "INSERT INTO plans_in_force \
+                     (position, name, effective, months, calls, egress_bytes, zone, recorded_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (position) DO NOTHING",
+                )
+                .await?;
+            for p in plans {
+                c.execute(
+                    &stmt,
+                    &[
+                        &p.position,
+                        &p.name,
+                        &p.effective,
+                        &p.months,
+                        &p.calls,
+                        &p.egress_bytes,
+                        &p.zone,
+                        &at,
+                    ],
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn holds_usage(&self) -> Result<bool, StoreError> {
+        on_client!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM usage_hourly) \
+                     OR EXISTS (SELECT 1 FROM accounts WHERE activated_at IS NOT NULL)",
+                )
+                .await?;
+            Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
         })
     }
 

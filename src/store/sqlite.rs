@@ -103,6 +103,18 @@ CREATE TABLE IF NOT EXISTS changes (
     at         INTEGER NOT NULL           -- µs; rows older than CHANGE_RETENTION are pruned
 );
 CREATE INDEX IF NOT EXISTS changes_by_age ON changes (at);
+-- The plans in force (R8, issue 11), one row per plan of the plans file,
+-- by its 0-based place; never updated (src/plans.rs, reconcile).
+CREATE TABLE IF NOT EXISTS plans_in_force (
+    position     INTEGER PRIMARY KEY,
+    name         TEXT    NOT NULL,
+    effective    INTEGER NOT NULL,        -- µs since epoch, UTC
+    months       INTEGER NOT NULL,
+    calls        INTEGER NOT NULL,
+    egress_bytes INTEGER NOT NULL,
+    zone         TEXT    NOT NULL,
+    recorded_at  INTEGER NOT NULL         -- µs since epoch, UTC
+);
 "#;
 
 /// How long applied batch ids are kept: far longer than any spill file
@@ -830,6 +842,69 @@ impl Store for SqliteStore {
                 .query_row([], |r| r.get(0))
                 .optional()?
                 .unwrap_or(Ts::MIN))
+        })
+        .await
+    }
+
+    async fn recorded_plans(&self) -> Result<Vec<super::RecordedPlan>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT position, name, effective, months, calls, egress_bytes, zone \
+                 FROM plans_in_force ORDER BY position",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(super::RecordedPlan {
+                    position: r.get(0)?,
+                    name: r.get(1)?,
+                    effective: r.get(2)?,
+                    months: r.get(3)?,
+                    calls: r.get(4)?,
+                    egress_bytes: r.get(5)?,
+                    zone: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn record_plans(&self, plans: &[super::RecordedPlan], at: Ts) -> Result<(), StoreError> {
+        let plans = plans.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO plans_in_force \
+                     (position, name, effective, months, calls, egress_bytes, zone, recorded_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (position) DO NOTHING",
+                )?;
+                for p in &plans {
+                    stmt.execute(rusqlite::params![
+                        p.position,
+                        p.name,
+                        p.effective,
+                        p.months,
+                        p.calls,
+                        p.egress_bytes,
+                        p.zone,
+                        at
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn holds_usage(&self) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM usage_hourly) \
+                     OR EXISTS (SELECT 1 FROM accounts WHERE activated_at IS NOT NULL)",
+                )?
+                .query_row([], |r| r.get(0))?)
         })
         .await
     }
