@@ -756,22 +756,7 @@ mod tests {
         from_datetime(&chrono::DateTime::parse_from_rfc3339(s).unwrap())
     }
 
-    const SEED: &str = r#"
-[[plan]]
-name = "launch"
-effective = "2019-01-01T00:00:00+08:00"
-months = 6
-calls = 500000
-egress_bytes = "512MiB"
-
-[[plan]]
-name = "2020-10"
-effective = "2020-10-12T23:59:59+08:00"
-months = 12
-calls = 1000000
-egress_bytes = "1GiB"
-zone = "+08:00"
-"#;
+    const SEED: &str = include_str!("../docs/plans.example.toml");
 
     fn seed() -> Plans {
         Plans::parse(SEED, BillingZone::default()).unwrap()

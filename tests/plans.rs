@@ -18,22 +18,7 @@ use packmeter::grpc::proto::{self, Item, PackSource};
 const REPLAY: &[&str] = &["--late-grace", "3650d", "--dedup-window", "3650d"];
 
 /// The issue's plans file: the launch plan, then the seed's change.
-const SEED_PLANS: &str = r#"
-[[plan]]
-name = "launch"
-effective = "2019-01-01T00:00:00+08:00"
-months = 6
-calls = 500000
-egress_bytes = "512MiB"
-
-[[plan]]
-name = "2020-10"
-effective = "2020-10-12T23:59:59+08:00"
-months = 12
-calls = 1000000
-egress_bytes = "1GiB"
-zone = "+08:00"
-"#;
+const SEED_PLANS: &str = include_str!("../docs/plans.example.toml");
 
 fn write_plans(dir: &Path, text: &str) -> String {
     let path = dir.join("plans.toml");
