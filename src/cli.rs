@@ -939,7 +939,12 @@ struct UsageRowOut {
     item: String,
     pack_id: String,
     source: String,
-    amount: u64,
+    /// Signed: an adjustment row (R8) credits with a negative amount.
+    amount: i64,
+    /// `usage`, or `adjustment` for a plan change's re-deduction.
+    kind: &'static str,
+    /// The plan of an adjustment row; empty on a usage row.
+    plan: String,
 }
 
 /// One day of `usage --daily --json`.
@@ -1256,7 +1261,13 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                 source: enum_name(r.source, |s: proto::PackSource| s.as_str_name()),
                 account_id: r.account_id,
                 pack_id: r.pack_id,
-                amount: r.amount,
+                amount: if r.adjustment {
+                    r.signed_amount
+                } else {
+                    i64::try_from(r.amount).unwrap_or(i64::MAX)
+                },
+                kind: if r.adjustment { "adjustment" } else { "usage" },
+                plan: r.plan,
             };
             match c.format {
                 ExportFormat::Csv => {
@@ -1265,13 +1276,23 @@ async fn run_client(cmd: Command, out: Out<'_>) -> Result<u8, Failure> {
                     let mut csv = csv::WriterBuilder::new()
                         .has_headers(false)
                         .from_writer(out);
-                    csv.write_record(["account_id", "hour", "item", "pack_id", "source", "amount"])
-                        .map_err(csv_error)?;
+                    csv.write_record([
+                        "account_id",
+                        "hour",
+                        "item",
+                        "pack_id",
+                        "source",
+                        "amount",
+                        "kind",
+                        "plan",
+                    ])
+                    .map_err(csv_error)?;
                     csv.flush()?;
                     while let Some(r) = rows.message().await? {
                         let mut r = row(r);
                         r.account_id = neutralise_formula(r.account_id);
                         r.pack_id = neutralise_formula(r.pack_id);
+                        r.plan = neutralise_formula(r.plan);
                         csv.serialize(r).map_err(csv_error)?;
                         csv.flush()?;
                     }

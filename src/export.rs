@@ -30,7 +30,8 @@ pub const PAGE_ROWS: usize = 1_000;
 
 /// The usage rows with `from <= hour < to`, optionally of one account, in
 /// [`UsageKey`] order, read from `store` a page of `page` rows at a time
-/// (at least 1) as the stream is polled.
+/// (at least 1) as the stream is polled; then the adjustment rows of plan
+/// changes (R8, [`crate::recalc`]) in the same bounds, in the same order.
 ///
 /// `to` must be a settled bound, computed by the caller: rows before it
 /// must no longer change while the stream runs. No row with `hour >= to` is
@@ -51,6 +52,7 @@ pub fn settled_rows(
         after: None,
         rows: Vec::new().into_iter(),
         done: from >= to,
+        adjustments_read: from >= to,
     };
     futures_util::stream::try_unfold(pager, |mut p| async move {
         loop {
@@ -58,7 +60,18 @@ pub fn settled_rows(
                 return Ok(Some((row, p)));
             }
             if p.done {
-                return Ok(None);
+                if p.adjustments_read {
+                    return Ok(None);
+                }
+                // After the usage rows, the plan changes' adjustment rows
+                // of the same hours (R8): few, read at once.
+                let rows = p
+                    .store
+                    .adjustment_rows(p.from, p.to, p.account.as_deref())
+                    .await?;
+                p.adjustments_read = true;
+                p.rows = rows.into_iter();
+                continue;
             }
             p.next_page().await?;
         }
@@ -78,6 +91,8 @@ struct Pager {
     rows: std::vec::IntoIter<UsageRow>,
     /// The last page has been read.
     done: bool,
+    /// The adjustment rows have been read (they follow the usage rows).
+    adjustments_read: bool,
 }
 
 impl Pager {

@@ -649,7 +649,22 @@ pub struct UsageRow {
     /// Empty for overage.
     pub pack_id: String,
     pub source: Option<crate::packs::PackSource>,
+    /// What was used. 0 on an adjustment row, whose signed amount is in
+    /// [`adjustment`](Self::adjustment).
     pub amount: u64,
+    /// Set on an adjustment row: a plan change's re-deduction (R8,
+    /// [`crate::recalc`]), reported in the hour holding the plan's instant.
+    pub adjustment: Option<Adjustment>,
+}
+
+/// What an adjustment row re-deducts (R8): a signed amount, negative where
+/// a pack or the overage is credited, positive where the new plan's pack is
+/// debited. The amounts of one account, item and plan change sum to zero.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The plan whose change it records.
+    pub plan: String,
+    pub amount: i64,
 }
 
 impl UsageRow {

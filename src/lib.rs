@@ -68,6 +68,7 @@ pub mod metrics;
 pub mod pack_page;
 pub mod packs;
 pub mod plans;
+pub mod recalc;
 pub mod server;
 pub mod spill;
 pub mod store;

@@ -108,6 +108,9 @@ pub struct Metrics {
     tls_reloads: Family<ResultLabel, Counter>,
     /// Reloads of the plans file on SIGHUP, by result (ok, error).
     plans_reloads: Family<ResultLabel, Counter>,
+    /// Plans switched in (R8), and accounts whose usage they re-deducted.
+    plan_switches: Counter,
+    plan_accounts_recalculated: Counter,
     /// TLS handshakes on the gRPC port that failed or timed out.
     tls_handshake_failures: Counter,
 }
@@ -306,9 +309,23 @@ impl Metrics {
         registry.register(
             "plans_reloads",
             "Reloads of the --plans file on SIGHUP, by result (ok; error: unreadable, invalid, or \
-             a change to a plan whose month has begun or one the store records in force disagreeing, \
+             a change to a plan in force, a new plan whose hour has closed, or one the store records in force disagreeing, \
              the plans in force before are kept)",
             plans_reloads.clone(),
+        );
+        let plan_switches = Counter::default();
+        registry.register(
+            "plan_switches",
+            "Plans of the --plans file switched in when their instant passed, counted once \
+             their recalculation finished on this node (R8)",
+            plan_switches.clone(),
+        );
+        let plan_accounts_recalculated = Counter::default();
+        registry.register(
+            "plan_accounts_recalculated",
+            "Accounts whose usage recorded under an earlier plan this node re-deducted against \
+             a new plan's packs (R8)",
+            plan_accounts_recalculated.clone(),
         );
         let tls_handshake_failures = Counter::default();
         registry.register(
@@ -349,8 +366,16 @@ impl Metrics {
             admin_token_reloads,
             tls_reloads,
             plans_reloads,
+            plan_switches,
+            plan_accounts_recalculated,
             tls_handshake_failures,
         }
+    }
+
+    /// Counts one plan switched in and recalculated, with its accounts.
+    pub fn plan_switched(&self, accounts: u64) {
+        self.plan_switches.inc();
+        self.plan_accounts_recalculated.inc_by(accounts);
     }
 
     /// Counts one re-read of the changed TLS files: `ok` or `error`.

@@ -283,44 +283,74 @@ impl Plans {
     }
 }
 
-/// The plans in force, which a reload of the plans file (SIGHUP) may
-/// replace; see [`LivePlans::reload`].
+/// The plans file, which a reload (SIGHUP) may replace, and the plans in
+/// force: the file's first plans up to the last one whose instant has
+/// passed and been switched in ([`switch_through`](LivePlans::switch_through),
+/// [`crate::recalc`]). The meter issues packs under the plans in force only.
 #[derive(Debug)]
 pub struct LivePlans {
+    file: ArcSwap<Plans>,
     current: ArcSwap<Plans>,
     path: PathBuf,
     default_zone: BillingZone,
 }
 
 impl LivePlans {
-    /// Reads and validates the plans file at `path`.
+    /// Reads and validates the plans file at `path`. The plans whose
+    /// instant has passed on the system clock are in force; `serve`
+    /// switches with its own clock before it serves.
     pub fn open(path: &Path, default_zone: BillingZone) -> Result<LivePlans, PlansError> {
+        let file = Plans::load(path, default_zone)?;
+        let current = file.through(file.effective_by(calendar::now_ts()));
         Ok(LivePlans {
-            current: ArcSwap::from_pointee(Plans::load(path, default_zone)?),
+            file: ArcSwap::from_pointee(file),
+            current: ArcSwap::from_pointee(current),
             path: path.to_path_buf(),
             default_zone,
         })
     }
 
-    /// The plans now. A reload between two calls replaces only plans whose
-    /// months have not begun (see [`reload`](Self::reload)), so months an
-    /// account can use come out the same from either.
+    /// The plans in force now.
     pub fn load(&self) -> Arc<Plans> {
         self.current.load_full()
+    }
+
+    /// Every plan of the file, in force or still ahead.
+    pub fn file(&self) -> Arc<Plans> {
+        self.file.load_full()
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Re-reads the file. The new plans replace the current ones only if
-    /// every plan whose month has begun by `not_before` (the clock plus the
-    /// future skew: the latest instant an event may carry), and the first
-    /// plan (which covers everything before its instant), are unchanged and
-    /// still first, and every other plan's month begins after `not_before`.
-    /// So a reload never changes a month that may have usage, and needs no
-    /// recalculation. Otherwise the current plans stay, and the error says
-    /// which plan and why. Returns the number of plans now in force.
+    /// Puts in force every plan of the file whose instant is at or before
+    /// `now`, and returns the positions of those it added (in order).
+    pub fn switch_through(&self, now: Ts) -> Vec<usize> {
+        let file = self.file.load_full();
+        let had = self.current.load().plans.len();
+        let n = file.effective_by(now);
+        if n <= had {
+            return Vec::new();
+        }
+        self.current.store(Arc::new(file.through(n)));
+        (had..n).collect()
+    }
+
+    /// The instant of the next plan to switch in, if the file has one.
+    pub fn next_instant(&self) -> Option<Ts> {
+        let had = self.current.load().plans.len();
+        self.file.load().plans.get(had).map(|p| p.effective)
+    }
+
+    /// Re-reads the file. The new plans replace the file's only if every
+    /// plan in force is unchanged and in its place, and each plan after
+    /// them takes effect in an hour that has not closed (`closed_before`,
+    /// see [`reconcile`]): its adjustment rows go in that hour (R12).
+    /// Otherwise the current plans stay, and the error says which plan and
+    /// why. Returns the number of plans in the file now; a plan whose
+    /// instant has passed is switched in by the caller
+    /// ([`switch_through`](Self::switch_through)).
     ///
     /// The new plans are then checked against, and recorded in, the store
     /// ([`reconcile`]), so a reload on one node agrees with every other.
@@ -328,55 +358,46 @@ impl LivePlans {
         &self,
         store: &dyn crate::store::Store,
         default: &Plan,
-        not_before: Ts,
+        late_grace: Ts,
         now: Ts,
     ) -> Result<usize, PlansError> {
         let new = Plans::load(&self.path, self.default_zone)?;
-        let old = self.load();
-        old.check_reload(&new, not_before)?;
-        reconcile(store, &new, default, not_before, now).await?;
+        let current = self.load();
+        current.check_reload(&new)?;
+        reconcile(store, &new, default, late_grace, now).await?;
         let n = new.plans.len();
-        self.current.store(Arc::new(new));
+        self.file.store(Arc::new(new));
         Ok(n)
     }
 }
 
 impl Plans {
-    /// The first instant of a plan's span: the start of the month holding
-    /// its instant (the beginning of time for the first plan).
-    fn cut(&self, i: usize) -> Ts {
-        if i == 0 {
-            return Ts::MIN;
-        }
-        let p = &self.plans[i];
-        p.zone.month_start(p.effective)
+    /// How many plans take effect at or before `now` (at least the first,
+    /// which covers everything before its instant).
+    fn effective_by(&self, now: Ts) -> usize {
+        1 + self.plans[1..]
+            .iter()
+            .take_while(|p| p.effective <= now)
+            .count()
     }
 
-    /// Whether `new` may replace these plans at `not_before` (see
-    /// [`LivePlans::reload`]).
-    fn check_reload(&self, new: &Plans, not_before: Ts) -> Result<(), PlansError> {
-        let begun = (0..self.plans.len())
-            .take_while(|i| self.cut(*i) <= not_before)
-            .count();
-        for (i, old) in self.plans[..begun].iter().enumerate() {
+    /// The first `n` plans.
+    fn through(&self, n: usize) -> Plans {
+        Plans {
+            plans: self.plans[..n.clamp(1, self.plans.len())].to_vec(),
+        }
+    }
+
+    /// Whether `new` may replace the file while these plans are in force
+    /// (see [`LivePlans::reload`]); the hours are checked by [`reconcile`].
+    fn check_reload(&self, new: &Plans) -> Result<(), PlansError> {
+        for (i, old) in self.plans.iter().enumerate() {
             if new.plans.get(i) != Some(old) {
                 return Err(PlansError::Reload(format!(
-                    "plan \"{}\" (#{}) is in force (its months began {}): a reload must keep it as it is, in its place; the plans file was not reloaded, so restart to change it (usage already recorded is not re-deducted)",
+                    "plan \"{}\" (#{}) is in force (since {}): a reload must keep it as it is, in its place; the plans file was not reloaded",
                     old.name,
                     i + 1,
-                    if i == 0 { "with the first activation".to_string() } else { rfc3339(self.cut(i)) },
-                )));
-            }
-        }
-        for i in begun..new.plans.len() {
-            let cut = new.cut(i);
-            if cut <= not_before {
-                let p = &new.plans[i];
-                return Err(PlansError::Reload(format!(
-                    "plan \"{}\" (#{}) would apply from {}, a month that has begun: a reload adds or changes only plans whose month has not begun; the plans file was not reloaded (usage recorded since then would not be re-deducted)",
-                    p.name,
-                    i + 1,
-                    rfc3339(cut),
+                    if i == 0 { "the first activation".to_string() } else { rfc3339(old.effective) },
                 )));
             }
         }
@@ -443,7 +464,7 @@ fn check_recorded(recorded: &[RecordedPlan], file: &[RecordedPlan]) -> Result<()
         };
         if let Some((field, from, to)) = changed_field(r, f) {
             return Err(PlansError::InForce(format!(
-                "plan \"{}\" (#{}): {field} changed from {from} to {to}; a plan in force cannot change (the store records it as in force): put it back as it was, and add a new plan effective in a month that has not begun instead",
+                "plan \"{}\" (#{}): {field} changed from {from} to {to}; a plan in force cannot change (the store records it as in force): put it back as it was, and add a new plan, effective in an hour that has not closed, instead",
                 r.name,
                 place.saturating_add(1),
             )));
@@ -457,17 +478,17 @@ fn check_recorded(recorded: &[RecordedPlan], file: &[RecordedPlan]) -> Result<()
 /// restart agrees, and records the file's new plans:
 ///
 /// - a plan the store records must be in the file unchanged, at its place;
-/// - a plan the store does not record is recorded if its month begins after
-///   `not_before` (the clock plus the future skew); if its month has begun it
-///   is refused, because packmeter cannot yet recalculate usage already
-///   recorded under an earlier plan, and its new packs would grant that
-///   month's free tier a second time;
+/// - a plan the store does not record is recorded if the hour holding its
+///   instant has not closed at `now` (with `late_grace`, or by the store's
+///   settled mark): when it takes effect, usage already recorded under the
+///   earlier plan is re-deducted by adjustment rows in that hour
+///   ([`crate::recalc`]), and a closed hour never changes (R12);
 /// - a new store (no plan recorded, no usage row, no activated account)
 ///   records every plan of the file as it is: there is nothing to recalculate;
 /// - a store with usage but no plan recorded was run without a plans file,
 ///   under `default` (the `--free-*` settings): the file's first plan must
 ///   have its months, calls, egress_bytes and zone (its name and instant are
-///   free), and the others must begin in months that have not begun.
+///   free), and the others must take effect in hours that have not closed.
 ///
 /// Recording is `INSERT ... ON CONFLICT DO NOTHING` then a read-back and a
 /// second comparison, so two nodes starting at once with different files
@@ -476,10 +497,14 @@ pub async fn reconcile(
     store: &dyn crate::store::Store,
     plans: &Plans,
     default: &Plan,
-    not_before: Ts,
+    late_grace: Ts,
     now: Ts,
 ) -> Result<(), PlansError> {
     let failed = |e: crate::store::StoreError| PlansError::Store(e.to_string());
+    // Hours that start before this are closed (R9), or settled by an
+    // export under another grace (R12): no adjustment row may go in them.
+    let closed_before = crate::recalc::hour_floor(now.saturating_sub(late_grace))
+        .max(store.settled_before().await.map_err(failed)?);
     let file: Vec<RecordedPlan> = plans
         .plans
         .iter()
@@ -501,7 +526,7 @@ pub async fn reconcile(
             };
             if let Some((field, from, to)) = changed_field(&implicit, &file[0]) {
                 return Err(PlansError::InForce(format!(
-                    "plan \"{}\" (#1): {field} is {to}, but the store holds usage recorded without a plans file, under the default plan ({field} {from}); the first plan of a plans file added later must keep the default plan's months, calls, egress_bytes and zone (packmeter cannot yet recalculate usage already recorded, issue 11): make the first plan equal the default plan, and add the new one after it, effective in a month that has not begun",
+                    "plan \"{}\" (#1): {field} is {to}, but the store holds usage recorded without a plans file, under the default plan ({field} {from}); the first plan of a plans file added later must keep the default plan's months, calls, egress_bytes and zone (it is the plan that usage was recorded under): make the first plan equal the default plan, and add the new one after it, effective in an hour that has not closed",
                     file[0].name,
                 )));
             }
@@ -512,13 +537,13 @@ pub async fn reconcile(
             recorded.len()
         };
         for (i, p) in file.iter().enumerate().skip(first_new) {
-            let cut = plans.cut(i);
-            if cut <= not_before {
+            let hour = crate::recalc::hour_floor(p.effective);
+            if hour < closed_before {
                 return Err(PlansError::InForce(format!(
-                    "plan \"{}\" (#{}) is not recorded in the store as in force, and its month began at {}: packmeter cannot yet recalculate usage already recorded under an earlier plan (issue 11), and the new plan's packs would grant that month's free tier a second time; give it an effective instant in a month that has not begun",
+                    "plan \"{}\" (#{}) is not recorded in the store as in force, and the hour holding its instant ({}) has closed: the re-deduction of usage recorded under the earlier plan is written as adjustment rows in that hour, and a closed hour never changes (R12); give it an effective instant in an hour that has not closed",
                     p.name,
                     i + 1,
-                    rfc3339(cut),
+                    rfc3339(p.effective),
                 )));
             }
             new.push(p.clone());

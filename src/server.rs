@@ -201,9 +201,9 @@ pub async fn serve(
         let now = crate::calendar::now_ts();
         crate::plans::reconcile(
             &*store,
-            &plans.load(),
+            &plans.file(),
             &default_plan(&config.meter),
-            now.saturating_add(config.meter.max_future_skew),
+            config.meter.late_grace,
             now,
         )
         .await
@@ -226,8 +226,12 @@ pub async fn serve(
     ));
     let meter: Arc<Meter> = app.meter().clone();
     let flusher = app.flusher().clone();
+    // Notified by a reload of the plans file: a plan it adds may be due.
+    let plans_changed = Arc::new(tokio::sync::Notify::new());
     if let Some(plans) = config.meter.plans.clone() {
-        reload_plans_on_hangup(plans, app.clone(), metrics.clone())
+        // The plans whose instant has passed on this server's clock.
+        plans.switch_through(app.now());
+        reload_plans_on_hangup(plans, app.clone(), metrics.clone(), plans_changed.clone())
             .map_err(ServeError::HangupSignal)?;
     }
     // Who may call Admin and the pack page: one policy for both ports.
@@ -447,6 +451,7 @@ pub async fn serve(
             spill_path: spill_path.clone(),
             spill_fallback: spill_fallback.clone(),
             journal_dir: journal_dir.clone(),
+            plans_changed: plans_changed.clone(),
             health: health.clone(),
             services,
             admin_state: admin_state.clone(),
@@ -627,6 +632,8 @@ struct StartUp {
     /// (see [`store::fallback_spill_path`]).
     spill_fallback: Option<std::path::PathBuf>,
     journal_dir: std::path::PathBuf,
+    /// Notified by each reload of the plans file ([`crate::recalc`]).
+    plans_changed: Arc<tokio::sync::Notify>,
     health: tonic_health::server::HealthReporter,
     services: [&'static str; 4],
     admin_state: Arc<AdminState>,
@@ -648,6 +655,7 @@ impl StartUp {
             spill_path,
             spill_fallback,
             journal_dir,
+            plans_changed,
             health,
             services,
             admin_state,
@@ -721,6 +729,16 @@ impl StartUp {
                 .clone()
                 .run(config.flush_interval, stop_background.clone()),
         );
+        if let Some(plans) = config.meter.plans.clone() {
+            // Plans switch in as their instants pass (R8).
+            tasks.spawn(crate::recalc::run(
+                app.clone(),
+                plans,
+                app.metrics().clone(),
+                plans_changed,
+                stop_background.clone(),
+            ));
+        }
         if let Some(cursor) = changes {
             tasks.spawn(crate::changes::run(
                 app.clone(),
@@ -883,22 +901,21 @@ fn reload_plans_on_hangup(
     plans: Arc<crate::plans::LivePlans>,
     app: Arc<App>,
     metrics: Arc<Metrics>,
+    changed: Arc<tokio::sync::Notify>,
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            let not_before = app
-                .clock()
-                .now()
-                .saturating_add(app.config().max_future_skew);
             let default = default_plan(app.config());
             let now = app.clock().now();
             match plans
-                .reload(&**app.store(), &default, not_before, now)
+                .reload(&**app.store(), &default, app.config().late_grace, now)
                 .await
             {
                 Ok(n) => {
+                    // A plan whose instant has passed is switched in now.
+                    changed.notify_one();
                     metrics.plans_reloaded("ok");
                     tracing::info!(file = %plans.path().display(), plans = n, "plans file reloaded");
                 }

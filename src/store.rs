@@ -272,6 +272,58 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::permanent("this store does not record plans"))
     }
 
+    /// Accounts activated before `activated_before` with free-tier or
+    /// overage usage in an hour at or after `from`, with their activation:
+    /// the accounts a plan change may need to recalculate (R8,
+    /// [`crate::recalc`]), in account order.
+    async fn recalculation_candidates(
+        &self,
+        from: Ts,
+        activated_before: Ts,
+    ) -> Result<Vec<(String, Ts)>, StoreError> {
+        let _ = (from, activated_before);
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
+    /// Re-deducts one account's usage under a new plan in one transaction,
+    /// with the account locked (R8, [`crate::recalc`]): for each span and
+    /// item, what the usage rows and earlier adjustments hold net goes
+    /// through [`crate::recalc::rededuct`], and its moves are added to the
+    /// adjustment rows of `r.hour` (moved past the settled mark if needed)
+    /// and to the packs' `used`. Running it again moves nothing. Returns the
+    /// account's packs afterwards, to rebase resident counters on.
+    async fn recalculate(
+        &self,
+        r: &crate::recalc::Recalculation,
+    ) -> Result<Vec<StoredPack>, StoreError> {
+        let _ = r;
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
+    /// The adjustment rows with `from <= hour < to`, optionally of one
+    /// account, in [`UsageKey`] order, summed per row key and plan (rows
+    /// that sum to zero are left out).
+    async fn adjustment_rows(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let _ = (from, to, account_id);
+        Ok(Vec::new())
+    }
+
+    /// The positions of the plans whose recalculation some node finished.
+    async fn plans_recalculated(&self) -> Result<Vec<i64>, StoreError> {
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
+    /// Records that the recalculation of the plan at `position` finished.
+    async fn record_recalculated(&self, position: i64, at: Ts) -> Result<(), StoreError> {
+        let _ = (position, at);
+        Err(StoreError::permanent("this store does not record plans"))
+    }
+
     /// The settled mark (R12): hours that start before it are settled, and
     /// no deduction may add to them, whatever `--late-grace` says later.
     /// `Ts::MIN` until something has been settled.

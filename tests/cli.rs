@@ -215,14 +215,17 @@ fn export_writes_settled_rows_as_csv_and_jsonl() {
         ],
     );
     let lines: Vec<_> = csv.lines().collect();
-    assert_eq!(lines[0], "account_id,hour,item,pack_id,source,amount");
+    assert_eq!(
+        lines[0],
+        "account_id,hour,item,pack_id,source,amount,kind,plan"
+    );
     assert_eq!(
         lines[1],
-        "acme,2020-01-05T02:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,3"
+        "acme,2020-01-05T02:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,3,usage,"
     );
     assert_eq!(
         lines[2],
-        "acme,2020-01-05T03:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,4"
+        "acme,2020-01-05T03:00:00Z,CALLS,free-2020-01-calls,FREE_TIER,4,usage,"
     );
     assert_eq!(lines.len(), 3);
     let jsonl = ok(

@@ -291,10 +291,10 @@ async fn reloads(server: &Server, result: &str, n: f64) {
     assert_eq!(server.metric(&series).await, n, "{series}");
 }
 
-/// A plan added to the file is picked up on SIGHUP and issues the packs of
-/// its month on; a reload that would change a plan in force, or add one
-/// whose month has begun, is refused and changes nothing. Driven by the
-/// real clock: the added plan takes effect in the month after next.
+/// A plan added to the file is picked up on SIGHUP and recorded; a reload
+/// that would change a plan in force, or drop a recorded one, is refused
+/// and changes nothing. Driven by the real clock: the added plan takes
+/// effect in the month after next.
 #[tokio::test]
 async fn a_plan_added_on_sighup_applies_from_its_month_and_one_in_force_cannot_change() {
     use chrono::{Datelike, FixedOffset, Months, NaiveDate, TimeZone, Utc};
@@ -328,8 +328,10 @@ async fn a_plan_added_on_sighup_applies_from_its_month_and_one_in_force_cannot_c
     hangup(&server);
     reloads(&server, "ok", 1.0).await;
     let packs = server.packs("now").await;
+    // Recorded, but not in force until its instant passes (then its months
+    // are recalculated, crate::recalc): the months ahead are still launch's.
     let at_cut = pack_at(&packs, Item::Calls, &cut).expect("a pack from the cut");
-    assert_eq!((at_cut.plan.as_str(), at_cut.capacity), ("next", 2000));
+    assert_eq!((at_cut.plan.as_str(), at_cut.capacity), ("launch", 1000));
     assert_eq!(at_cut.valid_from, Some(ts(&cut)));
     let now = Utc::now().to_rfc3339();
     let current = pack_at(&packs, Item::Calls, &now).unwrap();
@@ -345,7 +347,7 @@ async fn a_plan_added_on_sighup_applies_from_its_month_and_one_in_force_cannot_c
     );
     hangup(&server);
     reloads(&server, "error", 1.0).await;
-    // So is adding a plan whose month has begun (this month).
+    // So is a file without the recorded plan "next".
     let late = format!(
         "[[plan]]\nname = \"late\"\neffective = \"{}\"\nmonths = 24\ncalls = 3\negress_bytes = 3\n",
         rfc(first(today, 0), 0)
@@ -499,12 +501,22 @@ fn bad_plans_files_exit_64_naming_the_plan_and_the_field() {
 /// refused before it serves: returns its exit code and stderr. A server
 /// that starts instead is killed after 30 s and the test fails.
 fn refused_at_start(store: &str, data: &Path, file: &str) -> (Option<i32>, String) {
+    refused_at_start_with(store, data, file, REPLAY)
+}
+
+/// As [`refused_at_start`], with `args` instead of the long grace.
+fn refused_at_start_with(
+    store: &str,
+    data: &Path,
+    file: &str,
+    args: &[&str],
+) -> (Option<i32>, String) {
     use std::{io::Read, process::Stdio, time::Duration};
     let mut child = Command::new(BIN)
         .arg("serve")
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--store", store])
-        .args(REPLAY)
+        .args(args)
         .args(["--plans", file])
         .env("XDG_DATA_HOME", data)
         .env_remove("PACKMETER_CONFIG")
@@ -633,18 +645,23 @@ async fn a_restart_keeps_the_recorded_plans_and_refuses_a_changed_one() {
     assert_eq!(server.packs("acme").await, packs);
 }
 
-/// The hazard: a plan added to the file after its month began would start
-/// that month with new, empty packs while the month's usage stays booked
-/// to the earlier plan's pack, granting the month's free tier twice. It is
-/// refused at start (exit 64, saying when its month began and how to fix
-/// it) and on SIGHUP; the same plan placed in a month that has not begun
-/// is accepted.
+/// A plan's re-deduction is written in the hour holding its instant (R8),
+/// and a closed hour never changes (R12): a plan first seen after that hour
+/// closed is refused at start (exit 64, saying why and how to fix it) and
+/// on SIGHUP. One whose instant is ahead is recorded, and a restart keeps
+/// it.
 #[tokio::test]
-async fn a_plan_added_after_its_month_began_is_refused_at_start_and_on_sighup() {
+async fn a_plan_whose_hour_has_closed_is_refused_at_start_and_on_sighup() {
+    let grace = ["--late-grace", "1h"];
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}", dir.path().join("packmeter.db").display());
     let file = write_plans(dir.path(), UTC_LAUNCH);
-    let server = start_store(&store, dir.path(), &file);
+    let start = |file: &str| {
+        let mut args = grace.to_vec();
+        args.extend(["--plans", file]);
+        Server::start_store(&store, dir.path(), &args)
+    };
+    let server = start(&file);
     let mut meter = server.meter().await;
     let r = meter
         .deduct(deduct("now", 1, 0, None))
@@ -656,49 +673,45 @@ async fn a_plan_added_after_its_month_began_is_refused_at_start_and_on_sighup() 
     let (status, _) = server.terminate();
     assert!(status.success());
 
-    // Effective at noon on the 1st of this month: its month has begun.
-    let this_month = month_from_now(0);
-    let late = utc_plan("late", this_month + chrono::Duration::hours(12), 5000);
+    // Three hours ago: with a 1 h grace, its hour has closed.
+    let secs = chrono::Utc::now().timestamp();
+    let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap();
+    let past = at(secs - 3 * 3600);
+    let late = utc_plan("late", past, 5000);
     write_plans(dir.path(), &format!("{UTC_LAUNCH}{late}"));
-    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    let (code, stderr) = refused_at_start_with(&store, dir.path(), &file, &grace);
     assert_eq!(code, Some(64), "{stderr}");
-    let began = this_month.to_rfc3339();
     for want in [
-        format!("invalid configuration: plans: {file}: plan \"late\" (#2) is not recorded in the store as in force, and its month began at {began}"),
-        "packmeter cannot yet recalculate usage already recorded under an earlier plan (issue 11)".to_string(),
-        "give it an effective instant in a month that has not begun".to_string(),
+        format!(
+            "invalid configuration: plans: {file}: plan \"late\" (#2) is not recorded in the store as in force, and the hour holding its instant ({}) has closed",
+            past.to_rfc3339()
+        ),
+        "a closed hour never changes (R12); give it an effective instant in an hour that has not closed".to_string(),
     ] {
         assert!(stderr.contains(&want), "want {want:?} in {stderr}");
     }
 
     // On SIGHUP: refused, the plans in force kept.
     write_plans(dir.path(), UTC_LAUNCH);
-    let server = start_store(&store, dir.path(), &file);
+    let server = start(&file);
     write_plans(dir.path(), &format!("{UTC_LAUNCH}{late}"));
     hangup(&server);
     reloads(&server, "error", 1.0).await;
     assert_eq!(server.packs("now").await, packs);
 
-    // The same plan next month is recorded, and a restart keeps it.
-    let ahead = utc_plan(
-        "late",
-        month_from_now(1) + chrono::Duration::hours(12),
-        5000,
-    );
+    // The same plan two days ahead is recorded, and a restart keeps it...
+    let ahead = utc_plan("late", at(secs + 2 * 86_400), 5000);
     write_plans(dir.path(), &format!("{UTC_LAUNCH}{ahead}"));
     hangup(&server);
     reloads(&server, "ok", 1.0).await;
     let (status, _) = server.terminate();
     assert!(status.success());
-    let server = start_store(&store, dir.path(), &file);
-    let packs = server.packs("now").await;
-    let next = pack_at(&packs, Item::Calls, &month_from_now(1).to_rfc3339()).unwrap();
-    assert_eq!((next.plan.as_str(), next.capacity), ("late", 5000));
+    let server = start(&file);
     let (status, _) = server.terminate();
     assert!(status.success());
     // ...and, recorded now, it cannot be dropped or changed.
     write_plans(dir.path(), UTC_LAUNCH);
-    let (code, stderr) = refused_at_start(&store, dir.path(), &file);
+    let (code, stderr) = refused_at_start_with(&store, dir.path(), &file, &grace);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains(
@@ -806,8 +819,10 @@ async fn nodes_on_one_postgresql_agree_on_the_plans_in_force() {
     assert!(status.success());
     let c = start_store(&db.url, &c_dir, &c_file);
     let packs = c.packs("now").await;
+    // Recorded, not in force before its instant: the months ahead are
+    // still launch's until then (crate::recalc).
     let at = pack_at(&packs, Item::Calls, &month_from_now(2).to_rfc3339()).unwrap();
-    assert_eq!((at.plan.as_str(), at.capacity), ("next", 2000));
+    assert_eq!((at.plan.as_str(), at.capacity), ("launch", 1000));
     let rows = db
         .client()
         .await
@@ -822,4 +837,225 @@ async fn nodes_on_one_postgresql_agree_on_the_plans_in_force() {
         rows,
         [("launch".to_string(), 1000), ("next".to_string(), 2000)]
     );
+}
+
+/// libfaketime, from Debian's `faketime` package: preloaded, it starts the
+/// server's clock at a chosen instant and lets it run on.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Whether libfaketime is here; outside CI a missing one skips loudly.
+fn faketime() -> bool {
+    let found = Path::new(FAKETIME).is_file();
+    if !found {
+        assert!(
+            !common::required(),
+            "{FAKETIME} is required under CI=true: apt-get install -y faketime"
+        );
+        eprintln!("SKIPPED: {FAKETIME} not found (apt-get install -y faketime); set CI=true to make this a failure");
+    }
+    found
+}
+
+/// A server on `db` whose clock starts at `at` (UTC) and runs on.
+fn start_at(db: &Path, at: &str, extra: &[&str]) -> Server {
+    let at = format!("@{at}");
+    Server::start_prepared(db, extra, |c| {
+        c.env("LD_PRELOAD", FAKETIME)
+            .env("FAKETIME", &at)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("TZ", "UTC");
+    })
+}
+
+/// Every settled row from September to mid-October 2020.
+async fn export_autumn(server: &Server) -> Vec<proto::UsageRow> {
+    let mut stream = server
+        .admin()
+        .await
+        .export_usage(proto::ExportUsageRequest {
+            from: Some(ts("2020-09-01T00:00:00Z")),
+            to: Some(ts("2020-10-13T00:00:00Z")),
+            account_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        rows.push(r);
+    }
+    rows
+}
+
+/// The seed's change as it happened: usage recorded under the launch plan
+/// in September and early October, then the plan's instant (2020-10-12
+/// 23:59:59 +08:00) passes while the server runs. October's usage moves to
+/// a complete 1,000,000-call pack, written as adjustment rows in the hour
+/// holding the instant; September stays overage; closed hours do not change.
+#[tokio::test]
+async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
+    if !faketime() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plans = write_plans(dir.path(), SEED_PLANS);
+    let db = dir.path().join("packmeter.db");
+
+    // A minute before the instant, with a long grace for the past events.
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", &plans]);
+    let server = start_at(&db, "2020-10-12 15:59:00", &args);
+    let mut meter = server.meter().await;
+    let mut take = async |calls: u64, at: &str| {
+        let r = meter
+            .deduct(deduct("acme", calls, 0, Some(at)))
+            .await
+            .unwrap()
+            .into_inner();
+        split(&r.calls)
+    };
+    assert_eq!(take(1, "2019-11-10T17:13:14+08:00").await, (1, 0, 499_999));
+    assert_eq!(
+        take(300_000, "2020-09-15T12:00:00+08:00").await,
+        (0, 300_000, 0)
+    );
+    // Under the launch plan October has no pack yet: overage.
+    assert_eq!(
+        take(200_000, "2020-10-01T00:00:00+08:00").await,
+        (0, 200_000, 0)
+    );
+    assert_eq!(
+        take(50_000, "2020-10-12T23:58:30+08:00").await,
+        (0, 50_000, 0)
+    );
+    let packs = server.packs("acme").await;
+    assert!(pack_at(&packs, Item::Calls, "2020-10-05T00:00:00+08:00").is_none());
+    assert_eq!(server.metric("packmeter_plan_switches_total").await, 0.0);
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // Nine seconds before the instant, with a 1 s grace: the hour holding
+    // the instant closes (and exports) at 16:00:01 UTC.
+    let server = start_at(
+        &db,
+        "2020-10-12 15:59:50",
+        &[
+            "--plans",
+            &plans,
+            "--late-grace",
+            "1s",
+            "--dedup-window",
+            "1m",
+        ],
+    );
+    common::until(std::time::Duration::from_secs(60), async || {
+        server.metric("packmeter_plan_switches_total").await == 1.0
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("packmeter_plan_accounts_recalculated_total")
+            .await,
+        1.0
+    );
+    let packs = server.packs("acme").await;
+    let october = pack_at(&packs, Item::Calls, "2020-10-05T00:00:00+08:00").unwrap();
+    assert_eq!(october.plan, "2020-10");
+    assert_eq!(october.pack_id, "free-2020-10-calls@2020-10");
+    assert_eq!(october.capacity, 1_000_000);
+    assert_eq!(october.valid_from, Some(ts("2020-10-01T00:00:00+08:00")));
+    assert_eq!(october.used, 250_000, "{packs:#?}");
+    assert!(pack_at(&packs, Item::Calls, "2020-09-15T12:00:00+08:00").is_none());
+    let november = pack_at(&packs, Item::Calls, "2020-11-10T23:59:59+08:00").unwrap();
+    assert_eq!(november.valid_until, Some(ts("2020-11-11T00:00:00+08:00")));
+
+    // Once the hour has closed, the export holds the usage rows as they
+    // were recorded and, after them, the adjustment rows.
+    let mut rows = Vec::new();
+    common::until(std::time::Duration::from_secs(60), async || {
+        rows = export_autumn(&server).await;
+        rows.iter().any(|r| r.adjustment)
+    })
+    .await;
+    let hour = ts("2020-10-12T15:00:00Z");
+    let usage: Vec<_> = rows.iter().filter(|r| !r.adjustment).collect();
+    let adjustments: Vec<_> = rows.iter().filter(|r| r.adjustment).collect();
+    let amounts = |rs: &[&proto::UsageRow]| -> Vec<(String, String, i64)> {
+        rs.iter()
+            .map(|r| {
+                let h = r.hour.as_ref().unwrap();
+                (
+                    chrono::DateTime::from_timestamp(h.seconds, 0)
+                        .unwrap()
+                        .to_rfc3339(),
+                    r.pack_id.clone(),
+                    r.signed_amount,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        amounts(&usage),
+        vec![
+            ("2020-09-15T04:00:00+00:00".into(), String::new(), 300_000),
+            ("2020-09-30T16:00:00+00:00".into(), String::new(), 200_000),
+            ("2020-10-12T15:00:00+00:00".into(), String::new(), 50_000),
+        ]
+    );
+    assert_eq!(
+        amounts(&adjustments),
+        vec![
+            ("2020-10-12T15:00:00+00:00".into(), String::new(), -250_000),
+            (
+                "2020-10-12T15:00:00+00:00".into(),
+                "free-2020-10-calls@2020-10".into(),
+                250_000
+            ),
+        ]
+    );
+    for a in &adjustments {
+        assert_eq!(
+            (a.hour.as_ref(), a.plan.as_str(), a.amount),
+            (Some(&hour), "2020-10", 0)
+        );
+    }
+    // Exact sums: everything used, and what each pack and the overage hold.
+    let sum = |f: &dyn Fn(&proto::UsageRow) -> bool| -> i64 {
+        rows.iter().filter(|r| f(r)).map(|r| r.signed_amount).sum()
+    };
+    assert_eq!(sum(&|_| true), 550_000);
+    assert_eq!(sum(&|r| r.pack_id.is_empty()), 300_000);
+    assert_eq!(sum(&|r| r.pack_id == october.pack_id), 250_000);
+
+    // Deductions now use the new pack.
+    let r = server
+        .meter()
+        .await
+        .deduct(deduct("acme", 1, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(split(&r.calls), (1, 0, 749_999));
+
+    // A restart runs nothing again: the adjustment rows are as they were.
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let server = start_at(
+        &db,
+        "2020-10-12 16:01:00",
+        &[
+            "--plans",
+            &plans,
+            "--late-grace",
+            "1s",
+            "--dedup-window",
+            "1m",
+        ],
+    );
+    let again = export_autumn(&server).await;
+    assert_eq!(
+        again.iter().filter(|r| r.adjustment).count(),
+        adjustments.len()
+    );
+    assert_eq!(again.iter().map(|r| r.signed_amount).sum::<i64>(), 550_000);
 }

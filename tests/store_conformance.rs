@@ -821,6 +821,7 @@ fn usage_fixture() -> Vec<UsageRow> {
                         pack_id: pack.into(),
                         source: (!pack.is_empty()).then_some(PackSource::Purchased),
                         amount: n,
+                        adjustment: None,
                     });
                 }
             }

@@ -180,5 +180,15 @@ pub fn usage_row(r: &UsageRow) -> proto::UsageRow {
         pack_id: r.pack_id.clone(),
         source: source_to_proto(r.source) as i32,
         amount: r.amount,
+        adjustment: r.adjustment.is_some(),
+        plan: r
+            .adjustment
+            .as_ref()
+            .map(|a| a.plan.clone())
+            .unwrap_or_default(),
+        signed_amount: r
+            .adjustment
+            .as_ref()
+            .map_or_else(|| i64::try_from(r.amount).unwrap_or(i64::MAX), |a| a.amount),
     }
 }

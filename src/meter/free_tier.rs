@@ -23,7 +23,7 @@ pub(super) struct Saved {
 impl Meter {
     /// The month's two packs, with the capacities of the plan that issued
     /// it; a plan after the first names itself in the ids (crate::plans).
-    pub(super) fn free_specs(&self, m: &FreeMonth) -> [PackSpec; 2] {
+    pub fn free_specs(&self, m: &FreeMonth) -> [PackSpec; 2] {
         let (tier, name, suffixed) = self.cfg.month_plan(m);
         [
             PackSpec::free_tier(m, Item::Calls, tier.calls),
@@ -157,6 +157,21 @@ impl Meter {
         acct.activated_at.store(t, Relaxed);
         self.rebuild_free_months(acct, Some(t), now);
         Some(saved)
+    }
+
+    /// A plan was switched in ([`crate::recalc`]): rebuilds the free-tier
+    /// packs of every resident account under the plans now in force, with
+    /// no deduction in progress. Usage is carried by pack id, so a pack the
+    /// new plan replaces leaves (its unflushed usage stays in the ledger)
+    /// and the new plan's packs start from what this node knows: nothing,
+    /// until the recalculation rebases them on the store.
+    pub fn rebuild_all_free_months(&self, now: Ts) {
+        self.gate.exclusive(|_, _| {
+            for entry in self.accounts.iter() {
+                let acct = &entry.key().0;
+                self.rebuild_free_months(acct, acct.activated_at(), now);
+            }
+        });
     }
 
     /// Undoes a [`move_back`](Self::move_back) whose event took nothing (a

@@ -174,6 +174,29 @@ CREATE TABLE plans_in_force (
     recorded_at  BIGINT NOT NULL          -- µs since epoch, UTC
 );
 "#,
+    r#"
+-- A plan change's re-deduction (R8, src/recalc.rs): signed amounts added
+-- in `hour`, never to a usage row. `span_from` is the first hour of the
+-- usage it re-deducts, so a second run nets earlier moves out.
+CREATE TABLE usage_adjustments (
+    account_id    TEXT COLLATE "C" NOT NULL,
+    plan_position BIGINT NOT NULL,
+    span_from     BIGINT NOT NULL,
+    item          BIGINT NOT NULL,
+    pack_id       TEXT COLLATE "C" NOT NULL,   -- '' for overage
+    hour          BIGINT NOT NULL,             -- the hour it is reported in
+    source        BIGINT NOT NULL,             -- 0 for overage
+    plan          TEXT COLLATE "C" NOT NULL,
+    amount        BIGINT NOT NULL,             -- signed
+    PRIMARY KEY (account_id, span_from, item, pack_id, plan_position, hour)
+);
+CREATE INDEX usage_adjustments_by_hour ON usage_adjustments (hour, account_id);
+-- Plans whose recalculation a node finished (src/recalc.rs).
+CREATE TABLE plan_recalculations (
+    position    BIGINT PRIMARY KEY,
+    finished_at BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The schema version this binary writes and reads.
@@ -710,6 +733,7 @@ fn read_usage(row: &Row) -> Result<UsageRow, StoreError> {
         pack_id: row.try_get(3)?,
         source: PackSource::from_code(row.try_get(4)?),
         amount: from_sql(row.try_get(5)?),
+        adjustment: None,
     })
 }
 
@@ -1970,6 +1994,236 @@ impl Store for PostgresStore {
                 )
                 .await?;
             Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
+        })
+    }
+
+    async fn recalculation_candidates(
+        &self,
+        from: Ts,
+        activated_before: Ts,
+    ) -> Result<Vec<(String, Ts)>, StoreError> {
+        on_client_read!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT a.account_id, a.activated_at FROM accounts a \
+                     WHERE a.activated_at < $2 AND EXISTS (SELECT 1 FROM usage_hourly u \
+                     WHERE u.account_id = a.account_id AND u.hour >= $1 AND u.source IN (0, 1)) \
+                     ORDER BY a.account_id",
+                )
+                .await?;
+            let mut out = Vec::new();
+            for r in c.query(&stmt, &[&from, &activated_before]).await? {
+                out.push((r.try_get(0)?, r.try_get(1)?));
+            }
+            Ok(out)
+        })
+    }
+
+    async fn recalculate(
+        &self,
+        r: &crate::recalc::Recalculation,
+    ) -> Result<Vec<StoredPack>, StoreError> {
+        on_client!(self, |c| {
+            let tx = c.transaction().await?;
+            // The account's row is the lock flushes of the account take:
+            // two nodes recalculating it, or a flush, wait for each other.
+            tx.execute(
+                "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
+                &[&r.account_id],
+            )
+            .await?;
+            let settled: Ts = tx
+                .query_opt("SELECT settled_before FROM settlement WHERE id = 1", &[])
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?
+                .unwrap_or(Ts::MIN);
+            let hour = r.hour.max(settled);
+            let held = tx
+                .prepare_cached(
+                    "SELECT pack_id, source, sum(amount)::BIGINT FROM ( \
+                     SELECT pack_id, source, amount FROM usage_hourly \
+                     WHERE account_id = $1 AND item = $2 AND hour >= $3 AND hour < $4 \
+                     AND source IN (0, 1) \
+                     UNION ALL SELECT pack_id, source, amount FROM usage_adjustments \
+                     WHERE account_id = $1 AND item = $2 AND span_from = $3) AS t \
+                     GROUP BY pack_id, source",
+                )
+                .await?;
+            let used = tx
+                .prepare_cached("SELECT used FROM packs WHERE account_id = $1 AND pack_id = $2")
+                .await?;
+            let adjust = tx
+                .prepare_cached(
+                    "INSERT INTO usage_adjustments (account_id, plan_position, span_from, item, \
+                     pack_id, hour, source, plan, amount) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (account_id, span_from, item, pack_id, plan_position, hour) \
+                     DO UPDATE SET amount = usage_adjustments.amount + excluded.amount",
+                )
+                .await?;
+            let credit = tx
+                .prepare_cached(
+                    "UPDATE packs SET used = GREATEST(0, used + $3) \
+                     WHERE account_id = $1 AND pack_id = $2",
+                )
+                .await?;
+            let debit = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (account_id, pack_id) DO UPDATE SET used = packs.used + excluded.used"
+                ))
+                .await?;
+            for span in &r.spans {
+                for item in [Item::Calls, Item::EgressBytes] {
+                    let mut rows = Vec::new();
+                    for row in tx
+                        .query(
+                            &held,
+                            &[&r.account_id, &item.code(), &span.from, &span.until],
+                        )
+                        .await?
+                    {
+                        rows.push(crate::recalc::Held {
+                            pack_id: row.try_get(0)?,
+                            source: PackSource::from_code(row.try_get(1)?),
+                            net: row.try_get(2)?,
+                        });
+                    }
+                    let new = match span.pack(item) {
+                        Some(p) => {
+                            let u: Option<i64> = tx
+                                .query_opt(&used, &[&r.account_id, &&*p.pack_id])
+                                .await?
+                                .map(|row| row.try_get(0))
+                                .transpose()?;
+                            Some((p, from_sql(u.unwrap_or(0))))
+                        }
+                        None => None,
+                    };
+                    for m in crate::recalc::rededuct(new, &rows) {
+                        let source: i64 = m.source.map_or(0, PackSource::code);
+                        tx.execute(
+                            &adjust,
+                            &[
+                                &r.account_id,
+                                &r.plan_position,
+                                &span.from,
+                                &item.code(),
+                                &m.pack_id,
+                                &hour,
+                                &source,
+                                &r.plan,
+                                &m.delta,
+                            ],
+                        )
+                        .await?;
+                        match new.filter(|(p, _)| *p.pack_id == *m.pack_id) {
+                            Some((p, _)) => {
+                                tx.execute(
+                                    &debit,
+                                    &[
+                                        &r.account_id,
+                                        &&*p.pack_id,
+                                        &p.source.code(),
+                                        &p.item.code(),
+                                        &to_sql(p.capacity)?,
+                                        &p.valid_from,
+                                        &p.valid_until,
+                                        &i64::from(p.priority),
+                                        &p.created_at,
+                                        &m.delta,
+                                    ],
+                                )
+                                .await?;
+                            }
+                            None if m.source.is_some() => {
+                                tx.execute(&credit, &[&r.account_id, &m.pack_id, &m.delta])
+                                    .await?;
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            record_change(&tx, &r.account_id, ChangeKind::Pack).await?;
+            let mut packs = Vec::new();
+            for row in tx
+                .query(
+                    &format!("SELECT {PACK_COLUMNS} FROM packs WHERE account_id = $1"),
+                    &[&r.account_id],
+                )
+                .await?
+            {
+                packs.push(read_pack(&row)?);
+            }
+            tx.commit().await?;
+            Ok(packs)
+        })
+    }
+
+    async fn adjustment_rows(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        on_client_read!(self, |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT account_id, hour, item, pack_id, source, plan, sum(amount)::BIGINT \
+                     FROM usage_adjustments WHERE hour >= $1 AND hour < $2 \
+                     AND ($3::TEXT IS NULL OR account_id = $3) \
+                     GROUP BY hour, account_id, item, pack_id, source, plan \
+                     HAVING sum(amount) <> 0 ORDER BY hour, account_id, item, pack_id, plan",
+                )
+                .await?;
+            let mut out = Vec::new();
+            for r in c.query(&stmt, &[&from, &to, &account_id]).await? {
+                let code: i64 = r.try_get(2)?;
+                out.push(UsageRow {
+                    account_id: r.try_get(0)?,
+                    hour: r.try_get(1)?,
+                    item: Item::from_code(code).ok_or_else(|| {
+                        StoreError::permanent(format!(
+                            "an adjustment row has the unknown item code {code}"
+                        ))
+                    })?,
+                    pack_id: r.try_get(3)?,
+                    source: PackSource::from_code(r.try_get(4)?),
+                    amount: 0,
+                    adjustment: Some(crate::ledger::Adjustment {
+                        plan: r.try_get(5)?,
+                        amount: r.try_get(6)?,
+                    }),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn plans_recalculated(&self) -> Result<Vec<i64>, StoreError> {
+        on_client_read!(self, |c| {
+            let stmt = c
+                .prepare_cached("SELECT position FROM plan_recalculations ORDER BY position")
+                .await?;
+            let mut out = Vec::new();
+            for r in c.query(&stmt, &[]).await? {
+                out.push(r.try_get(0)?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn record_recalculated(&self, position: i64, at: Ts) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            c.execute(
+                "INSERT INTO plan_recalculations (position, finished_at) VALUES ($1, $2) \
+                 ON CONFLICT (position) DO NOTHING",
+                &[&position, &at],
+            )
+            .await?;
+            Ok(())
         })
     }
 

@@ -115,6 +115,27 @@ CREATE TABLE IF NOT EXISTS plans_in_force (
     zone         TEXT    NOT NULL,
     recorded_at  INTEGER NOT NULL         -- µs since epoch, UTC
 );
+-- A plan change's re-deduction (R8, src/recalc.rs): signed amounts added
+-- in `hour`, never to a usage row. `span_from` is the first hour of the
+-- usage it re-deducts, so a second run nets earlier moves out.
+CREATE TABLE IF NOT EXISTS usage_adjustments (
+    account_id    TEXT    NOT NULL,
+    plan_position INTEGER NOT NULL,
+    span_from     INTEGER NOT NULL,
+    item          INTEGER NOT NULL,
+    pack_id       TEXT    NOT NULL,       -- '' for overage
+    hour          INTEGER NOT NULL,       -- the hour it is reported in
+    source        INTEGER NOT NULL,       -- 0 for overage
+    plan          TEXT    NOT NULL,
+    amount        INTEGER NOT NULL,       -- signed
+    PRIMARY KEY (account_id, span_from, item, pack_id, plan_position, hour)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_adjustments_by_hour ON usage_adjustments (hour, account_id);
+-- Plans whose recalculation a node finished (src/recalc.rs).
+CREATE TABLE IF NOT EXISTS plan_recalculations (
+    position    INTEGER PRIMARY KEY,
+    finished_at INTEGER NOT NULL
+);
 "#;
 
 /// How long applied batch ids are kept: far longer than any spill file
@@ -411,6 +432,7 @@ fn read_usage(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<UsageRow, StoreE
         pack_id: r.get(3)?,
         source: PackSource::from_code(r.get(4)?),
         amount: 0,
+        adjustment: None,
     };
     let stored = match r.get_ref(5)? {
         ValueRef::Integer(n) if n >= 0 => {
@@ -905,6 +927,190 @@ impl Store for SqliteStore {
                      OR EXISTS (SELECT 1 FROM accounts WHERE activated_at IS NOT NULL)",
                 )?
                 .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn recalculation_candidates(
+        &self,
+        from: Ts,
+        activated_before: Ts,
+    ) -> Result<Vec<(String, Ts)>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT a.account_id, a.activated_at FROM accounts a \
+                 WHERE a.activated_at < ?2 AND EXISTS (SELECT 1 FROM usage_hourly u \
+                 WHERE u.account_id = a.account_id AND u.hour >= ?1 AND u.source IN (0, 1)) \
+                 ORDER BY a.account_id",
+            )?;
+            let rows = stmt.query_map(params![from, activated_before], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn recalculate(
+        &self,
+        r: &crate::recalc::Recalculation,
+    ) -> Result<Vec<StoredPack>, StoreError> {
+        let r = r.clone();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let settled: Ts = tx
+                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
+                .query_row([], |row| row.get(0))
+                .optional()?
+                .unwrap_or(Ts::MIN);
+            let hour = r.hour.max(settled);
+            {
+                let mut held = tx.prepare_cached(
+                    "SELECT pack_id, source, sum(amount) FROM ( \
+                     SELECT pack_id, source, amount FROM usage_hourly \
+                     WHERE account_id = ?1 AND item = ?2 AND hour >= ?3 AND hour < ?4 \
+                     AND source IN (0, 1) \
+                     UNION ALL SELECT pack_id, source, amount FROM usage_adjustments \
+                     WHERE account_id = ?1 AND item = ?2 AND span_from = ?3) \
+                     GROUP BY pack_id, source",
+                )?;
+                let mut used = tx.prepare_cached(
+                    "SELECT used FROM packs WHERE account_id = ?1 AND pack_id = ?2",
+                )?;
+                let mut adjust = tx.prepare_cached(
+                    "INSERT INTO usage_adjustments (account_id, plan_position, span_from, item, \
+                     pack_id, hour, source, plan, amount) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                     ON CONFLICT (account_id, span_from, item, pack_id, plan_position, hour) \
+                     DO UPDATE SET amount = amount + excluded.amount",
+                )?;
+                let mut credit = tx.prepare_cached(
+                    "UPDATE packs SET used = max(0, used + ?3) WHERE account_id = ?1 AND pack_id = ?2",
+                )?;
+                let mut debit = tx.prepare_cached(&format!(
+                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                     ON CONFLICT (account_id, pack_id) DO UPDATE SET used = used + excluded.used"
+                ))?;
+                for span in &r.spans {
+                    for item in [Item::Calls, Item::EgressBytes] {
+                        let rows = held
+                            .query_map(params![r.account_id, item.code(), span.from, span.until], |row| {
+                                Ok(crate::recalc::Held {
+                                    pack_id: row.get(0)?,
+                                    source: PackSource::from_code(row.get(1)?),
+                                    net: row.get(2)?,
+                                })
+                            })?
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let new = match span.pack(item) {
+                            Some(p) => {
+                                let u: Option<i64> = used
+                                    .query_row(params![r.account_id, &*p.pack_id], |row| row.get(0))
+                                    .optional()?;
+                                Some((p, from_sql(u.unwrap_or(0))))
+                            }
+                            None => None,
+                        };
+                        for m in crate::recalc::rededuct(new, &rows) {
+                            adjust.execute(params![
+                                r.account_id,
+                                r.plan_position,
+                                span.from,
+                                item.code(),
+                                m.pack_id,
+                                hour,
+                                m.source.map_or(0, PackSource::code),
+                                r.plan,
+                                m.delta
+                            ])?;
+                            match new.filter(|(p, _)| *p.pack_id == *m.pack_id) {
+                                Some((p, _)) => {
+                                    debit.execute(params![
+                                        r.account_id,
+                                        &*p.pack_id,
+                                        p.source.code(),
+                                        p.item.code(),
+                                        to_sql(p.capacity)?,
+                                        p.valid_from,
+                                        p.valid_until,
+                                        i64::from(p.priority),
+                                        p.created_at,
+                                        m.delta
+                                    ])?;
+                                }
+                                None if m.source.is_some() => {
+                                    credit.execute(params![r.account_id, m.pack_id, m.delta])?;
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                }
+            }
+            let packs = tx
+                .prepare_cached(&format!("SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"))?
+                .query_map([&r.account_id], read_pack)?
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(packs)
+        })
+        .await
+    }
+
+    async fn adjustment_rows(
+        &self,
+        from: Ts,
+        to: Ts,
+        account_id: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let account = account_id.map(str::to_string);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT account_id, hour, item, pack_id, source, plan, sum(amount) \
+                 FROM usage_adjustments WHERE hour >= ?1 AND hour < ?2 \
+                 AND (?3 IS NULL OR account_id = ?3) \
+                 GROUP BY hour, account_id, item, pack_id, source, plan \
+                 HAVING sum(amount) <> 0 ORDER BY hour, account_id, item, pack_id, plan",
+            )?;
+            let rows = stmt.query_map(params![from, to, account], |r| {
+                let code: i64 = r.get(2)?;
+                Ok(UsageRow {
+                    account_id: r.get(0)?,
+                    hour: r.get(1)?,
+                    item: Item::from_code(code)
+                        .ok_or(rusqlite::Error::IntegralValueOutOfRange(2, code))?,
+                    pack_id: r.get(3)?,
+                    source: PackSource::from_code(r.get(4)?),
+                    amount: 0,
+                    adjustment: Some(crate::ledger::Adjustment {
+                        plan: r.get(5)?,
+                        amount: r.get(6)?,
+                    }),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn plans_recalculated(&self) -> Result<Vec<i64>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT position FROM plan_recalculations ORDER BY position")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn record_recalculated(&self, position: i64, at: Ts) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO plan_recalculations (position, finished_at) VALUES (?1, ?2) \
+                 ON CONFLICT (position) DO NOTHING",
+            )?
+            .execute(params![position, at])?;
+            Ok(())
         })
         .await
     }
