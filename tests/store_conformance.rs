@@ -134,6 +134,7 @@ conformance!(
     a_request_id_another_batch_recorded_is_billed_once,
     a_flush_returns_the_global_totals,
     plans_are_recorded_once_per_place_and_survive_a_reopen,
+    a_recalculation_moves_usage_once_even_when_runs_race,
 );
 
 /// The flush's behaviours again on PostgreSQL, with rows updated by key
@@ -1883,4 +1884,120 @@ async fn plans_are_recorded_once_per_place_and_survive_a_reopen(t: &Target) {
     assert!(store.holds_usage().await.unwrap());
     drop(store);
     assert_eq!(t.open().await.recorded_plans().await.unwrap(), want);
+}
+
+/// A plan change's re-deduction (R8, packmeter::recalc) in the store: the
+/// old free pack and the overage of the span move to the new pack up to
+/// its capacity, as adjustment rows in the hour given (or past the settled
+/// mark); runs racing on one account (two nodes) move it once, and a later
+/// run moves nothing.
+async fn a_recalculation_moves_usage_once_even_when_runs_race(t: &Target) {
+    use packmeter::recalc::{Recalculation, Span};
+    let store = t.open().await;
+    store.put_account(&record("acct", Some(0))).await.unwrap();
+    let free = |id: &str, capacity: u64| PackSpec {
+        source: PackSource::FreeTier,
+        priority: 0,
+        ..pack(id, capacity, 0, (0, 10 * HOUR))
+    };
+    let (old, new) = (free("old", 100), free("new", 100));
+    let usage = account(
+        "acct",
+        vec![
+            delta(0, None, 7),
+            delta(HOUR, Some(old.clone()), 80),
+            delta(2 * HOUR, None, 50),
+        ],
+        vec![],
+    );
+    assert!(store
+        .write_batch(&batch("a-0", 10, vec![usage]))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.recalculation_candidates(HOUR, Ts::MAX).await.unwrap(),
+        [("acct".to_string(), 0)]
+    );
+    assert!(store
+        .recalculation_candidates(3 * HOUR, Ts::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    // An export settled up to hour 5: the rows go there, not in hour 3.
+    store.record_settled(5 * HOUR).await.unwrap();
+    let r = Recalculation {
+        account_id: "acct".into(),
+        plan_position: 1,
+        plan: "next".into(),
+        hour: 3 * HOUR,
+        spans: vec![Span {
+            from: HOUR,
+            until: 10 * HOUR,
+            packs: vec![new.clone()],
+        }],
+    };
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, r) = (store.clone(), r.clone());
+            tokio::spawn(async move {
+                loop {
+                    match store.recalculate(&r).await {
+                        Ok(packs) => return packs,
+                        Err(e) if e.transient => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for run in runs {
+        let packs = run.await.unwrap();
+        let new_used = packs
+            .iter()
+            .find(|p| *p.spec.pack_id == *"new")
+            .unwrap()
+            .used;
+        assert_eq!(new_used, 100);
+    }
+    let adjustments = |store: Arc<dyn Store>| async move {
+        store
+            .adjustment_rows(Ts::MIN, Ts::MAX, Some("acct"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.hour / HOUR, r.pack_id, r.adjustment.unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let adj = |plan: &str, amount: i64| packmeter::ledger::Adjustment {
+        plan: plan.into(),
+        amount,
+    };
+    let want = vec![
+        (5, String::new(), adj("next", -20)),
+        (5, "new".to_string(), adj("next", 100)),
+        (5, "old".to_string(), adj("next", -80)),
+    ];
+    assert_eq!(adjustments(store.clone()).await, want);
+    assert_eq!(used(&*store, "acct", "old").await, 0);
+    assert_eq!(used(&*store, "acct", "new").await, 100);
+    // The usage rows are as they were recorded.
+    assert_eq!(total(&usage_of(&*store, "acct").await), 137);
+    // Another run, later: nothing left to move.
+    store
+        .recalculate(&Recalculation {
+            hour: 7 * HOUR,
+            ..r
+        })
+        .await
+        .unwrap();
+    assert_eq!(adjustments(store.clone()).await, want);
+    assert!(store
+        .adjustment_rows(0, 5 * HOUR, None)
+        .await
+        .unwrap()
+        .is_empty());
+    // Finished plans are recorded once.
+    store.record_recalculated(1, 10).await.unwrap();
+    store.record_recalculated(1, 20).await.unwrap();
+    assert_eq!(store.plans_recalculated().await.unwrap(), [1]);
 }
