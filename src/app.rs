@@ -722,6 +722,11 @@ impl App {
                     Some(account_id.to_string()),
                     crate::export::PAGE_ROWS,
                 )
+                // Days show usage as it was recorded: a plan change's
+                // adjustment rows (R8) move amounts between packs and the
+                // overage in the hour of its instant, and show in exports
+                // and in the packs' used amounts instead.
+                .try_filter(|r| std::future::ready(r.adjustment.is_none()))
                 .map_ok(|r| daily::Entry {
                     hour: r.hour,
                     item: r.item,

@@ -892,6 +892,8 @@ async fn export_autumn(server: &Server) -> Vec<proto::UsageRow> {
 /// 23:59:59 +08:00) passes while the server runs. October's usage moves to
 /// a complete 1,000,000-call pack, written as adjustment rows in the hour
 /// holding the instant; September stays overage; closed hours do not change.
+/// `beta`, activated in October under the launch plan, is resident when the
+/// plan switches in: its launch pack and its overage move to the new pack.
 #[tokio::test]
 async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     if !faketime() {
@@ -900,33 +902,41 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     let dir = tempfile::tempdir().unwrap();
     let plans = write_plans(dir.path(), SEED_PLANS);
     let db = dir.path().join("packmeter.db");
-
-    // A minute before the instant, with a long grace for the past events.
-    let mut args = REPLAY.to_vec();
-    args.extend(["--plans", &plans]);
-    let server = start_at(&db, "2020-10-12 15:59:00", &args);
-    let mut meter = server.meter().await;
-    let mut take = async |calls: u64, at: &str| {
-        let r = meter
-            .deduct(deduct("acme", calls, 0, Some(at)))
+    let calls = async |server: &Server, account: &str, n: u64, at: Option<&str>| {
+        let r = server
+            .meter()
+            .await
+            .deduct(deduct(account, n, 0, at))
             .await
             .unwrap()
             .into_inner();
         split(&r.calls)
     };
-    assert_eq!(take(1, "2019-11-10T17:13:14+08:00").await, (1, 0, 499_999));
+
+    // A minute before the instant, with a long grace for the past events.
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", &plans]);
+    let server = start_at(&db, "2020-10-12 15:59:00", &args);
+    let acme = async |n: u64, at: &str| calls(&server, "acme", n, Some(at)).await;
+    assert_eq!(acme(1, "2019-11-10T17:13:14+08:00").await, (1, 0, 499_999));
     assert_eq!(
-        take(300_000, "2020-09-15T12:00:00+08:00").await,
+        acme(300_000, "2020-09-15T12:00:00+08:00").await,
         (0, 300_000, 0)
     );
-    // Under the launch plan October has no pack yet: overage.
+    // Under the launch plan October has no pack for acme: overage.
     assert_eq!(
-        take(200_000, "2020-10-01T00:00:00+08:00").await,
+        acme(200_000, "2020-10-01T00:00:00+08:00").await,
         (0, 200_000, 0)
     );
     assert_eq!(
-        take(50_000, "2020-10-12T23:58:30+08:00").await,
+        acme(50_000, "2020-10-12T23:58:30+08:00").await,
         (0, 50_000, 0)
+    );
+    let beta = async |n: u64, at: &str| calls(&server, "beta", n, Some(at)).await;
+    assert_eq!(beta(1, "2020-10-05T10:00:00+08:00").await, (1, 0, 499_999));
+    assert_eq!(
+        beta(600_000, "2020-10-06T10:00:00+08:00").await,
+        (499_999, 100_001, 0)
     );
     let packs = server.packs("acme").await;
     assert!(pack_at(&packs, Item::Calls, "2020-10-05T00:00:00+08:00").is_none());
@@ -934,20 +944,20 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     let (status, _) = server.terminate();
     assert!(status.success());
 
-    // Nine seconds before the instant, with a 1 s grace: the hour holding
+    // Twenty seconds before the instant, with a 1 s grace: the hour holding
     // the instant closes (and exports) at 16:00:01 UTC.
-    let server = start_at(
-        &db,
-        "2020-10-12 15:59:50",
-        &[
-            "--plans",
-            &plans,
-            "--late-grace",
-            "1s",
-            "--dedup-window",
-            "1m",
-        ],
-    );
+    let late = [
+        "--plans",
+        &plans,
+        "--late-grace",
+        "1s",
+        "--dedup-window",
+        "1m",
+    ];
+    let server = start_at(&db, "2020-10-12 15:59:40", &late);
+    // beta made resident before the switch, with one more call of overage.
+    assert_eq!(calls(&server, "beta", 1, None).await, (0, 1, 0));
+    assert_eq!(server.metric("packmeter_plan_switches_total").await, 0.0);
     common::until(std::time::Duration::from_secs(60), async || {
         server.metric("packmeter_plan_switches_total").await == 1.0
     })
@@ -956,7 +966,7 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
         server
             .metric("packmeter_plan_accounts_recalculated_total")
             .await,
-        1.0
+        2.0
     );
     let packs = server.packs("acme").await;
     let october = pack_at(&packs, Item::Calls, "2020-10-05T00:00:00+08:00").unwrap();
@@ -968,6 +978,17 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     assert!(pack_at(&packs, Item::Calls, "2020-09-15T12:00:00+08:00").is_none());
     let november = pack_at(&packs, Item::Calls, "2020-11-10T23:59:59+08:00").unwrap();
     assert_eq!(november.valid_until, Some(ts("2020-11-11T00:00:00+08:00")));
+    let beta_packs = server.packs("beta").await;
+    let beta_october = pack_at(&beta_packs, Item::Calls, "2020-10-06T00:00:00+08:00").unwrap();
+    assert_eq!(
+        (
+            beta_october.pack_id.as_str(),
+            beta_october.capacity,
+            beta_october.used
+        ),
+        ("free-2020-10-calls@2020-10", 1_000_000, 600_002),
+        "{beta_packs:#?}"
+    );
 
     // Once the hour has closed, the export holds the usage rows as they
     // were recorded and, after them, the adjustment rows.
@@ -978,8 +999,11 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     })
     .await;
     let hour = ts("2020-10-12T15:00:00Z");
-    let usage: Vec<_> = rows.iter().filter(|r| !r.adjustment).collect();
-    let adjustments: Vec<_> = rows.iter().filter(|r| r.adjustment).collect();
+    let of = |account: &str, adjustment: bool| -> Vec<&proto::UsageRow> {
+        rows.iter()
+            .filter(|r| r.account_id == account && r.adjustment == adjustment)
+            .collect()
+    };
     let amounts = |rs: &[&proto::UsageRow]| -> Vec<(String, String, i64)> {
         rs.iter()
             .map(|r| {
@@ -994,68 +1018,71 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
             })
             .collect()
     };
+    let at_instant = "2020-10-12T15:00:00+00:00".to_string();
     assert_eq!(
-        amounts(&usage),
+        amounts(&of("acme", false)),
         vec![
             ("2020-09-15T04:00:00+00:00".into(), String::new(), 300_000),
             ("2020-09-30T16:00:00+00:00".into(), String::new(), 200_000),
-            ("2020-10-12T15:00:00+00:00".into(), String::new(), 50_000),
+            (at_instant.clone(), String::new(), 50_000),
         ]
     );
+    let adjustments = of("acme", true);
     assert_eq!(
         amounts(&adjustments),
         vec![
-            ("2020-10-12T15:00:00+00:00".into(), String::new(), -250_000),
+            (at_instant.clone(), String::new(), -250_000),
             (
-                "2020-10-12T15:00:00+00:00".into(),
+                at_instant.clone(),
                 "free-2020-10-calls@2020-10".into(),
                 250_000
             ),
         ]
     );
-    for a in &adjustments {
+    for a in rows.iter().filter(|r| r.adjustment) {
         assert_eq!(
             (a.hour.as_ref(), a.plan.as_str(), a.amount),
             (Some(&hour), "2020-10", 0)
         );
     }
+    assert_eq!(
+        amounts(&of("beta", true)),
+        vec![
+            (at_instant.clone(), String::new(), -100_002),
+            (at_instant.clone(), "free-2020-10-calls".into(), -500_000),
+            (
+                at_instant.clone(),
+                "free-2020-10-calls@2020-10".into(),
+                600_002
+            ),
+        ]
+    );
     // Exact sums: everything used, and what each pack and the overage hold.
-    let sum = |f: &dyn Fn(&proto::UsageRow) -> bool| -> i64 {
-        rows.iter().filter(|r| f(r)).map(|r| r.signed_amount).sum()
+    let sum = |account: &str, f: &dyn Fn(&proto::UsageRow) -> bool| -> i64 {
+        rows.iter()
+            .filter(|r| r.account_id == account && f(r))
+            .map(|r| r.signed_amount)
+            .sum()
     };
-    assert_eq!(sum(&|_| true), 550_000);
-    assert_eq!(sum(&|r| r.pack_id.is_empty()), 300_000);
-    assert_eq!(sum(&|r| r.pack_id == october.pack_id), 250_000);
+    assert_eq!(sum("acme", &|_| true), 550_000);
+    assert_eq!(sum("acme", &|r| r.pack_id.is_empty()), 300_000);
+    assert_eq!(sum("acme", &|r| r.pack_id == october.pack_id), 250_000);
+    assert_eq!(sum("beta", &|_| true), 600_002);
+    assert_eq!(sum("beta", &|r| r.pack_id.is_empty()), 0);
+    assert_eq!(sum("beta", &|r| r.pack_id == "free-2020-10-calls"), 0);
 
     // Deductions now use the new pack.
-    let r = server
-        .meter()
-        .await
-        .deduct(deduct("acme", 1, 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(split(&r.calls), (1, 0, 749_999));
+    assert_eq!(calls(&server, "acme", 1, None).await, (1, 0, 749_999));
+    assert_eq!(calls(&server, "beta", 1, None).await, (1, 0, 399_997));
 
     // A restart runs nothing again: the adjustment rows are as they were.
     let (status, _) = server.terminate();
     assert!(status.success());
-    let server = start_at(
-        &db,
-        "2020-10-12 16:01:00",
-        &[
-            "--plans",
-            &plans,
-            "--late-grace",
-            "1s",
-            "--dedup-window",
-            "1m",
-        ],
-    );
+    let server = start_at(&db, "2020-10-12 16:01:00", &late);
     let again = export_autumn(&server).await;
+    let again: Vec<_> = again.iter().filter(|r| r.adjustment).collect();
     assert_eq!(
-        again.iter().filter(|r| r.adjustment).count(),
-        adjustments.len()
+        again,
+        rows.iter().filter(|r| r.adjustment).collect::<Vec<_>>()
     );
-    assert_eq!(again.iter().map(|r| r.signed_amount).sum::<i64>(), 550_000);
 }
