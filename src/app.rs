@@ -599,6 +599,16 @@ impl App {
         for p in missing {
             self.meter.add_pack(&acct, p, now);
         }
+        // Another node may have moved the packs' totals (a plan change's
+        // recalculation, R8): rebase the counters on the store, with no
+        // flush of this node half-written (see `Meter::rebase`).
+        self.flusher
+            .quiesced(async {
+                let packs = self.store.list_packs(account_id).await?;
+                self.meter.rebase(&[(acct.clone(), &packs)]);
+                Ok::<_, StoreError>(())
+            })
+            .await?;
         let Some(record) = stored else {
             return Ok(true);
         };

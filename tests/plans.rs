@@ -1086,3 +1086,108 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
         rows.iter().filter(|r| r.adjustment).collect::<Vec<_>>()
     );
 }
+
+/// A node on PostgreSQL whose clock starts at `at` (UTC), with `dir` as its
+/// data directory.
+fn start_node_at(db: &str, dir: &Path, at: &str, extra: &[&str]) -> Server {
+    let at = format!("@{at}");
+    Server::start_store_prepared(db, dir, extra, |c| {
+        c.env("LD_PRELOAD", FAKETIME)
+            .env("FAKETIME", &at)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("TZ", "UTC");
+    })
+}
+
+/// Two nodes on one PostgreSQL both record an account's usage under the
+/// launch plan, and both switch the 2020-10 plan in when its instant
+/// passes: each runs the recalculation after its own flush, and the store
+/// moves the account's usage to the new pack exactly once.
+#[tokio::test]
+async fn two_nodes_on_postgresql_recalculate_an_account_once() {
+    if !faketime() {
+        return;
+    }
+    let Some(db) = common::pg::TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let a_file = write_plans(&a_dir, SEED_PLANS);
+    let b_file = write_plans(&b_dir, SEED_PLANS);
+    let a = start_node_at(
+        &db.url,
+        &a_dir,
+        "2020-10-12 15:59:40",
+        &["--plans", &a_file],
+    );
+    let b = start_node_at(
+        &db.url,
+        &b_dir,
+        "2020-10-12 15:59:40",
+        &["--plans", &b_file],
+    );
+    // Activated now, under the launch plan: its October pack (500,000).
+    for (node, n) in [(&a, 100), (&b, 200), (&a, 1000)] {
+        let r = node
+            .meter()
+            .await
+            .deduct(deduct("acme", n, 0, None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(split(&r.calls).1, 0);
+    }
+    for node in [&a, &b] {
+        common::until(std::time::Duration::from_secs(60), async || {
+            node.metric("packmeter_plan_switches_total").await == 1.0
+        })
+        .await;
+    }
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT pack_id, sum(amount)::BIGINT, count(DISTINCT hour) FROM usage_adjustments \
+             WHERE account_id = 'acme' AND item = 1 GROUP BY pack_id ORDER BY pack_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("free-2020-10-calls".to_string(), -1300, 1),
+            ("free-2020-10-calls@2020-10".to_string(), 1300, 1),
+        ]
+    );
+    let used: Vec<(String, i64)> = client
+        .query(
+            "SELECT pack_id, used FROM packs WHERE account_id = 'acme' AND item = 1 ORDER BY pack_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        used,
+        [
+            ("free-2020-10-calls".to_string(), 0),
+            ("free-2020-10-calls@2020-10".to_string(), 1300),
+        ]
+    );
+    // Both nodes serve the new pack with the whole usage.
+    for node in [&a, &b] {
+        let packs = node.packs("acme").await;
+        let p = pack_at(&packs, Item::Calls, "2020-10-20T00:00:00+08:00").unwrap();
+        assert_eq!((p.plan.as_str(), p.used), ("2020-10", 1300), "{packs:#?}");
+    }
+}

@@ -71,6 +71,26 @@ impl Server {
         )
     }
 
+    /// As [`start_store`](Self::start_store), with `prepare` applied to
+    /// the command first (environment).
+    pub fn start_store_prepared(
+        store: &str,
+        data: &Path,
+        extra: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
+        let mut command = Command::new(BIN);
+        prepare(&mut command);
+        Server::launch_command(
+            command,
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            store,
+            Some(data),
+            extra,
+            data,
+        )
+    }
+
     /// Starts a server on the given SQLite file, with `prepare` applied to
     /// the command first (limits for the child, environment).
     pub fn start_prepared(db: &Path, extra: &[&str], prepare: impl FnOnce(&mut Command)) -> Server {
