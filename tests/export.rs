@@ -132,8 +132,12 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// Code that holds every row (as the first version did, twice: as store rows
 /// and then as messages) grows it by about 80 MiB here; streaming a page at
 /// a time needs one page of rows (about 150 KiB), SQLite's page cache (at
-/// most 2 MiB) and the HTTP/2 buffers, about 4 MiB in all.
-const MAX_GROWTH_KIB: u64 = 16 * 1024;
+/// most 2 MiB) and the HTTP/2 buffers, about 4 MiB in all. The binary's
+/// allocator (mimalloc, since the tail work of issue 14) keeps freed pages
+/// per thread, and pages are read on blocking-pool threads: four runs on
+/// 2026-12-05 grew it by 14.5 to 26 MiB, so the bound is 32 MiB, still well
+/// below what holding the rows costs.
+const MAX_GROWTH_KIB: u64 = 32 * 1024;
 
 #[cfg(target_os = "linux")]
 #[tokio::test]

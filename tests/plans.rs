@@ -1071,6 +1071,22 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
     assert_eq!(sum("beta", &|r| r.pack_id.is_empty()), 0);
     assert_eq!(sum("beta", &|r| r.pack_id == "free-2020-10-calls"), 0);
 
+    // The CLI's export marks them too, with the signed amount and the plan.
+    let out = Command::new(BIN)
+        .args(["export", "--from", "2020-10-12T00:00:00Z", "--to", "2020-10-13T00:00:00Z"])
+        .args(["--account", "acme", "--format", "csv"])
+        .env("PACKMETER_SERVER", server.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "account_id,hour,item,pack_id,source,amount,kind,plan\n\
+         acme,2020-10-12T15:00:00Z,CALLS,,PACK_SOURCE_UNSPECIFIED,50000,usage,\n\
+         acme,2020-10-12T15:00:00Z,CALLS,,PACK_SOURCE_UNSPECIFIED,-250000,adjustment,2020-10\n\
+         acme,2020-10-12T15:00:00Z,CALLS,free-2020-10-calls@2020-10,FREE_TIER,250000,adjustment,2020-10\n"
+    );
+
     // Deductions now use the new pack.
     assert_eq!(calls(&server, "acme", 1, None).await, (1, 0, 749_999));
     assert_eq!(calls(&server, "beta", 1, None).await, (1, 0, 399_997));
