@@ -1073,12 +1073,22 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
 
     // The CLI's export marks them too, with the signed amount and the plan.
     let out = Command::new(BIN)
-        .args(["export", "--from", "2020-10-12T00:00:00Z", "--to", "2020-10-13T00:00:00Z"])
+        .args([
+            "export",
+            "--from",
+            "2020-10-12T00:00:00Z",
+            "--to",
+            "2020-10-13T00:00:00Z",
+        ])
         .args(["--account", "acme", "--format", "csv"])
         .env("PACKMETER_SERVER", server.url())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "account_id,hour,item,pack_id,source,amount,kind,plan\n\
