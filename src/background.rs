@@ -94,7 +94,7 @@ impl Background {
 /// Raises the calling thread's nice value by [`NICE`]. A failure (a
 /// seccomp profile that forbids it, say) is logged and otherwise ignored:
 /// the work is the same, only its priority is not lowered.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         // On Linux the nice value is per thread, and `PRIO_PROCESS` with a

@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, LoadedAccount, OpenError,
-    Store, StoreError, StoredPack, CHANGE_RETENTION,
+    known_ids::KnownIds, page_start, AccountTotals, Change, ChangeKind, Flushed, Granted,
+    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     background::Background,
@@ -126,6 +126,9 @@ pub struct SqliteStore {
     /// Runs every use of `writer`.
     writer_thread: Background,
     reader: Arc<Mutex<Connection>>,
+    /// The accounts the file may hold: an account's first load skips the
+    /// read when it cannot (see [`super::known_ids`]).
+    known: Arc<KnownIds>,
     /// `PATH.lock`, exclusively locked for as long as the store is open:
     /// a second server on the same file would count every pack, the free
     /// tier included, from the same stored usage. The OS drops the lock
@@ -229,12 +232,20 @@ impl SqliteStore {
         reader
             .pragma_update(None, "query_only", true)
             .map_err(refused)?;
+        let known = Arc::new(KnownIds::default());
+        load_known_ids(path, known.clone());
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             writer_thread: Background::start("packmeter-sqlite-writer"),
             reader: Arc::new(Mutex::new(reader)),
+            known,
             _lock: lock,
         })
+    }
+
+    /// The account ids the file may hold (see [`super::known_ids`]).
+    pub fn known_ids(&self) -> &KnownIds {
+        &self.known
     }
 
     /// Runs `f` on the writing connection, on the writer thread.
@@ -274,6 +285,47 @@ impl SqliteStore {
 /// still usable.
 fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the account ids in the file into `known` on a thread of its own,
+/// at the background priority, with a connection of its own (one snapshot).
+/// On an error `known` is never marked loaded, and every first load reads
+/// the store, as without it.
+fn load_known_ids(path: &str, known: Arc<KnownIds>) {
+    let path = path.to_owned();
+    let read = move || -> rusqlite::Result<()> {
+        crate::background::lower_priority();
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "query_only", true)?;
+        let tx = conn.unchecked_transaction()?;
+        let mut fps: Vec<u32> = Vec::new();
+        // Every account written gets its row; packs are read too, so an
+        // older file with a pack and no account row is still covered.
+        let mut stmt = tx.prepare(
+            "SELECT account_id FROM accounts UNION ALL SELECT DISTINCT account_id FROM packs",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            if let ValueRef::Text(t) = r.get_ref(0)? {
+                fps.push(known.fingerprint(&String::from_utf8_lossy(t)));
+            }
+        }
+        known.loaded(fps);
+        Ok(())
+    };
+    let spawned = std::thread::Builder::new()
+        .name("packmeter-sqlite-ids".into())
+        .spawn(move || {
+            if let Err(error) = read() {
+                tracing::warn!(
+                    %error,
+                    "could not read the account ids in the SQLite file; every account's first call reads the store"
+                );
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not start the thread that reads the account ids");
+    }
 }
 
 /// Why `PATH.lock` could not be taken.
@@ -463,6 +515,11 @@ impl Store for SqliteStore {
         since: Ts,
         now: Ts,
     ) -> Result<LoadedAccount, StoreError> {
+        if !self.known.may_hold(id) {
+            // The file holds no row of this account: what the read would
+            // find (see `known_ids`), without the trip to the blocking pool.
+            return Ok(LoadedAccount::default());
+        }
         let id = id.to_string();
         self.read(move |conn| {
             // One snapshot for the three reads.
@@ -532,6 +589,7 @@ impl Store for SqliteStore {
 
     async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
         let a = account.clone();
+        self.known.note([&*a.account_id]);
         self.with(move |conn| {
             let tx = conn.transaction()?;
             tx.prepare_cached(
@@ -560,6 +618,7 @@ impl Store for SqliteStore {
 
     async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
         let (account, p) = (account_id.to_string(), pack.clone());
+        self.known.note([account_id]);
         self.with(move |conn| {
             let tx = conn.transaction()?;
             if let Some(existing) = get_pack(&tx, &account, &p.pack_id)? {
@@ -612,7 +671,10 @@ impl Store for SqliteStore {
 
     async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
         let batch = batch.clone();
+        let known = self.known.clone();
         self.with(move |conn| {
+            // Before the transaction: see `known_ids`.
+            known.note(batch.accounts.iter().map(|a| &*a.account_id));
             let tx = conn.transaction()?;
             let fresh = tx
                 .prepare_cached(
@@ -1002,6 +1064,89 @@ mod tests {
             // One seek, rows already in order: no sort, no scan.
             assert_eq!(plan, [format!("SEARCH usage_hourly USING {uses}")], "{sql}");
         }
+    }
+
+    /// Loads `id` while the reading connection is held elsewhere: a load
+    /// that reads the store waits for it, one answered from the known ids
+    /// does not. `None` if it had to read (it did not finish in time).
+    async fn load_without_reading(store: &SqliteStore, id: &str) -> Option<LoadedAccount> {
+        let held = store.reader.lock().unwrap();
+        let load = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            store.load_account(id, 0, 0),
+        )
+        .await;
+        drop(held);
+        load.ok().map(Result::unwrap)
+    }
+
+    fn flush_of(id: &str) -> FlushBatch {
+        FlushBatch {
+            batch_id: format!("batch-{id}"),
+            accounts: vec![crate::ledger::AccountFlush {
+                account_id: id.into(),
+                account: None,
+                deltas: vec![],
+                dedup: vec![],
+            }],
+            now: 0,
+        }
+    }
+
+    /// Issue 10: an account the file cannot hold is answered without a
+    /// read; every account written through the store (put_account,
+    /// grant_pack, a flush) is read, before and after a reopen, and while
+    /// the ids are still being read at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_load_skips_the_read_only_for_an_account_the_file_cannot_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.db").to_str().unwrap().to_string();
+        let written = ["by-put", "by-grant", "by-flush"];
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.known_ids().wait_loaded().await;
+            let unknown = load_without_reading(&store, "nobody").await;
+            assert!(unknown.expect("answered without a read").is_unknown());
+            store
+                .put_account(&AccountRecord {
+                    account_id: written[0].into(),
+                    activated_at: Some(5),
+                    suspended: false,
+                    deny_on_exhausted: false,
+                })
+                .await
+                .unwrap();
+            let pack = crate::packs::tests::purchased("p1", 10, 0, HOUR, 0);
+            store.grant_pack(written[1], &pack).await.unwrap();
+            store.flush_batch(&flush_of(written[2])).await.unwrap();
+            for id in written {
+                assert!(
+                    !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                    "{id}"
+                );
+            }
+        }
+        // Reopened: the ids in the file are read, and until then every
+        // load reads the store.
+        let store = SqliteStore::open(&path).unwrap();
+        if !store.known_ids().is_loaded() {
+            for id in written {
+                assert!(
+                    !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                    "{id}"
+                );
+            }
+        }
+        store.known_ids().wait_loaded().await;
+        assert!(store.known_ids().len() >= written.len());
+        for id in written {
+            assert!(
+                !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                "{id}"
+            );
+        }
+        let unknown = load_without_reading(&store, "still-nobody").await;
+        assert!(unknown.expect("answered without a read").is_unknown());
     }
 
     #[tokio::test]
