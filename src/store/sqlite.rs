@@ -1069,6 +1069,9 @@ mod tests {
     /// Loads `id` while the reading connection is held elsewhere: a load
     /// that reads the store waits for it, one answered from the known ids
     /// does not. `None` if it had to read (it did not finish in time).
+    // Holding the std mutex across the await is the point: the read, if
+    // any, blocks on it in the blocking pool, never on this task.
+    #[allow(clippy::await_holding_lock)]
     async fn load_without_reading(store: &SqliteStore, id: &str) -> Option<LoadedAccount> {
         let held = store.reader.lock().unwrap();
         let load = tokio::time::timeout(
