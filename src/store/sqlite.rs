@@ -232,11 +232,26 @@ impl SqliteStore {
         reader
             .pragma_update(None, "query_only", true)
             .map_err(refused)?;
+        let writer = Arc::new(Mutex::new(writer));
+        let writer_thread = Background::start("packmeter-sqlite-writer");
         let known = Arc::new(KnownIds::default());
-        load_known_ids(path, known.clone());
+        {
+            // The writer thread's first job: writes queued meanwhile wait
+            // for it; loads read the store until it is done.
+            let (conn, known) = (writer.clone(), known.clone());
+            writer_thread.submit(move || {
+                if let Err(error) = read_known_ids(&lock_conn(&conn), &known) {
+                    tracing::warn!(
+                        %error,
+                        "could not read the account ids in the SQLite file; every account's \
+                         first call reads the store"
+                    );
+                }
+            });
+        }
         Ok(SqliteStore {
-            writer: Arc::new(Mutex::new(writer)),
-            writer_thread: Background::start("packmeter-sqlite-writer"),
+            writer,
+            writer_thread,
             reader: Arc::new(Mutex::new(reader)),
             known,
             _lock: lock,
@@ -287,45 +302,24 @@ fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> 
     conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Reads the account ids in the file into `known` on a thread of its own,
-/// at the background priority, with a connection of its own (one snapshot).
-/// On an error `known` is never marked loaded, and every first load reads
-/// the store, as without it.
-fn load_known_ids(path: &str, known: Arc<KnownIds>) {
-    let path = path.to_owned();
-    let read = move || -> rusqlite::Result<()> {
-        crate::background::lower_priority();
-        let conn = Connection::open(&path)?;
-        conn.pragma_update(None, "query_only", true)?;
-        let tx = conn.unchecked_transaction()?;
-        let mut fps: Vec<u32> = Vec::new();
-        // Every account written gets its row; packs are read too, so an
-        // older file with a pack and no account row is still covered.
-        let mut stmt = tx.prepare(
-            "SELECT account_id FROM accounts UNION ALL SELECT DISTINCT account_id FROM packs",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            if let ValueRef::Text(t) = r.get_ref(0)? {
-                fps.push(known.fingerprint(&String::from_utf8_lossy(t)));
-            }
+/// Reads the account ids in the file into `known`. Runs as the writer
+/// thread's first job, on the writing connection, so no write of this
+/// store runs during the read (one statement, one snapshot).
+fn read_known_ids(conn: &Connection, known: &KnownIds) -> rusqlite::Result<()> {
+    let mut fps: Vec<u32> = Vec::new();
+    // Every account written gets its row; packs are read too, so an older
+    // file with a pack and no account row is still covered.
+    let mut stmt = conn.prepare(
+        "SELECT account_id FROM accounts UNION ALL SELECT DISTINCT account_id FROM packs",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        if let ValueRef::Text(t) = r.get_ref(0)? {
+            fps.push(known.fingerprint(&String::from_utf8_lossy(t)));
         }
-        known.loaded(fps);
-        Ok(())
-    };
-    let spawned = std::thread::Builder::new()
-        .name("packmeter-sqlite-ids".into())
-        .spawn(move || {
-            if let Err(error) = read() {
-                tracing::warn!(
-                    %error,
-                    "could not read the account ids in the SQLite file; every account's first call reads the store"
-                );
-            }
-        });
-    if let Err(error) = spawned {
-        tracing::warn!(%error, "could not start the thread that reads the account ids");
     }
+    known.loaded(fps);
+    Ok(())
 }
 
 /// Why `PATH.lock` could not be taken.
