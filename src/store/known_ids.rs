@@ -24,13 +24,13 @@
 //! stored accounts, for about one new id in 4,000). The set never answers
 //! `false` for an id the store holds.
 //!
-//! **Loading.** The ids already in the file are read once after open, as
-//! the first job of the store's writer thread (nice +10), on the writing
-//! connection: no write of the store runs during the read, and writes
-//! queued meanwhile wait for it (the time a 1 M-account file takes was
-//! not measured). A restart is ready at once: until the read is done every
-//! load reads the store. Ids noted meanwhile go straight into the shared
-//! set, and the loaded ones are added to it.
+//! **Loading.** The ids already in the file are read once, when the first
+//! account is loaded, as a job of the store's writer thread (nice +10) on
+//! the writing connection: no write of the store runs during the read, and
+//! writes queued meanwhile wait for it (the time a 1 M-account file takes
+//! was not measured). A restart is ready at once: until the read is done
+//! every load reads the store. Ids noted meanwhile go straight into the
+//! shared set, and the loaded ones are added to it.
 
 use std::{
     collections::HashSet,

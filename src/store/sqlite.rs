@@ -129,6 +129,8 @@ pub struct SqliteStore {
     /// The accounts the file may hold: an account's first load skips the
     /// read when it cannot (see [`super::known_ids`]).
     known: Arc<KnownIds>,
+    /// The read of the known ids has been queued (on the first load).
+    known_asked: std::sync::Once,
     /// `PATH.lock`, exclusively locked for as long as the store is open:
     /// a second server on the same file would count every pack, the free
     /// tier included, from the same stored usage. The OS drops the lock
@@ -235,11 +237,30 @@ impl SqliteStore {
         let writer = Arc::new(Mutex::new(writer));
         let writer_thread = Background::start("packmeter-sqlite-writer");
         let known = Arc::new(KnownIds::default());
-        {
-            // The writer thread's first job: writes queued meanwhile wait
-            // for it; loads read the store until it is done.
-            let (conn, known) = (writer.clone(), known.clone());
-            writer_thread.submit(move || {
+        Ok(SqliteStore {
+            writer,
+            writer_thread,
+            reader: Arc::new(Mutex::new(reader)),
+            known,
+            known_asked: std::sync::Once::new(),
+            _lock: lock,
+        })
+    }
+
+    /// The account ids the file may hold (see [`super::known_ids`]).
+    pub fn known_ids(&self) -> &KnownIds {
+        &self.known
+    }
+
+    /// Queues the read of the ids in the file, once, as a job of the
+    /// writer thread (on the writing connection, so no write of this store
+    /// runs during it; writes queued meanwhile wait for it). Asked for by
+    /// the first account load, so a process that loads no account (an
+    /// export, a migration) never reads them.
+    fn ask_known_ids(&self) {
+        self.known_asked.call_once(|| {
+            let (conn, known) = (self.writer.clone(), self.known.clone());
+            self.writer_thread.submit(move || {
                 if let Err(error) = read_known_ids(&lock_conn(&conn), &known) {
                     tracing::warn!(
                         %error,
@@ -248,19 +269,7 @@ impl SqliteStore {
                     );
                 }
             });
-        }
-        Ok(SqliteStore {
-            writer,
-            writer_thread,
-            reader: Arc::new(Mutex::new(reader)),
-            known,
-            _lock: lock,
-        })
-    }
-
-    /// The account ids the file may hold (see [`super::known_ids`]).
-    pub fn known_ids(&self) -> &KnownIds {
-        &self.known
+        });
     }
 
     /// Runs `f` on the writing connection, on the writer thread.
@@ -509,6 +518,7 @@ impl Store for SqliteStore {
         since: Ts,
         now: Ts,
     ) -> Result<LoadedAccount, StoreError> {
+        self.ask_known_ids();
         if !self.known.may_hold(id) {
             // The file holds no row of this account: what the read would
             // find (see `known_ids`), without the trip to the blocking pool.
@@ -1101,6 +1111,12 @@ mod tests {
         let written = ["by-put", "by-grant", "by-flush"];
         {
             let store = SqliteStore::open(&path).unwrap();
+            // The first load asks for the ids in the file.
+            assert!(store
+                .load_account("first", 0, 0)
+                .await
+                .unwrap()
+                .is_unknown());
             store.known_ids().wait_loaded().await;
             let unknown = load_without_reading(&store, "nobody").await;
             assert!(unknown.expect("answered without a read").is_unknown());
