@@ -64,6 +64,19 @@ impl Background {
         Background { jobs }
     }
 
+    /// Queues `f` on the background thread without waiting for it. A
+    /// panic in `f` is caught and logged; the thread carries on.
+    pub fn submit(&self, f: impl FnOnce() + Send + 'static) {
+        let job: Job = Box::new(move || {
+            if catch_unwind(AssertUnwindSafe(f)).is_err() {
+                tracing::error!("a background job panicked");
+            }
+        });
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            job();
+        }
+    }
+
     /// Runs `f` on the background thread and returns what it returns. A
     /// panic in `f` is raised again here, in the caller, as if `f` had run
     /// in place (the thread itself carries on with the next job).

@@ -12,6 +12,8 @@
 //! Stores are tested against real files and servers, never mocks: one
 //! conformance suite (tests/store_conformance.rs) runs against every store.
 
+#[cfg(feature = "sqlite")]
+pub mod known_ids;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, LoadedAccount, OpenError,
-    Store, StoreError, StoredPack, CHANGE_RETENTION,
+    known_ids::KnownIds, page_start, AccountTotals, Change, ChangeKind, Flushed, Granted,
+    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     background::Background,
@@ -147,6 +147,11 @@ pub struct SqliteStore {
     /// Runs every use of `writer`.
     writer_thread: Background,
     reader: Arc<Mutex<Connection>>,
+    /// The accounts the file may hold: an account's first load skips the
+    /// read when it cannot (see [`super::known_ids`]).
+    known: Arc<KnownIds>,
+    /// The read of the known ids has been queued (on the first load).
+    known_asked: std::sync::Once,
     /// `PATH.lock`, exclusively locked for as long as the store is open:
     /// a second server on the same file would count every pack, the free
     /// tier included, from the same stored usage. The OS drops the lock
@@ -250,12 +255,42 @@ impl SqliteStore {
         reader
             .pragma_update(None, "query_only", true)
             .map_err(refused)?;
+        let writer = Arc::new(Mutex::new(writer));
+        let writer_thread = Background::start("packmeter-sqlite-writer");
+        let known = Arc::new(KnownIds::default());
         Ok(SqliteStore {
-            writer: Arc::new(Mutex::new(writer)),
-            writer_thread: Background::start("packmeter-sqlite-writer"),
+            writer,
+            writer_thread,
             reader: Arc::new(Mutex::new(reader)),
+            known,
+            known_asked: std::sync::Once::new(),
             _lock: lock,
         })
+    }
+
+    /// The account ids the file may hold (see [`super::known_ids`]).
+    pub fn known_ids(&self) -> &KnownIds {
+        &self.known
+    }
+
+    /// Queues the read of the ids in the file, once, as a job of the
+    /// writer thread (on the writing connection, so no write of this store
+    /// runs during it; writes queued meanwhile wait for it). Asked for by
+    /// the first account load, so a process that loads no account (an
+    /// export, a migration) never reads them.
+    fn ask_known_ids(&self) {
+        self.known_asked.call_once(|| {
+            let (conn, known) = (self.writer.clone(), self.known.clone());
+            self.writer_thread.submit(move || {
+                if let Err(error) = read_known_ids(&lock_conn(&conn), &known) {
+                    tracing::warn!(
+                        %error,
+                        "could not read the account ids in the SQLite file; every account's \
+                         first call reads the store"
+                    );
+                }
+            });
+        });
     }
 
     /// Runs `f` on the writing connection, on the writer thread.
@@ -295,6 +330,26 @@ impl SqliteStore {
 /// still usable.
 fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the account ids in the file into `known`. Runs as the writer
+/// thread's first job, on the writing connection, so no write of this
+/// store runs during the read (one statement, one snapshot).
+fn read_known_ids(conn: &Connection, known: &KnownIds) -> rusqlite::Result<()> {
+    let mut fps: Vec<u32> = Vec::new();
+    // Every account written gets its row; packs are read too, so an older
+    // file with a pack and no account row is still covered.
+    let mut stmt = conn.prepare(
+        "SELECT account_id FROM accounts UNION ALL SELECT DISTINCT account_id FROM packs",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        if let ValueRef::Text(t) = r.get_ref(0)? {
+            fps.push(known.fingerprint(&String::from_utf8_lossy(t)));
+        }
+    }
+    known.loaded(fps);
+    Ok(())
 }
 
 /// Why `PATH.lock` could not be taken.
@@ -485,6 +540,12 @@ impl Store for SqliteStore {
         since: Ts,
         now: Ts,
     ) -> Result<LoadedAccount, StoreError> {
+        self.ask_known_ids();
+        if !self.known.may_hold(id) {
+            // The file holds no row of this account: what the read would
+            // find (see `known_ids`), without the trip to the blocking pool.
+            return Ok(LoadedAccount::default());
+        }
         let id = id.to_string();
         self.read(move |conn| {
             // One snapshot for the three reads.
@@ -554,6 +615,7 @@ impl Store for SqliteStore {
 
     async fn put_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
         let a = account.clone();
+        self.known.note([&*a.account_id]);
         self.with(move |conn| {
             let tx = conn.transaction()?;
             tx.prepare_cached(
@@ -582,6 +644,7 @@ impl Store for SqliteStore {
 
     async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
         let (account, p) = (account_id.to_string(), pack.clone());
+        self.known.note([account_id]);
         self.with(move |conn| {
             let tx = conn.transaction()?;
             if let Some(existing) = get_pack(&tx, &account, &p.pack_id)? {
@@ -634,7 +697,10 @@ impl Store for SqliteStore {
 
     async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
         let batch = batch.clone();
+        let known = self.known.clone();
         self.with(move |conn| {
+            // Before the transaction: see `known_ids`.
+            known.note(batch.accounts.iter().map(|a| &*a.account_id));
             let tx = conn.transaction()?;
             let fresh = tx
                 .prepare_cached(
@@ -1208,6 +1274,98 @@ mod tests {
             // One seek, rows already in order: no sort, no scan.
             assert_eq!(plan, [format!("SEARCH usage_hourly USING {uses}")], "{sql}");
         }
+    }
+
+    /// Loads `id` while the reading connection is held elsewhere: a load
+    /// that reads the store waits for it, one answered from the known ids
+    /// does not. `None` if it had to read (it did not finish in time).
+    // Holding the std mutex across the await is the point: the read, if
+    // any, blocks on it in the blocking pool, never on this task.
+    #[allow(clippy::await_holding_lock)]
+    async fn load_without_reading(store: &SqliteStore, id: &str) -> Option<LoadedAccount> {
+        let held = store.reader.lock().unwrap();
+        let load = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            store.load_account(id, 0, 0),
+        )
+        .await;
+        drop(held);
+        load.ok().map(Result::unwrap)
+    }
+
+    fn flush_of(id: &str) -> FlushBatch {
+        FlushBatch {
+            batch_id: format!("batch-{id}"),
+            accounts: vec![crate::ledger::AccountFlush {
+                account_id: id.into(),
+                account: None,
+                deltas: vec![],
+                dedup: vec![],
+            }],
+            now: 0,
+        }
+    }
+
+    /// Issue 10: an account the file cannot hold is answered without a
+    /// read; every account written through the store (put_account,
+    /// grant_pack, a flush) is read, before and after a reopen, and while
+    /// the ids are still being read at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_load_skips_the_read_only_for_an_account_the_file_cannot_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.db").to_str().unwrap().to_string();
+        let written = ["by-put", "by-grant", "by-flush"];
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            // The first load asks for the ids in the file.
+            assert!(store
+                .load_account("first", 0, 0)
+                .await
+                .unwrap()
+                .is_unknown());
+            store.known_ids().wait_loaded().await;
+            let unknown = load_without_reading(&store, "nobody").await;
+            assert!(unknown.expect("answered without a read").is_unknown());
+            store
+                .put_account(&AccountRecord {
+                    account_id: written[0].into(),
+                    activated_at: Some(5),
+                    suspended: false,
+                    deny_on_exhausted: false,
+                })
+                .await
+                .unwrap();
+            let pack = crate::packs::tests::purchased("p1", 10, 0, HOUR, 0);
+            store.grant_pack(written[1], &pack).await.unwrap();
+            store.flush_batch(&flush_of(written[2])).await.unwrap();
+            for id in written {
+                assert!(
+                    !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                    "{id}"
+                );
+            }
+        }
+        // Reopened: the ids in the file are read, and until then every
+        // load reads the store.
+        let store = SqliteStore::open(&path).unwrap();
+        if !store.known_ids().is_loaded() {
+            for id in written {
+                assert!(
+                    !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                    "{id}"
+                );
+            }
+        }
+        store.known_ids().wait_loaded().await;
+        assert!(store.known_ids().len() >= written.len());
+        for id in written {
+            assert!(
+                !store.load_account(id, 0, 0).await.unwrap().is_unknown(),
+                "{id}"
+            );
+        }
+        let unknown = load_without_reading(&store, "still-nobody").await;
+        assert!(unknown.expect("answered without a read").is_unknown());
     }
 
     #[tokio::test]
