@@ -1217,3 +1217,64 @@ async fn two_nodes_on_postgresql_recalculate_an_account_once() {
         assert_eq!((p.plan.as_str(), p.used), ("2020-10", 1300), "{packs:#?}");
     }
 }
+
+/// A node that was down when a plan's instant passed catches up at start:
+/// the plan is in force at once, and the usage recorded under the earlier
+/// plan is re-deducted in the hour holding the instant, still open.
+#[tokio::test]
+async fn a_plan_whose_instant_passed_while_the_node_was_down_is_recalculated_at_start() {
+    if !faketime() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plans = write_plans(dir.path(), SEED_PLANS);
+    let db = dir.path().join("packmeter.db");
+    let mut args = REPLAY.to_vec();
+    args.extend(["--plans", &plans]);
+    let server = start_at(&db, "2020-10-12 15:59:00", &args);
+    let mut meter = server.meter().await;
+    for (n, at, want) in [
+        (1, "2019-11-10T17:13:14+08:00", (1, 0, 499_999)),
+        (70_000, "2020-10-03T00:00:00+08:00", (0, 70_000, 0)),
+    ] {
+        let r = meter
+            .deduct(deduct("acme", n, 0, Some(at)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(split(&r.calls), want);
+    }
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // Back half an hour after the instant (the default 1 h grace keeps its
+    // hour open).
+    let server = start_at(&db, "2020-10-12 16:30:00", &["--plans", &plans]);
+    common::until(std::time::Duration::from_secs(60), async || {
+        server.metric("packmeter_plan_switches_total").await == 1.0
+    })
+    .await;
+    let packs = server.packs("acme").await;
+    let october = pack_at(&packs, Item::Calls, "2020-10-05T00:00:00+08:00").unwrap();
+    assert_eq!(
+        (october.plan.as_str(), october.capacity, october.used),
+        ("2020-10", 1_000_000, 70_000)
+    );
+    // The rows are in the store (the hour is open, so not exported yet).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rows: Vec<(i64, String, i64)> = conn
+        .prepare("SELECT hour, pack_id, amount FROM usage_adjustments ORDER BY pack_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let hour = ts("2020-10-12T15:00:00Z").seconds * 1_000_000;
+    assert_eq!(
+        rows,
+        [
+            (hour, String::new(), -70_000),
+            (hour, "free-2020-10-calls@2020-10".to_string(), 70_000),
+        ]
+    );
+}
