@@ -856,15 +856,20 @@ fn faketime() -> bool {
     found
 }
 
-/// A server on `db` whose clock starts at `at` (UTC) and runs on.
-fn start_at(db: &Path, at: &str, extra: &[&str]) -> Server {
+/// Starts the command's clock at `at` (UTC); it runs on from there.
+fn fake_clock(at: &str) -> impl FnOnce(&mut Command) {
     let at = format!("@{at}");
-    Server::start_prepared(db, extra, |c| {
+    move |c| {
         c.env("LD_PRELOAD", FAKETIME)
             .env("FAKETIME", &at)
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
             .env("TZ", "UTC");
-    })
+    }
+}
+
+/// A server on `db` whose clock starts at `at` (UTC) and runs on.
+fn start_at(db: &Path, at: &str, extra: &[&str]) -> Server {
+    Server::start_prepared(db, extra, fake_clock(at))
 }
 
 /// Every settled row from September to mid-October 2020.
@@ -1116,13 +1121,7 @@ async fn the_seed_change_recalculates_usage_recorded_before_its_instant() {
 /// A node on PostgreSQL whose clock starts at `at` (UTC), with `dir` as its
 /// data directory.
 fn start_node_at(db: &str, dir: &Path, at: &str, extra: &[&str]) -> Server {
-    let at = format!("@{at}");
-    Server::start_store_prepared(db, dir, extra, |c| {
-        c.env("LD_PRELOAD", FAKETIME)
-            .env("FAKETIME", &at)
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .env("TZ", "UTC");
-    })
+    Server::start_store_prepared(db, dir, extra, fake_clock(at))
 }
 
 /// Two nodes on one PostgreSQL both record an account's usage under the

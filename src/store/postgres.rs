@@ -1094,6 +1094,17 @@ async fn migrate_on(client: &mut Object) -> Result<(), OpenError> {
     }
 }
 
+/// The settled mark (R12), `Ts::MIN` until something has been settled.
+async fn settled_mark(c: &impl deadpool_postgres::GenericClient) -> Result<Ts, StoreError> {
+    let stmt = c
+        .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")
+        .await?;
+    Ok(match c.query_opt(&stmt, &[]).await? {
+        Some(row) => row.try_get(0)?,
+        None => Ts::MIN,
+    })
+}
+
 /// Records a change in the caller's transaction, as its last statement so
 /// the sequence number is taken as close to the commit as possible (see
 /// [`Change::seq`]), after pruning rows older than [`CHANGE_RETENTION`].
@@ -1921,15 +1932,7 @@ impl Store for PostgresStore {
     }
 
     async fn settled_before(&self) -> Result<Ts, StoreError> {
-        on_client!(self, |c| {
-            let stmt = c
-                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")
-                .await?;
-            Ok(match c.query_opt(&stmt, &[]).await? {
-                Some(row) => row.try_get(0)?,
-                None => Ts::MIN,
-            })
-        })
+        on_client!(self, |c| settled_mark(&*c).await)
     }
 
     async fn recorded_plans(&self) -> Result<Vec<super::RecordedPlan>, StoreError> {
@@ -2032,13 +2035,7 @@ impl Store for PostgresStore {
                 &[&r.account_id],
             )
             .await?;
-            let settled: Ts = tx
-                .query_opt("SELECT settled_before FROM settlement WHERE id = 1", &[])
-                .await?
-                .map(|row| row.try_get(0))
-                .transpose()?
-                .unwrap_or(Ts::MIN);
-            let hour = r.hour.max(settled);
+            let hour = r.hour.max(settled_mark(&tx).await?);
             let held = tx
                 .prepare_cached(
                     "SELECT pack_id, source, sum(amount)::BIGINT FROM ( \

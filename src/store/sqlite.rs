@@ -458,6 +458,15 @@ fn get_account(conn: &Connection, id: &str) -> Result<Option<AccountRecord>, Sto
         .optional()?)
 }
 
+/// The settled mark (R12), `Ts::MIN` until something has been settled.
+fn settled_mark(conn: &Connection) -> Result<Ts, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or(Ts::MIN))
+}
+
 fn get_pack(
     conn: &Connection,
     account: &str,
@@ -924,14 +933,7 @@ impl Store for SqliteStore {
     }
 
     async fn settled_before(&self) -> Result<Ts, StoreError> {
-        self.read(|conn| {
-            Ok(conn
-                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
-                .query_row([], |r| r.get(0))
-                .optional()?
-                .unwrap_or(Ts::MIN))
-        })
-        .await
+        self.read(|conn| settled_mark(conn)).await
     }
 
     async fn recorded_plans(&self) -> Result<Vec<super::RecordedPlan>, StoreError> {
@@ -1024,12 +1026,7 @@ impl Store for SqliteStore {
         let r = r.clone();
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            let settled: Ts = tx
-                .prepare_cached("SELECT settled_before FROM settlement WHERE id = 1")?
-                .query_row([], |row| row.get(0))
-                .optional()?
-                .unwrap_or(Ts::MIN);
-            let hour = r.hour.max(settled);
+            let hour = r.hour.max(settled_mark(&tx)?);
             {
                 let mut held = tx.prepare_cached(
                     "SELECT pack_id, source, sum(amount) FROM ( \
