@@ -35,7 +35,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    background::Background,
+    background::{Background, Slicer},
     calendar::Ts,
     clock::Clock,
     ledger::{FlushBatch, Pending},
@@ -81,11 +81,16 @@ impl FlushObserver for () {
 /// An account and the changes taken from it for a batch.
 type Work = Vec<(Arc<AccountState>, Pending)>;
 
-/// Takes the accounts' unflushed changes out of them.
-fn take_work(accounts: Vec<Arc<AccountState>>) -> Work {
+/// Takes the accounts' unflushed changes out of them, calling `pause`
+/// between accounts. Each ledger's lock is held only for its own take, so
+/// a caller that holds nothing deductions wait for passes
+/// [`Slicer::pause`]; one inside the journal's exclusive section, which
+/// every deduction waits for, must not yield and passes a no-op.
+fn take_work(accounts: Vec<Arc<AccountState>>, mut pause: impl FnMut()) -> Work {
     accounts
         .into_iter()
         .map(|a| {
+            pause();
             let p = a.take_pending();
             (a, p)
         })
@@ -347,7 +352,7 @@ impl Flusher {
                     let mut taken = Vec::new();
                     if !this.in_flight.lock().halted {
                         loop {
-                            let work = take_work(this.meter.take_dirty(this.batch_accounts));
+                            let work = take_work(this.meter.take_dirty(this.batch_accounts), || {});
                             if work.is_empty() {
                                 break;
                             }
@@ -392,7 +397,8 @@ impl Flusher {
         if state.halted {
             return None;
         }
-        let work = take_work(self.meter.take_dirty(n));
+        let mut slicer = Slicer::new();
+        let work = take_work(self.meter.take_dirty(n), || slicer.pause());
         if work.is_empty() {
             return None;
         }
@@ -564,9 +570,13 @@ impl Flusher {
         // This batch is no longer in flight: its changes are in the store.
         let mut state = self.in_flight.lock();
         state.batches.retain(|b| !Arc::ptr_eq(b, batch));
+        let mut slicer = Slicer::new();
         let again: Vec<_> = work
             .into_iter()
-            .filter(|(a, _)| a.finish_flush())
+            .filter(|(a, _)| {
+                slicer.pause();
+                a.finish_flush()
+            })
             .map(|(a, _)| a)
             .collect();
         drop(state);
@@ -673,7 +683,7 @@ impl Flusher {
                 .into_iter()
                 .flat_map(|(w, _)| w.into_iter().map(|(a, _)| a)),
         );
-        let mut work = take_work(accounts);
+        let mut work = take_work(accounts, || {});
         work.retain(|(_, p)| !p.is_empty());
         for chunk in work.chunks(self.batch_accounts) {
             out.push(self.batch(chunk));
