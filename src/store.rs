@@ -127,8 +127,6 @@ pub const CHANGE_RETENTION: Ts = 24 * crate::calendar::HOUR;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountTotals {
     pub account_id: std::sync::Arc<str>,
-    /// The account row, as stored after the flush.
-    pub account: Option<AccountRecord>,
     /// Every pack row of the account, with its global `used`: what every
     /// node has flushed, attributed and capped by the store.
     pub packs: Vec<StoredPack>,

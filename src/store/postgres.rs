@@ -1391,12 +1391,6 @@ impl Store for PostgresStore {
                      OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
                 )
                 .await?;
-            let read_accounts = tx
-                .prepare_cached(
-                    "SELECT account_id, activated_at, suspended, deny_on_exhausted \
-                     FROM accounts WHERE account_id = ANY($1)",
-                )
-                .await?;
             let read_packs = tx
                 .prepare_cached(&format!(
                     "SELECT account_id, {PACK_COLUMNS}{address} FROM packs \
@@ -1421,46 +1415,35 @@ impl Store for PostgresStore {
             // they are sent, so the reads see the store after the accounts
             // are locked. If the batch was applied before, what the rest
             // did is rolled back with the transaction.
-            let (fresh, (), (account_rows, pack_rows), usage_rows, held_rows) =
-                futures_util::future::try_join5(
-                    tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
-                    async {
-                        if !ids.is_empty() {
-                            tx.execute(&lock_accounts, &[ids, activations]).await?;
-                        }
-                        Ok::<_, tokio_postgres::Error>(())
-                    },
-                    futures_util::future::try_join(
-                        async {
-                            if ids.is_empty() {
-                                return Ok::<_, tokio_postgres::Error>(Vec::new());
-                            }
-                            tx.query(&read_accounts, &[ids]).await
-                        },
-                        async {
-                            if ids.is_empty() {
-                                return Ok::<_, tokio_postgres::Error>(Vec::new());
-                            }
-                            tx.query(&read_packs, &[ids]).await
-                        },
-                    ),
-                    async {
-                        match first_hour {
-                            Some(hour) if !ids.is_empty() => {
-                                tx.query(&read_usage, &[ids, &hour]).await
-                            }
-                            _ => Ok::<_, tokio_postgres::Error>(Vec::new()),
-                        }
-                    },
-                    async {
-                        if req_ids.is_empty() {
-                            return Ok::<_, tokio_postgres::Error>(Vec::new());
-                        }
-                        tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
-                            .await
-                    },
-                )
-                .await?;
+            let (fresh, (), pack_rows, usage_rows, held_rows) = futures_util::future::try_join5(
+                tx.execute(&record_batch, &[&batch.batch_id, &batch.now]),
+                async {
+                    if !ids.is_empty() {
+                        tx.execute(&lock_accounts, &[ids, activations]).await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                },
+                async {
+                    if ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_packs, &[ids]).await
+                },
+                async {
+                    match first_hour {
+                        Some(hour) if !ids.is_empty() => tx.query(&read_usage, &[ids, &hour]).await,
+                        _ => Ok::<_, tokio_postgres::Error>(Vec::new()),
+                    }
+                },
+                async {
+                    if req_ids.is_empty() {
+                        return Ok::<_, tokio_postgres::Error>(Vec::new());
+                    }
+                    tx.query(&read_held, &[req_accounts, req_ids, &batch.now])
+                        .await
+                },
+            )
+            .await?;
             if fresh == 0 {
                 // Applied before (a replayed spill of a flush that committed);
                 // dropping the transaction rolls it back.
@@ -1470,19 +1453,6 @@ impl Store for PostgresStore {
                 applied: true,
                 ..Flushed::default()
             };
-            // Columns by position: the statements above fix them.
-            let mut records: HashMap<&str, AccountRecord> = HashMap::with_capacity(ids.len());
-            for row in &account_rows {
-                records.insert(
-                    row.try_get(0)?,
-                    AccountRecord {
-                        account_id: row.try_get(0)?,
-                        activated_at: row.try_get(1)?,
-                        suspended: row.try_get(2)?,
-                        deny_on_exhausted: row.try_get(3)?,
-                    },
-                );
-            }
             // Per account: its packs, each with its address (or none).
             let mut stored: HashMap<&str, (Vec<StoredPack>, Vec<Option<Tid>>)> =
                 HashMap::with_capacity(ids.len());
@@ -1658,7 +1628,6 @@ impl Store for PostgresStore {
                     .reversed
                     .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
                 flushed.accounts.push(AccountTotals {
-                    account: records.remove(id),
                     account_id,
                     packs: a.totals,
                 });

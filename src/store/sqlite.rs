@@ -854,7 +854,6 @@ impl Store for SqliteStore {
                         .reversed
                         .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
                     flushed.accounts.push(AccountTotals {
-                        account: get_account(&tx, id)?,
                         account_id,
                         packs: a.totals,
                     });
