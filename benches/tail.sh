@@ -8,7 +8,9 @@
 #   OLD=../old/target/release/packmeter benches/tail.sh   # before and after
 #
 # Servers are pinned to CPU 0 and loadgen to CPU 1; all run at once, idle
-# unless measured. Each round runs every scenario against every server back
+# unless measured: before each window the script waits until no server
+# uses CPU (a flush left over from the previous window would otherwise
+# run on CPU 0 during the next one). Each round runs every scenario against every server back
 # to back, so each ratio compares runs a few seconds apart. Scenarios:
 #   rls/10000    10 k accounts: each 1 s flush writes the ~10 k accounts
 #                touched in that second
@@ -66,6 +68,26 @@ if [ -n "$OLD" ]; then
   start old-journal "$OLD" 51205 52205 --durability journal
 fi
 
+# Waits until every server has been idle for 0.3 s (its CPU time, from
+# /proc, unchanged over three 0.1 s samples; at most 10 s), so the flush
+# a window leaves behind (up to 65 k accounts at 100 k) does not run on CPU
+# 0 during the next server's window.
+settle() {
+  local last="" now idle=0
+  for _ in $(seq 100); do
+    now=""
+    for p in "${PID[@]}"; do now+="$(cut -d' ' -f14,15 "/proc/$p/stat") "; done
+    if [ "$now" = "$last" ]; then
+      idle=$((idle + 1))
+      [ "$idle" -ge 3 ] && return 0
+    else
+      idle=0
+    fi
+    last=$now
+    sleep 0.1
+  done
+}
+
 echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; rounds=$ROUNDS duration=$DURATION warmup=$WARMUP concurrency=$CONCURRENCY connections=$CONNECTIONS; load $(cut -d' ' -f1-3 /proc/loadavg)"
 for n in $SCENARIOS; do
   for name in "${servers[@]}"; do
@@ -76,6 +98,7 @@ for n in $SCENARIOS; do
   done
   for round in $(seq "$ROUNDS"); do
     for name in "${servers[@]}"; do
+      settle
       line=$(taskset -c 1 "$NEW" loadgen --server "http://127.0.0.1:${PORT[$name]}" \
         --server-pid "${PID[$name]}" --rpc rls --accounts "$n" --duration "$DURATION" \
         --warmup "$WARMUP" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
