@@ -322,10 +322,60 @@ pub fn free_month_at(
     month.contains(ts).then_some(month)
 }
 
+/// The month holding the last instant asked about, so that asking for the
+/// next month's start on every request costs one load and two comparisons
+/// instead of the calendar arithmetic (about 440 instructions, measured
+/// with callgrind, on each Envoy `ShouldRateLimit` answer's reset time).
+#[derive(Debug, Default)]
+pub struct MonthCache(arc_swap::ArcSwapOption<(Ts, Ts)>);
+
+impl MonthCache {
+    /// `zone.next_month_start(ts)`, from the cache when `ts` falls in the
+    /// month it holds. `zone` must be the same on every call.
+    pub fn next_month_start(&self, zone: &BillingZone, ts: Ts) -> Ts {
+        if let Some(m) = &*self.0.load() {
+            if m.0 <= ts && ts < m.1 {
+                return m.1;
+            }
+        }
+        let month = (zone.month_start(ts), zone.next_month_start(ts));
+        self.0.store(Some(std::sync::Arc::new(month)));
+        month.1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_month_cache_answers_as_the_zone_does_across_month_ends() {
+        let zone: BillingZone = "Europe/Paris".parse().unwrap();
+        let cache = MonthCache::default();
+        let start = zone.month_start(from_datetime(
+            &DateTime::parse_from_rfc3339("2026-01-01T00:00:00+01:00").unwrap(),
+        ));
+        // Every 7 hours for 14 months, forwards, then a few going back.
+        let mut ts = start;
+        let mut seen = Vec::new();
+        while ts < zone.add_months(start, 14) {
+            assert_eq!(cache.next_month_start(&zone, ts), zone.next_month_start(ts));
+            seen.push(ts);
+            ts += 7 * HOUR;
+        }
+        for ts in seen.iter().rev().step_by(97) {
+            assert_eq!(
+                cache.next_month_start(&zone, *ts),
+                zone.next_month_start(*ts)
+            );
+        }
+        // The instants either side of a boundary.
+        let b = zone.next_month_start(start);
+        assert_eq!(cache.next_month_start(&zone, b - 1), b);
+        assert_eq!(cache.next_month_start(&zone, b), zone.next_month_start(b));
+        assert_eq!(cache.next_month_start(&zone, b - 1), b);
+    }
 
     fn zone(s: &str) -> BillingZone {
         s.parse().unwrap()

@@ -53,11 +53,17 @@ const DENY_REASON_HEADER: &str = "x-packmeter-deny-reason";
 pub struct RlsService {
     app: Arc<App>,
     mapping: RlsConfig,
+    /// For each answer's reset time (the next month's start).
+    month: crate::calendar::MonthCache,
 }
 
 impl RlsService {
     pub fn new(app: Arc<App>, mapping: RlsConfig) -> Self {
-        RlsService { app, mapping }
+        RlsService {
+            app,
+            mapping,
+            month: Default::default(),
+        }
     }
 }
 
@@ -220,7 +226,7 @@ impl RateLimitService for RlsService {
             .map_err(|Refused { index, error }| at_index(index, error.into()))?;
 
         let now = self.app.now();
-        let reset = self.app.config().zone.next_month_start(now);
+        let reset = self.month.next_month_start(&self.app.config().zone, now);
         let until_reset = duration(reset.saturating_sub(now));
         let denied = outcomes.iter().find_map(|o| match o.decision {
             Decision::Deny(reason) => Some(reason),
