@@ -157,6 +157,17 @@ pub fn deduction_order(a: &PackSpec, b: &PackSpec) -> Ordering {
         .then(a.pack_id.cmp(&b.pack_id))
 }
 
+/// [`deduction_order`] of two counters' specs, without building them.
+pub fn counter_order(a: &PackCounter, b: &PackCounter) -> Ordering {
+    let free_first = |p: &PackCounter| p.source() != PackSource::FreeTier;
+    free_first(a)
+        .cmp(&free_first(b))
+        .then(b.base.priority.cmp(&a.base.priority))
+        .then(a.valid_until.cmp(&b.valid_until))
+        .then(a.created_at().cmp(&b.created_at()))
+        .then(a.pack_id().cmp(b.pack_id()))
+}
+
 /// A pack with its live usage.
 ///
 /// 32 bytes: what a pack is apart from its validity lives in `base`, which
@@ -398,6 +409,55 @@ pub(crate) mod tests {
         v.sort_by(deduction_order);
         let ids: Vec<_> = v.iter().map(|p| &*p.pack_id).collect();
         assert_eq!(ids, ["free", "b", "c", "a", "d", "e"]);
+    }
+
+    /// A counter gives back the very spec it was made from, whether its
+    /// base is shared (a free-tier pack) or its own (a purchased one, or a
+    /// free-tier one created at another instant than its start), and two
+    /// accounts' counters of the same free-tier pack share one base
+    /// whatever their validity.
+    #[test]
+    fn a_counter_keeps_its_spec_and_shares_a_free_tier_base() {
+        let month = |from: Ts, until: Ts| PackSpec {
+            pack_id: "free-2026-12-calls".into(),
+            source: PackSource::FreeTier,
+            item: Item::Calls,
+            capacity: 1_000,
+            valid_from: from,
+            valid_until: until,
+            priority: 0,
+            created_at: from,
+        };
+        let specs = [
+            month(100, 200),
+            // Another account activated later in the month.
+            month(150, 200),
+            PackSpec {
+                created_at: 7,
+                ..month(100, 200)
+            },
+            purchased("p", 5, 3, 90, 11),
+            PackSpec {
+                created_at: Ts::MIN,
+                ..purchased("q", 5, 3, 90, 11)
+            },
+        ];
+        let counters: Vec<_> = specs
+            .iter()
+            .map(|s| PackCounter::new(s.clone(), 3))
+            .collect();
+        for (c, s) in counters.iter().zip(&specs) {
+            assert_eq!(c.spec(), *s);
+            assert_eq!((c.used(), c.remaining()), (3, s.capacity - 3));
+        }
+        assert!(Arc::ptr_eq(&counters[0].base, &counters[1].base));
+        assert!(!Arc::ptr_eq(&counters[0].base, &counters[2].base));
+        // Counters sort as their specs do.
+        for a in &counters {
+            for b in &counters {
+                assert_eq!(counter_order(a, b), deduction_order(&a.spec(), &b.spec()));
+            }
+        }
     }
 
     #[test]

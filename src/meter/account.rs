@@ -14,7 +14,7 @@ use super::dedup::DedupTable;
 use crate::{
     calendar::Ts,
     ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
-    packs::{deduction_order, PackCounter, PackSource},
+    packs::{counter_order, PackCounter, PackSource},
 };
 
 pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
@@ -114,7 +114,7 @@ impl AccountState {
                     next.push(p);
                 }
             }
-            next.sort_by(|a, b| deduction_order(&a.spec(), &b.spec()));
+            next.sort_by(|a, b| counter_order(a, b));
             // Replaced rarely, read on every deduction: no spare capacity.
             next.shrink_to_fit();
             next

@@ -9,7 +9,7 @@ use std::{
 use super::{AccountState, Meter, MeterError, PackView};
 use crate::{
     calendar::{self, FreeMonth, Ts},
-    packs::{deduction_order, Item, PackCounter, PackSource, PackSpec},
+    packs::{counter_order, deduction_order, Item, PackCounter, PackSource, PackSpec},
     store::StoredPack,
 };
 
@@ -214,7 +214,7 @@ impl Meter {
                     next.push(Arc::new(PackCounter::new(spec, u.unwrap_or(0))));
                 }
             }
-            next.sort_by(|a, b| deduction_order(&a.spec(), &b.spec()));
+            next.sort_by(|a, b| counter_order(a, b));
             next
         });
     }
