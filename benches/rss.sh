@@ -5,9 +5,11 @@
 # the server's VmRSS.
 #
 #   benches/rss.sh [BIN] [ACCOUNTS]   # default target/release/packmeter, 1000000
+#   PORT=51471 (gRPC; the admin port is PORT + 1000)
 set -euo pipefail
 BIN=${1:-target/release/packmeter}
 ACCOUNTS=${2:-1000000}
+PORT=${PORT:-51471}
 work=$(mktemp -d)
 spid=
 cleanup() {
@@ -15,16 +17,17 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-"$BIN" serve --listen 127.0.0.1:51401 --admin-listen 127.0.0.1:52401 \
+"$BIN" serve --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$((PORT + 1000))" \
   --store "sqlite://$work/rss.db" --log-format json >"$work/out" 2>"$work/err" &
 spid=$!
 for _ in $(seq 100); do
   grep -q listening "$work/out" 2>/dev/null && break
+  kill -0 "$spid" 2>/dev/null || { cat "$work/err" "$work/out" >&2; exit 1; }
   sleep 0.1
 done
 rss() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$spid/status"; }
 empty=$(rss)
-"$BIN" loadgen --server http://127.0.0.1:51401 --prime --accounts "$ACCOUNTS" \
+"$BIN" loadgen --server "http://127.0.0.1:$PORT" --prime --accounts "$ACCOUNTS" \
   --duration 0s 2>&1 | grep -i primed || true
 primed=$(rss)
 # The flusher writes the primed accounts within its interval.
