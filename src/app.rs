@@ -592,7 +592,7 @@ impl App {
                 .iter()
                 .filter(|p| {
                     p.spec.source == PackSource::Purchased
-                        && !resident.iter().any(|r| r.spec.pack_id == p.spec.pack_id)
+                        && !resident.iter().any(|r| *r.pack_id() == p.spec.pack_id)
                 })
                 .collect()
         };

@@ -116,7 +116,7 @@ struct InFlight {
 
 /// The wall-clock time of the oldest change of a batch's work.
 fn oldest_since(work: &Work) -> Option<Ts> {
-    work.iter().filter_map(|(_, p)| p.since).min()
+    work.iter().filter_map(|(_, p)| p.since()).min()
 }
 
 pub struct Flusher {
@@ -410,7 +410,7 @@ impl Flusher {
         // In key order, each transaction's upserts walk the tables' B-trees
         // forwards instead of jumping around them.
         work.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
-        if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since).min() {
+        if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since()).min() {
             // The oldest of the batches being written (several may be):
             // reset when the flush ends.
             self.in_flight_since.fetch_min(oldest, Ordering::Relaxed);

@@ -17,22 +17,22 @@ use crate::{
 
 /// Usage not yet in the store, for one (hour, item, pack) of an account.
 ///
-/// 40 bytes: the earliest and latest event times are kept as offsets into
-/// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), so that two
-/// deltas (calls and egress, each covered by one pack) fit inline in
-/// [`Pending`] within a small footprint.
+/// 32 bytes: the earliest and latest event times are kept as offsets into
+/// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), and the hour and
+/// the item share one word, so that two deltas (calls and egress, each
+/// covered by one pack) fit inline in [`Pending`] within a small footprint.
 #[derive(Clone, Debug)]
 pub struct Delta {
-    /// Start of the UTC hour.
-    pub hour: Ts,
+    /// Start of the UTC hour, shifted left by one, with the item in the
+    /// low bit (see [`hour`](Self::hour) and [`item`](Self::item)).
+    hour_item: i64,
     /// The pack that covered the amount, or `None` for overage.
     pub pack: Option<Arc<PackCounter>>,
     pub amount: u64,
     /// The earliest and latest event time of the amount, as offsets from
-    /// `hour` (see [`first`](Self::first) and [`last`](Self::last)).
+    /// the hour (see [`first`](Self::first) and [`last`](Self::last)).
     first_offset: u32,
     last_offset: u32,
-    pub item: Item,
 }
 
 /// `t` as an offset into the hour starting at `hour`. Events of a delta
@@ -45,24 +45,43 @@ fn offset(hour: Ts, t: Ts) -> u32 {
     u32::try_from(t.saturating_sub(hour).clamp(0, HOUR - 1)).unwrap_or(u32::MAX)
 }
 
+/// An hour and an item in one word. An hour is an instant the server
+/// clock accepted an event at (R9), within ±2⁶² µs (±146,000 years) of the
+/// epoch, so the shift loses nothing.
+fn hour_item(hour: Ts, item: Item) -> i64 {
+    debug_assert!(
+        hour.checked_mul(2).is_some(),
+        "hour {hour} outside the range a delta holds"
+    );
+    (hour << 1) | (slot(item) as i64)
+}
+
 impl Delta {
-    /// The earliest event time of the amount (within `hour`).
-    pub fn first(&self) -> Ts {
-        self.hour + Ts::from(self.first_offset)
+    /// Start of the UTC hour.
+    pub fn hour(&self) -> Ts {
+        self.hour_item >> 1
     }
 
-    /// The latest event time of the amount (within `hour`).
+    pub fn item(&self) -> Item {
+        Item::ALL[(self.hour_item & 1) as usize]
+    }
+
+    /// The earliest event time of the amount (within its hour).
+    pub fn first(&self) -> Ts {
+        self.hour() + Ts::from(self.first_offset)
+    }
+
+    /// The latest event time of the amount (within its hour).
     pub fn last(&self) -> Ts {
-        self.hour + Ts::from(self.last_offset)
+        self.hour() + Ts::from(self.last_offset)
     }
 
     fn same_key(&self, hour: Ts, item: Item, pack: Option<&Arc<PackCounter>>) -> bool {
-        self.hour == hour
-            && self.item == item
+        self.hour_item == hour_item(hour, item)
             && match (&self.pack, pack) {
                 (None, None) => true,
                 // Usually the very same counter: skip reading the ids then.
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.spec.pack_id == b.spec.pack_id,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.pack_id() == b.pack_id(),
                 _ => false,
             }
     }
@@ -88,18 +107,85 @@ pub struct DedupRecord {
 }
 
 /// An account's unflushed changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pending {
     /// Inline for the common case (one hour, calls and egress each covered
     /// by one pack): an active account then needs no separate allocation,
     /// which would cost 144 bytes (the `Vec` grows to 4 deltas at once).
     pub deltas: smallvec::SmallVec<[Delta; 2]>,
-    pub dedup: Vec<DedupRecord>,
+    /// New request-id records: most accounts never send a request id, so
+    /// one word while there are none.
+    pub dedup: Records,
     /// The account row must be written (it was auto-activated).
     pub account_dirty: bool,
     /// Wall-clock time of the oldest change in here, for the
-    /// oldest-unflushed-delta metric.
-    pub since: Option<Ts>,
+    /// oldest-unflushed-delta metric; `NO_SINCE` for none (see
+    /// [`since`](Self::since)).
+    since: Ts,
+}
+
+const NO_SINCE: Ts = Ts::MIN;
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            deltas: smallvec::SmallVec::new(),
+            dedup: Records::default(),
+            account_dirty: false,
+            since: NO_SINCE,
+        }
+    }
+}
+
+/// A list of request-id records that costs one pointer while empty (a
+/// `Vec` costs three words in every resident account).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+// The box is the point: one word in every account instead of a `Vec`'s
+// three; the extra allocation is only paid by accounts that send ids.
+#[allow(clippy::box_collection)]
+pub struct Records(Option<Box<Vec<DedupRecord>>>);
+
+impl Records {
+    pub fn push(&mut self, r: DedupRecord) {
+        self.0.get_or_insert_with(Box::default).push(r);
+    }
+
+    pub fn as_slice(&self) -> &[DedupRecord] {
+        self.0.as_deref().map_or(&[], |v| &v[..])
+    }
+
+    pub fn to_vec(&self) -> Vec<DedupRecord> {
+        self.as_slice().to_vec()
+    }
+
+    /// Frees the records' buffer.
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl std::ops::Deref for Records {
+    type Target = [DedupRecord];
+    fn deref(&self) -> &[DedupRecord] {
+        self.as_slice()
+    }
+}
+
+impl Extend<DedupRecord> for Records {
+    fn extend<I: IntoIterator<Item = DedupRecord>>(&mut self, iter: I) {
+        let mut iter = iter.into_iter().peekable();
+        if iter.peek().is_some() {
+            self.0.get_or_insert_with(Box::default).extend(iter);
+        }
+    }
+}
+
+impl IntoIterator for Records {
+    type Item = DedupRecord;
+    type IntoIter = std::vec::IntoIter<DedupRecord>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.map_or_else(Vec::new, |v| *v).into_iter()
+    }
 }
 
 /// The most one (account, hour, item) may hold in all, packs and overage
@@ -247,7 +333,7 @@ impl PendingSlot {
     pub fn shrink(&mut self) {
         if self.changes.is_empty() {
             self.changes.deltas.shrink_to_fit();
-            self.changes.dedup.shrink_to_fit();
+            self.changes.dedup.clear();
         }
     }
 }
@@ -283,7 +369,7 @@ impl Pending {
         if amount == 0 {
             return;
         }
-        self.since.get_or_insert(now);
+        self.note_since(now);
         // Linear scan: an account rarely has more than a handful of keys
         // between two flushes, and this avoids a map per account.
         // A sum that would overflow starts a second delta for the key: the
@@ -300,39 +386,51 @@ impl Pending {
                 d.last_offset = d.last_offset.max(offset(hour, last));
             }
             None => self.deltas.push(Delta {
-                hour,
+                hour_item: hour_item(hour, item),
                 pack: pack.cloned(),
                 amount,
                 first_offset: offset(hour, first),
                 last_offset: offset(hour, last),
-                item,
             }),
         }
     }
 
     /// Puts back changes from a failed flush.
     pub fn merge(&mut self, failed: Pending) {
+        let failed_since = failed.since();
         for d in failed.deltas {
             self.add_span(
-                d.hour,
-                d.item,
+                d.hour(),
+                d.item(),
                 d.pack.as_ref(),
                 d.amount,
-                failed.since.unwrap_or(0),
+                failed_since.unwrap_or(0),
                 (d.first(), d.last()),
             );
         }
         self.dedup.extend(failed.dedup);
         self.account_dirty |= failed.account_dirty;
-        self.since = match (self.since, failed.since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        self.since = match (self.since(), failed_since) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(NO_SINCE),
         };
+    }
+
+    /// Wall-clock time of the oldest change in here.
+    pub fn since(&self) -> Option<Ts> {
+        Some(self.since).filter(|s| *s != NO_SINCE)
+    }
+
+    /// Notes a change at `now`, if it is the first.
+    pub fn note_since(&mut self, now: Ts) {
+        if self.since == NO_SINCE {
+            self.since = now;
+        }
     }
 
     /// The earliest hour with unflushed usage.
     pub fn oldest_hour(&self) -> Option<Ts> {
-        self.deltas.iter().map(|d| d.hour).min()
+        self.deltas.iter().map(|d| d.hour()).min()
     }
 }
 
@@ -728,7 +826,7 @@ mod tests {
         assert_eq!(p.deltas[0].amount, 3);
         // The event times the delta holds, for the flush's re-attribution.
         assert_eq!((p.deltas[0].first(), p.deltas[0].last()), (10, 11));
-        assert_eq!(p.since, Some(5));
+        assert_eq!(p.since(), Some(5));
     }
 
     /// A batch after an outage holds every request id of the outage: the
@@ -810,6 +908,6 @@ mod tests {
         let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);
         assert_eq!(p.deltas[0].amount, 8);
-        assert_eq!(p.since, Some(1));
+        assert_eq!(p.since(), Some(1));
     }
 }

@@ -104,7 +104,7 @@ impl PackSource {
 }
 
 /// What a pack is, without its usage.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PackSpec {
     pub pack_id: Arc<str>,
     pub source: PackSource,
@@ -157,11 +157,59 @@ pub fn deduction_order(a: &PackSpec, b: &PackSpec) -> Ordering {
         .then(a.pack_id.cmp(&b.pack_id))
 }
 
+/// [`deduction_order`] of two counters' specs, without building them.
+pub fn counter_order(a: &PackCounter, b: &PackCounter) -> Ordering {
+    let free_first = |p: &PackCounter| p.source() != PackSource::FreeTier;
+    free_first(a)
+        .cmp(&free_first(b))
+        .then(b.base.priority.cmp(&a.base.priority))
+        .then(a.valid_until.cmp(&b.valid_until))
+        .then(a.created_at().cmp(&b.created_at()))
+        .then(a.pack_id().cmp(b.pack_id()))
+}
+
 /// A pack with its live usage.
+///
+/// 32 bytes: what a pack is apart from its validity lives in `base`, which
+/// every account's counter of the same free-tier pack shares (its id,
+/// item, capacity and source name only the month and the plan), so that an
+/// account's two free-tier counters of a month cost 48 bytes each with
+/// their `Arc`, not 80. The validity stays here: an account's activation
+/// month starts at its activation, and its last month ends with its free
+/// window.
 #[derive(Debug)]
 pub struct PackCounter {
-    pub spec: PackSpec,
+    base: Arc<PackSpec>,
+    valid_from: Ts,
+    /// Exclusive.
+    valid_until: Ts,
     used: AtomicU64,
+}
+
+/// In a shared free-tier base, `created_at` is this: the pack was created
+/// at its own `valid_from` (as [`PackSpec::free_tier`] makes it).
+const CREATED_AT_VALID_FROM: Ts = Ts::MIN;
+
+/// The shared base of a free-tier pack: its spec with the validity
+/// cleared. A few per calendar month and plan; locked only when a counter
+/// is made, never by a deduction.
+fn free_tier_base(spec: &PackSpec) -> Arc<PackSpec> {
+    static BASES: std::sync::LazyLock<
+        parking_lot::Mutex<std::collections::HashSet<Arc<PackSpec>, crate::meter::FastHash>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let base = PackSpec {
+        valid_from: 0,
+        valid_until: 0,
+        created_at: CREATED_AT_VALID_FROM,
+        ..spec.clone()
+    };
+    let mut bases = BASES.lock();
+    if let Some(b) = bases.get(&base) {
+        return b.clone();
+    }
+    let b = Arc::new(base);
+    bases.insert(b.clone());
+    b
 }
 
 impl PackCounter {
@@ -169,10 +217,68 @@ impl PackCounter {
         // A store may hold more than the capacity after a plan shrank it;
         // clamp so `remaining` never underflows.
         let used = used.min(spec.capacity);
+        let (valid_from, valid_until) = (spec.valid_from, spec.valid_until);
+        let base = if spec.source == PackSource::FreeTier
+            && spec.created_at == spec.valid_from
+            && spec.valid_from != CREATED_AT_VALID_FROM
+        {
+            free_tier_base(&spec)
+        } else {
+            Arc::new(spec)
+        };
         PackCounter {
-            spec,
+            base,
+            valid_from,
+            valid_until,
             used: AtomicU64::new(used),
         }
+    }
+
+    /// The pack's spec.
+    pub fn spec(&self) -> PackSpec {
+        PackSpec {
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            created_at: self.created_at(),
+            ..(*self.base).clone()
+        }
+    }
+
+    pub fn pack_id(&self) -> &Arc<str> {
+        &self.base.pack_id
+    }
+
+    pub fn source(&self) -> PackSource {
+        self.base.source
+    }
+
+    pub fn item(&self) -> Item {
+        self.base.item
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.base.capacity
+    }
+
+    pub fn valid_from(&self) -> Ts {
+        self.valid_from
+    }
+
+    pub fn valid_until(&self) -> Ts {
+        self.valid_until
+    }
+
+    pub fn created_at(&self) -> Ts {
+        if self.base.source == PackSource::FreeTier && self.base.created_at == CREATED_AT_VALID_FROM
+        {
+            self.valid_from
+        } else {
+            self.base.created_at
+        }
+    }
+
+    pub fn valid_at(&self, ts: Ts) -> bool {
+        self.valid_from <= ts && ts < self.valid_until
     }
 
     pub fn used(&self) -> u64 {
@@ -180,14 +286,14 @@ impl PackCounter {
     }
 
     pub fn remaining(&self) -> u64 {
-        self.spec.capacity.saturating_sub(self.used())
+        self.capacity().saturating_sub(self.used())
     }
 
     /// Sets the usage to `used` (at most the capacity): a rebase on the
     /// store's global total after a flush. Only with no deduction in
     /// progress (see `Meter::rebase`), or a concurrent take could be lost.
     pub fn rebase(&self, used: u64) {
-        self.used.store(used.min(self.spec.capacity), Relaxed);
+        self.used.store(used.min(self.capacity()), Relaxed);
     }
 
     /// Takes up to `want` from the pack and returns how much it took. The
@@ -195,7 +301,7 @@ impl PackCounter {
     pub fn take(&self, want: u64) -> u64 {
         let mut used = self.used.load(Relaxed);
         loop {
-            let take = self.spec.capacity.saturating_sub(used).min(want);
+            let take = self.capacity().saturating_sub(used).min(want);
             if take == 0 {
                 return 0;
             }
@@ -234,7 +340,7 @@ impl<'a> Split<'a> {
             if left == 0 {
                 break;
             }
-            if pack.spec.item != item || !pack.spec.valid_at(ts) {
+            if pack.item() != item || !pack.valid_at(ts) {
                 continue;
             }
             let took = pack.take(left);
@@ -253,10 +359,10 @@ impl<'a> Split<'a> {
 pub fn totals(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> (u64, u64) {
     packs
         .iter()
-        .filter(|p| p.spec.item == item && p.spec.valid_at(ts))
+        .filter(|p| p.item() == item && p.valid_at(ts))
         .fold((0u64, 0u64), |(cap, left), p| {
             (
-                cap.saturating_add(p.spec.capacity),
+                cap.saturating_add(p.capacity()),
                 left.saturating_add(p.remaining()),
             )
         })
@@ -303,6 +409,55 @@ pub(crate) mod tests {
         v.sort_by(deduction_order);
         let ids: Vec<_> = v.iter().map(|p| &*p.pack_id).collect();
         assert_eq!(ids, ["free", "b", "c", "a", "d", "e"]);
+    }
+
+    /// A counter gives back the very spec it was made from, whether its
+    /// base is shared (a free-tier pack) or its own (a purchased one, or a
+    /// free-tier one created at another instant than its start), and two
+    /// accounts' counters of the same free-tier pack share one base
+    /// whatever their validity.
+    #[test]
+    fn a_counter_keeps_its_spec_and_shares_a_free_tier_base() {
+        let month = |from: Ts, until: Ts| PackSpec {
+            pack_id: "free-2026-12-calls".into(),
+            source: PackSource::FreeTier,
+            item: Item::Calls,
+            capacity: 1_000,
+            valid_from: from,
+            valid_until: until,
+            priority: 0,
+            created_at: from,
+        };
+        let specs = [
+            month(100, 200),
+            // Another account activated later in the month.
+            month(150, 200),
+            PackSpec {
+                created_at: 7,
+                ..month(100, 200)
+            },
+            purchased("p", 5, 3, 90, 11),
+            PackSpec {
+                created_at: Ts::MIN,
+                ..purchased("q", 5, 3, 90, 11)
+            },
+        ];
+        let counters: Vec<_> = specs
+            .iter()
+            .map(|s| PackCounter::new(s.clone(), 3))
+            .collect();
+        for (c, s) in counters.iter().zip(&specs) {
+            assert_eq!(c.spec(), *s);
+            assert_eq!((c.used(), c.remaining()), (3, s.capacity - 3));
+        }
+        assert!(Arc::ptr_eq(&counters[0].base, &counters[1].base));
+        assert!(!Arc::ptr_eq(&counters[0].base, &counters[2].base));
+        // Counters sort as their specs do.
+        for a in &counters {
+            for b in &counters {
+                assert_eq!(counter_order(a, b), deduction_order(&a.spec(), &b.spec()));
+            }
+        }
     }
 
     #[test]
@@ -369,7 +524,7 @@ pub(crate) mod tests {
             let used: u64 = packs.iter().map(|p| p.used()).sum();
             prop_assert_eq!(covered, used);
             for p in &packs {
-                prop_assert!(p.used() <= p.spec.capacity);
+                prop_assert!(p.used() <= p.capacity());
             }
             let asked: u64 = asks.iter().flatten().sum();
             let cap: u64 = caps.iter().sum();

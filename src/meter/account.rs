@@ -14,7 +14,7 @@ use super::dedup::DedupTable;
 use crate::{
     calendar::Ts,
     ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
-    packs::{deduction_order, PackCounter, PackSource},
+    packs::{counter_order, PackCounter, PackSource},
 };
 
 pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
@@ -106,15 +106,15 @@ impl AccountState {
         self.packs.rcu(|cur| {
             let mut next: PackList = cur
                 .iter()
-                .filter(|p| p.spec.valid_until > keep_after)
+                .filter(|p| p.valid_until() > keep_after)
                 .cloned()
                 .collect();
             for p in add() {
-                if !next.iter().any(|q| q.spec.pack_id == p.spec.pack_id) {
+                if !next.iter().any(|q| q.pack_id() == p.pack_id()) {
                     next.push(p);
                 }
             }
-            next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
+            next.sort_by(|a, b| counter_order(a, b));
             // Replaced rarely, read on every deduction: no spare capacity.
             next.shrink_to_fit();
             next
@@ -125,7 +125,7 @@ impl AccountState {
         self.packs
             .load()
             .iter()
-            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_from == valid_from)
+            .any(|p| p.source() == PackSource::FreeTier && p.valid_from() == valid_from)
     }
 
     /// The counters a rebase on `stored` (the store's packs after a flush)
@@ -143,7 +143,7 @@ impl AccountState {
             slot.get().map_or(0, |p| {
                 p.deltas
                     .iter()
-                    .filter(|d| d.pack.as_ref().is_some_and(|c| &*c.spec.pack_id == id))
+                    .filter(|d| d.pack.as_ref().is_some_and(|c| &**c.pack_id() == id))
                     .fold(0u64, |sum, d| sum.saturating_add(d.amount))
             })
         };
@@ -151,11 +151,11 @@ impl AccountState {
             .load()
             .iter()
             .filter_map(|c| {
-                let s = stored.iter().find(|s| s.spec.pack_id == c.spec.pack_id)?;
+                let s = stored.iter().find(|s| s.spec.pack_id == *c.pack_id())?;
                 let target = s
                     .used
-                    .saturating_add(unflushed(&c.spec.pack_id))
-                    .min(c.spec.capacity);
+                    .saturating_add(unflushed(c.pack_id()))
+                    .min(c.capacity());
                 (target != c.used()).then(|| (c.clone(), target))
             })
             .collect()
@@ -190,7 +190,7 @@ impl AccountState {
     pub fn pending_summary(&self) -> (Option<Ts>, Option<Ts>) {
         let slot = self.pending.lock();
         slot.get()
-            .map_or((None, None), |p| (p.oldest_hour(), p.since))
+            .map_or((None, None), |p| (p.oldest_hour(), p.since()))
     }
     /// This account's changes not yet taken by a flush, as usage entries
     /// (covered when a pack took them, as this node deducted them).
@@ -200,8 +200,8 @@ impl AccountState {
             p.deltas
                 .iter()
                 .map(|d| crate::daily::Entry {
-                    hour: d.hour,
-                    item: d.item,
+                    hour: d.hour(),
+                    item: d.item(),
                     covered: d.pack.is_some(),
                     amount: d.amount,
                 })
@@ -219,13 +219,13 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
             .deltas
             .iter()
             .map(|d| DeltaRow {
-                hour: d.hour,
-                item: d.item,
-                pack: d.pack.as_ref().map(|p| p.spec.clone()),
+                hour: d.hour(),
+                item: d.item(),
+                pack: d.pack.as_ref().map(|p| p.spec()),
                 amount: d.amount,
                 span: Some((d.first(), d.last())),
             })
             .collect(),
-        dedup: pending.dedup.clone(),
+        dedup: pending.dedup.to_vec(),
     }
 }

@@ -448,7 +448,7 @@ impl Meter {
         {
             self.record(acct, |p| {
                 p.account_dirty = true;
-                p.since.get_or_insert(now);
+                p.note_since(now);
             });
         }
     }
@@ -529,7 +529,7 @@ impl Meter {
         let packs = acct.packs.load();
         if packs
             .iter()
-            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_at(at))
+            .any(|p| p.source() == PackSource::FreeTier && p.valid_at(at))
         {
             return packs;
         }

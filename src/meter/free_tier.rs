@@ -9,7 +9,7 @@ use std::{
 use super::{AccountState, Meter, MeterError, PackView};
 use crate::{
     calendar::{self, FreeMonth, Ts},
-    packs::{deduction_order, Item, PackCounter, PackSource, PackSpec},
+    packs::{counter_order, deduction_order, Item, PackCounter, PackSource, PackSpec},
     store::StoredPack,
 };
 
@@ -69,7 +69,7 @@ impl Meter {
             .packs
             .load()
             .iter()
-            .any(|p| p.spec.source == PackSource::FreeTier && p.spec.valid_at(at))
+            .any(|p| p.source() == PackSource::FreeTier && p.valid_at(at))
         {
             return;
         }
@@ -194,12 +194,12 @@ impl Meter {
         acct.packs.rcu(|cur| {
             let old_used: HashMap<&str, u64> = cur
                 .iter()
-                .filter(|p| p.spec.source == PackSource::FreeTier)
-                .map(|p| (&*p.spec.pack_id, p.used()))
+                .filter(|p| p.source() == PackSource::FreeTier)
+                .map(|p| (&**p.pack_id(), p.used()))
                 .collect();
             let mut next: super::account::PackList = cur
                 .iter()
-                .filter(|p| p.spec.source != PackSource::FreeTier)
+                .filter(|p| p.source() != PackSource::FreeTier)
                 .cloned()
                 .collect();
             for m in months.iter().filter(|m| m.valid_until > keep_after) {
@@ -214,7 +214,7 @@ impl Meter {
                     next.push(Arc::new(PackCounter::new(spec, u.unwrap_or(0))));
                 }
             }
-            next.sort_by(|a, b| deduction_order(&a.spec, &b.spec));
+            next.sort_by(|a, b| counter_order(a, b));
             next
         });
     }
@@ -284,7 +284,7 @@ impl Meter {
         if let Some(p) = acct.pending.lock().get() {
             for d in &p.deltas {
                 if let Some(pack) = &d.pack {
-                    let e = unflushed.entry(pack.spec.pack_id.clone()).or_default();
+                    let e = unflushed.entry(pack.pack_id().clone()).or_default();
                     *e = e.saturating_add(d.amount);
                 }
             }
@@ -294,7 +294,7 @@ impl Meter {
         let live = |spec: &PackSpec, stored_used: u64| {
             resident
                 .iter()
-                .find(|p| p.spec.pack_id == spec.pack_id)
+                .find(|p| *p.pack_id() == spec.pack_id)
                 .map_or_else(
                     || {
                         let pending = unflushed.get(&spec.pack_id).copied().unwrap_or(0);

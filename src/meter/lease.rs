@@ -391,8 +391,8 @@ impl Meter {
         acct.packs
             .load()
             .iter()
-            .filter(|p| p.spec.item == Item::Calls && p.spec.valid_at(now))
-            .map(|p| (p.spec.pack_id.to_string(), p.spec.capacity))
+            .filter(|p| p.item() == Item::Calls && p.valid_at(now))
+            .map(|p| (p.pack_id().to_string(), p.capacity()))
             .collect()
     }
 }

@@ -42,7 +42,7 @@ fn free_calls(calls: u64) -> MeterConfig {
 fn calls_used(a: &AccountState) -> u64 {
     a.packs()
         .iter()
-        .filter(|p| p.spec.item == Item::Calls)
+        .filter(|p| p.item() == Item::Calls)
         .map(|p| p.used())
         .sum()
 }
@@ -204,8 +204,8 @@ fn deducts_free_tier_then_purchased_by_priority_then_overage() {
     let used: Vec<(String, u64)> = a
         .packs()
         .iter()
-        .filter(|p| p.spec.item == Item::Calls)
-        .map(|p| (p.spec.pack_id.to_string(), p.used()))
+        .filter(|p| p.item() == Item::Calls)
+        .map(|p| (p.pack_id().to_string(), p.used()))
         .collect();
     assert_eq!(
         used,
@@ -467,7 +467,7 @@ proptest! {
         prop_assert_eq!(covered + overage, asked);
         prop_assert_eq!(covered, asked.min(capacity));
         for p in a.packs().iter() {
-            prop_assert!(p.used() <= p.spec.capacity);
+            prop_assert!(p.used() <= p.capacity());
         }
         let mut slot = a.pending.lock();
         let pending = slot.changes();
@@ -567,7 +567,7 @@ fn an_activation_move_keeps_a_next_month_pack_that_an_early_event_used() {
     let december = |a: &AccountState| {
         a.packs()
             .iter()
-            .find(|p| &*p.spec.pack_id == "free-2024-12-calls")
+            .find(|p| &**p.pack_id() == "free-2024-12-calls")
             .map(|p| p.used())
     };
     assert_eq!(december(&a), Some(3));
@@ -768,7 +768,7 @@ fn no_deduction_lands_in_an_hour_after_it_is_settled() {
         a.pending.lock().get().map_or(0, |p| {
             p.deltas
                 .iter()
-                .filter(|d| d.hour == hour)
+                .filter(|d| d.hour() == hour)
                 .map(|d| d.amount)
                 .sum()
         })
@@ -993,13 +993,15 @@ fn racing_first_deductions_all_fall_in_the_free_tier() {
 fn a_resident_account_stays_small() {
     use std::mem::size_of;
     let sizes = [
-        ("AccountState", size_of::<AccountState>(), 272),
-        ("PendingSlot", size_of::<crate::ledger::PendingSlot>(), 200),
-        ("Delta", size_of::<crate::ledger::Delta>(), 40),
+        ("AccountState", size_of::<AccountState>(), 232),
+        ("PendingSlot", size_of::<crate::ledger::PendingSlot>(), 160),
+        ("Delta", size_of::<crate::ledger::Delta>(), 32),
         ("HourTotals", size_of::<crate::ledger::HourTotals>(), 56),
         ("PackList", size_of::<super::PackList>(), 40),
+        ("PackCounter", size_of::<crate::packs::PackCounter>(), 32),
     ];
     for (name, size, bound) in sizes {
+        eprintln!("{name}: {size} bytes (bound {bound})");
         assert!(size <= bound, "{name} is {size} bytes, over {bound}");
     }
 }
