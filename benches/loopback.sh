@@ -12,9 +12,12 @@
 #   real     serve                               flushes every 1s (the default)
 #   noflush  serve --flush-interval 1h           no flush in the window (10 k accounts)
 # Each scenario runs against the servers back to back, so the pair shares
-# the machine's state. Settings (environment): BIN, DURATION (8s), WARMUP
+# the machine's state; before each window the script waits until no server
+# uses CPU (benches/lib.sh), so a flush left from the last window does not
+# run in the next one. Settings (environment): BIN, DURATION (8s), WARMUP
 # (2s), CONCURRENCY (32), CONNECTIONS (2), BIG (1000000 accounts).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 BIN=${BIN:-target/release/packmeter}
 DURATION=${DURATION:-8s}
@@ -58,6 +61,7 @@ load() {
   local name=$1 label=$2
   shift 2
   local line
+  settle "${pids[@]}"
   line=$(taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:${PORT[$name]}" \
     --server-pid "${PID[$name]}" --duration "$DURATION" --warmup "$WARMUP" \
     --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" "$@" 2>>"$work/loadgen.err")

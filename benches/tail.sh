@@ -22,6 +22,7 @@
 # CONNECTIONS (2), SCENARIOS ("10000 100000").
 # One line per run: round, server, scenario, then loadgen's line.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 NEW=${NEW:-target/release/packmeter}
 OLD=${OLD:-}
 ROUNDS=${ROUNDS:-5}
@@ -68,26 +69,6 @@ if [ -n "$OLD" ]; then
   start old-journal "$OLD" 51205 52205 --durability journal
 fi
 
-# Waits until every server has been idle for 0.3 s (its CPU time, from
-# /proc, unchanged over three 0.1 s samples; at most 10 s), so the flush
-# a window leaves behind (up to 65 k accounts at 100 k) does not run on CPU
-# 0 during the next server's window.
-settle() {
-  local last="" now idle=0
-  for _ in $(seq 100); do
-    now=""
-    for p in "${PID[@]}"; do now+="$(cut -d' ' -f14,15 "/proc/$p/stat") "; done
-    if [ "$now" = "$last" ]; then
-      idle=$((idle + 1))
-      [ "$idle" -ge 3 ] && return 0
-    else
-      idle=0
-    fi
-    last=$now
-    sleep 0.1
-  done
-}
-
 echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; rounds=$ROUNDS duration=$DURATION warmup=$WARMUP concurrency=$CONCURRENCY connections=$CONNECTIONS; load $(cut -d' ' -f1-3 /proc/loadavg)"
 for n in $SCENARIOS; do
   for name in "${servers[@]}"; do
@@ -98,7 +79,7 @@ for n in $SCENARIOS; do
   done
   for round in $(seq "$ROUNDS"); do
     for name in "${servers[@]}"; do
-      settle
+      settle "${PID[@]}"
       line=$(taskset -c 1 "$NEW" loadgen --server "http://127.0.0.1:${PORT[$name]}" \
         --server-pid "${PID[$name]}" --rpc rls --accounts "$n" --duration "$DURATION" \
         --warmup "$WARMUP" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
