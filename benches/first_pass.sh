@@ -16,6 +16,7 @@
 # EXTRA (flags for the real server), PERF (set: perf record the first
 # round's real server into first.data).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release/packmeter}
 ROUNDS=${ROUNDS:-2}
 RPC=${RPC:-rls}
@@ -31,19 +32,11 @@ trap cleanup EXIT
 
 # start NAME GRPC_PORT ADMIN_PORT [serve flags...]; sets SPID
 start() {
-  local name=$1 port=$2 admin=$3
-  shift 3
-  rm -f "$work/$name.db"*
-  taskset -c 0 "$BIN" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --store "sqlite://$work/$name.db" --log-format json "$@" >"$work/$name.out" 2>"$work/$name.err" &
-  SPID=$!
+  local name=$1
+  shift
+  start_server "$name" "$BIN" "$@"
+  SPID=$SERVED
   pids+=("$SPID")
-  for _ in $(seq 100); do
-    grep -q listening "$work/$name.out" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  cat "$work/$name.err" >&2
-  exit 1
 }
 
 # load PORT PID [loadgen flags...]

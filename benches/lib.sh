@@ -19,3 +19,28 @@ settle() {
     sleep 0.1
   done
 }
+
+# start_server NAME BIN GRPC_PORT ADMIN_PORT [serve flags...]: starts
+# `BIN serve` pinned to CPU 0, with the SQLite store `$work/NAME.db` (the
+# caller's scratch directory, emptied of that store first) and its output
+# in `$work/NAME.out` and `.err`; waits for the listening line (at most
+# START_TRIES tenths of a second, 100 unless set) and sets SERVED to its
+# pid. Exits the script, with the server's errors, if it does not start.
+start_server() {
+  local name=$1 bin=$2 port=$3 admin=$4
+  shift 4
+  rm -f "$work/$name.db"*
+  taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+    --store "sqlite://$work/$name.db" --log-format json "$@" \
+    >"$work/$name.out" 2>"$work/$name.err" &
+  SERVED=$!
+  for _ in $(seq "${START_TRIES:-100}"); do
+    grep -q listening "$work/$name.out" 2>/dev/null && return 0
+    kill -0 "$SERVED" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server $name did not start:" >&2
+  cat "$work/$name.err" >&2
+  kill -TERM "$SERVED" 2>/dev/null || true
+  exit 1
+}

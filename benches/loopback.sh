@@ -38,22 +38,12 @@ trap cleanup EXIT
 
 # start NAME GRPC_PORT ADMIN_PORT [serve flags...]
 start() {
-  local name=$1 port=$2 admin=$3
-  shift 3
-  rm -f "$work/$name.db"*
-  taskset -c 0 "$BIN" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --store "sqlite://$work/$name.db" --log-format json "$@" \
-    >"$work/$name.out" 2>"$work/$name.err" &
-  PID[$name]=$!
-  PORT[$name]=$port
-  pids+=("$!")
-  for _ in $(seq 100); do
-    grep -q listening "$work/$name.out" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "server $name did not start:" >&2
-  cat "$work/$name.err" >&2
-  exit 1
+  local name=$1
+  shift
+  start_server "$name" "$BIN" "$@"
+  PID[$name]=$SERVED
+  PORT[$name]=$1
+  pids+=("$SERVED")
 }
 
 # load NAME LABEL [loadgen flags...]

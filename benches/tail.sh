@@ -44,21 +44,11 @@ trap cleanup EXIT
 
 # start NAME BIN GRPC_PORT ADMIN_PORT [serve flags...]
 start() {
-  local name=$1 bin=$2 port=$3 admin=$4
-  shift 4
-  taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --store "sqlite://$work/$name.db" --log-format json "$@" \
-    >"$work/$name.out" 2>"$work/$name.err" &
-  PID[$name]=$!
-  PORT[$name]=$port
+  local name=$1
+  START_TRIES=300 start_server "$@"
+  PID[$name]=$SERVED
+  PORT[$name]=$3
   servers+=("$name")
-  for _ in $(seq 300); do
-    grep -q listening "$work/$name.out" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "server $name did not start:" >&2
-  cat "$work/$name.err" >&2
-  exit 1
 }
 
 start noop "$NEW" 51201 52201 --noop
