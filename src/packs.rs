@@ -146,26 +146,31 @@ impl PackSpec {
 }
 
 /// The R6 order: free tier first; then purchased packs by priority (higher
-/// first), then earliest expiry, then earliest creation, then id.
+/// first), then earliest expiry, then earliest creation, then id. As a
+/// key compared field by field, so that specs and counters (which keep
+/// part of their spec shared) sort by the one rule.
+type OrderKey<'a> = (bool, std::cmp::Reverse<u32>, Ts, Ts, &'a str);
+
+impl PackSpec {
+    fn order_key(&self) -> OrderKey<'_> {
+        (
+            self.source != PackSource::FreeTier,
+            std::cmp::Reverse(self.priority),
+            self.valid_until,
+            self.created_at,
+            &self.pack_id,
+        )
+    }
+}
+
+/// The R6 order of two specs (see [`OrderKey`]).
 pub fn deduction_order(a: &PackSpec, b: &PackSpec) -> Ordering {
-    let free_first = |p: &PackSpec| p.source != PackSource::FreeTier;
-    free_first(a)
-        .cmp(&free_first(b))
-        .then(b.priority.cmp(&a.priority))
-        .then(a.valid_until.cmp(&b.valid_until))
-        .then(a.created_at.cmp(&b.created_at))
-        .then(a.pack_id.cmp(&b.pack_id))
+    a.order_key().cmp(&b.order_key())
 }
 
 /// [`deduction_order`] of two counters' specs, without building them.
 pub fn counter_order(a: &PackCounter, b: &PackCounter) -> Ordering {
-    let free_first = |p: &PackCounter| p.source() != PackSource::FreeTier;
-    free_first(a)
-        .cmp(&free_first(b))
-        .then(b.base.priority.cmp(&a.base.priority))
-        .then(a.valid_until.cmp(&b.valid_until))
-        .then(a.created_at().cmp(&b.created_at()))
-        .then(a.pack_id().cmp(b.pack_id()))
+    a.order_key().cmp(&b.order_key())
 }
 
 /// A pack with its live usage.
@@ -279,6 +284,17 @@ impl PackCounter {
 
     pub fn valid_at(&self, ts: Ts) -> bool {
         self.valid_from <= ts && ts < self.valid_until
+    }
+
+    /// The spec's [`OrderKey`], without building the spec.
+    fn order_key(&self) -> OrderKey<'_> {
+        (
+            self.source() != PackSource::FreeTier,
+            std::cmp::Reverse(self.base.priority),
+            self.valid_until,
+            self.created_at(),
+            self.pack_id(),
+        )
     }
 
     pub fn used(&self) -> u64 {
