@@ -333,11 +333,14 @@ impl App {
         for (i, r) in reqs.iter().enumerate() {
             // `now` only stamps the account's last use here: the clock that
             // decides is read after the loads.
-            let acct = self
-                .meter
-                .account_for_request(r.account_id, &r.deduction, now)
-                .await
-                .map_err(|e| refused(i, e))?;
+            let acct = match self.meter.touch_resident(r.account_id, now) {
+                Some(a) => a,
+                None => self
+                    .meter
+                    .account_for_request(r.account_id, &r.deduction, now)
+                    .await
+                    .map_err(|e| refused(i, e))?,
+            };
             accounts.push(acct);
         }
         let charges: Vec<Charge<'_>> = reqs
@@ -413,11 +416,14 @@ impl App {
         now: Ts,
     ) -> Result<(DeductOutcome, Option<Commit>), Refused> {
         let refused = |error| Refused { index: 0, error };
-        let acct = self
-            .meter
-            .account_for_request(r.account_id, &r.deduction, now)
-            .await
-            .map_err(refused)?;
+        let acct = match self.meter.touch_resident(r.account_id, now) {
+            Some(a) => a,
+            None => self
+                .meter
+                .account_for_request(r.account_id, &r.deduction, now)
+                .await
+                .map_err(refused)?,
+        };
         let charge = [Charge {
             account: &acct,
             deduction: r.deduction,

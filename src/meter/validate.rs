@@ -16,7 +16,7 @@ pub fn validate_account_id(id: &str) -> Result<(), MeterError> {
     if id.len() > MAX_ACCOUNT_ID_BYTES {
         return Err(MeterError::InvalidAccountId("is longer than 128 bytes"));
     }
-    if id.chars().any(char::is_control) {
+    if has_control(id) {
         return Err(MeterError::InvalidAccountId("contains a control character"));
     }
     Ok(())
@@ -26,10 +26,25 @@ fn validate_request_id(id: &str) -> Result<(), MeterError> {
     if id.len() > MAX_REQUEST_ID_BYTES {
         return Err(MeterError::InvalidRequestId("is longer than 256 bytes"));
     }
-    if id.chars().any(char::is_control) {
+    if has_control(id) {
         return Err(MeterError::InvalidRequestId("contains a control character"));
     }
     Ok(())
+}
+
+/// Whether `s` holds a control character (`char::is_control`: U+0000–U+001F
+/// and U+007F–U+009F). Every deduction checks two ids, so this first scans
+/// the bytes without stopping early, which the compiler vectorizes, instead
+/// of decoding characters one by one (about 9 instructions a byte, a tenth
+/// of a batched deduction's cost in callgrind). In UTF-8 the C0 controls
+/// and DEL are the bytes below 0x20 and 0x7F, and the C1 controls start
+/// with 0xC2; only a string with one of those bytes gets the exact check.
+/// The ids are at most 256 bytes, so scanning them whole costs little.
+fn has_control(s: &str) -> bool {
+    let suspect = s.bytes().fold(false, |seen, b| {
+        seen | (b < 0x20) | (b == 0x7f) | (b == 0xc2)
+    });
+    suspect && s.chars().any(char::is_control)
 }
 
 impl Meter {
@@ -94,5 +109,19 @@ impl Meter {
     /// Hours that start before this have closed at `now` (R9).
     pub fn closed_before(&self, now: Ts) -> Ts {
         hour_start(now.saturating_sub(self.cfg.late_grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_control;
+
+    #[test]
+    fn the_byte_scan_finds_exactly_the_control_characters() {
+        for c in (0..=0x10ffff).filter_map(char::from_u32) {
+            for s in [c.to_string(), format!("acct-{c}-9"), format!("\u{e9}{c}")] {
+                assert_eq!(has_control(&s), c.is_control(), "{c:?} in {s:?}");
+            }
+        }
     }
 }
