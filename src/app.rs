@@ -301,6 +301,20 @@ impl App {
         reqs: &[DeductRequest<'_>],
         atomicity: Atomicity,
     ) -> Result<Deferred, Refused> {
+        let now = self.admit(reqs)?;
+        if let Some(deducted) = self.deduct_resident(reqs, now, atomicity) {
+            return deducted;
+        }
+        // Boxed, so that the common case above stays a small future: a
+        // stream or unary call moves this future around, and the loading
+        // path's state (store reads, lease round trips) is large.
+        Box::pin(self.deduct_loading(reqs, now, atomicity)).await
+    }
+
+    /// Refuses the group before anything is deducted while the server
+    /// shuts down or the journal cannot be written, or if a request is
+    /// invalid at `now`; returns `now`, the clock the checks used.
+    fn admit(&self, reqs: &[DeductRequest<'_>]) -> Result<Ts, Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
@@ -323,6 +337,73 @@ impl App {
                 .validate(r.account_id, &r.deduction, now)
                 .map_err(|e| refused(i, e))?;
         }
+        Ok(now)
+    }
+
+    /// The common case of [`deduct_deferred`](Self::deduct_deferred),
+    /// without an `.await`: every account is resident, no lease needs
+    /// covering (strict mode is off) and no request id of the group is in
+    /// flight elsewhere. Otherwise `None`, with nothing deducted, and the
+    /// group takes [`deduct_loading`](Self::deduct_loading), which handles
+    /// every case. Both deduct through [`Meter::deduct`] or
+    /// [`Meter::deduct_all`] under [`attempt`](Self::attempt).
+    fn deduct_resident(
+        &self,
+        reqs: &[DeductRequest<'_>],
+        now: Ts,
+        atomicity: Atomicity,
+    ) -> Option<Result<Deferred, Refused>> {
+        if self.meter.leases().is_some() {
+            return None;
+        }
+        let (deducted, commit) = match reqs {
+            [one] => {
+                let acct = self.meter.touch_resident(one.account_id, now)?;
+                self.attempt(|now| {
+                    self.meter
+                        .deduct(&acct, &one.deduction, now)
+                        .map(|o| smallvec::smallvec![o])
+                        .map_err(|e| (0, e))
+                })
+            }
+            _ => {
+                let accounts = reqs
+                    .iter()
+                    .map(|r| self.meter.touch_resident(r.account_id, now))
+                    .collect::<Option<Vec<_>>>()?;
+                let charges: Vec<Charge<'_>> = reqs
+                    .iter()
+                    .zip(&accounts)
+                    .map(|(r, account)| Charge {
+                        account,
+                        deduction: r.deduction,
+                    })
+                    .collect();
+                self.attempt(|now| {
+                    self.meter
+                        .deduct_all(&charges, now, atomicity)
+                        .map(Outcomes::from)
+                })
+            }
+        };
+        match deducted {
+            Ok(outcomes) => Some(Ok(Deferred { outcomes, commit })),
+            // The loading path waits for the original.
+            Err((_, MeterError::DuplicateInFlight(_))) => None,
+            Err((index, error)) => Some(Err(Refused { index, error })),
+        }
+    }
+
+    /// [`deduct_deferred`](Self::deduct_deferred) for a group that may need
+    /// its accounts loaded from the store, leases covered, or a request id
+    /// in flight elsewhere waited for.
+    async fn deduct_loading(
+        &self,
+        reqs: &[DeductRequest<'_>],
+        now: Ts,
+        atomicity: Atomicity,
+    ) -> Result<Deferred, Refused> {
+        let refused = |index, error| Refused { index, error };
         if let [one] = reqs {
             return self.deduct_one(one, now).await.map(|(o, commit)| Deferred {
                 outcomes: smallvec::smallvec![o],
@@ -333,14 +414,11 @@ impl App {
         for (i, r) in reqs.iter().enumerate() {
             // `now` only stamps the account's last use here: the clock that
             // decides is read after the loads.
-            let acct = match self.meter.touch_resident(r.account_id, now) {
-                Some(a) => a,
-                None => self
-                    .meter
-                    .account_for_request(r.account_id, &r.deduction, now)
-                    .await
-                    .map_err(|e| refused(i, e))?,
-            };
+            let acct = self
+                .meter
+                .account_for_request(r.account_id, &r.deduction, now)
+                .await
+                .map_err(|e| refused(i, e))?;
             accounts.push(acct);
         }
         let charges: Vec<Charge<'_>> = reqs
@@ -392,11 +470,7 @@ impl App {
     ) -> Result<(T, Option<Commit>), Refused> {
         let mut attempt = 0;
         loop {
-            let (deducted, commit) = match self.journal.get() {
-                None => (deduct(self.clock.now()), None),
-                // One record, so one group commit, for the whole group.
-                Some(j) => j.capture(|| deduct(self.clock.now())),
-            };
+            let (deducted, commit) = self.attempt(&mut deduct);
             match deducted {
                 Ok(outcomes) => return Ok((outcomes, commit)),
                 Err((_, MeterError::DuplicateInFlight(_))) if attempt < IN_FLIGHT_RETRIES => {
@@ -408,6 +482,20 @@ impl App {
         }
     }
 
+    /// One try of a group's deduction, with a fresh clock: the clock that
+    /// decides is read here, after any loads. In journal mode the group's
+    /// record goes to the journal (one record, so one group commit, for the
+    /// whole group), and its commit comes back to wait for.
+    fn attempt<T>(
+        &self,
+        deduct: impl FnOnce(Ts) -> Result<T, (usize, MeterError)>,
+    ) -> (Result<T, (usize, MeterError)>, Option<Commit>) {
+        match self.journal.get() {
+            None => (deduct(self.clock.now()), None),
+            Some(j) => j.capture(|| deduct(self.clock.now())),
+        }
+    }
+
     /// A group of one (validated at `now` already): no allocation on the
     /// unary path. The deciding clock is read after the load.
     async fn deduct_one(
@@ -416,14 +504,11 @@ impl App {
         now: Ts,
     ) -> Result<(DeductOutcome, Option<Commit>), Refused> {
         let refused = |error| Refused { index: 0, error };
-        let acct = match self.meter.touch_resident(r.account_id, now) {
-            Some(a) => a,
-            None => self
-                .meter
-                .account_for_request(r.account_id, &r.deduction, now)
-                .await
-                .map_err(refused)?,
-        };
+        let acct = self
+            .meter
+            .account_for_request(r.account_id, &r.deduction, now)
+            .await
+            .map_err(refused)?;
         let charge = [Charge {
             account: &acct,
             deduction: r.deduction,
