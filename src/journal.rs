@@ -475,6 +475,12 @@ struct Queue {
     stop: bool,
     /// When the first of `records` was handed over.
     first_at: Option<Instant>,
+    /// One of `records` comes from a thread of no hooked runtime: no park
+    /// will tell when to take it.
+    unhooked: bool,
+    /// A hooked thread has handed over a record: while the queue is empty,
+    /// the writer looks at it every [`HOLD_BACKSTOP`].
+    hooked_seen: bool,
 }
 
 // === when the writer takes a group ===
@@ -491,11 +497,14 @@ const HOLD_RECORDS: usize = 1024;
 /// age).
 const HOLD_BACKSTOP: Duration = Duration::from_millis(20);
 
-/// Whether the runtime tells the journal when its workers park: set by
-/// [`park_hooks`]. Without them the writer takes every record as soon as it
-/// can, as it did before the hooks.
-static HOOKED: AtomicBool = AtomicBool::new(false);
-/// Workers of the hooked runtime that are parked (they have no task to run).
+thread_local! {
+    /// Whether this thread belongs to a runtime that tells the journal when
+    /// its workers park (built with [`park_hooks`]). A record handed over
+    /// from any other thread is taken as soon as the writer can, as before
+    /// the hooks.
+    static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+/// Workers of hooked runtimes that are parked (they have no task to run).
 static PARKED: AtomicUsize = AtomicUsize::new(0);
 
 /// The writers a worker's park may wake.
@@ -513,10 +522,12 @@ static HANDOFFS: parking_lot::RwLock<Vec<std::sync::Weak<Handoff>>> =
 /// it holds waits (mostly for the journal): then the group is as large as
 /// it will get. Records wait at most [`HOLD_MAX`] for a park.
 pub fn park_hooks(builder: &mut tokio::runtime::Builder) -> &mut tokio::runtime::Builder {
-    HOOKED.store(true, Ordering::SeqCst);
-    builder.on_thread_park(worker_parks).on_thread_unpark(|| {
-        PARKED.fetch_sub(1, Ordering::SeqCst);
-    })
+    builder
+        .on_thread_start(|| HOOKED.set(true))
+        .on_thread_park(worker_parks)
+        .on_thread_unpark(|| {
+            PARKED.fetch_sub(1, Ordering::SeqCst);
+        })
 }
 
 /// A worker of the hooked runtime is about to park.
@@ -538,6 +549,8 @@ struct Handoff {
     holding: AtomicBool,
     /// Records in the queue (read without its lock by [`worker_parks`]).
     pending: AtomicUsize,
+    /// [`HOLD_MAX`], but for tests.
+    hold_max: Duration,
 }
 
 impl Handoff {
@@ -681,6 +694,17 @@ impl Journal {
         replayed: &Replayed,
         observer: Arc<dyn JournalObserver>,
     ) -> Result<Arc<Journal>, JournalError> {
+        Self::open_holding(dir, replayed, observer, HOLD_MAX)
+    }
+
+    /// [`open`](Self::open), with records of hooked threads held up to
+    /// `hold_max` for a worker's park.
+    fn open_holding(
+        dir: &Path,
+        replayed: &Replayed,
+        observer: Arc<dyn JournalObserver>,
+        hold_max: Duration,
+    ) -> Result<Arc<Journal>, JournalError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let segments: Segments = list_segments(dir)?
             .into_iter()
@@ -698,10 +722,13 @@ impl Journal {
                     group: Arc::default(),
                     stop: false,
                     first_at: None,
+                    unhooked: false,
+                    hooked_seen: false,
                 }),
                 wake: parking_lot::Condvar::new(),
                 holding: AtomicBool::new(false),
                 pending: Default::default(),
+                hold_max,
             }),
             writable: AtomicBool::new(true),
             writable_tx,
@@ -778,15 +805,22 @@ impl Journal {
         q.records.push((epoch, buf));
         let n = q.records.len();
         h.pending.store(n, Ordering::SeqCst);
-        let wake = if !HOOKED.load(Ordering::Relaxed) {
-            true
-        } else if n == 1 {
-            // The writer is woken by a worker's park, or by a later
-            // record that finds this one old.
+        if n == 1 {
             q.first_at = Some(Instant::now());
-            false
+        }
+        let wake = if !HOOKED.get() {
+            q.unhooked = true;
+            true
         } else {
-            n >= HOLD_RECORDS || q.first_at.is_some_and(|t| t.elapsed() >= HOLD_MAX)
+            // Woken now if a worker is parked (a core has nothing to do, so
+            // waiting would only add latency), if the records are many or
+            // old, or for the first hooked record ever (the writer waits
+            // without a timeout until then); otherwise by the next park.
+            let first = !std::mem::replace(&mut q.hooked_seen, true);
+            first
+                || PARKED.load(Ordering::SeqCst) > 0
+                || n >= HOLD_RECORDS
+                || q.first_at.is_some_and(|t| t.elapsed() >= h.hold_max)
         };
         let group = q.group.clone();
         drop(q);
@@ -957,37 +991,36 @@ impl Journal {
                         }
                         continue;
                     }
-                    if !HOOKED.load(Ordering::Relaxed) {
-                        if !q.records.is_empty() {
-                            break;
-                        }
-                        h.wake.wait(&mut q);
-                        continue;
-                    }
-                    // Hooked: take the records once a worker is parked,
-                    // or once they are many or old.
-                    let ready = !q.records.is_empty()
-                        && (q.records.len() >= HOLD_RECORDS
-                            || q.first_at.is_some_and(|t| t.elapsed() >= HOLD_MAX));
-                    if ready {
+                    // Records of hooked threads alone are taken once a
+                    // worker is parked, or once they are many or old.
+                    let pending = !q.records.is_empty();
+                    if pending
+                        && (q.unhooked
+                            || q.records.len() >= HOLD_RECORDS
+                            || q.first_at.is_some_and(|t| t.elapsed() >= h.hold_max))
+                    {
                         break;
                     }
                     h.holding.store(true, Ordering::SeqCst);
-                    if !q.records.is_empty() && PARKED.load(Ordering::SeqCst) > 0 {
+                    if pending && PARKED.load(Ordering::SeqCst) > 0 {
                         h.holding.store(false, Ordering::SeqCst);
                         break;
                     }
-                    let wait = match q.first_at {
-                        Some(t) if !q.records.is_empty() => {
-                            (t + HOLD_MAX).saturating_duration_since(Instant::now())
+                    match q.first_at {
+                        Some(t) if pending => {
+                            let left = (t + h.hold_max).saturating_duration_since(Instant::now());
+                            h.wake.wait_for(&mut q, left);
                         }
-                        _ => HOLD_BACKSTOP,
-                    };
-                    h.wake.wait_for(&mut q, wait);
+                        _ if q.hooked_seen => {
+                            h.wake.wait_for(&mut q, HOLD_BACKSTOP);
+                        }
+                        _ => h.wake.wait(&mut q),
+                    }
                     h.holding.store(false, Ordering::SeqCst);
                 }
                 h.pending.store(0, Ordering::SeqCst);
                 q.first_at = None;
+                q.unhooked = false;
                 if q.records.is_empty() && q.stop {
                     if let Some(seg) = &out.file {
                         // Tidy: a clean stop leaves no zeros after the

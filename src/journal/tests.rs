@@ -408,3 +408,64 @@ async fn a_clean_stop_leaves_no_zeros_after_the_records() {
     );
     assert_eq!(decode(&bytes).records.len(), 1);
 }
+
+/// Group sizes, as the writer commits them.
+#[derive(Default)]
+struct Groups(parking_lot::Mutex<Vec<usize>>);
+
+impl JournalObserver for Groups {
+    fn committed(&self, records: usize, _: usize, _: Duration) {
+        self.0.lock().push(records);
+    }
+    fn size(&self, _: u64) {}
+    fn writable(&self, _: bool) {}
+}
+
+/// With the runtime's park hooks, the writer takes the records of a hooked
+/// worker when that worker has nothing left to run: every deduction it
+/// handed over by then is in one group. (Held an hour otherwise, so only
+/// the park can make the group.)
+#[test]
+fn with_the_park_hooks_the_group_is_taken_when_the_worker_parks() {
+    let rt = park_hooks(tokio::runtime::Builder::new_multi_thread().worker_threads(1))
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let first = replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+    let groups = Arc::new(Groups::default());
+    let journal =
+        Journal::open_holding(&jdir, &first, groups.clone(), Duration::from_secs(3600)).unwrap();
+    let j = journal.clone();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            // A group of one: taken when the worker parks, waiting for it.
+            let ((), c) = j.capture(|| captured(part("first", 1)));
+            c.unwrap().wait().await.unwrap();
+            let commits: Vec<_> = (0..50)
+                .map(|i| {
+                    let ((), c) = j.capture(|| captured(part(&format!("a{i}"), 1)));
+                    c.unwrap()
+                })
+                .collect();
+            // The writer holds them while this worker is busy, however long
+            // it stays busy (without the hooks it takes them at once).
+            let h = &j.handoff;
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while !(h.holding.load(Ordering::SeqCst) && h.pending.load(Ordering::SeqCst) == 50) {
+                assert!(
+                    Instant::now() < give_up,
+                    "the writer took records of a busy worker"
+                );
+                std::hint::spin_loop();
+            }
+            for c in commits {
+                c.wait().await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(*groups.0.lock(), [1, 50]);
+    journal.close();
+}
