@@ -20,7 +20,9 @@
 # Settings (environment): NEW (target/release/packmeter), OLD (unset: no
 # old build), ROUNDS (5), DURATION (8s), WARMUP (2s), CONCURRENCY (32),
 # CONNECTIONS (2), SCENARIOS ("10000 100000").
-# One line per run: round, server, scenario, then loadgen's line.
+# One line per run: round, server, scenario, then loadgen's line; a journal
+# server's line ends with its group commits in the window (fsyncs=, from
+# packmeter_journal_group_commit_records: records_per_fsync=).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 NEW=${NEW:-target/release/packmeter}
@@ -32,7 +34,7 @@ CONCURRENCY=${CONCURRENCY:-32}
 CONNECTIONS=${CONNECTIONS:-2}
 SCENARIOS=${SCENARIOS:-"10000 100000"}
 work=$(mktemp -d)
-declare -A PID PORT
+declare -A PID PORT ADMIN LAST_SUM LAST_COUNT
 servers=()
 
 cleanup() {
@@ -48,7 +50,23 @@ start() {
   START_TRIES=300 start_server "$@"
   PID[$name]=$SERVED
   PORT[$name]=$3
+  ADMIN[$name]=$4
   servers+=("$name")
+}
+
+# groups NAME: sets COMMITS to a journal server's group commits since the
+# last call, as " fsyncs=N records_per_fsync=R" (empty for other servers).
+groups() {
+  local name=$1 m sum count
+  COMMITS=""
+  case "$name" in *journal) ;; *) return 0 ;; esac
+  m=$(curl -s "http://127.0.0.1:${ADMIN[$name]}/metrics")
+  sum=$(awk '$1 == "packmeter_journal_group_commit_records_sum" { print $2 }' <<<"$m")
+  count=$(awk '$1 == "packmeter_journal_group_commit_records_count" { print $2 }' <<<"$m")
+  COMMITS=$(awk -v s="${sum:-0}" -v c="${count:-0}" -v ls="${LAST_SUM[$name]:-0}" -v lc="${LAST_COUNT[$name]:-0}" \
+    'BEGIN { if (c > lc) printf " fsyncs=%d records_per_fsync=%.1f", c - lc, (s - ls) / (c - lc) }')
+  LAST_SUM[$name]=${sum:-0}
+  LAST_COUNT[$name]=${count:-0}
 }
 
 start noop "$NEW" 51201 52201 --noop
@@ -67,6 +85,7 @@ for n in $SCENARIOS; do
     taskset -c 1 "$NEW" loadgen --server "http://127.0.0.1:${PORT[$name]}" --accounts "$n" \
       --prime --duration 0s --warmup 0s >/dev/null 2>&1
   done
+  for name in "${servers[@]}"; do groups "$name"; done
   for round in $(seq "$ROUNDS"); do
     for name in "${servers[@]}"; do
       settle "${PID[@]}"
@@ -74,7 +93,8 @@ for n in $SCENARIOS; do
         --server-pid "${PID[$name]}" --rpc rls --accounts "$n" --duration "$DURATION" \
         --warmup "$WARMUP" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
         2>>"$work/loadgen.err")
-      echo "round=$round server=$name scenario=rls/$n $line"
+      groups "$name"
+      echo "round=$round server=$name scenario=rls/$n $line$COMMITS"
     done
   done
 done

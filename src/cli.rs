@@ -438,10 +438,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.durability == packmeter::journal::Durability::Journal {
+        // The journal writer commits its group when a worker parks.
+        packmeter::journal::park_hooks(&mut builder);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             return fatal(

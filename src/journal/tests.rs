@@ -108,6 +108,24 @@ fn a_crc_mismatch_says_so() {
 }
 
 #[test]
+fn zeros_after_the_records_end_them_and_zeros_before_more_bytes_stop_there() {
+    let (buf, _, records) = three();
+    let mut zeros = buf.clone();
+    zeros.resize(buf.len() + ZERO_AHEAD as usize, 0);
+    let d = decode(&zeros);
+    assert_eq!(d.stop, None, "a zero tail is the end of the records");
+    let kept: Vec<_> = d.records.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(kept, records);
+    // A group torn by a crash can leave zeros before some of its bytes:
+    // that is a bad record, reported where the zeros start.
+    let mut torn = zeros;
+    let last = torn.len() - 1;
+    torn[last] = 1;
+    let stop = decode(&torn).stop.expect("zeros then bytes are reported");
+    assert_eq!(stop.offset, buf.len() as u64);
+}
+
+#[test]
 fn an_unknown_version_is_refused_even_with_a_good_crc() {
     let mut buf = Vec::new();
     encode(&Record::Probe, &mut buf);
@@ -147,7 +165,9 @@ proptest! {
         for (i, a) in amounts.iter().enumerate() {
             prop_assert_eq!(&d.records[i].1, &deduct(i as u64, "acct", *a));
         }
-        if tail.is_empty() {
+        if tail.iter().all(|b| *b == 0) {
+            // Nothing, or the zeros the writer lays ahead: a clean end.
+            prop_assert_eq!(d.records.len(), amounts.len());
             prop_assert_eq!(d.stop, None);
         } else if d.records.len() == amounts.len() {
             prop_assert_eq!(d.stop.map(|s| s.offset), Some(good as u64));
@@ -323,4 +343,129 @@ fn parts_of_one_account_merge_into_one_with_summed_amounts() {
     assert_eq!(amounts, [(0, 6), (3_600_000_000, 2)]);
     assert_eq!(a.dedup.len(), 1);
     assert_eq!(a.account.as_ref().unwrap().activated_at, Some(7));
+}
+
+/// The writer lays zeros ahead of its records; a crash leaves them there.
+/// The replay reads every record up to them and reports no bad record.
+#[tokio::test]
+async fn replay_after_a_crash_reads_every_record_before_the_zeros_laid_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let spill = dir.path().join("spill");
+    let first = replay(&jdir, &spill, 1).unwrap();
+    let journal = Journal::open(&jdir, &first, Arc::new(())).unwrap();
+    // One record lays the first run of zeros; then enough records to
+    // write over all of it and lay a second.
+    let ((), commit) = journal.capture(|| captured(part("a0", 1)));
+    commit.unwrap().wait().await.unwrap();
+    let n = 1 + 2 * ZERO_AHEAD as usize / 30;
+    let mut commits = Vec::new();
+    for i in 1..n {
+        let ((), commit) = journal.capture(|| captured(part(&format!("a{}", i % 7), 1)));
+        commits.push(commit.expect("a deduction is journaled"));
+    }
+    for c in commits {
+        c.wait().await.unwrap();
+    }
+    let segments = list_segments(&jdir).unwrap();
+    assert_eq!(segments.len(), 1);
+    let bytes = std::fs::read(&segments[0].1).unwrap();
+    let records = *journal.segments.lock().values().next().unwrap() as usize;
+    assert!(
+        bytes.len() > records && bytes[records..].iter().all(|b| *b == 0),
+        "{} bytes of zeros after {records} of records",
+        bytes.len() - records
+    );
+    // A crash: the writer thread is not stopped, the zeros stay.
+    let r = replay(&jdir, &spill, 2).unwrap();
+    assert_eq!((r.deductions, r.stopped), (n, 0));
+    let spilled = crate::spill::read(&spill).unwrap();
+    let total: u64 = spilled
+        .iter()
+        .flat_map(|b| &b.accounts)
+        .flat_map(|a| &a.deltas)
+        .map(|d| d.amount)
+        .sum();
+    assert_eq!(total, n as u64);
+    journal.close();
+}
+
+/// A clean stop takes the zeros away again: nothing after the records.
+#[tokio::test]
+async fn a_clean_stop_leaves_no_zeros_after_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let first = replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+    let journal = Journal::open(&jdir, &first, Arc::new(())).unwrap();
+    let ((), commit) = journal.capture(|| captured(part("a", 1)));
+    commit.unwrap().wait().await.unwrap();
+    journal.close();
+    let segments = list_segments(&jdir).unwrap();
+    let bytes = std::fs::read(&segments[0].1).unwrap();
+    assert_eq!(
+        bytes.len() as u64,
+        *journal.segments.lock().values().next().unwrap()
+    );
+    assert_eq!(decode(&bytes).records.len(), 1);
+}
+
+/// Group sizes, as the writer commits them.
+#[derive(Default)]
+struct Groups(parking_lot::Mutex<Vec<usize>>);
+
+impl JournalObserver for Groups {
+    fn committed(&self, records: usize, _: usize, _: Duration) {
+        self.0.lock().push(records);
+    }
+    fn size(&self, _: u64) {}
+    fn writable(&self, _: bool) {}
+}
+
+/// With the runtime's park hooks, the writer takes the records of a hooked
+/// worker when that worker has nothing left to run: every deduction it
+/// handed over by then is in one group. (Held an hour otherwise, so only
+/// the park can make the group.)
+#[test]
+fn with_the_park_hooks_the_group_is_taken_when_the_worker_parks() {
+    let rt = park_hooks(tokio::runtime::Builder::new_multi_thread().worker_threads(1))
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("j");
+    let first = replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+    let groups = Arc::new(Groups::default());
+    let journal =
+        Journal::open_holding(&jdir, &first, groups.clone(), Duration::from_secs(3600)).unwrap();
+    let j = journal.clone();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            // A group of one: taken when the worker parks, waiting for it.
+            let ((), c) = j.capture(|| captured(part("first", 1)));
+            c.unwrap().wait().await.unwrap();
+            let commits: Vec<_> = (0..50)
+                .map(|i| {
+                    let ((), c) = j.capture(|| captured(part(&format!("a{i}"), 1)));
+                    c.unwrap()
+                })
+                .collect();
+            // The writer holds them while this worker is busy, however long
+            // it stays busy (without the hooks it takes them at once).
+            let h = &j.handoff;
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while !(h.holding.load(Ordering::SeqCst) && h.pending.load(Ordering::SeqCst) == 50) {
+                assert!(
+                    Instant::now() < give_up,
+                    "the writer took records of a busy worker"
+                );
+                std::hint::spin_loop();
+            }
+            for c in commits {
+                c.wait().await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(*groups.0.lock(), [1, 50]);
+    journal.close();
 }
