@@ -18,6 +18,15 @@
 //! `PACKMETER_BENCH_STORES=sqlite` (or `postgres`) runs one store only;
 //! `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one scenario
 //! only (criterion's own filter still loads and first-flushes the others).
+//! `PACKMETER_BENCH_ACCOUNTS=N` flushes N accounts instead of 100 k.
+//!
+//! Instructions per flushed account (callgrind; deterministic on a loaded
+//! machine): run the bench binary under `valgrind --tool=callgrind
+//! --separate-threads=yes --zero-before=flush::steady_state` with
+//! `--bench --profile-time 5 flush_sqlite/calls/`. Costs are zeroed once the
+//! first flush (which inserts the rows) is done, and the bench prints how
+//! many accounts it flushed after that: divide the writer thread's
+//! instructions (`packmeter-sqlite-writer`) by it.
 
 use std::{
     sync::Arc,
@@ -34,6 +43,21 @@ use packmeter::{
 use tokio::runtime::Runtime;
 
 const ACCOUNTS: usize = 100_000;
+
+/// `PACKMETER_BENCH_ACCOUNTS`, or [`ACCOUNTS`].
+fn accounts() -> usize {
+    std::env::var("PACKMETER_BENCH_ACCOUNTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ACCOUNTS)
+}
+
+/// Called once the first flush is done: callgrind's `--zero-before` hook.
+#[inline(never)]
+fn steady_state(flushed: &std::sync::atomic::AtomicUsize) {
+    flushed.store(0, std::sync::atomic::Ordering::Relaxed);
+    std::hint::black_box(flushed);
+}
 const SCENARIOS: [(&str, u64); 2] = [("calls", 0), ("calls_and_egress", 1_500)];
 
 /// Whether the comma-separated list in `var` names `what` (yes if unset).
@@ -70,10 +94,11 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
             egress_bytes: egress,
             ..Deduction::default()
         };
+        let n = accounts();
         let accounts: Vec<Arc<AccountState>> = rt.block_on(async {
             let now = now_ts();
-            let mut v = Vec::with_capacity(ACCOUNTS);
-            for i in 0..ACCOUNTS {
+            let mut v = Vec::with_capacity(n);
+            for i in 0..n {
                 let a = meter
                     .account_for_deduction(&format!("flush-{i:07}"), now)
                     .await
@@ -93,9 +118,11 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
         let t = Instant::now();
         rt.block_on(flusher.flush()).expect("first flush");
         eprintln!(
-            "{group}/{name}: first flush (inserts {ACCOUNTS} accounts) {:?}",
+            "{group}/{name}: first flush (inserts {n} accounts) {:?}",
             t.elapsed()
         );
+        let flushed = std::sync::atomic::AtomicUsize::new(0);
+        steady_state(&flushed);
         #[cfg(feature = "postgres")]
         if let Some(db) = &target._db {
             // What autovacuum does on a server with its default settings;
@@ -105,7 +132,7 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
                 eprintln!("{group}/{name}: tables analyzed");
             }
         }
-        g.bench_with_input(BenchmarkId::new(name, ACCOUNTS), &ACCOUNTS, |b, _| {
+        g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -113,11 +140,16 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
                     let t = Instant::now();
                     let r = rt.block_on(flusher.flush()).expect("flush");
                     total += t.elapsed();
-                    assert_eq!(r.accounts, ACCOUNTS);
+                    assert_eq!(r.accounts, n);
+                    flushed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
                 total
             })
         });
+        eprintln!(
+            "{group}/{name}: {} accounts flushed after the first flush",
+            flushed.load(std::sync::atomic::Ordering::Relaxed)
+        );
         // Close the pool before the database is dropped.
         drop((flusher, meter, accounts));
         drop(target);
