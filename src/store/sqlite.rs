@@ -138,6 +138,33 @@ CREATE TABLE IF NOT EXISTS plan_recalculations (
 );
 "#;
 
+/// The file's `user_version` once [`migrate`] has run. 0, SQLite's
+/// default, is a file from before it, or a new one.
+///
+/// 1: every account with a pack row has its account row. Versions before
+/// the account row was written with the first grant could leave a pack
+/// without it; a flush relies on it (`flush_batch` skips the account row of
+/// an account whose packs it read).
+const FILE_VERSION: i64 = 1;
+
+/// Brings a file written by an older version up to [`FILE_VERSION`], in one
+/// transaction. An older binary opening a migrated file ignores the
+/// version, and writes a pack's account row with the pack.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        tx.execute_batch(
+            "INSERT INTO accounts (account_id) SELECT DISTINCT account_id FROM packs WHERE true \
+             ON CONFLICT (account_id) DO NOTHING",
+        )?;
+    }
+    if version < FILE_VERSION {
+        tx.pragma_update(None, "user_version", FILE_VERSION)?;
+    }
+    tx.commit()
+}
+
 /// How long applied batch ids are kept: far longer than any spill file
 /// waits for its replay.
 const BATCH_ID_RETENTION: Ts = 30 * 24 * crate::calendar::HOUR;
@@ -228,7 +255,7 @@ impl SqliteStore {
             Some(ErrorCode::ReadOnly) => not_writable(format!("{e}")),
             _ => OpenError::Store(e.into()),
         };
-        let writer = Connection::open(path).map_err(refused)?;
+        let mut writer = Connection::open(path).map_err(refused)?;
         if writer.is_readonly(rusqlite::MAIN_DB).map_err(refused)? {
             return Err(not_writable(format!(
                 "{path} is read-only (file permissions or a read-only file system); \
@@ -248,6 +275,7 @@ impl SqliteStore {
         // cache and a 1 GiB mmap made no measurable difference to flushes at
         // 1 M accounts (BENCHMARKS.md) and cost ~100 MB of RSS.
         writer.execute_batch(SCHEMA).map_err(refused)?;
+        migrate(&mut writer).map_err(refused)?;
         let reader = Connection::open(path).map_err(refused)?;
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -427,35 +455,21 @@ fn record_change(
 /// a flush reads each account's packs (it was about a tenth of the SQLite
 /// writer's samples).
 fn read_pack(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPack> {
-    read_pack_at(row, 0)
-}
-
-/// A pack from the columns of `SELECT {PACK_COLUMNS}` that start at `at`.
-fn read_pack_at(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<StoredPack> {
-    let id: String = row.get(at)?;
+    // Straight into the `Arc<str>`, without a `String` in between.
+    let id: std::sync::Arc<str> = row.get_ref(0)?.as_str()?.into();
     Ok(StoredPack {
         spec: PackSpec {
-            pack_id: id.into(),
-            source: PackSource::from_code(row.get(at + 1)?).unwrap_or(PackSource::Purchased),
-            item: Item::from_code(row.get(at + 2)?).unwrap_or(Item::Calls),
-            capacity: from_sql(row.get(at + 3)?),
-            valid_from: row.get(at + 4)?,
-            valid_until: row.get(at + 5)?,
-            priority: u32::try_from(row.get::<_, i64>(at + 6)?).unwrap_or(0),
-            created_at: row.get(at + 7)?,
+            pack_id: id,
+            source: PackSource::from_code(row.get(1)?).unwrap_or(PackSource::Purchased),
+            item: Item::from_code(row.get(2)?).unwrap_or(Item::Calls),
+            capacity: from_sql(row.get(3)?),
+            valid_from: row.get(4)?,
+            valid_until: row.get(5)?,
+            priority: u32::try_from(row.get::<_, i64>(6)?).unwrap_or(0),
+            created_at: row.get(7)?,
         },
-        used: from_sql(row.get(at + 8)?),
+        used: from_sql(row.get(8)?),
     })
-}
-
-/// Whether a flush whose events start at `earliest` moves a stored
-/// activation `stored` back (R1), or sets it where there is none.
-fn moves_back(stored: Option<Ts>, earliest: Option<Ts>) -> bool {
-    match (stored, earliest) {
-        (_, None) => false,
-        (None, Some(_)) => true,
-        (Some(s), Some(e)) => e < s,
-    }
 }
 
 /// A batch's parts grouped by account (adjacent, in id order), each
@@ -768,10 +782,8 @@ impl Store for SqliteStore {
                 // upsert seeks its key twice (the conflict check, then the
                 // update), and its ten bound values cost more than the
                 // B-tree work (BENCHMARKS.md, "A cheaper SQLite flush").
-                let mut read = tx.prepare_cached(&format!(
-                    "SELECT 0, activated_at, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
-                     FROM accounts WHERE account_id = ?1 \
-                     UNION ALL SELECT 1, {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
+                let mut packs = tx.prepare_cached(&format!(
+                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
                 ))?;
                 // An activation only ever moves back at a flush (R1: an
                 // earlier event); an operator's change is written by
@@ -780,11 +792,20 @@ impl Store for SqliteStore {
                 // is the lock that serializes flushes of the account. A row
                 // the flush would leave as it is is not rewritten (most
                 // flushes change no activation).
-                let mut new_account = tx.prepare_cached(
-                    "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2)",
+                //
+                // An account with a pack has its row (every writer of a
+                // pack writes it, and `migrate` added it to older files):
+                // its flush only touches the row to move the activation
+                // back. Any other account's flush runs the upsert.
+                let mut account = tx.prepare_cached(
+                    "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
+                     ON CONFLICT (account_id) DO UPDATE SET activated_at = excluded.activated_at \
+                     WHERE excluded.activated_at < accounts.activated_at \
+                     OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
                 )?;
                 let mut move_back = tx.prepare_cached(
-                    "UPDATE accounts SET activated_at = ?2 WHERE account_id = ?1",
+                    "UPDATE accounts SET activated_at = ?2 WHERE account_id = ?1 \
+                     AND (activated_at IS NULL OR activated_at > ?2)",
                 )?;
                 let mut held = tx.prepare_cached(
                     "SELECT 1 FROM dedup WHERE account_id = ?1 AND request_id = ?2 \
@@ -832,26 +853,14 @@ impl Store for SqliteStore {
                 {
                     slicer.pause();
                     let id = &*parts[0].account_id;
-                    // `None`: the file has no row of the account.
-                    let mut activated: Option<Option<Ts>> = None;
-                    let mut stored = Vec::new();
-                    let mut rows = read.query([id])?;
-                    while let Some(row) = rows.next()? {
-                        match row.get_ref(0)? {
-                            ValueRef::Integer(0) => activated = Some(row.get(1)?),
-                            _ => stored.push(read_pack_at(row, 1)?),
-                        }
-                    }
-                    drop(rows);
+                    let stored = packs
+                        .query_map([id], read_pack)?
+                        .collect::<Result<Vec<_>, _>>()?;
                     let earliest = crate::ledger::earliest_activation(parts);
-                    match activated {
-                        None => {
-                            new_account.execute(params![id, earliest])?;
-                        }
-                        Some(at) if moves_back(at, earliest) => {
-                            move_back.execute(params![id, earliest])?;
-                        }
-                        Some(_) => {}
+                    if stored.is_empty() {
+                        account.execute(params![id, earliest])?;
+                    } else if let Some(at) = earliest {
+                        move_back.execute(params![id, at])?;
                     }
                     let had: Vec<std::sync::Arc<str>> =
                         stored.iter().map(|p| p.spec.pack_id.clone()).collect();
@@ -1450,6 +1459,49 @@ mod tests {
         }
         let unknown = load_without_reading(&store, "still-nobody").await;
         assert!(unknown.expect("answered without a read").is_unknown());
+    }
+
+    /// A flush skips the account row of an account whose packs it reads:
+    /// a file from before every pack had its account row gets the rows at
+    /// open, once, so such an account's flush still leaves it listed.
+    #[tokio::test]
+    async fn opening_an_older_file_gives_every_account_with_a_pack_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pm.db").to_str().unwrap().to_string();
+        let pack = crate::packs::tests::purchased("p1", 10, 0, HOUR, 0);
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.grant_pack("old", &pack).await.unwrap();
+            // What an older version left: a pack without its account row.
+            let conn = store.writer.lock().unwrap();
+            conn.execute("DELETE FROM accounts", []).unwrap();
+            conn.pragma_update(None, "user_version", 0).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let mut flush = flush_of("old");
+        flush.accounts[0].deltas.push(crate::ledger::DeltaRow {
+            hour: 0,
+            item: Item::Calls,
+            pack: Some(pack),
+            amount: 1,
+            span: None,
+        });
+        store.flush_batch(&flush).await.unwrap();
+        assert_eq!(
+            store
+                .get_account("old")
+                .await
+                .unwrap()
+                .map(|a| a.activated_at),
+            Some(None)
+        );
+        let version: i64 = store
+            .writer
+            .lock()
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, FILE_VERSION);
     }
 
     #[tokio::test]
