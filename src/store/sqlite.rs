@@ -777,11 +777,12 @@ impl Store for SqliteStore {
                 ..Flushed::default()
             };
             {
-                // Per account, one read (the account's activation and its
-                // packs) and one single-row write per row that changes: an
-                // upsert seeks its key twice (the conflict check, then the
-                // update), and its ten bound values cost more than the
-                // B-tree work (BENCHMARKS.md, "A cheaper SQLite flush").
+                // Per account: one read (its packs), then one single-row
+                // write per row that changes, an UPDATE where the row is
+                // known or likely to exist. An upsert costs more than the
+                // UPDATE (its conflict check, the update program, up to ten
+                // bound values): callgrind counted 42.5 k instructions per
+                // flushed account with upserts, 33.2 k without (issue 10).
                 let mut packs = tx.prepare_cached(&format!(
                     "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
                 ))?;
