@@ -1336,11 +1336,12 @@ async fn a_flushed_activation_only_moves_back(t: &Target) {
     assert_eq!(activated(store).await, Some(30 * HOUR));
 }
 
-/// The same rule for accounts whose packs the store holds, whose flushes
-/// SQLite answers without the account upsert (issue 10): a granted but
-/// unactivated account gets its activation, a flush without an activation
-/// leaves it, and an earlier one moves it back, in a batch beside a new
-/// account, whose first flush writes its row and its packs.
+/// The same rule for accounts whose packs the store holds, whose account
+/// row SQLite's flush leaves alone unless the flush carries an activation
+/// (issue 10): a granted but unactivated account gets its activation, a
+/// flush without an activation leaves it, and an earlier one moves it
+/// back, in a batch beside a new account, whose first flush writes its row
+/// and its packs.
 async fn an_activation_moves_back_and_new_accounts_get_their_row_when_packs_are_stored(t: &Target) {
     let store = t.open().await;
     store.grant_pack("granted", &spec("p1")).await.unwrap();

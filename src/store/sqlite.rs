@@ -796,17 +796,14 @@ impl Store for SqliteStore {
                 //
                 // An account with a pack has its row (every writer of a
                 // pack writes it, and `migrate` added it to older files):
-                // its flush only touches the row to move the activation
-                // back. Any other account's flush runs the upsert.
+                // a flush of such an account that carries no activation
+                // (nearly every flush) leaves the row alone, without the
+                // upsert.
                 let mut account = tx.prepare_cached(
                     "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
                      ON CONFLICT (account_id) DO UPDATE SET activated_at = excluded.activated_at \
                      WHERE excluded.activated_at < accounts.activated_at \
                      OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
-                )?;
-                let mut move_back = tx.prepare_cached(
-                    "UPDATE accounts SET activated_at = ?2 WHERE account_id = ?1 \
-                     AND (activated_at IS NULL OR activated_at > ?2)",
                 )?;
                 let mut held = tx.prepare_cached(
                     "SELECT 1 FROM dedup WHERE account_id = ?1 AND request_id = ?2 \
@@ -858,10 +855,8 @@ impl Store for SqliteStore {
                         .query_map([id], read_pack)?
                         .collect::<Result<Vec<_>, _>>()?;
                     let earliest = crate::ledger::earliest_activation(parts);
-                    if stored.is_empty() {
+                    if stored.is_empty() || earliest.is_some() {
                         account.execute(params![id, earliest])?;
-                    } else if let Some(at) = earliest {
-                        move_back.execute(params![id, at])?;
                     }
                     let had: Vec<std::sync::Arc<str>> =
                         stored.iter().map(|p| p.spec.pack_id.clone()).collect();
@@ -903,8 +898,9 @@ impl Store for SqliteStore {
                         }
                     }
                     for (p, amount) in &a.packs {
-                        if had.contains(&p.pack_id) {
-                            add_used.execute(params![id, &*p.pack_id, to_sql(*amount)?])?;
+                        if had.contains(&p.pack_id)
+                            && add_used.execute(params![id, &*p.pack_id, to_sql(*amount)?])? == 1
+                        {
                             continue;
                         }
                         new_pack.execute(params![
