@@ -125,6 +125,7 @@ conformance!(
     ping_answers,
     the_settled_mark_only_moves_forward_and_outlives_a_reopen,
     a_flushed_activation_only_moves_back,
+    an_activation_moves_back_and_new_accounts_get_their_row_when_packs_are_stored,
     loading_sums_what_the_open_hours_hold,
     changes_are_recorded_with_account_puts_and_new_grants,
     concurrent_changes_get_distinct_numbers_and_all_show,
@@ -1333,6 +1334,65 @@ async fn a_flushed_activation_only_moves_back(t: &Target) {
     twice.accounts.push(again);
     assert!(store.write_batch(&twice).await.unwrap());
     assert_eq!(activated(store).await, Some(30 * HOUR));
+}
+
+/// The same rule for accounts whose packs the store holds, whose account
+/// row SQLite's flush leaves alone unless the flush carries an activation
+/// (issue 10): a granted but unactivated account gets its activation, a
+/// flush without an activation leaves it, and an earlier one moves it
+/// back, in a batch beside a new account, whose first flush writes its row
+/// and its packs.
+async fn an_activation_moves_back_and_new_accounts_get_their_row_when_packs_are_stored(t: &Target) {
+    let store = t.open().await;
+    store.grant_pack("granted", &spec("p1")).await.unwrap();
+    let part = |id: &str, at: Option<Ts>| {
+        let mut a = account(id, vec![delta(3 * HOUR, Some(spec("p1")), 1)], vec![]);
+        a.account = at.map(|at| record(id, Some(at)));
+        a
+    };
+    let activated = |id: &'static str| {
+        let store = store.clone();
+        async move { store.get_account(id).await.unwrap().map(|a| a.activated_at) }
+    };
+    assert_eq!(activated("granted").await, Some(None));
+    let b = batch(
+        "b1",
+        10,
+        vec![part("granted", Some(50 * HOUR)), part("new", None)],
+    );
+    assert!(store.write_batch(&b).await.unwrap());
+    assert_eq!(activated("granted").await, Some(Some(50 * HOUR)));
+    // Its first flush wrote the new account's row and its pack.
+    assert_eq!(activated("new").await, Some(None));
+    assert_eq!(used(&*store, "new", "p1").await, 1);
+    let b = batch(
+        "b2",
+        10,
+        vec![part("granted", None), part("new", Some(45 * HOUR))],
+    );
+    assert!(store.write_batch(&b).await.unwrap());
+    assert_eq!(activated("granted").await, Some(Some(50 * HOUR)));
+    assert_eq!(activated("new").await, Some(Some(45 * HOUR)));
+    for (id, at, kept) in [
+        ("b3", 40 * HOUR, 40 * HOUR),
+        ("b4", 60 * HOUR, 40 * HOUR),
+        ("b5", 40 * HOUR, 40 * HOUR),
+    ] {
+        let b = batch(
+            id,
+            10,
+            vec![part("granted", Some(at)), part("new", Some(at))],
+        );
+        assert!(store.write_batch(&b).await.unwrap());
+        assert_eq!(activated("granted").await, Some(Some(kept)), "{id}");
+        assert_eq!(
+            activated("new").await,
+            Some(Some(kept.min(45 * HOUR))),
+            "{id}"
+        );
+    }
+    assert_eq!(used(&*store, "granted", "p1").await, 5);
+    assert_eq!(used(&*store, "new", "p1").await, 5);
 }
 
 /// The ledger cap starts from what the store holds for the hours still
