@@ -14,17 +14,12 @@ use super::dedup::DedupTable;
 use crate::{
     calendar::Ts,
     ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
-    packs::{counter_order, PackCounter, PackSource},
+    packs::{counter_order, PackCounter},
 };
 
-pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
+pub use crate::packs::PackList;
 
-/// An account's resident packs, in R6 order. Up to four live inline in the
-/// list's own allocation (the free tier's calls and egress packs of the
-/// month, and of the month before while its late events are still
-/// accepted), so a deduction reads the list without following a further
-/// pointer to its elements' array.
-pub type PackList = smallvec::SmallVec<[Arc<PackCounter>; 4]>;
+pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
 
 /// The list of an account with no resident pack, shared by all of them:
 /// a new account allocates no list until its first deduction.
@@ -43,9 +38,22 @@ pub struct AccountState {
     pub(super) activated_at: AtomicI64,
     pub(super) suspended: AtomicBool,
     pub(super) deny_on_exhausted: AtomicBool,
-    /// Packs that can still take deductions, in R6 order. Replaced whole
-    /// (copy-on-write) when a month's free-tier pack appears or a pack is
-    /// granted; the counters inside are shared between versions.
+    /// Packs that can still take deductions, in R6 order, their counters
+    /// by value ([`PackList`]). Replaced whole (copy-on-write) when a
+    /// month's free-tier packs appear, an ended month's leave, the
+    /// activation moves or a pack is granted. Each version holds its own
+    /// counters, so a replacement runs only while no deduction is in
+    /// progress (`Gate::exclusive`): a deduction reads the list under a
+    /// pass and takes from the counters of the version it read, which
+    /// must then still be the current one. The routes that replace it:
+    /// - `ensure_free_month` (a month's packs appear, an ended month's
+    ///   leave): a deduction that needs it runs under `Gate::exclusive`
+    ///   (`Meter::needs_exclusive`, checked under the pass), and a lease
+    ///   request takes the exclusive section for it;
+    /// - `rebuild_free_months` and `restore` (R1 moves, operator
+    ///   activations, plan switches) and `Meter::add_pack` (grants):
+    ///   under `Gate::exclusive`;
+    /// - `Meter::load`: before the account is resident.
     pub(super) packs: ArcSwap<PackList>,
     /// Unflushed usage. A short, synchronous critical section.
     pub(super) pending: Mutex<PendingSlot>,
@@ -100,14 +108,16 @@ impl AccountState {
         self.packs.load()
     }
 
-    /// Adds packs (by id, keeping existing counters), drops those that can
-    /// no longer take deductions, and keeps R6 order.
-    pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<Arc<PackCounter>>, keep_after: Ts) {
+    /// Adds packs (by id, keeping existing counters' usage), drops those
+    /// that can no longer take deductions, and keeps R6 order. Only with no
+    /// deduction in progress, or before the account is resident: the
+    /// counters are copied into the new list.
+    pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<PackCounter>, keep_after: Ts) {
         self.packs.rcu(|cur| {
             let mut next: PackList = cur
                 .iter()
                 .filter(|p| p.valid_until() > keep_after)
-                .cloned()
+                .map(PackCounter::copy)
                 .collect();
             for p in add() {
                 if !next.iter().any(|q| q.pack_id() == p.pack_id()) {
@@ -121,42 +131,36 @@ impl AccountState {
         });
     }
 
-    pub(super) fn free_pack_present(&self, valid_from: Ts) -> bool {
-        self.packs
-            .load()
-            .iter()
-            .any(|p| p.source() == PackSource::FreeTier && p.valid_from() == valid_from)
-    }
-
     /// The counters a rebase on `stored` (the store's packs after a flush)
-    /// would change, with their new usage: for each resident pack the
+    /// would change, by their index in the current list, with their new
+    /// usage: for each resident pack the
     /// store holds, its global `used` plus what this node has deducted from
     /// it and not yet flushed (the ledger's deltas for it), at most its
     /// capacity. Exact only while no deduction is in progress: a deduction
-    /// takes from the counter before it records its delta.
-    pub(super) fn rebase_targets(
-        &self,
-        stored: &[crate::store::StoredPack],
-    ) -> Vec<(Arc<PackCounter>, u64)> {
+    /// takes from the counter before it records its delta. The indexes
+    /// name counters of the list as it is now: apply them within the same
+    /// exclusive section, before anything replaces the list.
+    pub(super) fn rebase_targets(&self, stored: &[crate::store::StoredPack]) -> Vec<(usize, u64)> {
         let slot = self.pending.lock();
         let unflushed = |id: &str| -> u64 {
             slot.get().map_or(0, |p| {
                 p.deltas
                     .iter()
-                    .filter(|d| d.pack.as_ref().is_some_and(|c| &**c.pack_id() == id))
+                    .filter(|d| d.pack().is_some_and(|c| &**c.pack_id() == id))
                     .fold(0u64, |sum, d| sum.saturating_add(d.amount))
             })
         };
         self.packs
             .load()
             .iter()
-            .filter_map(|c| {
+            .enumerate()
+            .filter_map(|(i, c)| {
                 let s = stored.iter().find(|s| s.spec.pack_id == *c.pack_id())?;
                 let target = s
                     .used
                     .saturating_add(unflushed(c.pack_id()))
                     .min(c.capacity());
-                (target != c.used()).then(|| (c.clone(), target))
+                (target != c.used()).then_some((i, target))
             })
             .collect()
     }
@@ -202,7 +206,7 @@ impl AccountState {
                 .map(|d| crate::daily::Entry {
                     hour: d.hour(),
                     item: d.item(),
-                    covered: d.pack.is_some(),
+                    covered: d.pack().is_some(),
                     amount: d.amount,
                 })
                 .collect()
@@ -221,7 +225,7 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
             .map(|d| DeltaRow {
                 hour: d.hour(),
                 item: d.item(),
-                pack: d.pack.as_ref().map(|p| p.spec()),
+                pack: d.pack().map(|p| p.spec()),
                 amount: d.amount,
                 span: Some((d.first(), d.last())),
             })

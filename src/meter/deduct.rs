@@ -71,18 +71,27 @@ impl Meter {
             deduction: *deduction,
         };
         let at = deduction.at.unwrap_or(now);
-        if exclusive(&c, now, Atomicity::Each) {
-            // Rare: the group path, which activates or moves the activation
-            // back with no other deduction in progress.
+        // Rare: the group path, which activates, moves the activation back
+        // or replaces the pack list with no other deduction in progress.
+        let group = || {
             let [o] = self
                 .deduct_all(std::slice::from_ref(&c), now, Atomicity::Each)
                 .map_err(|(_, e)| e)?[..]
             else {
                 unreachable!("one outcome per charge")
             };
-            return Ok(o);
+            Ok(o)
+        };
+        if exclusive(&c, now, Atomicity::Each) {
+            return group();
         }
         let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
+        // Under the pass, so that nothing replaces the list until it is
+        // dropped (see `AccountState::packs`).
+        if !self.packs_current(account, at, now) {
+            drop(pass);
+            return group();
+        }
         self.validate_time(at, now, pass.settled_before)?;
         let id = self
             .claim_id(&c, at, now)
@@ -156,21 +165,32 @@ impl Meter {
         // which replaces counters, and a first deduction activates the
         // account: both run with no other deduction in progress (see
         // `exclusive`). Envoy's all-or-nothing groups carry no event time.
-        if charges.iter().any(|c| exclusive(c, now, atomicity)) {
-            return self.gate.exclusive(|settled_before, closed| {
-                if closed {
-                    return Err((0, MeterError::ShuttingDown));
-                }
-                self.deduct_group(charges, now, atomicity, settled_before, true)
-            });
+        // So does a charge whose account's pack list must change first (a
+        // month's free-tier packs appear, an ended month's leave): its
+        // counters are replaced (see `AccountState::packs`). That is
+        // checked under the pass, since nothing replaces a list while one
+        // is held; once per account and month.
+        if !charges.iter().any(|c| exclusive(c, now, atomicity)) {
+            let pass = self
+                .gate
+                .enter()
+                .map_err(|_| (0, MeterError::ShuttingDown))?;
+            if charges
+                .iter()
+                .all(|c| self.packs_current(c.account, c.deduction.at.unwrap_or(now), now))
+            {
+                let outcomes =
+                    self.deduct_group(charges, now, atomicity, pass.settled_before, false);
+                drop(pass);
+                return outcomes;
+            }
         }
-        let pass = self
-            .gate
-            .enter()
-            .map_err(|_| (0, MeterError::ShuttingDown))?;
-        let outcomes = self.deduct_group(charges, now, atomicity, pass.settled_before, false);
-        drop(pass);
-        outcomes
+        self.gate.exclusive(|settled_before, closed| {
+            if closed {
+                return Err((0, MeterError::ShuttingDown));
+            }
+            self.deduct_group(charges, now, atomicity, settled_before, true)
+        })
     }
 
     /// [`deduct_all`](Self::deduct_all) under a pass, or, with `exclusive`,
@@ -497,8 +517,8 @@ impl Meter {
         let hour = hour_start(at);
         self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
-                for &(pack, amount) in &split.takes {
-                    p.add(hour, item, Some(pack), amount, now, at);
+                for &(i, amount) in &split.takes {
+                    p.add(hour, item, Some((&packs, i)), amount, now, at);
                 }
                 p.add(hour, item, None, split.overage, now, at);
             }
@@ -525,6 +545,8 @@ impl Meter {
     /// The account's packs, with the free-tier month of `at` made resident
     /// ([`ensure_free_month`](Self::ensure_free_month)). In the common case,
     /// a resident free-tier pack valid at `at`, the list is read once.
+    /// Under a pass the caller has found [`packs_current`](Self::packs_current),
+    /// so the list is not replaced here.
     fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<Arc<PackList>> {
         let packs = acct.packs.load();
         if packs
@@ -610,7 +632,7 @@ fn amounts(o: &DeductOutcome) -> Amounts {
 }
 
 fn outcome(
-    packs: &[Arc<PackCounter>],
+    packs: &[PackCounter],
     at: Ts,
     decision: Decision,
     calls: Option<&Split>,

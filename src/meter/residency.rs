@@ -233,7 +233,7 @@ impl Meter {
         for StoredPack { spec, used: u } in &loaded.packs {
             used.insert(&spec.pack_id, *u);
             if spec.source == PackSource::Purchased {
-                counters.push(Arc::new(PackCounter::new(spec.clone(), *u)));
+                counters.push(PackCounter::new(spec.clone(), *u));
             }
         }
         if let Some(a) = state.activated_at() {
@@ -245,11 +245,14 @@ impl Meter {
                 }
                 for spec in self.free_specs(&m) {
                     let u = used.get(&*spec.pack_id).copied().unwrap_or(0);
-                    counters.push(Arc::new(PackCounter::new(spec, u)));
+                    counters.push(PackCounter::new(spec, u));
                 }
             }
         }
-        state.merge_packs(|| counters.clone(), keep_after);
+        state.merge_packs(
+            || counters.iter().map(PackCounter::copy).collect(),
+            keep_after,
+        );
         if !loaded.open_usage.is_empty() {
             let mut slot = state.pending.lock();
             let totals = slot.totals();
