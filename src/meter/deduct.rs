@@ -210,6 +210,15 @@ impl Meter {
                 .map_err(|e| (i, e))?;
             ats.push(at);
         }
+        if exclusive {
+            // The pack list changes here, not under a pass (see
+            // `AccountState::packs`): a month's packs appear, and an ended
+            // month's leave (which a deduction's own read of the list
+            // would not notice).
+            for (c, &at) in charges.iter().zip(&ats) {
+                self.ensure_free_month(c.account, at, now);
+            }
+        }
         let mut ids = self.claim_ids(charges, &ats, now)?;
         // Every charge that may be taken is counted into its hour's totals
         // before any is taken, so a group the ledger cap refuses changes
