@@ -155,6 +155,11 @@ pub struct Pending {
     pub dedup: Records,
     /// The account row must be written (it was auto-activated).
     pub account_dirty: bool,
+    /// In a [`PendingSlot`]'s changes: whether the account sits in the
+    /// meter's dirty queue (see [`PendingSlot::queued`]). Kept here, in
+    /// the padding after `account_dirty`, rather than in the slot, where
+    /// it took a word of its own; a taken `Pending` has it `false`.
+    queued: bool,
     /// Wall-clock time of the oldest change in here, for the
     /// oldest-unflushed-delta metric; `NO_SINCE` for none (see
     /// [`since`](Self::since)).
@@ -169,6 +174,7 @@ impl Default for Pending {
             deltas: smallvec::SmallVec::new(),
             dedup: Records::default(),
             account_dirty: false,
+            queued: false,
             since: NO_SINCE,
         }
     }
@@ -328,8 +334,6 @@ impl HourTotals {
 #[derive(Debug, Default)]
 pub struct PendingSlot {
     changes: Pending,
-    /// Whether the account sits in the meter's dirty queue.
-    pub queued: bool,
     /// The open hours' totals, for the ledger cap. Unlike `changes`, a
     /// flush leaves them.
     totals: HourTotals,
@@ -355,9 +359,23 @@ impl PendingSlot {
         &mut self.totals
     }
 
+    /// Whether the account sits in the meter's dirty queue.
+    pub fn queued(&self) -> bool {
+        self.changes.queued
+    }
+
+    /// Marks whether the account sits in the dirty queue; returns the mark
+    /// it had.
+    pub fn set_queued(&mut self, queued: bool) -> bool {
+        std::mem::replace(&mut self.changes.queued, queued)
+    }
+
     /// Takes everything out for a flush, leaving `queued` as it was.
     pub fn take(&mut self) -> Pending {
-        std::mem::take(&mut self.changes)
+        let queued = self.changes.queued;
+        let mut taken = std::mem::take(&mut self.changes);
+        (self.changes.queued, taken.queued) = (queued, false);
+        taken
     }
 
     /// Puts back changes from a failed flush.
@@ -934,13 +952,11 @@ mod tests {
     #[test]
     fn a_failed_flush_merged_back_loses_nothing() {
         let a = pack("a");
-        let mut slot = PendingSlot {
-            queued: true,
-            ..PendingSlot::default()
-        };
+        let mut slot = PendingSlot::default();
+        slot.set_queued(true);
         slot.changes().add(0, Item::Calls, Some((&a, 0)), 7, 1, 0);
         let taken = slot.take();
-        assert!(slot.is_empty() && slot.get().is_none() && slot.queued);
+        assert!(slot.is_empty() && slot.get().is_none() && slot.queued());
         slot.changes().add(0, Item::Calls, Some((&a, 0)), 1, 2, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();

@@ -3,16 +3,17 @@
 //! unflushed changes.
 
 use std::sync::{
-    atomic::{AtomicBool, AtomicI64, Ordering::Relaxed},
+    atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed},
     Arc,
 };
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use once_cell::race::OnceBox;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::dedup::DedupTable;
 use crate::{
-    calendar::Ts,
+    calendar::{Ts, SECOND},
     ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
     packs::{counter_order, PackCounter},
 };
@@ -57,16 +58,21 @@ pub struct AccountState {
     pub(super) packs: ArcSwap<PackList>,
     /// Unflushed usage. A short, synchronous critical section.
     pub(super) pending: Mutex<PendingSlot>,
-    /// Request ids seen (R10). Boxed and created on the first request id:
-    /// most accounts never send one, and an empty table would still cost
-    /// 56 bytes in every resident account.
-    pub(super) dedup: Mutex<Option<Box<DedupTable>>>,
+    /// Request ids seen (R10). Boxed and created on the first request id
+    /// (most accounts never send one, and an empty table would still cost
+    /// 56 bytes in every resident account), then kept. One word: the box
+    /// holds the table's lock, and is set once without a lock of its own
+    /// (a `Mutex<Option<Box<_>>>` took two words).
+    dedup: OnceBox<Mutex<DedupTable>>,
     /// Held by the calls deductions of a `deny` account between checking
     /// that its packs cover the calls and taking them, so concurrent
     /// deductions never see capacity that is only briefly taken (R7).
     pub(super) deny_lock: Mutex<()>,
-    /// Server time of the last request, for idle eviction.
-    pub(super) last_touch: AtomicI64,
+    /// Server time of the last request, for idle eviction: whole seconds
+    /// since the epoch, rounded up (so an account is never evicted before
+    /// it has been idle as long as asked), in 4 bytes that share a word
+    /// with the flags (see [`touch`](Self::touch)).
+    last_touch: AtomicU32,
 }
 
 impl AccountState {
@@ -80,10 +86,35 @@ impl AccountState {
             deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
             packs: ArcSwap::new(no_packs()),
             pending: Mutex::new(PendingSlot::default()),
-            dedup: Mutex::new(None),
+            dedup: OnceBox::new(),
             deny_lock: Mutex::new(()),
-            last_touch: AtomicI64::new(now),
+            last_touch: AtomicU32::new(touch_secs(now)),
         }
+    }
+
+    /// The request-id table, made on first use.
+    pub(super) fn dedup(&self) -> MutexGuard<'_, DedupTable> {
+        self.dedup.get_or_init(Box::default).lock()
+    }
+
+    /// The request-id table, if a request id ever came.
+    pub(super) fn dedup_if_any(&self) -> Option<MutexGuard<'_, DedupTable>> {
+        self.dedup.get().map(|t| t.lock())
+    }
+
+    /// Stamps the account as used at `now`. Loads first: most requests
+    /// come within the same second, and a store of the same value would
+    /// still take the line exclusively.
+    pub(super) fn touch(&self, now: Ts) {
+        let secs = touch_secs(now);
+        if self.last_touch.load(Relaxed) != secs {
+            self.last_touch.store(secs, Relaxed);
+        }
+    }
+
+    /// When the account was last used (see `last_touch`).
+    pub(super) fn last_touch(&self) -> Ts {
+        Ts::from(self.last_touch.load(Relaxed)) * SECOND
     }
 
     pub fn id(&self) -> &Arc<str> {
@@ -124,7 +155,7 @@ impl AccountState {
                     next.push(p);
                 }
             }
-            next.sort_by(|a, b| counter_order(a, b));
+            next.sort_by(counter_order);
             // Replaced rarely, read on every deduction: no spare capacity.
             next.shrink_to_fit();
             next
@@ -183,7 +214,7 @@ impl AccountState {
         let mut slot = self.pending.lock();
         if slot.is_empty() {
             slot.shrink();
-            slot.queued = false;
+            slot.set_queued(false);
             false
         } else {
             true
@@ -212,6 +243,12 @@ impl AccountState {
                 .collect()
         })
     }
+}
+
+/// `now` as `last_touch` keeps it: seconds since the epoch, rounded up,
+/// within what a `u32` holds (until 2106).
+fn touch_secs(now: Ts) -> u32 {
+    u32::try_from(now.saturating_add(SECOND - 1).div_euclid(SECOND).max(0)).unwrap_or(u32::MAX)
 }
 
 /// Turns an account's taken changes into the rows a store writes.

@@ -347,8 +347,7 @@ impl Meter {
         if d.request_id.is_empty() || d.is_check() {
             return Some(Id::None);
         }
-        let mut guard = c.account.dedup.lock();
-        let claim = guard.get_or_insert_with(Box::default).claim(
+        let claim = c.account.dedup().claim(
             d.request_id,
             now,
             self.dedup_expiry(at, now),
@@ -404,7 +403,7 @@ impl Meter {
 
     fn release(&self, c: &Charge<'_>, id: Id) {
         if id == Id::Claimed {
-            if let Some(t) = c.account.dedup.lock().as_mut() {
+            if let Some(mut t) = c.account.dedup_if_any() {
                 t.release(c.deduction.request_id);
             }
         }
@@ -497,7 +496,7 @@ impl Meter {
             } else {
                 change(slot.changes());
             }
-            !std::mem::replace(&mut slot.queued, true)
+            !slot.set_queued(true)
         };
         if newly_queued {
             self.enqueue(acct);
@@ -544,7 +543,7 @@ impl Meter {
             }
         });
         if claimed {
-            if let Some(t) = acct.dedup.lock().as_mut() {
+            if let Some(mut t) = acct.dedup_if_any() {
                 t.complete(d.request_id, result);
             }
         }

@@ -270,7 +270,7 @@ impl Meter {
                     next.push(PackCounter::new(spec, u.unwrap_or(0)));
                 }
             }
-            next.sort_by(|a, b| counter_order(a, b));
+            next.sort_by(counter_order);
             next
         });
     }
