@@ -49,7 +49,7 @@ pub struct AccountState {
     /// must then still be the current one. The routes that replace it:
     /// - `ensure_free_month` (a month's packs appear, an ended month's
     ///   leave): a deduction that needs it runs under `Gate::exclusive`
-    ///   (`Meter::needs_exclusive`, checked under the pass), and a lease
+    ///   (`Meter::packs_current`, checked under the pass), and a lease
     ///   request takes the exclusive section for it;
     /// - `rebuild_free_months` and `restore` (R1 moves, operator
     ///   activations, plan switches) and `Meter::add_pack` (grants):

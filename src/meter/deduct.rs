@@ -88,10 +88,10 @@ impl Meter {
         let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
         // Under the pass, so that nothing replaces the list until it is
         // dropped (see `AccountState::packs`).
-        if !self.packs_current(account, at, now) {
+        let Some(packs) = self.current_packs(account, at, now) else {
             drop(pass);
             return group();
-        }
+        };
         self.validate_time(at, now, pass.settled_before)?;
         let id = self
             .claim_id(&c, at, now)
@@ -102,7 +102,7 @@ impl Meter {
                 .reserve(&c, at, now)
                 .inspect_err(|_| self.release(&c, id))?,
         };
-        let o = self.one(&c, at, now, id, reserved, false);
+        let o = self.one(&c, at, now, id, reserved, false, Some(packs));
         drop(pass);
         Ok(o)
     }
@@ -111,7 +111,11 @@ impl Meter {
     /// `reserved`, its amounts counted into its hour's totals. With
     /// `exclusive` (no other deduction in progress), an event before the
     /// activation moves it back first (R1), and back again if the event
-    /// takes nothing: a check or a denial changes nothing.
+    /// takes nothing: a check or a denial changes nothing. `packs`, under
+    /// a pass only: the account's list, found current (see `take`).
+    // One argument past clippy's limit: the unary path's list rides along
+    // instead of being read twice (an `ArcSwap` load, issue 10's hot bar).
+    #[allow(clippy::too_many_arguments)]
     fn one(
         &self,
         c: &Charge<'_>,
@@ -120,7 +124,9 @@ impl Meter {
         id: Id,
         reserved: bool,
         exclusive: bool,
+        packs: Option<Guard<Arc<PackList>>>,
     ) -> DeductOutcome {
+        debug_assert!(!(exclusive && packs.is_some()), "a list read before a move");
         if let Id::Done(r) = id {
             self.unreserve(c, at, reserved);
             return self.duplicate(c.account, at, now, r);
@@ -135,7 +141,7 @@ impl Meter {
                 self.unreserve(c, at, reserved);
                 self.deny(c, at, now, id, reason)
             }
-            None => self.take(c, at, now, id == Id::Claimed),
+            None => self.take(c, at, now, id == Id::Claimed, packs),
         };
         if let Some(saved) = moved {
             if o.decision == Decision::Allow && !c.deduction.is_check() {
@@ -253,7 +259,7 @@ impl Meter {
                             Decision::Deny(_) => self.claim_id(c, ats[i], now).unwrap_or(Id::None),
                         };
                     }
-                    out.push(self.one(c, ats[i], now, ids[i], reserved[i], exclusive));
+                    out.push(self.one(c, ats[i], now, ids[i], reserved[i], exclusive, None));
                 }
                 out
             }
@@ -284,7 +290,7 @@ impl Meter {
                             self.release(c, id);
                             self.check(c.account, ats[i], now)
                         }
-                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed),
+                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed, None),
                     };
                     out.push(o);
                 }
@@ -511,13 +517,23 @@ impl Meter {
     }
 
     /// Takes the charge from the packs and records it in the ledger.
-    fn take(&self, c: &Charge<'_>, at: Ts, now: Ts, claimed: bool) -> DeductOutcome {
+    ///
+    /// `packs` is the list the caller found current under its pass (the
+    /// unary path, which reads it once), or `None` to read it here.
+    fn take(
+        &self,
+        c: &Charge<'_>,
+        at: Ts,
+        now: Ts,
+        claimed: bool,
+        packs: Option<Guard<Arc<PackList>>>,
+    ) -> DeductOutcome {
         let (acct, d) = (c.account, &c.deduction);
         if d.is_check() {
             return self.check(acct, at, now);
         }
         self.activate(acct, at, now);
-        let packs = self.packs_at(acct, at, now);
+        let packs = packs.unwrap_or_else(|| self.packs_at(acct, at, now));
         let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
         let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];

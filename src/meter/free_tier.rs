@@ -12,6 +12,7 @@ use crate::{
     packs::{counter_order, deduction_order, Item, PackCounter, PackSource, PackSpec},
     store::StoredPack,
 };
+use arc_swap::Guard;
 
 /// Whether a pack of `packs` has ended before `keep_after`: it can take no
 /// more deductions, and only waits for the list's next replacement.
@@ -68,15 +69,27 @@ impl Meter {
     /// the account's list as it is for a deduction at `at`: no pack has
     /// ended for good, and the free-tier month holding `at` is resident or
     /// there is none. A deduction that finds `false` under a pass runs
-    /// under `Gate::exclusive` instead (`needs_exclusive`): the list holds
+    /// under `Gate::exclusive` instead (`Meter::deduct_all`): the list holds
     /// its counters by value, and replacing it during a deduction would
     /// lose that deduction's take. Nothing replaces the list while a pass
     /// is held, so what this finds under a pass stays true until the pass
     /// is dropped.
     pub(super) fn packs_current(&self, acct: &AccountState, at: Ts, now: Ts) -> bool {
+        self.current_packs(acct, at, now).is_some()
+    }
+
+    /// The account's list if it is [current](Self::packs_current), read
+    /// once: the unary deduction takes from the list it checked.
+    pub(super) fn current_packs(
+        &self,
+        acct: &AccountState,
+        at: Ts,
+        now: Ts,
+    ) -> Option<Guard<Arc<PackList>>> {
         let packs = acct.packs.load();
-        !has_ended(&packs, self.keep_after(now))
-            && self.missing_free_month(acct, &packs, at).is_none()
+        (!has_ended(&packs, self.keep_after(now))
+            && self.missing_free_month(acct, &packs, at).is_none())
+        .then_some(packs)
     }
 
     /// The free-tier month holding `at`, if the account has one and its
