@@ -868,6 +868,39 @@ mod tests {
         )])
     }
 
+    /// A delta names its pack by (list, index): a later version of the
+    /// account's list, where the same pack sits elsewhere, adds to the same
+    /// delta, and the hour, item and index share one word without loss.
+    #[test]
+    fn a_delta_names_its_pack_across_versions_of_the_list() {
+        let old = pack("a");
+        let new: Arc<PackList> =
+            Arc::new([pack("b"), pack("a")].iter().map(|l| l[0].copy()).collect());
+        let hour = 490_000 * HOUR;
+        let mut p = Pending::default();
+        p.add(hour, Item::Calls, Some((&old, 0)), 1, 5, hour + 1);
+        p.add(hour, Item::Calls, Some((&new, 1)), 2, 6, hour + 2);
+        p.add(hour, Item::Calls, Some((&new, 0)), 4, 7, hour + 3);
+        p.add(-HOUR, Item::EgressBytes, Some((&new, 1)), 8, 8, -1);
+        let named: Vec<_> = p
+            .deltas
+            .iter()
+            .map(|d| (d.hour(), d.item(), &**d.pack().unwrap().pack_id(), d.amount))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (hour, Item::Calls, "a", 3),
+                (hour, Item::Calls, "b", 4),
+                (-HOUR, Item::EgressBytes, "a", 8)
+            ]
+        );
+        assert_eq!(
+            (p.deltas[0].first(), p.deltas[0].last()),
+            (hour + 1, hour + 2)
+        );
+    }
+
     #[test]
     fn merges_deltas_by_hour_item_and_pack() {
         let (a, b) = (pack("a"), pack("b"));
