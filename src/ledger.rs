@@ -11,29 +11,42 @@ use std::sync::Arc;
 
 use crate::{
     calendar::{Ts, HOUR},
-    packs::{deduction_order, Item, PackCounter, PackSpec},
+    packs::{deduction_order, Item, PackCounter, PackList, PackSpec},
     store::StoredPack,
 };
 
 /// Usage not yet in the store, for one (hour, item, pack) of an account.
 ///
 /// 32 bytes: the earliest and latest event times are kept as offsets into
-/// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), and the hour and
-/// the item share one word, so that two deltas (calls and egress, each
-/// covered by one pack) fit inline in [`Pending`] within a small footprint.
+/// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), and the hour,
+/// the item and the pack's place in its list share one word, so that two
+/// deltas (calls and egress, each covered by one pack) fit inline in
+/// [`Pending`] within a small footprint.
+///
+/// The pack is named by the version of the account's [`PackList`] the
+/// deduction read and the pack's index in it. A list is never changed in
+/// place (a new version replaces it, see [`PackList`]), so the pair names
+/// the same pack however the account's list changes before the flush; the
+/// delta keeps that version alive until then, and reads only the pack's
+/// spec from it, never its usage.
 #[derive(Clone, Debug)]
 pub struct Delta {
-    /// Start of the UTC hour, shifted left by one, with the item in the
-    /// low bit (see [`hour`](Self::hour) and [`item`](Self::item)).
-    hour_item: i64,
-    /// The pack that covered the amount, or `None` for overage.
-    pub pack: Option<Arc<PackCounter>>,
+    /// The hour (in hours since the epoch) in the high 32 bits, the
+    /// pack's index in `list` in bits 1 to 31, the item in bit 0 (see
+    /// [`hour`](Self::hour), [`item`](Self::item), [`key`]).
+    key: i64,
+    /// The list holding the pack that covered the amount, or `None` for
+    /// overage.
+    list: Option<Arc<PackList>>,
     pub amount: u64,
     /// The earliest and latest event time of the amount, as offsets from
     /// the hour (see [`first`](Self::first) and [`last`](Self::last)).
     first_offset: u32,
     last_offset: u32,
 }
+
+/// A pack as a deduction names it: the list it read, and an index in it.
+pub type PackRef<'a> = (&'a Arc<PackList>, u32);
 
 /// `t` as an offset into the hour starting at `hour`. Events of a delta
 /// lie within its hour; anything else is clamped rather than wrapped.
@@ -45,25 +58,41 @@ fn offset(hour: Ts, t: Ts) -> u32 {
     u32::try_from(t.saturating_sub(hour).clamp(0, HOUR - 1)).unwrap_or(u32::MAX)
 }
 
-/// An hour and an item in one word. An hour is an instant the server
-/// clock accepted an event at (R9), within ±2⁶² µs (±146,000 years) of the
-/// epoch, so the shift loses nothing.
-fn hour_item(hour: Ts, item: Item) -> i64 {
+/// The pack index's bits in a [`key`].
+const INDEX_BITS: i64 = 0x7fff_ffff << 1;
+
+/// An hour, a pack index and an item in one word. An hour is the start of
+/// a UTC hour ([`crate::calendar::hour_start`]) of an instant the server
+/// clock accepted an event at (R9): a whole number of hours, within ±2³¹
+/// hours (±245,000 years) of the epoch, so the packing loses nothing. A
+/// list holds far fewer than 2³¹ packs.
+fn key(hour: Ts, item: Item, index: u32) -> i64 {
     debug_assert!(
-        hour.checked_mul(2).is_some(),
-        "hour {hour} outside the range a delta holds"
+        hour.rem_euclid(HOUR) == 0 && i32::try_from(hour.div_euclid(HOUR)).is_ok(),
+        "hour {hour} is not an hour a delta holds"
     );
-    (hour << 1) | (slot(item) as i64)
+    debug_assert!(index < 1 << 31, "pack index {index}");
+    (hour.div_euclid(HOUR) << 32) | ((i64::from(index) << 1) & INDEX_BITS) | (slot(item) as i64)
 }
 
 impl Delta {
     /// Start of the UTC hour.
     pub fn hour(&self) -> Ts {
-        self.hour_item >> 1
+        (self.key >> 32) * HOUR
     }
 
     pub fn item(&self) -> Item {
-        Item::ALL[(self.hour_item & 1) as usize]
+        Item::ALL[(self.key & 1) as usize]
+    }
+
+    fn index(&self) -> usize {
+        ((self.key as u32) >> 1) as usize
+    }
+
+    /// The pack that covered the amount, as the deduction found it (read
+    /// its spec; its usage may be stale), or `None` for overage.
+    pub fn pack(&self) -> Option<&PackCounter> {
+        self.list.as_ref().map(|l| &l[self.index()])
     }
 
     /// The earliest event time of the amount (within its hour).
@@ -76,14 +105,22 @@ impl Delta {
         self.hour() + Ts::from(self.last_offset)
     }
 
-    fn same_key(&self, hour: Ts, item: Item, pack: Option<&Arc<PackCounter>>) -> bool {
-        self.hour_item == hour_item(hour, item)
-            && match (&self.pack, pack) {
-                (None, None) => true,
-                // Usually the very same counter: skip reading the ids then.
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.pack_id() == b.pack_id(),
-                _ => false,
+    fn pack_ref(&self) -> Option<PackRef<'_>> {
+        self.list.as_ref().map(|l| (l, (self.key as u32) >> 1))
+    }
+
+    fn same_key(&self, hour: Ts, item: Item, pack: Option<PackRef<'_>>) -> bool {
+        match (&self.list, pack) {
+            (None, None) => self.key == key(hour, item, 0),
+            // Usually the very same list and index: skip reading the ids then.
+            (Some(l), Some((m, i))) => {
+                let k = key(hour, item, i);
+                (self.key & !INDEX_BITS) == (k & !INDEX_BITS)
+                    && ((Arc::ptr_eq(l, m) && self.key == k)
+                        || l[self.index()].pack_id() == m[i as usize].pack_id())
             }
+            _ => false,
+        }
     }
 }
 
@@ -118,6 +155,11 @@ pub struct Pending {
     pub dedup: Records,
     /// The account row must be written (it was auto-activated).
     pub account_dirty: bool,
+    /// In a [`PendingSlot`]'s changes: whether the account sits in the
+    /// meter's dirty queue (see [`PendingSlot::queued`]). Kept here, in
+    /// the padding after `account_dirty`, rather than in the slot, where
+    /// it took a word of its own; a taken `Pending` has it `false`.
+    queued: bool,
     /// Wall-clock time of the oldest change in here, for the
     /// oldest-unflushed-delta metric; `NO_SINCE` for none (see
     /// [`since`](Self::since)).
@@ -132,6 +174,7 @@ impl Default for Pending {
             deltas: smallvec::SmallVec::new(),
             dedup: Records::default(),
             account_dirty: false,
+            queued: false,
             since: NO_SINCE,
         }
     }
@@ -291,8 +334,6 @@ impl HourTotals {
 #[derive(Debug, Default)]
 pub struct PendingSlot {
     changes: Pending,
-    /// Whether the account sits in the meter's dirty queue.
-    pub queued: bool,
     /// The open hours' totals, for the ledger cap. Unlike `changes`, a
     /// flush leaves them.
     totals: HourTotals,
@@ -318,9 +359,23 @@ impl PendingSlot {
         &mut self.totals
     }
 
+    /// Whether the account sits in the meter's dirty queue.
+    pub fn queued(&self) -> bool {
+        self.changes.queued
+    }
+
+    /// Marks whether the account sits in the dirty queue; returns the mark
+    /// it had.
+    pub fn set_queued(&mut self, queued: bool) -> bool {
+        std::mem::replace(&mut self.changes.queued, queued)
+    }
+
     /// Takes everything out for a flush, leaving `queued` as it was.
     pub fn take(&mut self) -> Pending {
-        std::mem::take(&mut self.changes)
+        let queued = self.changes.queued;
+        let mut taken = std::mem::take(&mut self.changes);
+        (self.changes.queued, taken.queued) = (queued, false);
+        taken
     }
 
     /// Puts back changes from a failed flush.
@@ -348,7 +403,7 @@ impl Pending {
         &mut self,
         hour: Ts,
         item: Item,
-        pack: Option<&Arc<PackCounter>>,
+        pack: Option<PackRef<'_>>,
         amount: u64,
         now: Ts,
         at: Ts,
@@ -361,7 +416,7 @@ impl Pending {
         &mut self,
         hour: Ts,
         item: Item,
-        pack: Option<&Arc<PackCounter>>,
+        pack: Option<PackRef<'_>>,
         amount: u64,
         now: Ts,
         (first, last): (Ts, Ts),
@@ -386,8 +441,8 @@ impl Pending {
                 d.last_offset = d.last_offset.max(offset(hour, last));
             }
             None => self.deltas.push(Delta {
-                hour_item: hour_item(hour, item),
-                pack: pack.cloned(),
+                key: key(hour, item, pack.map_or(0, |p| p.1)),
+                list: pack.map(|p| p.0.clone()),
                 amount,
                 first_offset: offset(hour, first),
                 last_offset: offset(hour, last),
@@ -402,7 +457,7 @@ impl Pending {
             self.add_span(
                 d.hour(),
                 d.item(),
-                d.pack.as_ref(),
+                d.pack_ref(),
                 d.amount,
                 failed_since.unwrap_or(0),
                 (d.first(), d.last()),
@@ -796,8 +851,9 @@ mod tests {
     use super::*;
     use crate::packs::PackSource;
 
-    fn pack(id: &str) -> Arc<PackCounter> {
-        Arc::new(PackCounter::new(
+    /// A list holding one purchased calls pack.
+    fn pack(id: &str) -> Arc<PackList> {
+        Arc::new(smallvec::smallvec![PackCounter::new(
             PackSpec {
                 pack_id: id.into(),
                 source: PackSource::Purchased,
@@ -809,19 +865,52 @@ mod tests {
                 created_at: 0,
             },
             0,
-        ))
+        )])
+    }
+
+    /// A delta names its pack by (list, index): a later version of the
+    /// account's list, where the same pack sits elsewhere, adds to the same
+    /// delta, and the hour, item and index share one word without loss.
+    #[test]
+    fn a_delta_names_its_pack_across_versions_of_the_list() {
+        let old = pack("a");
+        let new: Arc<PackList> =
+            Arc::new([pack("b"), pack("a")].iter().map(|l| l[0].copy()).collect());
+        let hour = 490_000 * HOUR;
+        let mut p = Pending::default();
+        p.add(hour, Item::Calls, Some((&old, 0)), 1, 5, hour + 1);
+        p.add(hour, Item::Calls, Some((&new, 1)), 2, 6, hour + 2);
+        p.add(hour, Item::Calls, Some((&new, 0)), 4, 7, hour + 3);
+        p.add(-HOUR, Item::EgressBytes, Some((&new, 1)), 8, 8, -1);
+        let named: Vec<_> = p
+            .deltas
+            .iter()
+            .map(|d| (d.hour(), d.item(), &**d.pack().unwrap().pack_id(), d.amount))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (hour, Item::Calls, "a", 3),
+                (hour, Item::Calls, "b", 4),
+                (-HOUR, Item::EgressBytes, "a", 8)
+            ]
+        );
+        assert_eq!(
+            (p.deltas[0].first(), p.deltas[0].last()),
+            (hour + 1, hour + 2)
+        );
     }
 
     #[test]
     fn merges_deltas_by_hour_item_and_pack() {
         let (a, b) = (pack("a"), pack("b"));
         let mut p = Pending::default();
-        p.add(0, Item::Calls, Some(&a), 1, 5, 10);
-        p.add(0, Item::Calls, Some(&a), 2, 6, 11);
-        p.add(0, Item::Calls, Some(&b), 3, 7, 12);
+        p.add(0, Item::Calls, Some((&a, 0)), 1, 5, 10);
+        p.add(0, Item::Calls, Some((&a, 0)), 2, 6, 11);
+        p.add(0, Item::Calls, Some((&b, 0)), 3, 7, 12);
         p.add(0, Item::Calls, None, 4, 8, 13);
-        p.add(3600, Item::Calls, None, 5, 9, 3600);
-        p.add(3600, Item::EgressBytes, None, 0, 9, 3600);
+        p.add(HOUR, Item::Calls, None, 5, 9, HOUR);
+        p.add(HOUR, Item::EgressBytes, None, 0, 9, HOUR);
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
         // The event times the delta holds, for the flush's re-attribution.
@@ -896,14 +985,12 @@ mod tests {
     #[test]
     fn a_failed_flush_merged_back_loses_nothing() {
         let a = pack("a");
-        let mut slot = PendingSlot {
-            queued: true,
-            ..PendingSlot::default()
-        };
-        slot.changes().add(0, Item::Calls, Some(&a), 7, 1, 0);
+        let mut slot = PendingSlot::default();
+        slot.set_queued(true);
+        slot.changes().add(0, Item::Calls, Some((&a, 0)), 7, 1, 0);
         let taken = slot.take();
-        assert!(slot.is_empty() && slot.get().is_none() && slot.queued);
-        slot.changes().add(0, Item::Calls, Some(&a), 1, 2, 0);
+        assert!(slot.is_empty() && slot.get().is_none() && slot.queued());
+        slot.changes().add(0, Item::Calls, Some((&a, 0)), 1, 2, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);

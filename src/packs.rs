@@ -305,6 +305,19 @@ impl PackCounter {
         self.capacity().saturating_sub(self.used())
     }
 
+    /// A new counter of the same pack holding this one's usage now: for a
+    /// new version of an account's [`PackList`], which holds its counters
+    /// by value. Only with no deduction in progress (`Gate::exclusive`): a
+    /// take on this counter after the copy would not reach the new list.
+    pub fn copy(&self) -> PackCounter {
+        PackCounter {
+            base: self.base.clone(),
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            used: AtomicU64::new(self.used()),
+        }
+    }
+
     /// Sets the usage to `used` (at most the capacity): a rebase on the
     /// store's global total after a flush. Only with no deduction in
     /// progress (see `Meter::rebase`), or a concurrent take could be lost.
@@ -334,25 +347,40 @@ impl PackCounter {
     }
 }
 
+/// An account's resident packs, in R6 order, **by value**: the counters
+/// live in the list's own allocation (two inline: the free tier's calls
+/// and egress packs of the month), so an account's packs cost one
+/// allocation and a deduction follows one pointer to reach them, not one
+/// per counter.
+///
+/// Because the counters are not shared between versions of a list, a
+/// version replaces the one before only while no deduction is in progress
+/// (`Gate::exclusive`): a take on a counter of the old version after its
+/// [`copy`](PackCounter::copy) would be lost. The ledger names a pack by
+/// (list, index) (see [`crate::ledger::Delta`]), which stays valid
+/// whatever replaces the list later, since a list is never changed in
+/// place apart from its counters' `used`.
+pub type PackList = smallvec::SmallVec<[PackCounter; 2]>;
+
 /// How one item of a deduction was split: per pack, then overage.
 #[derive(Debug, Default)]
-pub struct Split<'a> {
-    /// (pack, amount) in deduction order; inline for the common case of one
-    /// or two packs. Borrowed from the pack list the deduction read, so a
-    /// split touches no reference count (the ledger clones a counter only
+pub struct Split {
+    /// (index of the pack in the list the deduction read, amount) in
+    /// deduction order; inline for the common case of one or two packs. A
+    /// split touches no reference count (the ledger clones the list only
     /// for a delta it has not seen yet).
-    pub takes: smallvec::SmallVec<[(&'a Arc<PackCounter>, u64); 2]>,
+    pub takes: smallvec::SmallVec<[(u32, u64); 2]>,
     pub covered: u64,
     pub overage: u64,
 }
 
-impl<'a> Split<'a> {
+impl Split {
     /// Deducts `want` of `item` at `ts` from `packs` (already in R6 order);
     /// what no pack covers is overage.
-    pub fn deduct(packs: &'a [Arc<PackCounter>], item: Item, ts: Ts, want: u64) -> Split<'a> {
+    pub fn deduct(packs: &[PackCounter], item: Item, ts: Ts, want: u64) -> Split {
         let mut split = Split::default();
         let mut left = want;
-        for pack in packs {
+        for (i, pack) in packs.iter().enumerate() {
             if left == 0 {
                 break;
             }
@@ -361,7 +389,8 @@ impl<'a> Split<'a> {
             }
             let took = pack.take(left);
             if took > 0 {
-                split.takes.push((pack, took));
+                // A list holds far fewer than 2³² packs.
+                split.takes.push((i as u32, took));
                 left -= took;
             }
         }
@@ -372,7 +401,7 @@ impl<'a> Split<'a> {
 }
 
 /// What `packs` valid at `ts` hold for `item` in all, and what they still hold.
-pub fn totals(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> (u64, u64) {
+pub fn totals(packs: &[PackCounter], item: Item, ts: Ts) -> (u64, u64) {
     packs
         .iter()
         .filter(|p| p.item() == item && p.valid_at(ts))
@@ -385,7 +414,7 @@ pub fn totals(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> (u64, u64) {
 }
 
 /// What `packs` still hold for `item` at `ts`.
-pub fn remaining(packs: &[Arc<PackCounter>], item: Item, ts: Ts) -> u64 {
+pub fn remaining(packs: &[PackCounter], item: Item, ts: Ts) -> u64 {
     totals(packs, item, ts).1
 }
 
@@ -480,7 +509,7 @@ pub(crate) mod tests {
     fn splits_across_packs_then_overage() {
         let packs: Vec<_> = [("a", 3), ("b", 4)]
             .iter()
-            .map(|(id, cap)| Arc::new(PackCounter::new(purchased(id, *cap, 0, 100, 0), 0)))
+            .map(|(id, cap)| PackCounter::new(purchased(id, *cap, 0, 100, 0), 0))
             .collect();
         let s = Split::deduct(&packs, Item::Calls, 5, 10);
         assert_eq!((s.covered, s.overage), (7, 3));
@@ -493,8 +522,8 @@ pub(crate) mod tests {
         let mut egress = purchased("e", 10, 0, 100, 0);
         egress.item = Item::EgressBytes;
         let packs = vec![
-            Arc::new(PackCounter::new(egress, 0)),
-            Arc::new(PackCounter::new(purchased("late", 10, 0, 100, 0), 0)),
+            PackCounter::new(egress, 0),
+            PackCounter::new(purchased("late", 10, 0, 100, 0), 0),
         ];
         // At ts = 100 the calls pack has expired (valid_until is exclusive).
         let s = Split::deduct(&packs, Item::Calls, 100, 4);
@@ -516,7 +545,7 @@ pub(crate) mod tests {
             let packs: Vec<_> = caps
                 .iter()
                 .enumerate()
-                .map(|(i, c)| Arc::new(PackCounter::new(purchased(&i.to_string(), *c, 0, 10, 0), 0)))
+                .map(|(i, c)| PackCounter::new(purchased(&i.to_string(), *c, 0, 10, 0), 0))
                 .collect();
             let covered: u64 = std::thread::scope(|s| {
                 let handles: Vec<_> = asks

@@ -3,28 +3,24 @@
 //! unflushed changes.
 
 use std::sync::{
-    atomic::{AtomicBool, AtomicI64, Ordering::Relaxed},
+    atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed},
     Arc,
 };
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use once_cell::race::OnceBox;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::dedup::DedupTable;
 use crate::{
-    calendar::Ts,
+    calendar::{Ts, SECOND},
     ledger::{AccountFlush, AccountRecord, DeltaRow, Pending, PendingSlot},
-    packs::{counter_order, PackCounter, PackSource},
+    packs::{counter_order, PackCounter},
 };
 
-pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
+pub use crate::packs::PackList;
 
-/// An account's resident packs, in R6 order. Up to four live inline in the
-/// list's own allocation (the free tier's calls and egress packs of the
-/// month, and of the month before while its late events are still
-/// accepted), so a deduction reads the list without following a further
-/// pointer to its elements' array.
-pub type PackList = smallvec::SmallVec<[Arc<PackCounter>; 4]>;
+pub(super) const NOT_ACTIVATED: Ts = Ts::MIN;
 
 /// The list of an account with no resident pack, shared by all of them:
 /// a new account allocates no list until its first deduction.
@@ -43,22 +39,40 @@ pub struct AccountState {
     pub(super) activated_at: AtomicI64,
     pub(super) suspended: AtomicBool,
     pub(super) deny_on_exhausted: AtomicBool,
-    /// Packs that can still take deductions, in R6 order. Replaced whole
-    /// (copy-on-write) when a month's free-tier pack appears or a pack is
-    /// granted; the counters inside are shared between versions.
+    /// Packs that can still take deductions, in R6 order, their counters
+    /// by value ([`PackList`]). Replaced whole (copy-on-write) when a
+    /// month's free-tier packs appear, an ended month's leave, the
+    /// activation moves or a pack is granted. Each version holds its own
+    /// counters, so a replacement runs only while no deduction is in
+    /// progress (`Gate::exclusive`): a deduction reads the list under a
+    /// pass and takes from the counters of the version it read, which
+    /// must then still be the current one. The routes that replace it:
+    /// - `ensure_free_month` (a month's packs appear, an ended month's
+    ///   leave): a deduction that needs it runs under `Gate::exclusive`
+    ///   (`Meter::packs_current`, checked under the pass), and a lease
+    ///   request takes the exclusive section for it;
+    /// - `rebuild_free_months` and `restore` (R1 moves, operator
+    ///   activations, plan switches) and `Meter::add_pack` (grants):
+    ///   under `Gate::exclusive`;
+    /// - `Meter::load`: before the account is resident.
     pub(super) packs: ArcSwap<PackList>,
     /// Unflushed usage. A short, synchronous critical section.
     pub(super) pending: Mutex<PendingSlot>,
-    /// Request ids seen (R10). Boxed and created on the first request id:
-    /// most accounts never send one, and an empty table would still cost
-    /// 56 bytes in every resident account.
-    pub(super) dedup: Mutex<Option<Box<DedupTable>>>,
+    /// Request ids seen (R10). Boxed and created on the first request id
+    /// (most accounts never send one, and an empty table would still cost
+    /// 56 bytes in every resident account), then kept. One word: the box
+    /// holds the table's lock, and is set once without a lock of its own
+    /// (a `Mutex<Option<Box<_>>>` took two words).
+    dedup: OnceBox<Mutex<DedupTable>>,
     /// Held by the calls deductions of a `deny` account between checking
     /// that its packs cover the calls and taking them, so concurrent
     /// deductions never see capacity that is only briefly taken (R7).
     pub(super) deny_lock: Mutex<()>,
-    /// Server time of the last request, for idle eviction.
-    pub(super) last_touch: AtomicI64,
+    /// Server time of the last request, for idle eviction: whole seconds
+    /// since the epoch, rounded up (so an account is never evicted before
+    /// it has been idle as long as asked), in 4 bytes that share a word
+    /// with the flags (see [`touch`](Self::touch)).
+    last_touch: AtomicU32,
 }
 
 impl AccountState {
@@ -72,10 +86,35 @@ impl AccountState {
             deny_on_exhausted: AtomicBool::new(record.is_some_and(|r| r.deny_on_exhausted)),
             packs: ArcSwap::new(no_packs()),
             pending: Mutex::new(PendingSlot::default()),
-            dedup: Mutex::new(None),
+            dedup: OnceBox::new(),
             deny_lock: Mutex::new(()),
-            last_touch: AtomicI64::new(now),
+            last_touch: AtomicU32::new(touch_secs(now)),
         }
+    }
+
+    /// The request-id table, made on first use.
+    pub(super) fn dedup(&self) -> MutexGuard<'_, DedupTable> {
+        self.dedup.get_or_init(Box::default).lock()
+    }
+
+    /// The request-id table, if a request id ever came.
+    pub(super) fn dedup_if_any(&self) -> Option<MutexGuard<'_, DedupTable>> {
+        self.dedup.get().map(|t| t.lock())
+    }
+
+    /// Stamps the account as used at `now`. Loads first: most requests
+    /// come within the same second, and a store of the same value would
+    /// still take the line exclusively.
+    pub(super) fn touch(&self, now: Ts) {
+        let secs = touch_secs(now);
+        if self.last_touch.load(Relaxed) != secs {
+            self.last_touch.store(secs, Relaxed);
+        }
+    }
+
+    /// When the account was last used (see `last_touch`).
+    pub(super) fn last_touch(&self) -> Ts {
+        Ts::from(self.last_touch.load(Relaxed)) * SECOND
     }
 
     pub fn id(&self) -> &Arc<str> {
@@ -100,63 +139,59 @@ impl AccountState {
         self.packs.load()
     }
 
-    /// Adds packs (by id, keeping existing counters), drops those that can
-    /// no longer take deductions, and keeps R6 order.
-    pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<Arc<PackCounter>>, keep_after: Ts) {
+    /// Adds packs (by id, keeping existing counters' usage), drops those
+    /// that can no longer take deductions, and keeps R6 order. Only with no
+    /// deduction in progress, or before the account is resident: the
+    /// counters are copied into the new list.
+    pub(super) fn merge_packs(&self, add: impl Fn() -> Vec<PackCounter>, keep_after: Ts) {
         self.packs.rcu(|cur| {
             let mut next: PackList = cur
                 .iter()
                 .filter(|p| p.valid_until() > keep_after)
-                .cloned()
+                .map(PackCounter::copy)
                 .collect();
             for p in add() {
                 if !next.iter().any(|q| q.pack_id() == p.pack_id()) {
                     next.push(p);
                 }
             }
-            next.sort_by(|a, b| counter_order(a, b));
+            next.sort_by(counter_order);
             // Replaced rarely, read on every deduction: no spare capacity.
             next.shrink_to_fit();
             next
         });
     }
 
-    pub(super) fn free_pack_present(&self, valid_from: Ts) -> bool {
-        self.packs
-            .load()
-            .iter()
-            .any(|p| p.source() == PackSource::FreeTier && p.valid_from() == valid_from)
-    }
-
     /// The counters a rebase on `stored` (the store's packs after a flush)
-    /// would change, with their new usage: for each resident pack the
+    /// would change, by their index in the current list, with their new
+    /// usage: for each resident pack the
     /// store holds, its global `used` plus what this node has deducted from
     /// it and not yet flushed (the ledger's deltas for it), at most its
     /// capacity. Exact only while no deduction is in progress: a deduction
-    /// takes from the counter before it records its delta.
-    pub(super) fn rebase_targets(
-        &self,
-        stored: &[crate::store::StoredPack],
-    ) -> Vec<(Arc<PackCounter>, u64)> {
+    /// takes from the counter before it records its delta. The indexes
+    /// name counters of the list as it is now: apply them within the same
+    /// exclusive section, before anything replaces the list.
+    pub(super) fn rebase_targets(&self, stored: &[crate::store::StoredPack]) -> Vec<(usize, u64)> {
         let slot = self.pending.lock();
         let unflushed = |id: &str| -> u64 {
             slot.get().map_or(0, |p| {
                 p.deltas
                     .iter()
-                    .filter(|d| d.pack.as_ref().is_some_and(|c| &**c.pack_id() == id))
+                    .filter(|d| d.pack().is_some_and(|c| &**c.pack_id() == id))
                     .fold(0u64, |sum, d| sum.saturating_add(d.amount))
             })
         };
         self.packs
             .load()
             .iter()
-            .filter_map(|c| {
+            .enumerate()
+            .filter_map(|(i, c)| {
                 let s = stored.iter().find(|s| s.spec.pack_id == *c.pack_id())?;
                 let target = s
                     .used
                     .saturating_add(unflushed(c.pack_id()))
                     .min(c.capacity());
-                (target != c.used()).then(|| (c.clone(), target))
+                (target != c.used()).then_some((i, target))
             })
             .collect()
     }
@@ -179,7 +214,7 @@ impl AccountState {
         let mut slot = self.pending.lock();
         if slot.is_empty() {
             slot.shrink();
-            slot.queued = false;
+            slot.set_queued(false);
             false
         } else {
             true
@@ -202,12 +237,18 @@ impl AccountState {
                 .map(|d| crate::daily::Entry {
                     hour: d.hour(),
                     item: d.item(),
-                    covered: d.pack.is_some(),
+                    covered: d.pack().is_some(),
                     amount: d.amount,
                 })
                 .collect()
         })
     }
+}
+
+/// `now` as `last_touch` keeps it: seconds since the epoch, rounded up,
+/// within what a `u32` holds (until 2106).
+fn touch_secs(now: Ts) -> u32 {
+    u32::try_from(now.saturating_add(SECOND - 1).div_euclid(SECOND).max(0)).unwrap_or(u32::MAX)
 }
 
 /// Turns an account's taken changes into the rows a store writes.
@@ -221,7 +262,7 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
             .map(|d| DeltaRow {
                 hour: d.hour(),
                 item: d.item(),
-                pack: d.pack.as_ref().map(|p| p.spec()),
+                pack: d.pack().map(|p| p.spec()),
                 amount: d.amount,
                 span: Some((d.first(), d.last())),
             })

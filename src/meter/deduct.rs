@@ -71,18 +71,27 @@ impl Meter {
             deduction: *deduction,
         };
         let at = deduction.at.unwrap_or(now);
-        if exclusive(&c, now, Atomicity::Each) {
-            // Rare: the group path, which activates or moves the activation
-            // back with no other deduction in progress.
+        // Rare: the group path, which activates, moves the activation back
+        // or replaces the pack list with no other deduction in progress.
+        let group = || {
             let [o] = self
                 .deduct_all(std::slice::from_ref(&c), now, Atomicity::Each)
                 .map_err(|(_, e)| e)?[..]
             else {
                 unreachable!("one outcome per charge")
             };
-            return Ok(o);
+            Ok(o)
+        };
+        if exclusive(&c, now, Atomicity::Each) {
+            return group();
         }
         let pass = self.gate.enter().map_err(|_| MeterError::ShuttingDown)?;
+        // Under the pass, so that nothing replaces the list until it is
+        // dropped (see `AccountState::packs`).
+        let Some(packs) = self.current_packs(account, at, now) else {
+            drop(pass);
+            return group();
+        };
         self.validate_time(at, now, pass.settled_before)?;
         let id = self
             .claim_id(&c, at, now)
@@ -93,7 +102,7 @@ impl Meter {
                 .reserve(&c, at, now)
                 .inspect_err(|_| self.release(&c, id))?,
         };
-        let o = self.one(&c, at, now, id, reserved, false);
+        let o = self.one(&c, at, now, id, reserved, false, Some(packs));
         drop(pass);
         Ok(o)
     }
@@ -102,7 +111,11 @@ impl Meter {
     /// `reserved`, its amounts counted into its hour's totals. With
     /// `exclusive` (no other deduction in progress), an event before the
     /// activation moves it back first (R1), and back again if the event
-    /// takes nothing: a check or a denial changes nothing.
+    /// takes nothing: a check or a denial changes nothing. `packs`, under
+    /// a pass only: the account's list, found current (see `take`).
+    // One argument past clippy's limit: the unary path's list rides along
+    // instead of being read twice (an `ArcSwap` load, issue 10's hot bar).
+    #[allow(clippy::too_many_arguments)]
     fn one(
         &self,
         c: &Charge<'_>,
@@ -111,7 +124,9 @@ impl Meter {
         id: Id,
         reserved: bool,
         exclusive: bool,
+        packs: Option<Guard<Arc<PackList>>>,
     ) -> DeductOutcome {
+        debug_assert!(!(exclusive && packs.is_some()), "a list read before a move");
         if let Id::Done(r) = id {
             self.unreserve(c, at, reserved);
             return self.duplicate(c.account, at, now, r);
@@ -126,7 +141,7 @@ impl Meter {
                 self.unreserve(c, at, reserved);
                 self.deny(c, at, now, id, reason)
             }
-            None => self.take(c, at, now, id == Id::Claimed),
+            None => self.take(c, at, now, id == Id::Claimed, packs),
         };
         if let Some(saved) = moved {
             if o.decision == Decision::Allow && !c.deduction.is_check() {
@@ -156,21 +171,32 @@ impl Meter {
         // which replaces counters, and a first deduction activates the
         // account: both run with no other deduction in progress (see
         // `exclusive`). Envoy's all-or-nothing groups carry no event time.
-        if charges.iter().any(|c| exclusive(c, now, atomicity)) {
-            return self.gate.exclusive(|settled_before, closed| {
-                if closed {
-                    return Err((0, MeterError::ShuttingDown));
-                }
-                self.deduct_group(charges, now, atomicity, settled_before, true)
-            });
+        // So does a charge whose account's pack list must change first (a
+        // month's free-tier packs appear, an ended month's leave): its
+        // counters are replaced (see `AccountState::packs`). That is
+        // checked under the pass, since nothing replaces a list while one
+        // is held; once per account and month.
+        if !charges.iter().any(|c| exclusive(c, now, atomicity)) {
+            let pass = self
+                .gate
+                .enter()
+                .map_err(|_| (0, MeterError::ShuttingDown))?;
+            if charges
+                .iter()
+                .all(|c| self.packs_current(c.account, c.deduction.at.unwrap_or(now), now))
+            {
+                let outcomes =
+                    self.deduct_group(charges, now, atomicity, pass.settled_before, false);
+                drop(pass);
+                return outcomes;
+            }
         }
-        let pass = self
-            .gate
-            .enter()
-            .map_err(|_| (0, MeterError::ShuttingDown))?;
-        let outcomes = self.deduct_group(charges, now, atomicity, pass.settled_before, false);
-        drop(pass);
-        outcomes
+        self.gate.exclusive(|settled_before, closed| {
+            if closed {
+                return Err((0, MeterError::ShuttingDown));
+            }
+            self.deduct_group(charges, now, atomicity, settled_before, true)
+        })
     }
 
     /// [`deduct_all`](Self::deduct_all) under a pass, or, with `exclusive`,
@@ -189,6 +215,15 @@ impl Meter {
             self.validate_time(at, now, settled_before)
                 .map_err(|e| (i, e))?;
             ats.push(at);
+        }
+        if exclusive {
+            // The pack list changes here, not under a pass (see
+            // `AccountState::packs`): a month's packs appear, and an ended
+            // month's leave (which a deduction's own read of the list
+            // would not notice).
+            for (c, &at) in charges.iter().zip(&ats) {
+                self.ensure_free_month(c.account, at, now);
+            }
         }
         let mut ids = self.claim_ids(charges, &ats, now)?;
         // Every charge that may be taken is counted into its hour's totals
@@ -224,7 +259,7 @@ impl Meter {
                             Decision::Deny(_) => self.claim_id(c, ats[i], now).unwrap_or(Id::None),
                         };
                     }
-                    out.push(self.one(c, ats[i], now, ids[i], reserved[i], exclusive));
+                    out.push(self.one(c, ats[i], now, ids[i], reserved[i], exclusive, None));
                 }
                 out
             }
@@ -255,7 +290,7 @@ impl Meter {
                             self.release(c, id);
                             self.check(c.account, ats[i], now)
                         }
-                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed),
+                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed, None),
                     };
                     out.push(o);
                 }
@@ -318,8 +353,7 @@ impl Meter {
         if d.request_id.is_empty() || d.is_check() {
             return Some(Id::None);
         }
-        let mut guard = c.account.dedup.lock();
-        let claim = guard.get_or_insert_with(Box::default).claim(
+        let claim = c.account.dedup().claim(
             d.request_id,
             now,
             self.dedup_expiry(at, now),
@@ -375,7 +409,7 @@ impl Meter {
 
     fn release(&self, c: &Charge<'_>, id: Id) {
         if id == Id::Claimed {
-            if let Some(t) = c.account.dedup.lock().as_mut() {
+            if let Some(mut t) = c.account.dedup_if_any() {
                 t.release(c.deduction.request_id);
             }
         }
@@ -468,7 +502,7 @@ impl Meter {
             } else {
                 change(slot.changes());
             }
-            !std::mem::replace(&mut slot.queued, true)
+            !slot.set_queued(true)
         };
         if newly_queued {
             self.enqueue(acct);
@@ -483,13 +517,23 @@ impl Meter {
     }
 
     /// Takes the charge from the packs and records it in the ledger.
-    fn take(&self, c: &Charge<'_>, at: Ts, now: Ts, claimed: bool) -> DeductOutcome {
+    ///
+    /// `packs` is the list the caller found current under its pass (the
+    /// unary path, which reads it once), or `None` to read it here.
+    fn take(
+        &self,
+        c: &Charge<'_>,
+        at: Ts,
+        now: Ts,
+        claimed: bool,
+        packs: Option<Guard<Arc<PackList>>>,
+    ) -> DeductOutcome {
         let (acct, d) = (c.account, &c.deduction);
         if d.is_check() {
             return self.check(acct, at, now);
         }
         self.activate(acct, at, now);
-        let packs = self.packs_at(acct, at, now);
+        let packs = packs.unwrap_or_else(|| self.packs_at(acct, at, now));
         let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
         let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
@@ -497,8 +541,8 @@ impl Meter {
         let hour = hour_start(at);
         self.record(acct, |p| {
             for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
-                for &(pack, amount) in &split.takes {
-                    p.add(hour, item, Some(pack), amount, now, at);
+                for &(i, amount) in &split.takes {
+                    p.add(hour, item, Some((&packs, i)), amount, now, at);
                 }
                 p.add(hour, item, None, split.overage, now, at);
             }
@@ -515,7 +559,7 @@ impl Meter {
             }
         });
         if claimed {
-            if let Some(t) = acct.dedup.lock().as_mut() {
+            if let Some(mut t) = acct.dedup_if_any() {
                 t.complete(d.request_id, result);
             }
         }
@@ -525,6 +569,8 @@ impl Meter {
     /// The account's packs, with the free-tier month of `at` made resident
     /// ([`ensure_free_month`](Self::ensure_free_month)). In the common case,
     /// a resident free-tier pack valid at `at`, the list is read once.
+    /// Under a pass the caller has found [`packs_current`](Self::packs_current),
+    /// so the list is not replaced here.
     fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<Arc<PackList>> {
         let packs = acct.packs.load();
         if packs
@@ -610,7 +656,7 @@ fn amounts(o: &DeductOutcome) -> Amounts {
 }
 
 fn outcome(
-    packs: &[Arc<PackCounter>],
+    packs: &[PackCounter],
     at: Ts,
     decision: Decision,
     calls: Option<&Split>,

@@ -6,18 +6,25 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use super::{AccountState, Meter, MeterError, PackView};
+use super::{AccountState, Meter, MeterError, PackList, PackView};
 use crate::{
     calendar::{self, FreeMonth, Ts},
     packs::{counter_order, deduction_order, Item, PackCounter, PackSource, PackSpec},
     store::StoredPack,
 };
+use arc_swap::Guard;
+
+/// Whether a pack of `packs` has ended before `keep_after`: it can take no
+/// more deductions, and only waits for the list's next replacement.
+fn has_ended(packs: &PackList, keep_after: Ts) -> bool {
+    packs.iter().any(|p| p.valid_until() <= keep_after)
+}
 
 /// An account's activation and packs before an R1 move, to put back if
 /// the event that moved it takes nothing.
 pub(super) struct Saved {
     activated_at: Ts,
-    packs: Arc<super::account::PackList>,
+    packs: Arc<PackList>,
 }
 
 impl Meter {
@@ -58,39 +65,101 @@ impl Meter {
             && m.valid_from <= now.saturating_add(self.cfg.max_future_skew)
     }
 
-    /// Makes sure the free-tier packs of the month holding `at` are resident.
-    pub(super) fn ensure_free_month(&self, acct: &AccountState, at: Ts, now: Ts) {
-        let Some(a) = acct.activated_at() else { return };
+    /// Whether [`ensure_free_month`](Self::ensure_free_month) would leave
+    /// the account's list as it is for a deduction at `at`: no pack has
+    /// ended for good, and the free-tier month holding `at` is resident or
+    /// there is none. A deduction that finds `false` under a pass runs
+    /// under `Gate::exclusive` instead (`Meter::deduct_all`): the list holds
+    /// its counters by value, and replacing it during a deduction would
+    /// lose that deduction's take. Nothing replaces the list while a pass
+    /// is held, so what this finds under a pass stays true until the pass
+    /// is dropped.
+    pub(super) fn packs_current(&self, acct: &AccountState, at: Ts, now: Ts) -> bool {
+        self.current_packs(acct, at, now).is_some()
+    }
+
+    /// The account's list if it is [current](Self::packs_current), read
+    /// once: the unary deduction takes from the list it checked.
+    pub(super) fn current_packs(
+        &self,
+        acct: &AccountState,
+        at: Ts,
+        now: Ts,
+    ) -> Option<Guard<Arc<PackList>>> {
+        let packs = acct.packs.load();
+        (!has_ended(&packs, self.keep_after(now))
+            && self.missing_free_month(acct, &packs, at).is_none())
+        .then_some(packs)
+    }
+
+    /// The free-tier month holding `at`, if the account has one and its
+    /// packs are not in `packs`.
+    fn missing_free_month(
+        &self,
+        acct: &AccountState,
+        packs: &PackList,
+        at: Ts,
+    ) -> Option<FreeMonth> {
+        let a = acct.activated_at()?;
         // Fast path, and the common case: a resident free-tier pack is valid
         // at `at`. Free-tier months do not overlap, so it belongs to the
         // month `free_month_at` would compute, and that month's packs are
         // resident. This skips the calendar arithmetic (about 160 ns).
-        if acct
-            .packs
-            .load()
+        if packs
             .iter()
             .any(|p| p.source() == PackSource::FreeTier && p.valid_at(at))
         {
-            return;
+            return None;
         }
-        let Some(m) = self.cfg.free_month_at(a, at) else {
-            return;
+        let m = self.cfg.free_month_at(a, at)?;
+        let present = packs
+            .iter()
+            .any(|p| p.source() == PackSource::FreeTier && p.valid_from() == m.valid_from);
+        (!present).then_some(m)
+    }
+
+    /// Makes sure the free-tier packs of the month holding `at` are
+    /// resident, and drops packs that can take no more deductions (an
+    /// account resident across a month boundary would otherwise carry the
+    /// month before's counters until its list is next replaced, a month
+    /// later). Replaces the list, so only with no deduction in progress
+    /// (`Gate::exclusive`): under a pass, callers have found
+    /// [`packs_current`](Self::packs_current), and this changes nothing.
+    pub(super) fn ensure_free_month(&self, acct: &AccountState, at: Ts, now: Ts) {
+        let keep_after = self.keep_after(now);
+        let (ended, month) = {
+            let packs = acct.packs.load();
+            (
+                has_ended(&packs, keep_after),
+                self.missing_free_month(acct, &packs, at),
+            )
         };
-        if acct.free_pack_present(m.valid_from) {
+        if !ended && month.is_none() {
             return;
         }
         // A month that appears while the account is resident has recorded
         // nothing yet (its earlier usage would have loaded it), so it starts at 0.
-        let specs = self.free_specs(&m);
+        let specs = month.map(|m| self.free_specs(&m));
         acct.merge_packs(
             || {
                 specs
                     .iter()
-                    .map(|s| Arc::new(PackCounter::new(s.clone(), 0)))
+                    .flatten()
+                    .map(|s| PackCounter::new(s.clone(), 0))
                     .collect()
             },
-            self.keep_after(now),
+            keep_after,
         );
+    }
+
+    /// [`ensure_free_month`](Self::ensure_free_month) at `now`, from outside
+    /// any deduction (a lease request): takes the exclusive section if the
+    /// list must change. Never call it while holding a pass.
+    pub(super) fn ensure_free_month_now(&self, acct: &AccountState, now: Ts) {
+        if !self.packs_current(acct, now, now) {
+            self.gate
+                .exclusive(|_, _| self.ensure_free_month(acct, now, now));
+        }
     }
 
     /// Applies an operator's account settings to a resident account; the
@@ -197,10 +266,10 @@ impl Meter {
                 .filter(|p| p.source() == PackSource::FreeTier)
                 .map(|p| (&**p.pack_id(), p.used()))
                 .collect();
-            let mut next: super::account::PackList = cur
+            let mut next: PackList = cur
                 .iter()
                 .filter(|p| p.source() != PackSource::FreeTier)
-                .cloned()
+                .map(PackCounter::copy)
                 .collect();
             for m in months.iter().filter(|m| m.valid_until > keep_after) {
                 let specs = self.free_specs(m);
@@ -211,10 +280,10 @@ impl Meter {
                     continue;
                 }
                 for (spec, u) in specs.into_iter().zip(used) {
-                    next.push(Arc::new(PackCounter::new(spec, u.unwrap_or(0))));
+                    next.push(PackCounter::new(spec, u.unwrap_or(0)));
                 }
             }
-            next.sort_by(|a, b| counter_order(a, b));
+            next.sort_by(counter_order);
             next
         });
     }
@@ -256,8 +325,11 @@ impl Meter {
         }
         self.gate.exclusive(|_, _| {
             for (a, stored) in stale {
-                for (counter, used) in a.rebase_targets(stored) {
-                    counter.rebase(used);
+                // The targets name counters of the list as it is now, and
+                // nothing replaces it within this section.
+                let packs = a.packs.load();
+                for (i, used) in a.rebase_targets(stored) {
+                    packs[i].rebase(used);
                 }
             }
         });
@@ -267,9 +339,11 @@ impl Meter {
     /// during a deduction: one that moves the activation back may restore
     /// the pack list it saved (R1).
     pub fn add_pack(&self, acct: &AccountState, pack: &StoredPack, now: Ts) {
-        let counter = Arc::new(PackCounter::new(pack.spec.clone(), pack.used));
         self.gate.exclusive(|_, _| {
-            acct.merge_packs(|| vec![counter.clone()], self.keep_after(now));
+            acct.merge_packs(
+                || vec![PackCounter::new(pack.spec.clone(), pack.used)],
+                self.keep_after(now),
+            );
         });
     }
 
@@ -283,7 +357,7 @@ impl Meter {
         let mut unflushed: HashMap<Arc<str>, u64> = HashMap::new();
         if let Some(p) = acct.pending.lock().get() {
             for d in &p.deltas {
-                if let Some(pack) = &d.pack {
+                if let Some(pack) = d.pack() {
                     let e = unflushed.entry(pack.pack_id().clone()).or_default();
                     *e = e.saturating_add(d.amount);
                 }

@@ -387,7 +387,7 @@ impl Meter {
 
     /// The account's calls packs valid at `now`: (id, capacity).
     fn lease_packs(&self, acct: &AccountState, now: Ts) -> Vec<(String, u64)> {
-        self.ensure_free_month(acct, now, now);
+        self.ensure_free_month_now(acct, now);
         acct.packs
             .load()
             .iter()

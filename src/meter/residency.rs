@@ -2,10 +2,7 @@
 //! accounts with unflushed changes, accounts set aside after a permanent
 //! store error, and idle eviction.
 
-use std::{
-    collections::HashMap,
-    sync::{atomic::Ordering::Relaxed, Arc},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use super::{AccountState, Meter, MeterError, UnknownAccounts};
 use crate::{
@@ -137,11 +134,7 @@ impl Meter {
     pub fn touch_resident(&self, id: &str, now: Ts) -> Option<Arc<AccountState>> {
         let a = self.accounts.get(id)?;
         let a = &a.key().0;
-        // Load first: most requests come within the same second, and a
-        // store of the same value would still take the line exclusively.
-        if a.last_touch.load(Relaxed) != now {
-            a.last_touch.store(now, Relaxed);
-        }
+        a.touch(now);
         Some(a.clone())
     }
 
@@ -233,7 +226,7 @@ impl Meter {
         for StoredPack { spec, used: u } in &loaded.packs {
             used.insert(&spec.pack_id, *u);
             if spec.source == PackSource::Purchased {
-                counters.push(Arc::new(PackCounter::new(spec.clone(), *u)));
+                counters.push(PackCounter::new(spec.clone(), *u));
             }
         }
         if let Some(a) = state.activated_at() {
@@ -245,11 +238,14 @@ impl Meter {
                 }
                 for spec in self.free_specs(&m) {
                     let u = used.get(&*spec.pack_id).copied().unwrap_or(0);
-                    counters.push(Arc::new(PackCounter::new(spec, u)));
+                    counters.push(PackCounter::new(spec, u));
                 }
             }
         }
-        state.merge_packs(|| counters.clone(), keep_after);
+        state.merge_packs(
+            || counters.iter().map(PackCounter::copy).collect(),
+            keep_after,
+        );
         if !loaded.open_usage.is_empty() {
             let mut slot = state.pending.lock();
             let totals = slot.totals();
@@ -258,8 +254,7 @@ impl Meter {
             }
         }
         if !loaded.dedup.is_empty() {
-            let mut dedup = state.dedup.lock();
-            let table = dedup.get_or_insert_with(Box::default);
+            let mut table = state.dedup();
             for r in loaded.dedup {
                 table.remember(r);
             }
@@ -274,11 +269,11 @@ impl Meter {
         // `retain` holds each shard's write lock, so no request can clone an
         // account while we look at its reference count.
         self.accounts.retain(|super::Resident(a), _| {
-            a.last_touch.load(Relaxed) >= idle_before
+            a.last_touch() >= idle_before
                 || Arc::strong_count(a) > 1
                 || a.pending
                     .try_lock()
-                    .is_none_or(|slot| !slot.is_empty() || slot.queued)
+                    .is_none_or(|slot| !slot.is_empty() || slot.queued())
         });
         before - self.accounts.len()
     }
