@@ -148,6 +148,20 @@ pub struct Deferred {
     commit: Option<Commit>,
 }
 
+/// A group's requests with their resident accounts, in order.
+fn charges<'a>(
+    reqs: &'a [DeductRequest<'a>],
+    accounts: &'a [Arc<crate::meter::AccountState>],
+) -> Vec<Charge<'a>> {
+    reqs.iter()
+        .zip(accounts)
+        .map(|(r, account)| Charge {
+            account,
+            deduction: r.deduction,
+        })
+        .collect()
+}
+
 /// How often a deduction whose request id is in flight elsewhere waits for
 /// the original before it is refused as retryable.
 const IN_FLIGHT_RETRIES: usize = 64;
@@ -371,14 +385,7 @@ impl App {
                     .iter()
                     .map(|r| self.meter.touch_resident(r.account_id, now))
                     .collect::<Option<Vec<_>>>()?;
-                let charges: Vec<Charge<'_>> = reqs
-                    .iter()
-                    .zip(&accounts)
-                    .map(|(r, account)| Charge {
-                        account,
-                        deduction: r.deduction,
-                    })
-                    .collect();
+                let charges = charges(reqs, &accounts);
                 self.attempt(|now| {
                     self.meter
                         .deduct_all(&charges, now, atomicity)
@@ -421,14 +428,7 @@ impl App {
                 .map_err(|e| refused(i, e))?;
             accounts.push(acct);
         }
-        let charges: Vec<Charge<'_>> = reqs
-            .iter()
-            .zip(&accounts)
-            .map(|(r, account)| Charge {
-                account,
-                deduction: r.deduction,
-            })
-            .collect();
+        let charges = charges(reqs, &accounts);
         self.cover_leases(&charges).await;
         // Fresh: the loads above may have taken long enough for an hour to
         // close (R9).
