@@ -325,6 +325,23 @@ impl App {
         Box::pin(self.deduct_loading(reqs, now, atomicity)).await
     }
 
+    /// [`deduct_deferred`](Self::deduct_deferred) for a group whose
+    /// accounts are all resident, with nothing to wait for: the group is
+    /// admitted and deducted at once, or `None` with nothing deducted (a
+    /// request refused, an account to load, a lease to cover, a request id
+    /// in flight elsewhere, shutdown). A `DeductStream` deducts the
+    /// messages that arrived together this way, as one group, and takes
+    /// them one by one when this gives `None`, so a refusal still names the
+    /// message it is about and the messages before it stand.
+    pub fn deduct_deferred_now(
+        &self,
+        reqs: &[DeductRequest<'_>],
+        atomicity: Atomicity,
+    ) -> Option<Deferred> {
+        let now = self.admit(reqs).ok()?;
+        self.deduct_resident(reqs, now, atomicity)?.ok()
+    }
+
     /// Refuses the group before anything is deducted while the server
     /// shuts down or the journal cannot be written, or if a request is
     /// invalid at `now`; returns `now`, the clock the checks used.

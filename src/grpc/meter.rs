@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, proto};
 use crate::{
-    app::{App, DeductRequest, Deferred, Refused},
+    app::{App, DeductRequest, Deferred, Outcomes, Refused},
     drain::Drain,
-    meter::{Atomicity, Deduction, MeterError},
+    meter::{Atomicity, DeductOutcome, Deduction, MeterError},
 };
 
 pub struct MeterService {
@@ -63,6 +63,42 @@ fn too_many_in_flight(max: usize) -> Status {
          the ones after it were not deducted. Read replies before sending more, and resend \
          the rest with their request_ids"
     ))
+}
+
+/// The messages a stream received together, deducted in order into
+/// `ready`; `false` if one was refused (its status is last in `ready`, and
+/// the messages after it were not deducted). As one group when every
+/// account is resident and nothing is refused, which is what deducting them
+/// one after the other gives: `Atomicity::Each` deducts a group's charges
+/// in order, each seeing the ones before it, and a repeated request id
+/// answers as a duplicate, as a later message would. Otherwise one by one,
+/// as the group changed nothing.
+async fn deduct_received(
+    app: &App,
+    received: &[proto::DeductRequest],
+    ready: &mut VecDeque<Result<Deferred, Status>>,
+) -> bool {
+    if received.len() > 1 {
+        let group = received
+            .iter()
+            .map(request)
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .and_then(|reqs| app.deduct_deferred_now(&reqs, Atomicity::Each));
+        if let Some(deferred) = group {
+            ready.push_back(Ok(deferred));
+            return true;
+        }
+    }
+    for r in received {
+        let deferred = deduct_deferred(app, r).await;
+        let refused = deferred.is_err();
+        ready.push_back(deferred);
+        if refused {
+            return false;
+        }
+    }
+    true
 }
 
 /// One stream message, deducted; answered through [`App::acknowledge`].
@@ -133,8 +169,9 @@ impl proto::meter_server::Meter for MeterService {
     /// it has taken and then ends with UNAVAILABLE.
     ///
     /// Messages that have arrived together (a client's window) are deducted
-    /// one after the other, in order, and then acknowledged: in journal
-    /// mode one group commit covers them, not one per message.
+    /// as one group, in order (see `deduct_received`), and then
+    /// acknowledged: one journal record and one group commit cover them,
+    /// not one per message.
     ///
     /// **In flight** are the messages the server has received and not yet
     /// answered (a reply counts as answered once the connection has taken
@@ -157,8 +194,10 @@ impl proto::meter_server::Meter for MeterService {
             max_in_flight: usize,
             next: usize,
             done: bool,
-            /// Deducted, not yet answered, in order; an error last.
+            /// Deducted, not yet acknowledged, in order; an error last.
             ready: VecDeque<Result<Deferred, Status>>,
+            /// The outcomes of an acknowledged group not yet answered.
+            answering: smallvec::IntoIter<[DeductOutcome; 1]>,
             // Owned by the stream: dropped when the stream ends.
             _in_flight: crate::drain::InFlight,
         }
@@ -172,10 +211,12 @@ impl proto::meter_server::Meter for MeterService {
             next: 0,
             done: false,
             ready: VecDeque::new(),
+            answering: Outcomes::new().into_iter(),
             _in_flight: self.drain.enter(),
         });
         let out = futures_util::stream::unfold(state, |mut s| async move {
-            if s.ready.is_empty() {
+            // Every message received was answered: read more.
+            if s.answering.as_slice().is_empty() && s.ready.is_empty() {
                 if s.done {
                     return None;
                 }
@@ -188,22 +229,23 @@ impl proto::meter_server::Meter for MeterService {
                     }
                     msg = s.inbound.next() => msg,
                 };
+                // This message and those already received behind it, up
+                // to the first that does not decode.
+                let mut received = Vec::new();
+                let mut last = None;
                 let mut msg = msg?;
-                // This message and those already received behind it.
                 loop {
-                    let deferred = match msg {
-                        Err(status) => Err(status),
-                        Ok(r) => deduct_deferred(&s.app, &r).await,
-                    };
-                    let failed = deferred.is_err();
-                    s.ready.push_back(deferred);
-                    if failed {
-                        break;
+                    match msg {
+                        Ok(r) => received.push(r),
+                        Err(status) => {
+                            last = Some(status);
+                            break;
+                        }
                     }
                     match s.inbound.next().now_or_never() {
-                        Some(Some(_)) if s.ready.len() >= s.max_in_flight => {
+                        Some(Some(_)) if received.len() >= s.max_in_flight => {
                             // One more than the limit has arrived unanswered.
-                            s.ready.push_back(Err(too_many_in_flight(s.max_in_flight)));
+                            last = Some(too_many_in_flight(s.max_in_flight));
                             break;
                         }
                         Some(Some(m)) => msg = m,
@@ -214,15 +256,26 @@ impl proto::meter_server::Meter for MeterService {
                         None => break,
                     }
                 }
+                let deducted = deduct_received(&s.app, &received, &mut s.ready).await;
+                if let (true, Some(status)) = (deducted, last) {
+                    s.ready.push_back(Err(status));
+                }
             }
-            let reply = match s.ready.pop_front()? {
-                Err(status) => Err(status),
-                Ok(deferred) => s
-                    .app
-                    .acknowledge(deferred)
-                    .await
-                    .map(|o| convert::deduct_response(&o[0]))
-                    .map_err(|e| Status::from(e.error)),
+            let reply = match s.answering.next() {
+                Some(o) => Ok(convert::deduct_response(&o)),
+                None => match s.ready.pop_front()? {
+                    Err(status) => Err(status),
+                    Ok(deferred) => match s.app.acknowledge(deferred).await {
+                        Ok(outcomes) => {
+                            s.answering = outcomes.into_iter();
+                            s.answering
+                                .next()
+                                .map(|o| convert::deduct_response(&o))
+                                .ok_or_else(|| Status::internal("a deduction without an outcome"))
+                        }
+                        Err(e) => Err(Status::from(e.error)),
+                    },
+                },
             }
             .map_err(|st| at_index(s.next, st));
             s.next += 1;
@@ -230,6 +283,7 @@ impl proto::meter_server::Meter for MeterService {
             if reply.is_err() {
                 s.done = true;
                 s.ready.clear();
+                s.answering = Outcomes::new().into_iter();
             }
             Some((reply, s))
         });
@@ -251,5 +305,158 @@ impl proto::meter_server::Meter for MeterService {
             .map(|v| convert::pack(v, &self.app.config().zone))
             .collect();
         Ok(Response::new(proto::GetUsageResponse { packs }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        app::AccountChange,
+        calendar::{from_datetime, FreeTierPlan, Ts},
+        clock::ManualClock,
+        meter::{Decision, MeterConfig},
+        metrics::Metrics,
+        store::sqlite::SqliteStore,
+    };
+
+    fn at(s: &str) -> Ts {
+        from_datetime(&chrono::DateTime::parse_from_rfc3339(s).unwrap())
+    }
+
+    /// An app over a real SQLite file, 10 free calls a month, at
+    /// 2024-05-10T10:30Z, with `acme`, `bolt` and `deny` resident and
+    /// activated (`deny` refuses calls beyond its packs).
+    async fn app(dir: &std::path::Path) -> App {
+        let store = SqliteStore::open(dir.join("pm.db").to_str().unwrap()).unwrap();
+        let cfg = MeterConfig {
+            plan: FreeTierPlan {
+                calls: 10,
+                ..FreeTierPlan::default()
+            },
+            ..MeterConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(at("2024-05-10T10:30:00Z")));
+        let app = App::new(cfg, Arc::new(store), Arc::new(Metrics::new()), clock, 100);
+        app.put_account(AccountChange {
+            account_id: "deny".into(),
+            activated_at: None,
+            suspended: None,
+            deny_on_exhausted: Some(true),
+        })
+        .await
+        .unwrap();
+        for account in ["acme", "bolt", "deny"] {
+            let r = proto::DeductRequest {
+                account_id: account.into(),
+                calls: 1,
+                ..Default::default()
+            };
+            deduct_one(&app, &r).await.unwrap();
+        }
+        app
+    }
+
+    fn msg(account: &str, calls: u64, request_id: &str, at: Option<&str>) -> proto::DeductRequest {
+        proto::DeductRequest {
+            account_id: account.into(),
+            calls,
+            egress_bytes: 100,
+            request_id: request_id.into(),
+            at: at.map(|s| prost_types::Timestamp {
+                seconds: at_secs(s),
+                nanos: 0,
+            }),
+        }
+    }
+
+    fn at_secs(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+    }
+
+    /// What a stream answers for `received`: the outcomes in order, then
+    /// the refusal's message if one ended it.
+    async fn answers(
+        app: &App,
+        received: &[proto::DeductRequest],
+        grouped: bool,
+    ) -> (Vec<DeductOutcome>, Option<String>, usize) {
+        let mut ready = VecDeque::new();
+        if grouped {
+            deduct_received(app, received, &mut ready).await;
+        } else {
+            for r in received {
+                let d = deduct_deferred(app, r).await;
+                let refused = d.is_err();
+                ready.push_back(d);
+                if refused {
+                    break;
+                }
+            }
+        }
+        let groups = ready.len();
+        let mut out = Vec::new();
+        for d in ready {
+            match d {
+                Ok(d) => out.extend(app.acknowledge(d).await.unwrap()),
+                Err(s) => return (out, Some(s.message().to_string()), groups),
+            }
+        }
+        (out, None, groups)
+    }
+
+    /// Messages that arrive together are deducted as one group, and the
+    /// group answers exactly what deducting them one by one answers: each
+    /// message sees the ones before it (a pack running out, then
+    /// overage; a `deny` account refused past its pack), and a repeated
+    /// request id is a duplicate.
+    #[tokio::test]
+    async fn messages_received_together_answer_as_one_by_one() {
+        let received = [
+            msg("acme", 4, "a1", None),
+            msg("bolt", 2, "", None),
+            msg("deny", 6, "d1", None),
+            msg("acme", 4, "a2", None),
+            msg("deny", 6, "d2", None),
+            msg("acme", 4, "a1", None),
+            msg("acme", 3, "", Some("2024-05-10T10:10:00Z")),
+            msg("deny", 3, "d2", None),
+        ];
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (grouped, by_one) = (app(one.path()).await, app(two.path()).await);
+        let (g, g_err, groups) = answers(&grouped, &received, true).await;
+        let (b, b_err, _) = answers(&by_one, &received, false).await;
+        assert_eq!(groups, 1, "one group for the whole window");
+        assert_eq!((&g, &g_err), (&b, &b_err));
+        // The cases the window was made to cover did occur.
+        assert!(g[6].calls.overage > 0, "{:?}", g[6]);
+        assert!(g[4].decision != Decision::Allow, "{:?}", g[4]);
+        assert!(g[5].duplicate, "{:?}", g[5]);
+        assert_eq!(g.len(), received.len());
+    }
+
+    /// A refused message in the window (an event in a closed hour): the
+    /// messages before it stand, its status names it, the ones after it
+    /// are not deducted, as one by one.
+    #[tokio::test]
+    async fn a_refused_message_keeps_the_ones_before_it_and_stops_the_rest() {
+        let received = [
+            msg("acme", 2, "", None),
+            msg("bolt", 1, "", None),
+            msg("acme", 1, "", Some("2024-05-10T07:00:00Z")),
+            msg("bolt", 5, "", None),
+        ];
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (grouped, by_one) = (app(one.path()).await, app(two.path()).await);
+        let (g, g_err, _) = answers(&grouped, &received, true).await;
+        let (b, b_err, _) = answers(&by_one, &received, false).await;
+        assert_eq!((&g, &g_err), (&b, &b_err));
+        assert_eq!(g.len(), 2);
+        assert!(g_err.is_some_and(|e| e.contains("closed")));
+        let used = |app: &App| {
+            let packs = app.meter().resident_account("bolt").unwrap().packs();
+            packs.iter().map(|p| p.used()).sum::<u64>()
+        };
+        assert_eq!(used(&grouped), used(&by_one));
     }
 }

@@ -210,10 +210,19 @@ impl Meter {
         exclusive: bool,
     ) -> Result<Vec<DeductOutcome>, (usize, MeterError)> {
         let mut ats = Vec::with_capacity(charges.len());
+        // Most charges carry no event time: their hour is the clock's,
+        // checked once for the group.
+        let mut clock_checked = false;
         for (i, c) in charges.iter().enumerate() {
-            let at = c.deduction.at.unwrap_or(now);
-            self.validate_time(at, now, settled_before)
-                .map_err(|e| (i, e))?;
+            let at = match c.deduction.at {
+                Some(at) => self.validate_time(at, now, settled_before),
+                None if clock_checked => Ok(now),
+                None => {
+                    clock_checked = true;
+                    self.validate_time(now, now, settled_before)
+                }
+            }
+            .map_err(|e| (i, e))?;
             ats.push(at);
         }
         if exclusive {

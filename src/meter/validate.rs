@@ -67,7 +67,12 @@ impl Meter {
                 max: self.cfg.max_egress_bytes,
             });
         }
-        self.validate_time(d.at.unwrap_or(now), now, Ts::MIN)
+        match d.at {
+            Some(at) => self.validate_time(at, now, Ts::MIN),
+            // The clock's own hour is open at `now`: only the settled mark,
+            // which the deduction checks under its pass, can refuse it.
+            None => Ok(now),
+        }
     }
 
     /// R9 at `now`: `at` is not too far ahead, and its hour is neither
