@@ -292,7 +292,10 @@ fn journal_seeds() -> Seeds {
         ("torn-tail".into(), with_mode(0, &all[..all.len() - 5])),
         ("flipped-byte".into(), with_mode(0, &flipped)),
         // The zeros the writer lays ahead of its records: a clean end.
-        ("zero-tail".into(), with_mode(0, &[&all[..], &[0; 4096]].concat())),
+        (
+            "zero-tail".into(),
+            with_mode(0, &[&all[..], &[0; 4096]].concat()),
+        ),
         // Zeros with a record after them: replay stops at the zeros.
         (
             "zeros-then-torn-record".into(),
