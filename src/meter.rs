@@ -36,7 +36,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-pub use account::{to_flush, AccountState, PackList};
+pub use account::{to_flush, AccountState, PackList, SharedPackList};
 pub use deduct::{Atomicity, Charge};
 pub use validate::{validate_account_id, MAX_ACCOUNT_ID_BYTES, MAX_REQUEST_ID_BYTES};
 
@@ -333,7 +333,7 @@ impl std::hash::Hash for Resident {
 
 impl PartialEq for Resident {
     fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
+        *self.0.id == *other.0.id
     }
 }
 

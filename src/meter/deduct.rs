@@ -25,7 +25,7 @@ use crate::{
 };
 use arc_swap::Guard;
 
-use super::account::PackList;
+use super::account::SharedPackList;
 
 /// One deduction of a group, with its resident account.
 #[derive(Clone, Copy)]
@@ -124,7 +124,7 @@ impl Meter {
         id: Id,
         reserved: bool,
         exclusive: bool,
-        packs: Option<Guard<Arc<PackList>>>,
+        packs: Option<Guard<SharedPackList>>,
     ) -> DeductOutcome {
         debug_assert!(!(exclusive && packs.is_some()), "a list read before a move");
         if let Id::Done(r) = id {
@@ -378,8 +378,7 @@ impl Meter {
         let amounts = [d.calls, d.egress_bytes];
         let reserved =
             c.account
-                .pending
-                .lock()
+                .pending.lock()
                 .totals()
                 .reserve(hour, amounts, self.closed_before(now));
         reserved.map(|()| true).map_err(|e| MeterError::LedgerFull {
@@ -400,8 +399,7 @@ impl Meter {
         if reserved {
             let d = &c.deduction;
             c.account
-                .pending
-                .lock()
+                .pending.lock()
                 .totals()
                 .release(hour_start(at), [d.calls, d.egress_bytes]);
         }
@@ -526,7 +524,7 @@ impl Meter {
         at: Ts,
         now: Ts,
         claimed: bool,
-        packs: Option<Guard<Arc<PackList>>>,
+        packs: Option<Guard<SharedPackList>>,
     ) -> DeductOutcome {
         let (acct, d) = (c.account, &c.deduction);
         if d.is_check() {
@@ -571,7 +569,7 @@ impl Meter {
     /// a resident free-tier pack valid at `at`, the list is read once.
     /// Under a pass the caller has found [`packs_current`](Self::packs_current),
     /// so the list is not replaced here.
-    fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<Arc<PackList>> {
+    fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<SharedPackList> {
         let packs = acct.packs.load();
         if packs
             .iter()
