@@ -1154,10 +1154,12 @@ mod tests {
         let a = pack("a");
         let mut slot = PendingSlot::default();
         slot.set_queued(true);
-        slot.changes().add(0, Item::Calls, Some((&a, 0)), 7, 1_000, 0);
+        slot.changes()
+            .add(0, Item::Calls, Some((&a, 0)), 7, 1_000, 0);
         let taken = slot.take();
         assert!(slot.is_empty() && slot.get().is_none() && slot.queued());
-        slot.changes().add(0, Item::Calls, Some((&a, 0)), 1, 2_000, 0);
+        slot.changes()
+            .add(0, Item::Calls, Some((&a, 0)), 1, 2_000, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);
@@ -1209,7 +1211,8 @@ mod tests {
             [(h, [5, 0]), (h + HOUR, [1, 2]), (h + 2 * HOUR, [3, 4])]
         );
         // A flush takes the records and leaves the hours; so does a shrink.
-        slot.changes().add(h + HOUR, Item::Calls, None, 1, 9_000, h + HOUR);
+        slot.changes()
+            .add(h + HOUR, Item::Calls, None, 1, 9_000, h + HOUR);
         slot.changes().dedup.push(DedupRecord {
             request_id: "r".into(),
             expires_at: 0,
@@ -1227,13 +1230,21 @@ mod tests {
         assert_eq!(slot.get().map(|p| p.dedup.len()), Some(1));
         assert_eq!(sorted(&mut slot).len(), 3);
         // Hour h closes: the next new hour takes its slot.
-        slot.totals().reserve(h + 3 * HOUR, [7, 0], h + HOUR).unwrap();
+        slot.totals()
+            .reserve(h + 3 * HOUR, [7, 0], h + HOUR)
+            .unwrap();
         assert_eq!(
             sorted(&mut slot),
-            [(h + HOUR, [1, 2]), (h + 2 * HOUR, [3, 4]), (h + 3 * HOUR, [7, 0])]
+            [
+                (h + HOUR, [1, 2]),
+                (h + 2 * HOUR, [3, 4]),
+                (h + 3 * HOUR, [7, 0])
+            ]
         );
         slot.take();
-        slot.totals().reserve(h + 4 * HOUR, [1, 1], h + 3 * HOUR).unwrap();
+        slot.totals()
+            .reserve(h + 4 * HOUR, [1, 1], h + 3 * HOUR)
+            .unwrap();
         assert!(
             slot.changes.dedup.0.is_none(),
             "the box went with its closed hours and records"

@@ -352,7 +352,9 @@ pub struct Meter {
     store: Arc<dyn crate::store::Store>,
     accounts: DashMap<Resident, (), FastHash>,
     /// First loads in progress, shared by concurrent first requests.
-    loading: DashMap<Arc<str>, Arc<LoadCell>, FastHash>,
+    /// Keyed by the id the account will hold (one allocation per new
+    /// account for both).
+    loading: DashMap<arcstr::ArcStr, Arc<LoadCell>, FastHash>,
     /// Accounts with unflushed changes, in the order they became dirty.
     dirty: Mutex<std::collections::VecDeque<Arc<AccountState>>>,
     /// Accounts whose changes the store refused permanently: kept here,

@@ -98,9 +98,9 @@ impl std::fmt::Debug for AccountState {
 }
 
 impl AccountState {
-    pub(super) fn new(id: &str, record: Option<&AccountRecord>, now: Ts) -> AccountState {
+    pub(super) fn new(id: ArcStr, record: Option<&AccountRecord>, now: Ts) -> AccountState {
         AccountState {
-            id: ArcStr::from(id),
+            id,
             activated_at: AtomicI64::new(
                 record.and_then(|r| r.activated_at).unwrap_or(NOT_ACTIVATED),
             ),

@@ -378,7 +378,8 @@ impl Meter {
         let amounts = [d.calls, d.egress_bytes];
         let reserved =
             c.account
-                .pending.lock()
+                .pending
+                .lock()
                 .totals()
                 .reserve(hour, amounts, self.closed_before(now));
         reserved.map(|()| true).map_err(|e| MeterError::LedgerFull {
@@ -399,7 +400,8 @@ impl Meter {
         if reserved {
             let d = &c.deduction;
             c.account
-                .pending.lock()
+                .pending
+                .lock()
                 .totals()
                 .release(hour_start(at), [d.calls, d.egress_bytes]);
         }

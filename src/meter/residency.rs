@@ -4,6 +4,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use arcstr::ArcStr;
+
 use super::{AccountState, Meter, MeterError, UnknownAccounts};
 use crate::{
     calendar::Ts,
@@ -41,11 +43,12 @@ impl Meter {
         let mut dirty = self.dirty.lock();
         let n = n.min(dirty.len());
         let taken = dirty.drain(..n).collect();
-        let spare = (dirty.len() <= DIRTY_KEEP / 2 && dirty.capacity() > 4 * DIRTY_KEEP).then(|| {
-            let mut small = std::collections::VecDeque::with_capacity(DIRTY_KEEP);
-            small.extend(dirty.drain(..));
-            std::mem::replace(&mut *dirty, small)
-        });
+        let spare =
+            (dirty.len() <= DIRTY_KEEP / 2 && dirty.capacity() > 4 * DIRTY_KEEP).then(|| {
+                let mut small = std::collections::VecDeque::with_capacity(DIRTY_KEEP);
+                small.extend(dirty.drain(..));
+                std::mem::replace(&mut *dirty, small)
+            });
         drop(dirty);
         drop(spare);
         taken
@@ -126,7 +129,8 @@ impl Meter {
         if let Some(a) = self.touch_resident(id, now) {
             return Ok(Some(a));
         }
-        let key: Arc<str> = id.into();
+        // The id the account will hold, if it is loaded or made here.
+        let key = ArcStr::from(id);
         let cell = self.loading.entry(key.clone()).or_default().clone();
         let loaded = cell
             .get_or_try_init(|| self.load(key.clone(), now))
@@ -186,7 +190,7 @@ impl Meter {
             None if self.cfg.unknown_accounts == UnknownAccounts::Reject => {
                 Err(MeterError::UnknownAccount(id.to_string()))
             }
-            None => Ok(Arc::new(AccountState::new(id, None, now))),
+            None => Ok(Arc::new(AccountState::new(id.into(), None, now))),
         }
     }
 
@@ -212,8 +216,8 @@ impl Meter {
             .ok_or_else(|| MeterError::NotFound(id.to_string()))
     }
 
-    pub(super) fn insert_new(&self, key: Arc<str>, now: Ts) -> Arc<AccountState> {
-        self.intern(Arc::new(AccountState::new(&key, None, now)))
+    pub(super) fn insert_new(&self, key: ArcStr, now: Ts) -> Arc<AccountState> {
+        self.intern(Arc::new(AccountState::new(key, None, now)))
     }
 
     /// Makes `state` resident, or returns the account already resident
@@ -227,7 +231,7 @@ impl Meter {
             .clone()
     }
 
-    async fn load(&self, id: Arc<str>, now: Ts) -> Result<Option<Arc<AccountState>>, MeterError> {
+    async fn load(&self, id: ArcStr, now: Ts) -> Result<Option<Arc<AccountState>>, MeterError> {
         // Another load may have finished between our map miss and now.
         if let Some(a) = self.accounts.get(&*id) {
             return Ok(Some(a.key().0.clone()));
@@ -237,7 +241,7 @@ impl Meter {
         if loaded.is_unknown() {
             return Ok(None);
         }
-        let state = AccountState::new(&id, loaded.account.as_ref(), now);
+        let state = AccountState::new(id.clone(), loaded.account.as_ref(), now);
         let mut used: HashMap<&str, u64> = HashMap::new();
         let mut counters = Vec::new();
         for StoredPack { spec, used: u } in &loaded.packs {
@@ -288,7 +292,8 @@ impl Meter {
         self.accounts.retain(|super::Resident(a), _| {
             a.last_touch() >= idle_before
                 || Arc::strong_count(a) > 1
-                || a.pending.try_lock()
+                || a.pending
+                    .try_lock()
                     .is_none_or(|slot| !slot.is_empty() || slot.queued())
         });
         before - self.accounts.len()
