@@ -28,7 +28,7 @@ fn rss_bytes() -> u64 {
         * 1024
 }
 
-fn main() {
+pub fn main() {
     // `cargo bench` passes `--bench`; the first number, if any, is the count.
     let n: usize = std::env::args()
         .skip(1)

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::{
     calendar::{Ts, HOUR},
-    packs::{deduction_order, Item, PackCounter, PackList, PackSpec},
+    packs::{deduction_order, Item, PackCounter, PackSpec, SharedPackList},
     store::StoredPack,
 };
 
@@ -37,7 +37,7 @@ pub struct Delta {
     key: i64,
     /// The list holding the pack that covered the amount, or `None` for
     /// overage.
-    list: Option<Arc<PackList>>,
+    list: Option<SharedPackList>,
     pub amount: u64,
     /// The earliest and latest event time of the amount, as offsets from
     /// the hour (see [`first`](Self::first) and [`last`](Self::last)).
@@ -46,7 +46,7 @@ pub struct Delta {
 }
 
 /// A pack as a deduction names it: the list it read, and an index in it.
-pub type PackRef<'a> = (&'a Arc<PackList>, u32);
+pub type PackRef<'a> = (&'a SharedPackList, u32);
 
 /// `t` as an offset into the hour starting at `hour`. Events of a delta
 /// lie within its hour; anything else is clamped rather than wrapped.
@@ -116,7 +116,7 @@ impl Delta {
             (Some(l), Some((m, i))) => {
                 let k = key(hour, item, i);
                 (self.key & !INDEX_BITS) == (k & !INDEX_BITS)
-                    && ((Arc::ptr_eq(l, m) && self.key == k)
+                    && ((SharedPackList::ptr_eq(l, m) && self.key == k)
                         || l[self.index()].pack_id() == m[i as usize].pack_id())
             }
             _ => false,
@@ -161,12 +161,37 @@ pub struct Pending {
     /// it took a word of its own; a taken `Pending` has it `false`.
     queued: bool,
     /// Wall-clock time of the oldest change in here, for the
-    /// oldest-unflushed-delta metric; `NO_SINCE` for none (see
-    /// [`since`](Self::since)).
-    since: Ts,
+    /// oldest-unflushed-delta metric (see [`since`](Self::since)).
+    since: Since,
 }
 
-const NO_SINCE: Ts = Ts::MIN;
+/// A wall-clock time in whole milliseconds since the epoch, in 48 bits, or
+/// none: with `account_dirty` and `queued` it fills one word of
+/// [`Pending`] (a `Ts` took a word of its own, and put `Pending` and every
+/// resident account 8 bytes higher). The oldest-unflushed-delta metric it
+/// feeds is in seconds; rounding down to the millisecond makes an age at
+/// most 1 ms older, never younger. 2⁴⁸ ms is about 8,900 years.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Since([u16; 3]);
+
+impl Since {
+    const NONE: Since = Since([u16::MAX; 3]);
+    const MAX_MS: u64 = (1 << 48) - 2;
+
+    fn new(t: Ts) -> Since {
+        let ms = u64::try_from(t.div_euclid(1_000).max(0))
+            .unwrap_or(u64::MAX)
+            .min(Self::MAX_MS);
+        Since([ms as u16, (ms >> 16) as u16, (ms >> 32) as u16])
+    }
+
+    fn get(self) -> Option<Ts> {
+        (self != Since::NONE).then(|| {
+            let [a, b, c] = self.0.map(i64::from);
+            (a | (b << 16) | (c << 32)) * 1_000
+        })
+    }
+}
 
 impl Default for Pending {
     fn default() -> Self {
@@ -175,35 +200,81 @@ impl Default for Pending {
             dedup: Records::default(),
             account_dirty: false,
             queued: false,
-            since: NO_SINCE,
+            since: Since::NONE,
         }
     }
 }
 
 /// A list of request-id records that costs one pointer while empty (a
 /// `Vec` costs three words in every resident account).
+///
+/// The same box holds, rarely, the account's open hours past the two that
+/// [`HourTotals`] keeps inline (see [`Totals`]): both are rare, and sharing
+/// one word between them keeps a [`PendingSlot`] at 128 bytes. Those hours
+/// belong to the slot, not to the changes: [`PendingSlot::take`] leaves
+/// them, so a taken `Pending`'s `Records` holds records only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-// The box is the point: one word in every account instead of a `Vec`'s
-// three; the extra allocation is only paid by accounts that send ids.
-#[allow(clippy::box_collection)]
-pub struct Records(Option<Box<Vec<DedupRecord>>>);
+pub struct Records(Option<Box<Rare>>);
+
+/// What [`Records`] boxes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rare {
+    records: Vec<DedupRecord>,
+    /// Open hours past [`HourTotals`]' inline two, with their sums.
+    hours: Vec<(Ts, [u64; 2])>,
+}
 
 impl Records {
     pub fn push(&mut self, r: DedupRecord) {
-        self.0.get_or_insert_with(Box::default).push(r);
+        self.0.get_or_insert_with(Box::default).records.push(r);
     }
 
     pub fn as_slice(&self) -> &[DedupRecord] {
-        self.0.as_deref().map_or(&[], |v| &v[..])
+        self.0.as_deref().map_or(&[], |r| &r.records[..])
     }
 
     pub fn to_vec(&self) -> Vec<DedupRecord> {
         self.as_slice().to_vec()
     }
 
-    /// Frees the records' buffer.
+    /// Frees the records' buffer (and the box, unless it holds open hours).
     pub fn clear(&mut self) {
-        self.0 = None;
+        match &mut self.0 {
+            Some(r) if !r.hours.is_empty() => r.records = Vec::new(),
+            _ => self.0 = None,
+        }
+    }
+
+    fn hours(&self) -> &[(Ts, [u64; 2])] {
+        self.0.as_deref().map_or(&[], |r| &r.hours[..])
+    }
+
+    fn hours_mut(&mut self) -> &mut Vec<(Ts, [u64; 2])> {
+        &mut self.0.get_or_insert_with(Box::default).hours
+    }
+
+    /// Keeps the open hours that `keep` accepts; frees the box if that
+    /// leaves it empty.
+    fn retain_hours(&mut self, keep: impl Fn(Ts) -> bool) {
+        if let Some(r) = &mut self.0 {
+            r.hours.retain(|(h, _)| keep(*h));
+            if r.hours.is_empty() && r.records.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    /// Takes the open hours out; frees the box if that leaves it empty.
+    fn take_hours(&mut self) -> Vec<(Ts, [u64; 2])> {
+        let hours = self
+            .0
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.hours))
+            .unwrap_or_default();
+        if self.0.as_ref().is_some_and(|r| r.records.is_empty()) {
+            self.0 = None;
+        }
+        hours
     }
 }
 
@@ -218,7 +289,7 @@ impl Extend<DedupRecord> for Records {
     fn extend<I: IntoIterator<Item = DedupRecord>>(&mut self, iter: I) {
         let mut iter = iter.into_iter().peekable();
         if iter.peek().is_some() {
-            self.0.get_or_insert_with(Box::default).extend(iter);
+            self.0.get_or_insert_with(Box::default).records.extend(iter);
         }
     }
 }
@@ -226,8 +297,10 @@ impl Extend<DedupRecord> for Records {
 impl IntoIterator for Records {
     type Item = DedupRecord;
     type IntoIter = std::vec::IntoIter<DedupRecord>;
+    /// The records (a taken `Pending`'s `Records` holds no open hours).
     fn into_iter(self) -> Self::IntoIter {
-        self.0.map_or_else(Vec::new, |v| *v).into_iter()
+        debug_assert!(self.hours().is_empty(), "open hours left a slot");
+        self.0.map_or_else(Vec::new, |r| r.records).into_iter()
     }
 }
 
@@ -235,17 +308,51 @@ impl IntoIterator for Records {
 /// together: the stores keep amounts as signed 64-bit integers, and a sum
 /// past this would not fit (SQLite would silently turn it into a float). A
 /// deduction that would take an account-hour past it is refused whole
-/// ([`HourTotals::reserve`]), so no stored row or sum of an account-hour's
+/// ([`Totals::reserve`]), so no stored row or sum of an account-hour's
 /// rows can overflow.
 pub const LEDGER_CAP: u64 = i64::MAX as u64;
 
 /// What an account has recorded per item in each hour that can still take
 /// deductions: what the store held when the account was loaded, plus every
-/// deduction since (flushed or not). Hours are dropped once closed.
-#[derive(Debug, Default)]
+/// deduction since (flushed or not). Hours are dropped once closed. Read
+/// and changed through [`Totals`] ([`PendingSlot::totals`]).
+///
+/// 40 bytes, inline in every resident account: two open hours (the usual
+/// most: the current one and the one before, in its late grace) keep their
+/// hour as a 32-bit index next to their sums; any further open hour goes
+/// to the slot's boxed [`Records`]. (A `SmallVec` of two `(Ts, [u64; 2])`
+/// took 56 bytes, and spilled to the heap for good whenever a third hour
+/// opened before a closed one was pruned.)
+#[derive(Debug)]
 pub struct HourTotals {
-    /// (hour start, [calls, egress bytes]); rarely more than two hours open.
-    hours: smallvec::SmallVec<[(Ts, [u64; 2]); 2]>,
+    /// The inline hours, in hours since the epoch; `FREE_HOUR` for none.
+    hours: [i32; 2],
+    /// Each inline hour's [calls, egress bytes].
+    sums: [[u64; 2]; 2],
+}
+
+/// An unused inline slot of [`HourTotals`].
+const FREE_HOUR: i32 = i32::MIN;
+
+impl Default for HourTotals {
+    fn default() -> Self {
+        HourTotals {
+            hours: [FREE_HOUR; 2],
+            sums: [[0; 2]; 2],
+        }
+    }
+}
+
+/// The inline index of the hour starting at `hour`: a whole number of
+/// hours within the 32-bit range (every hour an event can fall in, R9).
+/// Anything else (never seen) is kept in the overflow list, at no loss.
+fn hour_index(hour: Ts) -> Option<i32> {
+    if hour.rem_euclid(HOUR) != 0 {
+        return None;
+    }
+    i32::try_from(hour.div_euclid(HOUR))
+        .ok()
+        .filter(|h| *h != FREE_HOUR)
 }
 
 /// A deduction the ledger cap refuses: the item, the hour, and what the
@@ -264,27 +371,31 @@ fn slot(item: Item) -> usize {
     }
 }
 
-impl HourTotals {
+/// An account's open hours' totals: the inline two ([`HourTotals`]) and
+/// the rest, in the slot's [`Records`] box.
+pub struct Totals<'a> {
+    inline: &'a mut HourTotals,
+    more: &'a mut Records,
+}
+
+impl Totals<'_> {
     /// Adds what the store already holds for (hour, item), as loaded.
     pub fn seed(&mut self, hour: Ts, item: Item, amount: u64) {
-        let t = self.entry(hour);
+        let t = self.entry(hour, None);
         t[slot(item)] = t[slot(item)].saturating_add(amount);
     }
 
     /// Counts `amounts` ([calls, egress bytes]) into `hour` if the hour
     /// stays within [`LEDGER_CAP`] for both items; otherwise changes nothing.
-    /// Hours before `closed_before` are forgotten first: they can take no
-    /// more deductions.
+    /// Hours before `closed_before` can take no more deductions: they are
+    /// forgotten when a new hour needs their place.
     pub fn reserve(
         &mut self,
         hour: Ts,
         amounts: [u64; 2],
         closed_before: Ts,
     ) -> Result<(), OverCap> {
-        if self.hours.len() > 2 {
-            self.hours.retain(|(h, _)| *h >= closed_before);
-        }
-        let t = self.entry(hour);
+        let t = self.entry(hour, Some(closed_before));
         for item in Item::ALL {
             let i = slot(item);
             if t[i]
@@ -305,21 +416,67 @@ impl HourTotals {
 
     /// Takes back a [`reserve`](Self::reserve) whose deduction did not happen.
     pub fn release(&mut self, hour: Ts, amounts: [u64; 2]) {
-        if let Some((_, t)) = self.hours.iter_mut().find(|(h, _)| *h == hour) {
+        if let Some(t) = self.find(hour) {
             t[0] = t[0].saturating_sub(amounts[0]);
             t[1] = t[1].saturating_sub(amounts[1]);
         }
     }
 
-    fn entry(&mut self, hour: Ts) -> &mut [u64; 2] {
-        let i = match self.hours.iter().position(|(h, _)| *h == hour) {
-            Some(i) => i,
-            None => {
-                self.hours.push((hour, [0, 0]));
-                self.hours.len() - 1
+    /// The open hours and their sums, in no particular order.
+    #[cfg(test)]
+    pub fn hours(&self) -> Vec<(Ts, [u64; 2])> {
+        let inline = (0..2)
+            .filter(|&i| self.inline.hours[i] != FREE_HOUR)
+            .map(|i| (Ts::from(self.inline.hours[i]) * HOUR, self.inline.sums[i]));
+        inline.chain(self.more.hours().iter().copied()).collect()
+    }
+
+    fn find(&mut self, hour: Ts) -> Option<&mut [u64; 2]> {
+        if let Some(h) = hour_index(hour) {
+            if let Some(i) = self.inline.hours.iter().position(|x| *x == h) {
+                return Some(&mut self.inline.sums[i]);
             }
-        };
-        &mut self.hours[i].1
+        }
+        let j = self.more.hours().iter().position(|(h, _)| *h == hour)?;
+        Some(&mut self.more.hours_mut()[j].1)
+    }
+
+    /// The sums of `hour`, made if new. A new hour takes a free inline
+    /// slot, else (with `closed_before`) the slot of a closed hour, else
+    /// a place in the overflow list.
+    fn entry(&mut self, hour: Ts, closed_before: Option<Ts>) -> &mut [u64; 2] {
+        let index = hour_index(hour);
+        if let Some(h) = index {
+            if let Some(i) = self.inline.hours.iter().position(|x| *x == h) {
+                return &mut self.inline.sums[i];
+            }
+        }
+        if let Some(j) = self.more.hours().iter().position(|(h, _)| *h == hour) {
+            return &mut self.more.hours_mut()[j].1;
+        }
+        if let Some(closed) = closed_before {
+            self.forget_before(closed);
+        }
+        if let Some(h) = index {
+            if let Some(i) = self.inline.hours.iter().position(|x| *x == FREE_HOUR) {
+                self.inline.hours[i] = h;
+                self.inline.sums[i] = [0, 0];
+                return &mut self.inline.sums[i];
+            }
+        }
+        let more = self.more.hours_mut();
+        more.push((hour, [0, 0]));
+        &mut more.last_mut().expect("just pushed").1
+    }
+
+    /// Forgets the hours that start before `closed_before`.
+    fn forget_before(&mut self, closed_before: Ts) {
+        for h in &mut self.inline.hours {
+            if *h != FREE_HOUR && Ts::from(*h) * HOUR < closed_before {
+                *h = FREE_HOUR;
+            }
+        }
+        self.more.retain_hours(|h| h >= closed_before);
     }
 }
 
@@ -355,8 +512,11 @@ impl PendingSlot {
     }
 
     /// The open hours' totals.
-    pub fn totals(&mut self) -> &mut HourTotals {
-        &mut self.totals
+    pub fn totals(&mut self) -> Totals<'_> {
+        Totals {
+            inline: &mut self.totals,
+            more: &mut self.changes.dedup,
+        }
     }
 
     /// Whether the account sits in the meter's dirty queue.
@@ -370,11 +530,17 @@ impl PendingSlot {
         std::mem::replace(&mut self.changes.queued, queued)
     }
 
-    /// Takes everything out for a flush, leaving `queued` as it was.
+    /// Takes the changes out for a flush, leaving `queued` as it was and
+    /// the open hours' totals (some of which share the changes' box, see
+    /// [`Records`]).
     pub fn take(&mut self) -> Pending {
         let queued = self.changes.queued;
         let mut taken = std::mem::take(&mut self.changes);
         (self.changes.queued, taken.queued) = (queued, false);
+        let hours = taken.dedup.take_hours();
+        if !hours.is_empty() {
+            *self.changes.dedup.hours_mut() = hours;
+        }
         taken
     }
 
@@ -466,20 +632,21 @@ impl Pending {
         self.dedup.extend(failed.dedup);
         self.account_dirty |= failed.account_dirty;
         self.since = match (self.since(), failed_since) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(NO_SINCE),
+            (Some(a), Some(b)) => Since::new(a.min(b)),
+            (a, b) => a.or(b).map_or(Since::NONE, Since::new),
         };
     }
 
-    /// Wall-clock time of the oldest change in here.
+    /// Wall-clock time of the oldest change in here, rounded down to the
+    /// millisecond (see [`Since`]).
     pub fn since(&self) -> Option<Ts> {
-        Some(self.since).filter(|s| *s != NO_SINCE)
+        self.since.get()
     }
 
     /// Notes a change at `now`, if it is the first.
     pub fn note_since(&mut self, now: Ts) {
-        if self.since == NO_SINCE {
-            self.since = now;
+        if self.since == Since::NONE {
+            self.since = Since::new(now);
         }
     }
 
@@ -852,8 +1019,8 @@ mod tests {
     use crate::packs::PackSource;
 
     /// A list holding one purchased calls pack.
-    fn pack(id: &str) -> Arc<PackList> {
-        Arc::new(smallvec::smallvec![PackCounter::new(
+    fn pack(id: &str) -> SharedPackList {
+        SharedPackList::new(smallvec::smallvec![PackCounter::new(
             PackSpec {
                 pack_id: id.into(),
                 source: PackSource::Purchased,
@@ -874,8 +1041,8 @@ mod tests {
     #[test]
     fn a_delta_names_its_pack_across_versions_of_the_list() {
         let old = pack("a");
-        let new: Arc<PackList> =
-            Arc::new([pack("b"), pack("a")].iter().map(|l| l[0].copy()).collect());
+        let new: SharedPackList =
+            SharedPackList::new([pack("b"), pack("a")].iter().map(|l| l[0].copy()).collect());
         let hour = 490_000 * HOUR;
         let mut p = Pending::default();
         p.add(hour, Item::Calls, Some((&old, 0)), 1, 5, hour + 1);
@@ -905,17 +1072,17 @@ mod tests {
     fn merges_deltas_by_hour_item_and_pack() {
         let (a, b) = (pack("a"), pack("b"));
         let mut p = Pending::default();
-        p.add(0, Item::Calls, Some((&a, 0)), 1, 5, 10);
-        p.add(0, Item::Calls, Some((&a, 0)), 2, 6, 11);
-        p.add(0, Item::Calls, Some((&b, 0)), 3, 7, 12);
-        p.add(0, Item::Calls, None, 4, 8, 13);
-        p.add(HOUR, Item::Calls, None, 5, 9, HOUR);
-        p.add(HOUR, Item::EgressBytes, None, 0, 9, HOUR);
+        p.add(0, Item::Calls, Some((&a, 0)), 1, 5_000, 10);
+        p.add(0, Item::Calls, Some((&a, 0)), 2, 6_000, 11);
+        p.add(0, Item::Calls, Some((&b, 0)), 3, 7_000, 12);
+        p.add(0, Item::Calls, None, 4, 8_000, 13);
+        p.add(HOUR, Item::Calls, None, 5, 9_000, HOUR);
+        p.add(HOUR, Item::EgressBytes, None, 0, 9_000, HOUR);
         assert_eq!(p.deltas.len(), 4);
         assert_eq!(p.deltas[0].amount, 3);
         // The event times the delta holds, for the flush's re-attribution.
         assert_eq!((p.deltas[0].first(), p.deltas[0].last()), (10, 11));
-        assert_eq!(p.since(), Some(5));
+        assert_eq!(p.since(), Some(5_000));
     }
 
     /// A batch after an outage holds every request id of the outage: the
@@ -987,14 +1154,114 @@ mod tests {
         let a = pack("a");
         let mut slot = PendingSlot::default();
         slot.set_queued(true);
-        slot.changes().add(0, Item::Calls, Some((&a, 0)), 7, 1, 0);
+        slot.changes()
+            .add(0, Item::Calls, Some((&a, 0)), 7, 1_000, 0);
         let taken = slot.take();
         assert!(slot.is_empty() && slot.get().is_none() && slot.queued());
-        slot.changes().add(0, Item::Calls, Some((&a, 0)), 1, 2, 0);
+        slot.changes()
+            .add(0, Item::Calls, Some((&a, 0)), 1, 2_000, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();
         assert_eq!(p.deltas.len(), 1);
         assert_eq!(p.deltas[0].amount, 8);
-        assert_eq!(p.since(), Some(1));
+        assert_eq!(p.since(), Some(1_000));
+    }
+
+    /// The oldest change's time is kept to the millisecond, rounded down,
+    /// over the whole range of a wall clock, and "none" stays apart.
+    #[test]
+    fn since_keeps_milliseconds_and_rounds_down() {
+        let now = 1_796_000_000_123_456; // 2026-12-01, in µs
+        for (t, kept) in [
+            (now, now - 456),
+            (999, 0),
+            (0, 0),
+            (-5, 0),
+            (Ts::MAX, ((1 << 48) - 2) * 1_000),
+        ] {
+            let mut p = Pending::default();
+            assert_eq!(p.since(), None);
+            p.note_since(t);
+            p.note_since(t.saturating_add(5_000_000));
+            assert_eq!(p.since(), Some(kept), "{t}");
+        }
+    }
+
+    /// Two open hours sit inline; a third goes to the overflow list (in
+    /// the slot's `Records` box), and a closed hour gives its slot to the
+    /// next new one. Sums are kept exactly, the cap refuses per hour, and
+    /// the overflow stays with the slot when a flush takes the changes.
+    #[test]
+    fn hour_totals_keep_every_open_hour() {
+        let h = 490_000 * HOUR;
+        let sorted = |slot: &mut PendingSlot| {
+            let mut open = slot.totals().hours();
+            open.sort();
+            open
+        };
+        let mut slot = PendingSlot::default();
+        slot.totals().seed(h, Item::Calls, 5);
+        slot.totals().reserve(h + HOUR, [1, 2], h).unwrap();
+        assert!(slot.changes.dedup.0.is_none(), "two hours fit inline");
+        slot.totals().reserve(h + 2 * HOUR, [3, 4], h).unwrap();
+        assert_eq!(slot.changes.dedup.hours().len(), 1, "the third overflows");
+        assert!(slot.is_empty(), "open hours are not changes to flush");
+        assert_eq!(
+            sorted(&mut slot),
+            [(h, [5, 0]), (h + HOUR, [1, 2]), (h + 2 * HOUR, [3, 4])]
+        );
+        // A flush takes the records and leaves the hours; so does a shrink.
+        slot.changes()
+            .add(h + HOUR, Item::Calls, None, 1, 9_000, h + HOUR);
+        slot.changes().dedup.push(DedupRecord {
+            request_id: "r".into(),
+            expires_at: 0,
+            hour: Some(h + HOUR),
+            calls_covered: 0,
+            calls_overage: 1,
+            egress_covered: 0,
+            egress_overage: 0,
+        });
+        let taken = slot.take();
+        assert_eq!((taken.dedup.len(), taken.dedup.hours().len()), (1, 0));
+        slot.shrink();
+        assert_eq!(sorted(&mut slot).len(), 3);
+        slot.merge(taken);
+        assert_eq!(slot.get().map(|p| p.dedup.len()), Some(1));
+        assert_eq!(sorted(&mut slot).len(), 3);
+        // Hour h closes: the next new hour takes its slot.
+        slot.totals()
+            .reserve(h + 3 * HOUR, [7, 0], h + HOUR)
+            .unwrap();
+        assert_eq!(
+            sorted(&mut slot),
+            [
+                (h + HOUR, [1, 2]),
+                (h + 2 * HOUR, [3, 4]),
+                (h + 3 * HOUR, [7, 0])
+            ]
+        );
+        slot.take();
+        slot.totals()
+            .reserve(h + 4 * HOUR, [1, 1], h + 3 * HOUR)
+            .unwrap();
+        assert!(
+            slot.changes.dedup.0.is_none(),
+            "the box went with its closed hours and records"
+        );
+        let err = slot
+            .totals()
+            .reserve(h + 3 * HOUR, [LEDGER_CAP - 6, 0], h + 3 * HOUR)
+            .unwrap_err();
+        assert_eq!((err.item, err.recorded), (Item::Calls, 7));
+        slot.totals().release(h + 4 * HOUR, [1, 1]);
+        assert_eq!(
+            sorted(&mut slot),
+            [(h + 3 * HOUR, [7, 0]), (h + 4 * HOUR, [0, 0])]
+        );
+        // An hour that is not a whole hour (never seen) still adds up.
+        slot.totals().seed(h + 1, Item::EgressBytes, 9);
+        slot.totals().seed(h + 1, Item::EgressBytes, 1);
+        assert!(slot.totals().hours().contains(&(h + 1, [0, 10])));
     }
 }

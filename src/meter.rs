@@ -36,7 +36,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-pub use account::{to_flush, AccountState, PackList};
+pub use account::{to_flush, AccountState, PackList, SharedPackList};
 pub use deduct::{Atomicity, Charge};
 pub use validate::{validate_account_id, MAX_ACCOUNT_ID_BYTES, MAX_REQUEST_ID_BYTES};
 
@@ -333,7 +333,7 @@ impl std::hash::Hash for Resident {
 
 impl PartialEq for Resident {
     fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
+        *self.0.id == *other.0.id
     }
 }
 
@@ -352,7 +352,9 @@ pub struct Meter {
     store: Arc<dyn crate::store::Store>,
     accounts: DashMap<Resident, (), FastHash>,
     /// First loads in progress, shared by concurrent first requests.
-    loading: DashMap<Arc<str>, Arc<LoadCell>, FastHash>,
+    /// Keyed by the id the account will hold (one allocation per new
+    /// account for both).
+    loading: DashMap<arcstr::ArcStr, Arc<LoadCell>, FastHash>,
     /// Accounts with unflushed changes, in the order they became dirty.
     dirty: Mutex<std::collections::VecDeque<Arc<AccountState>>>,
     /// Accounts whose changes the store refused permanently: kept here,

@@ -362,6 +362,14 @@ impl PackCounter {
 /// place apart from its counters' `used`.
 pub type PackList = smallvec::SmallVec<[PackCounter; 2]>;
 
+/// An account's [`PackList`] as the account and its ledger deltas share it:
+/// a `triomphe::Arc`, whose header is one count (no weak count, which
+/// nothing here uses), so that a list of two counters (72 B) takes 80 B
+/// with its header, mimalloc's 80 B size class, where `std::sync::Arc`'s
+/// 88 B took the 96 B class. `arc_swap` swaps it like a `std` `Arc`
+/// (triomphe's `arc-swap` feature).
+pub type SharedPackList = triomphe::Arc<PackList>;
+
 /// How one item of a deduction was split: per pack, then overage.
 #[derive(Debug, Default)]
 pub struct Split {

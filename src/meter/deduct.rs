@@ -25,7 +25,7 @@ use crate::{
 };
 use arc_swap::Guard;
 
-use super::account::PackList;
+use super::account::SharedPackList;
 
 /// One deduction of a group, with its resident account.
 #[derive(Clone, Copy)]
@@ -124,7 +124,7 @@ impl Meter {
         id: Id,
         reserved: bool,
         exclusive: bool,
-        packs: Option<Guard<Arc<PackList>>>,
+        packs: Option<Guard<SharedPackList>>,
     ) -> DeductOutcome {
         debug_assert!(!(exclusive && packs.is_some()), "a list read before a move");
         if let Id::Done(r) = id {
@@ -535,7 +535,7 @@ impl Meter {
         at: Ts,
         now: Ts,
         claimed: bool,
-        packs: Option<Guard<Arc<PackList>>>,
+        packs: Option<Guard<SharedPackList>>,
     ) -> DeductOutcome {
         let (acct, d) = (c.account, &c.deduction);
         if d.is_check() {
@@ -580,7 +580,7 @@ impl Meter {
     /// a resident free-tier pack valid at `at`, the list is read once.
     /// Under a pass the caller has found [`packs_current`](Self::packs_current),
     /// so the list is not replaced here.
-    fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<Arc<PackList>> {
+    fn packs_at(&self, acct: &AccountState, at: Ts, now: Ts) -> Guard<SharedPackList> {
         let packs = acct.packs.load();
         if packs
             .iter()

@@ -6,7 +6,7 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use super::{AccountState, Meter, MeterError, PackList, PackView};
+use super::{AccountState, Meter, MeterError, PackList, PackView, SharedPackList};
 use crate::{
     calendar::{self, FreeMonth, Ts},
     packs::{counter_order, deduction_order, Item, PackCounter, PackSource, PackSpec},
@@ -24,7 +24,7 @@ fn has_ended(packs: &PackList, keep_after: Ts) -> bool {
 /// the event that moved it takes nothing.
 pub(super) struct Saved {
     activated_at: Ts,
-    packs: Arc<PackList>,
+    packs: SharedPackList,
 }
 
 impl Meter {
@@ -85,7 +85,7 @@ impl Meter {
         acct: &AccountState,
         at: Ts,
         now: Ts,
-    ) -> Option<Guard<Arc<PackList>>> {
+    ) -> Option<Guard<SharedPackList>> {
         let packs = acct.packs.load();
         (!has_ended(&packs, self.keep_after(now))
             && self.missing_free_month(acct, &packs, at).is_none())

@@ -127,16 +127,16 @@ impl Leases {
         }
     }
 
-    fn slot(&self, id: &Arc<str>) -> Arc<Slot> {
+    fn slot(&self, id: &str) -> Arc<Slot> {
         if let Some(s) = self.slots.get(id) {
             return s.clone();
         }
-        self.slots.entry(id.clone()).or_default().clone()
+        self.slots.entry(Arc::from(id)).or_default().clone()
     }
 
     /// Whether the lease covers `want` more calls at `now`. Under the
     /// account's deny lock.
-    fn covers(&self, id: &Arc<str>, want: u64, now: Ts) -> bool {
+    fn covers(&self, id: &str, want: u64, now: Ts) -> bool {
         let Some(s) = self.slots.get(id) else {
             return false;
         };
@@ -148,7 +148,7 @@ impl Leases {
 
     /// Takes `calls` from the lease. Under the account's deny lock, after
     /// [`covers`](Self::covers) said yes.
-    fn take(&self, id: &Arc<str>, calls: u64) {
+    fn take(&self, id: &str, calls: u64) {
         if let Some(s) = self.slots.get(id) {
             let _ = s
                 .left
