@@ -2068,7 +2068,11 @@ async fn a_recalculation_moves_usage_once_even_when_runs_race(t: &Target) {
         .write_batch(&batch(
             "a-1",
             10,
-            vec![account("acct", vec![delta(HOUR, Some(old.clone()), 30)], vec![])]
+            vec![account(
+                "acct",
+                vec![delta(HOUR, Some(old.clone()), 30)],
+                vec![]
+            )]
         ))
         .await
         .unwrap());
