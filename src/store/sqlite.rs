@@ -977,6 +977,9 @@ impl Store for SqliteStore {
             let flushed = write_flush(conn, &batch, &mut cache)?;
             // What the committed rows hold, for the accounts' next flush.
             for t in &flushed.accounts {
+                if !cache.has_room() {
+                    break;
+                }
                 cache.put(t.account_id.clone(), t.packs.clone());
             }
             Ok(flushed)
