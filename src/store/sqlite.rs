@@ -27,16 +27,16 @@ use super::{
     known_ids::KnownIds, page_start, AccountTotals, Change, ChangeKind, Flushed, Granted,
     LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
-mod pack_cache;
-
-use pack_cache::PackCache;
-
 use crate::{
     background::Background,
     calendar::Ts,
     ledger::{AccountRecord, DedupRecord, FlushBatch, UsageKey, UsageRow},
     packs::{Item, PackSource, PackSpec},
 };
+
+mod pack_cache;
+
+use pack_cache::PackCache;
 
 /// Tables are `WITHOUT ROWID`: keyed by their primary key alone, an upsert
 /// writes one B-tree instead of a table and its key index, which halves
@@ -625,13 +625,13 @@ fn write_flush(
         ..Flushed::default()
     };
     {
-        // Per account: one read (its packs, unless the cache has
-        // them), then one single-row
-        // write per row that changes, an UPDATE where the row is
-        // known or likely to exist. An upsert costs more than the
-        // UPDATE (its conflict check, the update program, up to ten
-        // bound values): callgrind counted 42.5 k instructions per
-        // flushed account with upserts, 33.2 k without (issue 10).
+        // Per account: one read of its packs (none when the cache has
+        // them), then one single-row write per row that changes, an
+        // UPDATE where the row is known or likely to exist. An upsert
+        // costs more than the UPDATE (its conflict check, the update
+        // program, up to ten bound values): callgrind counted 42.5 k
+        // instructions per flushed account with upserts, 33.2 k without
+        // (issue 10).
         let mut packs = tx.prepare_cached(&format!(
             "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
         ))?;
