@@ -19,17 +19,28 @@
 //! `PACKMETER_BENCH_SCENARIOS=calls_and_egress` (or `calls`) one scenario
 //! only (criterion's own filter still loads and first-flushes the others).
 //! `PACKMETER_BENCH_ACCOUNTS=N` flushes N accounts instead of 100 k.
+//! `PACKMETER_BENCH_FLUSHES=N` runs exactly N flushes after the first two,
+//! untimed, in place of criterion's measurement.
 //!
 //! Instructions per flushed account (callgrind; deterministic on a loaded
 //! machine): run the bench binary under `valgrind --tool=callgrind
-//! --separate-threads=yes '--zero-before=*steady_state*'` with
-//! `--bench --profile-time 60 flush_sqlite/calls/` and
-//! `PACKMETER_BENCH_ACCOUNTS=20000`. Costs are zeroed once the two untimed
-//! flushes (which insert the rows) are done. Divide the SQLite writer
-//! thread's instructions (the `.out-NN` file whose profile holds
-//! `flush_batch`) by its calls of `packmeter::ledger::attribute`, one per
-//! flushed account (`callgrind_annotate --tree=calling`); the count the
-//! bench prints has come out one flush short of it under callgrind.
+//! --separate-threads=yes '--dump-before=*steady_state*'` with
+//! `--bench flush_sqlite/calls/`, `PACKMETER_BENCH_STORES=sqlite`,
+//! `PACKMETER_BENCH_SCENARIOS=calls`, `PACKMETER_BENCH_ACCOUNTS=20000` and
+//! `PACKMETER_BENCH_FLUSHES=10`. Every thread's costs so far are dumped
+//! (into `.1-NN` files) once the two untimed flushes (which insert the
+//! rows) are done; the final `-NN` files hold the ten flushes alone.
+//! (`--zero-before` zeroes the calling thread only: the writer thread's
+//! figures then include both untimed flushes.) Divide the SQLite writer
+//! thread's instructions (the file whose profile holds `flush_batch`) by
+//! its calls of `packmeter::ledger::attribute`, one per flushed account
+//! (`callgrind_annotate --tree=calling`), 200 k here; the flush thread
+//! (`packmeter-flush`, the file whose profile holds `Flusher::written`)
+//! likewise. A fixed count matters: a row whose counter grows past 1, 127,
+//! 32767 changes size and is rewritten rather than overwritten in place,
+//! once, so runs of different lengths amortize that differently. (With
+//! `--profile-time`, criterion's count depends on how fast the machine
+//! was.)
 
 use std::{
     sync::Arc,
@@ -53,6 +64,14 @@ fn accounts() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ACCOUNTS)
+}
+
+/// `PACKMETER_BENCH_FLUSHES=N`: after the two untimed flushes, exactly N
+/// more, untimed, instead of criterion's measurement.
+fn fixed_flushes() -> Option<usize> {
+    std::env::var("PACKMETER_BENCH_FLUSHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
 }
 
 /// Called once the first two flushes are done: callgrind's `--zero-before` hook.
@@ -139,6 +158,19 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, group: &str, url: &dyn Fn() -> O
                 rt.block_on(db.analyze());
                 eprintln!("{group}/{name}: tables analyzed");
             }
+        }
+        if let Some(count) = fixed_flushes() {
+            // A fixed amount of work, for callgrind (see the module doc).
+            for _ in 0..count {
+                dirty_all();
+                let r = rt.block_on(flusher.flush()).expect("flush");
+                assert_eq!(r.accounts, n);
+                flushed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            eprintln!("{group}/{name}: {count} flushes of {n} accounts, untimed");
+            drop((flusher, meter, accounts));
+            drop(target);
+            continue;
         }
         g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
             b.iter_custom(|iters| {

@@ -432,13 +432,13 @@ impl Flusher {
             let written = match self.journal.get() {
                 // The intent is durable before the store may commit.
                 Some(j) => match j.before_write(&batch).await {
-                    Ok(()) => self.store.flush_batch(&batch).await,
+                    Ok(()) => self.store.flush_shared(batch.clone()).await,
                     Err(e) => Err(StoreError {
                         message: format!("journal: {e}"),
                         transient: true,
                     }),
                 },
-                None => self.store.flush_batch(&batch).await,
+                None => self.store.flush_shared(batch.clone()).await,
             };
             if let (Some(j), Ok(_)) = (self.journal.get(), &written) {
                 // (A batch refused for good stays known: its halves, if it

@@ -2061,6 +2061,23 @@ async fn a_recalculation_moves_usage_once_even_when_runs_race(t: &Target) {
         .await
         .unwrap()
         .is_empty());
+    // A flush after the recalculation attributes against the packs as it
+    // left them: `old` has room again (SQLite's flush keeps the packs it
+    // wrote in memory; the recalculation must make it read them again).
+    assert!(store
+        .write_batch(&batch(
+            "a-1",
+            10,
+            vec![account(
+                "acct",
+                vec![delta(HOUR, Some(old.clone()), 30)],
+                vec![]
+            )]
+        ))
+        .await
+        .unwrap());
+    assert_eq!(used(&*store, "acct", "old").await, 30);
+    assert_eq!(used(&*store, "acct", "new").await, 100);
     // Finished plans are recorded once.
     store.record_recalculated(1, 10).await.unwrap();
     store.record_recalculated(1, 20).await.unwrap();

@@ -34,6 +34,10 @@ use crate::{
     packs::{Item, PackSource, PackSpec},
 };
 
+mod pack_cache;
+
+use pack_cache::PackCache;
+
 /// Tables are `WITHOUT ROWID`: keyed by their primary key alone, an upsert
 /// writes one B-tree instead of a table and its key index, which halves
 /// the cost of a flush once the tables outgrow the page cache.
@@ -179,6 +183,10 @@ pub struct SqliteStore {
     known: Arc<KnownIds>,
     /// The read of the known ids has been queued (on the first load).
     known_asked: std::sync::Once,
+    /// Recently flushed accounts' pack rows, so their next flush skips
+    /// the read (see [`pack_cache`]). Used on the writer thread only; the
+    /// mutex is never contended.
+    pack_cache: Arc<parking_lot::Mutex<PackCache>>,
     /// `PATH.lock`, exclusively locked for as long as the store is open:
     /// a second server on the same file would count every pack, the free
     /// tier included, from the same stored usage. The OS drops the lock
@@ -292,6 +300,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             known,
             known_asked: std::sync::Once::new(),
+            pack_cache: Default::default(),
             _lock: lock,
         })
     }
@@ -592,6 +601,199 @@ fn page_sql(account: bool, after: bool) -> String {
     )
 }
 
+/// Applies one flush batch in one transaction (see [`Store::flush_batch`]),
+/// reading each account's packs unless `cache` has them; the caller puts
+/// the totals back into `cache` once this has committed.
+fn write_flush(
+    conn: &mut Connection,
+    batch: &FlushBatch,
+    cache: &mut PackCache,
+) -> Result<Flushed, StoreError> {
+    let tx = conn.transaction()?;
+    let fresh = tx
+        .prepare_cached(
+            "INSERT INTO flush_batches (batch_id, applied_at) VALUES (?1, ?2) \
+             ON CONFLICT (batch_id) DO NOTHING",
+        )?
+        .execute(params![batch.batch_id, batch.now])?;
+    if fresh == 0 {
+        // Applied before (a replayed spill of a flush that committed).
+        return Ok(Flushed::default());
+    }
+    let mut flushed = Flushed {
+        applied: true,
+        ..Flushed::default()
+    };
+    {
+        // Per account: one read of its packs (none when the cache has
+        // them), then one single-row write per row that changes, an
+        // UPDATE where the row is known or likely to exist. An upsert
+        // costs more than the UPDATE (its conflict check, the update
+        // program, up to ten bound values): callgrind counted 42.5 k
+        // instructions per flushed account with upserts, 33.2 k without
+        // (issue 10).
+        let mut packs = tx.prepare_cached(&format!(
+            "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
+        ))?;
+        // An activation only ever moves back at a flush (R1: an
+        // earlier event); an operator's change is written by
+        // put_account, never while a flush runs. Every account of
+        // the batch gets its row, as on PostgreSQL, where the row
+        // is the lock that serializes flushes of the account. A row
+        // the flush would leave as it is is not rewritten (most
+        // flushes change no activation).
+        //
+        // An account with a pack has its row (every writer of a
+        // pack writes it, and `migrate` added it to older files):
+        // a flush of such an account that carries no activation
+        // (nearly every flush) leaves the row alone, without the
+        // upsert.
+        let mut account = tx.prepare_cached(
+            "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
+             ON CONFLICT (account_id) DO UPDATE SET activated_at = excluded.activated_at \
+             WHERE excluded.activated_at < accounts.activated_at \
+             OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
+        )?;
+        let mut held = tx.prepare_cached(
+            "SELECT 1 FROM dedup WHERE account_id = ?1 AND request_id = ?2 \
+             AND expires_at > ?3",
+        )?;
+        // Most flushes add to an hour's row that exists; the insert
+        // runs when the update finds no row. SQLite would turn an
+        // overflowing sum into a float: the update's last condition
+        // refuses it, and then the insert finds the row (below).
+        let mut add_usage = tx.prepare_cached(
+            "UPDATE usage_hourly SET amount = amount + ?5 WHERE account_id = ?1 \
+             AND hour = ?2 AND item = ?3 AND pack_id = ?4 \
+             AND amount <= 9223372036854775807 - ?5",
+        )?;
+        let mut new_usage = tx.prepare_cached(
+            "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (account_id, hour, item, pack_id) DO NOTHING",
+        )?;
+        // A pack is updated, and inserted when the update finds no row
+        // (a free-tier month's first flush): a wasted seek once a month
+        // per account, rather than a list of the stored pack ids built
+        // and searched at every flush of every account.
+        let mut add_used = tx.prepare_cached(
+            "UPDATE packs SET used = used + ?3 WHERE account_id = ?1 AND pack_id = ?2",
+        )?;
+        let mut new_pack = tx.prepare_cached(&format!(
+            "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             ON CONFLICT (account_id, pack_id) DO UPDATE SET used = used + excluded.used"
+        ))?;
+        let mut dedup = tx.prepare_cached(
+            "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
+             calls_overage, egress_covered, egress_overage) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (account_id, request_id) DO UPDATE SET \
+             expires_at = excluded.expires_at, calls_covered = excluded.calls_covered, \
+             calls_overage = excluded.calls_overage, \
+             egress_covered = excluded.egress_covered, \
+             egress_overage = excluded.egress_overage",
+        )?;
+        // No call waits for this connection, so the writer may
+        // yield between accounts (see `Slicer`).
+        let mut slicer = crate::background::Slicer::new();
+        for parts in parts_by_account(&batch.accounts).chunk_by(|a, b| a.account_id == b.account_id)
+        {
+            slicer.pause();
+            let id = &*parts[0].account_id;
+            let stored = match cache.take(id) {
+                Some(stored) => stored,
+                None => packs
+                    .query_map([id], read_pack)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            let earliest = crate::ledger::earliest_activation(parts);
+            if stored.is_empty() || earliest.is_some() {
+                account.execute(params![id, earliest])?;
+            }
+            let mut held_ids = std::collections::HashSet::new();
+            for r in parts.iter().flat_map(|a| &a.dedup) {
+                if held.exists(params![id, &*r.request_id, batch.now])? {
+                    held_ids.insert(&*r.request_id);
+                }
+            }
+            let a = crate::ledger::attribute(
+                stored,
+                parts.iter().flat_map(|a| &a.deltas),
+                parts.iter().flat_map(|a| &a.dedup),
+                |r| held_ids.contains(r),
+            )
+            .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
+            for d in &a.usage {
+                let (pack_id, source) = match &d.pack {
+                    Some(p) => (&*p.pack_id, p.source.code()),
+                    None => ("", 0),
+                };
+                let amount = to_sql(d.amount)?;
+                let key = params![id, d.hour, d.item.code(), pack_id, amount];
+                if add_usage.execute(key)? == 0
+                    && new_usage.execute(params![
+                        id,
+                        d.hour,
+                        d.item.code(),
+                        pack_id,
+                        source,
+                        amount
+                    ])? == 0
+                {
+                    // The row exists, and the update refused the sum.
+                    return Err(StoreError::permanent(format!(
+                        "account `{id}`: the usage of hour {} would exceed 2^63-1",
+                        d.hour
+                    )));
+                }
+            }
+            for (p, amount) in &a.packs {
+                if add_used.execute(params![id, &*p.pack_id, to_sql(*amount)?])? == 1 {
+                    continue;
+                }
+                new_pack.execute(params![
+                    id,
+                    &*p.pack_id,
+                    p.source.code(),
+                    p.item.code(),
+                    to_sql(p.capacity)?,
+                    p.valid_from,
+                    p.valid_until,
+                    p.priority,
+                    p.created_at,
+                    to_sql(*amount)?
+                ])?;
+            }
+            for r in &a.dedup {
+                dedup.execute(params![
+                    id,
+                    &*r.request_id,
+                    r.expires_at,
+                    to_sql(r.calls_covered)?,
+                    to_sql(r.calls_overage)?,
+                    to_sql(r.egress_covered)?,
+                    to_sql(r.egress_overage)?
+                ])?;
+            }
+            let account_id: std::sync::Arc<str> = parts[0].account_id.clone();
+            flushed
+                .reversed
+                .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
+            flushed.accounts.push(AccountTotals {
+                account_id,
+                packs: a.totals,
+            });
+        }
+        tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
+            .execute([batch.now])?;
+        tx.prepare_cached("DELETE FROM flush_batches WHERE applied_at < ?1")?
+            .execute([batch.now.saturating_sub(BATCH_ID_RETENTION)])?;
+    }
+    tx.commit()?;
+    Ok(flushed)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn load_account(
@@ -705,7 +907,10 @@ impl Store for SqliteStore {
     async fn grant_pack(&self, account_id: &str, pack: &PackSpec) -> Result<Granted, StoreError> {
         let (account, p) = (account_id.to_string(), pack.clone());
         self.known.note([account_id]);
+        let cache = self.pack_cache.clone();
         self.with(move |conn| {
+            // Whether or not the insert commits, the next flush reads.
+            cache.lock().forget(&account);
             let tx = conn.transaction()?;
             if let Some(existing) = get_pack(&tx, &account, &p.pack_id)? {
                 return Ok(Granted::Existing(existing));
@@ -756,192 +961,27 @@ impl Store for SqliteStore {
     }
 
     async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
-        let batch = batch.clone();
+        self.flush_shared(Arc::new(batch.clone())).await
+    }
+
+    async fn flush_shared(&self, batch: Arc<FlushBatch>) -> Result<Flushed, StoreError> {
         let known = self.known.clone();
+        let cache = self.pack_cache.clone();
         self.with(move |conn| {
             // Before the transaction: see `known_ids`.
             known.note(batch.accounts.iter().map(|a| &*a.account_id));
-            let tx = conn.transaction()?;
-            let fresh = tx
-                .prepare_cached(
-                    "INSERT INTO flush_batches (batch_id, applied_at) VALUES (?1, ?2) \
-                     ON CONFLICT (batch_id) DO NOTHING",
-                )?
-                .execute(params![batch.batch_id, batch.now])?;
-            if fresh == 0 {
-                // Applied before (a replayed spill of a flush that committed).
-                return Ok(Flushed::default());
-            }
-            let mut flushed = Flushed {
-                applied: true,
-                ..Flushed::default()
-            };
-            {
-                // Per account: one read (its packs), then one single-row
-                // write per row that changes, an UPDATE where the row is
-                // known or likely to exist. An upsert costs more than the
-                // UPDATE (its conflict check, the update program, up to ten
-                // bound values): callgrind counted 42.5 k instructions per
-                // flushed account with upserts, 33.2 k without (issue 10).
-                let mut packs = tx.prepare_cached(&format!(
-                    "SELECT {PACK_COLUMNS} FROM packs WHERE account_id = ?1"
-                ))?;
-                // An activation only ever moves back at a flush (R1: an
-                // earlier event); an operator's change is written by
-                // put_account, never while a flush runs. Every account of
-                // the batch gets its row, as on PostgreSQL, where the row
-                // is the lock that serializes flushes of the account. A row
-                // the flush would leave as it is is not rewritten (most
-                // flushes change no activation).
-                //
-                // An account with a pack has its row (every writer of a
-                // pack writes it, and `migrate` added it to older files):
-                // a flush of such an account that carries no activation
-                // (nearly every flush) leaves the row alone, without the
-                // upsert.
-                let mut account = tx.prepare_cached(
-                    "INSERT INTO accounts (account_id, activated_at) VALUES (?1, ?2) \
-                     ON CONFLICT (account_id) DO UPDATE SET activated_at = excluded.activated_at \
-                     WHERE excluded.activated_at < accounts.activated_at \
-                     OR (accounts.activated_at IS NULL AND excluded.activated_at IS NOT NULL)",
-                )?;
-                let mut held = tx.prepare_cached(
-                    "SELECT 1 FROM dedup WHERE account_id = ?1 AND request_id = ?2 \
-                     AND expires_at > ?3",
-                )?;
-                // Most flushes add to an hour's row that exists; the insert
-                // runs when the update finds no row. SQLite would turn an
-                // overflowing sum into a float: the update's last condition
-                // refuses it, and then the insert finds the row (below).
-                let mut add_usage = tx.prepare_cached(
-                    "UPDATE usage_hourly SET amount = amount + ?5 WHERE account_id = ?1 \
-                     AND hour = ?2 AND item = ?3 AND pack_id = ?4 \
-                     AND amount <= 9223372036854775807 - ?5",
-                )?;
-                let mut new_usage = tx.prepare_cached(
-                    "INSERT INTO usage_hourly (account_id, hour, item, pack_id, source, amount) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                     ON CONFLICT (account_id, hour, item, pack_id) DO NOTHING",
-                )?;
-                // A pack the read found is updated; one it did not (a
-                // free-tier month's first flush) is inserted.
-                let mut add_used = tx.prepare_cached(
-                    "UPDATE packs SET used = used + ?3 WHERE account_id = ?1 AND pack_id = ?2",
-                )?;
-                let mut new_pack = tx.prepare_cached(&format!(
-                    "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                     ON CONFLICT (account_id, pack_id) DO UPDATE SET used = used + excluded.used"
-                ))?;
-                let mut dedup = tx.prepare_cached(
-                    "INSERT INTO dedup (account_id, request_id, expires_at, calls_covered, \
-                     calls_overage, egress_covered, egress_overage) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                     ON CONFLICT (account_id, request_id) DO UPDATE SET \
-                     expires_at = excluded.expires_at, calls_covered = excluded.calls_covered, \
-                     calls_overage = excluded.calls_overage, \
-                     egress_covered = excluded.egress_covered, \
-                     egress_overage = excluded.egress_overage",
-                )?;
-                // No call waits for this connection, so the writer may
-                // yield between accounts (see `Slicer`).
-                let mut slicer = crate::background::Slicer::new();
-                for parts in
-                    parts_by_account(&batch.accounts).chunk_by(|a, b| a.account_id == b.account_id)
-                {
-                    slicer.pause();
-                    let id = &*parts[0].account_id;
-                    let stored = packs
-                        .query_map([id], read_pack)?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let earliest = crate::ledger::earliest_activation(parts);
-                    if stored.is_empty() || earliest.is_some() {
-                        account.execute(params![id, earliest])?;
-                    }
-                    let had: Vec<std::sync::Arc<str>> =
-                        stored.iter().map(|p| p.spec.pack_id.clone()).collect();
-                    let mut held_ids = std::collections::HashSet::new();
-                    for r in parts.iter().flat_map(|a| &a.dedup) {
-                        if held.exists(params![id, &*r.request_id, batch.now])? {
-                            held_ids.insert(&*r.request_id);
-                        }
-                    }
-                    let a = crate::ledger::attribute(
-                        stored,
-                        parts.iter().flat_map(|a| &a.deltas),
-                        parts.iter().flat_map(|a| &a.dedup),
-                        |r| held_ids.contains(r),
-                    )
-                    .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
-                    for d in &a.usage {
-                        let (pack_id, source) = match &d.pack {
-                            Some(p) => (&*p.pack_id, p.source.code()),
-                            None => ("", 0),
-                        };
-                        let amount = to_sql(d.amount)?;
-                        let key = params![id, d.hour, d.item.code(), pack_id, amount];
-                        if add_usage.execute(key)? == 0
-                            && new_usage.execute(params![
-                                id,
-                                d.hour,
-                                d.item.code(),
-                                pack_id,
-                                source,
-                                amount
-                            ])? == 0
-                        {
-                            // The row exists, and the update refused the sum.
-                            return Err(StoreError::permanent(format!(
-                                "account `{id}`: the usage of hour {} would exceed 2^63-1",
-                                d.hour
-                            )));
-                        }
-                    }
-                    for (p, amount) in &a.packs {
-                        if had.contains(&p.pack_id)
-                            && add_used.execute(params![id, &*p.pack_id, to_sql(*amount)?])? == 1
-                        {
-                            continue;
-                        }
-                        new_pack.execute(params![
-                            id,
-                            &*p.pack_id,
-                            p.source.code(),
-                            p.item.code(),
-                            to_sql(p.capacity)?,
-                            p.valid_from,
-                            p.valid_until,
-                            p.priority,
-                            p.created_at,
-                            to_sql(*amount)?
-                        ])?;
-                    }
-                    for r in &a.dedup {
-                        dedup.execute(params![
-                            id,
-                            &*r.request_id,
-                            r.expires_at,
-                            to_sql(r.calls_covered)?,
-                            to_sql(r.calls_overage)?,
-                            to_sql(r.egress_covered)?,
-                            to_sql(r.egress_overage)?
-                        ])?;
-                    }
-                    let account_id: std::sync::Arc<str> = parts[0].account_id.clone();
-                    flushed
-                        .reversed
-                        .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
-                    flushed.accounts.push(AccountTotals {
-                        account_id,
-                        packs: a.totals,
-                    });
+            let mut cache = cache.lock();
+            // A flush that fails (before or during its commit, which may
+            // then have happened or not) has taken its accounts' entries
+            // out: what the cache still holds is of other accounts.
+            let flushed = write_flush(conn, &batch, &mut cache)?;
+            // What the committed rows hold, for the accounts' next flush.
+            for t in &flushed.accounts {
+                if !cache.has_room() {
+                    break;
                 }
-                tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
-                    .execute([batch.now])?;
-                tx.prepare_cached("DELETE FROM flush_batches WHERE applied_at < ?1")?
-                    .execute([batch.now.saturating_sub(BATCH_ID_RETENTION)])?;
+                cache.put(t.account_id.clone(), t.packs.clone());
             }
-            tx.commit()?;
             Ok(flushed)
         })
         .await
@@ -1117,7 +1157,10 @@ impl Store for SqliteStore {
         r: &crate::recalc::Recalculation,
     ) -> Result<Vec<StoredPack>, StoreError> {
         let r = r.clone();
+        let cache = self.pack_cache.clone();
         self.with(move |conn| {
+            // It changes the account's `used`: its next flush reads.
+            cache.lock().forget(&r.account_id);
             let tx = conn.transaction()?;
             let hour = r.hour.max(settled_mark(&tx)?);
             {
@@ -1499,6 +1542,185 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, FILE_VERSION);
+    }
+
+    fn delta(pack: Option<&PackSpec>, hour: Ts, amount: u64) -> crate::ledger::DeltaRow {
+        crate::ledger::DeltaRow {
+            hour,
+            item: Item::Calls,
+            pack: pack.cloned(),
+            amount,
+            span: Some((hour, hour)),
+        }
+    }
+
+    fn batch_of(id: &str, parts: Vec<(&str, Vec<crate::ledger::DeltaRow>)>) -> FlushBatch {
+        FlushBatch {
+            batch_id: id.into(),
+            accounts: parts
+                .into_iter()
+                .map(|(account, deltas)| crate::ledger::AccountFlush {
+                    account_id: account.into(),
+                    account: None,
+                    deltas,
+                    dedup: vec![],
+                })
+                .collect(),
+            now: 0,
+        }
+    }
+
+    /// Issues 10 and 14: a flush attributes against the packs its cache
+    /// holds for an account, so a grant between two flushes must be seen:
+    /// what the first pack cannot take goes to the granted one, not to
+    /// overage.
+    #[tokio::test]
+    async fn a_flush_after_a_grant_attributes_against_the_granted_pack() {
+        let (_dir, store) = open_temp();
+        let small = crate::packs::tests::purchased("small", 3, 1, 4 * HOUR, 0);
+        let big = crate::packs::tests::purchased("big", 100, 0, 4 * HOUR, 0);
+        store.grant_pack("acme", &small).await.unwrap();
+        let first = store
+            .flush_batch(&batch_of(
+                "b1",
+                vec![("acme", vec![delta(Some(&small), 0, 2)])],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(first.accounts[0].packs.len(), 1);
+        // The first flush left the account's packs in the cache.
+        assert_eq!(store.pack_cache.lock().len(), 1);
+        store.grant_pack("acme", &big).await.unwrap();
+        // `small` has room for 1 of these 5; the other 4 go to `big`.
+        let second = store
+            .flush_batch(&batch_of(
+                "b2",
+                vec![("acme", vec![delta(Some(&small), 0, 5)])],
+            ))
+            .await
+            .unwrap();
+        let used = |f: &Flushed, id: &str| {
+            f.accounts[0]
+                .packs
+                .iter()
+                .find(|p| &*p.spec.pack_id == id)
+                .map(|p| p.used)
+        };
+        assert_eq!(used(&second, "small"), Some(3));
+        assert_eq!(used(&second, "big"), Some(4));
+        let rows = store
+            .usage_rows_page(Ts::MIN, Ts::MAX, Some("acme"), None, 100)
+            .await
+            .unwrap();
+        let amounts: Vec<(String, u64)> = rows.into_iter().map(|r| (r.pack_id, r.amount)).collect();
+        assert_eq!(amounts, [("big".to_string(), 4), ("small".to_string(), 3)]);
+    }
+
+    /// Issues 10 and 14: flushes that take the account's packs from the
+    /// cache write and report exactly what flushes that read them write and
+    /// report. Two files get the same grants and batches (replays, an
+    /// overflow the store refuses, packs inserted by a flush, capping and
+    /// re-attribution); one store's cache is emptied before every flush.
+    #[tokio::test]
+    async fn flushes_from_the_pack_cache_match_flushes_that_read_the_packs() {
+        let (_d1, cached) = open_temp();
+        let (_d2, reading) = open_temp();
+        let accounts = ["a", "b", "c"];
+        // Deltas name the first three; only grants bring the last two,
+        // which then take what the named packs cannot.
+        let specs: Vec<PackSpec> = [
+            ("p5", 5, 2),
+            ("p7", 7, 1),
+            ("p40", 40, 0),
+            ("g9", 9, 3),
+            ("g30", 30, 0),
+        ]
+        .iter()
+        .map(|&(id, cap, prio)| crate::packs::tests::purchased(id, cap, prio, 3 * HOUR, 0))
+        .collect();
+        // A fixed-seed LCG: the same sequence every run.
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut last: Option<FlushBatch> = None;
+        let (mut refused, mut replayed, mut granted) = (0, 0, 0);
+        for step in 0..300 {
+            let roll = next(20);
+            if roll == 0 {
+                let account = accounts[next(3) as usize];
+                let spec = &specs[next(5) as usize];
+                let a = cached.grant_pack(account, spec).await.unwrap();
+                let b = reading.grant_pack(account, spec).await.unwrap();
+                assert_eq!(a, b, "step {step}");
+                granted += 1;
+                continue;
+            }
+            let batch = match (roll, &last) {
+                (1, Some(previous)) => {
+                    replayed += 1;
+                    previous.clone()
+                }
+                _ => {
+                    let mut parts = Vec::new();
+                    for _ in 0..=next(3) {
+                        let account = accounts[next(3) as usize];
+                        let mut deltas = Vec::new();
+                        for _ in 0..=next(3) {
+                            let hour = HOUR * next(2) as Ts;
+                            let amount = match next(50) {
+                                0 => i64::MAX as u64,
+                                _ => 1 + next(6),
+                            };
+                            let pack = match next(4) {
+                                3 => None,
+                                i => Some(&specs[i as usize]),
+                            };
+                            deltas.push(delta(pack, hour, amount));
+                        }
+                        parts.push((account, deltas));
+                    }
+                    batch_of(&format!("batch-{step}"), parts)
+                }
+            };
+            reading.pack_cache.lock().clear();
+            let a = cached.flush_batch(&batch).await;
+            let b = reading.flush_batch(&batch).await;
+            match (a, b) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "step {step}"),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.message, b.message, "step {step}");
+                    refused += 1;
+                }
+                (a, b) => panic!("step {step}: {a:?} against {b:?}"),
+            }
+            last = Some(batch);
+        }
+        // The sequence did what it is for.
+        assert!(
+            refused > 0 && replayed > 0 && granted > 0,
+            "{refused} {replayed} {granted}"
+        );
+        for account in accounts {
+            let mut rows = Vec::new();
+            for s in [&cached, &reading] {
+                rows.push(
+                    s.usage_rows_page(Ts::MIN, Ts::MAX, Some(account), None, 1000)
+                        .await
+                        .unwrap(),
+                );
+            }
+            assert!(!rows[0].is_empty(), "{account}");
+            assert_eq!(rows[0], rows[1], "{account}");
+            assert_eq!(
+                cached.list_packs(account).await.unwrap(),
+                reading.list_packs(account).await.unwrap(),
+                "{account}"
+            );
+        }
     }
 
     #[tokio::test]
