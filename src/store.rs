@@ -145,6 +145,21 @@ pub struct Flushed {
     pub reversed: Vec<(std::sync::Arc<str>, Box<str>)>,
 }
 
+impl Flushed {
+    /// Adds one account's result: its request ids the store already held,
+    /// and its packs as the store holds them now.
+    pub fn add_account(
+        &mut self,
+        account_id: std::sync::Arc<str>,
+        reversed: Vec<Box<str>>,
+        packs: Vec<StoredPack>,
+    ) {
+        self.reversed
+            .extend(reversed.into_iter().map(|r| (account_id.clone(), r)));
+        self.accounts.push(AccountTotals { account_id, packs });
+    }
+}
+
 /// How a grant went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Granted {

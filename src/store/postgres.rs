@@ -49,8 +49,8 @@ use tokio_postgres::{config::Host, types::ToSql, IsolationLevel, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    page_start, AccountTotals, Change, ChangeKind, Flushed, Granted, InvalidStoreUrl, LeaseGrant,
-    LeaseRequest, LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
+    page_start, Change, ChangeKind, Flushed, Granted, InvalidStoreUrl, LeaseGrant, LeaseRequest,
+    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     calendar::Ts,
@@ -1623,14 +1623,7 @@ impl Store for PostgresStore {
                     dedup.5.push(to_sql(r.egress_covered)?);
                     dedup.6.push(to_sql(r.egress_overage)?);
                 }
-                let account_id = parts[0].account_id.clone();
-                flushed
-                    .reversed
-                    .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
-                flushed.accounts.push(AccountTotals {
-                    account_id,
-                    packs: a.totals,
-                });
+                flushed.add_account(parts[0].account_id.clone(), a.reversed, a.totals);
             }
             // The guard against 2^63-1 is checked above too; here it keeps
             // a row that changed meanwhile from wrapping.

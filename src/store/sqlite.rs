@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use rusqlite::{params, types::ValueRef, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    known_ids::KnownIds, page_start, AccountTotals, Change, ChangeKind, Flushed, Granted,
-    LoadedAccount, OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
+    known_ids::KnownIds, page_start, Change, ChangeKind, Flushed, Granted, LoadedAccount,
+    OpenError, Store, StoreError, StoredPack, CHANGE_RETENTION,
 };
 use crate::{
     background::Background,
@@ -776,14 +776,7 @@ fn write_flush(
                     to_sql(r.egress_overage)?
                 ])?;
             }
-            let account_id: std::sync::Arc<str> = parts[0].account_id.clone();
-            flushed
-                .reversed
-                .extend(a.reversed.into_iter().map(|r| (account_id.clone(), r)));
-            flushed.accounts.push(AccountTotals {
-                account_id,
-                packs: a.totals,
-            });
+            flushed.add_account(parts[0].account_id.clone(), a.reversed, a.totals);
         }
         tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
             .execute([batch.now])?;
