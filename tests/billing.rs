@@ -325,6 +325,97 @@ async fn a_request_id_is_deducted_once_even_across_a_restart() {
     assert_eq!(common::used(&packs, Item::EgressBytes), 100);
 }
 
+/// Streams sending the same request ids at the same time, in windows that
+/// reach the server together: a window is deducted as one group, and a
+/// group that meets one of its ids in flight on another stream is taken
+/// again message by message. Every stream sends its window of the same ids
+/// at once (a barrier between windows), so groups on different server
+/// threads may claim the same ids at the same time; whether two of them
+/// overlap is the scheduler's choice (on a 2-core machine, seldom). Each id is deducted once: one answer is fresh,
+/// every other is a duplicate reporting the same amounts, and the account's
+/// usage is the number of fresh answers. A message may be refused only as
+/// ABORTED (its original stayed in flight past the retry bound), which ends
+/// its stream and deducts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_racing_on_the_same_request_ids_deduct_each_once() {
+    const STREAMS: usize = 8;
+    const IDS: usize = 960;
+    const WINDOW: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    // Activated first: the windows then take the shared path, not the
+    // exclusive section of a first deduction.
+    let mut meter = server.meter().await;
+    meter.deduct(deduct("acme", 1, 0, None)).await.unwrap();
+    let message = |i: usize| proto::DeductRequest {
+        request_id: format!("race-{i}"),
+        ..deduct("acme", 1, 10, None)
+    };
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(STREAMS));
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let (mut meter, start) = (server.meter().await, start.clone());
+        streams.push(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
+            let mut replies = meter
+                .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("the stream opens")
+                .into_inner();
+            // (id, duplicate, calls covered, egress covered)
+            let mut answers = Vec::new();
+            for w in (0..IDS).step_by(WINDOW) {
+                start.wait().await;
+                for i in w..w + WINDOW {
+                    tx.send(message(i)).await.unwrap();
+                }
+                for i in w..w + WINDOW {
+                    match replies.message().await {
+                        Ok(Some(r)) => answers.push((
+                            i,
+                            r.duplicate,
+                            split(&r.calls).0,
+                            split(&r.egress_bytes).0,
+                        )),
+                        Ok(None) => panic!("the stream ended at message {i}"),
+                        Err(s) => {
+                            // The others still meet this stream at the
+                            // barrier before each window left.
+                            for _ in (w + WINDOW..IDS).step_by(WINDOW) {
+                                start.wait().await;
+                            }
+                            return (answers, Some(s));
+                        }
+                    }
+                }
+            }
+            (answers, None)
+        }));
+    }
+    let mut fresh = vec![0; IDS];
+    let mut ended = 0;
+    for s in streams {
+        let (answers, refused) = s.await.unwrap();
+        if let Some(status) = refused {
+            ended += 1;
+            assert_eq!(status.code(), Code::Aborted, "{status:?}");
+            eprintln!("a stream ended after {} answers: {status:?}", answers.len());
+        }
+        for (i, duplicate, calls, egress) in answers {
+            assert_eq!((calls, egress), (1, 10), "id {i}: the original's amounts");
+            fresh[i] += usize::from(!duplicate);
+        }
+    }
+    assert!(fresh.iter().all(|&n| n <= 1), "deducted twice: {fresh:?}");
+    if ended == 0 {
+        assert!(fresh.iter().all(|&n| n == 1), "never deducted: {fresh:?}");
+    }
+    let packs = server.packs("acme").await;
+    let deducted = fresh.iter().sum::<usize>() as u64;
+    assert_eq!(common::used(&packs, Item::Calls), 1 + deducted);
+    assert_eq!(common::used(&packs, Item::EgressBytes), 10 * deducted);
+}
+
 #[tokio::test]
 async fn unknown_accounts_can_be_rejected() {
     let dir = tempfile::tempdir().unwrap();

@@ -78,24 +78,16 @@ async fn ledger(db: &TestDb) -> Ledger {
 /// One request: (node, account, request id, calls).
 type Sent = (usize, String, String, u64);
 
-#[tokio::test]
-async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
-    let data: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Server> = data
-        .iter()
-        .map(|d| Server::start_store(&db.url, d.path(), &args()))
-        .collect();
+/// Accounts that take overage.
+const HEAVY: [&str; 3] = ["acct-0", "acct-1", "acct-2"];
 
-    // Accounts that take overage: activated, with a purchased pack, set up
-    // through node 0 before any node loads them.
-    let heavy = ["acct-0", "acct-1", "acct-2"];
+/// Activates `accounts` and grants each a purchased pack of `PACK` calls,
+/// through `node`, before any node loads them.
+async fn set_up(node: &Server, accounts: &[&str]) {
     let now = chrono::Utc::now();
-    let mut admin = nodes[0].admin().await;
-    for a in heavy.iter().chain(&["light"]) {
-        nodes[0].put_account(a, false, false).await;
+    let mut admin = node.admin().await;
+    for a in accounts {
+        node.put_account(a, false, false).await;
         admin
             .grant_pack(proto::GrantPackRequest {
                 account_id: a.to_string(),
@@ -110,6 +102,44 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
             .await
             .unwrap();
     }
+}
+
+/// Checks that the store holds exactly `expected` calls per heavy account,
+/// each pack full and no further, its rows agreeing with it, and the rest
+/// as overage.
+fn check_heavy(stored: &Ledger, expected: &BTreeMap<String, i64>) {
+    for a in HEAVY {
+        let (total, packs, rows) = &stored[a];
+        // Exactly what was acknowledged, duplicates once.
+        assert_eq!(*total, expected[a], "{a}: {stored:?}");
+        for (pack, (used, capacity)) in packs {
+            assert!(used <= capacity, "{a}/{pack}: {used} > {capacity}");
+            // Demand exceeds every pack: all full, the rest overage.
+            assert_eq!(used, capacity, "{a}/{pack}");
+            assert_eq!(
+                rows.get(pack),
+                Some(used),
+                "{a}/{pack}: rows and packs agree"
+            );
+        }
+        assert_eq!(packs.len(), 2, "{a}: the free tier and the bought pack");
+        assert_eq!(rows[""], expected[a] - (FREE + PACK) as i64, "{a}: overage");
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Server> = data
+        .iter()
+        .map(|d| Server::start_store(&db.url, d.path(), &args()))
+        .collect();
+
+    let heavy = HEAVY;
+    set_up(&nodes[0], &["acct-0", "acct-1", "acct-2", "light"]).await;
 
     // Every node sends REQUESTS requests to every heavy account at once:
     // 3 x 20 x 3 = 180 calls an account, more than its 140 in packs,
@@ -182,24 +212,7 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
     // In real time the nodes covered more than the packs hold.
     assert!(over_covered > 3 * (FREE + PACK), "{over_covered}");
 
-    let stored = ledger(&db).await;
-    for a in heavy {
-        let (total, packs, rows) = &stored[a];
-        // Exactly what was acknowledged, duplicates once.
-        assert_eq!(*total, expected[a], "{a}: {stored:?}");
-        for (pack, (used, capacity)) in packs {
-            assert!(used <= capacity, "{a}/{pack}: {used} > {capacity}");
-            // Demand exceeds every pack: all full, the rest overage.
-            assert_eq!(used, capacity, "{a}/{pack}");
-            assert_eq!(
-                rows.get(pack),
-                Some(used),
-                "{a}/{pack}: rows and packs agree"
-            );
-        }
-        assert_eq!(packs.len(), 2, "{a}: the free tier and the bought pack");
-        assert_eq!(rows[""], expected[a] - (FREE + PACK) as i64, "{a}: overage");
-    }
+    check_heavy(&ledger(&db).await, &expected);
     // Each retry's request id is stored once, with the amounts of the
     // node whose flush came first.
     let c = db.client().await;
@@ -271,6 +284,91 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
             15 + n as u64 + 1
         );
     }
+    for node in nodes {
+        let (status, stderr) = node.terminate();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// The same billing through `DeductStream`: every node streams to every
+/// heavy account at once, in windows of `WINDOW` messages sent together
+/// (so the server receives them together and deducts them as one group),
+/// the last message of each window a retry of the one before it, which
+/// must answer as a duplicate. The stored ledger is exactly what the
+/// streams acknowledged, each request id once, and no pack goes past its
+/// capacity though each node alone sees less demand than the packs hold.
+#[tokio::test]
+async fn three_nodes_bill_every_streamed_call_once() {
+    const MESSAGES: usize = 40;
+    const WINDOW: usize = 8;
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let data: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Server> = data
+        .iter()
+        .map(|d| Server::start_store(&db.url, d.path(), &args()))
+        .collect();
+    set_up(&nodes[0], &HEAVY).await;
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for a in HEAVY {
+            let mut meter = node.meter().await;
+            tasks.push(tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
+                let mut replies = meter
+                    .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .expect("the stream opens")
+                    .into_inner();
+                // (request id, calls, covered, overage, duplicate)
+                let mut acked = Vec::new();
+                for w in (0..MESSAGES).step_by(WINDOW) {
+                    let window: Vec<_> = (w..w + WINDOW)
+                        .map(|i| {
+                            let j = if i == w + WINDOW - 1 { i - 1 } else { i };
+                            let mut d = deduct(a, 1 + ((j + n) % 5) as u64, 0, None);
+                            d.request_id = format!("{a}-n{n}-{j}");
+                            d
+                        })
+                        .collect();
+                    for d in &window {
+                        tx.send(d.clone()).await.unwrap();
+                    }
+                    for (k, d) in window.into_iter().enumerate() {
+                        let o = replies
+                            .message()
+                            .await
+                            .unwrap()
+                            .expect("an answer to every message");
+                        assert_eq!(o.duplicate, k == WINDOW - 1, "{}", d.request_id);
+                        let (c, ov, _) = common::split(&o.calls);
+                        acked.push((d.request_id, d.calls, c, ov));
+                    }
+                }
+                (a, acked)
+            }));
+        }
+    }
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for t in tasks {
+        let (a, acked) = t.await.unwrap();
+        for (id, calls, covered, overage) in acked {
+            assert_eq!(covered + overage, calls, "{id}: never denied");
+            if seen.insert(id) {
+                *expected.entry(a.to_string()).or_default() += calls as i64;
+            }
+        }
+    }
+    for n in &nodes {
+        n.admin().await.flush(proto::FlushRequest {}).await.unwrap();
+    }
+    for a in HEAVY {
+        // More than each account's packs, though no node alone saw more.
+        assert!(expected[a] > 2 * (FREE + PACK) as i64, "{a}: {expected:?}");
+    }
+    check_heavy(&ledger(&db).await, &expected);
     for node in nodes {
         let (status, stderr) = node.terminate();
         assert!(status.success(), "{stderr}");

@@ -26,47 +26,105 @@
 //! holds are flushed (criterion's 100 k accounts measured slower than with
 //! no cache with two generations of 32 k); instead a full cache admits no
 //! one new and keeps the accounts it has: at 100 k accounts, 65 k of each
-//! round's. Once it has missed [`PackCache::RESET_AFTER`] times while full
-//! (every seventh or eighth round there), it starts over, so that a
-//! working set that moved on is replaced.
+//! round's. Once it has missed [`RESET_FACTOR`] times its bound while full,
+//! it starts over, so that a working set that moved on is replaced.
+//!
+//! **Why the bound adapts.** A full cache that admits no one finds a share
+//! of the flushed accounts equal to its bound over their number: 6.5% at a
+//! million uniform accounts, for 13 MB. Each time it starts over it looks
+//! at its hits since the last start, among the lookups made while it was
+//! full: below an eighth, the next bound is half (at least
+//! [`PackCache::MIN_BOUND`]); otherwise twice (at most `CAPACITY`). So it
+//! stays whole while it spares an eighth of the reads or more (up to
+//! about six times `CAPACITY` accounts flushed in turn, counting the round
+//! that fills it), and shrinks to under 1 MB at a million; when the
+//! accounts flushed shrink back, its hits rise and it grows again. (A
+//! cache that is never full never starts over, and keeps its bound.)
 
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{meter::FastHash, store::StoredPack};
 
-#[derive(Default)]
 pub(super) struct PackCache {
     accounts: HashMap<Arc<str>, Vec<StoredPack>, FastHash>,
+    /// The most accounts kept now, between `least` and `most`
+    /// ([`MIN_BOUND`](Self::MIN_BOUND) and [`CAPACITY`](Self::CAPACITY)
+    /// outside tests).
+    bound: usize,
+    least: usize,
+    most: usize,
     /// Lookups that missed while the cache was full, since it last started
     /// over.
     misses: usize,
+    /// Lookups made while it was full, and those that found their account,
+    /// since it last started over.
+    lookups: usize,
+    hits: usize,
+}
+
+/// A full cache starts over after this many misses per account it holds.
+const RESET_FACTOR: usize = 4;
+
+impl Default for PackCache {
+    fn default() -> Self {
+        Self::with_bounds(Self::MIN_BOUND, Self::CAPACITY)
+    }
 }
 
 impl PackCache {
     /// Accounts kept: about 13 MB with two packs each (the free tier's
     /// calls and egress).
     pub(super) const CAPACITY: usize = 65_536;
-    /// Misses while full before the cache starts over.
-    pub(super) const RESET_AFTER: usize = 4 * Self::CAPACITY;
+    /// The least the bound shrinks to: about 0.8 MB.
+    pub(super) const MIN_BOUND: usize = 4_096;
 
     /// The account's pack rows, taken out of the cache (a flush puts them
     /// back once its transaction commits). `None` when not known.
     pub(super) fn take(&mut self, account_id: &str) -> Option<Vec<StoredPack>> {
+        let full = self.accounts.len() + 1 >= self.bound;
         let hit = self.accounts.remove(account_id);
-        if hit.is_none() && self.accounts.len() + 1 >= Self::CAPACITY {
-            self.misses += 1;
-            if self.misses >= Self::RESET_AFTER {
-                self.accounts = HashMap::default();
-                self.misses = 0;
+        if full {
+            self.lookups += 1;
+            if hit.is_some() {
+                self.hits += 1;
+            } else {
+                self.misses += 1;
+                if self.misses >= RESET_FACTOR * self.bound {
+                    self.start_over();
+                }
             }
         }
         hit
     }
 
+    fn with_bounds(least: usize, most: usize) -> PackCache {
+        PackCache {
+            accounts: HashMap::default(),
+            bound: most,
+            least,
+            most,
+            misses: 0,
+            lookups: 0,
+            hits: 0,
+        }
+    }
+
+    /// Empties the cache, with a new bound from its hits since it last
+    /// started over (see the module's doc).
+    fn start_over(&mut self) {
+        self.bound = if self.hits * 8 < self.lookups {
+            (self.bound / 2).max(self.least)
+        } else {
+            (self.bound * 2).min(self.most)
+        };
+        self.accounts = HashMap::default();
+        (self.misses, self.lookups, self.hits) = (0, 0, 0);
+    }
+
     /// Whether [`put`](Self::put) would keep an account (there is room):
     /// the caller then copies the packs, and not otherwise.
     pub(super) fn has_room(&self) -> bool {
-        self.accounts.len() < Self::CAPACITY
+        self.accounts.len() < self.bound
     }
 
     /// Records the account's pack rows as the committed file holds them,
@@ -93,6 +151,12 @@ impl PackCache {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.accounts.len()
+    }
+
+    /// The most accounts it keeps now.
+    #[cfg(test)]
+    pub(super) fn bound(&self) -> usize {
+        self.bound
     }
 }
 
@@ -127,7 +191,7 @@ mod tests {
         cache.forget("a1");
         assert!(cache.take("a1").is_none());
         // Misses while full: after enough of them it starts over.
-        for i in 0..PackCache::RESET_AFTER {
+        for i in 0..RESET_FACTOR * PackCache::CAPACITY {
             let id = format!("b{i}");
             if cache.take(&id).is_none() {
                 cache.put(id.into(), vec![pack("p", 0)]);
@@ -135,5 +199,44 @@ mod tests {
             assert!(cache.len() <= PackCache::CAPACITY);
         }
         assert!(cache.take("a2").is_none(), "started over");
+    }
+
+    /// One flush round over `n` accounts, each account taken and put back
+    /// as a flush does.
+    fn round(cache: &mut PackCache, n: usize) {
+        for i in 0..n {
+            let id = format!("a{i}");
+            let packs = cache.take(&id).unwrap_or_else(|| vec![pack("p", 0)]);
+            if cache.has_room() {
+                cache.put(id.into(), packs);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cache_that_rarely_hits_shrinks_and_grows_back_once_it_hits() {
+        // The same rules at a smaller scale: 64 to 1,024 accounts.
+        let mut cache = PackCache::with_bounds(64, 1_024);
+        // Rounds over 16 times what it holds: it finds a sixteenth of them,
+        // and halves each time it starts over, down to its least.
+        for _ in 0..20 {
+            round(&mut cache, 16 * 1_024);
+        }
+        assert_eq!(cache.bound(), 64);
+        assert!(cache.len() <= 64);
+        // Rounds over twice its least: it finds half of them, so it grows
+        // until all of them fit, and then keeps them all.
+        for _ in 0..20 {
+            round(&mut cache, 128);
+        }
+        assert!(cache.bound() >= 128, "{}", cache.bound());
+        assert_eq!(cache.len(), 128);
+        // Over three times its most, counting the round that fills it, it
+        // still finds more than an eighth, and stays whole.
+        let mut cache = PackCache::with_bounds(64, 1_024);
+        for _ in 0..20 {
+            round(&mut cache, 3 * 1_024);
+        }
+        assert_eq!(cache.bound(), 1_024);
     }
 }
