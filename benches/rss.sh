@@ -3,7 +3,7 @@
 # server on an empty SQLite store, primes N accounts over gRPC with
 # `loadgen --prime` (one deduction each, then an Admin.Flush), waits until
 # the server is idle (`settle` in benches/lib.sh), and prints the server's
-# VmRSS. The server runs on CPU 0.
+# VmRSS, then again after IDLE seconds (5) idle. The server runs on CPU 0.
 #
 #   benches/rss.sh [BIN] [ACCOUNTS]   # default target/release/packmeter, 1000000
 #   PORT=51471 (gRPC; the admin port is PORT + 1000)
@@ -29,4 +29,9 @@ primed=$(rss)
 # The prime ended with a flush; let whatever it left running finish.
 settle "$spid"
 flushed=$(rss)
-echo "rss accounts=$ACCOUNTS empty=${empty}MB primed=${primed}MB after_flush=${flushed}MB"
+# And once it has idled for IDLE seconds (default 5): mimalloc gives back
+# what it freed after its purge delay (1 s), from serve's upkeep thread
+# every 2 s (src/main.rs), so this is the RSS an idle server keeps.
+sleep "${IDLE:-5}"
+idle=$(rss)
+echo "rss accounts=$ACCOUNTS empty=${empty}MB primed=${primed}MB after_flush=${flushed}MB idle=${idle}MB"
