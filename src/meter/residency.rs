@@ -190,7 +190,7 @@ impl Meter {
             None if self.cfg.unknown_accounts == UnknownAccounts::Reject => {
                 Err(MeterError::UnknownAccount(id.to_string()))
             }
-            None => Ok(Arc::new(AccountState::new(id.into(), None, now))),
+            None => Ok(Arc::new(AccountState::new(id, None, now))),
         }
     }
 
