@@ -1366,7 +1366,11 @@ mod tests {
         for hour in [h, h + HOUR, h + 2 * HOUR] {
             slot.totals().reserve(hour, [1, 1], h).unwrap();
         }
-        assert_eq!(slot.changes.dedup.hours().len(), 1, "the third hour overflows");
+        assert_eq!(
+            slot.changes.dedup.hours().len(),
+            1,
+            "the third hour overflows"
+        );
         let p = slot.changes();
         p.add(h, Item::Calls, None, 1, 5_000, h);
         p.add(h, Item::EgressBytes, None, 2, 5_000, h);

@@ -254,8 +254,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
     assert_eq!(o.decision, Decision::Allow);
     let recorded = |a: &AccountState| -> u64 {
         let slot = a.pending.lock();
-        slot.get()
-            .map_or(0, |p| p.deltas().map(|d| d.amount).sum())
+        slot.get().map_or(0, |p| p.deltas().map(|d| d.amount).sum())
     };
     let before = recorded(&a);
     // 3 calls, only 2 left: denied whole; nothing deducted, nothing recorded.
@@ -1019,7 +1018,10 @@ fn short_ids_are_inline_and_every_id_is_found() {
     ids.extend(["é".repeat(7), "é".repeat(8), "loadgen-0000001".into()]);
     for id in &ids {
         let inline = id.len() <= INLINE_ID_BYTES;
-        for made in [AccountId::from(id.as_str()), AccountId::from(arcstr::ArcStr::from(id.as_str()))] {
+        for made in [
+            AccountId::from(id.as_str()),
+            AccountId::from(arcstr::ArcStr::from(id.as_str())),
+        ] {
             assert_eq!(&*made, id.as_str());
             assert_eq!(format!("{made}"), *id);
             assert_eq!(format!("{made:?}"), format!("{id:?}"));
