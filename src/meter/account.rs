@@ -83,6 +83,19 @@ impl AccountId {
     }
 }
 
+impl AccountId {
+    /// The id's bytes, without the UTF-8 check that reading it as a `str`
+    /// makes: the account map hashes and compares these, and the flush
+    /// sorts by them (a `str` orders as its bytes). The check cost about
+    /// 150 instructions per read of an inline id (callgrind).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            AccountId::Inline(i) => &i.bytes[..i.len as usize],
+            AccountId::Shared(s) => s.as_bytes(),
+        }
+    }
+}
+
 impl From<&str> for AccountId {
     fn from(id: &str) -> AccountId {
         AccountId::inline(id).unwrap_or_else(|| AccountId::Shared(ArcStr::from(id)))
@@ -236,6 +249,11 @@ impl AccountState {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The id's bytes (see [`AccountId::as_bytes`]).
+    pub fn id_bytes(&self) -> &[u8] {
+        self.id.as_bytes()
     }
 
     pub fn activated_at(&self) -> Option<Ts> {

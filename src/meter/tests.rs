@@ -423,7 +423,7 @@ fn evicts_only_idle_accounts_with_nothing_unflushed() {
     drop(_idle);
     assert_eq!(m.evict_idle(now - 60 * SECOND), 1);
     assert_eq!(m.resident(), 1);
-    assert!(m.accounts.contains_key("busy"));
+    assert!(m.accounts.contains_key("busy".as_bytes()));
 }
 
 proptest! {
