@@ -677,31 +677,42 @@ impl Pending {
         // A sum that would overflow starts a second delta for the key: the
         // usage is kept, and the store refuses the row it cannot hold
         // (the flusher then sets the account aside) rather than wrap.
-        match self
-            .inline
-            .iter_mut()
-            .take_while(|d| !d.is_free())
-            .chain(self.dedup.spilled_mut())
-            .find(|d| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some())
-        {
-            Some(d) => {
-                d.amount += amount;
-                d.first_offset = d.first_offset.min(offset(hour, first));
-                d.last_offset = d.last_offset.max(offset(hour, last));
+        let fits =
+            |d: &Delta| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some();
+        let grow = |d: &mut Delta| {
+            d.amount += amount;
+            d.first_offset = d.first_offset.min(offset(hour, first));
+            d.last_offset = d.last_offset.max(offset(hour, last));
+        };
+        // The inline slots up to the first free one; past them, the box's
+        // deltas only if both are taken (see `inline`).
+        let mut free = None;
+        for (i, d) in self.inline.iter_mut().enumerate() {
+            if d.is_free() {
+                free = Some(i);
+                break;
             }
-            None => {
-                let d = Delta {
-                    key: key(hour, item, pack.map_or(0, |p| p.1)),
-                    list: pack.map(|p| p.0.clone()),
-                    amount,
-                    first_offset: offset(hour, first),
-                    last_offset: offset(hour, last),
-                };
-                match self.inline.iter_mut().find(|d| d.is_free()) {
-                    Some(free) => *free = d,
-                    None => self.dedup.spill(d),
-                }
+            if fits(d) {
+                grow(d);
+                return;
             }
+        }
+        if free.is_none() {
+            if let Some(d) = self.dedup.spilled_mut().iter_mut().find(|d| fits(d)) {
+                grow(d);
+                return;
+            }
+        }
+        let d = Delta {
+            key: key(hour, item, pack.map_or(0, |p| p.1)),
+            list: pack.map(|p| p.0.clone()),
+            amount,
+            first_offset: offset(hour, first),
+            last_offset: offset(hour, last),
+        };
+        match free {
+            Some(i) => self.inline[i] = d,
+            None => self.dedup.spill(d),
         }
     }
 
