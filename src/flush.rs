@@ -409,7 +409,7 @@ impl Flusher {
     fn publish(&self, state: &mut InFlight, mut work: Work) -> (Work, Arc<FlushBatch>) {
         // In key order, each transaction's upserts walk the tables' B-trees
         // forwards instead of jumping around them.
-        work.sort_unstable_by(|(a, _), (b, _)| a.id().cmp(b.id()));
+        work.sort_unstable_by(|(a, _), (b, _)| a.id_bytes().cmp(b.id_bytes()));
         if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since()).min() {
             // The oldest of the batches being written (several may be):
             // reset when the flush ends.
@@ -485,7 +485,7 @@ impl Flusher {
                             .collect();
                         state.batches.clear();
                         drop(state);
-                        back.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+                        back.sort_unstable_by(|a, b| a.id_bytes().cmp(b.id_bytes()));
                         self.meter.requeue_front(back);
                         self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
                         self.observer.failed(&e);
@@ -561,7 +561,7 @@ impl Flusher {
             .filter_map(|(a, _)| {
                 let i = flushed
                     .accounts
-                    .binary_search_by(|t| (*t.account_id).cmp(a.id()))
+                    .binary_search_by(|t| t.account_id.as_bytes().cmp(a.id_bytes()))
                     .ok()?;
                 Some((a.clone(), &flushed.accounts[i].packs[..]))
             })

@@ -21,7 +21,8 @@ use crate::{
 /// the hour (an hour is 3.6 × 10⁹ µs, which fits a `u32`), and the hour,
 /// the item and the pack's place in its list share one word, so that two
 /// deltas (calls and egress, each covered by one pack) fit inline in
-/// [`Pending`] within a small footprint.
+/// [`Pending`] within a small footprint. A delta never holds a zero amount
+/// (see [`Pending::add`]): a zero marks a free inline slot.
 ///
 /// The pack is named by the version of the account's [`PackList`] the
 /// deduction read and the pack's index in it. A list is never changed in
@@ -76,6 +77,19 @@ fn key(hour: Ts, item: Item, index: u32) -> i64 {
 }
 
 impl Delta {
+    /// A free inline slot of [`Pending`].
+    const FREE: Delta = Delta {
+        key: 0,
+        list: None,
+        amount: 0,
+        first_offset: 0,
+        last_offset: 0,
+    };
+
+    fn is_free(&self) -> bool {
+        self.amount == 0
+    }
+
     /// Start of the UTC hour.
     pub fn hour(&self) -> Ts {
         (self.key >> 32) * HOUR
@@ -146,12 +160,18 @@ pub struct DedupRecord {
 /// An account's unflushed changes.
 #[derive(Debug)]
 pub struct Pending {
-    /// Inline for the common case (one hour, calls and egress each covered
-    /// by one pack): an active account then needs no separate allocation,
-    /// which would cost 144 bytes (the `Vec` grows to 4 deltas at once).
-    pub deltas: smallvec::SmallVec<[Delta; 2]>,
+    /// The first two deltas, inline for the common case (one hour, calls
+    /// and egress each covered by one pack): an active account then needs
+    /// no separate allocation. A free slot holds a zero amount; slots fill
+    /// in order and are freed only together (a take), so the first free one
+    /// ends the inline deltas. Further deltas go to the boxed
+    /// [`Records`] (rare: a third key between two flushes). Read them with
+    /// [`deltas`](Self::deltas). (A `SmallVec<[Delta; 2]>` took a word more
+    /// for its length, and put every resident account 8 bytes higher.)
+    inline: [Delta; 2],
     /// New request-id records: most accounts never send a request id, so
-    /// one word while there are none.
+    /// one word while there are none. Its box also holds the deltas past
+    /// the inline two.
     pub dedup: Records,
     /// The account row must be written (it was auto-activated).
     pub account_dirty: bool,
@@ -196,7 +216,7 @@ impl Since {
 impl Default for Pending {
     fn default() -> Self {
         Pending {
-            deltas: smallvec::SmallVec::new(),
+            inline: [Delta::FREE, Delta::FREE],
             dedup: Records::default(),
             account_dirty: false,
             queued: false,
@@ -209,19 +229,28 @@ impl Default for Pending {
 /// `Vec` costs three words in every resident account).
 ///
 /// The same box holds, rarely, the account's open hours past the two that
-/// [`HourTotals`] keeps inline (see [`Totals`]): both are rare, and sharing
-/// one word between them keeps a [`PendingSlot`] at 128 bytes. Those hours
-/// belong to the slot, not to the changes: [`PendingSlot::take`] leaves
-/// them, so a taken `Pending`'s `Records` holds records only.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// [`HourTotals`] keeps inline (see [`Totals`]), and the deltas past the
+/// two that [`Pending`] keeps inline: all are rare, and sharing one word
+/// between them keeps a [`PendingSlot`] at 120 bytes. The hours belong to
+/// the slot, not to the changes: [`PendingSlot::take`] leaves them, so a
+/// taken `Pending`'s `Records` holds records and deltas only.
+#[derive(Clone, Debug, Default)]
 pub struct Records(Option<Box<Rare>>);
 
 /// What [`Records`] boxes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 struct Rare {
     records: Vec<DedupRecord>,
     /// Open hours past [`HourTotals`]' inline two, with their sums.
     hours: Vec<(Ts, [u64; 2])>,
+    /// Deltas past [`Pending`]'s inline two, in the order they came.
+    deltas: Vec<Delta>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.hours.is_empty() && self.deltas.is_empty()
+    }
 }
 
 impl Records {
@@ -237,12 +266,46 @@ impl Records {
         self.as_slice().to_vec()
     }
 
-    /// Frees the records' buffer (and the box, unless it holds open hours).
+    /// Frees the records' and the extra deltas' buffers (and the box,
+    /// unless it holds open hours).
     pub fn clear(&mut self) {
         match &mut self.0 {
-            Some(r) if !r.hours.is_empty() => r.records = Vec::new(),
+            Some(r) if !r.hours.is_empty() => {
+                r.records = Vec::new();
+                r.deltas = Vec::new();
+            }
             _ => self.0 = None,
         }
+    }
+
+    /// The deltas past [`Pending`]'s inline two.
+    fn spilled(&self) -> &[Delta] {
+        self.0.as_deref().map_or(&[], |r| &r.deltas[..])
+    }
+
+    fn spilled_mut(&mut self) -> &mut [Delta] {
+        match self.0.as_deref_mut() {
+            Some(r) => &mut r.deltas[..],
+            None => &mut [],
+        }
+    }
+
+    fn spill(&mut self, d: Delta) {
+        self.0.get_or_insert_with(Box::default).deltas.push(d);
+    }
+
+    /// Takes the deltas past the inline two out; frees the box if that
+    /// leaves it empty.
+    fn take_spilled(&mut self) -> Vec<Delta> {
+        let deltas = self
+            .0
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.deltas))
+            .unwrap_or_default();
+        if self.0.as_ref().is_some_and(|r| r.is_empty()) {
+            self.0 = None;
+        }
+        deltas
     }
 
     fn hours(&self) -> &[(Ts, [u64; 2])] {
@@ -258,7 +321,7 @@ impl Records {
     fn retain_hours(&mut self, keep: impl Fn(Ts) -> bool) {
         if let Some(r) = &mut self.0 {
             r.hours.retain(|(h, _)| keep(*h));
-            if r.hours.is_empty() && r.records.is_empty() {
+            if r.is_empty() {
                 self.0 = None;
             }
         }
@@ -271,7 +334,7 @@ impl Records {
             .as_mut()
             .map(|r| std::mem::take(&mut r.hours))
             .unwrap_or_default();
-        if self.0.as_ref().is_some_and(|r| r.records.is_empty()) {
+        if self.0.as_ref().is_some_and(|r| r.is_empty()) {
             self.0 = None;
         }
         hours
@@ -297,9 +360,11 @@ impl Extend<DedupRecord> for Records {
 impl IntoIterator for Records {
     type Item = DedupRecord;
     type IntoIter = std::vec::IntoIter<DedupRecord>;
-    /// The records (a taken `Pending`'s `Records` holds no open hours).
+    /// The records (a taken `Pending`'s `Records` holds no open hours; its
+    /// deltas are taken first, see [`Pending::merge`]).
     fn into_iter(self) -> Self::IntoIter {
         debug_assert!(self.hours().is_empty(), "open hours left a slot");
+        debug_assert!(self.spilled().is_empty(), "deltas left with the records");
         self.0.map_or_else(Vec::new, |r| r.records).into_iter()
     }
 }
@@ -553,7 +618,6 @@ impl PendingSlot {
     /// the inline ones, request-id records).
     pub fn shrink(&mut self) {
         if self.changes.is_empty() {
-            self.changes.deltas.shrink_to_fit();
             self.changes.dedup.clear();
         }
     }
@@ -561,7 +625,24 @@ impl PendingSlot {
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
-        self.deltas.is_empty() && self.dedup.is_empty() && !self.account_dirty
+        self.inline[0].is_free() && self.dedup.is_empty() && !self.account_dirty
+    }
+
+    /// The deltas, in the order their keys first came.
+    pub fn deltas(&self) -> impl Iterator<Item = &Delta> {
+        self.inline
+            .iter()
+            .take_while(|d| !d.is_free())
+            .chain(self.dedup.spilled())
+    }
+
+    /// Takes the deltas out, in order.
+    fn take_deltas(&mut self) -> impl Iterator<Item = Delta> {
+        let inline = std::mem::replace(&mut self.inline, [Delta::FREE, Delta::FREE]);
+        inline
+            .into_iter()
+            .take_while(|d| !d.is_free())
+            .chain(self.dedup.take_spilled())
     }
 
     /// Adds `amount` for events at `at` (within `hour`).
@@ -596,30 +677,49 @@ impl Pending {
         // A sum that would overflow starts a second delta for the key: the
         // usage is kept, and the store refuses the row it cannot hold
         // (the flusher then sets the account aside) rather than wrap.
-        match self
-            .deltas
-            .iter_mut()
-            .find(|d| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some())
-        {
-            Some(d) => {
-                d.amount += amount;
-                d.first_offset = d.first_offset.min(offset(hour, first));
-                d.last_offset = d.last_offset.max(offset(hour, last));
+        let fits =
+            |d: &Delta| d.same_key(hour, item, pack) && d.amount.checked_add(amount).is_some();
+        let grow = |d: &mut Delta| {
+            d.amount += amount;
+            d.first_offset = d.first_offset.min(offset(hour, first));
+            d.last_offset = d.last_offset.max(offset(hour, last));
+        };
+        // The inline slots up to the first free one; past them, the box's
+        // deltas only if both are taken (see `inline`).
+        let mut free = None;
+        for (i, d) in self.inline.iter_mut().enumerate() {
+            if d.is_free() {
+                free = Some(i);
+                break;
             }
-            None => self.deltas.push(Delta {
-                key: key(hour, item, pack.map_or(0, |p| p.1)),
-                list: pack.map(|p| p.0.clone()),
-                amount,
-                first_offset: offset(hour, first),
-                last_offset: offset(hour, last),
-            }),
+            if fits(d) {
+                grow(d);
+                return;
+            }
+        }
+        if free.is_none() {
+            if let Some(d) = self.dedup.spilled_mut().iter_mut().find(|d| fits(d)) {
+                grow(d);
+                return;
+            }
+        }
+        let d = Delta {
+            key: key(hour, item, pack.map_or(0, |p| p.1)),
+            list: pack.map(|p| p.0.clone()),
+            amount,
+            first_offset: offset(hour, first),
+            last_offset: offset(hour, last),
+        };
+        match free {
+            Some(i) => self.inline[i] = d,
+            None => self.dedup.spill(d),
         }
     }
 
     /// Puts back changes from a failed flush.
-    pub fn merge(&mut self, failed: Pending) {
+    pub fn merge(&mut self, mut failed: Pending) {
         let failed_since = failed.since();
-        for d in failed.deltas {
+        for d in failed.take_deltas() {
             self.add_span(
                 d.hour(),
                 d.item(),
@@ -652,7 +752,7 @@ impl Pending {
 
     /// The earliest hour with unflushed usage.
     pub fn oldest_hour(&self) -> Option<Ts> {
-        self.deltas.iter().map(|d| d.hour()).min()
+        self.deltas().map(|d| d.hour()).min()
     }
 }
 
@@ -1050,8 +1150,7 @@ mod tests {
         p.add(hour, Item::Calls, Some((&new, 0)), 4, 7, hour + 3);
         p.add(-HOUR, Item::EgressBytes, Some((&new, 1)), 8, 8, -1);
         let named: Vec<_> = p
-            .deltas
-            .iter()
+            .deltas()
             .map(|d| (d.hour(), d.item(), &**d.pack().unwrap().pack_id(), d.amount))
             .collect();
         assert_eq!(
@@ -1062,10 +1161,8 @@ mod tests {
                 (-HOUR, Item::EgressBytes, "a", 8)
             ]
         );
-        assert_eq!(
-            (p.deltas[0].first(), p.deltas[0].last()),
-            (hour + 1, hour + 2)
-        );
+        let first = p.deltas().next().unwrap();
+        assert_eq!((first.first(), first.last()), (hour + 1, hour + 2));
     }
 
     #[test]
@@ -1078,10 +1175,11 @@ mod tests {
         p.add(0, Item::Calls, None, 4, 8_000, 13);
         p.add(HOUR, Item::Calls, None, 5, 9_000, HOUR);
         p.add(HOUR, Item::EgressBytes, None, 0, 9_000, HOUR);
-        assert_eq!(p.deltas.len(), 4);
-        assert_eq!(p.deltas[0].amount, 3);
+        let deltas: Vec<&Delta> = p.deltas().collect();
+        assert_eq!(deltas.len(), 4);
+        assert_eq!(deltas[0].amount, 3);
         // The event times the delta holds, for the flush's re-attribution.
-        assert_eq!((p.deltas[0].first(), p.deltas[0].last()), (10, 11));
+        assert_eq!((deltas[0].first(), deltas[0].last()), (10, 11));
         assert_eq!(p.since(), Some(5_000));
     }
 
@@ -1162,8 +1260,8 @@ mod tests {
             .add(0, Item::Calls, Some((&a, 0)), 1, 2_000, 0);
         slot.merge(taken);
         let p = slot.get().unwrap();
-        assert_eq!(p.deltas.len(), 1);
-        assert_eq!(p.deltas[0].amount, 8);
+        let amounts: Vec<u64> = p.deltas().map(|d| d.amount).collect();
+        assert_eq!(amounts, [8]);
         assert_eq!(p.since(), Some(1_000));
     }
 
@@ -1263,5 +1361,76 @@ mod tests {
         slot.totals().seed(h + 1, Item::EgressBytes, 9);
         slot.totals().seed(h + 1, Item::EgressBytes, 1);
         assert!(slot.totals().hours().contains(&(h + 1, [0, 10])));
+    }
+
+    /// Two deltas sit inline; further ones go to the `Records` box beside
+    /// the slot's overflow hours, keep their order, leave with the changes
+    /// a flush takes (the hours stay), and come back whole when a failed
+    /// flush merges them.
+    #[test]
+    fn deltas_past_two_share_the_box_and_leave_with_the_changes() {
+        let h = 490_000 * HOUR;
+        let listed = |p: &Pending| -> Vec<(Ts, Item, u64)> {
+            p.deltas().map(|d| (d.hour(), d.item(), d.amount)).collect()
+        };
+        let mut slot = PendingSlot::default();
+        for hour in [h, h + HOUR, h + 2 * HOUR] {
+            slot.totals().reserve(hour, [1, 1], h).unwrap();
+        }
+        assert_eq!(
+            slot.changes.dedup.hours().len(),
+            1,
+            "the third hour overflows"
+        );
+        let p = slot.changes();
+        p.add(h, Item::Calls, None, 1, 5_000, h);
+        p.add(h, Item::EgressBytes, None, 2, 5_000, h);
+        assert!(p.dedup.spilled().is_empty(), "two deltas fit inline");
+        p.add(h + HOUR, Item::Calls, None, 3, 5_000, h + HOUR);
+        p.add(h + HOUR, Item::EgressBytes, None, 4, 5_000, h + HOUR);
+        p.add(h, Item::EgressBytes, None, 20, 5_000, h + 1);
+        p.add(h + HOUR, Item::EgressBytes, None, 40, 5_000, h + HOUR);
+        assert_eq!(p.dedup.spilled().len(), 2);
+        let all = [
+            (h, Item::Calls, 1),
+            (h, Item::EgressBytes, 22),
+            (h + HOUR, Item::Calls, 3),
+            (h + HOUR, Item::EgressBytes, 44),
+        ];
+        assert_eq!(listed(p), all);
+        assert_eq!(p.oldest_hour(), Some(h));
+
+        let taken = slot.take();
+        assert_eq!(listed(&taken), all);
+        assert!(slot.is_empty() && slot.get().is_none());
+        assert!(slot.changes.dedup.spilled().is_empty());
+        assert_eq!(slot.changes.dedup.hours().len(), 1, "the hours stay");
+        assert!(taken.dedup.hours().is_empty());
+
+        // A change after the take, then the failed flush merged back.
+        slot.changes()
+            .add(h + HOUR, Item::EgressBytes, None, 100, 6_000, h + HOUR);
+        slot.merge(taken);
+        let p = slot.get().unwrap();
+        assert_eq!(
+            listed(p),
+            [
+                (h + HOUR, Item::EgressBytes, 144),
+                (h, Item::Calls, 1),
+                (h, Item::EgressBytes, 22),
+                (h + HOUR, Item::Calls, 3),
+            ]
+        );
+        assert_eq!(p.since(), Some(5_000));
+
+        // Flushed for good: the box keeps only the hours.
+        let taken = slot.take();
+        assert_eq!(taken.deltas().count(), 4);
+        slot.shrink();
+        assert!(slot.changes.dedup.spilled().is_empty());
+        assert_eq!(slot.changes.dedup.hours().len(), 1);
+        let mut sums = slot.totals().hours();
+        sums.sort();
+        assert_eq!(sums.len(), 3);
     }
 }

@@ -326,22 +326,25 @@ pub(crate) struct Resident(pub(crate) Arc<AccountState>);
 
 impl std::hash::Hash for Resident {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `str` hashes, so that lookups by `&str` find it (`Borrow`).
-        (*self.0.id).hash(state)
+        // As `[u8]` hashes, so that lookups by the id's bytes find it
+        // (`Borrow`).
+        self.0.id.as_bytes().hash(state)
     }
 }
 
 impl PartialEq for Resident {
     fn eq(&self, other: &Self) -> bool {
-        *self.0.id == *other.0.id
+        self.0.id.as_bytes() == other.0.id.as_bytes()
     }
 }
 
 impl Eq for Resident {}
 
-impl std::borrow::Borrow<str> for Resident {
-    fn borrow(&self) -> &str {
-        &self.0.id
+/// Looked up by the id's bytes, not its `str`: an inline id reads as a
+/// `str` only through a UTF-8 check ([`account::AccountId::as_bytes`]).
+impl std::borrow::Borrow<[u8]> for Resident {
+    fn borrow(&self) -> &[u8] {
+        self.0.id.as_bytes()
     }
 }
 

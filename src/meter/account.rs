@@ -31,17 +31,121 @@ fn no_packs() -> SharedPackList {
     EMPTY.clone()
 }
 
+/// The longest id an [`AccountId`] holds inline.
+pub const INLINE_ID_BYTES: usize = 15;
+
+/// An account's id: inline when it is at most [`INLINE_ID_BYTES`] long
+/// (`loadgen-0000001`, a short slug, a number of up to 15 digits), else an
+/// [`ArcStr`].
+///
+/// 16 bytes. Inline, a resident account holds its id without an
+/// allocation of its own (32 B under mimalloc, 48 B under glibc's
+/// `malloc` for a 15-byte id), and the comparison that confirms a map
+/// lookup reads the account's first line rather than one more line
+/// elsewhere. A longer id costs what it did before (a thin `ArcStr` and
+/// its allocation). Read it as a `str` (`Deref`).
+#[derive(Clone)]
+pub enum AccountId {
+    Inline(InlineId),
+    Shared(ArcStr),
+}
+
+/// The bytes of a short id. The length is an enum of the 16 lengths it
+/// can have, so that [`AccountId`] keeps its tag in the length's unused
+/// values and stays 16 bytes.
+#[derive(Clone, Copy)]
+pub struct InlineId {
+    len: InlineLen,
+    bytes: [u8; INLINE_ID_BYTES],
+}
+
+#[rustfmt::skip]
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum InlineLen {
+    L0, L1, L2, L3, L4, L5, L6, L7, L8, L9, L10, L11, L12, L13, L14, L15,
+}
+
+impl InlineLen {
+    #[rustfmt::skip]
+    const ALL: [InlineLen; INLINE_ID_BYTES + 1] = {
+        use InlineLen::*;
+        [L0, L1, L2, L3, L4, L5, L6, L7, L8, L9, L10, L11, L12, L13, L14, L15]
+    };
+}
+
+impl AccountId {
+    fn inline(id: &str) -> Option<AccountId> {
+        let len = *InlineLen::ALL.get(id.len())?;
+        let mut bytes = [0; INLINE_ID_BYTES];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        Some(AccountId::Inline(InlineId { len, bytes }))
+    }
+}
+
+impl AccountId {
+    /// The id's bytes, without the UTF-8 check that reading it as a `str`
+    /// makes: the account map hashes and compares these, and the flush
+    /// sorts by them (a `str` orders as its bytes). The check cost about
+    /// 150 instructions per read of an inline id (callgrind).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            AccountId::Inline(i) => &i.bytes[..i.len as usize],
+            AccountId::Shared(s) => s.as_bytes(),
+        }
+    }
+}
+
+impl From<&str> for AccountId {
+    fn from(id: &str) -> AccountId {
+        AccountId::inline(id).unwrap_or_else(|| AccountId::Shared(ArcStr::from(id)))
+    }
+}
+
+/// Keeps a long id's `ArcStr` (the loading map's key) rather than copying it.
+impl From<ArcStr> for AccountId {
+    fn from(id: ArcStr) -> AccountId {
+        AccountId::inline(&id).unwrap_or(AccountId::Shared(id))
+    }
+}
+
+impl std::ops::Deref for AccountId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            // The bytes are a whole `str`'s (`inline`), so this never
+            // fails; checking a few bytes costs a few nanoseconds, and keeps
+            // the crate free of `unsafe`.
+            AccountId::Inline(i) => {
+                std::str::from_utf8(&i.bytes[..i.len as usize]).unwrap_or_default()
+            }
+            AccountId::Shared(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for AccountId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        str::fmt(self, f)
+    }
+}
+
+impl std::fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        <str as std::fmt::Debug>::fmt(self, f)
+    }
+}
+
 /// One resident account.
 ///
 /// 176 bytes, so that with its `Arc`'s two counts it takes mimalloc's 192 B
 /// size class (issue 10's memory bar; it was 208 B, in the 224 B class):
-/// the id is a thin pointer, and the pending ledger is 128 B, so that its
-/// mutex's byte fits in the same 136 B (see [`PendingSlot`]).
+/// the id is inline when short ([`AccountId`], 16 B), and the pending
+/// ledger is 120 B, so that its mutex's byte fits in the same 128 B (see
+/// [`PendingSlot`]).
 pub struct AccountState {
-    /// One word: an `ArcStr` is a thin pointer to its count, length and
-    /// bytes (an `Arc<str>` took two words; the allocation is the same,
-    /// 32 B for a 15-byte id).
-    pub(super) id: ArcStr,
+    /// Inline up to 15 bytes, else a thin pointer ([`AccountId`]).
+    pub(super) id: AccountId,
     /// Activation instant, or `NOT_ACTIVATED`. Set by a compare-and-swap at
     /// the first deduction (R1) or by an operator; moved back by an earlier
     /// event, only while no deduction is in progress (`Gate::exclusive`).
@@ -98,9 +202,13 @@ impl std::fmt::Debug for AccountState {
 }
 
 impl AccountState {
-    pub(super) fn new(id: ArcStr, record: Option<&AccountRecord>, now: Ts) -> AccountState {
+    pub(super) fn new(
+        id: impl Into<AccountId>,
+        record: Option<&AccountRecord>,
+        now: Ts,
+    ) -> AccountState {
         AccountState {
-            id,
+            id: id.into(),
             activated_at: AtomicI64::new(
                 record.and_then(|r| r.activated_at).unwrap_or(NOT_ACTIVATED),
             ),
@@ -141,6 +249,11 @@ impl AccountState {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The id's bytes (see [`AccountId::as_bytes`]).
+    pub fn id_bytes(&self) -> &[u8] {
+        self.id.as_bytes()
     }
 
     pub fn activated_at(&self) -> Option<Ts> {
@@ -197,8 +310,7 @@ impl AccountState {
         let slot = self.pending.lock();
         let unflushed = |id: &str| -> u64 {
             slot.get().map_or(0, |p| {
-                p.deltas
-                    .iter()
+                p.deltas()
                     .filter(|d| d.pack().is_some_and(|c| &**c.pack_id() == id))
                     .fold(0u64, |sum, d| sum.saturating_add(d.amount))
             })
@@ -254,8 +366,7 @@ impl AccountState {
     pub fn unflushed(&self) -> Vec<crate::daily::Entry> {
         let slot = self.pending.lock();
         slot.get().map_or_else(Vec::new, |p| {
-            p.deltas
-                .iter()
+            p.deltas()
                 .map(|d| crate::daily::Entry {
                     hour: d.hour(),
                     item: d.item(),
@@ -279,8 +390,7 @@ pub fn to_flush(account: &AccountState, pending: &Pending) -> AccountFlush {
         account_id: Arc::from(&*account.id),
         account: pending.account_dirty.then(|| account.record()),
         deltas: pending
-            .deltas
-            .iter()
+            .deltas()
             .map(|d| DeltaRow {
                 hour: d.hour(),
                 item: d.item(),

@@ -356,7 +356,7 @@ impl Meter {
         // usage waiting for a flush: the ledger has it.
         let mut unflushed: HashMap<Arc<str>, u64> = HashMap::new();
         if let Some(p) = acct.pending.lock().get() {
-            for d in &p.deltas {
+            for d in p.deltas() {
                 if let Some(pack) = d.pack() {
                     let e = unflushed.entry(pack.pack_id().clone()).or_default();
                     *e = e.saturating_add(d.amount);

@@ -25,7 +25,7 @@ impl Meter {
 
     /// The account if it is in memory; never loads it.
     pub fn resident_account(&self, id: &str) -> Option<Arc<AccountState>> {
-        self.accounts.get(id).map(|a| a.key().0.clone())
+        self.accounts.get(id.as_bytes()).map(|a| a.key().0.clone())
     }
 
     /// Number of accounts waiting for a flush.
@@ -153,7 +153,7 @@ impl Meter {
     /// resident account costs one map lookup and no future (about 170
     /// instructions a deduction less in a batch, callgrind).
     pub fn touch_resident(&self, id: &str, now: Ts) -> Option<Arc<AccountState>> {
-        let a = self.accounts.get(id)?;
+        let a = self.accounts.get(id.as_bytes())?;
         let a = &a.key().0;
         a.touch(now);
         Some(a.clone())
@@ -190,7 +190,7 @@ impl Meter {
             None if self.cfg.unknown_accounts == UnknownAccounts::Reject => {
                 Err(MeterError::UnknownAccount(id.to_string()))
             }
-            None => Ok(Arc::new(AccountState::new(id.into(), None, now))),
+            None => Ok(Arc::new(AccountState::new(id, None, now))),
         }
     }
 
@@ -233,7 +233,7 @@ impl Meter {
 
     async fn load(&self, id: ArcStr, now: Ts) -> Result<Option<Arc<AccountState>>, MeterError> {
         // Another load may have finished between our map miss and now.
-        if let Some(a) = self.accounts.get(&*id) {
+        if let Some(a) = self.accounts.get(id.as_bytes()) {
             return Ok(Some(a.key().0.clone()));
         }
         let keep_after = self.keep_after(now);

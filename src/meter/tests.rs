@@ -225,14 +225,12 @@ fn deducts_free_tier_then_purchased_by_priority_then_overage() {
     let mut slot = a.pending.lock();
     let p = slot.changes();
     let overage: u64 = p
-        .deltas
-        .iter()
+        .deltas()
         .filter(|d| d.pack().is_none())
         .map(|d| d.amount)
         .sum();
     let covered: u64 = p
-        .deltas
-        .iter()
+        .deltas()
         .filter(|d| d.pack().is_some())
         .map(|d| d.amount)
         .sum();
@@ -256,8 +254,7 @@ fn deny_on_exhausted_denies_uncovered_calls_and_changes_nothing() {
     assert_eq!(o.decision, Decision::Allow);
     let recorded = |a: &AccountState| -> u64 {
         let slot = a.pending.lock();
-        slot.get()
-            .map_or(0, |p| p.deltas.iter().map(|d| d.amount).sum())
+        slot.get().map_or(0, |p| p.deltas().map(|d| d.amount).sum())
     };
     let before = recorded(&a);
     // 3 calls, only 2 left: denied whole; nothing deducted, nothing recorded.
@@ -426,7 +423,7 @@ fn evicts_only_idle_accounts_with_nothing_unflushed() {
     drop(_idle);
     assert_eq!(m.evict_idle(now - 60 * SECOND), 1);
     assert_eq!(m.resident(), 1);
-    assert!(m.accounts.contains_key("busy"));
+    assert!(m.accounts.contains_key("busy".as_bytes()));
 }
 
 proptest! {
@@ -471,8 +468,8 @@ proptest! {
         }
         let mut slot = a.pending.lock();
         let pending = slot.changes();
-        let ledger_covered: u64 = pending.deltas.iter().filter(|d| d.pack().is_some()).map(|d| d.amount).sum();
-        let ledger_overage: u64 = pending.deltas.iter().filter(|d| d.pack().is_none()).map(|d| d.amount).sum();
+        let ledger_covered: u64 = pending.deltas().filter(|d| d.pack().is_some()).map(|d| d.amount).sum();
+        let ledger_overage: u64 = pending.deltas().filter(|d| d.pack().is_none()).map(|d| d.amount).sum();
         prop_assert_eq!((ledger_covered, ledger_overage), (covered, overage));
     }
 }
@@ -758,8 +755,7 @@ fn no_deduction_lands_in_an_hour_after_it_is_settled() {
     let a = new_account(&m, "acme", now);
     let in_hour = |a: &AccountState| -> u64 {
         a.pending.lock().get().map_or(0, |p| {
-            p.deltas
-                .iter()
+            p.deltas()
                 .filter(|d| d.hour() == hour)
                 .map(|d| d.amount)
                 .sum()
@@ -986,11 +982,12 @@ fn a_resident_account_stays_small() {
     use std::mem::size_of;
     let sizes = [
         // 176 + 16 for its `Arc`: mimalloc's 192 B class (it was 208, in
-        // the 224 B class).
+        // the 224 B class), with the id inline.
         ("AccountState", size_of::<AccountState>(), 176),
-        // 128, so that its mutex's byte fits in 136 B.
-        ("PendingSlot", size_of::<crate::ledger::PendingSlot>(), 128),
-        ("Pending", size_of::<crate::ledger::Pending>(), 88),
+        // 120, so that its mutex's byte fits in 128 B: two inline deltas
+        // with no length word (a `SmallVec` took 8 B more).
+        ("PendingSlot", size_of::<crate::ledger::PendingSlot>(), 120),
+        ("Pending", size_of::<crate::ledger::Pending>(), 80),
         ("Delta", size_of::<crate::ledger::Delta>(), 32),
         ("HourTotals", size_of::<crate::ledger::HourTotals>(), 40),
         // Two counters by value (they were two more allocations of 48 B);
@@ -998,13 +995,49 @@ fn a_resident_account_stays_small() {
         // mimalloc's 80 B class.
         ("PackList", size_of::<super::PackList>(), 72),
         ("PackCounter", size_of::<crate::packs::PackCounter>(), 32),
-        // The id: one word, a thin pointer.
+        // The id: inline up to 15 bytes, else a thin pointer, in 16 B.
+        ("AccountId", size_of::<account::AccountId>(), 16),
         ("ArcStr", size_of::<arcstr::ArcStr>(), 8),
     ];
     for (name, size, bound) in sizes {
         eprintln!("{name}: {size} bytes (bound {bound})");
         assert!(size <= bound, "{name} is {size} bytes, over {bound}");
     }
+}
+
+/// An id of up to 15 bytes is held inline, a longer one in an `ArcStr`;
+/// either reads back as the same `str`, and the account map finds every
+/// account by its id (the map hashes and compares the id the account
+/// holds), including ids with multi-byte characters.
+#[test]
+fn short_ids_are_inline_and_every_id_is_found() {
+    use account::{AccountId, INLINE_ID_BYTES};
+    let (m, _d) = meter(MeterConfig::default());
+    let now = at("2024-05-10T12:30:00Z");
+    let mut ids: Vec<String> = (0..=40).map(|n| "k".repeat(n)).collect();
+    ids.extend(["é".repeat(7), "é".repeat(8), "loadgen-0000001".into()]);
+    for id in &ids {
+        let inline = id.len() <= INLINE_ID_BYTES;
+        for made in [
+            AccountId::from(id.as_str()),
+            AccountId::from(arcstr::ArcStr::from(id.as_str())),
+        ] {
+            assert_eq!(&*made, id.as_str());
+            assert_eq!(format!("{made}"), *id);
+            assert_eq!(format!("{made:?}"), format!("{id:?}"));
+            assert_eq!(matches!(made, AccountId::Inline(_)), inline, "{id:?}");
+        }
+        if !id.is_empty() {
+            new_account(&m, id, now);
+        }
+    }
+    for id in ids.iter().filter(|i| !i.is_empty()) {
+        let a = m.touch_resident(id, now).expect("resident");
+        assert_eq!(a.id(), id.as_str());
+    }
+    assert_eq!(m.resident(), ids.len() - 1);
+    assert!(m.touch_resident("k".repeat(41).as_str(), now).is_none());
+    assert!(m.touch_resident("kk\0", now).is_none());
 }
 
 /// The pack list holds its counters by value, so a new month's packs
