@@ -328,11 +328,18 @@ impl PackCounter {
     /// Takes up to `want` from the pack and returns how much it took. The
     /// compare-and-swap loop keeps `used <= capacity` under any interleaving.
     pub fn take(&self, want: u64) -> u64 {
+        self.take_left(want).0
+    }
+
+    /// [`take`](Self::take), which also returns what the pack held right
+    /// after it: what its own compare-and-swap left, with no second read.
+    fn take_left(&self, want: u64) -> (u64, u64) {
+        let capacity = self.capacity();
         let mut used = self.used.load(Relaxed);
         loop {
-            let take = self.capacity().saturating_sub(used).min(want);
+            let take = capacity.saturating_sub(used).min(want);
             if take == 0 {
-                return 0;
+                return (0, capacity.saturating_sub(used));
             }
             // Relaxed suffices: the counter is the only state the CAS guards;
             // the ledger is published under its own lock.
@@ -340,7 +347,7 @@ impl PackCounter {
                 .used
                 .compare_exchange_weak(used, used + take, Relaxed, Relaxed)
             {
-                Ok(_) => return take,
+                Ok(_) => return (take, capacity - used - take),
                 Err(actual) => used = actual,
             }
         }
@@ -405,6 +412,57 @@ impl Split {
         split.covered = want - left;
         split.overage = left;
         split
+    }
+}
+
+/// One deduction of both items, as [`deduct`] splits it.
+#[derive(Debug, Default)]
+pub struct Deducted {
+    /// How each item was split, [calls, egress bytes].
+    pub splits: [Split; 2],
+    /// Per item, [calls, egress bytes]: what the packs valid at the
+    /// deduction's instant hold in all, and what they held right after it
+    /// (as [`totals`] would read then).
+    pub totals: [(u64, u64); 2],
+}
+
+/// Deducts `want` ([calls, egress bytes]) at `ts` from `packs` (already in
+/// R6 order), as [`Split::deduct`] would for each item, in one walk of the
+/// list that also sums each item's [`totals`]. A deduction's answer needs
+/// both; four walks (two splits, two sums) cost a batched deduction about
+/// a tenth of its instructions.
+/// Fills `d`, which is [`Default`], in place: returned, the 144-byte
+/// answer was copied out by a call to `memcpy`.
+pub fn deduct(packs: &[PackCounter], ts: Ts, want: [u64; 2], d: &mut Deducted) {
+    let mut left = want;
+    for (i, pack) in packs.iter().enumerate() {
+        if !pack.valid_at(ts) {
+            continue;
+        }
+        let k = match pack.item() {
+            Item::Calls => 0,
+            Item::EgressBytes => 1,
+        };
+        let remaining = if left[k] == 0 {
+            pack.remaining()
+        } else {
+            let (took, remaining) = pack.take_left(left[k]);
+            if took > 0 {
+                // A list holds far fewer than 2³² packs.
+                d.splits[k].takes.push((i as u32, took));
+                left[k] -= took;
+            }
+            remaining
+        };
+        let t = &mut d.totals[k];
+        *t = (
+            t.0.saturating_add(pack.capacity()),
+            t.1.saturating_add(remaining),
+        );
+    }
+    for k in 0..2 {
+        d.splits[k].covered = want[k] - left[k];
+        d.splits[k].overage = left[k];
     }
 }
 
