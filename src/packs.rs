@@ -600,6 +600,45 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// One walk for both items answers what two splits and two sums
+        /// answer, over lists of both items with packs outside their
+        /// validity and packs already partly or wholly used.
+        #[test]
+        fn deducting_both_items_at_once_matches_two_splits_and_two_sums(
+            packs in prop::collection::vec((any::<bool>(), 0u64..50, 0u64..60, 0i64..3), 0..6),
+            want in (0u64..120, 0u64..120),
+        ) {
+            let make = || -> Vec<PackCounter> {
+                packs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(egress, cap, used, from))| {
+                        let mut spec = purchased(&i.to_string(), cap, 0, 10, 0);
+                        spec.valid_from = from;
+                        if egress {
+                            spec.item = Item::EgressBytes;
+                        }
+                        PackCounter::new(spec, used)
+                    })
+                    .collect()
+            };
+            let (one, two) = (make(), make());
+            let mut d = Deducted::default();
+            deduct(&one, 1, [want.0, want.1], &mut d);
+            let calls = Split::deduct(&two, Item::Calls, 1, want.0);
+            let egress = Split::deduct(&two, Item::EgressBytes, 1, want.1);
+            for (got, split) in d.splits.iter().zip([&calls, &egress]) {
+                prop_assert_eq!(&got.takes, &split.takes);
+                prop_assert_eq!((got.covered, got.overage), (split.covered, split.overage));
+            }
+            prop_assert_eq!(
+                d.totals,
+                [totals(&two, Item::Calls, 1), totals(&two, Item::EgressBytes, 1)]
+            );
+            let used = |l: &[PackCounter]| l.iter().map(|p| p.used()).collect::<Vec<_>>();
+            prop_assert_eq!(used(&one), used(&two));
+        }
+
         /// Conservation: under any interleaving of threads, each deduction's
         /// covered + overage equals what it asked, the sum of covered equals
         /// the packs' used, and no pack goes over its capacity.
