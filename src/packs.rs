@@ -328,11 +328,18 @@ impl PackCounter {
     /// Takes up to `want` from the pack and returns how much it took. The
     /// compare-and-swap loop keeps `used <= capacity` under any interleaving.
     pub fn take(&self, want: u64) -> u64 {
+        self.take_left(want).0
+    }
+
+    /// [`take`](Self::take), which also returns what the pack held right
+    /// after it: what its own compare-and-swap left, with no second read.
+    fn take_left(&self, want: u64) -> (u64, u64) {
+        let capacity = self.capacity();
         let mut used = self.used.load(Relaxed);
         loop {
-            let take = self.capacity().saturating_sub(used).min(want);
+            let take = capacity.saturating_sub(used).min(want);
             if take == 0 {
-                return 0;
+                return (0, capacity.saturating_sub(used));
             }
             // Relaxed suffices: the counter is the only state the CAS guards;
             // the ledger is published under its own lock.
@@ -340,7 +347,7 @@ impl PackCounter {
                 .used
                 .compare_exchange_weak(used, used + take, Relaxed, Relaxed)
             {
-                Ok(_) => return take,
+                Ok(_) => return (take, capacity - used - take),
                 Err(actual) => used = actual,
             }
         }
@@ -405,6 +412,57 @@ impl Split {
         split.covered = want - left;
         split.overage = left;
         split
+    }
+}
+
+/// One deduction of both items, as [`deduct`] splits it.
+#[derive(Debug, Default)]
+pub struct Deducted {
+    /// How each item was split, [calls, egress bytes].
+    pub splits: [Split; 2],
+    /// Per item, [calls, egress bytes]: what the packs valid at the
+    /// deduction's instant hold in all, and what they held right after it
+    /// (as [`totals`] would read then).
+    pub totals: [(u64, u64); 2],
+}
+
+/// Deducts `want` ([calls, egress bytes]) at `ts` from `packs` (already in
+/// R6 order), as [`Split::deduct`] would for each item, in one walk of the
+/// list that also sums each item's [`totals`]. A deduction's answer needs
+/// both; four walks (two splits, two sums) cost a batched deduction about
+/// a tenth of its instructions.
+/// Fills `d`, which is [`Default`], in place: returned, the 144-byte
+/// answer was copied out by a call to `memcpy`.
+pub fn deduct(packs: &[PackCounter], ts: Ts, want: [u64; 2], d: &mut Deducted) {
+    let mut left = want;
+    for (i, pack) in packs.iter().enumerate() {
+        if !pack.valid_at(ts) {
+            continue;
+        }
+        let k = match pack.item() {
+            Item::Calls => 0,
+            Item::EgressBytes => 1,
+        };
+        let remaining = if left[k] == 0 {
+            pack.remaining()
+        } else {
+            let (took, remaining) = pack.take_left(left[k]);
+            if took > 0 {
+                // A list holds far fewer than 2³² packs.
+                d.splits[k].takes.push((i as u32, took));
+                left[k] -= took;
+            }
+            remaining
+        };
+        let t = &mut d.totals[k];
+        *t = (
+            t.0.saturating_add(pack.capacity()),
+            t.1.saturating_add(remaining),
+        );
+    }
+    for k in 0..2 {
+        d.splits[k].covered = want[k] - left[k];
+        d.splits[k].overage = left[k];
     }
 }
 
@@ -542,6 +600,45 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// One walk for both items answers what two splits and two sums
+        /// answer, over lists of both items with packs outside their
+        /// validity and packs already partly or wholly used.
+        #[test]
+        fn deducting_both_items_at_once_matches_two_splits_and_two_sums(
+            packs in prop::collection::vec((any::<bool>(), 0u64..50, 0u64..60, 0i64..3), 0..6),
+            want in (0u64..120, 0u64..120),
+        ) {
+            let make = || -> Vec<PackCounter> {
+                packs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(egress, cap, used, from))| {
+                        let mut spec = purchased(&i.to_string(), cap, 0, 10, 0);
+                        spec.valid_from = from;
+                        if egress {
+                            spec.item = Item::EgressBytes;
+                        }
+                        PackCounter::new(spec, used)
+                    })
+                    .collect()
+            };
+            let (one, two) = (make(), make());
+            let mut d = Deducted::default();
+            deduct(&one, 1, [want.0, want.1], &mut d);
+            let calls = Split::deduct(&two, Item::Calls, 1, want.0);
+            let egress = Split::deduct(&two, Item::EgressBytes, 1, want.1);
+            for (got, split) in d.splits.iter().zip([&calls, &egress]) {
+                prop_assert_eq!(&got.takes, &split.takes);
+                prop_assert_eq!((got.covered, got.overage), (split.covered, split.overage));
+            }
+            prop_assert_eq!(
+                d.totals,
+                [totals(&two, Item::Calls, 1), totals(&two, Item::EgressBytes, 1)]
+            );
+            let used = |l: &[PackCounter]| l.iter().map(|p| p.used()).collect::<Vec<_>>();
+            prop_assert_eq!(used(&one), used(&two));
+        }
+
         /// Conservation: under any interleaving of threads, each deduction's
         /// covered + overage equals what it asked, the sum of covered equals
         /// the packs' used, and no pack goes over its capacity.

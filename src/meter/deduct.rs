@@ -21,7 +21,7 @@ use super::{
 use crate::{
     calendar::{self, hour_start, Ts},
     ledger::{DedupRecord, LEDGER_CAP},
-    packs::{self, Item, PackCounter, PackSource, Split},
+    packs::{self, Deducted, Item, PackCounter, PackSource, Split},
 };
 use arc_swap::Guard;
 
@@ -99,7 +99,7 @@ impl Meter {
         let reserved = match id {
             Id::Done(_) => false,
             _ => self
-                .reserve(&c, at, now)
+                .reserve(&c, at, self.closed_before(now))
                 .inspect_err(|_| self.release(&c, id))?,
         };
         let o = self.one(&c, at, now, id, reserved, false, Some(packs));
@@ -136,12 +136,21 @@ impl Meter {
             .flatten();
         let _deny_lock = (c.deduction.calls > 0 && c.account.deny_on_exhausted.load(Relaxed))
             .then(|| c.account.deny_lock.lock());
-        let o = match self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now) {
+        // R7 can deny only calls, of a suspended or `deny` account: the
+        // common charge skips the group's walk (see `denial`).
+        let a = c.account;
+        let plain = c.deduction.calls == 0
+            || !(a.suspended.load(Relaxed) || a.deny_on_exhausted.load(Relaxed));
+        let denied = match plain {
+            true => None,
+            false => self.denial(std::slice::from_ref(c), std::slice::from_ref(&at), now),
+        };
+        let o = match denied {
             Some((_, reason)) => {
                 self.unreserve(c, at, reserved);
                 self.deny(c, at, now, id, reason)
             }
-            None => self.take(c, at, now, id == Id::Claimed, packs),
+            None => self.take(c, at, now, id == Id::Claimed, packs, !exclusive),
         };
         if let Some(saved) = moved {
             if o.decision == Decision::Allow && !c.deduction.is_check() {
@@ -239,11 +248,12 @@ impl Meter {
         // before any is taken, so a group the ledger cap refuses changes
         // nothing; those that end up not taken are released below.
         let mut reserved = vec![false; charges.len()];
+        let closed_before = self.closed_before(now);
         for (i, c) in charges.iter().enumerate() {
             if matches!(ids[i], Id::Done(_)) {
                 continue;
             }
-            match self.reserve(c, ats[i], now) {
+            match self.reserve(c, ats[i], closed_before) {
                 Ok(r) => reserved[i] = r,
                 Err(e) => {
                     for (k, c) in charges.iter().enumerate() {
@@ -299,7 +309,9 @@ impl Meter {
                             self.release(c, id);
                             self.check(c.account, ats[i], now)
                         }
-                        (id, None) => self.take(c, ats[i], now, id == Id::Claimed, None),
+                        (id, None) => {
+                            self.take(c, ats[i], now, id == Id::Claimed, None, !exclusive)
+                        }
                     };
                     out.push(o);
                 }
@@ -378,19 +390,21 @@ impl Meter {
     /// Counts the charge's amounts into its account's totals for the hour
     /// of `at`, or refuses it if they would take the hour past the ledger
     /// cap. `Ok(false)` for a check, which counts nothing.
-    fn reserve(&self, c: &Charge<'_>, at: Ts, now: Ts) -> Result<bool, MeterError> {
+    /// `closed_before` is [`closed_before`](Self::closed_before) at the
+    /// deduction's `now`, read once for a group.
+    fn reserve(&self, c: &Charge<'_>, at: Ts, closed_before: Ts) -> Result<bool, MeterError> {
         let d = &c.deduction;
         if d.is_check() {
             return Ok(false);
         }
         let hour = hour_start(at);
         let amounts = [d.calls, d.egress_bytes];
-        let reserved =
-            c.account
-                .pending
-                .lock()
-                .totals()
-                .reserve(hour, amounts, self.closed_before(now));
+        let reserved = c
+            .account
+            .pending
+            .lock()
+            .totals()
+            .reserve(hour, amounts, closed_before);
         reserved.map(|()| true).map_err(|e| MeterError::LedgerFull {
             account: c.account.id.to_string(),
             hour: calendar::to_datetime(hour).to_rfc3339(),
@@ -528,7 +542,9 @@ impl Meter {
     /// Takes the charge from the packs and records it in the ledger.
     ///
     /// `packs` is the list the caller found current under its pass (the
-    /// unary path, which reads it once), or `None` to read it here.
+    /// unary path, which reads it once), or `None` to read it here: as it
+    /// is if `current` (under a pass, where `deduct_all` found every
+    /// charge's list current), else with its free-tier month made resident.
     fn take(
         &self,
         c: &Charge<'_>,
@@ -536,24 +552,37 @@ impl Meter {
         now: Ts,
         claimed: bool,
         packs: Option<Guard<SharedPackList>>,
+        current: bool,
     ) -> DeductOutcome {
         let (acct, d) = (c.account, &c.deduction);
         if d.is_check() {
             return self.check(acct, at, now);
         }
         self.activate(acct, at, now);
-        let packs = packs.unwrap_or_else(|| self.packs_at(acct, at, now));
-        let calls = Split::deduct(&packs, Item::Calls, at, d.calls);
-        let egress = Split::deduct(&packs, Item::EgressBytes, at, d.egress_bytes);
+        let packs = match packs {
+            Some(packs) => packs,
+            // Found current under the pass, which nothing replaces it
+            // during: `packs_at` would read the same list, after a walk.
+            None if current => acct.packs.load(),
+            None => self.packs_at(acct, at, now),
+        };
+        let mut deducted = Deducted::default();
+        packs::deduct(&packs, at, [d.calls, d.egress_bytes], &mut deducted);
+        let Deducted {
+            splits: [calls, egress],
+            totals,
+        } = &deducted;
         let result = [calls.covered, calls.overage, egress.covered, egress.overage];
         self.lease_take(acct, d.calls);
         let hour = hour_start(at);
         self.record(acct, |p| {
-            for (item, split) in [(Item::Calls, &calls), (Item::EgressBytes, &egress)] {
+            for (item, split) in [(Item::Calls, calls), (Item::EgressBytes, egress)] {
                 for &(i, amount) in &split.takes {
                     p.add(hour, item, Some((&packs, i)), amount, now, at);
                 }
-                p.add(hour, item, None, split.overage, now, at);
+                if split.overage > 0 {
+                    p.add(hour, item, None, split.overage, now, at);
+                }
             }
             if claimed {
                 p.dedup.push(DedupRecord {
@@ -572,7 +601,18 @@ impl Meter {
                 t.complete(d.request_id, result);
             }
         }
-        outcome(&packs, at, Decision::Allow, Some(&calls), Some(&egress))
+        let item = |split: &Split, (limit, remaining): (u64, u64)| ItemOutcome {
+            covered: split.covered,
+            overage: split.overage,
+            remaining,
+            limit,
+        };
+        DeductOutcome {
+            decision: Decision::Allow,
+            calls: item(calls, totals[0]),
+            egress_bytes: item(egress, totals[1]),
+            duplicate: false,
+        }
     }
 
     /// The account's packs, with the free-tier month of `at` made resident
