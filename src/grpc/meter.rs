@@ -459,4 +459,50 @@ mod tests {
         };
         assert_eq!(used(&grouped), used(&by_one));
     }
+
+    /// A window one of whose request ids is in flight elsewhere (another
+    /// stream's group has claimed it and not finished): the group deducts
+    /// nothing, and the window is taken message by message, answering what
+    /// one by one answers. The messages before it stand, once each; it is
+    /// refused as retryable when its original stays in flight past the
+    /// retry bound; the ones after it are not deducted.
+    #[tokio::test]
+    async fn a_window_meeting_an_id_in_flight_elsewhere_is_taken_one_by_one() {
+        let received = [
+            msg("acme", 1, "r1", None),
+            msg("bolt", 2, "", None),
+            msg("acme", 1, "r2", None),
+            msg("acme", 1, "r3", None),
+        ];
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (grouped, by_one) = (app(one.path()).await, app(two.path()).await);
+        for app in [&grouped, &by_one] {
+            let acme = app.meter().resident_account("acme").unwrap();
+            acme.claim_in_flight("r2", at("2024-05-10T10:30:00Z"));
+        }
+        let (g, g_err, groups) = answers(&grouped, &received, true).await;
+        let (b, b_err, _) = answers(&by_one, &received, false).await;
+        assert_eq!((&g, &g_err), (&b, &b_err));
+        assert_eq!(
+            groups, 3,
+            "one answer each for r1 and bolt, then r2's refusal"
+        );
+        assert_eq!(g.len(), 2);
+        assert!(
+            g_err.as_deref().is_some_and(|e| e.contains("`r2`")),
+            "{g_err:?}"
+        );
+        let used = |app: &App, account: &str| {
+            let packs = app.meter().resident_account(account).unwrap().packs();
+            packs
+                .iter()
+                .filter(|p| p.item() == crate::packs::Item::Calls)
+                .map(|p| p.used())
+                .sum::<u64>()
+        };
+        for app in [&grouped, &by_one] {
+            // Calls: the setup's, then r1 once; bolt's setup and 2.
+            assert_eq!((used(app, "acme"), used(app, "bolt")), (2, 3));
+        }
+    }
 }

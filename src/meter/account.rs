@@ -227,6 +227,21 @@ impl AccountState {
         self.dedup.get_or_init(Box::default).lock()
     }
 
+    /// Claims `request_id` as a deduction does and leaves it unfinished:
+    /// the state of an original still in flight, for tests of what meets
+    /// it.
+    #[cfg(test)]
+    pub(crate) fn claim_in_flight(&self, request_id: &str, now: Ts) {
+        let claim = self
+            .dedup()
+            .claim(request_id, now, now + 3_600 * SECOND, SECOND);
+        assert_eq!(
+            claim,
+            super::dedup::Claim::Fresh,
+            "{request_id} was claimed before"
+        );
+    }
+
     /// The request-id table, if a request id ever came.
     pub(super) fn dedup_if_any(&self) -> Option<MutexGuard<'_, DedupTable>> {
         self.dedup.get().map(|t| t.lock())
