@@ -356,12 +356,7 @@ async fn streams_racing_on_the_same_request_ids_deduct_each_once() {
     for _ in 0..STREAMS {
         let (mut meter, start) = (server.meter().await, start.clone());
         streams.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
-            let mut replies = meter
-                .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .expect("the stream opens")
-                .into_inner();
+            let (tx, mut replies) = common::open_stream(&mut meter, WINDOW).await;
             // (id, duplicate, calls covered, egress covered)
             let mut answers = Vec::new();
             for w in (0..IDS).step_by(WINDOW) {

@@ -78,6 +78,17 @@ async fn ledger(db: &TestDb) -> Ledger {
 /// One request: (node, account, request id, calls).
 type Sent = (usize, String, String, u64);
 
+/// Starts `n` nodes on `db`, each with a data directory of its own (kept
+/// with them).
+fn start_nodes(db: &TestDb, n: usize) -> (Vec<tempfile::TempDir>, Vec<Server>) {
+    let data: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = data
+        .iter()
+        .map(|d| Server::start_store(&db.url, d.path(), &args()))
+        .collect();
+    (data, nodes)
+}
+
 /// Accounts that take overage.
 const HEAVY: [&str; 3] = ["acct-0", "acct-1", "acct-2"];
 
@@ -132,11 +143,7 @@ async fn three_nodes_bill_every_call_once_and_no_pack_past_its_capacity() {
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let data: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Server> = data
-        .iter()
-        .map(|d| Server::start_store(&db.url, d.path(), &args()))
-        .collect();
+    let (_data, nodes) = start_nodes(&db, 3);
 
     let heavy = HEAVY;
     set_up(&nodes[0], &["acct-0", "acct-1", "acct-2", "light"]).await;
@@ -304,23 +311,14 @@ async fn three_nodes_bill_every_streamed_call_once() {
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let data: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Server> = data
-        .iter()
-        .map(|d| Server::start_store(&db.url, d.path(), &args()))
-        .collect();
+    let (_data, nodes) = start_nodes(&db, 3);
     set_up(&nodes[0], &HEAVY).await;
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         for a in HEAVY {
             let mut meter = node.meter().await;
             tasks.push(tokio::spawn(async move {
-                let (tx, rx) = tokio::sync::mpsc::channel(WINDOW);
-                let mut replies = meter
-                    .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                    .expect("the stream opens")
-                    .into_inner();
+                let (tx, mut replies) = common::open_stream(&mut meter, WINDOW).await;
                 // (request id, calls, covered, overage, duplicate)
                 let mut acked = Vec::new();
                 for w in (0..MESSAGES).step_by(WINDOW) {
@@ -471,11 +469,7 @@ async fn daily_usage_is_the_same_on_every_node_once_each_has_flushed() {
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let data: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Server> = data
-        .iter()
-        .map(|d| Server::start_store(&db.url, d.path(), &args()))
-        .collect();
+    let (_data, nodes) = start_nodes(&db, 2);
     nodes[0].put_account("acme", false, false).await;
 
     // Node 0 takes ids 0..30 and node 1 ids 15..45, at once: 15 retries

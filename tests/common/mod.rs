@@ -362,6 +362,24 @@ pub fn ts(s: &str) -> Timestamp {
     }
 }
 
+/// Opens a `DeductStream`: a sender for its messages (room for `room`
+/// unsent ones) and its replies.
+pub async fn open_stream(
+    meter: &mut MeterClient<Channel>,
+    room: usize,
+) -> (
+    tokio::sync::mpsc::Sender<proto::DeductRequest>,
+    tonic::Streaming<proto::DeductResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(room);
+    let replies = meter
+        .deduct_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    (tx, replies)
+}
+
 pub fn deduct(account: &str, calls: u64, egress: u64, at: Option<&str>) -> proto::DeductRequest {
     proto::DeductRequest {
         account_id: account.into(),
