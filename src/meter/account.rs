@@ -234,7 +234,7 @@ impl AccountState {
     pub(crate) fn claim_in_flight(&self, request_id: &str, now: Ts) {
         let claim = self
             .dedup()
-            .claim(request_id, now, now + 3_600 * SECOND, SECOND);
+            .claim(request_id, now, now + crate::calendar::HOUR, SECOND);
         assert_eq!(
             claim,
             super::dedup::Claim::Fresh,
