@@ -647,7 +647,7 @@ impl Meter {
     /// and the balances. Deducts, activates and records nothing.
     fn check(&self, acct: &AccountState, at: Ts, now: Ts) -> DeductOutcome {
         let packs = self.packs_at(acct, at, now);
-        let mut o = outcome(&packs, at, Decision::Allow, None, None);
+        let mut o = balances(&packs, at);
         if acct.activated_at().is_none()
             && self.cfg.unknown_accounts == UnknownAccounts::Activate
             && self.cfg.free_month_at(at, at).is_some()
@@ -704,26 +704,22 @@ fn amounts(o: &DeductOutcome) -> Amounts {
     ]
 }
 
-fn outcome(
-    packs: &[PackCounter],
-    at: Ts,
-    decision: Decision,
-    calls: Option<&Split>,
-    egress: Option<&Split>,
-) -> DeductOutcome {
-    let item = |item, split: Option<&Split>| {
+/// What `packs` hold at `at`, as an allowed outcome that covers nothing:
+/// a check's answer before its flags are applied.
+fn balances(packs: &[PackCounter], at: Ts) -> DeductOutcome {
+    let item = |item| {
         let (limit, remaining) = packs::totals(packs, item, at);
         ItemOutcome {
-            covered: split.map_or(0, |s| s.covered),
-            overage: split.map_or(0, |s| s.overage),
+            covered: 0,
+            overage: 0,
             remaining,
             limit,
         }
     };
     DeductOutcome {
-        decision,
-        calls: item(Item::Calls, calls),
-        egress_bytes: item(Item::EgressBytes, egress),
+        decision: Decision::Allow,
+        calls: item(Item::Calls),
+        egress_bytes: item(Item::EgressBytes),
         duplicate: false,
     }
 }
