@@ -555,14 +555,27 @@ impl Flusher {
         batch: &Arc<FlushBatch>,
         flushed: Flushed,
     ) -> Vec<(Arc<str>, Box<str>)> {
-        // Counters now count every node's usage (see Meter::rebase).
+        // Counters now count every node's usage (see Meter::rebase). Both
+        // the work (`publish`) and the store's answer are in id byte order,
+        // so one forward walk pairs them: a binary search per account took
+        // about 800 instructions of the flush thread's 2.9 k per flushed
+        // account (callgrind, `benches/flush.rs`). An account the walk does
+        // not find at its place is still looked up.
+        let by_id = |a: &AccountState| {
+            flushed
+                .accounts
+                .binary_search_by(|t| t.account_id.as_bytes().cmp(a.id_bytes()))
+                .ok()
+        };
+        let mut next = 0;
         let totals: Vec<_> = work
             .iter()
             .filter_map(|(a, _)| {
-                let i = flushed
-                    .accounts
-                    .binary_search_by(|t| t.account_id.as_bytes().cmp(a.id_bytes()))
-                    .ok()?;
+                let i = match flushed.accounts.get(next) {
+                    Some(t) if t.account_id.as_bytes() == a.id_bytes() => Some(next),
+                    _ => by_id(a),
+                }?;
+                next = i + 1;
                 Some((a.clone(), &flushed.accounts[i].packs[..]))
             })
             .collect();
