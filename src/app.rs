@@ -162,6 +162,9 @@ fn charges<'a>(
         .collect()
 }
 
+/// A group's resident accounts, in order (see [`App::admit`]).
+type Accounts = Vec<Arc<crate::meter::AccountState>>;
+
 /// How often a deduction whose request id is in flight elsewhere waits for
 /// the original before it is refused as retryable.
 const IN_FLIGHT_RETRIES: usize = 64;
@@ -355,10 +358,7 @@ impl App {
     /// characters was about 50 instructions of a batched deduction
     /// (callgrind). The checks run in the same order either way, so the
     /// first invalid request is the one refused.
-    fn admit(
-        &self,
-        reqs: &[DeductRequest<'_>],
-    ) -> Result<(Ts, Option<Vec<Arc<crate::meter::AccountState>>>), Refused> {
+    fn admit(&self, reqs: &[DeductRequest<'_>]) -> Result<(Ts, Option<Accounts>), Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
@@ -414,7 +414,7 @@ impl App {
     fn deduct_resident(
         &self,
         reqs: &[DeductRequest<'_>],
-        accounts: Option<Vec<Arc<crate::meter::AccountState>>>,
+        accounts: Option<Accounts>,
         now: Ts,
         atomicity: Atomicity,
     ) -> Option<Result<Deferred, Refused>> {
