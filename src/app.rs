@@ -162,6 +162,9 @@ fn charges<'a>(
         .collect()
 }
 
+/// A group's resident accounts, in order (see [`App::admit`]).
+type Accounts = Vec<Arc<crate::meter::AccountState>>;
+
 /// How often a deduction whose request id is in flight elsewhere waits for
 /// the original before it is refused as retryable.
 const IN_FLIGHT_RETRIES: usize = 64;
@@ -315,8 +318,8 @@ impl App {
         reqs: &[DeductRequest<'_>],
         atomicity: Atomicity,
     ) -> Result<Deferred, Refused> {
-        let now = self.admit(reqs)?;
-        if let Some(deducted) = self.deduct_resident(reqs, now, atomicity) {
+        let (now, accounts) = self.admit(reqs)?;
+        if let Some(deducted) = self.deduct_resident(reqs, accounts, now, atomicity) {
             return deducted;
         }
         // Boxed, so that the common case above stays a small future: a
@@ -338,14 +341,24 @@ impl App {
         reqs: &[DeductRequest<'_>],
         atomicity: Atomicity,
     ) -> Option<Deferred> {
-        let now = self.admit(reqs).ok()?;
-        self.deduct_resident(reqs, now, atomicity)?.ok()
+        let (now, accounts) = self.admit(reqs).ok()?;
+        self.deduct_resident(reqs, accounts, now, atomicity)?.ok()
     }
 
     /// Refuses the group before anything is deducted while the server
     /// shuts down or the journal cannot be written, or if a request is
     /// invalid at `now`; returns `now`, the clock the checks used.
-    fn admit(&self, reqs: &[DeductRequest<'_>]) -> Result<Ts, Refused> {
+    ///
+    /// For a group of more than one (strict mode off), also returns its
+    /// accounts if all are resident, for
+    /// [`deduct_resident`](Self::deduct_resident): each is looked up as
+    /// its request is checked, and a resident account's id is not checked
+    /// again, since nothing becomes resident with an invalid id
+    /// ([`Meter::touch_resident_stamped`]). The scan of an id for control
+    /// characters was about 50 instructions of a batched deduction
+    /// (callgrind). The checks run in the same order either way, so the
+    /// first invalid request is the one refused.
+    fn admit(&self, reqs: &[DeductRequest<'_>]) -> Result<(Ts, Option<Accounts>), Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {
             return Err(refused(0, MeterError::ShuttingDown));
@@ -363,12 +376,32 @@ impl App {
             }
         }
         let now = self.clock.now();
-        for (i, r) in reqs.iter().enumerate() {
-            self.meter
-                .validate(r.account_id, &r.deduction, now)
-                .map_err(|e| refused(i, e))?;
+        if reqs.len() < 2 || self.meter.leases().is_some() {
+            for (i, r) in reqs.iter().enumerate() {
+                self.meter
+                    .validate(r.account_id, &r.deduction, now)
+                    .map_err(|e| refused(i, e))?;
+            }
+            return Ok((now, None));
         }
-        Ok(now)
+        let stamp = Meter::touch_stamp(now);
+        let mut accounts = Some(Vec::with_capacity(reqs.len()));
+        for (i, r) in reqs.iter().enumerate() {
+            let checked = match self.meter.touch_resident_stamped(r.account_id, stamp) {
+                Some(acct) => {
+                    if let Some(a) = &mut accounts {
+                        a.push(acct);
+                    }
+                    self.meter.validate_deduction(&r.deduction, now)
+                }
+                None => {
+                    accounts = None;
+                    self.meter.validate(r.account_id, &r.deduction, now)
+                }
+            };
+            checked.map_err(|e| refused(i, e))?;
+        }
+        Ok((now, accounts))
     }
 
     /// The common case of [`deduct_deferred`](Self::deduct_deferred),
@@ -381,6 +414,7 @@ impl App {
     fn deduct_resident(
         &self,
         reqs: &[DeductRequest<'_>],
+        accounts: Option<Accounts>,
         now: Ts,
         atomicity: Atomicity,
     ) -> Option<Result<Deferred, Refused>> {
@@ -398,10 +432,8 @@ impl App {
                 })
             }
             _ => {
-                let accounts = reqs
-                    .iter()
-                    .map(|r| self.meter.touch_resident(r.account_id, now))
-                    .collect::<Option<Vec<_>>>()?;
+                // Looked up by `admit`.
+                let accounts = accounts?;
                 let charges = charges(reqs, &accounts);
                 self.attempt(|now| {
                     self.meter
@@ -469,9 +501,7 @@ impl App {
                 error: MeterError::JournalUnavailable(e.to_string()),
             })?;
         }
-        for o in &deferred.outcomes {
-            self.metrics.record_deduction(o);
-        }
+        self.metrics.record_deductions(&deferred.outcomes);
         Ok(deferred.outcomes)
     }
 

@@ -411,6 +411,8 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one outcome (see [`record_deductions`](Self::record_deductions)
+    /// for a group's).
     pub fn record_deduction(&self, o: &DeductOutcome) {
         if o.duplicate {
             self.duplicate.inc();
@@ -424,6 +426,48 @@ impl Metrics {
         self.overage_calls.inc_by(o.calls.overage);
         self.covered_egress.inc_by(o.egress_bytes.covered);
         self.overage_egress.inc_by(o.egress_bytes.overage);
+    }
+
+    /// Counts a group's outcomes: summed first, then one add per counter
+    /// that changes. The counters are atomics every worker thread adds to,
+    /// so one add per outcome (five per deduction) cost a batched
+    /// deduction about 25 instructions and a contended cache line each
+    /// (callgrind, issue 10).
+    pub fn record_deductions(&self, outcomes: &[DeductOutcome]) {
+        let (mut allow, mut deny, mut duplicate) = (0u64, 0u64, 0u64);
+        let mut sums = [0u64; 4];
+        for o in outcomes {
+            if o.duplicate {
+                duplicate += 1;
+                continue;
+            }
+            match o.decision {
+                Decision::Allow => allow += 1,
+                Decision::Deny(_) => deny += 1,
+            }
+            // Wrapping, as the counters' own adds one by one would.
+            for (s, v) in sums.iter_mut().zip([
+                o.calls.covered,
+                o.calls.overage,
+                o.egress_bytes.covered,
+                o.egress_bytes.overage,
+            ]) {
+                *s = s.wrapping_add(v);
+            }
+        }
+        for (counter, n) in [
+            (&self.allow, allow),
+            (&self.deny, deny),
+            (&self.duplicate, duplicate),
+            (&self.covered_calls, sums[0]),
+            (&self.overage_calls, sums[1]),
+            (&self.covered_egress, sums[2]),
+            (&self.overage_egress, sums[3]),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
     }
 
     /// Records one RPC's latency; `method` comes from [`rpc_method`].
@@ -526,5 +570,50 @@ mod tests {
             .collect();
         assert_eq!(labelled, served_methods());
         assert_eq!(RPC_METHODS.last(), Some(&"other"));
+    }
+
+    proptest::proptest! {
+        /// A group counted at once renders what its outcomes counted one
+        /// by one render: allowed, denied and duplicate outcomes, with
+        /// amounts, zeros among them.
+        #[test]
+        fn a_group_counts_what_its_outcomes_count_one_by_one(
+            outcomes in proptest::collection::vec(
+                (0u8..5, proptest::array::uniform4(proptest::prop_oneof![proptest::strategy::Just(0u64), 0u64..1 << 40])),
+                0..40,
+            ),
+        ) {
+            use crate::meter::{Decision, DeductOutcome, DenyReason, ItemOutcome};
+            let outcomes: Vec<DeductOutcome> = outcomes
+                .iter()
+                .map(|&(kind, [cc, co, ec, eo])| DeductOutcome {
+                    decision: match kind {
+                        1 => Decision::Deny(DenyReason::CallsExhausted),
+                        2 => Decision::Deny(DenyReason::Suspended),
+                        _ => Decision::Allow,
+                    },
+                    calls: ItemOutcome { covered: cc, overage: co, remaining: 7, limit: 9 },
+                    egress_bytes: ItemOutcome { covered: ec, overage: eo, remaining: 7, limit: 9 },
+                    duplicate: kind == 3,
+                })
+                .collect();
+            let (one_by_one, grouped) = (super::Metrics::new(), super::Metrics::new());
+            for o in &outcomes {
+                one_by_one.record_deduction(o);
+            }
+            grouped.record_deductions(&outcomes);
+            // Line by line, sorted: a family's labels render in hash order.
+            let render = |m: &super::Metrics| {
+                let mut lines: Vec<String> =
+                    m.render(0.0, 0, 0, 0).lines().map(String::from).collect();
+                lines.sort();
+                lines
+            };
+            proptest::prop_assert_eq!(render(&grouped), render(&one_by_one));
+            // Not vacuous: the one-by-one side counted something.
+            if !outcomes.is_empty() {
+                proptest::prop_assert_ne!(render(&one_by_one), render(&super::Metrics::new()));
+            }
+        }
     }
 }

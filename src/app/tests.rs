@@ -206,3 +206,115 @@ async fn daily_usage_counts_each_deduction_once_while_flushes_run() {
         Err(MeterError::NotFound(_))
     ));
 }
+
+/// The ids [`admitting_a_group_refuses_what_checking_each_request_refuses`]
+/// draws from: two resident, one valid but not resident, and invalid ones
+/// (a C0 and a C1 control character, empty, over 128 bytes).
+fn admit_ids() -> [String; 7] {
+    [
+        "acme".into(),
+        "loadgen-0000001".into(),
+        "zeta".into(),
+        "bad\u{1}id".into(),
+        "\u{e9}\u{85}".into(),
+        String::new(),
+        "x".repeat(129),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+    /// `admit` looks a group's accounts up as it checks its requests, and
+    /// does not check the id of one found resident again. It refuses the
+    /// same request with the same error as checking every request in order
+    /// with `Meter::validate`, whatever is invalid where, and hands the
+    /// accounts over only when every one is resident (and the group is
+    /// more than one).
+    #[test]
+    fn admitting_a_group_refuses_what_checking_each_request_refuses(
+        picks in proptest::collection::vec((0usize..7, 0usize..3, 0usize..3, 0usize..4), 1..6),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2024-05-10T10:30:00Z");
+        let clock = Arc::new(ManualClock::new(now));
+        let app = open(&dir.path().join("pm.db"), &clock);
+        let ids = admit_ids();
+        let resident: Vec<_> = rt.block_on(async {
+            let mut r = Vec::new();
+            for id in &ids[..2] {
+                r.push(app.meter().account_for_admin(id, now).await.unwrap());
+            }
+            r
+        });
+        let max = app.config().max_calls;
+        let reqs: Vec<DeductRequest<'_>> = picks
+            .iter()
+            .map(|&(id, calls, rid, when)| DeductRequest {
+                account_id: &ids[id],
+                deduction: Deduction {
+                    calls: [1, 0, max + 1][calls],
+                    egress_bytes: 0,
+                    at: [
+                        None,
+                        Some(now),
+                        Some(now + crate::calendar::HOUR),
+                        Some(now - 3 * crate::calendar::HOUR),
+                    ][when],
+                    request_id: ["", "r1", "r\u{0}"][rid],
+                },
+            })
+            .collect();
+        let expected = reqs.iter().enumerate().find_map(|(i, r)| {
+            app.meter()
+                .validate(r.account_id, &r.deduction, now)
+                .err()
+                .map(|e| (i, e.to_string()))
+        });
+        match (app.admit(&reqs), expected) {
+            (Ok((t, accounts)), None) => {
+                proptest::prop_assert_eq!(t, now);
+                let all_resident = picks.iter().all(|p| p.0 < 2);
+                match accounts {
+                    Some(accounts) => {
+                        proptest::prop_assert!(all_resident && reqs.len() > 1);
+                        for (a, p) in accounts.iter().zip(&picks) {
+                            proptest::prop_assert!(Arc::ptr_eq(a, &resident[p.0]));
+                        }
+                        proptest::prop_assert_eq!(accounts.len(), reqs.len());
+                    }
+                    None => proptest::prop_assert!(!all_resident || reqs.len() == 1),
+                }
+            }
+            (Err(Refused { index, error }), Some((i, e))) => {
+                proptest::prop_assert_eq!((index, error.to_string()), (i, e));
+            }
+            (got, want) => proptest::prop_assert!(
+                false,
+                "admit gave {:?}, checking each gave {:?}",
+                got.map(|(t, a)| (t, a.map(|a| a.len()))).map_err(|r| (r.index, r.error.to_string())),
+                want
+            ),
+        }
+    }
+}
+
+/// Nothing becomes resident with an invalid id, whoever asks: a request
+/// found resident is not checked again (`App::admit`).
+#[tokio::test]
+async fn an_invalid_id_never_becomes_resident() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = at("2024-05-10T10:30:00Z");
+    let clock = Arc::new(ManualClock::new(now));
+    let app = open(&dir.path().join("pm.db"), &clock);
+    for id in admit_ids().iter().skip(3) {
+        let made = app.meter().account_for_deduction(id, now).await;
+        assert!(
+            matches!(made, Err(MeterError::InvalidAccountId(_))),
+            "{id:?}: {made:?}"
+        );
+        assert!(app.meter().resident_account(id).is_none(), "{id:?}");
+    }
+    assert_eq!(app.meter().resident(), 0);
+}

@@ -14,8 +14,20 @@ use crate::{
 };
 
 /// Reads a timestamp field; `None` when unset.
+///
+/// Inline, so that an unset field (most deductions carry no `at`) costs a
+/// test, not a call returning a `Result` as large as a `Status` (about 15
+/// instructions a batched deduction, callgrind).
+#[inline]
 pub fn ts(field: &str, t: Option<&Timestamp>) -> Result<Option<Ts>, Status> {
-    let Some(t) = t else { return Ok(None) };
+    match t {
+        None => Ok(None),
+        Some(t) => ts_set(field, t).map(Some),
+    }
+}
+
+/// [`ts`] of a field that is set.
+fn ts_set(field: &str, t: &Timestamp) -> Result<Ts, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Status::invalid_argument(format!(
             "{field}: nanos {} is outside 0..1e9",
@@ -29,7 +41,7 @@ pub fn ts(field: &str, t: Option<&Timestamp>) -> Result<Option<Ts>, Status> {
             t.seconds
         )));
     }
-    Ok(Some(t.seconds * SECOND + i64::from(t.nanos) / 1000))
+    Ok(t.seconds * SECOND + i64::from(t.nanos) / 1000)
 }
 
 pub fn timestamp(ts: Ts) -> Timestamp {
@@ -91,15 +103,17 @@ fn outcome(o: &ItemOutcome) -> proto::Outcome {
 
 pub fn deduct_response(o: &DeductOutcome) -> proto::DeductResponse {
     let (decision, reason) = match o.decision {
-        Decision::Allow => (proto::Decision::Allow, ""),
-        Decision::Deny(r) => (proto::Decision::Deny, r.as_str()),
+        // `String::new()`, not `"".to_string()`, which still went through
+        // a copy of nothing (about 10 instructions a batched deduction).
+        Decision::Allow => (proto::Decision::Allow, String::new()),
+        Decision::Deny(r) => (proto::Decision::Deny, r.as_str().to_string()),
     };
     proto::DeductResponse {
         decision: decision as i32,
         calls: Some(outcome(&o.calls)),
         egress_bytes: Some(outcome(&o.egress_bytes)),
         duplicate: o.duplicate,
-        deny_reason: reason.to_string(),
+        deny_reason: reason,
     }
 }
 

@@ -251,7 +251,12 @@ impl AccountState {
     /// come within the same second, and a store of the same value would
     /// still take the line exclusively.
     pub(super) fn touch(&self, now: Ts) {
-        let secs = touch_secs(now);
+        self.touch_secs(touch_secs(now));
+    }
+
+    /// [`touch`](Self::touch) with the stamp of `now` already computed
+    /// ([`touch_secs`]): a group's accounts share one.
+    pub(super) fn touch_secs(&self, secs: u32) {
         if self.last_touch.load(Relaxed) != secs {
             self.last_touch.store(secs, Relaxed);
         }
@@ -395,7 +400,7 @@ impl AccountState {
 
 /// `now` as `last_touch` keeps it: seconds since the epoch, rounded up,
 /// within what a `u32` holds (until 2106).
-fn touch_secs(now: Ts) -> u32 {
+pub(super) fn touch_secs(now: Ts) -> u32 {
     u32::try_from(now.saturating_add(SECOND - 1).div_euclid(SECOND).max(0)).unwrap_or(u32::MAX)
 }
 

@@ -129,6 +129,10 @@ impl Meter {
         if let Some(a) = self.touch_resident(id, now) {
             return Ok(Some(a));
         }
+        // Every caller has checked it already; checked here too, since
+        // this is the one way into the map, so that a resident id is
+        // always a valid one (see `touch_resident_stamped`).
+        super::validate_account_id(id)?;
         // The id the account will hold, if it is loaded or made here.
         let key = ArcStr::from(id);
         let cell = self.loading.entry(key.clone()).or_default().clone();
@@ -156,6 +160,28 @@ impl Meter {
         let a = self.accounts.get(id.as_bytes())?;
         let a = &a.key().0;
         a.touch(now);
+        Some(a.clone())
+    }
+
+    /// The stamp of `now` that [`touch_resident_stamped`](Self::touch_resident_stamped)
+    /// takes: computed once (a division) for a group's accounts.
+    pub fn touch_stamp(now: Ts) -> u32 {
+        super::account::touch_secs(now)
+    }
+
+    /// [`touch_resident`](Self::touch_resident) with the stamp of its
+    /// `now` ([`touch_stamp`](Self::touch_stamp)).
+    ///
+    /// A resident account's id is a valid one
+    /// ([`validate_account_id`](super::validate_account_id)): accounts
+    /// become resident only through [`account`](Self::account) and
+    /// [`account_for_admin`](Self::account_for_admin), which check it. So a
+    /// request whose id is found here needs no other check of its id
+    /// (`App::admit`).
+    pub fn touch_resident_stamped(&self, id: &str, stamp: u32) -> Option<Arc<AccountState>> {
+        let a = self.accounts.get(id.as_bytes())?;
+        let a = &a.key().0;
+        a.touch_secs(stamp);
         Some(a.clone())
     }
 
