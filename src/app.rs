@@ -387,13 +387,17 @@ impl App {
         let stamp = Meter::touch_stamp(now);
         let mut accounts = Some(Vec::with_capacity(reqs.len()));
         for (i, r) in reqs.iter().enumerate() {
-            let checked = match self.meter.touch_resident_stamped(r.account_id, stamp) {
-                Some(acct) => {
-                    if let Some(a) = &mut accounts {
-                        a.push(acct);
-                    }
-                    self.meter.validate_deduction(&r.deduction, now)
-                }
+            // Once an account is missing, the group takes the loading path,
+            // which looks every account up itself: no lookup here past it.
+            let resident = match &mut accounts {
+                Some(a) => self
+                    .meter
+                    .touch_resident_stamped(r.account_id, stamp)
+                    .map(|acct| a.push(acct)),
+                None => None,
+            };
+            let checked = match resident {
+                Some(()) => self.meter.validate_deduction(&r.deduction, now),
                 None => {
                     accounts = None;
                     self.meter.validate(r.account_id, &r.deduction, now)
