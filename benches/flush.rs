@@ -23,20 +23,22 @@
 //! untimed, in place of criterion's measurement.
 //!
 //! Instructions per flushed account (callgrind; deterministic on a loaded
-//! machine): run the bench binary under `valgrind --tool=callgrind
-//! --separate-threads=yes '--dump-before=*steady_state*'` with
-//! `--bench flush_sqlite/calls/`, `PACKMETER_BENCH_STORES=sqlite`,
-//! `PACKMETER_BENCH_SCENARIOS=calls`, `PACKMETER_BENCH_ACCOUNTS=20000` and
-//! `PACKMETER_BENCH_FLUSHES=10`. Every thread's costs so far are dumped
-//! (into `.1-NN` files) once the two untimed flushes (which insert the
-//! rows) are done; the final `-NN` files hold the ten flushes alone.
-//! (`--zero-before` zeroes the calling thread only: the writer thread's
-//! figures then include both untimed flushes.) Divide the SQLite writer
-//! thread's instructions (the file whose profile holds `flush_batch`) by
-//! its calls of `packmeter::ledger::attribute`, one per flushed account
-//! (`callgrind_annotate --tree=calling`), 200 k here; the flush thread
-//! (`packmeter-flush`, the file whose profile holds `Flusher::written`)
-//! likewise. A fixed count matters: a row whose counter grows past 1, 127,
+//! machine): run the bench binary twice under `valgrind --tool=callgrind
+//! --separate-threads=yes` with `--bench flush_sqlite/calls/`,
+//! `PACKMETER_BENCH_STORES=sqlite`, `PACKMETER_BENCH_SCENARIOS=calls`,
+//! `PACKMETER_BENCH_ACCOUNTS=20000`, once with `PACKMETER_BENCH_FLUSHES=10`
+//! and once with `PACKMETER_BENCH_FLUSHES=0` (the two untimed flushes, which
+//! insert the rows, alone). Each thread's steady-state cost is the
+//! difference between the two runs' files of that thread, divided by
+//! 200 k flushed accounts (10 × 20 k): thread 3 is the SQLite writer (its
+//! profile holds `flush_batch`; its calls of `packmeter::ledger::attribute`,
+//! one per flushed account, confirm the count with `callgrind_annotate
+//! --tree=calling`: 240 k and 40 k), thread 4 the flush thread
+//! (`packmeter-flush`, whose profile holds `Flusher::written`), thread 1
+//! the bench's own thread. (`--dump-before=*steady_state*` dumped the
+//! calling thread alone with valgrind 3.19, and `--zero-before` zeroes the
+//! calling thread only, so neither separates the writer's warm-up.)
+//! A fixed count matters: a row whose counter grows past 1, 127,
 //! 32767 changes size and is rewritten rather than overwritten in place,
 //! once, so runs of different lengths amortize that differently. (With
 //! `--profile-time`, criterion's count depends on how fast the machine
