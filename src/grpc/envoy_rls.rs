@@ -75,14 +75,14 @@ pub struct Wanted<'a> {
     pub deduction: Deduction<'a>,
 }
 
-/// Adds the descriptor's position to a status, keeping the code.
 /// What a request's descriptors ask for, in their order. Inline for one
 /// descriptor, what Envoy sends per request in the common setup: the
-/// handler's two lists then allocate nothing (about 300 instructions a
+/// handler's two lists then allocate nothing (about 90 instructions a
 /// call, callgrind).
 #[doc(hidden)]
 pub type WantedList<'a> = smallvec::SmallVec<[Wanted<'a>; 1]>;
 
+/// Adds the descriptor's position to a status, keeping the code.
 fn at_index(i: usize, s: Status) -> Status {
     Status::new(s.code(), format!("descriptors[{i}]: {}", s.message()))
 }
