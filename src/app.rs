@@ -376,23 +376,18 @@ impl App {
             }
         }
         let now = self.clock.now();
-        if reqs.len() < 2 || self.meter.leases().is_some() {
-            for (i, r) in reqs.iter().enumerate() {
-                self.meter
-                    .validate(r.account_id, &r.deduction, now)
-                    .map_err(|e| refused(i, e))?;
-            }
-            return Ok((now, None));
-        }
-        let stamp = Meter::touch_stamp(now);
-        let mut accounts = Some(Vec::with_capacity(reqs.len()));
+        // The stamp of `now` and the accounts found so far, while all are
+        // resident; `None` for a single request or in strict mode, whose
+        // paths look their accounts up themselves.
+        let mut accounts = (reqs.len() >= 2 && self.meter.leases().is_none())
+            .then(|| (Meter::touch_stamp(now), Vec::with_capacity(reqs.len())));
         for (i, r) in reqs.iter().enumerate() {
             // Once an account is missing, the group takes the loading path,
             // which looks every account up itself: no lookup here past it.
             let resident = match &mut accounts {
-                Some(a) => self
+                Some((stamp, a)) => self
                     .meter
-                    .touch_resident_stamped(r.account_id, stamp)
+                    .touch_resident_stamped(r.account_id, *stamp)
                     .map(|acct| a.push(acct)),
                 None => None,
             };
@@ -405,7 +400,7 @@ impl App {
             };
             checked.map_err(|e| refused(i, e))?;
         }
-        Ok((now, accounts))
+        Ok((now, accounts.map(|(_, a)| a)))
     }
 
     /// The common case of [`deduct_deferred`](Self::deduct_deferred),

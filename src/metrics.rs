@@ -411,9 +411,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one outcome (see [`record_deductions`](Self::record_deductions)
-    /// for a group's).
-    pub fn record_deduction(&self, o: &DeductOutcome) {
+    /// Counts one outcome, counter by counter: the reference that
+    /// [`record_deductions`](Self::record_deductions), which every path
+    /// counts with, is tested against.
+    #[cfg(test)]
+    fn record_deduction(&self, o: &DeductOutcome) {
         if o.duplicate {
             self.duplicate.inc();
             return;

@@ -184,7 +184,7 @@ pub struct AccountState {
     /// Server time of the last request, for idle eviction: whole seconds
     /// since the epoch, rounded up (so an account is never evicted before
     /// it has been idle as long as asked), in 4 bytes that share a word
-    /// with the flags (see [`touch`](Self::touch)).
+    /// with the flags (see [`touch_secs`](Self::touch_secs)).
     last_touch: AtomicU32,
 }
 
@@ -247,15 +247,10 @@ impl AccountState {
         self.dedup.get().map(|t| t.lock())
     }
 
-    /// Stamps the account as used at `now`. Loads first: most requests
-    /// come within the same second, and a store of the same value would
-    /// still take the line exclusively.
-    pub(super) fn touch(&self, now: Ts) {
-        self.touch_secs(touch_secs(now));
-    }
-
-    /// [`touch`](Self::touch) with the stamp of `now` already computed
-    /// ([`touch_secs`]): a group's accounts share one.
+    /// Stamps the account as used at the stamp `secs` ([`touch_secs`] of
+    /// the request's `now`; a group's accounts share one). Loads first:
+    /// most requests come within the same second, and a store of the same
+    /// value would still take the line exclusively.
     pub(super) fn touch_secs(&self, secs: u32) {
         if self.last_touch.load(Relaxed) != secs {
             self.last_touch.store(secs, Relaxed);
