@@ -182,6 +182,59 @@ impl Meter {
         Some(a.clone())
     }
 
+    /// [`touch_resident_stamped`](Self::touch_resident_stamped) for each of
+    /// a group's ids, in their order: `None` where an id is not resident.
+    ///
+    /// The group takes one read lock per shard it needs, not one per id,
+    /// and clones the accounts' `Arc`s only once every id has been found.
+    /// Taking and releasing a lock and cloning an `Arc` are atomic
+    /// read-modify-writes, which x86 orders after every load before them:
+    /// one lookup after another, each waited for the account it compared
+    /// before the next could start. Here the finds follow one another with
+    /// no such instruction between them, so the processor fetches their
+    /// accounts together. The stamps come last, for the same reason.
+    ///
+    /// The shards' locks are taken in index order, as nothing else takes
+    /// more than one, so groups cannot deadlock with each other or with a
+    /// writer; they are held for the finds only.
+    pub fn touch_resident_all(&self, ids: &[&str], stamp: u32) -> Vec<Option<Arc<AccountState>>> {
+        let map = &self.accounts;
+        let shards = map.shards();
+        // Hashed as `DashMap::get` hashes a `[u8]` key.
+        let keys: Vec<(u64, usize)> = ids
+            .iter()
+            .map(|id| {
+                let h = map.hash_usize(&id.as_bytes());
+                (h as u64, map.determine_shard(h))
+            })
+            .collect();
+        let mut wanted = vec![false; shards.len()];
+        for &(_, s) in &keys {
+            wanted[s] = true;
+        }
+        let tables: Vec<_> = shards
+            .iter()
+            .zip(wanted)
+            .map(|(shard, wanted)| wanted.then(|| shard.read()))
+            .collect();
+        let hits: Vec<Option<&Arc<AccountState>>> = ids
+            .iter()
+            .zip(&keys)
+            .map(|(id, &(hash, s))| {
+                let table = tables[s].as_ref()?;
+                let id = id.as_bytes();
+                let (k, _) = table.get(hash, |(k, _)| k.0.id.as_bytes() == id)?;
+                Some(&k.0)
+            })
+            .collect();
+        let found: Vec<Option<Arc<AccountState>>> = hits.into_iter().map(|a| a.cloned()).collect();
+        drop(tables);
+        for a in found.iter().flatten() {
+            a.touch_secs(stamp);
+        }
+        found
+    }
+
     /// The account a deduction goes to: loaded, or created if unknown and
     /// `unknown_accounts = activate`.
     pub async fn account_for_deduction(

@@ -1040,6 +1040,55 @@ fn short_ids_are_inline_and_every_id_is_found() {
     assert!(m.touch_resident("kk\0", now).is_none());
 }
 
+/// A group's lookup ([`Meter::touch_resident_all`], one read lock per shard)
+/// finds what one lookup per id finds: every resident account, in the
+/// group's order, repeats included, and `None` for an id that is not
+/// resident; and it stamps every account it finds.
+#[test]
+fn a_groups_lookup_finds_what_lookups_one_by_one_find() {
+    let (m, _d) = meter(MeterConfig::default());
+    let then = at("2024-05-10T12:30:00Z");
+    let later = then + 90 * SECOND;
+    let resident: Vec<String> = (0..500).map(|i| format!("acct-{i:04}")).collect();
+    for id in &resident {
+        new_account(&m, id, then);
+    }
+    // Every shard is used: 500 ids hash all over the map.
+    let mut group: Vec<String> = Vec::new();
+    for (i, id) in resident.iter().enumerate().step_by(3) {
+        group.push(id.clone());
+        if i % 2 == 0 {
+            group.push(format!("missing-{i}"));
+        }
+        if i % 5 == 0 {
+            group.push(resident[i / 2].clone());
+        }
+    }
+    group.push("é".repeat(20));
+    let ids: Vec<&str> = group.iter().map(String::as_str).collect();
+    let found = m.touch_resident_all(&ids, Meter::touch_stamp(later));
+    assert_eq!(found.len(), ids.len());
+    let mut hits = 0;
+    for (id, a) in ids.iter().zip(&found) {
+        let one = m.resident_account(id);
+        match (a, one) {
+            (Some(a), Some(one)) => {
+                assert!(Arc::ptr_eq(a, &one), "{id}: another account");
+                assert_eq!(a.id(), *id);
+                assert_eq!(a.last_touch(), later, "{id}: not stamped");
+                hits += 1;
+            }
+            (None, None) => assert!(!resident.contains(&id.to_string()), "{id}"),
+            (a, one) => panic!("{id}: the group found {:?}, alone {:?}", a.is_some(), one),
+        }
+    }
+    assert!(hits > 150 && hits < ids.len(), "{hits} of {}", ids.len());
+    // An account outside the group keeps its stamp.
+    let outside = m.resident_account("acct-0001").unwrap();
+    assert!(!ids.contains(&"acct-0001"));
+    assert_eq!(outside.last_touch(), then);
+}
+
 /// The pack list holds its counters by value, so a new month's packs
 /// (which replace the list) must appear with no deduction in progress: a
 /// deduction of the month before that read the old list a moment earlier
