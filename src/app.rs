@@ -354,10 +354,10 @@ impl App {
     /// [`deduct_resident`](Self::deduct_resident): they are looked up
     /// together first ([`Meter::touch_resident_all`]), and a resident
     /// account's id is not checked again, since nothing becomes resident
-    /// with an invalid id ([`Meter::touch_resident_stamped`]). The scan of an id for control
-    /// characters was about 50 instructions of a batched deduction
-    /// (callgrind). The checks run in the same order either way, so the
-    /// first invalid request is the one refused.
+    /// with an invalid id ([`Meter::touch_resident_stamped`]). The scan of
+    /// an id for control characters was about 50 instructions of a batched
+    /// deduction (callgrind). The checks run in the same order either way,
+    /// so the first invalid request is the one refused.
     fn admit(&self, reqs: &[DeductRequest<'_>]) -> Result<(Ts, Option<Accounts>), Refused> {
         let refused = |index, error| Refused { index, error };
         if self.meter.gate().is_closed() {

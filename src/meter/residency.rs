@@ -194,9 +194,14 @@ impl Meter {
     /// no such instruction between them, so the processor fetches their
     /// accounts together. The stamps come last, for the same reason.
     ///
-    /// The shards' locks are taken in index order, as nothing else takes
-    /// more than one, so groups cannot deadlock with each other or with a
-    /// writer; they are held for the finds only.
+    /// The `Arc`s are cloned while the read locks are held, as in
+    /// `touch_resident_stamped`: eviction checks an account's reference
+    /// count under its shard's write lock, so it never drops an account a
+    /// group has found. The locks are held for the finds and the clones
+    /// only, and taken in shard order; a reader waits only for a writer
+    /// that holds its shard, and no writer waits for a second lock while
+    /// it holds one, so groups cannot deadlock with each other or with
+    /// eviction and loading.
     pub fn touch_resident_all(&self, ids: &[&str], stamp: u32) -> Vec<Option<Arc<AccountState>>> {
         let map = &self.accounts;
         let shards = map.shards();

@@ -1089,6 +1089,53 @@ fn a_groups_lookup_finds_what_lookups_one_by_one_find() {
     assert_eq!(outside.last_touch(), then);
 }
 
+/// Eviction never drops an account that a group's lookup has found: the
+/// lookup clones each account while it still holds its shard's read lock,
+/// and eviction checks the reference count under the write lock. One
+/// thread evicts every account nothing holds, over and over, and makes
+/// them resident again; another looks groups up, and every account it
+/// found must still be the one resident under its id while it holds it.
+#[test]
+fn eviction_never_drops_an_account_a_group_has_found() {
+    let (m, _d) = meter(MeterConfig::default());
+    let m = Arc::new(m);
+    let now = at("2024-05-10T12:30:00Z");
+    let ids: Vec<String> = (0..64).map(|i| format!("race-{i:02}")).collect();
+    for id in &ids {
+        new_account(&m, id, now);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let evictor = {
+        let (m, ids, stop) = (m.clone(), ids.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut evicted = 0;
+            while !stop.load(Relaxed) {
+                // Everything is idle before a day from now.
+                evicted += m.evict_idle(now + 24 * HOUR);
+                for id in &ids {
+                    if m.resident_account(id).is_none() {
+                        new_account(&m, id, now);
+                    }
+                }
+            }
+            evicted
+        })
+    };
+    let group: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for _ in 0..3_000 {
+        let found = m.touch_resident_all(&group, Meter::touch_stamp(now));
+        for (id, a) in group.iter().zip(&found) {
+            if let Some(a) = a {
+                let resident = m.resident_account(id).expect("evicted while held");
+                assert!(Arc::ptr_eq(a, &resident), "{id}: evicted while held");
+            }
+        }
+    }
+    stop.store(true, Relaxed);
+    let evicted = evictor.join().unwrap();
+    assert!(evicted > 0, "the race never ran: nothing was evicted");
+}
+
 /// The pack list holds its counters by value, so a new month's packs
 /// (which replace the list) must appear with no deduction in progress: a
 /// deduction of the month before that read the old list a moment earlier
