@@ -354,7 +354,7 @@ impl App {
     /// [`deduct_resident`](Self::deduct_resident): they are looked up
     /// together first ([`Meter::touch_resident_all`]), and a resident
     /// account's id is not checked again, since nothing becomes resident
-    /// with an invalid id ([`Meter::touch_resident_stamped`]). The scan of
+    /// with an invalid id ([`Meter::touch_resident`]). The scan of
     /// an id for control characters was about 50 instructions of a batched
     /// deduction (callgrind). The checks run in the same order either way,
     /// so the first invalid request is the one refused.
@@ -383,9 +383,7 @@ impl App {
         let mut found = match group {
             true => {
                 let ids: Vec<&str> = reqs.iter().map(|r| r.account_id).collect();
-                self.meter
-                    .touch_resident_all(&ids, Meter::touch_stamp(now))
-                    .into_iter()
+                self.meter.touch_resident_all(&ids, now).into_iter()
             }
             false => Vec::new().into_iter(),
         };

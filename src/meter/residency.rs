@@ -131,7 +131,7 @@ impl Meter {
         }
         // Every caller has checked it already; checked here too, since
         // this is the one way into the map, so that a resident id is
-        // always a valid one (see `touch_resident_stamped`).
+        // always a valid one (see `touch_resident`).
         super::validate_account_id(id)?;
         // The id the account will hold, if it is loaded or made here.
         let key = ArcStr::from(id);
@@ -156,34 +156,24 @@ impl Meter {
     /// [`account_for_request`](Self::account_for_request), so that a
     /// resident account costs one map lookup and no future (about 170
     /// instructions a deduction less in a batch, callgrind).
-    pub fn touch_resident(&self, id: &str, now: Ts) -> Option<Arc<AccountState>> {
-        self.touch_resident_stamped(id, Self::touch_stamp(now))
-    }
-
-    /// The stamp of `now` that [`touch_resident_stamped`](Self::touch_resident_stamped)
-    /// takes: computed once (a division) for a group's accounts.
-    pub fn touch_stamp(now: Ts) -> u32 {
-        super::account::touch_secs(now)
-    }
-
-    /// [`touch_resident`](Self::touch_resident) with the stamp of its
-    /// `now` ([`touch_stamp`](Self::touch_stamp)).
     ///
     /// A resident account's id is a valid one
     /// ([`validate_account_id`](super::validate_account_id)): accounts
     /// become resident only through [`account`](Self::account) and
     /// [`account_for_admin`](Self::account_for_admin), which check it. So a
-    /// request whose id is found here needs no other check of its id
-    /// (`App::admit`).
-    pub fn touch_resident_stamped(&self, id: &str, stamp: u32) -> Option<Arc<AccountState>> {
+    /// request whose id is found here, or by
+    /// [`touch_resident_all`](Self::touch_resident_all), needs no other
+    /// check of its id (`App::admit`).
+    pub fn touch_resident(&self, id: &str, now: Ts) -> Option<Arc<AccountState>> {
         let a = self.accounts.get(id.as_bytes())?;
         let a = &a.key().0;
-        a.touch_secs(stamp);
+        a.touch_secs(super::account::touch_secs(now));
         Some(a.clone())
     }
 
-    /// [`touch_resident_stamped`](Self::touch_resident_stamped) for each of
-    /// a group's ids, in their order: `None` where an id is not resident.
+    /// [`touch_resident`](Self::touch_resident) for each of a group's ids,
+    /// in their order: `None` where an id is not resident. The stamp of
+    /// `now` is computed once (a division) for the whole group.
     ///
     /// The group takes one read lock per shard it needs, not one per id,
     /// and clones the accounts' `Arc`s only once every id has been found.
@@ -195,14 +185,14 @@ impl Meter {
     /// accounts together. The stamps come last, for the same reason.
     ///
     /// The `Arc`s are cloned while the read locks are held, as in
-    /// `touch_resident_stamped`: eviction checks an account's reference
+    /// `touch_resident`: eviction checks an account's reference
     /// count under its shard's write lock, so it never drops an account a
     /// group has found. The locks are held for the finds and the clones
     /// only, and taken in shard order; a reader waits only for a writer
     /// that holds its shard, and no writer waits for a second lock while
     /// it holds one, so groups cannot deadlock with each other or with
     /// eviction and loading.
-    pub fn touch_resident_all(&self, ids: &[&str], stamp: u32) -> Vec<Option<Arc<AccountState>>> {
+    pub fn touch_resident_all(&self, ids: &[&str], now: Ts) -> Vec<Option<Arc<AccountState>>> {
         let map = &self.accounts;
         let shards = map.shards();
         // Hashed as `DashMap::get` hashes a `[u8]` key.
@@ -234,6 +224,7 @@ impl Meter {
             .collect();
         let found: Vec<Option<Arc<AccountState>>> = hits.into_iter().map(|a| a.cloned()).collect();
         drop(tables);
+        let stamp = super::account::touch_secs(now);
         for a in found.iter().flatten() {
             a.touch_secs(stamp);
         }

@@ -1066,7 +1066,7 @@ fn a_groups_lookup_finds_what_lookups_one_by_one_find() {
     }
     group.push("é".repeat(20));
     let ids: Vec<&str> = group.iter().map(String::as_str).collect();
-    let found = m.touch_resident_all(&ids, Meter::touch_stamp(later));
+    let found = m.touch_resident_all(&ids, later);
     assert_eq!(found.len(), ids.len());
     let mut hits = 0;
     for (id, a) in ids.iter().zip(&found) {
@@ -1123,7 +1123,7 @@ fn eviction_never_drops_an_account_a_group_has_found() {
     };
     let group: Vec<&str> = ids.iter().map(String::as_str).collect();
     for _ in 0..3_000 {
-        let found = m.touch_resident_all(&group, Meter::touch_stamp(now));
+        let found = m.touch_resident_all(&group, now);
         for (id, a) in group.iter().zip(&found) {
             if let Some(a) = a {
                 let resident = m.resident_account(id).expect("evicted while held");

@@ -96,7 +96,7 @@ impl Meter {
 
     /// [`validate`](Self::validate) of everything but the account id: for a
     /// request whose account is resident, whose id was checked when it
-    /// became resident (see `Meter::touch_resident_stamped`).
+    /// became resident (see `Meter::touch_resident`).
     pub fn validate_deduction(&self, d: &Deduction<'_>, now: Ts) -> Result<Ts, MeterError> {
         validate_request_id(d.request_id)?;
         if d.calls > self.cfg.max_calls {
