@@ -4,8 +4,14 @@
 //! `cargo bench --bench deduct_mimalloc -- --warm-up-time 1 --measurement-time 3`.
 //! Criterion files its results under the same names as `deduct`'s.
 
+// `serve`'s allocator as `serve` calls it (src/allocator.rs); its upkeep
+// thread and its tests are `serve`'s, unused here.
+#[allow(dead_code)]
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 #[path = "deduct.rs"]
 mod deduct;

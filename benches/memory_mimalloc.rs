@@ -3,8 +3,14 @@
 //! the same accounts and deductions, in one process, with no gRPC and no
 //! known-ids set. `cargo bench --bench memory_mimalloc [-- N]`.
 
+// `serve`'s allocator as `serve` calls it (src/allocator.rs); its upkeep
+// thread and its tests are `serve`'s, unused here.
+#[allow(dead_code)]
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 #[path = "memory.rs"]
 mod memory;

@@ -438,7 +438,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    crate::start_allocator_upkeep();
+    crate::allocator::start_upkeep();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.durability == packmeter::journal::Durability::Journal {
         // The journal writer commits its group when a worker parks.
