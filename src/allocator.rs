@@ -12,7 +12,8 @@
 //! 224 B, its pack list (80 B) 96 B: 48 B an account, 48 MB at a million
 //! (issue 10; mimalloc's per-class statistics showed one million blocks of
 //! 224 B and none of 192). The same report is
-//! <https://github.com/microsoft/mimalloc/issues/889>.
+//! <https://github.com/microsoft/mimalloc/issues/889>; the `mimalloc` crate's
+//! latest release (0.1.52, on libmimalloc-sys 0.1.49) still calls it so.
 //!
 //! Here a request whose alignment mimalloc's plain `mi_malloc` already
 //! gives (at most `MI_MAX_ALIGN_SIZE`, 16 bytes, and no larger than the
