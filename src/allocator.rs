@@ -44,6 +44,28 @@ fn plain(size: usize, align: usize) -> bool {
     align <= MI_MAX_ALIGN_SIZE && align <= size
 }
 
+/// Allocates `layout` with `plain_fn` (`mi_malloc` or `mi_zalloc`) where
+/// that gives the alignment, else with `aligned_fn`, their aligned forms.
+///
+/// # Safety
+/// `layout` has a non-zero size (`GlobalAlloc::alloc`'s contract).
+#[inline(always)]
+unsafe fn allocate(
+    layout: Layout,
+    plain_fn: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_fn: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: C calls that take a size and a power-of-two alignment.
+    unsafe {
+        match plain(size, align) {
+            true => plain_fn(size),
+            false => aligned_fn(size, align),
+        }
+    }
+    .cast()
+}
+
 // SAFETY: every pointer returned comes from mimalloc (null on failure), for
 // at least `layout.size()` bytes aligned to `layout.align()` (`plain`
 // above, and the aligned API otherwise); `dealloc` and `realloc` receive
@@ -52,28 +74,14 @@ fn plain(size: usize, align: usize) -> bool {
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: plain C calls with a size and a power-of-two alignment.
-        unsafe {
-            match plain(size, align) {
-                true => mi::mi_malloc(size),
-                false => mi::mi_malloc_aligned(size, align),
-            }
-        }
-        .cast()
+        // SAFETY: the trait's contract.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: as in `alloc`.
-        unsafe {
-            match plain(size, align) {
-                true => mi::mi_zalloc(size),
-                false => mi::mi_zalloc_aligned(size, align),
-            }
-        }
-        .cast()
+        // SAFETY: the trait's contract.
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
