@@ -20,15 +20,7 @@ ACCOUNTS=${2:-100000}
 DURATION=${3:-20}
 PORT=${PORT:-51481}
 ADMIN=$((PORT + 1000))
-work=$(mktemp -d)
-spid=
-cleanup() {
-  [ -n "$spid" ] && kill "$spid" 2>/dev/null && wait "$spid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-start_server lag "$BIN" "$PORT" "$ADMIN"
-spid=$SERVED
+serve_one lag "$BIN" "$PORT" "$ADMIN"
 taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --prime --accounts "$ACCOUNTS" \
   --duration 0s >/dev/null 2>&1
 settle "$spid"

@@ -20,6 +20,22 @@ settle() {
   done
 }
 
+# serve_one NAME BIN GRPC_PORT ADMIN_PORT [serve flags...]: for a script
+# that runs a single server. Makes the scratch directory `work`, starts
+# the server (start_server) and sets `spid` to its pid; when the script
+# exits, the server is stopped and `work` removed.
+serve_one() {
+  work=$(mktemp -d)
+  spid=
+  trap stop_one EXIT
+  start_server "$@"
+  spid=$SERVED
+}
+stop_one() {
+  [ -n "$spid" ] && kill "$spid" 2>/dev/null && wait "$spid" 2>/dev/null
+  rm -rf "$work"
+}
+
 # start_server NAME BIN GRPC_PORT ADMIN_PORT [serve flags...]: starts
 # `BIN serve` pinned to CPU 0, with the SQLite store `$work/NAME.db` (the
 # caller's scratch directory, emptied of that store first) and its output

@@ -12,15 +12,7 @@ set -euo pipefail
 BIN=${1:-target/release/packmeter}
 ACCOUNTS=${2:-1000000}
 PORT=${PORT:-51471}
-work=$(mktemp -d)
-spid=
-cleanup() {
-  [ -n "$spid" ] && kill "$spid" 2>/dev/null && wait "$spid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-start_server rss "$BIN" "$PORT" "$((PORT + 1000))"
-spid=$SERVED
+serve_one rss "$BIN" "$PORT" "$((PORT + 1000))"
 rss() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$spid/status"; }
 empty=$(rss)
 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --prime --accounts "$ACCOUNTS" \
