@@ -5,8 +5,10 @@
 # server is idle, then runs DURATION seconds of Envoy `ShouldRateLimit` at
 # 32 in flight and reads `/metrics` every 2 s:
 # `packmeter_oldest_unflushed_seconds` (the usage a SIGKILL would lose
-# now) and `packmeter_dirty_accounts`. Ends with loadgen's line and the
-# flush batches the server wrote in all (the prime's included).
+# now) and `packmeter_dirty_accounts`. Ends with loadgen's line, the
+# flush batches the server wrote in all (the prime's included), and how
+# many of them ran at the calls' priority because the flush had fallen
+# behind (`packmeter_flush_late_batches_total`; empty for a build before it).
 #
 #   benches/flush_lag.sh [BIN] [ACCOUNTS] [DURATION]
 #   # defaults: target/release/packmeter, 100000, 20 (seconds)
@@ -39,4 +41,5 @@ wait "$lpid"
 tail -1 "$work/loadgen"
 curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$work/metrics"
 echo "flush batches=$(metric packmeter_flush_batch_accounts_count)" \
-  "accounts flushed=$(metric packmeter_flush_batch_accounts_sum) (prime included)"
+  "accounts flushed=$(metric packmeter_flush_batch_accounts_sum) (prime included)" \
+  "late batches=$(metric packmeter_flush_late_batches_total)"

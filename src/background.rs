@@ -21,6 +21,12 @@
 //! flush costs memory for at most one ledger per account and hour, never
 //! a lost or repeated call.
 //!
+//! That share can be too little: a flush that falls further and further
+//! behind widens what a crash may lose. So a job can ask for the serving
+//! threads' own priority ([`with_priority`], [`Priority::Calls`]); it then
+//! runs on a second thread of the same [`Background`], which never lowered
+//! its priority, and the two threads take turns, never overlapping.
+//!
 //! Lock discipline: a job may take the short locks the hot path takes
 //! (an account's ledger, the flush queue) but must never wait for the
 //! runtime, so a worker that waits for such a lock only waits for a job
@@ -28,7 +34,7 @@
 
 use std::{
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
-    sync::mpsc,
+    sync::{mpsc, Arc},
     time::{Duration, Instant},
 };
 
@@ -39,11 +45,63 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// for the thread is about a ninth of a default thread's.
 pub const NICE: i32 = 10;
 
-/// One background thread; it ends when the last handle is dropped and its
-/// queued jobs are done.
+/// The priority a background job runs at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Priority {
+    /// Below the serving threads' (nice raised by [`NICE`]): the job gets
+    /// the core only when no call wants it. The usual case.
+    #[default]
+    Low,
+    /// The serving threads' own: for work that has fallen so far behind
+    /// that waiting for idle time would break a promise, such as a flush
+    /// whose oldest change is older than the durability window allows
+    /// (`Flusher`). On a saturated core the job then shares it with the
+    /// calls as an equal, and the calls slow down instead.
+    Calls,
+}
+
+tokio::task_local! {
+    /// The priority of the background jobs the current task runs.
+    static PRIORITY: Priority;
+}
+
+/// Runs `fut` so that every job it runs through [`Background::run`],
+/// directly or through the functions it calls (the SQLite store's writer
+/// thread, say), runs at `priority`. Outside such a scope jobs run at
+/// [`Priority::Low`].
+pub async fn with_priority<F: std::future::Future>(priority: Priority, fut: F) -> F::Output {
+    PRIORITY.scope(priority, fut).await
+}
+
+std::thread_local! {
+    /// The priority of the background thread this is (`Low` elsewhere).
+    static THREAD_PRIORITY: std::cell::Cell<Priority> = const { std::cell::Cell::new(Priority::Low) };
+}
+
+fn current_priority() -> Priority {
+    PRIORITY.try_with(|p| *p).unwrap_or_default()
+}
+
+/// A serial executor for background jobs: one named thread at a lower
+/// priority, and a second one at the serving threads' priority, started
+/// the first time a job asks for it ([`with_priority`]). A thread cannot
+/// take back a priority it gave up (lowering its nice value again needs
+/// `CAP_SYS_NICE`), hence two threads. Jobs never overlap: each runs under
+/// the executor's lock, whichever thread runs it, so its jobs stay as
+/// serial as they were on one thread. The threads end when the last
+/// handle is dropped and their queued jobs are done.
 #[derive(Clone)]
 pub struct Background {
     jobs: mpsc::Sender<Job>,
+    at_calls_priority: Arc<CallsThread>,
+    serial: Arc<parking_lot::Mutex<()>>,
+}
+
+/// The thread of a [`Background`] that runs at the serving threads'
+/// priority, started on first use.
+struct CallsThread {
+    name: String,
+    jobs: std::sync::OnceLock<mpsc::Sender<Job>>,
 }
 
 impl Background {
@@ -52,35 +110,53 @@ impl Background {
     /// # Panics
     /// If the OS cannot start a thread, as `std::thread::spawn` does.
     pub fn start(name: &str) -> Background {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                lower_priority();
-                for job in queue {
-                    job();
-                }
-            })
-            .expect("failed to start a background thread");
-        Background { jobs }
+        let serial = Arc::new(parking_lot::Mutex::new(()));
+        Background {
+            jobs: spawn_thread(name.to_owned(), Priority::Low, serial.clone()),
+            at_calls_priority: Arc::new(CallsThread {
+                // Linux shows a thread's first 15 bytes (`top -H`):
+                // `packmeter-flush` is already 15.
+                name: format!(
+                    "pm-{}-late",
+                    name.strip_prefix("packmeter-").unwrap_or(name)
+                ),
+                jobs: std::sync::OnceLock::new(),
+            }),
+            serial,
+        }
     }
 
-    /// Queues `f` on the background thread without waiting for it. A
-    /// panic in `f` is caught and logged; the thread carries on.
+    /// Where a job of the current task goes (see [`with_priority`]).
+    fn queue(&self) -> &mpsc::Sender<Job> {
+        match current_priority() {
+            Priority::Low => &self.jobs,
+            Priority::Calls => {
+                let t = &self.at_calls_priority;
+                t.jobs.get_or_init(|| {
+                    spawn_thread(t.name.clone(), Priority::Calls, self.serial.clone())
+                })
+            }
+        }
+    }
+
+    /// Queues `f` on the background thread without waiting for it, at the
+    /// current task's priority (see [`with_priority`]). A panic in `f` is
+    /// caught and logged; the thread carries on.
     pub fn submit(&self, f: impl FnOnce() + Send + 'static) {
         let job: Job = Box::new(move || {
             if catch_unwind(AssertUnwindSafe(f)).is_err() {
                 tracing::error!("a background job panicked");
             }
         });
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+        if let Err(mpsc::SendError(job)) = self.queue().send(job) {
             job();
         }
     }
 
-    /// Runs `f` on the background thread and returns what it returns. A
-    /// panic in `f` is raised again here, in the caller, as if `f` had run
-    /// in place (the thread itself carries on with the next job).
+    /// Runs `f` on the background thread, at the current task's priority
+    /// (see [`with_priority`]), and returns what it returns. A panic in `f`
+    /// is raised again here, in the caller, as if `f` had run in place (the
+    /// thread itself carries on with the next job).
     pub async fn run<T, F>(&self, f: F) -> T
     where
         T: Send + 'static,
@@ -90,7 +166,7 @@ impl Background {
         let job: Job = Box::new(move || {
             let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
         });
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+        if let Err(mpsc::SendError(job)) = self.queue().send(job) {
             // The thread is gone (it cannot be while a handle exists, but a
             // job must run regardless): run it here.
             job();
@@ -145,9 +221,14 @@ impl Slicer {
         }
     }
 
-    /// Yields the core if the job has run for [`SLICE`] since it last did.
+    /// Yields the core if the job has run for [`SLICE`] since it last did,
+    /// on a thread at the lower priority. A job at the calls' priority
+    /// ([`Priority::Calls`]) is late already and does not yield: among
+    /// threads of one priority a yield hands the core to a busy worker
+    /// for its whole slice, and the job would get a few percent of the
+    /// core instead of an equal share.
     pub fn pause(&mut self) {
-        if self.due(Instant::now()) {
+        if THREAD_PRIORITY.get() == Priority::Low && self.due(Instant::now()) {
             std::thread::yield_now();
             self.yields += 1;
             self.since = Instant::now();
@@ -162,6 +243,33 @@ impl Slicer {
     pub fn yields(&self) -> u64 {
         self.yields
     }
+}
+
+/// Starts a thread named `name` that runs the jobs sent to it at
+/// `priority`, each under `serial`, and returns their queue.
+///
+/// # Panics
+/// If the OS cannot start a thread, as `std::thread::spawn` does.
+fn spawn_thread(
+    name: String,
+    priority: Priority,
+    serial: Arc<parking_lot::Mutex<()>>,
+) -> mpsc::Sender<Job> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            THREAD_PRIORITY.set(priority);
+            if priority == Priority::Low {
+                lower_priority();
+            }
+            for job in queue {
+                let _serial = serial.lock();
+                job();
+            }
+        })
+        .expect("failed to start a background thread");
+    jobs
 }
 
 /// Raises the calling thread's nice value by [`NICE`]. A failure (a
@@ -227,6 +335,68 @@ mod tests {
         slicer.pause();
         assert_eq!(slicer.yields(), 1);
         assert!(slicer.since >= start);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_job_asked_for_at_the_calls_priority_runs_at_the_callers_on_a_thread_of_its_own() {
+        let bg = Background::start("packmeter-test-prio");
+        let here = || {
+            let nice =
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+            (nice, std::thread::current().name().map(str::to_owned))
+        };
+        let (caller, _) = here();
+        let (nice, name) = with_priority(Priority::Calls, bg.run(here)).await;
+        assert_eq!(nice, caller);
+        assert_eq!(name.as_deref(), Some("pm-test-prio-late"));
+        // Outside the scope, the next job runs low again.
+        let (nice, name) = bg.run(here).await;
+        assert_eq!(nice, (caller + NICE).min(19));
+        assert_eq!(name.as_deref(), Some("packmeter-test-prio"));
+        // So does one submitted within a scope that asks for `Low`.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        with_priority(Priority::Low, async {
+            bg.submit(move || drop(tx.send(here())))
+        })
+        .await;
+        assert_eq!(rx.await.unwrap().0, (caller + NICE).min(19));
+    }
+
+    #[tokio::test]
+    async fn jobs_at_the_two_priorities_never_overlap() {
+        let bg = Background::start("packmeter-test-serial");
+        // The low job waits for a signal that only the other job sends. If
+        // the two ran at once, the signal would arrive within the wait;
+        // run one after the other, it cannot, and the low job sees the
+        // wait end empty before the other job starts.
+        let (signal, signalled) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let low = tokio::spawn({
+            let bg = bg.clone();
+            async move {
+                bg.run(move || {
+                    started_tx.send(()).unwrap();
+                    signalled.recv_timeout(Duration::from_millis(500)).is_ok()
+                })
+                .await
+            }
+        });
+        // The low job holds the executor before the other is queued.
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        with_priority(
+            Priority::Calls,
+            bg.run(move || {
+                let _ = signal.send(());
+            }),
+        )
+        .await;
+        assert!(
+            !low.await.unwrap(),
+            "the job at the calls' priority ran while the low job ran"
+        );
     }
 
     #[tokio::test]

@@ -35,7 +35,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    background::{Background, Slicer},
+    background::{with_priority, Background, Priority, Slicer},
     calendar::Ts,
     clock::Clock,
     ledger::{FlushBatch, Pending},
@@ -51,6 +51,9 @@ pub struct FlushReport {
     pub batches: usize,
     /// Accounts this flush set aside after a permanent store error.
     pub set_aside: usize,
+    /// Batches written at the serving threads' priority because the
+    /// flush had fallen behind (see [`Flusher::set_late_after`]).
+    pub late_batches: usize,
     pub elapsed: Duration,
 }
 
@@ -61,6 +64,7 @@ impl FlushReport {
         self.deltas += other.deltas;
         self.batches += other.batches;
         self.set_aside += other.set_aside;
+        self.late_batches += other.late_batches;
         self.elapsed += other.elapsed;
     }
 }
@@ -148,7 +152,15 @@ pub struct Flusher {
     /// accounts does not hold up the calls in flight (see
     /// [`crate::background`]).
     background: Background,
+    /// How old, in microseconds, the oldest unflushed change may get
+    /// before the flush's work runs at the serving threads' priority
+    /// ([`Flusher::set_late_after`]); `u64::MAX`: never.
+    late_after: AtomicU64,
 }
+
+/// How many flush intervals old the oldest unflushed change may get before
+/// the flush runs at the calls' priority (see [`Flusher::set_late_after`]).
+pub const LATE_AFTER_INTERVALS: u32 = 3;
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
 /// faster at 1 M accounts and stretched the p999 (BENCHMARKS.md).
@@ -194,6 +206,42 @@ impl Flusher {
             clock,
             journal: std::sync::OnceLock::new(),
             background: Background::start("packmeter-flush"),
+            late_after: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Once the oldest unflushed change is `after` old, the flush's work
+    /// (taking changes out of the accounts, the SQLite writer, rebasing
+    /// the counters) runs at the serving threads' priority instead of a
+    /// lower one, batch by batch, until the flush has caught up.
+    ///
+    /// At the lower priority a flush gets the core only when no call wants
+    /// it. On a core saturated by calls that is a tenth of it or less, and
+    /// when nearly every call dirties an account of its own (100 k
+    /// accounts), the flush fell behind without bound: the oldest
+    /// unflushed change reached 20 s in a 20 s window, all of which a
+    /// SIGKILL would lose in `flush` mode. At the calls' priority the flush
+    /// gets an equal share, and the calls slow down instead: a bounded
+    /// window is what a billing sidecar promises, and a saturated core
+    /// already means the node needs more CPU. `run` sets this to
+    /// [`LATE_AFTER_INTERVALS`] flush intervals; journal mode, whose
+    /// journal holds every acknowledged deduction, keeps the low priority.
+    pub fn set_late_after(&self, after: Duration) {
+        let micros = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
+        self.late_after.store(micros, Ordering::Relaxed);
+    }
+
+    /// The priority of the flush's next batch: the calls' once the oldest
+    /// unflushed change is older than [`set_late_after`](Self::set_late_after)
+    /// allows.
+    fn priority(&self) -> Priority {
+        if self.journal.get().is_some() {
+            return Priority::Low;
+        }
+        let late_after = Duration::from_micros(self.late_after.load(Ordering::Relaxed));
+        match self.oldest_unflushed_age(self.clock.now()) {
+            Some(age) if age >= late_after => Priority::Calls,
+            _ => Priority::Low,
         }
     }
 
@@ -271,7 +319,8 @@ impl Flusher {
         let retry = std::mem::take(&mut self.in_flight.lock().retry);
         let mut retry = retry.into_iter();
         while let Some((work, batch)) = retry.next() {
-            if let Err(e) = self.write(work, batch, &mut report).await {
+            let written = with_priority(self.priority(), self.write(work, batch, &mut report));
+            if let Err(e) = written.await {
                 // Those not tried yet keep their place, after the one that failed.
                 self.in_flight.lock().retry.extend(retry);
                 return Err(e);
@@ -297,17 +346,21 @@ impl Flusher {
             while failed.is_none() && left > 0 && writing.len() < width {
                 let n = left.min(self.batch_accounts);
                 let this = self.clone();
-                let taken = self.background.run(move || this.take_chunk(n)).await;
-                let Some((work, batch)) = taken else {
+                let priority = self.priority();
+                let take = self.background.run(move || this.take_chunk(n));
+                let Some((work, batch)) = with_priority(priority, take).await else {
                     left = 0;
                     break;
                 };
                 left = left.saturating_sub(work.len().max(1));
-                writing.push(async move {
+                writing.push(with_priority(priority, async move {
                     let mut part = FlushReport::default();
                     let written = self.write(work, batch, &mut part).await;
+                    if priority == Priority::Calls {
+                        part.late_batches = part.batches;
+                    }
                     (part, written)
-                });
+                }));
             }
             let Some((part, written)) = writing.next().await else {
                 break;
@@ -600,6 +653,7 @@ impl Flusher {
     /// Flushes every `interval`, or when the meter asks for it, until
     /// `cancel` fires. Failures back off exponentially.
     pub async fn run(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        self.set_late_after(interval.saturating_mul(LATE_AFTER_INTERVALS));
         let mut backoff: Option<Duration> = None;
         loop {
             let wait = backoff.unwrap_or(interval);
@@ -866,6 +920,69 @@ mod tests {
         app.flush().await.unwrap();
         let rows = store
             .usage_rows_page(Ts::MIN, Ts::MAX, Some("acme"), None, 100)
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
+        assert_eq!(app.meter().dirty_len(), 0);
+    }
+
+    /// A flush whose oldest change is older than `set_late_after` allows
+    /// writes at the calls' priority, batch by batch (counted in its
+    /// report and in `packmeter_flush_late_batches_total`); one that is
+    /// on time stays low. Either way the usage lands once.
+    #[tokio::test]
+    async fn a_flush_that_has_fallen_behind_runs_at_the_calls_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let metrics = Arc::new(Metrics::new());
+        let app = App::new(
+            MeterConfig::default(),
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            1,
+        );
+        app.flusher().set_late_after(Duration::from_secs(3));
+        let deduct = |account_id, calls| DeductRequest {
+            account_id,
+            deduction: Deduction {
+                calls,
+                egress_bytes: 0,
+                at: None,
+                request_id: "",
+            },
+        };
+        // On time: 2.9 s old.
+        app.deduct(&[deduct("a", 1)], Atomicity::Each)
+            .await
+            .unwrap();
+        clock.advance(2_900_000);
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (1, 0));
+        // Behind: the oldest of two accounts is 3 s old. One account per
+        // batch (`App::new`'s last argument): both batches are late, since
+        // the first one's age stays in flight until the flush ends.
+        app.deduct(&[deduct("b", 2)], Atomicity::Each)
+            .await
+            .unwrap();
+        clock.advance(1_000_000);
+        app.deduct(&[deduct("c", 4)], Atomicity::Each)
+            .await
+            .unwrap();
+        clock.advance(2_000_000);
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (2, 2));
+        assert!(
+            metrics
+                .render(0.0, 0, 0, 0)
+                .contains("packmeter_flush_late_batches_total 2\n"),
+            "{}",
+            metrics.render(0.0, 0, 0, 0)
+        );
+        let rows = store
+            .usage_rows_page(Ts::MIN, Ts::MAX, None, None, 100)
             .await
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");

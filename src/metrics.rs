@@ -91,6 +91,7 @@ pub struct Metrics {
     flush_duration: Histogram,
     flush_accounts: Histogram,
     flush_failures: Counter,
+    flush_late_batches: Counter,
     oldest_unflushed: Gauge<f64, AtomicU64>,
     store_up: Gauge,
     /// Whether the last flush the store was asked to take succeeded.
@@ -240,6 +241,16 @@ impl Metrics {
             "Flushes the store refused (their usage was kept and retried)",
             flush_failures.clone(),
         );
+        let flush_late_batches = Counter::default();
+        registry.register(
+            "flush_late_batches",
+            format!(
+                "Flush batches written at the calls' priority because the oldest unflushed \
+                 usage was {} flush intervals old or more (a core saturated by calls)",
+                crate::flush::LATE_AFTER_INTERVALS
+            ),
+            flush_late_batches.clone(),
+        );
         let oldest_unflushed = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "oldest_unflushed_seconds",
@@ -354,6 +365,7 @@ impl Metrics {
             flush_duration,
             flush_accounts,
             flush_failures,
+            flush_late_batches,
             oldest_unflushed,
             store_up,
             last_flush_ok: true.into(),
@@ -519,6 +531,7 @@ impl FlushObserver for Metrics {
             self.flush_duration.observe(r.elapsed.as_secs_f64());
             self.flush_accounts.observe(r.accounts as f64);
         }
+        self.flush_late_batches.inc_by(r.late_batches as u64);
     }
 
     fn failed(&self, _: &StoreError) {
