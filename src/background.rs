@@ -221,15 +221,22 @@ impl Slicer {
         }
     }
 
-    /// Yields the core if the job has run for [`SLICE`] since it last did,
-    /// on a thread at the lower priority. A job at the calls' priority
-    /// ([`Priority::Calls`]) is late already and does not yield: among
-    /// threads of one priority a yield hands the core to a busy worker
-    /// for its whole slice, and the job would get a few percent of the
-    /// core instead of an equal share.
+    /// Once the job has run for [`SLICE`] since it last paused, hands the
+    /// core back: on the thread at the lower priority, a yield; on the one
+    /// at the calls' priority ([`Priority::Calls`]), a sleep of one
+    /// [`SLICE`]. Among threads of one priority a yield hands the core to
+    /// a busy worker for its whole scheduler slice, and the late job got a
+    /// few percent of a saturated core; without any pause it got an equal
+    /// share, but held calls for up to a scheduler tick (p99 4-4.5 ms
+    /// against 2.2 ms with the sleep, at 100 k accounts; BENCHMARKS.md,
+    /// stop 30). The sleep caps its share at about half the core, which
+    /// measured enough to bound its lag.
     pub fn pause(&mut self) {
-        if THREAD_PRIORITY.get() == Priority::Low && self.due(Instant::now()) {
-            std::thread::yield_now();
+        if self.due(Instant::now()) {
+            match THREAD_PRIORITY.get() {
+                Priority::Low => std::thread::yield_now(),
+                Priority::Calls => std::thread::sleep(SLICE),
+            }
             self.yields += 1;
             self.since = Instant::now();
         }

@@ -112,9 +112,10 @@ pub struct Settings {
     /// lease is spent: deny or allow [default: deny].
     #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
     pub lease_outage: Option<Text>,
-    /// What a SIGKILL may lose: flush (up to one flush interval of usage) or
-    /// journal (nothing acknowledged: each deduction is synced to a local
-    /// journal before it is answered) [default: flush].
+    /// What a SIGKILL may lose: flush (up to about one flush interval of
+    /// usage, 3-6 on a core saturated by calls) or journal (nothing
+    /// acknowledged: each deduction is synced to a local journal before it
+    /// is answered) [default: flush].
     #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
     pub durability: Option<Text>,
     /// Time allowed after SIGTERM to drain requests and flush [default: 20s].

@@ -974,6 +974,21 @@ mod tests {
         clock.advance(2_000_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (2, 2));
+        // The SQLite writer's job went to its thread at the calls'
+        // priority too (the scope reaches through the store's call).
+        #[cfg(target_os = "linux")]
+        {
+            let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .collect();
+            for late in ["pm-flush-late", "pm-sqlite-write"] {
+                assert!(
+                    names.iter().any(|n| n.trim_end() == late),
+                    "{late} in {names:?}"
+                );
+            }
+        }
         assert!(
             metrics
                 .render(0.0, 0, 0, 0)
