@@ -55,8 +55,10 @@ pub enum Priority {
     /// The serving threads' own: for work that has fallen so far behind
     /// that waiting for idle time would break a promise, such as a flush
     /// whose oldest change is older than the durability window allows
-    /// (`Flusher`). On a saturated core the job then shares it with the
-    /// calls as an equal, and the calls slow down instead.
+    /// (`Flusher`). On a saturated core the job then takes up to about
+    /// half of it ([`Slicer::pause`]), and the calls slow down instead.
+    /// A job that asks for it while the low thread runs a job of the same
+    /// executor waits for that job to end, at its low priority.
     Calls,
 }
 

@@ -16,6 +16,12 @@
 //!   memory and written to the spill file at shutdown); everything else
 //!   keeps flowing.
 //!
+//! The flush's work runs at a lower priority than the calls, so that it
+//! stays out of their tail, until the oldest unflushed change is
+//! [`LATE_AFTER_INTERVALS`] flush intervals old; a late batch runs at the
+//! calls' priority, so a crash in `flush` mode loses a bounded window even
+//! on a core that calls keep saturated ([`Flusher::set_late_after`]).
+//!
 //! Every batch carries a unique id that the store records, so a batch that
 //! is written again (from the spill file, after a flush whose outcome was
 //! unknown) is applied once. What is not yet durable is always in exactly
@@ -221,7 +227,8 @@ impl Flusher {
     /// accounts), the flush fell behind without bound: the oldest
     /// unflushed change reached 20 s in a 20 s window, all of which a
     /// SIGKILL would lose in `flush` mode. At the calls' priority the flush
-    /// gets an equal share, and the calls slow down instead: a bounded
+    /// gets up to about half the core (it pauses as long as it works, see
+    /// [`Slicer::pause`]), and the calls slow down instead: a bounded
     /// window is what a billing sidecar promises, and a saturated core
     /// already means the node needs more CPU. `run` sets this to
     /// [`LATE_AFTER_INTERVALS`] flush intervals; journal mode, whose
@@ -945,32 +952,30 @@ mod tests {
             1,
         );
         app.flusher().set_late_after(Duration::from_secs(3));
-        let deduct = |account_id, calls| DeductRequest {
-            account_id,
-            deduction: Deduction {
-                calls,
-                egress_bytes: 0,
-                at: None,
-                request_id: "",
-            },
+        let deduct = |account_id, calls| {
+            let request = DeductRequest {
+                account_id,
+                deduction: Deduction {
+                    calls,
+                    egress_bytes: 0,
+                    at: None,
+                    request_id: "",
+                },
+            };
+            let app = &app;
+            async move { app.deduct(&[request], Atomicity::Each).await.unwrap() }
         };
         // On time: 2.9 s old.
-        app.deduct(&[deduct("a", 1)], Atomicity::Each)
-            .await
-            .unwrap();
+        deduct("a", 1).await;
         clock.advance(2_900_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
         // Behind: the oldest of two accounts is 3 s old. One account per
         // batch (`App::new`'s last argument): both batches are late, since
         // the first one's age stays in flight until the flush ends.
-        app.deduct(&[deduct("b", 2)], Atomicity::Each)
-            .await
-            .unwrap();
+        deduct("b", 2).await;
         clock.advance(1_000_000);
-        app.deduct(&[deduct("c", 4)], Atomicity::Each)
-            .await
-            .unwrap();
+        deduct("c", 4).await;
         clock.advance(2_000_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (2, 2));
