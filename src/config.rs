@@ -81,6 +81,12 @@ pub struct Settings {
     /// How often usage is flushed to the store [default: 1s].
     #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
     pub flush_interval: Option<Text>,
+    /// How old unflushed usage may get before the flush, which runs at a
+    /// lower priority than the calls, runs at theirs until it has caught up
+    /// (on a core that calls keep saturated); `off` keeps it low, and a
+    /// crash may then lose more than this [default: 3 times --flush-interval].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION|off"))]
+    pub flush_max_lag: Option<Text>,
     /// How long after an hour ends late events are still accepted (R9) [default: 1h].
     #[cfg_attr(feature = "cli", arg(long, value_name = "DURATION"))]
     pub late_grace: Option<Text>,
@@ -357,6 +363,9 @@ pub struct Config {
     /// ledger (a fresh free tier for every account), so `serve` refuses it.
     pub create_store_dir: bool,
     pub flush_interval: Duration,
+    /// `--flush-max-lag`; `None`: off. See
+    /// [`crate::flush::Flusher::set_late_after`].
+    pub flush_max_lag: Option<Duration>,
     /// `--durability`: see [`crate::journal`].
     pub durability: Durability,
     pub shutdown_grace: Duration,
@@ -745,6 +754,24 @@ impl Config {
         if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
             return Err(err("flush_interval", "must be more than 0 and at most 1h"));
         }
+        let flush_max_lag = match given(&s.flush_max_lag).as_deref().map(str::trim) {
+            None => Some(flush_interval.saturating_mul(crate::flush::LATE_AFTER_INTERVALS)),
+            Some("off") => None,
+            Some(v) => {
+                let lag = duration("flush_max_lag", v)?;
+                if lag < flush_interval {
+                    return Err(err(
+                        "flush_max_lag",
+                        format!(
+                            "`{v}` is shorter than flush_interval ({}): the flush would always \
+                             run at the calls' priority; give at least the interval, or off",
+                            humantime::format_duration(flush_interval)
+                        ),
+                    ));
+                }
+                Some(lag)
+            }
+        };
         let durability = match given(&s.durability) {
             None => Durability::default(),
             Some(v) => v.parse().map_err(|e: String| err("durability", e))?,
@@ -1005,6 +1032,7 @@ impl Config {
             store,
             create_store_dir,
             flush_interval,
+            flush_max_lag,
             durability,
             shutdown_grace,
             idle_evict,
@@ -1156,10 +1184,35 @@ mod tests {
             (only("store", "redis://x"), "store"),
             (only("unknown_accounts", "maybe"), "unknown_accounts"),
             (only("max_calls", "0"), "max_calls"),
+            (only("flush_max_lag", "soon"), "flush_max_lag"),
         ];
         for (args, field) in cases {
             assert_eq!(Config::resolve(&args).unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn the_flush_max_lag_follows_the_interval_and_can_be_off() {
+        let lag = |args: &ServeArgs| Config::resolve(args).map(|c| c.flush_max_lag);
+        assert_eq!(lag(&ServeArgs::default()), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(
+            lag(&only("flush_interval", "250ms")),
+            Ok(Some(Duration::from_millis(750)))
+        );
+        assert_eq!(
+            lag(&only("flush_max_lag", "10s")),
+            Ok(Some(Duration::from_secs(10)))
+        );
+        assert_eq!(lag(&only("flush_max_lag", "off")), Ok(None));
+        // Shorter than the interval: the flush would never run low.
+        let e = Config::resolve(&flags(&[("flush_interval", "2s"), ("flush_max_lag", "1s")]))
+            .unwrap_err();
+        assert_eq!(e.field, "flush_max_lag");
+        assert!(
+            e.message.contains("shorter than flush_interval (2s)"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -1191,7 +1244,7 @@ mod tests {
     }
 
     /// Every string field of [`ServeArgs`], by the name errors give it.
-    const STRING_FIELDS: [&str; 30] = [
+    const STRING_FIELDS: [&str; 31] = [
         "durability",
         "max_stream_in_flight",
         "tls_cert_file",
@@ -1205,6 +1258,7 @@ mod tests {
         "admin_listen",
         "store",
         "flush_interval",
+        "flush_max_lag",
         "late_grace",
         "dedup_window",
         "timezone",

@@ -165,7 +165,8 @@ pub struct Flusher {
 }
 
 /// How many flush intervals old the oldest unflushed change may get before
-/// the flush runs at the calls' priority (see [`Flusher::set_late_after`]).
+/// the flush runs at the calls' priority, unless `--flush-max-lag` says
+/// otherwise (see [`Flusher::set_late_after`]).
 pub const LATE_AFTER_INTERVALS: u32 = 3;
 
 /// Accounts per flush transaction in `serve`. Larger batches measured no
@@ -216,7 +217,8 @@ impl Flusher {
         }
     }
 
-    /// Once the oldest unflushed change is `after` old, the flush's work
+    /// Once the oldest unflushed change is `after` old (never: `None`, the
+    /// default), the flush's work
     /// (taking changes out of the accounts, the SQLite writer, rebasing
     /// the counters) runs at the serving threads' priority instead of a
     /// lower one, batch by batch, until the flush has caught up.
@@ -230,11 +232,14 @@ impl Flusher {
     /// gets up to about half the core (it pauses as long as it works, see
     /// [`Slicer::pause`]), and the calls slow down instead: a bounded
     /// window is what a billing sidecar promises, and a saturated core
-    /// already means the node needs more CPU. `run` sets this to
-    /// [`LATE_AFTER_INTERVALS`] flush intervals; journal mode, whose
-    /// journal holds every acknowledged deduction, keeps the low priority.
-    pub fn set_late_after(&self, after: Duration) {
-        let micros = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
+    /// already means the node needs more CPU. `serve` sets this to
+    /// `--flush-max-lag`, by default [`LATE_AFTER_INTERVALS`] flush
+    /// intervals; journal mode, whose journal holds every acknowledged
+    /// deduction, keeps the low priority.
+    pub fn set_late_after(&self, after: Option<Duration>) {
+        let micros = after.map_or(u64::MAX, |a| {
+            u64::try_from(a.as_micros()).unwrap_or(u64::MAX)
+        });
         self.late_after.store(micros, Ordering::Relaxed);
     }
 
@@ -660,7 +665,6 @@ impl Flusher {
     /// Flushes every `interval`, or when the meter asks for it, until
     /// `cancel` fires. Failures back off exponentially.
     pub async fn run(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
-        self.set_late_after(interval.saturating_mul(LATE_AFTER_INTERVALS));
         let mut backoff: Option<Duration> = None;
         loop {
             let wait = backoff.unwrap_or(interval);
@@ -951,7 +955,7 @@ mod tests {
             clock.clone(),
             1,
         );
-        app.flusher().set_late_after(Duration::from_secs(3));
+        app.flusher().set_late_after(Some(Duration::from_secs(3)));
         let deduct = |account_id, calls| {
             let request = DeductRequest {
                 account_id,

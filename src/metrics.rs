@@ -244,11 +244,8 @@ impl Metrics {
         let flush_late_batches = Counter::default();
         registry.register(
             "flush_late_batches",
-            format!(
-                "Flush batches written at the calls' priority because the oldest unflushed \
-                 usage was {} flush intervals old or more (a core saturated by calls)",
-                crate::flush::LATE_AFTER_INTERVALS
-            ),
+            "Flush batches written at the calls' priority because the oldest unflushed usage \
+             was older than flush_max_lag (by default 3 flush intervals; a core saturated by calls)",
             flush_late_batches.clone(),
         );
         let oldest_unflushed = Gauge::<f64, AtomicU64>::default();

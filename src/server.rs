@@ -724,6 +724,7 @@ impl StartUp {
             return Ok(false);
         }
 
+        app.flusher().set_late_after(config.flush_max_lag);
         tasks.spawn(
             app.flusher()
                 .clone()

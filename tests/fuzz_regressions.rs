@@ -478,6 +478,7 @@ fn config_seeds() -> Seeds {
 admin_listen = "127.0.0.1:9090"
 store = "sqlite:///var/lib/packmeter/packmeter.db"
 flush_interval = "500ms"
+flush_max_lag = "2s"
 late_grace = "1h"
 dedup_window = "2h"
 timezone = "Asia/Shanghai"
