@@ -18,9 +18,10 @@
 //!
 //! The flush's work runs at a lower priority than the calls, so that it
 //! stays out of their tail, until the oldest unflushed change is
-//! [`LATE_AFTER_INTERVALS`] flush intervals old; a late batch runs at the
-//! calls' priority, so a crash in `flush` mode loses a bounded window even
-//! on a core that calls keep saturated ([`Flusher::set_late_after`]).
+//! `--flush-max-lag` old (by default [`LATE_AFTER_INTERVALS`] flush
+//! intervals); a late batch runs at the calls' priority, so a crash in
+//! `flush` mode loses a bounded window even on a core that calls keep
+//! saturated ([`Flusher::set_late_after`]).
 //!
 //! Every batch carries a unique id that the store records, so a batch that
 //! is written again (from the spill file, after a flush whose outcome was
@@ -217,11 +218,11 @@ impl Flusher {
         }
     }
 
-    /// Once the oldest unflushed change is `after` old (never: `None`, the
-    /// default), the flush's work
-    /// (taking changes out of the accounts, the SQLite writer, rebasing
-    /// the counters) runs at the serving threads' priority instead of a
-    /// lower one, batch by batch, until the flush has caught up.
+    /// Once the oldest unflushed change is `after` old (`None`, the
+    /// default: never), the flush's work (taking changes out of the
+    /// accounts, the SQLite writer, rebasing the counters) runs at the
+    /// serving threads' priority instead of a lower one, batch by batch,
+    /// until the flush has caught up.
     ///
     /// At the lower priority a flush gets the core only when no call wants
     /// it. On a core saturated by calls that is a tenth of it or less, and
@@ -718,6 +719,10 @@ impl Flusher {
         self: &Arc<Self>,
         deadline: tokio::time::Instant,
     ) -> Result<FlushReport, StoreError> {
+        // No call is served any more, so the flush has the core to itself
+        // at the low priority too, where a late batch's pauses would only
+        // slow it down.
+        self.set_late_after(None);
         let attempt = async {
             let mut total = FlushReport::default();
             let mut delay = MIN_BACKOFF;
@@ -1010,6 +1015,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
+        assert_eq!(app.meter().dirty_len(), 0);
+        // The final flush at shutdown, when no call is served any more,
+        // stays low however late it is: there, a late batch's pauses
+        // would only slow it down.
+        deduct("d", 8).await;
+        clock.advance(10_000_000);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let report = app.flusher().final_flush(deadline).await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (1, 0));
         assert_eq!(app.meter().dirty_len(), 0);
     }
 }
