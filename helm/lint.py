@@ -82,6 +82,7 @@ MUST_FAIL = [
      "kubelet's gRPC probes speak plaintext"),
     ("tls-client-auth-without-secret", {"tls": {"clientAuth": True}},
      "tls.clientAuth needs tls.existingSecret"),
+    ("flush-max-lag-not-a-duration", {"config": {"flushMaxLag": "soon"}}, "flushMaxLag"),
 ]
 
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
@@ -187,7 +188,8 @@ def print_default_toml(yaml) -> int:
         "admin_listen = " + q(f"{c['listenHost']}:{c['adminPort']}"),
         "store = " + q("sqlite://" + v["store"]["sqlite"]["path"]),
     ]
-    for key, val in (("flush_interval", c["flushInterval"]), ("late_grace", c["lateGrace"]),
+    for key, val in (("flush_interval", c["flushInterval"]), ("flush_max_lag", c["flushMaxLag"]),
+                     ("late_grace", c["lateGrace"]),
                      ("dedup_window", c["dedupWindow"]), ("timezone", c["timezone"]),
                      ("max_future_skew", c["maxFutureSkew"]),
                      ("unknown_accounts", c["unknownAccounts"])):
@@ -541,7 +543,8 @@ class Checker:
                     f"packmeter.toml admin_listen = {conf.get('admin_listen')!r}")
         self.expect(conf.get("shutdown_grace") == f"{c['shutdownGraceSeconds']}s",
                     f"packmeter.toml shutdown_grace = {conf.get('shutdown_grace')!r}")
-        for key, val in (("flush_interval", c["flushInterval"]), ("late_grace", c["lateGrace"]),
+        for key, val in (("flush_interval", c["flushInterval"]), ("flush_max_lag", c["flushMaxLag"]),
+                         ("late_grace", c["lateGrace"]),
                          ("dedup_window", c["dedupWindow"]), ("timezone", c["timezone"]),
                          ("max_future_skew", c["maxFutureSkew"]),
                          ("unknown_accounts", c["unknownAccounts"]), ("log_format", c["logFormat"])):
