@@ -119,7 +119,7 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
     pub lease_outage: Option<Text>,
     /// What a SIGKILL may lose: flush (up to about one flush interval of
-    /// usage, 3-6 on a core saturated by calls) or journal (nothing
+    /// usage, more on a core saturated by calls: README) or journal (nothing
     /// acknowledged: each deduction is synced to a local journal before it
     /// is answered) [default: flush].
     #[cfg_attr(feature = "cli", arg(long, value_name = "MODE"))]
