@@ -204,6 +204,9 @@ pub const SLICE: Duration = Duration::from_micros(200);
 /// holds no lock a call waits for; once the job has run for [`SLICE`] since
 /// the last yield, the thread yields (`sched_yield`) and the kernel runs a
 /// waiting worker first. With no worker waiting, the yield returns at once.
+/// On the thread at the calls' priority ([`Priority::Calls`]) the pause is
+/// a sleep of one [`SLICE`] instead, whether or not a worker waits (see
+/// [`Slicer::pause`]).
 pub struct Slicer {
     since: Instant,
     yields: u64,
@@ -248,7 +251,8 @@ impl Slicer {
         now.saturating_duration_since(self.since) >= SLICE
     }
 
-    /// How many times [`pause`](Self::pause) yielded.
+    /// How many times [`pause`](Self::pause) handed the core back (a yield,
+    /// or a sleep on the thread at the calls' priority).
     pub fn yields(&self) -> u64 {
         self.yields
     }
