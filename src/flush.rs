@@ -21,7 +21,10 @@
 //! `--flush-max-lag` old (by default [`LATE_AFTER_INTERVALS`] flush
 //! intervals); a late batch runs at the calls' priority, so a crash in
 //! `flush` mode loses a bounded window even on a core that calls keep
-//! saturated ([`Flusher::set_late_after`]).
+//! saturated ([`Flusher::set_late_after`]). A late batch, and every
+//! batch of the final flush at shutdown, may be larger, when the store
+//! writes large batches more cheaply per account
+//! ([`Store::catch_up_batch_accounts`]).
 //!
 //! Every batch carries a unique id that the store records, so a batch that
 //! is written again (from the spill file, after a flush whose outcome was
@@ -32,7 +35,7 @@
 use std::{
     hash::{BuildHasher, Hasher},
     sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -135,6 +138,12 @@ pub struct Flusher {
     store: Arc<dyn Store>,
     /// Accounts per transaction.
     batch_accounts: usize,
+    /// Accounts per transaction of a late batch and of the final flush
+    /// ([`Store::catch_up_batch_accounts`]; at least `batch_accounts`).
+    catch_up_batch_accounts: AtomicUsize,
+    /// Set by [`final_flush`](Self::final_flush): every batch is a catch-up
+    /// batch from then on.
+    final_flushing: AtomicBool,
     /// One flush at a time: the background loop and `Admin.Flush` share it.
     /// Held across the store's await, which is why it is tokio's mutex.
     running: tokio::sync::Mutex<()>,
@@ -201,10 +210,17 @@ impl Flusher {
         observer: Arc<dyn FlushObserver>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let catch_up = store
+            .catch_up_batch_accounts()
+            .unwrap_or(batch_accounts)
+            .max(batch_accounts)
+            .max(1);
         Flusher {
             meter,
             store,
             batch_accounts: batch_accounts.max(1),
+            catch_up_batch_accounts: AtomicUsize::new(catch_up),
+            final_flushing: AtomicBool::new(false),
             running: tokio::sync::Mutex::new(()),
             observer,
             in_flight_since: AtomicI64::new(Ts::MAX),
@@ -242,6 +258,27 @@ impl Flusher {
             u64::try_from(a.as_micros()).unwrap_or(u64::MAX)
         });
         self.late_after.store(micros, Ordering::Relaxed);
+    }
+
+    /// Accounts per late batch and per batch of the final flush, instead of
+    /// the store's [`Store::catch_up_batch_accounts`] (at least the normal
+    /// batch size).
+    pub fn set_catch_up_batch_accounts(&self, accounts: usize) {
+        self.catch_up_batch_accounts
+            .store(accounts.max(self.batch_accounts), Ordering::Relaxed);
+    }
+
+    /// How many accounts the next batch, at `priority`, takes at most: the
+    /// catch-up size once the flush is late or final. A batch's priority is
+    /// chosen when it is taken, so on time the batches stay small: one
+    /// taken at the low priority just before the flush falls behind then
+    /// finishes soon, and the next one is late.
+    fn batch_size(&self, priority: Priority) -> usize {
+        if priority == Priority::Calls || self.final_flushing.load(Ordering::Relaxed) {
+            self.catch_up_batch_accounts.load(Ordering::Relaxed)
+        } else {
+            self.batch_accounts
+        }
     }
 
     /// The priority of the flush's next batch: the calls' once the oldest
@@ -357,9 +394,9 @@ impl Flusher {
         let mut failed: Option<StoreError> = None;
         loop {
             while failed.is_none() && left > 0 && writing.len() < width {
-                let n = left.min(self.batch_accounts);
-                let this = self.clone();
                 let priority = self.priority();
+                let n = left.min(self.batch_size(priority));
+                let this = self.clone();
                 let take = self.background.run(move || this.take_chunk(n));
                 let Some((work, batch)) = with_priority(priority, take).await else {
                     left = 0;
@@ -734,6 +771,9 @@ impl Flusher {
         // at the low priority too, where a late batch's pauses would only
         // slow it down.
         self.set_late_after(None);
+        // And in the store's catch-up batches: the whole queue is to be
+        // written before the grace period ends.
+        self.final_flushing.store(true, Ordering::Relaxed);
         let attempt = async {
             let mut total = FlushReport::default();
             let mut delay = MIN_BACKOFF;
@@ -972,6 +1012,9 @@ mod tests {
             1,
         );
         app.flusher().set_late_after(Some(Duration::from_secs(3)));
+        // Late batches as small as the others, to see the priority chosen
+        // batch by batch (the next test has SQLite's catch-up batches).
+        app.flusher().set_catch_up_batch_accounts(1);
         let deduct = |account_id, calls| {
             let request = DeductRequest {
                 account_id,
@@ -1036,6 +1079,59 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let report = app.flusher().final_flush(deadline).await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
+        assert_eq!(app.meter().dirty_len(), 0);
+    }
+    /// SQLite writes a large batch more cheaply per account
+    /// (`Store::catch_up_batch_accounts`): a late flush, and the final
+    /// flush at shutdown, take that many accounts per batch; a flush on
+    /// time keeps the usual size.
+    #[tokio::test]
+    async fn late_and_final_flushes_take_the_stores_catch_up_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let app = App::new(
+            MeterConfig::default(),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            clock.clone(),
+            1,
+        );
+        app.flusher().set_late_after(Some(Duration::from_secs(3)));
+        let deduct = |accounts: &'static [&'static str]| {
+            let app = &app;
+            async move {
+                for account_id in accounts {
+                    let request = DeductRequest {
+                        account_id,
+                        deduction: Deduction {
+                            calls: 1,
+                            egress_bytes: 0,
+                            at: None,
+                            request_id: "",
+                        },
+                    };
+                    app.deduct(&[request], Atomicity::Each).await.unwrap();
+                }
+            }
+        };
+        deduct(&["a", "b"]).await;
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (2, 0));
+        deduct(&["c", "d", "e"]).await;
+        clock.advance(3_000_000);
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (1, 1));
+        deduct(&["f", "g"]).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let report = app.flusher().final_flush(deadline).await.unwrap();
+        assert_eq!((report.batches, report.late_batches), (1, 0));
+        let rows = store
+            .usage_rows_page(Ts::MIN, Ts::MAX, None, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
         assert_eq!(app.meter().dirty_len(), 0);
     }
 }

@@ -213,6 +213,15 @@ pub trait Store: Send + Sync + 'static {
         1
     }
 
+    /// Accounts per [`flush_batch`](Self::flush_batch) when the flush
+    /// catches up (a late batch, the final flush at shutdown; see
+    /// [`crate::flush::Flusher`]), for a store that writes a large batch
+    /// much more cheaply per account than a small one. `None` (the
+    /// default): the usual batch size.
+    fn catch_up_batch_accounts(&self) -> Option<usize> {
+        None
+    }
+
     /// Applies a flush in one transaction: all of it or nothing. Returns
     /// false, changing nothing, if a batch with the same id was applied
     /// before. [`flush_batch`](Self::flush_batch) without the totals.
