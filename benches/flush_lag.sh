@@ -9,9 +9,13 @@
 # flush batches the server wrote in all (the prime's included), and how
 # many of them ran at the calls' priority because the flush had fallen
 # behind (`packmeter_flush_late_batches_total`; empty for a build before it).
+# Then what the window cost the disk: the bytes the server wrote (from
+# /proc/PID/io) per account flushed in the window. Last, it sends SIGTERM
+# and times the shutdown, whose final flush writes what is still dirty.
 #
-#   benches/flush_lag.sh [BIN] [ACCOUNTS] [DURATION]
+#   benches/flush_lag.sh [BIN] [ACCOUNTS] [DURATION] [serve flags...]
 #   # defaults: target/release/packmeter, 100000, 20 (seconds)
+#   benches/flush_lag.sh target/release/packmeter 1000000 20 --flush-max-lag off
 #   PORT=51481 (gRPC; the admin port is PORT + 1000)
 #
 # The server runs on CPU 0 and loadgen on CPU 1, as in the other scripts.
@@ -20,13 +24,18 @@ set -euo pipefail
 BIN=${1:-target/release/packmeter}
 ACCOUNTS=${2:-100000}
 DURATION=${3:-20}
+shift $(($# < 3 ? $# : 3))
 PORT=${PORT:-51481}
 ADMIN=$((PORT + 1000))
-serve_one lag "$BIN" "$PORT" "$ADMIN"
+serve_one lag "$BIN" "$PORT" "$ADMIN" --shutdown-grace 120s "$@"
 taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --prime --accounts "$ACCOUNTS" \
   --duration 0s >/dev/null 2>&1
 settle "$spid"
 metric() { awk -v m="$1" '$1 == m { print $2 }' "$work/metrics"; }
+written() { awk '$1 == "write_bytes:" { print $2 }' "/proc/$spid/io"; }
+curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$work/metrics"
+flushed0=$(metric packmeter_flush_batch_accounts_sum)
+written0=$(written)
 taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --rpc rls --concurrency 32 \
   --connections 2 --duration "${DURATION}s" --warmup 0s --accounts "$ACCOUNTS" \
   --server-pid "$spid" >"$work/loadgen" 2>&1 &
@@ -43,3 +52,14 @@ curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$work/metrics"
 echo "flush batches=$(metric packmeter_flush_batch_accounts_count)" \
   "accounts flushed=$(metric packmeter_flush_batch_accounts_sum) (prime included)" \
   "late batches=$(metric packmeter_flush_late_batches_total)"
+awk -v a0="$flushed0" -v a1="$(metric packmeter_flush_batch_accounts_sum)" \
+  -v w0="$written0" -v w1="$(written)" 'BEGIN {
+    n = a1 - a0
+    printf "in the window: accounts flushed=%d bytes written=%.0f MB per flushed account=%.0f B\n",
+      n, (w1 - w0) / 1e6, n > 0 ? (w1 - w0) / n : 0 }'
+dirty=$(metric packmeter_dirty_accounts)
+started=$(date +%s.%N)
+kill -TERM "$spid"
+wait "$spid" || true
+spid=
+echo "shutdown: dirty accounts at SIGTERM=$dirty seconds=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }')"
