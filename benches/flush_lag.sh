@@ -56,7 +56,7 @@ awk -v a0="$flushed0" -v a1="$(metric packmeter_flush_batch_accounts_sum)" \
   -v w0="$written0" -v w1="$(written)" 'BEGIN {
     n = a1 - a0
     printf "in the window: accounts flushed=%d bytes written=%.0f MB per flushed account=%.0f B\n",
-      n, (w1 - w0) / 1e6, n > 0 ? (w1 - w0) / n : 0 }'
+      n, (w1 - w0) / 1e6, (n > 0 ? (w1 - w0) / n : 0) }'
 dirty=$(metric packmeter_dirty_accounts)
 started=$(date +%s.%N)
 kill -TERM "$spid"
