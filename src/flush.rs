@@ -1000,17 +1000,8 @@ mod tests {
     #[tokio::test]
     async fn a_flush_that_has_fallen_behind_runs_at_the_calls_priority() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
-        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
         let metrics = Arc::new(Metrics::new());
-        let app = App::new(
-            MeterConfig::default(),
-            store.clone(),
-            metrics.clone(),
-            clock.clone(),
-            1,
-        );
+        let (store, clock, app) = one_account_batches(&dir, metrics.clone());
         app.flusher().set_late_after(Some(Duration::from_secs(3)));
         // Late batches as small as the others, to see the priority chosen
         // batch by batch (the next test has SQLite's catch-up batches).
@@ -1065,12 +1056,7 @@ mod tests {
             "{}",
             metrics.render(0.0, 0, 0, 0)
         );
-        let rows = store
-            .usage_rows_page(Ts::MIN, Ts::MAX, None, None, 100)
-            .await
-            .unwrap();
-        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
-        assert_eq!(app.meter().dirty_len(), 0);
+        all_flushed(&store, &app, 7).await;
         // The final flush at shutdown, when no call is served any more,
         // stays low however late it is: there, a late batch's pauses
         // would only slow it down.
@@ -1081,6 +1067,40 @@ mod tests {
         assert_eq!((report.batches, report.late_batches), (1, 0));
         assert_eq!(app.meter().dirty_len(), 0);
     }
+
+    /// The store holds `calls` in all, and nothing waits to be flushed.
+    async fn all_flushed(store: &SqliteStore, app: &App, calls: u64) {
+        let rows = store
+            .usage_rows_page(Ts::MIN, Ts::MAX, None, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.amount).sum::<u64>(),
+            calls,
+            "{rows:?}"
+        );
+        assert_eq!(app.meter().dirty_len(), 0);
+    }
+
+    /// An app on a real SQLite file in `dir`, on a manual clock, whose
+    /// flushes take one account per batch (`App::new`'s last argument).
+    fn one_account_batches(
+        dir: &tempfile::TempDir,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<SqliteStore>, Arc<ManualClock>, App) {
+        let store =
+            Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let app = App::new(
+            MeterConfig::default(),
+            store.clone(),
+            metrics,
+            clock.clone(),
+            1,
+        );
+        (store, clock, app)
+    }
+
     /// SQLite writes a large batch more cheaply per account
     /// (`Store::catch_up_batch_accounts`): a late flush, and the final
     /// flush at shutdown, take that many accounts per batch; a flush on
@@ -1088,16 +1108,7 @@ mod tests {
     #[tokio::test]
     async fn late_and_final_flushes_take_the_stores_catch_up_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
-        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
-        let app = App::new(
-            MeterConfig::default(),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            clock.clone(),
-            1,
-        );
+        let (store, clock, app) = one_account_batches(&dir, Arc::new(Metrics::new()));
         app.flusher().set_late_after(Some(Duration::from_secs(3)));
         let deduct = |accounts: &'static [&'static str]| {
             let app = &app;
@@ -1127,11 +1138,6 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let report = app.flusher().final_flush(deadline).await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
-        let rows = store
-            .usage_rows_page(Ts::MIN, Ts::MAX, None, None, 100)
-            .await
-            .unwrap();
-        assert_eq!(rows.iter().map(|r| r.amount).sum::<u64>(), 7, "{rows:?}");
-        assert_eq!(app.meter().dirty_len(), 0);
+        all_flushed(&store, &app, 7).await;
     }
 }
