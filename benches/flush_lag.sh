@@ -10,7 +10,8 @@
 # many of them ran at the calls' priority because the flush had fallen
 # behind (`packmeter_flush_late_batches_total`; empty for a build before it).
 # Then what the window cost the disk: the bytes the server wrote (from
-# /proc/PID/io) per account flushed in the window. Last, it sends SIGTERM
+# /proc/PID/io) per account flushed in the window, and the server's peak
+# and current RSS. Last, it sends SIGTERM
 # and times the shutdown, whose final flush writes what is still dirty.
 #
 #   benches/flush_lag.sh [BIN] [ACCOUNTS] [DURATION] [serve flags...]
@@ -57,6 +58,8 @@ awk -v a0="$flushed0" -v a1="$(metric packmeter_flush_batch_accounts_sum)" \
     n = a1 - a0
     printf "in the window: accounts flushed=%d bytes written=%.0f MB per flushed account=%.0f B\n",
       n, (w1 - w0) / 1e6, (n > 0 ? (w1 - w0) / n : 0) }'
+echo "peak RSS of the run: $(awk '$1 == "VmHWM:" { printf "%.0f MB", $2 / 1024 }' "/proc/$spid/status")," \
+  "RSS now: $(awk '$1 == "VmRSS:" { printf "%.0f MB", $2 / 1024 }' "/proc/$spid/status")"
 dirty=$(metric packmeter_dirty_accounts)
 started=$(date +%s.%N)
 kill -TERM "$spid"
