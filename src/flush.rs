@@ -695,19 +695,17 @@ impl Flusher {
             })
             .map(|(a, _)| a)
             .collect();
-        drop(state);
-        self.meter.requeue(again);
         // The oldest-unflushed figure stops counting this batch: once no
         // batch is in flight, it is the queue's head again. Held until the
         // flush ended, the first batch's age overstated the rest of a long
         // flush, and made every later batch of it late (`priority`). The
-        // accounts requeued above had changes during the write, which the
+        // accounts requeued below had changes during the write, which the
         // figure may place up to one batch's write later than they were.
-        let state = self.in_flight.lock();
         if state.batches.is_empty() && state.retry.is_empty() {
             self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
         }
         drop(state);
+        self.meter.requeue(again);
         flushed.reversed
     }
 
@@ -968,20 +966,11 @@ mod tests {
             clock,
             100,
         );
-        let deduct = |calls| DeductRequest {
-            account_id: "acme",
-            deduction: Deduction {
-                calls,
-                egress_bytes: 0,
-                at: None,
-                request_id: "",
-            },
-        };
-        app.deduct(&[deduct(3)], Atomicity::Each).await.unwrap();
+        deduct(&app, "acme", 3).await;
         store.lose_next.store(true, Ordering::SeqCst);
         assert!(app.flush().await.is_err());
         // Deductions go on meanwhile, and are flushed after the retry.
-        app.deduct(&[deduct(4)], Atomicity::Each).await.unwrap();
+        deduct(&app, "acme", 4).await;
         assert!(app.flusher().oldest_unflushed_age(Ts::MAX).is_some());
         app.flush().await.unwrap();
         app.flush().await.unwrap();
@@ -1006,21 +995,8 @@ mod tests {
         // Late batches as small as the others, to see the priority chosen
         // batch by batch (the next test has SQLite's catch-up batches).
         app.flusher().set_catch_up_batch_accounts(1);
-        let deduct = |account_id, calls| {
-            let request = DeductRequest {
-                account_id,
-                deduction: Deduction {
-                    calls,
-                    egress_bytes: 0,
-                    at: None,
-                    request_id: "",
-                },
-            };
-            let app = &app;
-            async move { app.deduct(&[request], Atomicity::Each).await.unwrap() }
-        };
         // On time: 2.9 s old.
-        deduct("a", 1).await;
+        deduct(&app, "a", 1).await;
         clock.advance(2_900_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
@@ -1028,9 +1004,9 @@ mod tests {
         // One account per batch (`App::new`'s last argument): the first
         // batch is late; once it is in the store the oldest unflushed
         // change is the second's, on time, so that batch stays low.
-        deduct("b", 2).await;
+        deduct(&app, "b", 2).await;
         clock.advance(1_000_000);
-        deduct("c", 4).await;
+        deduct(&app, "c", 4).await;
         clock.advance(2_000_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (2, 1));
@@ -1060,12 +1036,26 @@ mod tests {
         // The final flush at shutdown, when no call is served any more,
         // stays low however late it is: there, a late batch's pauses
         // would only slow it down.
-        deduct("d", 8).await;
+        deduct(&app, "d", 8).await;
         clock.advance(10_000_000);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let report = app.flusher().final_flush(deadline).await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
         assert_eq!(app.meter().dirty_len(), 0);
+    }
+
+    /// Deducts `calls` from `account_id`, which must succeed.
+    async fn deduct(app: &App, account_id: &str, calls: u64) {
+        let request = DeductRequest {
+            account_id,
+            deduction: Deduction {
+                calls,
+                egress_bytes: 0,
+                at: None,
+                request_id: "",
+            },
+        };
+        app.deduct(&[request], Atomicity::Each).await.unwrap();
     }
 
     /// The store holds `calls` in all, and nothing waits to be flushed.
@@ -1110,31 +1100,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, clock, app) = one_account_batches(&dir, Arc::new(Metrics::new()));
         app.flusher().set_late_after(Some(Duration::from_secs(3)));
-        let deduct = |accounts: &'static [&'static str]| {
-            let app = &app;
-            async move {
-                for account_id in accounts {
-                    let request = DeductRequest {
-                        account_id,
-                        deduction: Deduction {
-                            calls: 1,
-                            egress_bytes: 0,
-                            at: None,
-                            request_id: "",
-                        },
-                    };
-                    app.deduct(&[request], Atomicity::Each).await.unwrap();
-                }
-            }
-        };
-        deduct(&["a", "b"]).await;
+        for account_id in ["a", "b"] {
+            deduct(&app, account_id, 1).await;
+        }
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (2, 0));
-        deduct(&["c", "d", "e"]).await;
+        for account_id in ["c", "d", "e"] {
+            deduct(&app, account_id, 1).await;
+        }
         clock.advance(3_000_000);
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 1));
-        deduct(&["f", "g"]).await;
+        for account_id in ["f", "g"] {
+            deduct(&app, account_id, 1).await;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let report = app.flusher().final_flush(deadline).await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
