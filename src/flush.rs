@@ -451,11 +451,18 @@ impl Flusher {
                 // gap the changes are in no account and in no batch in
                 // flight, where `spill` would miss them; journal mode never
                 // spills: the journal holds them.)
+                // Every dirty account is taken here, so the batches take
+                // the store's catch-up size: it costs no more memory than
+                // small ones, and in key order a large transaction writes
+                // each page of the store's B-trees once for many accounts.
+                // They all run at the low priority (`priority`), so none
+                // holds the calls up.
+                let size = this.catch_up_batch_accounts.load(Ordering::Relaxed);
                 let (epoch, taken) = j.take(|| {
                     let mut taken = Vec::new();
                     if !this.in_flight.lock().halted {
                         loop {
-                            let work = take_work(this.meter.take_dirty(this.batch_accounts), || {});
+                            let work = take_work(this.meter.take_dirty(size), || {});
                             if work.is_empty() {
                                 break;
                             }
@@ -1118,5 +1125,24 @@ mod tests {
         let report = app.flusher().final_flush(deadline).await.unwrap();
         assert_eq!((report.batches, report.late_batches), (1, 0));
         all_flushed(&store, &app, 7).await;
+    }
+
+    /// Journal mode takes every dirty account at once, at the low priority:
+    /// its batches take the store's catch-up size.
+    #[tokio::test]
+    async fn a_journaled_flush_takes_the_stores_catch_up_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _clock, app) = one_account_batches(&dir, Arc::new(Metrics::new()));
+        let jdir = dir.path().join("pm.db.journal");
+        let replayed = crate::journal::replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+        let journal = crate::journal::Journal::open(&jdir, &replayed, Arc::new(())).unwrap();
+        app.enable_journal(journal.clone());
+        for account_id in ["a", "b", "c"] {
+            deduct(&app, account_id, 2).await;
+        }
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.accounts), (1, 3));
+        all_flushed(&store, &app, 6).await;
+        journal.close();
     }
 }
