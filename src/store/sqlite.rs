@@ -804,6 +804,15 @@ fn write_flush(
 /// falls behind ends soon.
 const CATCH_UP_BATCH_ACCOUNTS: usize = 100_000;
 
+// Journal mode's batches take this size too, and a batch's intent record
+// names its account ids (postcard: each id's bytes after a 2-byte length),
+// so the largest batch of the longest ids must fit the journal's record
+// limit (13 MB against 64 MB).
+const _: () = assert!(
+    CATCH_UP_BATCH_ACCOUNTS * (crate::meter::MAX_ACCOUNT_ID_BYTES + 2) + 4096
+        <= crate::journal::MAX_BODY
+);
+
 #[async_trait]
 impl Store for SqliteStore {
     fn catch_up_batch_accounts(&self) -> Option<usize> {
