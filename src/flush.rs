@@ -138,7 +138,8 @@ pub struct Flusher {
     store: Arc<dyn Store>,
     /// Accounts per transaction.
     batch_accounts: usize,
-    /// Accounts per transaction of a late batch and of the final flush
+    /// Accounts per transaction of a late batch, of the final flush and of
+    /// a journaled flush
     /// ([`Store::catch_up_batch_accounts`]; at least `batch_accounts`).
     catch_up_batch_accounts: AtomicUsize,
     /// Set by [`final_flush`](Self::final_flush): every batch is a catch-up

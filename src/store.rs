@@ -214,7 +214,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Accounts per [`flush_batch`](Self::flush_batch) when the flush
-    /// catches up (a late batch, the final flush at shutdown; see
+    /// catches up (a late batch, the final flush at shutdown, every batch
+    /// of a journaled flush; see
     /// [`crate::flush::Flusher`]), for a store that writes a large batch
     /// much more cheaply per account than a small one. `None` (the
     /// default): the usual batch size.

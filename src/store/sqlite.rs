@@ -788,7 +788,8 @@ fn write_flush(
 }
 
 /// Accounts per flush transaction when the flush catches up (a late batch,
-/// the final flush; [`Store::catch_up_batch_accounts`]).
+/// the final flush, every batch of journal mode's flush;
+/// [`Store::catch_up_batch_accounts`]).
 ///
 /// A flush touches each account's rows in two B-trees (`packs`,
 /// `usage_hourly`), and an account's rows sit on a page of their own
