@@ -126,6 +126,10 @@ struct InFlight {
     retry: Vec<(Work, Arc<FlushBatch>)>,
     /// Set by [`Flusher::spill`]: nothing more is taken from the accounts.
     halted: bool,
+    /// Journal mode: chunks of the current take not yet made batches (see
+    /// `Flusher::flush_journaled`); their changes are in no account and in
+    /// no batch.
+    unbuilt: usize,
 }
 
 /// The wall-clock time of the oldest change of a batch's work.
@@ -443,7 +447,7 @@ impl Flusher {
         mut report: FlushReport,
     ) -> Result<FlushReport, StoreError> {
         let (this, j) = (self.clone(), journal.clone());
-        let (epoch, chunks) = self
+        let (epoch, taken) = self
             .background
             .run(move || {
                 // Every deduction waits while the journal's section is
@@ -453,11 +457,10 @@ impl Flusher {
                 // flight, where `spill` would miss them; journal mode never
                 // spills: the journal holds them.)
                 // Every dirty account is taken here, so the batches take
-                // the store's catch-up size: it costs no more memory than
-                // small ones, and in key order a large transaction writes
-                // each page of the store's B-trees once for many accounts.
-                // They all run at the low priority (`priority`), so none
-                // holds the calls up.
+                // the store's catch-up size: in key order a large
+                // transaction writes each page of the store's B-trees once
+                // for many accounts. They all run at the low priority
+                // (`priority`), so none holds the calls up.
                 let size = this.catch_up_batch_accounts.load(Ordering::Relaxed);
                 let (epoch, taken) = j.take(|| {
                     let mut taken = Vec::new();
@@ -472,22 +475,31 @@ impl Flusher {
                     }
                     taken
                 });
-                let mut state = this.in_flight.lock();
-                let chunks: Vec<_> = taken
-                    .into_iter()
-                    .map(|work| this.publish(&mut state, work))
-                    .collect();
-                (epoch, chunks)
+                // Each chunk becomes a batch only when its turn to be
+                // written comes (`publish_journaled`), so a flush holds one
+                // batch's rows at a time, not all of them: the first flush
+                // after a million accounts were primed peaked at about 1 GB
+                // when it built them all at once. Until then their changes
+                // are counted here, by the oldest-unflushed figure.
+                if let Some(oldest) = taken.iter().filter_map(oldest_since).min() {
+                    this.in_flight_since.fetch_min(oldest, Ordering::Relaxed);
+                }
+                this.in_flight.lock().unbuilt = taken.len();
+                (epoch, taken)
             })
             .await;
-        for (_, batch) in &chunks {
-            journal.register(&batch.batch_id, epoch);
-        }
-        let mut chunks = chunks.into_iter();
-        while let Some((work, batch)) = chunks.next() {
+        let mut taken = taken.into_iter();
+        while let Some(work) = taken.next() {
+            let built = self.publish_journaled(journal, vec![work], epoch).await;
+            let Some((work, batch)) = built.into_iter().next() else {
+                continue;
+            };
             if let Err(e) = self.write(work, batch, &mut report).await {
-                // Taken already: they wait, as they are, with the retries.
-                self.in_flight.lock().retry.extend(chunks);
+                // Taken already: they wait, built, with the retries.
+                let rest = self
+                    .publish_journaled(journal, taken.collect(), epoch)
+                    .await;
+                self.in_flight.lock().retry.extend(rest);
                 return Err(e);
             }
         }
@@ -529,6 +541,38 @@ impl Flusher {
         let batch = self.batch(&work);
         state.batches.push(batch.clone());
         (work, batch)
+    }
+
+    /// Batches out of their accounts and not yet known to be in the store.
+    #[cfg(test)]
+    fn batches_in_flight(&self) -> usize {
+        self.in_flight.lock().batches.len()
+    }
+
+    /// Journal mode: makes chunks of the take of `epoch` batches, published
+    /// as in flight and registered with the journal (on the background
+    /// thread: sorting and building them touches every account).
+    async fn publish_journaled(
+        self: &Arc<Self>,
+        journal: &Arc<crate::journal::Journal>,
+        works: Vec<Work>,
+        epoch: u64,
+    ) -> Vec<(Work, Arc<FlushBatch>)> {
+        let (this, journal) = (self.clone(), journal.clone());
+        self.background
+            .run(move || {
+                let mut state = this.in_flight.lock();
+                state.unbuilt = state.unbuilt.saturating_sub(works.len());
+                works
+                    .into_iter()
+                    .map(|work| {
+                        let (work, batch) = this.publish(&mut state, work);
+                        journal.register(&batch.batch_id, epoch);
+                        (work, batch)
+                    })
+                    .collect()
+            })
+            .await
     }
 
     /// Writes one chunk; on a permanent error, narrows it down by halves.
@@ -709,7 +753,7 @@ impl Flusher {
         // flush, and made every later batch of it late (`priority`). The
         // accounts requeued below had changes during the write, which the
         // figure may place up to one batch's write later than they were.
-        if state.batches.is_empty() && state.retry.is_empty() {
+        if state.batches.is_empty() && state.retry.is_empty() && state.unbuilt == 0 {
             self.in_flight_since.store(Ts::MAX, Ordering::Relaxed);
         }
         drop(state);
@@ -865,7 +909,6 @@ impl Flusher {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
 
     use async_trait::async_trait;
 
@@ -883,9 +926,36 @@ mod tests {
     /// The real SQLite store, which can be told to report a transient error
     /// after its next flush *committed*: what a connection that dies during
     /// `COMMIT` looks like to the flusher.
+    /// It also notes how many batches the flusher had in flight at each
+    /// flush it was asked for, once told of the flusher.
     struct LostCommit {
         store: SqliteStore,
-        lose_next: AtomicBool,
+        /// After this many more flushes, the next one's commit is lost
+        /// (`usize::MAX`: never).
+        lose_after: AtomicUsize,
+        flusher: std::sync::OnceLock<std::sync::Weak<Flusher>>,
+        in_flight_seen: parking_lot::Mutex<Vec<usize>>,
+    }
+
+    impl LostCommit {
+        fn open(dir: &tempfile::TempDir) -> LostCommit {
+            LostCommit {
+                store: SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap(),
+                lose_after: AtomicUsize::new(usize::MAX),
+                flusher: Default::default(),
+                in_flight_seen: Default::default(),
+            }
+        }
+
+        /// Whether this flush's commit is to be lost.
+        fn lose_this_one(&self) -> bool {
+            let after = self.lose_after.load(Ordering::SeqCst);
+            if after != usize::MAX {
+                let next = after.checked_sub(1).unwrap_or(usize::MAX);
+                self.lose_after.store(next, Ordering::SeqCst);
+            }
+            after == 0
+        }
     }
 
     #[async_trait]
@@ -914,8 +984,11 @@ mod tests {
             Ok(self.flush_batch(batch).await?.applied)
         }
         async fn flush_batch(&self, batch: &FlushBatch) -> Result<Flushed, StoreError> {
+            if let Some(flusher) = self.flusher.get().and_then(|f| f.upgrade()) {
+                self.in_flight_seen.lock().push(flusher.batches_in_flight());
+            }
             let flushed = self.store.flush_batch(batch).await?;
-            if self.lose_next.swap(false, Ordering::SeqCst) {
+            if self.lose_this_one() {
                 return Err(StoreError {
                     message: "connection closed during COMMIT".into(),
                     transient: true,
@@ -962,10 +1035,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_retried_after_a_lost_commit_is_applied_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LostCommit {
-            store: SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap(),
-            lose_next: AtomicBool::new(false),
-        });
+        let store = Arc::new(LostCommit::open(&dir));
         let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
         let app = App::new(
             MeterConfig::default(),
@@ -975,7 +1045,7 @@ mod tests {
             100,
         );
         deduct(&app, "acme", 3).await;
-        store.lose_next.store(true, Ordering::SeqCst);
+        store.lose_after.store(0, Ordering::SeqCst);
         assert!(app.flush().await.is_err());
         // Deductions go on meanwhile, and are flushed after the retry.
         deduct(&app, "acme", 4).await;
@@ -1144,6 +1214,70 @@ mod tests {
         let report = app.flush().await.unwrap();
         assert_eq!((report.batches, report.accounts), (1, 3));
         all_flushed(&store, &app, 6).await;
+        journal.close();
+    }
+
+    /// An app in journal mode on `store`, whose flushes take one account
+    /// per batch, and the journal.
+    fn journaled(
+        dir: &tempfile::TempDir,
+        store: Arc<LostCommit>,
+    ) -> (App, Arc<crate::journal::Journal>) {
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let app = App::new(
+            MeterConfig::default(),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            clock,
+            1,
+        );
+        app.flusher().set_catch_up_batch_accounts(1);
+        let _ = store.flusher.set(Arc::downgrade(app.flusher()));
+        let jdir = dir.path().join("pm.db.journal");
+        let replayed = crate::journal::replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+        let journal = crate::journal::Journal::open(&jdir, &replayed, Arc::new(())).unwrap();
+        app.enable_journal(journal.clone());
+        (app, journal)
+    }
+
+    /// A journaled flush takes every dirty account at once, but builds
+    /// each batch only when it is to be written: one batch's rows in
+    /// memory at a time, not the whole take's.
+    #[tokio::test]
+    async fn a_journaled_flush_builds_one_batch_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LostCommit::open(&dir));
+        let (app, journal) = journaled(&dir, store.clone());
+        for account_id in ["a", "b", "c"] {
+            deduct(&app, account_id, 2).await;
+        }
+        let report = app.flush().await.unwrap();
+        assert_eq!((report.batches, report.accounts), (3, 3));
+        assert_eq!(*store.in_flight_seen.lock(), [1, 1, 1]);
+        all_flushed(&store.store, &app, 6).await;
+        journal.close();
+    }
+
+    /// A journaled flush whose second batch's commit is lost keeps that
+    /// batch and the one not yet built for the next flush, which writes
+    /// each once.
+    #[tokio::test]
+    async fn a_journaled_flush_that_loses_a_commit_writes_the_rest_once_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LostCommit::open(&dir));
+        let (app, journal) = journaled(&dir, store.clone());
+        for (account_id, calls) in [("a", 2), ("b", 3), ("c", 4)] {
+            deduct(&app, account_id, calls).await;
+        }
+        store.lose_after.store(1, Ordering::SeqCst);
+        assert!(app.flush().await.is_err());
+        assert_eq!(app.flusher().batches_in_flight(), 2);
+        assert!(app.flusher().oldest_unflushed_age(Ts::MAX).is_some());
+        deduct(&app, "a", 5).await;
+        app.flush().await.unwrap();
+        app.flush().await.unwrap();
+        all_flushed(&store.store, &app, 14).await;
+        assert_eq!(app.flusher().batches_in_flight(), 0);
         journal.close();
     }
 }
