@@ -1036,14 +1036,7 @@ mod tests {
     async fn a_flush_retried_after_a_lost_commit_is_applied_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(LostCommit::open(&dir));
-        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
-        let app = App::new(
-            MeterConfig::default(),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            clock,
-            100,
-        );
+        let (_clock, app) = app_on(store.clone(), Arc::new(Metrics::new()), 100);
         deduct(&app, "acme", 3).await;
         store.lose_after.store(0, Ordering::SeqCst);
         assert!(app.flush().await.is_err());
@@ -1158,15 +1151,35 @@ mod tests {
     ) -> (Arc<SqliteStore>, Arc<ManualClock>, App) {
         let store =
             Arc::new(SqliteStore::open(dir.path().join("pm.db").to_str().unwrap()).unwrap());
+        let (clock, app) = app_on(store.clone(), metrics, 1);
+        (store, clock, app)
+    }
+
+    /// An app on `store`, on a manual clock, whose flushes on time take
+    /// `batch_accounts` accounts per batch (`App::new`'s last argument).
+    fn app_on(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        batch_accounts: usize,
+    ) -> (Arc<ManualClock>, App) {
         let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
         let app = App::new(
             MeterConfig::default(),
-            store.clone(),
+            store,
             metrics,
             clock.clone(),
-            1,
+            batch_accounts,
         );
-        (store, clock, app)
+        (clock, app)
+    }
+
+    /// Puts `app` in journal mode, with a journal beside the store in `dir`.
+    fn enable_journal(dir: &tempfile::TempDir, app: &App) -> Arc<crate::journal::Journal> {
+        let jdir = dir.path().join("pm.db.journal");
+        let replayed = crate::journal::replay(&jdir, &dir.path().join("spill"), 1).unwrap();
+        let journal = crate::journal::Journal::open(&jdir, &replayed, Arc::new(())).unwrap();
+        app.enable_journal(journal.clone());
+        journal
     }
 
     /// SQLite writes a large batch more cheaply per account
@@ -1204,10 +1217,7 @@ mod tests {
     async fn a_journaled_flush_takes_the_stores_catch_up_batches() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _clock, app) = one_account_batches(&dir, Arc::new(Metrics::new()));
-        let jdir = dir.path().join("pm.db.journal");
-        let replayed = crate::journal::replay(&jdir, &dir.path().join("spill"), 1).unwrap();
-        let journal = crate::journal::Journal::open(&jdir, &replayed, Arc::new(())).unwrap();
-        app.enable_journal(journal.clone());
+        let journal = enable_journal(&dir, &app);
         for account_id in ["a", "b", "c"] {
             deduct(&app, account_id, 2).await;
         }
@@ -1223,20 +1233,10 @@ mod tests {
         dir: &tempfile::TempDir,
         store: Arc<LostCommit>,
     ) -> (App, Arc<crate::journal::Journal>) {
-        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
-        let app = App::new(
-            MeterConfig::default(),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            clock,
-            1,
-        );
+        let (_clock, app) = app_on(store.clone(), Arc::new(Metrics::new()), 1);
         app.flusher().set_catch_up_batch_accounts(1);
         let _ = store.flusher.set(Arc::downgrade(app.flusher()));
-        let jdir = dir.path().join("pm.db.journal");
-        let replayed = crate::journal::replay(&jdir, &dir.path().join("spill"), 1).unwrap();
-        let journal = crate::journal::Journal::open(&jdir, &replayed, Arc::new(())).unwrap();
-        app.enable_journal(journal.clone());
+        let journal = enable_journal(dir, &app);
         (app, journal)
     }
 
