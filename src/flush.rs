@@ -456,6 +456,7 @@ impl Flusher {
                 // gap the changes are in no account and in no batch in
                 // flight, where `spill` would miss them; journal mode never
                 // spills: the journal holds them.)
+                //
                 // Every dirty account is taken here, so the batches take
                 // the store's catch-up size: in key order a large
                 // transaction writes each page of the store's B-trees once
@@ -909,7 +910,6 @@ impl Flusher {
 
 #[cfg(test)]
 mod tests {
-
     use async_trait::async_trait;
 
     use super::*;
@@ -926,6 +926,7 @@ mod tests {
     /// The real SQLite store, which can be told to report a transient error
     /// after its next flush *committed*: what a connection that dies during
     /// `COMMIT` looks like to the flusher.
+    ///
     /// It also notes how many batches the flusher had in flight at each
     /// flush it was asked for, once told of the flusher.
     struct LostCommit {
