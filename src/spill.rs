@@ -64,33 +64,45 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
 
 /// Reads every batch of a spill file; an empty list if there is none.
 pub fn read(path: &Path) -> Result<Vec<FlushBatch>, SpillError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    use std::io::BufRead;
+    // Line by line: a replayed journal's file can be hundreds of MB, which
+    // held whole beside its parsed batches only raised the peak.
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(path)(e)),
     };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| SpillError::Corrupt {
+    let mut batches = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        batches.push(
+            serde_json::from_str(&line).map_err(|e| SpillError::Corrupt {
                 path: path.to_path_buf(),
                 line: i + 1,
                 message: e.to_string(),
-            })
-        })
-        .collect()
+            })?,
+        );
+    }
+    Ok(batches)
 }
 
 /// Writes `batches` after whatever the file already holds, atomically.
 pub fn append(path: &Path, batches: &[Arc<FlushBatch>]) -> Result<(), SpillError> {
-    let mut all: Vec<FlushBatch> = read(path)?;
-    all.extend(batches.iter().map(|b| (**b).clone()));
-    write_all(path, &all)
+    let before: Vec<FlushBatch> = read(path)?;
+    // By reference: a copy of a replayed journal's batches doubled the
+    // memory they take.
+    write_all(path, before.iter().chain(batches.iter().map(|b| &**b)))
 }
 
-fn write_all(path: &Path, batches: &[FlushBatch]) -> Result<(), SpillError> {
-    if batches.is_empty() {
+fn write_all<'a>(
+    path: &Path,
+    batches: impl IntoIterator<Item = &'a FlushBatch>,
+) -> Result<(), SpillError> {
+    let mut batches = batches.into_iter().peekable();
+    if batches.peek().is_none() {
         return match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
             _ => Ok(()),
@@ -103,15 +115,16 @@ fn write_all(path: &Path, batches: &[FlushBatch]) -> Result<(), SpillError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
         for b in batches {
-            let line = serde_json::to_string(b).map_err(|e| SpillError::Corrupt {
+            serde_json::to_writer(&mut f, b).map_err(|e| SpillError::Corrupt {
                 path: tmp.clone(),
                 line: 0,
                 message: e.to_string(),
             })?;
-            writeln!(f, "{line}").map_err(io(&tmp))?;
+            writeln!(f).map_err(io(&tmp))?;
         }
+        let f = f.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, path).map_err(io(path))?;
