@@ -117,10 +117,14 @@ fn write_all<'a>(
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
         for b in batches {
-            serde_json::to_writer(&mut f, b).map_err(|e| SpillError::Corrupt {
-                path: tmp.clone(),
-                line: 0,
-                message: e.to_string(),
+            // A full disk is an I/O error here, not a bad batch.
+            serde_json::to_writer(&mut f, b).map_err(|e| match e.is_io() {
+                true => io(&tmp)(e.into()),
+                false => SpillError::Corrupt {
+                    path: tmp.clone(),
+                    line: 0,
+                    message: e.to_string(),
+                },
             })?;
             writeln!(f).map_err(io(&tmp))?;
         }
