@@ -491,16 +491,13 @@ impl Flusher {
             .await;
         let mut taken = taken.into_iter();
         while let Some(work) = taken.next() {
-            let built = self.publish_journaled(journal, vec![work], epoch).await;
-            let Some((work, batch)) = built.into_iter().next() else {
-                continue;
-            };
+            let (work, batch) = self.publish_journaled(journal, work, epoch).await;
             if let Err(e) = self.write(work, batch, &mut report).await {
                 // Taken already: they wait, built, with the retries.
-                let rest = self
-                    .publish_journaled(journal, taken.collect(), epoch)
-                    .await;
-                self.in_flight.lock().retry.extend(rest);
+                for work in taken {
+                    let built = self.publish_journaled(journal, work, epoch).await;
+                    self.in_flight.lock().retry.push(built);
+                }
                 return Err(e);
             }
         }
@@ -550,28 +547,23 @@ impl Flusher {
         self.in_flight.lock().batches.len()
     }
 
-    /// Journal mode: makes chunks of the take of `epoch` batches, published
+    /// Journal mode: makes a chunk of the take of `epoch` a batch, published
     /// as in flight and registered with the journal (on the background
-    /// thread: sorting and building them touches every account).
+    /// thread: sorting and building it touches every account).
     async fn publish_journaled(
         self: &Arc<Self>,
         journal: &Arc<crate::journal::Journal>,
-        works: Vec<Work>,
+        work: Work,
         epoch: u64,
-    ) -> Vec<(Work, Arc<FlushBatch>)> {
+    ) -> (Work, Arc<FlushBatch>) {
         let (this, journal) = (self.clone(), journal.clone());
         self.background
             .run(move || {
                 let mut state = this.in_flight.lock();
-                state.unbuilt = state.unbuilt.saturating_sub(works.len());
-                works
-                    .into_iter()
-                    .map(|work| {
-                        let (work, batch) = this.publish(&mut state, work);
-                        journal.register(&batch.batch_id, epoch);
-                        (work, batch)
-                    })
-                    .collect()
+                state.unbuilt = state.unbuilt.saturating_sub(1);
+                let (work, batch) = this.publish(&mut state, work);
+                journal.register(&batch.batch_id, epoch);
+                (work, batch)
             })
             .await
     }
