@@ -170,6 +170,10 @@ pub enum JournalError {
     Unwritable(String),
     #[error("{0}")]
     Spill(#[from] crate::spill::SpillError),
+    /// A part the replay encoded to hold it did not decode: a defect, not
+    /// the journal's content (that was decoded once already).
+    #[error("the journal's replay could not decode a part it had held: {0}; nothing was replayed")]
+    Held(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -364,57 +368,140 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
 /// Decodes every record of `buf` up to the first bad one. Never panics,
 /// whatever `buf` holds.
 pub fn decode(buf: &[u8]) -> Decoded {
-    let mut out = Decoded::default();
-    let mut at = 0usize;
-    while at < buf.len() {
-        let stop = |why: String| Stop {
-            offset: at as u64,
-            why,
-        };
-        let rest = &buf[at..];
-        if rest.iter().all(|b| *b == 0) {
+    let mut records = Records::new(buf);
+    let mut out = Decoded {
+        records: records.by_ref().collect(),
+        stop: None,
+    };
+    // Reading a slice cannot fail.
+    out.stop = records.stop;
+    out
+}
+
+/// The records of a journal file, read from `R` one at a time with their
+/// offsets, up to the first bad one; [`Records::stop`] then says where and
+/// why. A replay reads a segment this way, so that it holds one record of
+/// it at a time, never the file. An I/O error ends the records too and is
+/// kept in [`Records::failed`]: it is not the file's content.
+pub struct Records<R> {
+    src: R,
+    at: u64,
+    ended: bool,
+    /// The body being read, its allocation kept from record to record.
+    body: Vec<u8>,
+    /// Set once the reading stopped at a bad record.
+    pub stop: Option<Stop>,
+    /// Set once a read failed.
+    pub failed: Option<std::io::Error>,
+}
+
+impl<R: std::io::Read> Records<R> {
+    pub fn new(src: R) -> Records<R> {
+        Records {
+            src,
+            at: 0,
+            ended: false,
+            body: Vec::new(),
+            stop: None,
+            failed: None,
+        }
+    }
+
+    /// Fills `out` (less only at the end of the file); how much it read.
+    fn fill(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let mut got = 0;
+        while got < out.len() {
+            match self.src.read(&mut out[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Whether every byte left is zero (reads them all).
+    fn zeros_to_the_end(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match self.src.read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) if chunk[..n].iter().all(|b| *b == 0) => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn read_one(&mut self) -> std::io::Result<Result<Option<Record>, String>> {
+        use std::io::Read;
+        let mut header = [0u8; HEADER];
+        let got = self.fill(&mut header)?;
+        if got == 0 {
+            return Ok(Ok(None));
+        }
+        if header.iter().all(|b| *b == 0) && (got < HEADER || self.zeros_to_the_end()?) {
             // The zeros the writer lays ahead of its records
             // ([`ZERO_AHEAD`]): the end of the records, not a bad one (a
             // header of zeros never framed a record: no body is empty).
-            break;
+            return Ok(Ok(None));
         }
-        let Some((header, after)) = rest.split_first_chunk::<HEADER>() else {
-            out.stop = Some(stop(format!(
-                "torn record: {} byte(s) of an {HEADER}-byte header",
-                rest.len()
+        if got < HEADER {
+            return Ok(Err(format!(
+                "torn record: {got} byte(s) of an {HEADER}-byte header"
             )));
-            break;
-        };
+        }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len > MAX_BODY {
-            out.stop = Some(stop(format!(
+            return Ok(Err(format!(
                 "record length {len} is past the {MAX_BODY}-byte limit"
             )));
-            break;
         }
-        if after.len() < len {
-            out.stop = Some(stop(format!(
-                "torn record: {} of its {len} bytes",
-                after.len()
-            )));
-            break;
-        }
-        let body = &after[..len];
-        if crc32fast::hash(body) != crc {
-            out.stop = Some(stop("CRC mismatch".into()));
-            break;
-        }
-        match decode_body(body) {
-            Ok(r) => out.records.push((at as u64, r)),
-            Err(why) => {
-                out.stop = Some(stop(why));
-                break;
-            }
-        }
-        at += HEADER + len;
+        // Read as it comes: a torn length never allocates more than the
+        // file holds.
+        let mut body = std::mem::take(&mut self.body);
+        body.clear();
+        let got = (&mut self.src).take(len as u64).read_to_end(&mut body)?;
+        let record = if got < len {
+            Err(format!("torn record: {got} of its {len} bytes"))
+        } else if crc32fast::hash(&body) != crc {
+            Err("CRC mismatch".into())
+        } else {
+            self.at += (HEADER + len) as u64;
+            decode_body(&body).map(Some)
+        };
+        self.body = body;
+        Ok(record)
     }
-    out
+}
+
+impl<R: std::io::Read> Iterator for Records<R> {
+    type Item = (u64, Record);
+
+    fn next(&mut self) -> Option<(u64, Record)> {
+        if self.ended {
+            return None;
+        }
+        let at = self.at;
+        let record = match self.read_one() {
+            Ok(Ok(Some(r))) => return Some((at, r)),
+            Ok(Ok(None)) => None,
+            Ok(Err(why)) => {
+                self.at = at;
+                self.stop = Some(Stop { offset: at, why });
+                None
+            }
+            Err(e) => {
+                self.failed = Some(e);
+                None
+            }
+        };
+        self.ended = true;
+        record
+    }
 }
 
 // === capture ===
@@ -1220,13 +1307,21 @@ pub struct Replayed {
 }
 
 /// Accounts per batch the replay writes for deductions no flush took, as
-/// the flusher's batches.
+/// the flusher's batches. Part of those batches' ids: a replay that is cut
+/// short (after the spill file, before the checkpoint) runs again with the
+/// same chunks, and the store skips the ids it applied.
 const REPLAY_BATCH_ACCOUNTS: usize = crate::flush::BATCH_ACCOUNTS;
 
 /// Reads the journal in `dir` and turns what the store may lack into
 /// batches appended to the spill file at `spill`; then moves the
 /// checkpoint past them and deletes the segments. Run before the server
 /// starts; [`crate::spill::replay`] then writes them.
+///
+/// It reads the segments twice, so as not to hold the journal in memory:
+/// first the intents (which batch took which accounts, in which epoch),
+/// then the deductions, each merged into the batch it goes to. A flush
+/// batch's usage is written to the spill file as soon as no later record
+/// can add to it; what no flush took is written last.
 pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalError> {
     let checkpoint = read_checkpoint(dir)?;
     let (covered, journal_id) = match checkpoint {
@@ -1238,58 +1333,60 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
         ..Replayed::default()
     };
     let segments = list_segments(dir)?;
-    let mut last_epoch = covered;
-    // (epoch, account) -> parts, in journal order; intents by take epoch.
-    let mut deductions: Vec<(u64, AccountFlush)> = Vec::new();
-    let mut intents: Vec<IntentOf> = Vec::new();
-    for ((epoch, _), path) in &segments {
-        last_epoch = last_epoch.max(*epoch);
-        if *epoch <= covered {
-            continue;
-        }
-        let bytes = std::fs::read(path).map_err(io(path))?;
-        let d = decode(&bytes);
-        if let Some(stop) = &d.stop {
-            done.stopped += 1;
-            tracing::warn!(
-                file = %path.display(),
-                offset = stop.offset,
-                why = %stop.why,
-                kept = d.records.len(),
-                "journal replay stops reading this file at a bad record; every record before it is kept"
-            );
-        }
-        for (_, r) in d.records {
-            match r {
-                Record::Deduct { epoch, parts } if epoch > covered => {
-                    last_epoch = last_epoch.max(epoch);
-                    done.deductions += 1;
-                    deductions.extend(parts.into_iter().map(|p| (epoch, p)));
-                }
-                Record::Intent {
-                    epoch,
-                    batch_id,
-                    now,
-                    accounts,
-                } if epoch > covered => {
-                    last_epoch = last_epoch.max(epoch);
-                    intents.push((epoch, batch_id, now, accounts))
-                }
-                _ => {}
+    let mut last_epoch = segments
+        .iter()
+        .map(|((epoch, _), _)| *epoch)
+        .fold(covered, u64::max);
+    let mut takes = Takes::default();
+    done.stopped = each_record(&segments, covered, |seq, record| {
+        match record {
+            Record::Deduct { epoch, .. } => {
+                last_epoch = last_epoch.max(epoch);
+                done.deductions += 1;
+                takes.deducted(seq, epoch);
             }
+            Record::Intent {
+                epoch,
+                batch_id,
+                now,
+                accounts,
+            } => {
+                last_epoch = last_epoch.max(epoch);
+                takes.intent(seq, epoch, batch_id, now, accounts);
+            }
+            _ => {}
         }
-    }
-    let batches = assign(deductions, intents, journal_id, covered, last_epoch, now);
-    done.batches = batches.len();
-    if !batches.is_empty() {
+        Ok(())
+    })?;
+    let mut batches = Batches::new(takes, journal_id, covered, last_epoch, now);
+    let mut out: Option<crate::spill::Appender> = None;
+    let mut write = |batch: FlushBatch| -> Result<(), JournalError> {
+        let out = match &mut out {
+            Some(out) => out,
+            None => out.insert(crate::spill::Appender::open(spill)?),
+        };
+        done.batches += 1;
+        #[cfg(test)]
+        tests::WRITTEN_AT.with(|w| w.borrow_mut().push(tests::READ.with(|r| r.get())));
+        Ok(out.push(&batch)?)
+    };
+    each_record(&segments, covered, |seq, record| {
+        if let Record::Deduct { epoch, parts } = record {
+            batches.add(epoch, parts)?;
+        }
+        #[cfg(test)]
+        tests::READ.with(|r| r.set(seq + 1));
+        batches.complete(seq, &mut write)
+    })?;
+    batches.finish(&mut write)?;
+    if let Some(out) = out {
         tracing::info!(
             deductions = done.deductions,
-            batches = batches.len(),
+            batches = done.batches,
             dir = %dir.display(),
             "journal replay: usage the store may lack goes to the spill file"
         );
-        let batches: Vec<Arc<FlushBatch>> = batches.into_iter().map(Arc::new).collect();
-        crate::spill::append(spill, &batches)?;
+        out.commit()?;
     }
     // Everything read is in the spill file now: move past it.
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -1302,11 +1399,269 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
     Ok(done)
 }
 
-/// An intent as replay reads it: (take epoch, batch id, batch now, accounts).
-type IntentOf = (u64, String, Ts, Vec<Arc<str>>);
+/// Calls `f` with every deduction and intent after the checkpoint (epoch
+/// past `covered`), in journal order, numbered from 0; one segment in
+/// memory at a time, its records decoded one by one. Stops at `f`'s first
+/// error. Returns how many files stopped at a bad record (each logged). The same files give the same records
+/// and numbers, so the replay's two passes agree.
+fn each_record(
+    segments: &[SegmentFile],
+    covered: u64,
+    mut f: impl FnMut(u64, Record) -> Result<(), JournalError>,
+) -> Result<usize, JournalError> {
+    let (mut seq, mut stopped) = (0u64, 0usize);
+    for ((epoch, _), path) in segments {
+        if *epoch <= covered {
+            continue;
+        }
+        let file = std::fs::File::open(path).map_err(io(path))?;
+        let mut records = Records::new(std::io::BufReader::with_capacity(1 << 16, file));
+        let mut kept = 0usize;
+        for (_, r) in records.by_ref() {
+            kept += 1;
+            let epoch = match &r {
+                Record::Deduct { epoch, .. } | Record::Intent { epoch, .. } => *epoch,
+                _ => continue,
+            };
+            if epoch > covered {
+                f(seq, r)?;
+                seq += 1;
+            }
+        }
+        if let Some(e) = records.failed {
+            return Err(io(path)(e));
+        }
+        if let Some(stop) = records.stop {
+            stopped += 1;
+            tracing::warn!(
+                file = %path.display(),
+                offset = stop.offset,
+                why = %stop.why,
+                kept,
+                "journal replay stops reading this file at a bad record; every record before it is kept"
+            );
+        }
+    }
+    Ok(stopped)
+}
 
-/// Gives each deduction part to the batch that took it, or to new batches.
-/// Deterministic: the same journal yields the same batches and ids.
+/// The replay's first pass: the journal's intents, which accounts each
+/// took, and how far the journal must be read before each one's batch is
+/// whole.
+#[derive(Default)]
+struct Takes {
+    /// (take epoch, batch id, batch now, number of the intent's record).
+    intents: Vec<(u64, String, Ts, u64)>,
+    /// account -> the intents that took it, by take epoch: within an
+    /// epoch, the last intent (the narrowest batch that held the account).
+    by_account: HashMap<Arc<str>, TakenBy>,
+    /// epoch -> the number of the last deduction record of that epoch.
+    last_deduction: BTreeMap<u64, u64>,
+}
+
+/// The intents that took one account: nearly always one.
+enum TakenBy {
+    One(u64, usize),
+    Many(BTreeMap<u64, usize>),
+}
+
+impl TakenBy {
+    fn insert(&mut self, epoch: u64, intent: usize) {
+        match self {
+            TakenBy::One(e, i) if *e == epoch => *i = intent,
+            TakenBy::One(e, i) => {
+                *self = TakenBy::Many(BTreeMap::from([(*e, *i), (epoch, intent)]))
+            }
+            TakenBy::Many(m) => {
+                m.insert(epoch, intent);
+            }
+        }
+    }
+
+    /// The intent of the first take at or after `epoch`.
+    fn first_from(&self, epoch: u64) -> Option<usize> {
+        match self {
+            TakenBy::One(e, i) => (*e >= epoch).then_some(*i),
+            TakenBy::Many(m) => m.range(epoch..).next().map(|(_, i)| *i),
+        }
+    }
+}
+
+impl Takes {
+    fn deducted(&mut self, seq: u64, epoch: u64) {
+        self.last_deduction.insert(epoch, seq);
+    }
+
+    fn intent(&mut self, seq: u64, epoch: u64, batch_id: String, now: Ts, accounts: Vec<Arc<str>>) {
+        let i = self.intents.len();
+        for a in accounts {
+            match self.by_account.entry(a) {
+                std::collections::hash_map::Entry::Occupied(mut t) => t.get_mut().insert(epoch, i),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(TakenBy::One(epoch, i));
+                }
+            }
+        }
+        self.intents.push((epoch, batch_id, now, seq));
+    }
+}
+
+/// One batch's parts while the replay holds them: by account, each
+/// account's parts postcard-encoded back to back in journal order (about a
+/// fourth of their decoded size). They are decoded and merged when the
+/// batch is written, so only one batch is ever held decoded.
+type Held = BTreeMap<Arc<str>, Vec<u8>>;
+
+/// The replay's second pass: deduction parts given to the batch each goes
+/// to, every batch leaving as soon as it is whole, in the order of the
+/// intents, then what no flush took. Deterministic: the same journal
+/// yields the same batches and ids.
+struct Batches {
+    takes: Takes,
+    /// For intent i, the number of the record after which no deduction
+    /// can go to it: its own, or the last of an epoch at or before its.
+    whole_after: Vec<u64>,
+    /// The parts of intents not yet written, by intent.
+    open: HashMap<usize, Held>,
+    /// The next intent to write.
+    next: usize,
+    rest: Held,
+    rest_id: (u64, u64, u64),
+    now: Ts,
+}
+
+impl Batches {
+    fn new(takes: Takes, journal_id: u64, covered: u64, last_epoch: u64, now: Ts) -> Batches {
+        // The last deduction record at or before each epoch.
+        let mut upto = BTreeMap::new();
+        let mut last = 0;
+        for (epoch, seq) in &takes.last_deduction {
+            last = last.max(*seq);
+            upto.insert(*epoch, last);
+        }
+        let whole_after = takes
+            .intents
+            .iter()
+            .map(|(epoch, _, _, seq)| {
+                let deducted = upto.range(..=*epoch).next_back().map_or(0, |(_, s)| *s);
+                (*seq).max(deducted)
+            })
+            .collect();
+        Batches {
+            takes,
+            whole_after,
+            open: HashMap::new(),
+            next: 0,
+            rest: Held::new(),
+            rest_id: (journal_id, covered, last_epoch),
+            now,
+        }
+    }
+
+    /// Gives each part of a deduction record to the first take of its
+    /// account at or after the record's epoch, or to the rest.
+    fn add(&mut self, epoch: u64, parts: Vec<AccountFlush>) -> Result<(), JournalError> {
+        for part in parts {
+            // The key the takes hold already, when there is one: one copy
+            // of the id for both.
+            let (key, taken) = match self.takes.by_account.get_key_value(&part.account_id) {
+                Some((key, t)) => (key.clone(), t.first_from(epoch)),
+                None => (part.account_id.clone(), None),
+            };
+            let into = match taken {
+                Some(i) => self.open.entry(i).or_default(),
+                None => &mut self.rest,
+            };
+            let held = into.entry(key).or_default();
+            *held = postcard::to_extend(&part, std::mem::take(held))
+                .map_err(|e| JournalError::Held(e.to_string()))?;
+            held.shrink_to_fit();
+        }
+        Ok(())
+    }
+
+    /// Writes the batches whole once record `seq` is read, in intent order.
+    fn complete(
+        &mut self,
+        seq: u64,
+        write: &mut impl FnMut(FlushBatch) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        while self.next < self.whole_after.len() && self.whole_after[self.next] <= seq {
+            self.write_intent(self.next, write)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn write_intent(
+        &mut self,
+        i: usize,
+        write: &mut impl FnMut(FlushBatch) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        let Some(held) = self.open.remove(&i) else {
+            return Ok(());
+        };
+        let (_, batch_id, now, _) = &self.takes.intents[i];
+        let (batch_id, now) = (batch_id.clone(), *now);
+        let accounts = held
+            .into_values()
+            .map(|bytes| unheld(&bytes))
+            .collect::<Result<_, _>>()?;
+        write(FlushBatch {
+            batch_id,
+            now,
+            accounts,
+        })
+    }
+
+    /// Writes every batch not yet written: the intents' (none once every
+    /// record was read), then what no flush took, in chunks named after
+    /// the journal.
+    fn finish(
+        mut self,
+        write: &mut impl FnMut(FlushBatch) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        for i in self.next..self.whole_after.len() {
+            self.write_intent(i, write)?;
+        }
+        let (journal_id, covered, last_epoch) = self.rest_id;
+        let mut rest = std::mem::take(&mut self.rest).into_values().peekable();
+        let mut n = 0;
+        while rest.peek().is_some() {
+            let accounts = rest
+                .by_ref()
+                .take(REPLAY_BATCH_ACCOUNTS)
+                .map(|bytes| unheld(&bytes))
+                .collect::<Result<_, _>>()?;
+            write(FlushBatch {
+                batch_id: format!("journal-{journal_id:016x}-{covered}-{last_epoch}-{n}"),
+                now: self.now,
+                accounts,
+            })?;
+            n += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One account's held parts (see [`Held`]), decoded and merged into one.
+fn unheld(mut bytes: &[u8]) -> Result<AccountFlush, JournalError> {
+    let mut merged: Option<AccountFlush> = None;
+    while !bytes.is_empty() {
+        let (part, after) = postcard::take_from_bytes::<AccountFlush>(bytes)
+            .map_err(|e| JournalError::Held(e.to_string()))?;
+        bytes = after;
+        match &mut merged {
+            None => merged = Some(part),
+            Some(m) => merge(m, part),
+        }
+    }
+    merged.ok_or_else(|| JournalError::Held("an account with no part".into()))
+}
+
+/// Gives each deduction part to the batch that took it, or to new batches:
+/// [`replay`]'s two passes over deductions and intents held in memory.
+#[cfg(test)]
 fn assign(
     deductions: Vec<(u64, AccountFlush)>,
     intents: Vec<IntentOf>,
@@ -1315,81 +1670,77 @@ fn assign(
     last_epoch: u64,
     now: Ts,
 ) -> Vec<FlushBatch> {
-    // account -> [(take epoch, intent index)], the last intent of an epoch
-    // winning (the narrowest batch that held the account).
-    let mut takes: HashMap<Arc<str>, BTreeMap<u64, usize>> = HashMap::new();
-    for (i, (epoch, _, _, accounts)) in intents.iter().enumerate() {
-        for a in accounts {
-            takes.entry(a.clone()).or_default().insert(*epoch, i);
-        }
+    // Every deduction first, then every intent, as records numbered so.
+    let mut takes = Takes::default();
+    let n = deductions.len() as u64;
+    for (seq, (epoch, _)) in deductions.iter().enumerate() {
+        takes.deducted(seq as u64, *epoch);
     }
-    let mut by_intent: BTreeMap<usize, Vec<AccountFlush>> = BTreeMap::new();
-    let mut rest: Vec<AccountFlush> = Vec::new();
-    for (epoch, part) in deductions {
-        let taken = takes
-            .get(&part.account_id)
-            .and_then(|t| t.range(epoch..).next())
-            .map(|(_, i)| *i);
-        match taken {
-            Some(i) => by_intent.entry(i).or_default().push(part),
-            None => rest.push(part),
-        }
+    for (k, (epoch, batch_id, at, accounts)) in intents.into_iter().enumerate() {
+        takes.intent(n + k as u64, epoch, batch_id, at, accounts);
     }
-    let mut out: Vec<FlushBatch> = by_intent
-        .into_iter()
-        .map(|(i, parts)| FlushBatch {
-            batch_id: intents[i].1.clone(),
-            now: intents[i].2,
-            accounts: merge_parts(parts),
-        })
-        .collect();
-    let rest = merge_parts(rest);
-    for (n, chunk) in rest.chunks(REPLAY_BATCH_ACCOUNTS).enumerate() {
-        out.push(FlushBatch {
-            batch_id: format!("journal-{journal_id:016x}-{covered}-{last_epoch}-{n}"),
-            now,
-            accounts: chunk.to_vec(),
-        });
+    let mut batches = Batches::new(takes, journal_id, covered, last_epoch, now);
+    let mut out = Vec::new();
+    let mut write = |b| {
+        out.push(b);
+        Ok(())
+    };
+    for (seq, (epoch, part)) in deductions.into_iter().enumerate() {
+        batches.add(epoch, vec![part]).unwrap();
+        batches.complete(seq as u64, &mut write).unwrap();
     }
+    batches.finish(&mut write).unwrap();
     out
 }
 
-/// One part per account, in account order, as a flush would send it:
-/// amounts summed per (hour, item, pack), request ids kept in order, and
-/// the account row with the earliest activation (it only moves back, R1)
-/// and the latest flags. A million deductions of ten thousand accounts
-/// replay as ten thousand parts.
+/// An intent as replay reads it: (take epoch, batch id, batch now, accounts).
+#[cfg(test)]
+type IntentOf = (u64, String, Ts, Vec<Arc<str>>);
+
+/// The parts of one batch, one per account in account order, as a flush
+/// would send them: [`merge`]d. A million deductions of ten thousand
+/// accounts replay as ten thousand parts.
+#[cfg(test)]
 fn merge_parts(parts: Vec<AccountFlush>) -> Vec<AccountFlush> {
     let mut by_account: BTreeMap<Arc<str>, AccountFlush> = BTreeMap::new();
     for p in parts {
-        let Some(m) = by_account.get_mut(&p.account_id) else {
-            by_account.insert(p.account_id.clone(), p);
-            continue;
-        };
-        for d in p.deltas {
-            let same = m.deltas.iter_mut().find(|x| {
-                (x.hour, x.item) == (d.hour, d.item)
-                    && x.pack.as_ref().map(|s| &s.pack_id) == d.pack.as_ref().map(|s| &s.pack_id)
-                    && x.amount.checked_add(d.amount).is_some()
-            });
-            match same {
-                Some(x) => x.amount += d.amount,
-                None => m.deltas.push(d),
+        match by_account.get_mut(&p.account_id) {
+            Some(m) => merge(m, p),
+            None => {
+                by_account.insert(p.account_id.clone(), p);
             }
         }
-        m.dedup.extend(p.dedup);
-        m.account = match (m.account.take(), p.account) {
-            (Some(a), Some(b)) => Some(crate::ledger::AccountRecord {
-                activated_at: match (a.activated_at, b.activated_at) {
-                    (Some(x), Some(y)) => Some(x.min(y)),
-                    (x, y) => x.or(y),
-                },
-                ..b
-            }),
-            (a, b) => b.or(a),
-        };
     }
     by_account.into_values().collect()
+}
+
+/// Adds part `p` to `m`, a part of the same account, as a flush would
+/// send them: amounts summed per (hour, item, pack), request ids kept in
+/// order, and the account row with the earliest activation (it only moves
+/// back, R1) and the latest flags.
+fn merge(m: &mut AccountFlush, p: AccountFlush) {
+    for d in p.deltas {
+        let same = m.deltas.iter_mut().find(|x| {
+            (x.hour, x.item) == (d.hour, d.item)
+                && x.pack.as_ref().map(|s| &s.pack_id) == d.pack.as_ref().map(|s| &s.pack_id)
+                && x.amount.checked_add(d.amount).is_some()
+        });
+        match same {
+            Some(x) => x.amount += d.amount,
+            None => m.deltas.push(d),
+        }
+    }
+    m.dedup.extend(p.dedup);
+    m.account = match (m.account.take(), p.account) {
+        (Some(a), Some(b)) => Some(crate::ledger::AccountRecord {
+            activated_at: match (a.activated_at, b.activated_at) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            },
+            ..b
+        }),
+        (a, b) => b.or(a),
+    };
 }
 
 #[cfg(test)]

@@ -64,43 +64,139 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
 
 /// Reads every batch of a spill file; an empty list if there is none.
 pub fn read(path: &Path) -> Result<Vec<FlushBatch>, SpillError> {
+    batches(path)?.collect()
+}
+
+/// The batches of a spill file, parsed one line at a time (none if there
+/// is no file): a replayed journal's file can be hundreds of MB, and its
+/// batches are written or copied one by one, never held together.
+fn batches(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<FlushBatch, SpillError>> + '_, SpillError> {
     use std::io::BufRead;
-    // Line by line: a replayed journal's file can be hundreds of MB, which
-    // held whole beside its parsed batches only raised the peak.
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let lines = match std::fs::File::open(path) {
+        Ok(f) => Some(std::io::BufReader::new(f).lines()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(path)(e)),
     };
-    let mut batches = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        batches.push(
-            serde_json::from_str(&line).map_err(|e| SpillError::Corrupt {
-                path: path.to_path_buf(),
-                line: i + 1,
-                message: e.to_string(),
-            })?,
-        );
-    }
-    Ok(batches)
+    Ok(lines
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(move |(i, line)| {
+            let line = match line {
+                Ok(l) if l.trim().is_empty() => return None,
+                Ok(l) => l,
+                Err(e) => return Some(Err(io(path)(e))),
+            };
+            Some(
+                serde_json::from_str(&line).map_err(|e| SpillError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                }),
+            )
+        }))
 }
 
 /// Writes `batches` after whatever the file already holds, atomically.
 pub fn append(path: &Path, batches: &[Arc<FlushBatch>]) -> Result<(), SpillError> {
-    let before: Vec<FlushBatch> = read(path)?;
-    // By reference: a copy of a replayed journal's batches doubled the
-    // memory they take.
-    write_all(path, before.iter().chain(batches.iter().map(|b| &**b)))
+    let mut out = Appender::open(path)?;
+    for b in batches {
+        out.push(b)?;
+    }
+    out.commit()
 }
 
+/// A spill file growing by some batches: what it held is copied to a
+/// temporary file, then each batch [`push`](Appender::push)ed is written
+/// after it, and [`commit`](Appender::commit) replaces the file with it,
+/// atomically. Dropped without a commit, it leaves the file as it was.
+pub struct Appender {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    written: usize,
+}
+
+impl Appender {
+    /// Starts the new file with the batches `path` holds (a corrupt line
+    /// fails here, and the file is left alone).
+    pub fn open(path: &Path) -> Result<Appender, SpillError> {
+        let dir = parent(path);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut out = Appender {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::new(file),
+            written: 0,
+        };
+        for b in batches(path)? {
+            out.push(&b?)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes one more batch.
+    pub fn push(&mut self, batch: &FlushBatch) -> Result<(), SpillError> {
+        let tmp = &self.tmp;
+        // A full disk is an I/O error here, not a bad batch.
+        serde_json::to_writer(&mut self.out, batch).map_err(|e| match e.is_io() {
+            true => io(tmp)(e.into()),
+            false => SpillError::Corrupt {
+                path: tmp.clone(),
+                line: 0,
+                message: e.to_string(),
+            },
+        })?;
+        writeln!(self.out).map_err(io(tmp))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Replaces the file with what was written, durably; removes it if
+    /// that is nothing.
+    pub fn commit(self) -> Result<(), SpillError> {
+        let Appender {
+            path,
+            tmp,
+            out,
+            written,
+        } = self;
+        let f = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        if written == 0 {
+            drop(f);
+            std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+                _ => Ok(()),
+            };
+        }
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The rename is durable once the directory is synced.
+        let dir = parent(&path);
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))
+    }
+}
+
+/// The directory a spill file is in.
+fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Replaces the file with `batches` (removes it if there are none).
 fn write_all<'a>(
     path: &Path,
     batches: impl IntoIterator<Item = &'a FlushBatch>,
 ) -> Result<(), SpillError> {
+    let dir = parent(path);
     let mut batches = batches.into_iter().peekable();
     if batches.peek().is_none() {
         return match std::fs::remove_file(path) {
@@ -108,34 +204,19 @@ fn write_all<'a>(
             _ => Ok(()),
         };
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
-        for b in batches {
-            // A full disk is an I/O error here, not a bad batch.
-            serde_json::to_writer(&mut f, b).map_err(|e| match e.is_io() {
-                true => io(&tmp)(e.into()),
-                false => SpillError::Corrupt {
-                    path: tmp.clone(),
-                    line: 0,
-                    message: e.to_string(),
-                },
-            })?;
-            writeln!(f).map_err(io(&tmp))?;
-        }
-        let f = f.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-        f.sync_all().map_err(io(&tmp))?;
+    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let mut out = Appender {
+        path: path.to_path_buf(),
+        tmp,
+        out: std::io::BufWriter::new(file),
+        written: 0,
+    };
+    for b in batches {
+        out.push(b)?;
     }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    // The rename is durable once the directory is synced.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    out.commit()
 }
 
 /// Transient store errors at start are retried this many times.
@@ -170,18 +251,22 @@ pub async fn replay(
     path: &Path,
     stop: &CancellationToken,
 ) -> Result<Replayed, SpillError> {
-    let batches = read(path)?;
+    // Every line is parsed before the first batch is written, so that a
+    // corrupt file replays nothing (as its error says); then the batches
+    // are read again and written one at a time, never all held at once.
+    let count = batches(path)?.try_fold(0usize, |n, b| b.map(|_| n + 1))?;
     let mut done = Replayed::default();
-    if batches.is_empty() {
+    if count == 0 {
         return Ok(done);
     }
-    tracing::info!(path = %path.display(), batches = batches.len(), "replaying the spill file");
+    tracing::info!(path = %path.display(), batches = count, "replaying the spill file");
     let failed = |source| SpillError::Store {
         path: path.to_path_buf(),
         source,
     };
     let mut kept = Vec::new();
-    for batch in batches {
+    for batch in batches(path)? {
+        let batch = batch?;
         if stop.is_cancelled() {
             done.interrupted = true;
             return Ok(done);
@@ -300,6 +385,30 @@ mod tests {
             .unwrap();
         assert_eq!((r.applied, r.skipped, r.interrupted), (2, 0, false));
         assert!(read(&path).unwrap().is_empty());
+    }
+
+    /// The replay reads the file one batch at a time, but checks every
+    /// line first: a corrupt line after good batches writes none of them,
+    /// and the file is left as it was.
+    #[tokio::test]
+    async fn a_replay_of_a_file_with_a_corrupt_line_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db").to_str().unwrap()).unwrap();
+        let path = dir.path().join("s.db.unflushed");
+        append(&path, &[batch("b1", "a", 7)]).unwrap();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{torn\n");
+        std::fs::write(&path, &text).unwrap();
+        match replay(&store, &path, &CancellationToken::new()).await {
+            Err(SpillError::Corrupt { line, .. }) => assert_eq!(line, 2),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let rows = store
+            .usage_rows_page(0, 1, Some("a"), None, 100)
+            .await
+            .unwrap();
+        assert!(rows.is_empty(), "{rows:?}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 
     #[test]
