@@ -1338,7 +1338,7 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
         .map(|((epoch, _), _)| *epoch)
         .fold(covered, u64::max);
     let mut takes = Takes::default();
-    done.stopped = each_record(&segments, covered, |seq, record| {
+    done.stopped = each_record(&segments, covered, true, |seq, record| {
         match record {
             Record::Deduct { epoch, .. } => {
                 last_epoch = last_epoch.max(epoch);
@@ -1370,7 +1370,7 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
         tests::WRITTEN_AT.with(|w| w.borrow_mut().push(tests::READ.with(|r| r.get())));
         Ok(out.push(&batch)?)
     };
-    each_record(&segments, covered, |seq, record| {
+    each_record(&segments, covered, false, |seq, record| {
         if let Record::Deduct { epoch, parts } = record {
             batches.add(epoch, parts)?;
         }
@@ -1400,13 +1400,15 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
 }
 
 /// Calls `f` with every deduction and intent after the checkpoint (epoch
-/// past `covered`), in journal order, numbered from 0; one segment in
-/// memory at a time, its records decoded one by one. Stops at `f`'s first
-/// error. Returns how many files stopped at a bad record (each logged). The same files give the same records
-/// and numbers, so the replay's two passes agree.
+/// past `covered`), in journal order, numbered from 0, each read from its
+/// file and decoded one at a time. Stops at `f`'s first error. Returns how
+/// many files stopped at a bad record, and logs each if `warn`. The same
+/// files give the same records and numbers, so the replay's two passes
+/// agree.
 fn each_record(
     segments: &[SegmentFile],
     covered: u64,
+    warn: bool,
     mut f: impl FnMut(u64, Record) -> Result<(), JournalError>,
 ) -> Result<usize, JournalError> {
     let (mut seq, mut stopped) = (0u64, 0usize);
@@ -1431,8 +1433,11 @@ fn each_record(
         if let Some(e) = records.failed {
             return Err(io(path)(e));
         }
-        if let Some(stop) = records.stop {
-            stopped += 1;
+        let Some(stop) = records.stop else {
+            continue;
+        };
+        stopped += 1;
+        if warn {
             tracing::warn!(
                 file = %path.display(),
                 offset = stop.offset,
