@@ -115,8 +115,19 @@ pub fn append(path: &Path, batches: &[Arc<FlushBatch>]) -> Result<(), SpillError
 pub struct Appender {
     path: PathBuf,
     tmp: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
+    /// `None` once committed.
+    out: Option<std::io::BufWriter<std::fs::File>>,
     written: usize,
+}
+
+impl Drop for Appender {
+    /// Not committed (a write failed, a disk filled): the temporary file
+    /// goes, so that it does not keep the space a retry needs.
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl Appender {
@@ -130,7 +141,7 @@ impl Appender {
         let mut out = Appender {
             path: path.to_path_buf(),
             tmp,
-            out: std::io::BufWriter::new(file),
+            out: Some(std::io::BufWriter::new(file)),
             written: 0,
         };
         for b in batches(path)? {
@@ -142,8 +153,11 @@ impl Appender {
     /// Writes one more batch.
     pub fn push(&mut self, batch: &FlushBatch) -> Result<(), SpillError> {
         let tmp = &self.tmp;
+        let Some(out) = self.out.as_mut() else {
+            unreachable!("commit() takes the Appender")
+        };
         // A full disk is an I/O error here, not a bad batch.
-        serde_json::to_writer(&mut self.out, batch).map_err(|e| match e.is_io() {
+        serde_json::to_writer(&mut *out, batch).map_err(|e| match e.is_io() {
             true => io(tmp)(e.into()),
             false => SpillError::Corrupt {
                 path: tmp.clone(),
@@ -151,33 +165,31 @@ impl Appender {
                 message: e.to_string(),
             },
         })?;
-        writeln!(self.out).map_err(io(tmp))?;
+        writeln!(out).map_err(io(tmp))?;
         self.written += 1;
         Ok(())
     }
 
     /// Replaces the file with what was written, durably; removes it if
     /// that is nothing.
-    pub fn commit(self) -> Result<(), SpillError> {
-        let Appender {
-            path,
-            tmp,
-            out,
-            written,
-        } = self;
-        let f = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-        if written == 0 {
-            drop(f);
-            std::fs::remove_file(&tmp).map_err(io(&tmp))?;
-            return match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+    pub fn commit(mut self) -> Result<(), SpillError> {
+        let (path, tmp) = (&self.path, &self.tmp);
+        let Some(out) = self.out.as_mut() else {
+            unreachable!("commit() takes the Appender")
+        };
+        out.flush().map_err(io(tmp))?;
+        if self.written == 0 {
+            // Drop removes the temporary file.
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
                 _ => Ok(()),
             };
         }
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        out.get_ref().sync_all().map_err(io(tmp))?;
+        std::fs::rename(tmp, path).map_err(io(path))?;
+        self.out = None;
         // The rename is durable once the directory is synced.
-        let dir = parent(&path);
+        let dir = parent(path);
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))
@@ -210,7 +222,7 @@ fn write_all<'a>(
     let mut out = Appender {
         path: path.to_path_buf(),
         tmp,
-        out: std::io::BufWriter::new(file),
+        out: Some(std::io::BufWriter::new(file)),
         written: 0,
     };
     for b in batches {
@@ -385,6 +397,33 @@ mod tests {
             .unwrap();
         assert_eq!((r.applied, r.skipped, r.interrupted), (2, 0, false));
         assert!(read(&path).unwrap().is_empty());
+    }
+
+    /// An append that does not commit (a failed write) leaves the file as
+    /// it was and takes its temporary file away.
+    #[test]
+    fn an_append_given_up_leaves_the_file_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.unflushed");
+        append(&path, &[batch("b1", "a", 7)]).unwrap();
+        let before = std::fs::read_to_string(&path).unwrap();
+        let mut out = Appender::open(&path).unwrap();
+        out.push(&batch("b2", "a", 8)).unwrap();
+        assert!(path.with_extension("tmp").exists());
+        drop(out);
+        assert!(!path.with_extension("tmp").exists());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        // Committed, the batches follow the ones it held.
+        let mut out = Appender::open(&path).unwrap();
+        out.push(&batch("b2", "a", 8)).unwrap();
+        out.commit().unwrap();
+        let ids: Vec<_> = read(&path)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.batch_id)
+            .collect();
+        assert_eq!(ids, ["b1", "b2"]);
+        assert!(!path.with_extension("tmp").exists());
     }
 
     /// The replay reads the file one batch at a time, but checks every
