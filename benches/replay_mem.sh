@@ -43,7 +43,8 @@ spid=$!
 until grep -q listening "$work/replay.out" 2>/dev/null; do
   kill -0 "$spid" 2>/dev/null || { cat "$work/replay.err" >&2; exit 1; }
   [ -n "${TRACE:-}" ] && echo "t=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')" \
-    "rss=$(awk '$1 == "VmRSS:" { printf "%.0f", $2 / 1024 }' "/proc/$spid/status") MiB"
+    "rss=$(awk '$1 == "VmRSS:" { printf "%.0f", $2 / 1024 }' "/proc/$spid/status") MiB" \
+    "cpu=$(awk '{ print $14 + $15 }' "/proc/$spid/stat") ticks"
   sleep 0.1
 done
 echo "ready after: $(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s," \

@@ -745,7 +745,7 @@ impl App {
         self.flusher
             .quiesced(async {
                 let packs = self.store.list_packs(account_id).await?;
-                self.meter.rebase(&[(acct.clone(), &packs)]);
+                self.meter.rebase(&[(acct.clone(), &packs)], || {});
                 Ok::<_, StoreError>(())
             })
             .await?;

@@ -111,6 +111,81 @@ fn take_work(accounts: Vec<Arc<AccountState>>, mut pause: impl FnMut()) -> Work 
         .collect()
 }
 
+/// Accounts sorted at a time before [`sort_by_id`] merges them: a run
+/// sorts in well under a [`Slicer`] slice.
+const SORT_RUN: usize = 256;
+
+/// `work` in the order of `id_of` (an account's id bytes), calling
+/// `pause` between pieces of the sort. One `sort_unstable_by` of a 100,000-account batch held the core
+/// for milliseconds (it follows a pointer to each account at every
+/// comparison); a worker waited behind it for up to a scheduler tick, and
+/// so did the calls queued on it (issue 14).
+///
+/// The ids are copied side by side first, so that comparisons read one
+/// buffer; their order is sorted in runs of [`SORT_RUN`], the runs merged
+/// pairwise with a pause every [`SORT_RUN`] steps, and `work` put in that
+/// order in place.
+fn sort_by_id<T>(
+    mut work: Vec<T>,
+    id_of: impl Fn(&T) -> &[u8],
+    pause: &mut impl FnMut(),
+) -> Vec<T> {
+    let n = work.len();
+    let mut ids: Vec<u8> = Vec::new();
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(n);
+    for item in &work {
+        pause();
+        let start = ids.len();
+        ids.extend_from_slice(id_of(item));
+        spans.push((start, ids.len()));
+    }
+    let id = |i: usize| &ids[spans[i].0..spans[i].1];
+    let mut order: Vec<usize> = (0..n).collect();
+    for run in order.chunks_mut(SORT_RUN) {
+        run.sort_by(|&a, &b| id(a).cmp(id(b)));
+        pause();
+    }
+    let mut merged = vec![0usize; n];
+    let mut width = SORT_RUN;
+    while width < n {
+        for start in (0..n).step_by(2 * width) {
+            let mid = (start + width).min(n);
+            let end = (start + 2 * width).min(n);
+            let (mut l, mut r) = (start, mid);
+            for (k, out) in merged[start..end].iter_mut().enumerate() {
+                if k % SORT_RUN == 0 {
+                    pause();
+                }
+                // The left run on a tie: stable.
+                let take_left = r >= end || (l < mid && id(order[l]) <= id(order[r]));
+                *out = if take_left { order[l] } else { order[r] };
+                if take_left {
+                    l += 1;
+                } else {
+                    r += 1;
+                }
+            }
+        }
+        std::mem::swap(&mut order, &mut merged);
+        width *= 2;
+    }
+    // In place: position k takes the element at order[k], one cycle of the
+    // permutation at a time (a visited position is marked with n).
+    for i in 0..n {
+        let mut at = i;
+        while order[at] != n {
+            let from = order[at];
+            order[at] = n;
+            if from == i {
+                break;
+            }
+            work.swap(at, from);
+            at = from;
+        }
+    }
+    work
+}
+
 /// Batches whose changes are out of their accounts and not yet known to be
 /// in the store.
 #[derive(Default)]
@@ -316,14 +391,21 @@ impl Flusher {
         format!("{:016x}-{n}", self.node)
     }
 
-    fn batch(&self, work: &[(Arc<AccountState>, Pending)]) -> Arc<FlushBatch> {
+    fn batch(
+        &self,
+        work: &[(Arc<AccountState>, Pending)],
+        mut pause: impl FnMut(),
+    ) -> Arc<FlushBatch> {
         Arc::new(FlushBatch {
             batch_id: self.next_batch_id(),
             now: self.clock.now(),
             accounts: work
                 .iter()
                 .filter(|(_, p)| !p.is_empty())
-                .map(|(a, p)| to_flush(a, p))
+                .map(|(a, p)| {
+                    pause();
+                    to_flush(a, p)
+                })
                 .collect(),
         })
     }
@@ -523,20 +605,28 @@ impl Flusher {
         if work.is_empty() {
             return None;
         }
-        Some(self.publish(&mut state, work))
+        Some(self.publish(&mut state, work, &mut slicer))
     }
 
-    /// Makes `work` a batch, published as in flight.
-    fn publish(&self, state: &mut InFlight, mut work: Work) -> (Work, Arc<FlushBatch>) {
+    /// Makes `work` a batch, published as in flight. Sorting and building
+    /// it touch every account (100,000 in a catch-up batch): both pause
+    /// through `slicer`, so that neither holds the core for milliseconds
+    /// at a time (issue 14).
+    fn publish(
+        &self,
+        state: &mut InFlight,
+        work: Work,
+        slicer: &mut Slicer,
+    ) -> (Work, Arc<FlushBatch>) {
         // In key order, each transaction's upserts walk the tables' B-trees
         // forwards instead of jumping around them.
-        work.sort_unstable_by(|(a, _), (b, _)| a.id_bytes().cmp(b.id_bytes()));
+        let work = sort_by_id(work, |(a, _)| a.id_bytes(), &mut || slicer.pause());
         if let Some(oldest) = work.iter().filter_map(|(_, p)| p.since()).min() {
             // The oldest of the batches being written (several may be):
             // reset when the flush ends.
             self.in_flight_since.fetch_min(oldest, Ordering::Relaxed);
         }
-        let batch = self.batch(&work);
+        let batch = self.batch(&work, || slicer.pause());
         state.batches.push(batch.clone());
         (work, batch)
     }
@@ -561,7 +651,7 @@ impl Flusher {
             .run(move || {
                 let mut state = this.in_flight.lock();
                 state.unbuilt = state.unbuilt.saturating_sub(1);
-                let (work, batch) = this.publish(&mut state, work);
+                let (work, batch) = this.publish(&mut state, work, &mut Slicer::new());
                 journal.register(&batch.batch_id, epoch);
                 (work, batch)
             })
@@ -662,7 +752,7 @@ impl Flusher {
                     let mut first = work;
                     let second = first.split_off(first.len() / 2);
                     for half in [second, first] {
-                        let b = self.batch(&half);
+                        let b = self.batch(&half, || {});
                         if let Some(j) = self.journal.get() {
                             j.derive(&batch.batch_id, &b.batch_id);
                         }
@@ -715,10 +805,12 @@ impl Flusher {
                 .binary_search_by(|t| t.account_id.as_bytes().cmp(a.id_bytes()))
                 .ok()
         };
+        let mut slicer = Slicer::new();
         let mut next = 0;
         let totals: Vec<_> = work
             .iter()
             .filter_map(|(a, _)| {
+                slicer.pause();
                 let i = match flushed.accounts.get(next) {
                     Some(t) if t.account_id.as_bytes() == a.id_bytes() => Some(next),
                     _ => by_id(a),
@@ -727,11 +819,10 @@ impl Flusher {
                 Some((a.clone(), &flushed.accounts[i].packs[..]))
             })
             .collect();
-        self.meter.rebase(&totals);
+        self.meter.rebase(&totals, || slicer.pause());
         // This batch is no longer in flight: its changes are in the store.
         let mut state = self.in_flight.lock();
         state.batches.retain(|b| !Arc::ptr_eq(b, batch));
-        let mut slicer = Slicer::new();
         let again: Vec<_> = work
             .into_iter()
             .filter(|(a, _)| {
@@ -863,7 +954,7 @@ impl Flusher {
         let mut work = take_work(accounts, || {});
         work.retain(|(_, p)| !p.is_empty());
         for chunk in work.chunks(self.batch_accounts) {
-            out.push(self.batch(chunk));
+            out.push(self.batch(chunk, || {}));
         }
         out
     }
@@ -914,6 +1005,53 @@ mod tests {
         packs::PackSpec,
         store::{sqlite::SqliteStore, Flushed, Granted, LoadedAccount, StoredPack},
     };
+
+    proptest::proptest! {
+        /// The pausing sort orders as a stable sort by id bytes does,
+        /// keeping every element (ids may repeat, and may be empty).
+        #[test]
+        fn the_pausing_sort_orders_as_a_stable_sort_does(
+            ids in proptest::collection::vec("[a-c]{0,3}|[a-z0-9]{0,20}", 0..1500),
+        ) {
+            let items: Vec<(String, usize)> = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+            let mut want = items.clone();
+            want.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            let got = sort_by_id(items, |(id, _)| id.as_bytes(), &mut || {});
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// The sort itself pauses: after the ids are copied, once per run and
+    /// every run's length of merge steps, where one `sort_unstable_by` of
+    /// the accounts never paused.
+    #[test]
+    fn the_sort_of_a_large_batch_pauses_as_it_goes() {
+        let n: usize = 10_000;
+        let items: Vec<String> = (0..n)
+            .map(|i| format!("acct-{:06}", (i * 7919) % n))
+            .collect();
+        let copied = std::cell::Cell::new(0);
+        let mut pauses_sorting = 0;
+        let sorted = sort_by_id(
+            items,
+            |id| {
+                copied.set(copied.get() + 1);
+                id.as_bytes()
+            },
+            &mut || {
+                if copied.get() == n {
+                    pauses_sorting += 1;
+                }
+            },
+        );
+        assert!(sorted.windows(2).all(|w| w[0] < w[1]));
+        let runs = n.div_ceil(SORT_RUN);
+        let passes = (runs as f64).log2().ceil() as usize;
+        assert!(
+            pauses_sorting >= runs * (1 + passes),
+            "{pauses_sorting} pauses while sorting {n} ids"
+        );
+    }
 
     /// The real SQLite store, which can be told to report a transient error
     /// after its next flush *committed*: what a connection that dies during

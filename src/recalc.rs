@@ -178,7 +178,7 @@ pub async fn recalculate(app: &App, plans: &Plans, position: usize) -> Result<u6
         }
         let packs = app.store().recalculate(&r).await?;
         if let Some(acct) = meter.resident_account(&r.account_id) {
-            meter.rebase(&[(acct, &packs)]);
+            meter.rebase(&[(acct, &packs)], || {});
         }
         n += 1;
     }

@@ -315,10 +315,15 @@ impl Meter {
     ///
     /// Only resident packs are rebased; packs this node does not know (a
     /// grant made through another node) are not made resident here.
-    pub fn rebase(&self, flushed: &[(Arc<AccountState>, &[StoredPack])]) {
+    pub fn rebase(&self, flushed: &[(Arc<AccountState>, &[StoredPack])], mut pause: impl FnMut()) {
+        // Every account of a batch is looked at, outside the exclusive
+        // section: `pause` may hand the core back between them.
         let stale: Vec<_> = flushed
             .iter()
-            .filter(|(a, stored)| !a.rebase_targets(stored).is_empty())
+            .filter(|(a, stored)| {
+                pause();
+                !a.rebase_targets(stored).is_empty()
+            })
             .collect();
         if stale.is_empty() {
             return;
