@@ -120,15 +120,18 @@ const SORT_RUN: usize = 256;
 const SORT_AT_ONCE: usize = 8_192;
 
 /// `work` in the order of `id_of` (an account's id bytes), calling
-/// `pause` between pieces of the sort. One `sort_unstable_by` of a 100,000-account batch held the core
-/// for milliseconds (it follows a pointer to each account at every
-/// comparison); a worker waited behind it for up to a scheduler tick, and
-/// so did the calls queued on it (issue 14).
+/// `pause` between pieces of the sort. One `sort_unstable_by` of a
+/// 100,000-account batch held the core for milliseconds (it follows a
+/// pointer to each account at every comparison); a worker waited behind it
+/// for up to a scheduler tick, and so did the calls queued on it (issue
+/// 14).
 ///
-/// The ids are copied side by side first, so that comparisons read one
-/// buffer; their order is sorted in runs of [`SORT_RUN`], the runs merged
-/// pairwise with a pause every [`SORT_RUN`] steps, and `work` put in that
-/// order in place.
+/// Each account gets a sort key first: its id's first 16 bytes as a
+/// big-endian number, its length and its place, side by side in one
+/// vector, so that comparisons read that vector; only ids that share
+/// their first 16 bytes, one of them longer, are compared whole. The keys
+/// are sorted in runs of [`SORT_RUN`], the runs merged pairwise with a
+/// pause every [`SORT_RUN`] steps, and `work` put in that order in place.
 fn sort_by_id<T>(
     mut work: Vec<T>,
     id_of: impl Fn(&T) -> &[u8],
@@ -137,25 +140,33 @@ fn sort_by_id<T>(
     let n = work.len();
     if n <= SORT_AT_ONCE {
         // An on-time batch (5,000 accounts) sorts in a fraction of a
-        // millisecond, and faster without the copies.
+        // millisecond, and faster without the keys.
         work.sort_by(|a, b| id_of(a).cmp(id_of(b)));
         return work;
     }
-    let mut ids: Vec<u8> = Vec::new();
-    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(n);
-    for item in &work {
+    let mut keys: Vec<(u128, usize, usize)> = Vec::with_capacity(n);
+    for (i, item) in work.iter().enumerate() {
         pause();
-        let start = ids.len();
-        ids.extend_from_slice(id_of(item));
-        spans.push((start, ids.len()));
+        let id = id_of(item);
+        let mut prefix = [0u8; 16];
+        let head = id.len().min(16);
+        prefix[..head].copy_from_slice(&id[..head]);
+        keys.push((u128::from_be_bytes(prefix), id.len(), i));
     }
-    let id = |i: usize| &ids[spans[i].0..spans[i].1];
-    let mut order: Vec<usize> = (0..n).collect();
-    for run in order.chunks_mut(SORT_RUN) {
-        run.sort_by(|&a, &b| id(a).cmp(id(b)));
+    // Zero-padded prefixes order as the ids do, up to a tie: then the ids
+    // are equal up to 16 bytes, and the shorter comes first unless one is
+    // longer than 16 bytes, when the rest decides.
+    let cmp = |a: &(u128, usize, usize), b: &(u128, usize, usize)| {
+        a.0.cmp(&b.0).then_with(|| match a.1.max(b.1) > 16 {
+            true => id_of(&work[a.2]).cmp(id_of(&work[b.2])),
+            false => a.1.cmp(&b.1),
+        })
+    };
+    for run in keys.chunks_mut(SORT_RUN) {
+        run.sort_by(cmp);
         pause();
     }
-    let mut merged = vec![0usize; n];
+    let mut merged = keys.clone();
     let mut width = SORT_RUN;
     while width < n {
         for start in (0..n).step_by(2 * width) {
@@ -167,20 +178,22 @@ fn sort_by_id<T>(
                     pause();
                 }
                 // The left run on a tie: stable.
-                let take_left = r >= end || (l < mid && id(order[l]) <= id(order[r]));
-                *out = if take_left { order[l] } else { order[r] };
+                let take_left = r >= end || (l < mid && cmp(&keys[l], &keys[r]).is_le());
                 if take_left {
+                    *out = keys[l];
                     l += 1;
                 } else {
+                    *out = keys[r];
                     r += 1;
                 }
             }
         }
-        std::mem::swap(&mut order, &mut merged);
+        std::mem::swap(&mut keys, &mut merged);
         width *= 2;
     }
-    // In place: position k takes the element at order[k], one cycle of the
-    // permutation at a time (a visited position is marked with n).
+    // In place: position k takes the element at keys[k]'s place, one cycle
+    // of the permutation at a time (a visited position is marked with n).
+    let mut order: Vec<usize> = keys.into_iter().map(|(_, _, i)| i).collect();
     for i in 0..n {
         let mut at = i;
         while order[at] != n {
@@ -1046,10 +1059,14 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
 
         /// The pausing sort orders as a stable sort by id bytes does,
-        /// keeping every element (ids may repeat, and may be empty).
+        /// keeping every element (ids may repeat, be empty, share their
+        /// first 16 bytes, or hold zero bytes).
         #[test]
         fn the_pausing_sort_orders_as_a_stable_sort_does(
-            ids in proptest::collection::vec("[a-c]{0,3}|[a-z0-9]{0,20}", 0..20_000),
+            ids in proptest::collection::vec(
+                "[a-c]{0,3}|[a-z0-9]{0,20}|acct-0000000000-[a-c]{0,3}|[a\\x00]{14,18}",
+                0..20_000,
+            ),
         ) {
             let items: Vec<(String, usize)> = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
             let mut want = items.clone();
