@@ -1511,11 +1511,45 @@ impl Takes {
     }
 }
 
-/// One batch's parts while the replay holds them: by account, each
-/// account's parts postcard-encoded back to back in journal order (about a
-/// fourth of their decoded size). They are decoded and merged when the
-/// batch is written, so only one batch is ever held decoded.
-type Held = BTreeMap<Arc<str>, Vec<u8>>;
+/// One account's parts in a batch while the replay holds them:
+/// postcard-encoded back to back, in journal order (about a fourth of
+/// their decoded size). Whenever they pass twice their size after the
+/// last compaction (and [`COMPACT_AT`]), they are compacted: decoded,
+/// merged into one ([`merge`]) and encoded again. So an account deducted a
+/// million times is held as about one part, and appending stays linear.
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    compacted: usize,
+}
+
+/// Bytes of an account's held parts below which they are not compacted
+/// (a few parts).
+const COMPACT_AT: usize = 1024;
+
+impl Held {
+    fn add(&mut self, part: &AccountFlush) -> Result<(), JournalError> {
+        let held = |e: postcard::Error| JournalError::Held(e.to_string());
+        if self.bytes.is_empty() {
+            // Most accounts have one part: no spare capacity for it.
+            self.bytes = postcard::to_allocvec(part).map_err(held)?;
+            self.bytes.shrink_to_fit();
+            return Ok(());
+        }
+        self.bytes = postcard::to_extend(part, std::mem::take(&mut self.bytes)).map_err(held)?;
+        if self.bytes.len() > COMPACT_AT.max(2 * self.compacted) {
+            let merged = unheld(&self.bytes)?;
+            self.bytes = postcard::to_allocvec(&merged).map_err(held)?;
+            self.compacted = self.bytes.len();
+        }
+        Ok(())
+    }
+}
+
+/// One batch's parts while the replay holds them, by account. Decoded
+/// when the batch is written, so that only one batch is ever held decoded
+/// whole.
+type HeldParts = BTreeMap<Arc<str>, Held>;
 
 /// The replay's second pass: deduction parts given to the batch each goes
 /// to, every batch leaving as soon as it is whole, in the order of the
@@ -1527,10 +1561,10 @@ struct Batches {
     /// can go to it: its own, or the last of an epoch at or before its.
     whole_after: Vec<u64>,
     /// The parts of intents not yet written, by intent.
-    open: HashMap<usize, Held>,
+    open: HashMap<usize, HeldParts>,
     /// The next intent to write.
     next: usize,
-    rest: Held,
+    rest: HeldParts,
     rest_id: (u64, u64, u64),
     now: Ts,
 }
@@ -1557,7 +1591,7 @@ impl Batches {
             whole_after,
             open: HashMap::new(),
             next: 0,
-            rest: Held::new(),
+            rest: HeldParts::new(),
             rest_id: (journal_id, covered, last_epoch),
             now,
         }
@@ -1577,10 +1611,7 @@ impl Batches {
                 Some(i) => self.open.entry(i).or_default(),
                 None => &mut self.rest,
             };
-            let held = into.entry(key).or_default();
-            *held = postcard::to_extend(&part, std::mem::take(held))
-                .map_err(|e| JournalError::Held(e.to_string()))?;
-            held.shrink_to_fit();
+            into.entry(key).or_default().add(&part)?;
         }
         Ok(())
     }
@@ -1610,7 +1641,7 @@ impl Batches {
         let (batch_id, now) = (batch_id.clone(), *now);
         let accounts = held
             .into_values()
-            .map(|bytes| unheld(&bytes))
+            .map(|h| unheld(&h.bytes))
             .collect::<Result<_, _>>()?;
         write(FlushBatch {
             batch_id,
@@ -1636,7 +1667,7 @@ impl Batches {
             let accounts = rest
                 .by_ref()
                 .take(REPLAY_BATCH_ACCOUNTS)
-                .map(|bytes| unheld(&bytes))
+                .map(|h| unheld(&h.bytes))
                 .collect::<Result<_, _>>()?;
             write(FlushBatch {
                 batch_id: format!("journal-{journal_id:016x}-{covered}-{last_epoch}-{n}"),

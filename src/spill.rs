@@ -134,20 +134,25 @@ impl Appender {
     /// Starts the new file with the batches `path` holds (a corrupt line
     /// fails here, and the file is left alone).
     pub fn open(path: &Path) -> Result<Appender, SpillError> {
-        let dir = parent(path);
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tmp = path.with_extension("tmp");
-        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let mut out = Appender {
-            path: path.to_path_buf(),
-            tmp,
-            out: Some(std::io::BufWriter::new(file)),
-            written: 0,
-        };
+        let mut out = Appender::empty(path)?;
         for b in batches(path)? {
             out.push(&b?)?;
         }
         Ok(out)
+    }
+
+    /// Starts a new file that will replace `path` whatever it holds.
+    fn empty(path: &Path) -> Result<Appender, SpillError> {
+        let dir = parent(path);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        Ok(Appender {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(std::io::BufWriter::new(file)),
+            written: 0,
+        })
     }
 
     /// Writes one more batch.
@@ -208,23 +213,15 @@ fn write_all<'a>(
     path: &Path,
     batches: impl IntoIterator<Item = &'a FlushBatch>,
 ) -> Result<(), SpillError> {
-    let dir = parent(path);
     let mut batches = batches.into_iter().peekable();
     if batches.peek().is_none() {
+        // Nothing to keep: no temporary file for it.
         return match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
             _ => Ok(()),
         };
     }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    let mut out = Appender {
-        path: path.to_path_buf(),
-        tmp,
-        out: Some(std::io::BufWriter::new(file)),
-        written: 0,
-    };
+    let mut out = Appender::empty(path)?;
     for b in batches {
         out.push(b)?;
     }

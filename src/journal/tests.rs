@@ -690,3 +690,23 @@ fn the_rest_is_chunked_as_before() {
     );
     assert_eq!(got, replay_in_memory(&segments, 0, 7, 42));
 }
+
+/// An account deducted many times between checkpoints is held compacted
+/// as the replay reads (`Held`), and replays as the in-memory replay
+/// merged it: one part, its amounts summed.
+#[test]
+fn a_hot_account_replays_as_one_merged_part() {
+    let records: Vec<Record> = (0..20_000u64)
+        .map(|i| Record::Deduct {
+            epoch: 2,
+            parts: vec![a_part("hot", i % 3, 1, i % 1000 == 0)],
+        })
+        .collect();
+    let segments = [(2, records)];
+    let (r, got) = replayed(&segments, 0);
+    assert_eq!((r.deductions, r.batches), (20_000, 1));
+    assert_eq!(got, replay_in_memory(&segments, 0, 7, 42));
+    let hot = &got[0].accounts[0];
+    assert_eq!(hot.deltas.iter().map(|d| d.amount).sum::<u64>(), 20_000);
+    assert_eq!(hot.deltas.len(), 3);
+}
