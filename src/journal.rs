@@ -470,9 +470,11 @@ impl<R: std::io::Read> Records<R> {
         } else if crc32fast::hash(&body) != crc {
             Err("CRC mismatch".into())
         } else {
-            self.at += (HEADER + len) as u64;
             decode_body(&body).map(Some)
         };
+        if let Ok(Some(_)) = record {
+            self.at += (HEADER + len) as u64;
+        }
         self.body = body;
         Ok(record)
     }
@@ -490,7 +492,6 @@ impl<R: std::io::Read> Iterator for Records<R> {
             Ok(Ok(Some(r))) => return Some((at, r)),
             Ok(Ok(None)) => None,
             Ok(Err(why)) => {
-                self.at = at;
                 self.stop = Some(Stop { offset: at, why });
                 None
             }

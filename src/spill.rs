@@ -185,10 +185,7 @@ impl Appender {
         out.flush().map_err(io(tmp))?;
         if self.written == 0 {
             // Drop removes the temporary file.
-            return match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
-                _ => Ok(()),
-            };
+            return remove(path);
         }
         out.get_ref().sync_all().map_err(io(tmp))?;
         std::fs::rename(tmp, path).map_err(io(path))?;
@@ -198,6 +195,14 @@ impl Appender {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))
+    }
+}
+
+/// Removes the spill file at `path`, if there is one.
+fn remove(path: &Path) -> Result<(), SpillError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
     }
 }
 
@@ -216,10 +221,7 @@ fn write_all<'a>(
     let mut batches = batches.into_iter().peekable();
     if batches.peek().is_none() {
         // Nothing to keep: no temporary file for it.
-        return match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
-            _ => Ok(()),
-        };
+        return remove(path);
     }
     let mut out = Appender::empty(path)?;
     for b in batches {
