@@ -105,6 +105,17 @@ pub enum ServeError {
     Replay(#[from] spill::SpillError),
     #[error("{0}")]
     Journal(#[from] crate::journal::JournalError),
+    /// The journal's replay at start-up failed. It checkpoints the journal
+    /// only once the spill file holds what it read, so nothing is lost.
+    #[error(
+        "the journal's replay failed ({error}); nothing is lost: the journal {} is kept and \
+         the next start replays it again. If a disk is full (the journal's, or the spill \
+         file's beside the store), free space first", dir.display()
+    )]
+    JournalReplay {
+        error: crate::journal::JournalError,
+        dir: std::path::PathBuf,
+    },
     #[error(
         "the final flush failed ({error}); the unflushed usage stays in the journal {} and is \
          replayed at the next start", dir.display()
@@ -675,7 +686,11 @@ impl StartUp {
                 crate::journal::replay(&dir, &spill, crate::calendar::now_ts())
             })
             .await
-            .map_err(|e| ServeError::StartUp(format!("the journal's replay: {e}")))??;
+            .map_err(|e| ServeError::StartUp(format!("the journal's replay: {e}")))?
+            .map_err(|error| ServeError::JournalReplay {
+                error,
+                dir: journal_dir.clone(),
+            })?;
             if r.deductions > 0 || r.stopped > 0 {
                 tracing::info!(
                     deductions = r.deductions,

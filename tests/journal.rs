@@ -798,31 +798,206 @@ async fn the_journal_is_replayed_with_the_ports_bound_and_nothing_served_until_i
     assert!(line.starts_with("packmeter listening"), "{line:?}");
     assert_eq!(common::get(&server.admin, "/readyz").await.status, 200);
 
-    let check = |when: &str| {
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT account_id, SUM(amount) FROM usage_hourly WHERE item = ?1 \
-                 GROUP BY account_id",
-            )
-            .unwrap();
-        let billed: std::collections::HashMap<String, u64> = stmt
-            .query_map([proto::Item::Calls as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        for (a, calls) in expected.iter().enumerate() {
-            let got = billed.get(&format!("acct-{a}")).copied().unwrap_or(0);
-            assert_eq!(got, *calls, "{when}: acct-{a}");
-        }
-        billed.get("probe").copied().unwrap_or(0)
-    };
+    let check = |when: &str| check_billed(&db, &expected, when);
     check("once ready");
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");
     // The refused probes are not billed; one answered once start-up was
     // done is.
     assert_eq!(check("after a clean stop"), seen.probe_acked);
+}
+
+/// Asserts that every `acct-N` of [`write_journal`] is billed exactly its
+/// calls in `db`; returns what the account `probe` is billed.
+fn check_billed(db: &Path, expected: &[u64], when: &str) -> u64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT account_id, SUM(amount) FROM usage_hourly WHERE item = ?1 \
+             GROUP BY account_id",
+        )
+        .unwrap();
+    let billed: std::collections::HashMap<String, u64> = stmt
+        .query_map([proto::Item::Calls as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (a, calls) in expected.iter().enumerate() {
+        let got = billed.get(&format!("acct-{a}")).copied().unwrap_or(0);
+        assert_eq!(got, *calls, "{when}: acct-{a}");
+    }
+    billed.get("probe").copied().unwrap_or(0)
+}
+
+/// Accounts of the journals the replay's failure tests write: the replay
+/// writes what no flush took in batches of 5,000 accounts, so this gives
+/// the spill file three.
+const SPILLED_ACCOUNTS: usize = 15_000;
+
+/// The flush batches `db` has applied (none until the first commit).
+fn applied_batches(db: &Path) -> i64 {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    conn.query_row("SELECT count(*) FROM flush_batches", [], |r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// Polls `what` every millisecond (a kill is to land as close after it
+/// as it can) until it holds; `false` if the server exited first, or a
+/// minute passed.
+async fn when(server: &mut Server, mut what: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if what() {
+            return true;
+        }
+        if server.exited().is_some() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// Issue 10 (the streamed replay): a kill -9 can land anywhere in the
+/// replay: while the journal is read, once the spill file is committed
+/// (before the journal's checkpoint or after it), and between two of the
+/// spill file's batches. Each start goes on from what the last one left,
+/// the batches a start wrote again are skipped by their ids, and once a
+/// start is ready every deduction is billed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_anywhere_in_the_replay_loses_nothing_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("packmeter.db");
+    let spill = dir.path().join("packmeter.db.unflushed");
+    let expected = write_journal(&db, replay_records(), SPILLED_ACCOUNTS);
+    let flags = ["--durability", "journal", "--flush-interval", "1h"];
+    let mut seen = Vec::new();
+    for (moment, life) in [
+        ("while the journal is read", 0),
+        ("once the spill file exists", 1),
+        ("once the store holds one batch", 2),
+        ("once it holds two", 3),
+    ] {
+        let (grpc, admin) = (common::free_addr(), common::free_addr());
+        let (mut server, _stdout) = Server::spawn_on_at(&db, (&grpc, &admin), &flags);
+        let before = applied_batches(&db);
+        // The moments of the last two: one more batch applied, or the
+        // spill file replayed and removed (nothing left to land between).
+        let reached = match life {
+            0 => watch_start_up(&server, true).await.not_serving == 1,
+            1 => when(&mut server, || spill.exists()).await,
+            _ => {
+                when(&mut server, || {
+                    applied_batches(&db) > before || !spill.exists()
+                })
+                .await
+            }
+        };
+        assert!(server.exited().is_none(), "the server exited {moment}");
+        server.kill9();
+        seen.push(format!(
+            "{moment}: reached {reached}, spill file {}, batches applied {}",
+            spill.exists(),
+            applied_batches(&db)
+        ));
+    }
+    eprintln!("{seen:#?}");
+
+    let (grpc, admin) = (common::free_addr(), common::free_addr());
+    let (server, mut stdout) = Server::spawn_on_at(&db, (&grpc, &admin), &flags);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("packmeter listening"), "{line:?}");
+    check_billed(&db, &expected, "once ready after the kills");
+    assert!(!spill.exists(), "the spill file is replayed and removed");
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    check_billed(&db, &expected, "after a clean stop");
+}
+
+/// Issue 10 (the streamed replay): a disk that fills while the replay
+/// writes the spill file. The start fails and says why; the journal is
+/// kept whole (no checkpoint past it), the spill file's temporary file is
+/// removed, and nothing is billed. Once there is room, the next start
+/// replays it all, exactly once. Under RLIMIT_FSIZE: a file may not grow
+/// past 256 KiB, and the spill file of 15,000 accounts is larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_during_the_replay_fails_the_start_and_the_next_start_bills_it_all_once()
+{
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("packmeter.db");
+    let spill = dir.path().join("packmeter.db.unflushed");
+    let expected = write_journal(&db, replay_records(), SPILLED_ACCOUNTS);
+    let flags = ["--durability", "journal", "--flush-interval", "1h"];
+    let journal_dir = db.with_extension("db.journal");
+    let journal_files = || {
+        let mut names: Vec<_> = std::fs::read_dir(&journal_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = journal_files();
+
+    let mut command = std::process::Command::new(common::BIN);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256 << 10,
+                rlim_max: 256 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // EFBIG instead of a signal that kills the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--store")
+        .arg(format!("sqlite://{}", db.display()))
+        .args(flags)
+        .env_remove("PACKMETER_CONFIG")
+        .env_remove("PACKMETER_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the journal's replay failed")
+            && stderr.contains("File too large")
+            && stderr.contains("nothing is lost")
+            && stderr.contains("the next start replays it again")
+            && stderr.contains("free space first"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "never ready"
+    );
+    assert_eq!(journal_files(), before, "the journal is kept as it was");
+    assert!(!spill.exists(), "no spill file");
+    assert!(
+        !spill.with_extension("tmp").exists(),
+        "the temporary file is removed"
+    );
+    assert_eq!(applied_batches(&db), 0, "nothing is billed");
+
+    let server = Server::start_on(&db, &flags);
+    check_billed(&db, &expected, "once ready");
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    check_billed(&db, &expected, "after a clean stop");
 }
