@@ -116,8 +116,10 @@ fn take_work(accounts: Vec<Arc<AccountState>>, mut pause: impl FnMut()) -> Work 
 const SORT_RUN: usize = 256;
 
 /// Up to this many accounts (an on-time batch's 5,000 and more),
-/// [`sort_by_id`] sorts in one call.
-const SORT_AT_ONCE: usize = 8_192;
+/// [`sort_by_id`] sorts in one call. Public for the tests that take the
+/// other path end to end (`tests/shutdown.rs`).
+#[doc(hidden)]
+pub const SORT_AT_ONCE: usize = 8_192;
 
 /// `work` in the order of `id_of` (an account's id bytes), calling
 /// `pause` between pieces of the sort. One `sort_unstable_by` of a

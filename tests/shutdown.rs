@@ -348,3 +348,64 @@ async fn a_batch_the_store_refuses_for_good_sets_its_account_aside() {
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");
 }
+
+/// Issue 14 (the flush's pausing sort): the final flush takes the store's
+/// catch-up batches, and one of more accounts than are sorted in one call
+/// takes the sort that pauses as it goes (runs merged pairwise, keyed by
+/// each id's first 16 bytes). Every account is billed exactly its calls,
+/// in the store and, after a restart, in its packs. The ids share their
+/// first 16 bytes (`customer-account`) and differ in length, the case
+/// where the keys fall back on the whole id; they arrive shuffled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_flush_of_more_accounts_than_one_sort_call_takes_bills_each_exactly() {
+    const ACCOUNTS: usize = 20_000;
+    const { assert!(ACCOUNTS > packmeter::flush::SORT_AT_ONCE) };
+    let id = |i: usize| format!("customer-account-{i}");
+    let calls = |i: usize| 1 + (i % 7) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--flush-interval", "1h"]);
+    let mut meter = server.meter().await;
+    // A permutation of the accounts (7,919 is prime to 20,000).
+    let order: Vec<usize> = (0..ACCOUNTS).map(|k| k * 7_919 % ACCOUNTS).collect();
+    for chunk in order.chunks(500) {
+        let deductions = chunk
+            .iter()
+            .map(|&i| deduct(&id(i), calls(i), 0, None))
+            .collect();
+        meter
+            .deduct_batch(proto::DeductBatchRequest { deductions })
+            .await
+            .unwrap();
+    }
+    let db = server.db.clone();
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let billed: std::collections::HashMap<String, i64> = conn
+        .prepare(
+            "SELECT account_id, SUM(amount) FROM usage_hourly WHERE item = ?1 GROUP BY account_id",
+        )
+        .unwrap()
+        .query_map([Item::Calls as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(billed.len(), ACCOUNTS);
+    for i in 0..ACCOUNTS {
+        assert_eq!(
+            billed.get(&id(i)).copied(),
+            Some(calls(i) as i64),
+            "{}",
+            id(i)
+        );
+    }
+    drop(conn);
+    let server = Server::start_on(&db, &[]);
+    for i in [0, 1, 6, 9_999, 12_345, ACCOUNTS - 1] {
+        let packs = server.packs(&id(i)).await;
+        assert_eq!(common::used(&packs, Item::Calls), calls(i), "{}", id(i));
+    }
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+}
