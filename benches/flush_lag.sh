@@ -19,7 +19,7 @@
 #   benches/flush_lag.sh [BIN] [ACCOUNTS] [DURATION] [serve flags...]
 #   # defaults: target/release/packmeter, 100000, 20 (seconds)
 #   benches/flush_lag.sh target/release/packmeter 1000000 20 --flush-max-lag off
-#   PORT=51481 (gRPC; the admin port is PORT + 1000)
+#   PORT=51481 (gRPC; the admin port is PORT + 1000), RPC=rls (loadgen --rpc)
 #
 # The server runs on CPU 0 and loadgen on CPU 1, as in the other scripts.
 set -euo pipefail
@@ -46,7 +46,7 @@ curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$work/metrics"
 flushed0=$(metric packmeter_flush_batch_accounts_sum)
 written0=$(written)
 threads >"$work/threads0"
-taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --rpc rls --concurrency 32 \
+taskset -c 1 "$BIN" loadgen --server "http://127.0.0.1:$PORT" --rpc "${RPC:-rls}" --concurrency 32 \
   --connections 2 --duration "${DURATION}s" --warmup 0s --accounts "$ACCOUNTS" \
   --server-pid "$spid" >"$work/loadgen" 2>&1 &
 lpid=$!
