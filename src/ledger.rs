@@ -1054,6 +1054,81 @@ pub fn attribute<'b>(
     Ok(out)
 }
 
+/// What [`attribute`] gives an account's rows when the store holds every
+/// pack they name, each with room for what the rows give it, and none of
+/// their request ids: no pack is capped, nothing moves to another pack and
+/// nothing is reversed. So the rows, summed per (hour, item, pack), are the
+/// usage to add (non-zero amounts, in the order first seen); each pack
+/// takes the sum of its rows; and the request ids to store are the batch's
+/// own, the last record of an id winning.
+///
+/// The SQLite flush writes this without reading the account's packs when
+/// an update that adds each sum only where it fits finds room in every
+/// pack (issue 10: at 1 M accounts nearly every flushed account missed the
+/// pack cache, and read its packs). `None` when the rows name no pack (the
+/// account's row may have to be written, which the pack's row otherwise
+/// proves is there) or a sum passes 2^63 - 1 (the full attribution then
+/// says why).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub usage: Vec<DeltaRow>,
+    pub packs: Vec<(PackSpec, u64)>,
+    pub dedup: Vec<DedupRecord>,
+}
+
+/// See [`Named`].
+pub fn named<'b>(
+    deltas: impl IntoIterator<Item = &'b DeltaRow>,
+    dedup: impl IntoIterator<Item = &'b DedupRecord>,
+) -> Option<Named> {
+    const MAX: u64 = i64::MAX as u64;
+    let mut out = Named::default();
+    let same_pack = |a: &Option<PackSpec>, b: &Option<PackSpec>| match (a, b) {
+        (Some(a), Some(b)) => a.pack_id == b.pack_id,
+        (None, None) => true,
+        _ => false,
+    };
+    for d in deltas {
+        if d.amount == 0 {
+            continue;
+        }
+        match out
+            .usage
+            .iter_mut()
+            .find(|u| u.hour == d.hour && u.item == d.item && same_pack(&u.pack, &d.pack))
+        {
+            Some(u) => u.amount = u.amount.checked_add(d.amount).filter(|a| *a <= MAX)?,
+            None if d.amount <= MAX => out.usage.push(DeltaRow {
+                span: None,
+                ..d.clone()
+            }),
+            None => return None,
+        }
+        if let Some(p) = &d.pack {
+            match out.packs.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
+                Some((_, a)) => *a = a.checked_add(d.amount).filter(|a| *a <= MAX)?,
+                None => out.packs.push((p.clone(), d.amount)),
+            }
+        }
+    }
+    if out.packs.is_empty() {
+        return None;
+    }
+    // Where each request id's record is, as in `attribute`: a batch after
+    // an outage may hold thousands of one account's ids.
+    let mut kept: std::collections::HashMap<&str, usize> = Default::default();
+    for r in dedup {
+        match kept.entry(&r.request_id) {
+            std::collections::hash_map::Entry::Occupied(e) => out.dedup[*e.get()] = r.clone(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.dedup.len());
+                out.dedup.push(r.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
 impl FlushBatch {
     /// The node part of the batch id (`NODE-SEQ`): the id under which the
     /// node holds its strict-mode leases (see [`crate::meter::lease`]).
@@ -1121,6 +1196,88 @@ pub struct UsageKey {
 mod tests {
     use super::*;
     use crate::packs::PackSource;
+
+    proptest::proptest! {
+        /// Issue 10: what the SQLite flush writes without reading an
+        /// account's packs ([`named`]) is what [`attribute`] gives when the
+        /// store holds every pack the rows name, with room, and none of
+        /// their request ids: the same usage, the same amount per pack, the
+        /// same request ids, and each pack's total its stored `used` plus
+        /// its sum.
+        #[test]
+        fn named_rows_are_the_attribution_when_every_pack_has_room(
+            rows in proptest::collection::vec((0i64..3, 0usize..4, 1u64..1_000, 0u64..3), 1..40),
+            ids in proptest::collection::vec((0u8..6, 0u64..9), 0..12),
+            used in proptest::collection::vec(0u64..10_000, 3),
+            slack in 0u64..3,
+        ) {
+            let spec = |i: usize| {
+                let mut p = crate::packs::tests::purchased(&format!("p{i}"), 0, i as u32, 10 * HOUR, 0);
+                p.item = if i == 2 { Item::EgressBytes } else { Item::Calls };
+                p
+            };
+            // Rows: (hour, pack index (3: overage, of calls or egress by
+            // its last field), amount).
+            let deltas: Vec<DeltaRow> = rows
+                .iter()
+                .map(|&(h, p, amount, x)| DeltaRow {
+                    hour: h * HOUR,
+                    item: if p == 2 || (p == 3 && x % 2 == 1) { Item::EgressBytes } else { Item::Calls },
+                    pack: (p < 3).then(|| spec(p)),
+                    amount,
+                    span: Some((h * HOUR + x as Ts, h * HOUR + 2 * x as Ts)),
+                })
+                .collect();
+            let dedup: Vec<DedupRecord> = ids
+                .iter()
+                .map(|&(id, n)| DedupRecord {
+                    request_id: format!("r{id}").into(),
+                    expires_at: 5 * HOUR,
+                    hour: Some(0),
+                    calls_covered: n,
+                    calls_overage: 0,
+                    egress_covered: 0,
+                    egress_overage: n,
+                })
+                .collect();
+            let sum = |i: usize| -> u64 {
+                deltas.iter().filter(|d| d.pack.as_ref().is_some_and(|p| p.pack_id == spec(i).pack_id)).map(|d| d.amount).sum()
+            };
+            // Every pack stored, with room for its rows (and `slack` more).
+            let stored: Vec<StoredPack> = (0..3)
+                .map(|i| StoredPack {
+                    spec: PackSpec { capacity: used[i] + sum(i) + slack, ..spec(i) },
+                    used: used[i],
+                })
+                .collect();
+            let a = attribute(stored, &deltas, &dedup, |_| false).unwrap();
+            let named = named(&deltas, &dedup);
+            if (0..3).all(|i| sum(i) == 0) {
+                proptest::prop_assert!(named.is_none());
+                return Ok(());
+            }
+            let n = named.unwrap();
+            let key = |d: &DeltaRow| (d.hour, d.item, d.pack.as_ref().map(|p| p.pack_id.clone()), d.amount);
+            let mut got: Vec<_> = n.usage.iter().map(key).collect();
+            let mut want: Vec<_> = a.usage.iter().map(key).collect();
+            got.sort();
+            want.sort();
+            proptest::prop_assert_eq!(got, want);
+            let amounts = |v: &[(PackSpec, u64)]| {
+                let mut v: Vec<_> = v.iter().map(|(p, a)| (p.pack_id.clone(), *a)).collect();
+                v.sort();
+                v
+            };
+            proptest::prop_assert_eq!(amounts(&n.packs), amounts(&a.packs));
+            proptest::prop_assert_eq!(&n.dedup, &a.dedup);
+            proptest::prop_assert!(a.reversed.is_empty());
+            for (p, amount) in &n.packs {
+                let total = a.totals.iter().find(|t| t.spec.pack_id == p.pack_id).unwrap();
+                let i = used.len() - 3 + p.pack_id[1..].parse::<usize>().unwrap();
+                proptest::prop_assert_eq!(total.used, used[i] + amount);
+            }
+        }
+    }
 
     /// A list holding one purchased calls pack.
     fn pack(id: &str) -> SharedPackList {

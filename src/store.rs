@@ -128,7 +128,11 @@ pub const CHANGE_RETENTION: Ts = 24 * crate::calendar::HOUR;
 pub struct AccountTotals {
     pub account_id: std::sync::Arc<str>,
     /// Every pack row of the account, with its global `used`: what every
-    /// node has flushed, attributed and capped by the store.
+    /// node has flushed, attributed and capped by the store. Or, when the
+    /// SQLite store wrote the flush without reading the account's packs
+    /// (each pack the flush named had room; `ledger::Named`), only the
+    /// packs it wrote. Readers take the packs they find here and leave
+    /// the others as they are (`Meter::rebase`).
     pub packs: Vec<StoredPack>,
 }
 

@@ -601,14 +601,17 @@ fn page_sql(account: bool, after: bool) -> String {
     )
 }
 
-/// Applies one flush batch in one transaction (see [`Store::flush_batch`]),
-/// reading each account's packs unless `cache` has them; the caller puts
-/// the totals back into `cache` once this has committed.
+/// Applies one flush batch in one transaction (see [`Store::flush_batch`]).
+/// Per account: from the packs `cache` has; or, when it lacks them and
+/// each pack the account's rows name has room for them, without its packs
+/// ([`take_room`]); otherwise from its packs, read. Returns, per account
+/// of the result, whether its totals are partial (the second way); the
+/// caller puts the others back into `cache` once this has committed.
 fn write_flush(
     conn: &mut Connection,
     batch: &FlushBatch,
     cache: &mut PackCache,
-) -> Result<Flushed, StoreError> {
+) -> Result<(Flushed, Vec<bool>), StoreError> {
     let tx = conn.transaction()?;
     let fresh = tx
         .prepare_cached(
@@ -618,12 +621,15 @@ fn write_flush(
         .execute(params![batch.batch_id, batch.now])?;
     if fresh == 0 {
         // Applied before (a replayed spill of a flush that committed).
-        return Ok(Flushed::default());
+        return Ok((Flushed::default(), Vec::new()));
     }
     let mut flushed = Flushed {
         applied: true,
         ..Flushed::default()
     };
+    // Per account of `flushed`: whether its totals are only the packs the
+    // flush wrote (see `take_room`), which the pack cache must not hold.
+    let mut partial = Vec::new();
     {
         // Per account: one read of its packs (none when the cache has
         // them), then one single-row write per row that changes, an
@@ -679,6 +685,14 @@ fn write_flush(
         let mut add_used = tx.prepare_cached(
             "UPDATE packs SET used = used + ?3 WHERE account_id = ?1 AND pack_id = ?2",
         )?;
+        // Adds a pack's sum only where it fits (see `take_room`).
+        let mut add_if_room = tx.prepare_cached(
+            "UPDATE packs SET used = used + ?3 WHERE account_id = ?1 AND pack_id = ?2 \
+             AND used <= capacity - ?3 RETURNING used",
+        )?;
+        let mut take_back = tx.prepare_cached(
+            "UPDATE packs SET used = used - ?3 WHERE account_id = ?1 AND pack_id = ?2",
+        )?;
         let mut new_pack = tx.prepare_cached(&format!(
             "INSERT INTO packs (account_id, {PACK_COLUMNS}) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
@@ -701,29 +715,64 @@ fn write_flush(
         {
             slicer.pause();
             let id = &*parts[0].account_id;
-            let stored = match cache.take(id) {
-                Some(stored) => stored,
-                None => packs
-                    .query_map([id], read_pack)?
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
+            let cached = cache.take(id);
             let earliest = crate::ledger::earliest_activation(parts);
-            if stored.is_empty() || earliest.is_some() {
-                account.execute(params![id, earliest])?;
-            }
             let mut held_ids = std::collections::HashSet::new();
             for r in parts.iter().flat_map(|a| &a.dedup) {
                 if held.exists(params![id, &*r.request_id, batch.now])? {
                     held_ids.insert(&*r.request_id);
                 }
             }
-            let a = crate::ledger::attribute(
-                stored,
-                parts.iter().flat_map(|a| &a.deltas),
-                parts.iter().flat_map(|a| &a.dedup),
-                |r| held_ids.contains(r),
-            )
-            .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?;
+            // Without its packs when the cache lacks them (at 1 M accounts,
+            // nearly every account), if each pack the rows name has room:
+            // then the attribution is the rows as they are.
+            let named = match (&cached, held_ids.is_empty() && cache.may_skip_reads()) {
+                (None, true) => crate::ledger::named(
+                    parts.iter().flat_map(|a| &a.deltas),
+                    parts.iter().flat_map(|a| &a.dedup),
+                ),
+                _ => None,
+            };
+            let taken = match named {
+                Some(n) => take_room(&mut add_if_room, &mut take_back, id, &n.packs)?
+                    .map(|totals| (n, totals)),
+                None => None,
+            };
+            partial.push(taken.is_some());
+            let a = match taken {
+                Some((n, totals)) => {
+                    // The packs' rows are there, so the account's is too.
+                    if earliest.is_some() {
+                        account.execute(params![id, earliest])?;
+                    }
+                    crate::ledger::Attributed {
+                        usage: n.usage,
+                        // Added already.
+                        packs: Vec::new(),
+                        dedup: n.dedup,
+                        reversed: Vec::new(),
+                        totals,
+                    }
+                }
+                None => {
+                    let stored = match cached {
+                        Some(stored) => stored,
+                        None => packs
+                            .query_map([id], read_pack)?
+                            .collect::<Result<Vec<_>, _>>()?,
+                    };
+                    if stored.is_empty() || earliest.is_some() {
+                        account.execute(params![id, earliest])?;
+                    }
+                    crate::ledger::attribute(
+                        stored,
+                        parts.iter().flat_map(|a| &a.deltas),
+                        parts.iter().flat_map(|a| &a.dedup),
+                        |r| held_ids.contains(r),
+                    )
+                    .map_err(|e| StoreError::permanent(format!("account `{id}`: {e}")))?
+                }
+            };
             for d in &a.usage {
                 let (pack_id, source) = match &d.pack {
                     Some(p) => (&*p.pack_id, p.source.code()),
@@ -784,7 +833,47 @@ fn write_flush(
             .execute([batch.now.saturating_sub(BATCH_ID_RETENTION)])?;
     }
     tx.commit()?;
-    Ok(flushed)
+    Ok((flushed, partial))
+}
+
+/// Adds each pack's sum to its stored `used` where the pack is stored
+/// with room for it (the update's condition), and returns those packs as
+/// they are now: what [`crate::ledger::attribute`] would have done,
+/// without reading the account's packs (see [`crate::ledger::Named`]).
+/// If one is missing (a free-tier month's first flush) or lacks room, the
+/// sums added before it are taken back, and `None`: the flush then reads
+/// the packs and attributes.
+///
+/// The packs returned are only those the flush wrote. The meter rebases
+/// only the packs it finds in a flush's totals, so that is enough for it;
+/// the pack cache, which must hold every pack of an account, is not given
+/// them.
+fn take_room(
+    add_if_room: &mut rusqlite::CachedStatement<'_>,
+    take_back: &mut rusqlite::CachedStatement<'_>,
+    id: &str,
+    sums: &[(PackSpec, u64)],
+) -> Result<Option<Vec<StoredPack>>, StoreError> {
+    let mut totals = Vec::with_capacity(sums.len());
+    for (spec, amount) in sums {
+        let amount = to_sql(*amount)?;
+        let used = add_if_room
+            .query_row(params![id, &*spec.pack_id, amount], |r| r.get::<_, i64>(0))
+            .optional()?;
+        match used {
+            Some(used) => totals.push(StoredPack {
+                spec: spec.clone(),
+                used: from_sql(used),
+            }),
+            None => {
+                for (spec, amount) in &sums[..totals.len()] {
+                    take_back.execute(params![id, &*spec.pack_id, to_sql(*amount)?])?;
+                }
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(totals))
 }
 
 /// Accounts per flush transaction when the flush catches up (a late batch,
@@ -998,13 +1087,17 @@ impl Store for SqliteStore {
             // A flush that fails (before or during its commit, which may
             // then have happened or not) has taken its accounts' entries
             // out: what the cache still holds is of other accounts.
-            let flushed = write_flush(conn, &batch, &mut cache)?;
-            // What the committed rows hold, for the accounts' next flush.
-            for t in &flushed.accounts {
+            let (flushed, partial) = write_flush(conn, &batch, &mut cache)?;
+            // What the committed rows hold, for the accounts' next flush
+            // (not the packs of an account flushed without reading them:
+            // the cache holds every pack of an account, or none).
+            for (t, partial) in flushed.accounts.iter().zip(&partial) {
                 if !cache.has_room() {
                     break;
                 }
-                cache.put(t.account_id.clone(), t.packs.clone());
+                if !partial {
+                    cache.put(t.account_id.clone(), t.packs.clone());
+                }
             }
             Ok(flushed)
         })
@@ -1600,7 +1693,17 @@ mod tests {
     /// overage.
     #[tokio::test]
     async fn a_flush_after_a_grant_attributes_against_the_granted_pack() {
+        // Once with the packs in the cache (every flush reads what the
+        // cache lacks), and once with the first flush written without
+        // reading them, which leaves nothing in the cache.
+        for always_read in [true, false] {
+            a_flush_after_a_grant(always_read).await;
+        }
+    }
+
+    async fn a_flush_after_a_grant(always_read: bool) {
         let (_dir, store) = open_temp();
+        store.pack_cache.lock().always_read = always_read;
         let small = crate::packs::tests::purchased("small", 3, 1, 4 * HOUR, 0);
         let big = crate::packs::tests::purchased("big", 100, 0, 4 * HOUR, 0);
         store.grant_pack("acme", &small).await.unwrap();
@@ -1612,8 +1715,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(first.accounts[0].packs.len(), 1);
-        // The first flush left the account's packs in the cache.
-        assert_eq!(store.pack_cache.lock().len(), 1);
+        assert_eq!(first.accounts[0].packs[0].used, 2);
+        // A flush that read the packs left them in the cache; one that
+        // found room without reading them left nothing there.
+        assert_eq!(store.pack_cache.lock().len(), usize::from(always_read));
         store.grant_pack("acme", &big).await.unwrap();
         // `small` has room for 1 of these 5; the other 4 go to `big`.
         let second = store
@@ -1645,10 +1750,18 @@ mod tests {
     /// report. Two files get the same grants and batches (replays, an
     /// overflow the store refuses, packs inserted by a flush, capping and
     /// re-attribution); one store's cache is emptied before every flush.
+    ///
+    /// A third file gets them too, with its cache emptied before every
+    /// flush and flushes allowed to skip the read where each pack they
+    /// name has room (`take_room`): it writes what the others write, and
+    /// reports the packs it wrote as the others report them.
     #[tokio::test]
     async fn flushes_from_the_pack_cache_match_flushes_that_read_the_packs() {
         let (_d1, cached) = open_temp();
         let (_d2, reading) = open_temp();
+        let (_d3, named) = open_temp();
+        cached.pack_cache.lock().always_read = true;
+        reading.pack_cache.lock().always_read = true;
         let accounts = ["a", "b", "c"];
         // Deltas name the first three; only grants bring the last two,
         // which then take what the named packs cannot.
@@ -1672,6 +1785,8 @@ mod tests {
         };
         let mut last: Option<FlushBatch> = None;
         let (mut refused, mut replayed, mut granted) = (0, 0, 0);
+        // Accounts flushed without reading their packs, and with.
+        let (mut unread, mut read) = (0, 0);
         for step in 0..300 {
             let roll = next(20);
             if roll == 0 {
@@ -1679,7 +1794,9 @@ mod tests {
                 let spec = &specs[next(5) as usize];
                 let a = cached.grant_pack(account, spec).await.unwrap();
                 let b = reading.grant_pack(account, spec).await.unwrap();
+                let c = named.grant_pack(account, spec).await.unwrap();
                 assert_eq!(a, b, "step {step}");
+                assert_eq!(a, c, "step {step}");
                 granted += 1;
                 continue;
             }
@@ -1711,26 +1828,49 @@ mod tests {
                 }
             };
             reading.pack_cache.lock().clear();
+            named.pack_cache.lock().clear();
             let a = cached.flush_batch(&batch).await;
             let b = reading.flush_batch(&batch).await;
-            match (a, b) {
-                (Ok(a), Ok(b)) => assert_eq!(a, b, "step {step}"),
-                (Err(a), Err(b)) => {
+            let c = named.flush_batch(&batch).await;
+            match (a, b, c) {
+                (Ok(a), Ok(b), Ok(c)) => {
+                    assert_eq!(a, b, "step {step}");
+                    assert_eq!(
+                        (c.applied, &c.reversed),
+                        (b.applied, &b.reversed),
+                        "step {step}"
+                    );
+                    assert_eq!(c.accounts.len(), b.accounts.len(), "step {step}");
+                    for (c, b) in c.accounts.iter().zip(&b.accounts) {
+                        assert_eq!(c.account_id, b.account_id, "step {step}");
+                        // Each pack it reports is as the store reports it.
+                        for p in &c.packs {
+                            let same = b.packs.iter().find(|q| q.spec.pack_id == p.spec.pack_id);
+                            assert_eq!(same.map(|q| q.used), Some(p.used), "step {step}");
+                        }
+                        match c.packs.len() < b.packs.len() {
+                            true => unread += 1,
+                            false => read += 1,
+                        }
+                    }
+                }
+                (Err(a), Err(b), Err(c)) => {
                     assert_eq!(a.message, b.message, "step {step}");
+                    assert_eq!(a.message, c.message, "step {step}");
                     refused += 1;
                 }
-                (a, b) => panic!("step {step}: {a:?} against {b:?}"),
+                (a, b, c) => panic!("step {step}: {a:?} against {b:?} and {c:?}"),
             }
             last = Some(batch);
         }
         // The sequence did what it is for.
         assert!(
-            refused > 0 && replayed > 0 && granted > 0,
-            "{refused} {replayed} {granted}"
+            refused > 0 && replayed > 0 && granted > 0 && unread > 0 && read > 0,
+            "{refused} {replayed} {granted} {unread} {read}"
         );
         for account in accounts {
             let mut rows = Vec::new();
-            for s in [&cached, &reading] {
+            for s in [&cached, &reading, &named] {
                 rows.push(
                     s.usage_rows_page(Ts::MIN, Ts::MAX, Some(account), None, 1000)
                         .await
@@ -1739,11 +1879,14 @@ mod tests {
             }
             assert!(!rows[0].is_empty(), "{account}");
             assert_eq!(rows[0], rows[1], "{account}");
+            assert_eq!(rows[0], rows[2], "{account}");
+            let packs = cached.list_packs(account).await.unwrap();
             assert_eq!(
-                cached.list_packs(account).await.unwrap(),
+                packs,
                 reading.list_packs(account).await.unwrap(),
                 "{account}"
             );
+            assert_eq!(packs, named.list_packs(account).await.unwrap(), "{account}");
         }
     }
 
