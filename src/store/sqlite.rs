@@ -279,9 +279,6 @@ impl SqliteStore {
         writer
             .pragma_update(None, "synchronous", "FULL")
             .map_err(refused)?;
-        // SQLite's default page cache (2 MB) is kept on purpose: a 64 MiB
-        // cache and a 1 GiB mmap made no measurable difference to flushes at
-        // 1 M accounts (BENCHMARKS.md) and cost ~100 MB of RSS.
         // See `take_room`.
         writer
             .create_scalar_function(
@@ -295,6 +292,9 @@ impl SqliteStore {
                 },
             )
             .map_err(refused)?;
+        // SQLite's default page cache (2 MB) is kept on purpose: a 64 MiB
+        // cache and a 1 GiB mmap made no measurable difference to flushes at
+        // 1 M accounts (BENCHMARKS.md) and cost ~100 MB of RSS.
         writer.execute_batch(SCHEMA).map_err(refused)?;
         migrate(&mut writer).map_err(refused)?;
         let reader = Connection::open(path).map_err(refused)?;
