@@ -381,6 +381,27 @@ async fn until_served(meter: &mut MeterClient<Channel>, account: &str, tally: &m
     }
 }
 
+/// Starts `command`'s process with no file of it allowed past `bytes`
+/// (RLIMIT_FSIZE): a write past it fails with EFBIG, as on a full disk.
+fn limit_file_size(command: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // EFBIG instead of a signal that kills the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+}
+
 /// Disk full: the journal's write fails, deductions get UNAVAILABLE and
 /// health goes NOT_SERVING, nothing acknowledged is lost, and service comes
 /// back by itself once space is freed. On a tmpfs of its own where the
@@ -406,24 +427,7 @@ async fn a_full_disk_refuses_deductions_and_service_resumes_once_space_is_freed(
         None => {
             eprintln!("no tmpfs (it cannot be mounted here, or PACKMETER_TEST_NO_TMPFS is set): using RLIMIT_FSIZE");
             db = dir.path().join("packmeter.db");
-            Server::start_prepared(&db, &flags, |command| {
-                use std::os::unix::process::CommandExt;
-                // SAFETY: only async-signal-safe calls between fork and exec.
-                unsafe {
-                    command.pre_exec(|| {
-                        let limit = libc::rlimit {
-                            rlim_cur: 1 << 20,
-                            rlim_max: 1 << 20,
-                        };
-                        if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        // EFBIG instead of a signal that kills the process.
-                        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                        Ok(())
-                    });
-                }
-            })
+            Server::start_prepared(&db, &flags, |command| limit_file_size(command, 1 << 20))
         }
     };
     let mut meter = server.meter().await;
@@ -930,7 +934,6 @@ async fn a_kill_9_anywhere_in_the_replay_loses_nothing_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_during_the_replay_fails_the_start_and_the_next_start_bills_it_all_once()
 {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("packmeter.db");
     let spill = dir.path().join("packmeter.db.unflushed");
@@ -948,21 +951,7 @@ async fn a_disk_that_fills_during_the_replay_fails_the_start_and_the_next_start_
     let before = journal_files();
 
     let mut command = std::process::Command::new(common::BIN);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 256 << 10,
-                rlim_max: 256 << 10,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // EFBIG instead of a signal that kills the process.
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        });
-    }
+    limit_file_size(&mut command, 256 << 10);
     let out = command
         .arg("serve")
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
