@@ -845,6 +845,74 @@ pub struct Attributed {
     pub totals: Vec<StoredPack>,
 }
 
+/// One (hour, item)'s rows summed: the overage, and each named pack's amount.
+type Group = (u64, Vec<(PackSpec, u64)>);
+
+/// An account's rows of a batch summed per (hour, item), with the span of
+/// each group's events.
+struct Grouped {
+    /// (hour, item) -> its [`Group`], in (hour, item) order.
+    groups: std::collections::BTreeMap<(Ts, Item), Group>,
+    /// (hour, item) -> the span of its events, `None` once a row has none.
+    spans: std::collections::BTreeMap<(Ts, Item), Option<(Ts, Ts)>>,
+}
+
+/// Sums the rows (see [`Grouped`]); an error names a sum past 2^64.
+fn group<'b>(deltas: impl IntoIterator<Item = &'b DeltaRow>) -> Result<Grouped, String> {
+    let mut out = Grouped {
+        groups: Default::default(),
+        spans: Default::default(),
+    };
+    for d in deltas {
+        let span = out.spans.entry((d.hour, d.item)).or_insert(d.span);
+        *span = match (*span, d.span) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            _ => None,
+        };
+        let g = out.groups.entry((d.hour, d.item)).or_default();
+        match &d.pack {
+            None => {
+                g.0 =
+                    g.0.checked_add(d.amount)
+                        .ok_or_else(|| too_big("overage"))?
+            }
+            Some(p) => match g.1.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
+                Some((_, a)) => *a = a.checked_add(d.amount).ok_or_else(|| too_big("usage"))?,
+                None => g.1.push((p.clone(), d.amount)),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// The error of a sum past 2^64.
+fn too_big(what: &str) -> String {
+    format!("the {what} would exceed 2^64")
+}
+
+/// Request ids to store, the last record of an id in the batch winning,
+/// in the order each id first came.
+#[derive(Default)]
+struct LastOfEach<'b> {
+    records: Vec<DedupRecord>,
+    /// Where each id's record is in `records`: a batch written after an
+    /// outage holds every request id of the outage, and a search of the
+    /// list per record made such a flush take minutes (quadratic).
+    at: std::collections::HashMap<&'b str, usize>,
+}
+
+impl<'b> LastOfEach<'b> {
+    fn keep(&mut self, r: &'b DedupRecord) {
+        match self.at.entry(&r.request_id) {
+            std::collections::hash_map::Entry::Occupied(e) => self.records[*e.get()] = r.clone(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.records.len());
+                self.records.push(r.clone());
+            }
+        }
+    }
+}
+
 /// Attributes one account's part of a flush against what the store holds,
 /// so that the stored ledger is exact whatever each node believed in real
 /// time (DESIGN.md "Many nodes"; docs/billing-rules.md R5, R6). Pure: the
@@ -889,31 +957,7 @@ pub fn attribute<'b>(
     dedup: impl IntoIterator<Item = &'b DedupRecord>,
     held: impl Fn(&str) -> bool,
 ) -> Result<Attributed, String> {
-    // (hour, item) -> (overage, [(pack, amount)]), in (hour, item) order.
-    type Group = (u64, Vec<(PackSpec, u64)>);
-    let mut groups: std::collections::BTreeMap<(Ts, Item), Group> = Default::default();
-    // (hour, item) -> the span of its events, `None` once a row has none.
-    let mut spans: std::collections::BTreeMap<(Ts, Item), Option<(Ts, Ts)>> = Default::default();
-    let too_big = |what: &str| format!("the {what} would exceed 2^64");
-    for d in deltas {
-        let span = spans.entry((d.hour, d.item)).or_insert(d.span);
-        *span = match (*span, d.span) {
-            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
-            _ => None,
-        };
-        let g = groups.entry((d.hour, d.item)).or_default();
-        match &d.pack {
-            None => {
-                g.0 =
-                    g.0.checked_add(d.amount)
-                        .ok_or_else(|| too_big("overage"))?
-            }
-            Some(p) => match g.1.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
-                Some((_, a)) => *a = a.checked_add(d.amount).ok_or_else(|| too_big("usage"))?,
-                None => g.1.push((p.clone(), d.amount)),
-            },
-        }
-    }
+    let Grouped { groups, spans } = group(deltas)?;
     // Packs the store does not hold yet start at 0, with the node's spec.
     for g in groups.values() {
         for (p, _) in &g.1 {
@@ -943,20 +987,10 @@ pub fn attribute<'b>(
         .collect();
 
     let mut out = Attributed::default();
-    // Where each request id's record is in `out.dedup`: a batch written
-    // after an outage holds every request id of the outage, and a search
-    // of the list per record made such a flush take minutes (quadratic).
-    let mut kept: std::collections::HashMap<&str, usize> = Default::default();
+    let mut kept = LastOfEach::default();
     for r in dedup {
         if !held(&r.request_id) {
-            // The last record of an id in the batch wins.
-            match kept.entry(&r.request_id) {
-                std::collections::hash_map::Entry::Occupied(e) => out.dedup[*e.get()] = r.clone(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(out.dedup.len());
-                    out.dedup.push(r.clone());
-                }
-            }
+            kept.keep(r);
             continue;
         }
         out.reversed.push(r.request_id.clone());
@@ -982,6 +1016,7 @@ pub fn attribute<'b>(
             g.0 -= t;
         }
     }
+    out.dedup = kept.records;
 
     let mut taken: Vec<u64> = vec![0; stored.len()];
     for ((hour, item), (overage, rows)) in groups {
@@ -1058,7 +1093,7 @@ pub fn attribute<'b>(
 /// pack they name, each with room for what the rows give it, and none of
 /// their request ids: no pack is capped, nothing moves to another pack and
 /// nothing is reversed. So the rows, summed per (hour, item, pack), are the
-/// usage to add (non-zero amounts, in the order first seen); each pack
+/// usage to add (non-zero amounts, in (hour, item) order); each pack
 /// takes the sum of its rows; and the request ids to store are the batch's
 /// own, the last record of an id winning.
 ///
@@ -1082,50 +1117,38 @@ pub fn named<'b>(
     dedup: impl IntoIterator<Item = &'b DedupRecord>,
 ) -> Option<Named> {
     const MAX: u64 = i64::MAX as u64;
+    let fits = |a: u64| (a <= MAX).then_some(a);
     let mut out = Named::default();
-    let same_pack = |a: &Option<PackSpec>, b: &Option<PackSpec>| match (a, b) {
-        (Some(a), Some(b)) => a.pack_id == b.pack_id,
-        (None, None) => true,
-        _ => false,
-    };
-    for d in deltas {
-        if d.amount == 0 {
-            continue;
-        }
-        match out
-            .usage
-            .iter_mut()
-            .find(|u| u.hour == d.hour && u.item == d.item && same_pack(&u.pack, &d.pack))
+    for ((hour, item), (overage, rows)) in group(deltas).ok()?.groups {
+        let overage = (overage > 0).then_some((None, fits(overage)?));
+        for (pack, amount) in overage
+            .into_iter()
+            .chain(rows.into_iter().map(|(p, a)| (Some(p), a)))
         {
-            Some(u) => u.amount = u.amount.checked_add(d.amount).filter(|a| *a <= MAX)?,
-            None if d.amount <= MAX => out.usage.push(DeltaRow {
-                span: None,
-                ..d.clone()
-            }),
-            None => return None,
-        }
-        if let Some(p) = &d.pack {
-            match out.packs.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
-                Some((_, a)) => *a = a.checked_add(d.amount).filter(|a| *a <= MAX)?,
-                None => out.packs.push((p.clone(), d.amount)),
+            if amount == 0 {
+                continue;
             }
+            if let Some(p) = &pack {
+                match out.packs.iter_mut().find(|(q, _)| q.pack_id == p.pack_id) {
+                    Some((_, a)) => *a = fits(a.checked_add(amount)?)?,
+                    None => out.packs.push((p.clone(), fits(amount)?)),
+                }
+            }
+            out.usage.push(DeltaRow {
+                hour,
+                item,
+                pack,
+                amount,
+                span: None,
+            });
         }
     }
     if out.packs.is_empty() {
         return None;
     }
-    // Where each request id's record is, as in `attribute`: a batch after
-    // an outage may hold thousands of one account's ids.
-    let mut kept: std::collections::HashMap<&str, usize> = Default::default();
-    for r in dedup {
-        match kept.entry(&r.request_id) {
-            std::collections::hash_map::Entry::Occupied(e) => out.dedup[*e.get()] = r.clone(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(out.dedup.len());
-                out.dedup.push(r.clone());
-            }
-        }
-    }
+    let mut kept = LastOfEach::default();
+    dedup.into_iter().for_each(|r| kept.keep(r));
+    out.dedup = kept.records;
     Some(out)
 }
 
