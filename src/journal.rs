@@ -1329,6 +1329,14 @@ pub fn replay(dir: &Path, spill: &Path, now: Ts) -> Result<Replayed, JournalErro
         Some(c) => c,
         None => (0, crate::flush::random_u64()),
     };
+    if checkpoint.is_none() && !list_segments(dir)?.is_empty() {
+        // The spill file's batch ids carry the journal's id: a replay cut
+        // short after the spill file is written must find the same id at
+        // the next start, or the store would apply its batches again under
+        // new ids. A journal without a checkpoint (a server killed before
+        // its first replay was done) gets one now, covering nothing.
+        write_checkpoint(dir, 0, journal_id)?;
+    }
     let mut done = Replayed {
         journal_id,
         ..Replayed::default()
